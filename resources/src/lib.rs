@@ -1,0 +1,1 @@
+pub const PROBE_GUEST: &[u8] = &[];
