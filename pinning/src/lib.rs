@@ -1,1 +1,45 @@
-//! pinning
+//! Parallel, limit-aware preparation of guest RAM: fault it in, lock it, DMA-map it.
+//!
+//! A passthrough device may DMA anywhere in guest RAM, so before the guest runs every byte
+//! must be resident, pinned and mapped in the device's IOMMU. For a large guest that is the
+//! slowest part of start-up. This crate does it in parallel, in the style of Linux's padata
+//! multithreaded jobs, while staying a good citizen:
+//!
+//! - [`limits`] finds how many CPUs the process may really use (affinity, online CPUs, the
+//!   cgroup CPU quota of its cgroup and every ancestor) and how much it may lock.
+//! - [`admission`] refuses a job that would certainly fail, before any work.
+//! - [`engine`] splits a job into chunks pulled from a shared cursor by helper threads at
+//!   nice 19 (the caller works too and lends its priority while it waits); the first error
+//!   wins and everything done is undone, as is a job cancelled by SIGINT/SIGTERM ([`cancel`]).
+//! - [`backend`] holds the ways of preparing memory behind one [`backend::PinBackend`] trait:
+//!   `populate`, `mlock`, `none`, and kernel VFIO `type1` / `iommufd` on vfio-ioctls.
+//! - [`pinner`] puts the pieces together over a [`region::GuestRam`] and reports [`stats`].
+
+pub mod admission;
+pub mod backend;
+pub mod cancel;
+pub mod cgroup;
+pub mod engine;
+pub mod limits;
+pub mod model;
+pub mod pinner;
+pub mod prio;
+pub mod procfs;
+pub mod progress;
+pub mod region;
+pub mod stats;
+pub mod sys;
+
+pub use admission::AdmissionError;
+pub use backend::{BackendKind, PinBackend};
+pub use cancel::{CancelToken, SignalGuard};
+pub use engine::{DecidedBy, JobError, JobSpec};
+pub use limits::Limits;
+pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
+pub use region::{GuestRam, Region};
+pub use stats::JobStats;
+
+/// Bytes in a KiB, MiB, GiB: named because sizes are everywhere here.
+pub const KIB: u64 = 1 << 10;
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;

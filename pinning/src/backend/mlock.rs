@@ -1,0 +1,53 @@
+//! Lock guest RAM: one `mlock2(MLOCK_ONFAULT)` over each region, then parallel populate, so
+//! pages are locked as they fault in. See the module table in `backend` for why not
+//! `mlock` per chunk.
+
+use super::{populate_range, BackendError, BackendKind, PinBackend};
+use crate::region::{GuestRam, Piece};
+use crate::sys;
+
+pub struct MlockBackend;
+
+impl PinBackend for MlockBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Mlock
+    }
+
+    fn locks_memory(&self) -> bool {
+        true
+    }
+
+    fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {
+        for (i, r) in ram.regions().iter().enumerate() {
+            if let Err(e) = sys::mlock2(r.host_addr, r.size, sys::MLOCK_ONFAULT) {
+                for done in &ram.regions()[..i] {
+                    let _ = sys::munlock(done.host_addr, done.size);
+                }
+                let piece = Piece {
+                    host_addr: r.host_addr,
+                    guest_addr: r.guest_addr,
+                    len: r.size,
+                    file: None,
+                };
+                return Err(BackendError::new("mlock2(MLOCK_ONFAULT)", &piece, e));
+            }
+        }
+        Ok(())
+    }
+
+    fn end(&self, ram: &GuestRam) {
+        for r in ram.regions() {
+            if let Err(e) = sys::munlock(r.host_addr, r.size) {
+                tracing::warn!("munlock of guest RAM at host {:#x}: {e}", r.host_addr);
+            }
+        }
+    }
+
+    fn map(&self, piece: &Piece) -> Result<(), BackendError> {
+        populate_range(piece)
+    }
+
+    /// Unlocking is done once for the whole range in `end`: munlock per chunk and then again
+    /// for the whole would walk the pages twice.
+    fn unmap(&self, _piece: &Piece) {}
+}

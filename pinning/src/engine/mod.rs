@@ -1,0 +1,380 @@
+//! The multithreaded job engine, after Linux's `padata_do_multithreaded`.
+//!
+//! A job covers `[start, start + size)`. It is cut into chunks that never split a backing
+//! page (`align`) and are pulled from a shared cursor by the calling thread and its helpers,
+//! so fast threads take more chunks and nobody waits on a fixed partition. The first error
+//! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
+//! [`ChunkWork`] contract), and every completed chunk is undone, single-threaded and in
+//! address order, before the error is returned. Cancellation works the same way.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::cancel::{CancelReason, CancelToken};
+use crate::prio::{self, HelperBoard, Lending};
+use crate::stats::JobStats;
+
+/// Work done on one chunk.
+///
+/// `run` either completes the whole chunk or, on error, leaves nothing of it behind: the
+/// engine only ever undoes chunks whose `run` returned `Ok`. `undo` cannot fail: teardown
+/// must always make progress.
+pub trait ChunkWork: Sync {
+    type Error: Send;
+    fn run(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
+    fn undo(&self, chunk: Range<u64>);
+}
+
+/// What to do: a range, its backing page size, and how finely it may be cut.
+#[derive(Clone, Debug)]
+pub struct JobSpec {
+    pub start: u64,
+    pub size: u64,
+    /// Backing page size; chunk cuts fall on multiples of it. A power of two.
+    pub align: u64,
+    /// The smallest chunk worth a thread (padata's `min_chunk`).
+    pub min_chunk: u64,
+    /// Upper bound from the work itself (1 for work the kernel serialises anyway).
+    pub max_threads: usize,
+}
+
+/// Default smallest chunk: below this, starting a thread costs more than it saves.
+pub const DEFAULT_MIN_CHUNK: u64 = 128 * crate::MIB;
+
+/// Which limit decided the thread count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DecidedBy {
+    /// The user's `--threads N`.
+    Requested,
+    /// The cgroup CPU quota (v1 or v2, this cgroup or an ancestor).
+    Cgroup,
+    /// The process's CPU affinity mask.
+    Affinity,
+    /// CPUs online on the host.
+    Online,
+    /// The work's own limit (a backend the kernel serialises).
+    MaxThreads,
+    /// Too little work: `ceil(size / min_chunk)` chunks.
+    MinChunk,
+}
+
+impl DecidedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DecidedBy::Requested => "requested",
+            DecidedBy::Cgroup => "cgroup",
+            DecidedBy::Affinity => "affinity",
+            DecidedBy::Online => "online",
+            DecidedBy::MaxThreads => "max_threads",
+            DecidedBy::MinChunk => "min_chunk",
+        }
+    }
+}
+
+impl std::fmt::Display for DecidedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The thread limits that come from outside the job.
+#[derive(Clone, Debug)]
+pub struct ThreadCaps {
+    pub requested: Option<usize>,
+    pub cgroup: Option<usize>,
+    pub affinity: usize,
+    pub online: usize,
+}
+
+impl ThreadCaps {
+    /// Caps that let the job decide alone (tests).
+    pub fn unlimited() -> Self {
+        Self {
+            requested: None,
+            cgroup: None,
+            affinity: usize::MAX,
+            online: usize::MAX,
+        }
+    }
+
+    pub fn requested(threads: usize) -> Self {
+        Self {
+            requested: Some(threads),
+            ..Self::unlimited()
+        }
+    }
+}
+
+/// How a job will run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    pub threads: usize,
+    pub decided_by: DecidedBy,
+    pub chunk_size: u64,
+    pub chunks: u64,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    #[error("job alignment {0:#x} is not a power of two")]
+    Align(u64),
+    #[error("job start {start:#x} is not aligned to its page size {align:#x}")]
+    Start { start: u64, align: u64 },
+    #[error("job range {start:#x}+{size:#x} overflows the address space")]
+    Overflow { start: u64, size: u64 },
+    #[error("job has no threads to run on (max_threads = 0)")]
+    NoThreads,
+}
+
+fn round_up(value: u64, align: u64) -> u64 {
+    value.div_ceil(align).saturating_mul(align)
+}
+
+impl JobSpec {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if !self.align.is_power_of_two() {
+            return Err(SpecError::Align(self.align));
+        }
+        if self.start % self.align != 0 {
+            return Err(SpecError::Start {
+                start: self.start,
+                align: self.align,
+            });
+        }
+        if self.start.checked_add(self.size).is_none() {
+            return Err(SpecError::Overflow {
+                start: self.start,
+                size: self.size,
+            });
+        }
+        if self.max_threads == 0 {
+            return Err(SpecError::NoThreads);
+        }
+        Ok(())
+    }
+
+    /// The thread count (the tightest cap; on a tie the most deliberate limit is named) and
+    /// the chunk size: `roundup(max(size / (threads * 4), min_chunk), align)`, so each thread
+    /// gets about four chunks to even out speed differences.
+    pub fn plan(&self, caps: &ThreadCaps) -> Plan {
+        let min_chunk = round_up(self.min_chunk.max(1), self.align);
+        let by_size = usize::try_from(self.size.div_ceil(min_chunk)).unwrap_or(usize::MAX);
+        let candidates = [
+            (DecidedBy::Requested, caps.requested),
+            (DecidedBy::Cgroup, caps.cgroup),
+            (DecidedBy::Affinity, Some(caps.affinity)),
+            (DecidedBy::Online, Some(caps.online)),
+            (DecidedBy::MaxThreads, Some(self.max_threads)),
+            (DecidedBy::MinChunk, Some(by_size)),
+        ];
+        let (decided_by, threads) = candidates
+            .into_iter()
+            .filter_map(|(who, cap)| cap.map(|c| (who, c.max(1))))
+            .fold((DecidedBy::Online, usize::MAX), |best, cand| {
+                if cand.1 < best.1 {
+                    cand
+                } else {
+                    best
+                }
+            });
+        let share = self.size / (threads as u64 * 4);
+        let chunk_size = round_up(share.max(min_chunk), self.align);
+        Plan {
+            threads,
+            decided_by,
+            chunk_size,
+            chunks: self.size.div_ceil(chunk_size),
+        }
+    }
+}
+
+/// How much was undone after a failure or cancellation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Undone {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError<E> {
+    #[error("job spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error("chunk {:#x}..{:#x} failed; undid {} completed chunks ({} bytes)", chunk.start, chunk.end, undone.chunks, undone.bytes)]
+    Failed {
+        chunk: Range<u64>,
+        #[source]
+        error: E,
+        undone: Undone,
+    },
+    #[error("cancelled by {reason}; undid {} completed chunks ({} bytes)", undone.chunks, undone.bytes)]
+    Cancelled {
+        reason: CancelReason,
+        undone: Undone,
+    },
+    #[error("could not start helper thread: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// A finished job: its statistics and the chunks it completed, in address order (teardown
+/// undoes exactly these).
+#[derive(Debug)]
+pub struct Completed {
+    pub stats: JobStats,
+    pub chunks: Vec<Range<u64>>,
+}
+
+/// Shared state of one running job.
+struct Shared<'a, W: ChunkWork> {
+    spec: &'a JobSpec,
+    plan: &'a Plan,
+    work: &'a W,
+    cancel: &'a CancelToken,
+    next_chunk: AtomicU64,
+    stop: AtomicBool,
+    failure: Mutex<Option<(Range<u64>, W::Error)>>,
+    completed: Mutex<Vec<Range<u64>>>,
+    progress: &'a AtomicU64,
+}
+
+impl<W: ChunkWork> Shared<'_, W> {
+    /// Pulls chunks until none are left, one fails, or the job is cancelled.
+    fn work_loop(&self) {
+        let end = self.spec.start + self.spec.size;
+        loop {
+            if self.stop.load(Ordering::Acquire) || self.cancel.is_cancelled() {
+                return;
+            }
+            let index = self.next_chunk.fetch_add(1, Ordering::AcqRel);
+            if index >= self.plan.chunks {
+                return;
+            }
+            let start = self.spec.start + index * self.plan.chunk_size;
+            let chunk = start..(start + self.plan.chunk_size).min(end);
+            match self.work.run(chunk.clone()) {
+                Ok(()) => {
+                    self.progress
+                        .fetch_add(chunk.end - chunk.start, Ordering::Relaxed);
+                    self.completed.lock().unwrap().push(chunk);
+                }
+                Err(error) => {
+                    self.stop.store(true, Ordering::Release);
+                    let mut failure = self.failure.lock().unwrap();
+                    if failure.is_none() {
+                        *failure = Some((chunk, error));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `work` over the job with `plan.threads` threads (the caller is one of them).
+///
+/// `progress` receives the bytes of each completed chunk as it completes.
+pub fn run_job<W: ChunkWork>(
+    spec: &JobSpec,
+    plan: &Plan,
+    work: &W,
+    cancel: &CancelToken,
+    progress: &AtomicU64,
+) -> Result<Completed, JobError<W::Error>> {
+    spec.validate()?;
+    let started = Instant::now();
+    let shared = Shared {
+        spec,
+        plan,
+        work,
+        cancel,
+        next_chunk: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        completed: Mutex::new(Vec::new()),
+        progress,
+    };
+    let helpers = plan.threads.saturating_sub(1);
+    let board = HelperBoard::new(helpers);
+    let lending = std::thread::scope(|scope| -> Result<Lending, std::io::Error> {
+        for index in 0..helpers {
+            let (shared, board) = (&shared, &board);
+            let spawned = std::thread::Builder::new()
+                .name(format!("pin-helper-{index}"))
+                .spawn_scoped(scope, move || {
+                    board.register(index);
+                    prio::become_background();
+                    board.wait_for_start();
+                    shared.work_loop();
+                    board.finish(index);
+                });
+            if let Err(e) = spawned {
+                // The helpers already spawned are parked at the start gate: let them go with
+                // the job stopped, so they return at once and the scope can join them.
+                shared.stop.store(true, Ordering::Release);
+                board.start();
+                return Err(e);
+            }
+        }
+        // Every thread is created before any starts: thread stacks are mmaps, and mmap
+        // contends with page faults on the mm lock, so spawning while others fault is slow.
+        board.start();
+        shared.work_loop();
+        Ok(board.lend_until_done())
+    });
+    let lending = lending.map_err(JobError::Spawn)?;
+    let elapsed = started.elapsed();
+
+    let mut completed = shared.completed.into_inner().unwrap();
+    completed.sort_by_key(|c| c.start);
+    let failure = shared.failure.into_inner().unwrap();
+    let done_bytes: u64 = completed.iter().map(|c| c.end - c.start).sum();
+    let stats = |undone: Undone, elapsed: Duration| JobStats {
+        threads: plan.threads,
+        decided_by: plan.decided_by,
+        chunk_size: plan.chunk_size,
+        chunks: completed.len() as u64,
+        bytes: done_bytes,
+        elapsed,
+        undone,
+        lending: lending.clone(),
+    };
+    if let Some((chunk, error)) = failure {
+        let undone = undo_all(work, &completed);
+        tracing::debug!(?chunk, ?undone, "job failed and was undone");
+        return Err(JobError::Failed {
+            chunk,
+            error,
+            undone,
+        });
+    }
+    if done_bytes < spec.size {
+        // Nothing failed, so the workers stopped early because the job was cancelled.
+        let reason = cancel.reason().unwrap_or(CancelReason::Requested);
+        let undone = undo_all(work, &completed);
+        return Err(JobError::Cancelled { reason, undone });
+    }
+    Ok(Completed {
+        stats: stats(Undone::default(), elapsed),
+        chunks: completed,
+    })
+}
+
+/// Undoes completed chunks one by one in address order. Single-threaded on purpose: undo
+/// (munlock, unmap) mostly serialises in the kernel, and a predictable order is easier to
+/// reason about when something is already going wrong.
+pub fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
+    let mut undone = Undone::default();
+    for chunk in completed {
+        work.undo(chunk.clone());
+        undone.chunks += 1;
+        undone.bytes += chunk.end - chunk.start;
+    }
+    undone
+}
+
+#[cfg(test)]
+mod tests;

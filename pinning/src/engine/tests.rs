@@ -1,0 +1,290 @@
+//! Engine properties: coverage, undo, first error, cancellation, thread-count independence.
+
+use std::ops::Range;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+
+use proptest::prelude::*;
+
+use super::*;
+
+/// Records, per `unit` bytes, how often it was run and undone. A unit's count is positive
+/// after `run`, back to zero after `undo`, and negative if something undid work never done.
+struct Ledger {
+    start: u64,
+    unit: u64,
+    counts: Vec<AtomicI64>,
+    runs: AtomicUsize,
+    fail_at: Option<u64>,
+    cancel_after: Option<(usize, CancelToken)>,
+    undone_order: Mutex<Vec<u64>>,
+}
+
+impl Ledger {
+    fn new(spec: &JobSpec, unit: u64) -> Self {
+        let units = spec.size.div_ceil(unit) as usize;
+        Self {
+            start: spec.start,
+            unit,
+            counts: (0..units).map(|_| AtomicI64::new(0)).collect(),
+            runs: AtomicUsize::new(0),
+            fail_at: None,
+            cancel_after: None,
+            undone_order: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn units(&self, chunk: &Range<u64>) -> Range<usize> {
+        let first = ((chunk.start - self.start) / self.unit) as usize;
+        let last = (chunk.end - self.start).div_ceil(self.unit) as usize;
+        first..last
+    }
+
+    fn snapshot(&self) -> Vec<i64> {
+        self.counts
+            .iter()
+            .map(|c| c.load(Ordering::SeqCst))
+            .collect()
+    }
+}
+
+impl ChunkWork for Ledger {
+    type Error = String;
+
+    fn run(&self, chunk: Range<u64>) -> Result<(), String> {
+        let n = self.runs.fetch_add(1, Ordering::SeqCst);
+        if let Some((after, token)) = &self.cancel_after {
+            if n + 1 >= *after {
+                token.cancel();
+            }
+        }
+        if self.fail_at.is_some_and(|at| chunk.contains(&at)) {
+            // Partial work, then self-undo, as the contract asks.
+            return Err(format!("injected at {:#x}", chunk.start));
+        }
+        for u in self.units(&chunk) {
+            self.counts[u].fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    fn undo(&self, chunk: Range<u64>) {
+        self.undone_order.lock().unwrap().push(chunk.start);
+        for u in self.units(&chunk) {
+            self.counts[u].fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+fn spec(size_units: u64, align: u64, min_chunk_units: u64, max_threads: usize) -> JobSpec {
+    JobSpec {
+        start: 16 * align,
+        size: size_units * 4096,
+        align,
+        min_chunk: min_chunk_units * 4096,
+        max_threads,
+    }
+}
+
+fn run(
+    spec: &JobSpec,
+    threads: usize,
+    work: &Ledger,
+    cancel: &CancelToken,
+) -> Result<Completed, JobError<String>> {
+    let plan = spec.plan(&ThreadCaps::requested(threads));
+    run_job(spec, &plan, work, cancel, &AtomicU64::new(0))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn every_byte_is_covered_exactly_once(
+        size in 1u64..600, align_shift in 0u32..4, min_chunk in 1u64..64, threads in 1usize..9,
+    ) {
+        let align = 4096u64 << align_shift;
+        let spec = spec(size, align, min_chunk, 64);
+        let work = Ledger::new(&spec, 4096);
+        let done = run(&spec, threads, &work, &CancelToken::new()).unwrap();
+        prop_assert!(work.snapshot().iter().all(|&c| c == 1));
+        // Completed chunks tile the range in order, and every cut falls on a page boundary.
+        let mut at = spec.start;
+        for c in &done.chunks {
+            prop_assert_eq!(c.start, at);
+            prop_assert_eq!(c.start % align, 0);
+            at = c.end;
+        }
+        prop_assert_eq!(at, spec.start + spec.size);
+        prop_assert_eq!(done.stats.bytes, spec.size);
+    }
+
+    #[test]
+    fn a_failure_anywhere_undoes_exactly_the_completed_work(
+        size in 1u64..600, min_chunk in 1u64..32, threads in 1usize..9, fail_frac in 0.0f64..1.0,
+    ) {
+        let spec = spec(size, 4096, min_chunk, 64);
+        let mut work = Ledger::new(&spec, 4096);
+        let fail_at = spec.start + ((spec.size as f64 * fail_frac) as u64).min(spec.size - 1);
+        work.fail_at = Some(fail_at);
+        let err = run(&spec, threads, &work, &CancelToken::new()).unwrap_err();
+        match err {
+            JobError::Failed { chunk, undone, .. } => {
+                prop_assert!(chunk.contains(&fail_at));
+                let order = work.undone_order.lock().unwrap().clone();
+                prop_assert_eq!(undone.chunks as usize, order.len());
+                prop_assert!(order.windows(2).all(|w| w[0] < w[1]), "undo not in address order");
+            }
+            other => prop_assert!(false, "unexpected {other:?}"),
+        }
+        // Zero everywhere: everything done was undone, nothing undone twice or never done.
+        prop_assert!(work.snapshot().iter().all(|&c| c == 0));
+    }
+
+    #[test]
+    fn the_result_does_not_depend_on_the_thread_count(
+        size in 1u64..400, min_chunk in 1u64..16,
+    ) {
+        let spec = spec(size, 4096, min_chunk, 64);
+        let mut reference = None;
+        for threads in [1, 2, 3, 8] {
+            let work = Ledger::new(&spec, 4096);
+            let done = run(&spec, threads, &work, &CancelToken::new()).unwrap();
+            let covered: u64 = done.chunks.iter().map(|c| c.end - c.start).sum();
+            let state = (work.snapshot(), covered);
+            match &reference {
+                None => reference = Some(state),
+                Some(r) => prop_assert_eq!(r, &state),
+            }
+        }
+    }
+}
+
+#[test]
+fn cancellation_stops_new_chunks_and_undoes_everything() {
+    let spec = spec(1024, 4096, 1, 64);
+    let token = CancelToken::new();
+    let mut work = Ledger::new(&spec, 4096);
+    work.cancel_after = Some((5, token.clone()));
+    let err = run(&spec, 4, &work, &token).unwrap_err();
+    match err {
+        JobError::Cancelled { reason, undone } => {
+            assert_eq!(reason, CancelReason::Requested);
+            assert!(undone.chunks >= 1);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(work.snapshot().iter().all(|&c| c == 0));
+    // Chunks stop being handed out soon after the cancel (at most one in flight per thread).
+    assert!(work.runs.load(Ordering::SeqCst) < 5 + 4);
+}
+
+#[test]
+fn plan_takes_the_tightest_cap_and_names_it() {
+    let job = JobSpec {
+        start: 0,
+        size: 4 * crate::GIB,
+        align: 4096,
+        min_chunk: DEFAULT_MIN_CHUNK,
+        max_threads: 64,
+    };
+    let caps = |requested, cgroup, affinity, online| ThreadCaps {
+        requested,
+        cgroup,
+        affinity,
+        online,
+    };
+    let p = job.plan(&caps(None, None, 2, 2));
+    assert_eq!((p.threads, p.decided_by), (2, DecidedBy::Affinity));
+    let p = job.plan(&caps(None, None, 1, 2));
+    assert_eq!((p.threads, p.decided_by), (1, DecidedBy::Affinity));
+    let p = job.plan(&caps(None, Some(1), 2, 2));
+    assert_eq!((p.threads, p.decided_by), (1, DecidedBy::Cgroup));
+    let p = job.plan(&caps(Some(1), Some(1), 2, 2));
+    assert_eq!((p.threads, p.decided_by), (1, DecidedBy::Requested));
+    let p = job.plan(&caps(None, None, 16, 4));
+    assert_eq!((p.threads, p.decided_by), (4, DecidedBy::Online));
+    // 4 GiB / 128 MiB = 32 chunks at most.
+    let p = job.plan(&caps(None, None, 64, 64));
+    assert_eq!((p.threads, p.decided_by), (32, DecidedBy::MinChunk));
+    // Chunk = max(size / (threads * 4), min_chunk): 4 GiB / 8 = 512 MiB.
+    let p = job.plan(&caps(None, None, 2, 2));
+    assert_eq!(p.chunk_size, 512 * crate::MIB);
+    assert_eq!(p.chunks, 8);
+    let serial = JobSpec {
+        max_threads: 1,
+        ..job
+    };
+    let p = serial.plan(&caps(None, None, 2, 2));
+    assert_eq!((p.threads, p.decided_by), (1, DecidedBy::MaxThreads));
+}
+
+#[test]
+fn huge_pages_are_never_split() {
+    let job = JobSpec {
+        start: 0,
+        size: 10 * crate::GIB,
+        align: crate::GIB,
+        min_chunk: DEFAULT_MIN_CHUNK,
+        max_threads: 64,
+    };
+    let p = job.plan(&ThreadCaps::requested(16));
+    assert_eq!(p.chunk_size % crate::GIB, 0);
+}
+
+#[test]
+fn bad_specs_are_refused_before_any_work() {
+    let work_spec = spec(10, 4096, 1, 4);
+    let work = Ledger::new(&work_spec, 4096);
+    let mut bad = work_spec.clone();
+    bad.align = 3000;
+    assert!(matches!(
+        run(&bad, 1, &work, &CancelToken::new()),
+        Err(JobError::Spec(SpecError::Align(3000)))
+    ));
+    let mut bad = work_spec.clone();
+    bad.start += 1;
+    assert!(matches!(
+        run(&bad, 1, &work, &CancelToken::new()),
+        Err(JobError::Spec(SpecError::Start { .. }))
+    ));
+    assert_eq!(work.runs.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
+    struct Probe {
+        seen: Mutex<Vec<(i32, i32, Vec<usize>)>>,
+    }
+    impl ChunkWork for Probe {
+        type Error = ();
+        fn run(&self, _chunk: Range<u64>) -> Result<(), ()> {
+            let tid = crate::sys::gettid();
+            let nice = crate::sys::thread_nice(0).unwrap();
+            let cpus = crate::sys::affinity_cpus().unwrap();
+            self.seen.lock().unwrap().push((tid, nice, cpus));
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            Ok(())
+        }
+        fn undo(&self, _chunk: Range<u64>) {}
+    }
+    let caller_tid = crate::sys::gettid();
+    let caller_cpus = crate::sys::affinity_cpus().unwrap();
+    let job = spec(64, 4096, 1, 64);
+    let probe = Probe {
+        seen: Mutex::new(Vec::new()),
+    };
+    let plan = job.plan(&ThreadCaps::requested(3));
+    run_job(&job, &plan, &probe, &CancelToken::new(), &AtomicU64::new(0)).unwrap();
+    let seen = probe.seen.into_inner().unwrap();
+    let helpers: Vec<_> = seen.iter().filter(|(tid, ..)| *tid != caller_tid).collect();
+    assert!(!helpers.is_empty(), "no helper ran a chunk");
+    for (_, nice, cpus) in helpers {
+        // A helper lent the caller's priority may briefly show the caller's nice.
+        let caller_nice = crate::sys::thread_nice(0).unwrap();
+        assert!(*nice == crate::prio::HELPER_NICE || *nice == caller_nice);
+        assert_eq!(
+            cpus, &caller_cpus,
+            "a helper's affinity differs from the caller's"
+        );
+    }
+}

@@ -1,0 +1,356 @@
+//! Puts the pieces together: admission, the whole-RAM step, the parallel job(s), and the
+//! guard that undoes it all when dropped.
+
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::admission::{self, AdmissionError};
+use crate::backend::{populate_range, BackendError, BackendKind, PinBackend};
+use crate::cancel::{CancelReason, CancelToken};
+use crate::engine::{
+    self, ChunkWork, DecidedBy, JobError, JobSpec, Plan, Undone, DEFAULT_MIN_CHUNK,
+};
+use crate::limits::Limits;
+use crate::progress::Progress;
+use crate::region::GuestRam;
+use crate::stats::{gibps, JobStats};
+use crate::GIB;
+
+/// How many threads the user wants.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadRequest {
+    /// As many as the limits and the job allow.
+    Auto,
+    /// At most this many (still subject to the limits).
+    AtMost(usize),
+}
+
+impl std::str::FromStr for ThreadRequest {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(ThreadRequest::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(n) if n >= 1 => Ok(ThreadRequest::AtMost(n)),
+            _ => Err(format!(
+                "`{s}` is not a thread count: use `auto` or a number from 1 up"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for ThreadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThreadRequest::Auto => f.write_str("auto"),
+            ThreadRequest::AtMost(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PinOptions {
+    pub threads: ThreadRequest,
+    pub min_chunk: u64,
+    /// Show a progress bar on a terminal for jobs over a second.
+    pub progress: bool,
+}
+
+impl Default for PinOptions {
+    fn default() -> Self {
+        Self {
+            threads: ThreadRequest::Auto,
+            min_chunk: DEFAULT_MIN_CHUNK,
+            progress: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error("{backend}: {source}")]
+    Begin {
+        backend: BackendKind,
+        #[source]
+        source: BackendError,
+    },
+    #[error("{backend}: {source}; undid {} chunks ({} bytes), nothing is left pinned", undone.chunks, undone.bytes)]
+    Failed {
+        backend: BackendKind,
+        #[source]
+        source: BackendError,
+        undone: Undone,
+    },
+    #[error("pinning cancelled by {reason}; undid {} chunks ({} bytes), nothing is left pinned", undone.chunks, undone.bytes)]
+    Cancelled {
+        reason: CancelReason,
+        undone: Undone,
+    },
+    #[error("pinning: {0}")]
+    Engine(String),
+}
+
+impl PinError {
+    pub fn cancel_reason(&self) -> Option<CancelReason> {
+        match self {
+            PinError::Cancelled { reason, .. } => Some(*reason),
+            _ => None,
+        }
+    }
+}
+
+/// What a pinning run did, for the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct PinStats {
+    pub backend: BackendKind,
+    pub threads: usize,
+    pub decided_by: DecidedBy,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub elapsed_ms: f64,
+    pub gibps: f64,
+    /// The parallel populate phase of type1, when there is one.
+    pub populate: Option<JobStats>,
+    pub map: JobStats,
+}
+
+/// Guest RAM pinned through a backend; dropping it undoes everything.
+pub struct Pinned {
+    backend: Arc<dyn PinBackend>,
+    ram: Arc<GuestRam>,
+    chunks: Vec<Range<u64>>,
+    pub stats: PinStats,
+}
+
+impl Pinned {
+    /// Undoes the pinning now (also done on drop) and says how much was undone.
+    pub fn unpin(mut self) -> Undone {
+        self.undo()
+    }
+
+    fn undo(&mut self) -> Undone {
+        let chunks = std::mem::take(&mut self.chunks);
+        let work = MapWork {
+            backend: self.backend.as_ref(),
+            ram: &self.ram,
+        };
+        let undone = engine::undo_all(&work, &chunks);
+        self.backend.end(&self.ram);
+        undone
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        if !self.chunks.is_empty() {
+            self.undo();
+        }
+    }
+}
+
+struct MapWork<'a> {
+    backend: &'a dyn PinBackend,
+    ram: &'a GuestRam,
+}
+
+impl ChunkWork for MapWork<'_> {
+    type Error = BackendError;
+
+    fn run(&self, chunk: Range<u64>) -> Result<(), BackendError> {
+        let pieces: Vec<_> = self.ram.pieces(chunk).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            if let Err(e) = self.backend.map(piece) {
+                // Leave nothing of this chunk behind: the engine only undoes whole chunks.
+                for done in pieces[..i].iter().rev() {
+                    self.backend.unmap(done);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn undo(&self, chunk: Range<u64>) {
+        for piece in self.ram.pieces(chunk).rev() {
+            self.backend.unmap(&piece);
+        }
+    }
+}
+
+struct PopulateWork<'a> {
+    ram: &'a GuestRam,
+}
+
+impl ChunkWork for PopulateWork<'_> {
+    type Error = BackendError;
+    fn run(&self, chunk: Range<u64>) -> Result<(), BackendError> {
+        self.ram.pieces(chunk).try_for_each(|p| populate_range(&p))
+    }
+    /// Faulted-in memory is not a resource to give back; it goes with the mapping.
+    fn undo(&self, _chunk: Range<u64>) {}
+}
+
+pub struct Pinner {
+    backend: Arc<dyn PinBackend>,
+    limits: Limits,
+    options: PinOptions,
+}
+
+impl Pinner {
+    pub fn new(backend: Arc<dyn PinBackend>, limits: Limits, options: PinOptions) -> Self {
+        Self {
+            backend,
+            limits,
+            options,
+        }
+    }
+
+    fn requested(&self) -> Option<usize> {
+        match self.options.threads {
+            ThreadRequest::Auto => None,
+            ThreadRequest::AtMost(n) => Some(n),
+        }
+    }
+
+    /// The parallel phase's spec: populate for type1, map for the others.
+    fn parallel_spec(&self, ram: &GuestRam) -> JobSpec {
+        let serial = !self.backend.populate_first() && self.backend.map_threads() == Some(1);
+        JobSpec {
+            start: 0,
+            size: ram.size(),
+            align: ram.page_size(),
+            min_chunk: self.options.min_chunk,
+            max_threads: if serial {
+                1
+            } else {
+                self.backend.map_threads().unwrap_or(usize::MAX)
+            },
+        }
+    }
+
+    /// The serial map phase of type1: large chunks, few mappings, below the entry limit.
+    fn serial_map_spec(&self, ram: &GuestRam) -> JobSpec {
+        let budget = self.backend.max_mappings().unwrap_or(u64::MAX);
+        // Each chunk can become one mapping per region it touches; keep half the budget
+        // for other users of the container.
+        let per = (budget / 2)
+            .saturating_sub(ram.regions().len() as u64)
+            .max(1);
+        JobSpec {
+            start: 0,
+            size: ram.size(),
+            align: ram.page_size(),
+            min_chunk: GIB.max(ram.size().div_ceil(per)),
+            max_threads: 1,
+        }
+    }
+
+    /// How the job would run on this RAM (without running it).
+    pub fn plan(&self, ram: &GuestRam) -> Plan {
+        self.parallel_spec(ram)
+            .plan(&self.limits.thread_caps(self.requested()))
+    }
+
+    /// Pins all of `ram`. On any error or cancellation nothing stays mapped or locked.
+    pub fn pin(&self, ram: Arc<GuestRam>, cancel: &CancelToken) -> Result<Pinned, PinError> {
+        let backend = self.backend.as_ref();
+        let size = ram.size();
+        admission::check(
+            &self.limits,
+            if backend.locks_memory() { size } else { 0 },
+            if backend.populates() { size } else { 0 },
+        )?;
+        let started = Instant::now();
+        let caps = self.limits.thread_caps(self.requested());
+        backend.begin(&ram).map_err(|source| PinError::Begin {
+            backend: backend.kind(),
+            source,
+        })?;
+        let progress = Progress::start("pinning guest RAM", size, self.options.progress);
+
+        let mut populate_stats = None;
+        if backend.populate_first() {
+            let spec = self.parallel_spec(&ram);
+            let plan = spec.plan(&caps);
+            let done = engine::run_job(
+                &spec,
+                &plan,
+                &PopulateWork { ram: &ram },
+                cancel,
+                progress.counter(),
+            );
+            match done {
+                Ok(done) => populate_stats = Some(done.stats),
+                Err(e) => {
+                    backend.end(&ram);
+                    return Err(self.job_error(e));
+                }
+            }
+        }
+        let spec = if backend.populate_first() {
+            self.serial_map_spec(&ram)
+        } else {
+            self.parallel_spec(&ram)
+        };
+        let plan = spec.plan(&caps);
+        let map_progress = if backend.populate_first() {
+            &std::sync::atomic::AtomicU64::new(0)
+        } else {
+            progress.counter()
+        };
+        let work = MapWork { backend, ram: &ram };
+        let done = match engine::run_job(&spec, &plan, &work, cancel, map_progress) {
+            Ok(done) => done,
+            Err(e) => {
+                backend.end(&ram);
+                return Err(self.job_error(e));
+            }
+        };
+        drop(progress);
+        let elapsed = started.elapsed();
+        let headline = populate_stats.as_ref().unwrap_or(&done.stats);
+        let stats = PinStats {
+            backend: backend.kind(),
+            threads: headline.threads,
+            decided_by: headline.decided_by,
+            chunks: done.stats.chunks,
+            bytes: size,
+            elapsed_ms: ms(elapsed),
+            gibps: gibps(size, elapsed),
+            populate: populate_stats,
+            map: done.stats,
+        };
+        Ok(Pinned {
+            backend: self.backend.clone(),
+            ram,
+            chunks: done.chunks,
+            stats,
+        })
+    }
+
+    fn job_error(&self, e: JobError<BackendError>) -> PinError {
+        let backend = self.backend.kind();
+        match e {
+            JobError::Failed { error, undone, .. } => PinError::Failed {
+                backend,
+                source: error,
+                undone,
+            },
+            JobError::Cancelled { reason, undone } => PinError::Cancelled { reason, undone },
+            other => PinError::Engine(other.to_string()),
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests;

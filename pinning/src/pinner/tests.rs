@@ -1,0 +1,247 @@
+//! The pinner over real memory with the populate/mlock backends and over the IOMMU model
+//! with the VFIO backends.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::backend::{IommufdBackend, MlockBackend, NoneBackend, PopulateBackend, Type1Backend};
+use crate::limits::Memlock;
+use crate::model::IommuModel;
+use crate::procfs::ProcStatus;
+use crate::region::Region;
+use crate::sys::AnonMapping;
+use crate::MIB;
+
+/// Two regions with a gap in guest-physical space, like RAM below and above the MMIO hole.
+fn ram(low: &AnonMapping, high: &AnonMapping) -> Arc<GuestRam> {
+    let regions = vec![
+        Region {
+            host_addr: low.addr(),
+            guest_addr: 0,
+            size: low.len(),
+            page_size: 4096,
+            file: None,
+        },
+        Region {
+            host_addr: high.addr(),
+            guest_addr: 1 << 32,
+            size: high.len(),
+            page_size: 4096,
+            file: None,
+        },
+    ];
+    // SAFETY: both mappings outlive the GuestRam in every test and are only touched by the
+    // backends and the IOMMU model.
+    Arc::new(unsafe { GuestRam::new(regions) }.unwrap())
+}
+
+fn limits() -> Limits {
+    let mut l = Limits::detect().unwrap();
+    l.cgroup_memory = None;
+    l
+}
+
+fn options(threads: usize) -> PinOptions {
+    PinOptions {
+        threads: ThreadRequest::AtMost(threads),
+        min_chunk: 4 * MIB,
+        progress: false,
+    }
+}
+
+fn locked_now() -> u64 {
+    ProcStatus::read(std::path::Path::new("/")).unwrap().locked
+}
+
+#[test]
+fn type1_populates_in_parallel_then_maps_serially_covering_all_ram_exactly() {
+    let (low, high) = (
+        AnonMapping::new(48 * MIB).unwrap(),
+        AnonMapping::new(24 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let model = Arc::new(IommuModel::new(65535, None));
+    let backend = Arc::new(Type1Backend::new(model.clone(), 65535));
+    let pinner = Pinner::new(
+        backend,
+        limits(),
+        PinOptions {
+            min_chunk: 2 * MIB,
+            ..options(2)
+        },
+    );
+    let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+    assert_eq!(model.pinned(), 72 * MIB);
+    assert_eq!(
+        model.max_concurrent_maps(),
+        1,
+        "type1 MAP_DMA must be issued serially"
+    );
+    // Few, large mappings: one per region here (chunks of at least 1 GiB).
+    let maps = model.mappings();
+    assert_eq!(maps.len(), 2);
+    assert_eq!(maps[0].0, 0);
+    assert_eq!(maps[1].0, 1 << 32);
+    assert_eq!(
+        model.translate((1 << 32) + 4096, 8),
+        Some(high.addr() + 4096)
+    );
+    assert_eq!(pinned.stats.bytes, 72 * MIB);
+    assert!(pinned.stats.populate.is_some());
+    drop(pinned);
+    assert!(model.mappings().is_empty(), "drop must unmap everything");
+}
+
+#[test]
+fn type1_stays_under_the_entry_limit() {
+    let (low, high) = (
+        AnonMapping::new(64 * MIB).unwrap(),
+        AnonMapping::new(4 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let model = Arc::new(IommuModel::new(8, None));
+    let backend = Arc::new(Type1Backend::new(model.clone(), 8));
+    let pinner = Pinner::new(backend, limits(), options(2));
+    let pinned = pinner.pin(ram, &CancelToken::new()).unwrap();
+    assert!(model.mappings().len() <= 8);
+    assert_eq!(model.pinned(), 68 * MIB);
+    pinned.unpin();
+    assert_eq!(model.pinned(), 0);
+}
+
+#[test]
+fn iommufd_maps_chunks_in_parallel_and_a_failure_leaves_nothing_mapped() {
+    let (low, high) = (
+        AnonMapping::new(64 * MIB).unwrap(),
+        AnonMapping::new(16 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let model = Arc::new(IommuModel::new(65535, None));
+    let pinner = Pinner::new(
+        Arc::new(IommufdBackend::new(model.clone())),
+        limits(),
+        options(4),
+    );
+    let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+    assert!(pinned.stats.map.chunks > 2);
+    assert_eq!(model.pinned(), 80 * MIB);
+    drop(pinned);
+    assert_eq!(model.pinned(), 0);
+
+    for fail in [0, 3, 7] {
+        let model = Arc::new(IommuModel::new(65535, None).failing_call(fail));
+        let pinner = Pinner::new(
+            Arc::new(IommufdBackend::new(model.clone())),
+            limits(),
+            options(4),
+        );
+        let err = pinner
+            .pin(ram.clone(), &CancelToken::new())
+            .err()
+            .expect("injected failure");
+        match err {
+            PinError::Failed { source, .. } => assert_eq!(source.errno(), Some(libc::EFAULT)),
+            other => panic!("unexpected {other}"),
+        }
+        assert!(
+            model.mappings().is_empty(),
+            "failure at call {fail} left mappings behind"
+        );
+    }
+}
+
+#[test]
+fn iommu_memlock_limit_fails_cleanly() {
+    let (low, high) = (
+        AnonMapping::new(32 * MIB).unwrap(),
+        AnonMapping::new(8 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let model = Arc::new(IommuModel::new(65535, Some(20 * MIB)));
+    let pinner = Pinner::new(
+        Arc::new(IommufdBackend::new(model.clone())),
+        limits(),
+        options(2),
+    );
+    let err = pinner.pin(ram, &CancelToken::new()).err().unwrap();
+    assert!(
+        matches!(&err, PinError::Failed { source, .. } if source.errno() == Some(libc::ENOMEM)),
+        "{err}"
+    );
+    assert!(model.mappings().is_empty());
+}
+
+#[test]
+fn admission_refuses_before_any_work() {
+    let (low, high) = (
+        AnonMapping::new(32 * MIB).unwrap(),
+        AnonMapping::new(8 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let model = Arc::new(IommuModel::new(65535, None));
+    let mut l = limits();
+    l.memlock = Memlock {
+        limit: Some(16 * MIB),
+        locked: 0,
+        cap_ipc_lock: false,
+    };
+    let pinner = Pinner::new(Arc::new(IommufdBackend::new(model.clone())), l, options(2));
+    let err = pinner.pin(ram, &CancelToken::new()).err().unwrap();
+    assert!(
+        matches!(err, PinError::Admission(AdmissionError::Memlock { .. })),
+        "{err}"
+    );
+    assert!(model.mappings().is_empty());
+}
+
+#[test]
+fn mlock_locks_all_ram_and_unpin_returns_vmlck() {
+    let before = locked_now();
+    let (low, high) = (
+        AnonMapping::new(32 * MIB).unwrap(),
+        AnonMapping::new(16 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let pinner = Pinner::new(Arc::new(MlockBackend), limits(), options(2));
+    let pinned = pinner.pin(ram, &CancelToken::new()).unwrap();
+    assert!(
+        locked_now() >= before + 48 * MIB,
+        "VmLck did not grow by the pinned size"
+    );
+    pinned.unpin();
+    assert_eq!(locked_now(), before);
+}
+
+#[test]
+fn cancelled_mlock_job_leaves_nothing_locked() {
+    let before = locked_now();
+    let (low, high) = (
+        AnonMapping::new(32 * MIB).unwrap(),
+        AnonMapping::new(16 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let token = CancelToken::new();
+    token.cancel();
+    let pinner = Pinner::new(Arc::new(MlockBackend), limits(), options(2));
+    let err = pinner.pin(ram, &token).err().unwrap();
+    assert_eq!(err.cancel_reason(), Some(CancelReason::Requested));
+    assert_eq!(locked_now(), before);
+}
+
+#[test]
+fn populate_and_none_report_their_plan() {
+    let (low, high) = (
+        AnonMapping::new(64 * MIB).unwrap(),
+        AnonMapping::new(64 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let pinner = Pinner::new(Arc::new(PopulateBackend), limits(), options(1));
+    let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+    assert_eq!(
+        (pinned.stats.threads, pinned.stats.decided_by),
+        (1, DecidedBy::Requested)
+    );
+    let pinner = Pinner::new(Arc::new(NoneBackend), limits(), options(1));
+    let pinned = pinner.pin(ram, &CancelToken::new()).unwrap();
+    assert_eq!(pinned.stats.backend, BackendKind::None);
+}

@@ -1,0 +1,184 @@
+//! Guest RAM as the pinning engine sees it: host mappings laid end to end in one linear
+//! range of offsets, so one job covers all of RAM even when it has a hole (the 32-bit MMIO
+//! gap) in guest-physical space.
+
+use std::ops::Range;
+use std::os::fd::RawFd;
+
+/// One contiguous piece of guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    /// Where it is mapped in this process.
+    pub host_addr: u64,
+    /// Where the guest (and so the device, as IOVA) sees it.
+    pub guest_addr: u64,
+    pub size: u64,
+    /// Backing page size: 4 KiB, 2 MiB or 1 GiB.
+    pub page_size: u64,
+    /// The file behind it and the offset of `host_addr` in it (memfd RAM), so that another
+    /// process (a vfio-user server) can map the same memory.
+    pub file: Option<(RawFd, u64)>,
+}
+
+/// A part of one region, produced by cutting a linear range at region boundaries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub host_addr: u64,
+    pub guest_addr: u64,
+    pub len: u64,
+    pub file: Option<(RawFd, u64)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegionError {
+    #[error("guest RAM region at guest {guest:#x} (host {host:#x}, {size:#x} bytes) is not aligned to its page size {page:#x}")]
+    Unaligned {
+        guest: u64,
+        host: u64,
+        size: u64,
+        page: u64,
+    },
+    #[error("guest RAM has no regions")]
+    Empty,
+}
+
+/// All of guest RAM, in guest-address order.
+#[derive(Debug)]
+pub struct GuestRam {
+    regions: Vec<Region>,
+    /// Linear offset at which each region starts.
+    offsets: Vec<u64>,
+    size: u64,
+}
+
+impl GuestRam {
+    /// # Safety
+    /// Each region must be a mapping that the caller owns and keeps alive for the life of
+    /// this value (and of anything pinned through it), whose contents nothing accesses
+    /// through Rust references: pinning populates it, and a device may DMA into it at any
+    /// time once mapped, so only raw pointers and volatile accesses are sound.
+    pub unsafe fn new(mut regions: Vec<Region>) -> Result<Self, RegionError> {
+        if regions.is_empty() {
+            return Err(RegionError::Empty);
+        }
+        regions.sort_by_key(|r| r.guest_addr);
+        let mut offsets = Vec::with_capacity(regions.len());
+        let mut size = 0;
+        for r in &regions {
+            let p = r.page_size;
+            if !p.is_power_of_two()
+                || r.host_addr % p != 0
+                || r.guest_addr % p != 0
+                || r.size % p != 0
+            {
+                return Err(RegionError::Unaligned {
+                    guest: r.guest_addr,
+                    host: r.host_addr,
+                    size: r.size,
+                    page: p,
+                });
+            }
+            offsets.push(size);
+            size += r.size;
+        }
+        Ok(Self {
+            regions,
+            offsets,
+            size,
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The largest backing page size: chunk cuts on it never split any backing page, as
+    /// every region's size is a multiple of its own page size and offsets add up in order.
+    pub fn page_size(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.page_size)
+            .max()
+            .unwrap_or(4096)
+    }
+
+    /// The pieces that make up the linear range `range`, in order.
+    pub fn pieces(&self, range: Range<u64>) -> impl DoubleEndedIterator<Item = Piece> + '_ {
+        self.regions
+            .iter()
+            .zip(&self.offsets)
+            .filter_map(move |(r, &off)| {
+                let start = range.start.max(off);
+                let end = range.end.min(off + r.size);
+                (start < end).then(|| {
+                    let skip = start - off;
+                    Piece {
+                        host_addr: r.host_addr + skip,
+                        guest_addr: r.guest_addr + skip,
+                        len: end - start,
+                        file: r.file.map(|(fd, o)| (fd, o + skip)),
+                    }
+                })
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ram() -> GuestRam {
+        let regions = vec![
+            Region {
+                host_addr: 0x10_0000_0000,
+                guest_addr: 1 << 32,
+                size: 2 << 30,
+                page_size: 4096,
+                file: Some((7, 3 << 30)),
+            },
+            Region {
+                host_addr: 0x20_0000_0000,
+                guest_addr: 0,
+                size: 3 << 30,
+                page_size: 4096,
+                file: Some((7, 0)),
+            },
+        ];
+        // SAFETY: the addresses are never dereferenced by these tests.
+        unsafe { GuestRam::new(regions) }.unwrap()
+    }
+
+    #[test]
+    fn a_range_across_the_hole_is_cut_at_the_region_boundary() {
+        let ram = ram();
+        assert_eq!(ram.size(), 5 << 30);
+        let pieces: Vec<_> = ram.pieces((3 << 30) - 4096..(3 << 30) + 8192).collect();
+        assert_eq!(pieces.len(), 2);
+        assert_eq!(pieces[0].guest_addr, (3 << 30) - 4096);
+        assert_eq!(pieces[0].len, 4096);
+        assert_eq!(pieces[1].guest_addr, 1 << 32);
+        assert_eq!(pieces[1].host_addr, 0x10_0000_0000);
+        assert_eq!(pieces[1].file, Some((7, 3 << 30)));
+        assert_eq!(pieces[1].len, 8192);
+    }
+
+    #[test]
+    fn unaligned_regions_are_refused() {
+        let r = Region {
+            host_addr: 4096,
+            guest_addr: 0,
+            size: 2 << 20,
+            page_size: 2 << 20,
+            file: None,
+        };
+        // SAFETY: never dereferenced.
+        assert!(matches!(
+            unsafe { GuestRam::new(vec![r]) },
+            Err(RegionError::Unaligned { .. })
+        ));
+    }
+}

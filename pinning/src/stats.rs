@@ -1,0 +1,42 @@
+//! What a job did, for reports and benchmarks.
+
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use crate::engine::{DecidedBy, Undone};
+use crate::prio::Lending;
+use crate::GIB;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct JobStats {
+    pub threads: usize,
+    pub decided_by: DecidedBy,
+    pub chunk_size: u64,
+    pub chunks: u64,
+    pub bytes: u64,
+    #[serde(rename = "elapsed_ms", serialize_with = "as_millis")]
+    pub elapsed: Duration,
+    pub undone: Undone,
+    pub lending: Lending,
+}
+
+fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1e3)
+}
+
+/// Throughput in GiB/s (0 for an instantaneous or empty job).
+pub fn gibps(bytes: u64, elapsed: Duration) -> f64 {
+    let secs = elapsed.as_secs_f64();
+    if secs > 0.0 {
+        bytes as f64 / GIB as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+impl JobStats {
+    pub fn gibps(&self) -> f64 {
+        gibps(self.bytes, self.elapsed)
+    }
+}
