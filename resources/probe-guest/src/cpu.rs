@@ -1,0 +1,172 @@
+//! TSS (with the exception stack as IST 1), IDT for the 32 exception vectors, the exception
+//! report, and the machine exit.
+
+use core::arch::asm;
+use core::cell::UnsafeCell;
+use core::ptr::addr_of;
+
+use crate::console::Line;
+use crate::io::outb;
+use crate::Global;
+
+pub const SEL_TSS: u16 = 0x18;
+
+/// Port of QEMU's `isa-debug-exit` and of the VMM's exit device.
+pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_CHECK_FAILED: u8 = 1;
+pub const EXIT_EXCEPTION: u8 = 3;
+
+extern "C" {
+    static mut probe_gdt: [u64; 5];
+    static probe_exception_stubs: [u64; 32];
+    static probe_exception_stack_top: u8;
+}
+
+/// 64-bit TSS: only IST 1 is used.
+#[repr(C, packed)]
+struct Tss {
+    reserved0: u32,
+    rsp: [u64; 3],
+    reserved1: u64,
+    ist: [u64; 7],
+    reserved2: u64,
+    reserved3: u16,
+    iomap_base: u16,
+}
+
+static TSS: Global<Tss> = Global(UnsafeCell::new(Tss {
+    reserved0: 0,
+    rsp: [0; 3],
+    reserved1: 0,
+    ist: [0; 7],
+    reserved2: 0,
+    reserved3: 0,
+    iomap_base: 0,
+}));
+
+/// 32 gates of 16 bytes, as pairs of u64.
+#[repr(C, align(16))]
+struct Idt([[u64; 2]; 32]);
+static IDT: Global<Idt> = Global(UnsafeCell::new(Idt([[0; 2]; 32])));
+
+#[repr(C, packed)]
+struct DescriptorPointer {
+    limit: u16,
+    base: u64,
+}
+
+/// Installs the TSS and the IDT. The GDT itself was loaded by the entry code.
+pub fn init() {
+    // SAFETY: single CPU, interrupts off; the statics are ours and live forever.
+    unsafe {
+        let tss = TSS.0.get();
+        let ist1 = addr_of!(probe_exception_stack_top) as u64;
+        core::ptr::write_unaligned(core::ptr::addr_of_mut!((*tss).ist[0]), ist1);
+        core::ptr::write_unaligned(core::ptr::addr_of_mut!((*tss).iomap_base), 104);
+
+        // 64-bit available TSS descriptor (type 9, present), 16 bytes at selector 0x18.
+        let base = tss as u64;
+        let limit = (core::mem::size_of::<Tss>() - 1) as u64;
+        let low = (limit & 0xffff)
+            | ((base & 0xff_ffff) << 16)
+            | (0x89 << 40)
+            | (((limit >> 16) & 0xf) << 48)
+            | (((base >> 24) & 0xff) << 56);
+        let gdt = core::ptr::addr_of_mut!(probe_gdt) as *mut u64;
+        core::ptr::write_volatile(gdt.add(3), low);
+        core::ptr::write_volatile(gdt.add(4), base >> 32);
+        asm!("ltr {0:x}", in(reg) SEL_TSS, options(nostack, preserves_flags));
+
+        let idt = IDT.0.get() as *mut [u64; 2];
+        let stubs = addr_of!(probe_exception_stubs) as *const u64;
+        for vector in 0..32 {
+            let handler = core::ptr::read_volatile(stubs.add(vector));
+            // Interrupt gate, present, DPL 0, selector 0x08, IST 1.
+            let low = (handler & 0xffff)
+                | (0x08 << 16)
+                | (1 << 32)
+                | (0x8e << 40)
+                | (((handler >> 16) & 0xffff) << 48);
+            let gate = idt.add(vector) as *mut u64;
+            core::ptr::write_volatile(gate, low);
+            core::ptr::write_volatile(gate.add(1), handler >> 32);
+        }
+        let pointer = DescriptorPointer {
+            limit: (32 * 16 - 1) as u16,
+            base: idt as u64,
+        };
+        asm!("lidt [{0}]", in(reg) &pointer, options(readonly, nostack, preserves_flags));
+    }
+}
+
+/// What the exception stubs push, then what the CPU pushed.
+#[repr(C)]
+pub struct ExceptionFrame {
+    vector: u64,
+    error: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+const EXCEPTION_NAMES: [&str; 32] = [
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "CSO", "#TS", "#NP", "#SS",
+    "#GP", "#PF", "-", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP", "-", "-", "-", "-", "-", "-",
+    "#HV", "#VC", "#SX", "-",
+];
+
+/// Called by the exception stubs (on the IST stack): report and exit with status 3.
+#[no_mangle]
+extern "C" fn probe_exception(frame: &ExceptionFrame) -> ! {
+    let name = EXCEPTION_NAMES
+        .get(frame.vector as usize)
+        .copied()
+        .unwrap_or("?");
+    let line = Line::new()
+        .s("exception ")
+        .dec(frame.vector)
+        .s(" ")
+        .s(name)
+        .s(" error ")
+        .hex(frame.error)
+        .s(" rip ")
+        .hex(frame.rip)
+        .s(" rsp ")
+        .hex(frame.rsp);
+    if frame.vector == 14 {
+        let cr2: u64;
+        // SAFETY: reading CR2 has no side effects.
+        unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+        line.s(" cr2 ").hex(cr2).end();
+    } else {
+        line.end();
+    }
+    Line::new()
+        .s("result FAIL: exception ")
+        .dec(frame.vector)
+        .s(" at rip ")
+        .hex(frame.rip)
+        .end();
+    exit(EXIT_EXCEPTION)
+}
+
+/// Ends the run: the exit device first; without one, an i8042 reset; then halt for good.
+pub fn exit(status: u8) -> ! {
+    outb(DEBUG_EXIT_PORT, status);
+    outb(0x64, 0xfe);
+    loop {
+        // SAFETY: stopping the CPU.
+        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+    }
+}
+
+/// Loads CR3.
+///
+/// # Safety
+/// `pml4` must be a valid top-level table that maps the running code, data and stacks.
+pub unsafe fn load_cr3(pml4: u64) {
+    asm!("mov cr3, {}", in(reg) pml4, options(nostack, preserves_flags));
+}
