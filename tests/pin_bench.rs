@@ -1,1 +1,296 @@
+//! `vmm pin-bench` through the real binary: output shape, the limits that decide the thread
+//! count (affinity, a cgroup CPU quota), the admission check, and Ctrl-C mid-job.
 
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn vmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vmm"))
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "vmm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+const SMALL: [&str; 10] = [
+    "pin-bench",
+    "--memory",
+    "256M",
+    "--threads",
+    "1,auto",
+    "--runs",
+    "2",
+    "--warmup",
+    "0",
+    "--json",
+];
+
+#[test]
+fn json_has_every_documented_key() {
+    let v = json(
+        &vmm()
+            .args(SMALL)
+            .args(["--min-chunk", "32M"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(v["memory_bytes"], 256 << 20);
+    assert_eq!(v["backend"], "populate");
+    assert_eq!(v["backing"], "anon");
+    assert!(v["memset_gibps"].as_f64().unwrap() > 0.0);
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["requested"], "1");
+    assert_eq!(results[0]["threads"], 1);
+    assert_eq!(results[0]["decided_by"], "requested");
+    assert_eq!(results[1]["requested"], "auto");
+    for r in results {
+        assert_eq!(r["runs_gibps"].as_array().unwrap().len(), 2);
+        assert!(r["median_gibps"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn auto_under_a_single_cpu_affinity_uses_one_thread_decided_by_affinity() {
+    let mut cmd = vmm();
+    cmd.args(SMALL).args(["--min-chunk", "32M"]);
+    // SAFETY: pre_exec runs in the forked child before exec; sched_setaffinity is
+    // async-signal-safe and touches only a local set.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let v = json(&cmd.output().unwrap());
+    let auto = &v["results"][1];
+    assert_eq!(auto["threads"], 1);
+    assert_eq!(auto["decided_by"], "affinity");
+}
+
+/// A cgroup created for one test and removed after it, even if the test fails.
+struct TestCgroup(std::path::PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        // The child has exited by now, so the cgroup is empty and can go.
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn auto_in_a_one_cpu_cgroup_v1_uses_one_thread_decided_by_cgroup() {
+    let cpu_root = std::path::Path::new("/sys/fs/cgroup/cpu");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 || !cpu_root.join("cpu.cfs_quota_us").exists() {
+        eprintln!(
+            "SKIPPED: needs root and the cgroup v1 cpu controller at {}",
+            cpu_root.display()
+        );
+        return;
+    }
+    let cg = TestCgroup(cpu_root.join(format!("vmm-test-{}", std::process::id())));
+    std::fs::create_dir(&cg.0).unwrap();
+    std::fs::write(cg.0.join("cpu.cfs_period_us"), "100000").unwrap();
+    std::fs::write(cg.0.join("cpu.cfs_quota_us"), "100000").unwrap();
+    let procs = std::ffi::CString::new(cg.0.join("cgroup.procs").to_str().unwrap()).unwrap();
+    let mut cmd = vmm();
+    cmd.args(SMALL).args(["--min-chunk", "32M"]);
+    // SAFETY: pre_exec in the forked child: open/write/close are async-signal-safe and the
+    // path was allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+            if fd < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // "0" moves the writing process itself.
+            let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+            libc::close(fd);
+            if ok {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let v = json(&cmd.output().unwrap());
+    let auto = &v["results"][1];
+    assert_eq!(auto["threads"], 1, "{v}");
+    assert_eq!(auto["decided_by"], "cgroup", "{v}");
+}
+
+/// The RLIMIT_MEMLOCK the test sets: 64 MiB (`ulimit -l 65536`), or the hard limit if lower
+/// (raising the hard limit needs CAP_SYS_RESOURCE, which this sandbox lacks even as root).
+fn test_memlock() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: lim is a valid out-pointer.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) },
+        0
+    );
+    (64u64 << 20).min(lim.rlim_max)
+}
+
+/// Runs vmm without CAP_IPC_LOCK and with RLIMIT_MEMLOCK = [`test_memlock`].
+fn without_ipc_lock(cmd: &mut Command) -> &mut Command {
+    let limit = test_memlock();
+    // SAFETY: prctl and setrlimit are async-signal-safe; they change only the child.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Dropping it from the bounding set keeps root's exec from granting it again.
+            if libc::prctl(libc::PR_CAPBSET_DROP, 14, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let lim = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn mlock_over_rlimit_memlock_is_refused_before_any_work() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: dropping CAP_IPC_LOCK from the bounding set needs root");
+        return;
+    }
+    let started = Instant::now();
+    let out = without_ipc_lock(&mut vmm())
+        .args([
+            "pin-bench",
+            "--memory",
+            "1G",
+            "--pin",
+            "mlock",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let expected = format!("RLIMIT_MEMLOCK is {} MiB", test_memlock() >> 20);
+    assert!(err.contains(&expected), "{err}");
+    assert!(err.contains("ulimit -l"), "{err}");
+    assert!(out.stdout.is_empty(), "no results may be printed");
+    // Only the memset reference (at most 1 GiB) ran: no pinning was attempted.
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+#[test]
+fn bad_input_is_exit_status_2_with_the_reason() {
+    for (args, needle) in [
+        (vec!["--memory", "0"], "more than zero"),
+        (vec!["--memory", "-1"], "-1"),
+        (vec!["--memory", "4Q"], "`4Q` is not a size"),
+        (vec!["--memory", "1T"], "more than this host's RAM"),
+        (vec!["--memory", "3M", "--backing", "thp"], "not a multiple"),
+        (
+            vec!["--memory", "1G", "--threads", "0"],
+            "not a thread count",
+        ),
+        (
+            vec!["--memory", "1G", "--threads", "x"],
+            "not a thread count",
+        ),
+    ] {
+        let out = vmm().arg("pin-bench").args(&args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn hugetlb_without_reserved_pages_says_how_to_reserve() {
+    let free: u64 =
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+            .map(|s| s.trim().parse().unwrap_or(0))
+            .unwrap_or(0);
+    let want = format!("{}M", (free + 1) * 2);
+    let out = vmm()
+        .args(["pin-bench", "--memory", &want, "--backing", "hugetlb"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("nr_hugepages"), "{err}");
+}
+
+fn vmlck_kb(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmLck:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn sigint_during_an_8g_mlock_job_undoes_it_and_exits_130() {
+    let child = vmm()
+        .args([
+            "pin-bench",
+            "--memory",
+            "8G",
+            "--pin",
+            "mlock",
+            "--threads",
+            "auto",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Wait until the job holds locked memory: that is mid-job, after admission.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while vmlck_kb(pid).unwrap_or(0) == 0 {
+        assert!(Instant::now() < deadline, "the job never locked memory");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // SAFETY: kill with a pid we spawned and still own (not yet reaped).
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let signalled = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(took < Duration::from_secs(3), "took {took:?} to stop");
+    assert!(err.contains("cancelled by SIGINT"), "{err}");
+    assert!(err.contains("undid"), "{err}");
+    assert!(err.contains("VmLck now 0 kB"), "{err}");
+}

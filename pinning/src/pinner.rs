@@ -15,7 +15,7 @@ use crate::engine::{
 };
 use crate::limits::Limits;
 use crate::progress::Progress;
-use crate::region::GuestRam;
+use crate::region::{GuestRam, Piece};
 use crate::stats::{gibps, JobStats};
 use crate::GIB;
 
@@ -136,9 +136,12 @@ impl Pinned {
 
     fn undo(&mut self) -> Undone {
         let chunks = std::mem::take(&mut self.chunks);
+        let never = CancelToken::new();
         let work = MapWork {
             backend: self.backend.as_ref(),
             ram: &self.ram,
+            cancel: &never,
+            populate: false,
         };
         let undone = engine::undo_all(&work, &chunks);
         self.backend.end(&self.ram);
@@ -154,18 +157,60 @@ impl Drop for Pinned {
     }
 }
 
+/// Why a chunk stopped.
+#[derive(Debug)]
+enum WorkError {
+    Backend(BackendError),
+    /// Cancelled between two populate steps of a chunk.
+    Cancelled,
+}
+
+/// Faulting in is cut into steps this large, with a cancellation check between them, so
+/// Ctrl-C takes effect within a fraction of a second even with gigabyte chunks.
+const POPULATE_STEP: u64 = 64 * crate::MIB;
+
+fn populate_in_steps(piece: &Piece, cancel: &CancelToken) -> Result<(), WorkError> {
+    let mut done = 0;
+    while done < piece.len {
+        if cancel.is_cancelled() {
+            return Err(WorkError::Cancelled);
+        }
+        let len = POPULATE_STEP.min(piece.len - done);
+        let step = Piece {
+            host_addr: piece.host_addr + done,
+            guest_addr: piece.guest_addr + done,
+            len,
+            file: piece.file.map(|(fd, off)| (fd, off + done)),
+        };
+        populate_range(&step).map_err(WorkError::Backend)?;
+        done += len;
+    }
+    Ok(())
+}
+
+/// One chunk: fault its pieces in (unless already done, or the backend doesn't), then hand
+/// them to the backend.
 struct MapWork<'a> {
     backend: &'a dyn PinBackend,
     ram: &'a GuestRam,
+    cancel: &'a CancelToken,
+    populate: bool,
 }
 
 impl ChunkWork for MapWork<'_> {
-    type Error = BackendError;
+    type Error = WorkError;
 
-    fn run(&self, chunk: Range<u64>) -> Result<(), BackendError> {
+    fn run(&self, chunk: Range<u64>) -> Result<(), WorkError> {
         let pieces: Vec<_> = self.ram.pieces(chunk).collect();
         for (i, piece) in pieces.iter().enumerate() {
-            if let Err(e) = self.backend.map(piece) {
+            let result = if self.populate {
+                populate_in_steps(piece, self.cancel)
+            } else {
+                Ok(())
+            };
+            if let Err(e) =
+                result.and_then(|()| self.backend.map(piece).map_err(WorkError::Backend))
+            {
                 // Leave nothing of this chunk behind: the engine only undoes whole chunks.
                 for done in pieces[..i].iter().rev() {
                     self.backend.unmap(done);
@@ -183,14 +228,18 @@ impl ChunkWork for MapWork<'_> {
     }
 }
 
+/// type1's first phase: fault all of RAM in, in parallel, before the serial map phase.
 struct PopulateWork<'a> {
     ram: &'a GuestRam,
+    cancel: &'a CancelToken,
 }
 
 impl ChunkWork for PopulateWork<'_> {
-    type Error = BackendError;
-    fn run(&self, chunk: Range<u64>) -> Result<(), BackendError> {
-        self.ram.pieces(chunk).try_for_each(|p| populate_range(&p))
+    type Error = WorkError;
+    fn run(&self, chunk: Range<u64>) -> Result<(), WorkError> {
+        self.ram
+            .pieces(chunk)
+            .try_for_each(|p| populate_in_steps(&p, self.cancel))
     }
     /// Faulted-in memory is not a resource to give back; it goes with the mapping.
     fn undo(&self, _chunk: Range<u64>) {}
@@ -281,7 +330,7 @@ impl Pinner {
             let done = engine::run_job(
                 &spec,
                 &plan,
-                &PopulateWork { ram: &ram },
+                &PopulateWork { ram: &ram, cancel },
                 cancel,
                 progress.counter(),
             );
@@ -289,7 +338,7 @@ impl Pinner {
                 Ok(done) => populate_stats = Some(done.stats),
                 Err(e) => {
                     backend.end(&ram);
-                    return Err(self.job_error(e));
+                    return Err(self.job_error(e, cancel));
                 }
             }
         }
@@ -304,12 +353,18 @@ impl Pinner {
         } else {
             progress.counter()
         };
-        let work = MapWork { backend, ram: &ram };
+        let populate = backend.populates() && !backend.populate_first();
+        let work = MapWork {
+            backend,
+            ram: &ram,
+            cancel,
+            populate,
+        };
         let done = match engine::run_job(&spec, &plan, &work, cancel, map_progress) {
             Ok(done) => done,
             Err(e) => {
                 backend.end(&ram);
-                return Err(self.job_error(e));
+                return Err(self.job_error(e, cancel));
             }
         };
         drop(progress);
@@ -334,12 +389,24 @@ impl Pinner {
         })
     }
 
-    fn job_error(&self, e: JobError<BackendError>) -> PinError {
+    fn job_error(&self, e: JobError<WorkError>, cancel: &CancelToken) -> PinError {
         let backend = self.backend.kind();
         match e {
-            JobError::Failed { error, undone, .. } => PinError::Failed {
+            JobError::Failed {
+                error: WorkError::Backend(source),
+                undone,
+                ..
+            } => PinError::Failed {
                 backend,
-                source: error,
+                source,
+                undone,
+            },
+            JobError::Failed {
+                error: WorkError::Cancelled,
+                undone,
+                ..
+            } => PinError::Cancelled {
+                reason: cancel.reason().unwrap_or(CancelReason::Requested),
                 undone,
             },
             JobError::Cancelled { reason, undone } => PinError::Cancelled { reason, undone },

@@ -83,7 +83,8 @@ impl BackendError {
     }
 }
 
-/// One way of preparing guest RAM. `map` must leave nothing behind when it fails; `unmap`
+/// One way of preparing guest RAM. `map` runs on memory already faulted in (see
+/// [`PinBackend::populates`]) and must leave nothing behind when it fails; `unmap`
 /// cannot fail (it logs): teardown always finishes.
 pub trait PinBackend: Send + Sync {
     fn kind(&self) -> BackendKind;
@@ -91,7 +92,8 @@ pub trait PinBackend: Send + Sync {
     /// Whether the mapped bytes count against RLIMIT_MEMLOCK.
     fn locks_memory(&self) -> bool;
 
-    /// Whether mapping faults the memory in (counts against the memory cgroup).
+    /// Whether RAM must be faulted in before `map` (counts against the memory cgroup). The
+    /// pinner does the faulting, in cancellable steps, so `map` only locks or maps.
     fn populates(&self) -> bool {
         true
     }

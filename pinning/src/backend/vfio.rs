@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use vfio_ioctls::{VfioError, VfioOps};
 
-use super::{populate_range, BackendError, BackendKind, PinBackend};
+use super::{BackendError, BackendKind, PinBackend};
 use crate::region::Piece;
 
 /// The kernel's default for vfio_iommu_type1's `dma_entry_limit` module parameter.
@@ -140,8 +140,8 @@ impl PinBackend for IommufdBackend {
         true
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
-        // Fault in first: IOAS_MAP would fault each page through GUP one at a time.
-        populate_range(piece)?;
+        // The pinner faulted the piece in first: IOAS_MAP would otherwise fault each page
+        // through GUP one at a time.
         map_piece(self.mapper.as_ref(), "IOMMU_IOAS_MAP", piece)
     }
     fn unmap(&self, piece: &Piece) {

@@ -1,0 +1,237 @@
+//! `vmm pin-bench`: how fast guest RAM can be prepared here, thread count by thread count.
+//!
+//! Every run maps fresh memory (first-touch cost is what a VM start pays), prepares it with
+//! the chosen backend, undoes it and unmaps it. Configurations are interleaved run by run
+//! so that machine noise hits each alike, and a warm-up round is discarded: on this kind of
+//! machine memory touched for the first time since boot costs several times more.
+//! `memset` over already-resident memory is measured in the same process as the bandwidth
+//! ceiling any preparation could reach.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend};
+use pinning::{CancelToken, Limits, PinBackend, PinError, PinOptions, Pinner, ThreadRequest};
+use serde::Serialize;
+
+use crate::memory::{Backing, GuestMemory, MemoryError};
+use crate::size::{human, parse_size};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchPin {
+    /// MADV_POPULATE_WRITE: fault in, no lock.
+    Populate,
+    /// One mlock2(MLOCK_ONFAULT), then parallel populate.
+    Mlock,
+    /// Nothing: measures the harness.
+    None,
+}
+
+impl BenchPin {
+    pub fn name(self) -> &'static str {
+        match self {
+            BenchPin::Populate => "populate",
+            BenchPin::Mlock => "mlock",
+            BenchPin::None => "none",
+        }
+    }
+
+    fn backend(self) -> Arc<dyn PinBackend> {
+        match self {
+            BenchPin::Populate => Arc::new(PopulateBackend),
+            BenchPin::Mlock => Arc::new(MlockBackend),
+            BenchPin::None => Arc::new(NoneBackend),
+        }
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct PinBenchArgs {
+    /// Guest RAM to prepare per run: 512M, 4G, 1T (a bare number is MiB).
+    #[arg(long, value_parser = parse_size)]
+    pub memory: u64,
+    /// What backs guest RAM.
+    #[arg(long, value_enum, default_value = "anon")]
+    pub backing: Backing,
+    /// How to prepare it.
+    #[arg(long, value_enum, default_value = "populate")]
+    pub pin: BenchPin,
+    /// Comma-separated thread counts to compare, each a number or `auto` (all the limits allow).
+    #[arg(long, default_value = "1,auto", value_delimiter = ',', value_parser = parse_threads)]
+    pub threads: Vec<ThreadRequest>,
+    /// Measured runs per thread count.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Discarded warm-up rounds before measuring.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: u32,
+    /// Smallest chunk a thread takes.
+    #[arg(long, value_parser = parse_size, default_value = "128M")]
+    pub min_chunk: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_threads(s: &str) -> Result<ThreadRequest, String> {
+    s.trim().parse()
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchResult {
+    pub requested: String,
+    pub threads: usize,
+    pub decided_by: String,
+    pub runs_gibps: Vec<f64>,
+    pub median_gibps: f64,
+    pub chunks: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub memory_bytes: u64,
+    pub backend: BenchPin,
+    pub backing: Backing,
+    pub memset_gibps: f64,
+    pub limits: Limits,
+    pub results: Vec<BenchResult>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PinBenchError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("reading limits: {0}")]
+    Limits(#[from] pinning::limits::LimitsError),
+}
+
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// memset over resident memory: the memory bandwidth ceiling (best of three).
+fn memset_gibps(size: u64) -> Result<f64, MemoryError> {
+    let size = size.min(1 << 30);
+    let m = GuestMemory::new(Backing::Anon, &[(0, size)])?;
+    let region = &m.ram.regions()[0];
+    let ptr = region.host_addr as *mut u8;
+    let mut best = 0f64;
+    for round in 0..4 {
+        let t = Instant::now();
+        // SAFETY: the mapping is ours, `size` bytes long, and not otherwise accessed.
+        unsafe { std::ptr::write_bytes(ptr, round as u8, size as usize) };
+        let rate = size as f64 / (1u64 << 30) as f64 / t.elapsed().as_secs_f64();
+        // The first round faults the pages in; it is not a bandwidth figure.
+        if round > 0 {
+            best = best.max(rate);
+        }
+    }
+    Ok(best)
+}
+
+/// Runs the benchmark. `cancel` stops it between and inside runs (with everything undone).
+pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, PinBenchError> {
+    let limits = Limits::detect()?;
+    // Fail on bad input (hugetlb reservations, host RAM) before any measuring.
+    drop(GuestMemory::new(args.backing, &[(0, args.memory)])?);
+    let memset = memset_gibps(args.memory)?;
+    let backend = args.pin.backend();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); args.threads.len()];
+    let mut seen = vec![(0usize, String::new(), 0u64); args.threads.len()];
+    for round in 0..(args.warmup + args.runs) {
+        for (i, &threads) in args.threads.iter().enumerate() {
+            let mem = GuestMemory::new(args.backing, &[(0, args.memory)])?;
+            let options = PinOptions {
+                threads,
+                min_chunk: args.min_chunk,
+                progress: !args.json,
+            };
+            let pinner = Pinner::new(backend.clone(), limits.clone(), options);
+            let pinned = pinner.pin(mem.ram.clone(), cancel)?;
+            let s = &pinned.stats;
+            tracing::debug!(round, %threads, threads_used = s.threads, gibps = s.gibps, "pin-bench run");
+            seen[i] = (s.threads, s.decided_by.to_string(), s.chunks);
+            if round >= args.warmup {
+                samples[i].push(s.gibps);
+            }
+            pinned.unpin();
+            drop(mem);
+        }
+    }
+    let results = args
+        .threads
+        .iter()
+        .zip(samples)
+        .zip(seen)
+        .map(|((req, runs), (threads, decided_by, chunks))| BenchResult {
+            requested: req.to_string(),
+            threads,
+            decided_by,
+            median_gibps: median(&runs),
+            runs_gibps: runs,
+            chunks,
+        })
+        .collect();
+    Ok(BenchReport {
+        memory_bytes: args.memory,
+        backend: args.pin,
+        backing: args.backing,
+        memset_gibps: memset,
+        limits,
+        results,
+    })
+}
+
+/// The human table.
+pub fn table(r: &BenchReport) -> String {
+    let mut out = format!(
+        "pin-bench: {} {} memory, backend {}, memset ceiling {:.1} GiB/s\n",
+        human(r.memory_bytes),
+        r.backing.name(),
+        r.backend.name(),
+        r.memset_gibps
+    );
+    out.push_str("requested  threads  decided_by   chunks  median GiB/s  runs GiB/s\n");
+    let base = r
+        .results
+        .first()
+        .map(|b| b.median_gibps)
+        .filter(|m| *m > 0.0);
+    for x in &r.results {
+        let runs: Vec<String> = x.runs_gibps.iter().map(|g| format!("{g:.2}")).collect();
+        let ratio = base
+            .map(|b| format!("  ({:.2}x)", x.median_gibps / b))
+            .unwrap_or_default();
+        out.push_str(&format!(
+            "{:<10} {:>7}  {:<11} {:>7}  {:>12.2}  {}{}\n",
+            x.requested,
+            x.threads,
+            x.decided_by,
+            x.chunks,
+            x.median_gibps,
+            runs.join(" "),
+            ratio
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
