@@ -35,6 +35,8 @@ const MARK_ENTRY: u8 = 2;
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 const CMDLINE_MAX: u64 = 4096;
+/// Never mapped (PML4 entry 1): `probe.fault` reads it.
+const UNMAPPED: u64 = 1 << 40;
 
 /// A global used on one CPU with interrupts off.
 #[repr(transparent)]
@@ -447,12 +449,17 @@ fn memtest(map: &[MemEntry], mapped: u64, checks: &mut Checks) -> u64 {
     n as u64
 }
 
-/// `probe.expect_mem=<MiB>` and `probe.expect_cpus=<N>`.
+/// `probe.expect_mem=<MiB>`, `probe.expect_cpus=<N>`, and `probe.fault` (a deliberate page
+/// fault, to test how the VMM reports an exception).
 fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Checks) {
     const MEM: &[u8] = b"probe.expect_mem=";
     const CPUS: &[u8] = b"probe.expect_cpus=";
+    const FAULT: &[u8] = b"probe.fault";
     for word in cmdline.split(|&b| b == b' ') {
-        if let Some(value) = word.strip_prefix(MEM) {
+        if word == FAULT {
+            Line::new().s("fault: reading ").hex(UNMAPPED).end();
+            phys::read64(UNMAPPED);
+        } else if let Some(value) = word.strip_prefix(MEM) {
             match parse_dec(value) {
                 Some(want) if want != ram_mib => {
                     checks.fail(Failure::ExpectMem { want, got: ram_mib })
