@@ -60,7 +60,8 @@
 //! entry; no RAM at 0 or at 1 MiB (or 2 MiB, for the memory test); a memory test mismatch; the
 //! initrd is not inside one RAM range; and, when given on the command line,
 //! `probe.expect_mem=<MiB>` (must equal `N MiB`) and `probe.expect_cpus=<N>` (must equal the MP
-//! table's count).
+//! table's count). `probe.fault` makes the probe read an unmapped address after the memory test,
+//! to exercise the exception report and exit status 3.
 //!
 //! Then it writes [`MARK_READY`] to [`BOOT_MARK_PORT`], prints the result line and writes the
 //! exit status to [`DEBUG_EXIT_PORT`] ([`EXIT_OK`], [`EXIT_CHECK_FAILED`] or
@@ -68,9 +69,10 @@
 //! process exit code `(s << 1) | 1`). If that write returns, it writes 0xFE to port 0x64
 //! (i8042 reset) and halts with interrupts off for good.
 //!
-//! It executes on the order of 100 000 instructions (plus about one per initrd byte and 2 000
-//! per GiB of RAM), and avoids instructions this project's emulated KVM cannot run (SSE other
-//! than plain moves, x87, `cmpxchg16b`, `xsave`, `int3`, `popcnt`, `clac`/`stac`).
+//! It executes about 55 000 instructions for a small guest, plus about 2 000 per GiB of RAM
+//! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts), and avoids
+//! instructions this project's emulated KVM cannot run (x87 and every SSE instruction other
+//! than plain moves, `cmpxchg16b`, `xsave`, `int3`, `popcnt`, `clac`/`stac`).
 
 /// The probe guest's ELF image (see the crate docs for its contract).
 pub const PROBE_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-guest.elf"));

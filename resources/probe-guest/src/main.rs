@@ -339,16 +339,17 @@ fn byte_sum(start: u64, len: u64) -> u32 {
         sum = sum.wrapping_add(phys::u8(at) as u32);
         at += 1;
     }
-    while at + 8 <= end {
+    let mut words = (end - at) / 8;
+    while words > 0 {
         // Four 16-bit lanes, each gaining at most 510 a word: fold them every 128 words.
+        let batch = words.min(128);
         let mut lanes = 0u64;
-        let mut words = 0;
-        while words < 128 && at + 8 <= end {
+        for _ in 0..batch {
             let w = phys::read64(at);
             lanes += (w & LOW_BYTES) + ((w >> 8) & LOW_BYTES);
             at += 8;
-            words += 1;
         }
+        words -= batch;
         let folded =
             (lanes & 0xffff) + ((lanes >> 16) & 0xffff) + ((lanes >> 32) & 0xffff) + (lanes >> 48);
         sum = sum.wrapping_add(folded as u32);
