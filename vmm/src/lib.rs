@@ -4,3 +4,12 @@
 pub mod memory;
 pub mod pin_bench;
 pub mod size;
+
+// Boot/run core.
+pub mod arch;
+pub mod layout;
+pub mod loader;
+pub mod resources;
+pub mod run;
+pub mod vcpu;
+pub mod vm;

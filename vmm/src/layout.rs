@@ -1,0 +1,373 @@
+//! The guest physical address map, in one place.
+//!
+//! ```text
+//! 0x0000_0000  real-mode IVT / BDA (RAM)
+//! 0x0000_0500  GDT                     0x0000_0520  IDT (limit 0)
+//! 0x0000_6000  PVH hvm_start_info, then its module list and memory map
+//! 0x0000_7000  Linux boot_params ("zero page")
+//! 0x0000_8ff0  boot stack top (grows down)
+//! 0x0000_9000  PML4   0xa000 PDPT   0xb000 PD (identity map of the first 1 GiB, 2 MiB pages)
+//! 0x0002_0000  kernel command line (up to 2048 bytes with its NUL)
+//! 0x0009_fc00  EBDA: the MP table lives here (E820 reserved)
+//! 0x000a_0000  VGA hole and BIOS area up to 1 MiB (E820 reserved, no device behind it)
+//! 0x0010_0000  kernel load address; RAM continues up to min(size, 3 GiB)
+//!              initrd: page-aligned at the top of RAM below 3 GiB
+//! 0xc000_0000  32-bit MMIO hole (PCI BARs), up to 4 GiB; IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000,
+//!              KVM's TSS and identity-map pages at 0xfffb_c000..0xfffc_0000
+//! 0x1_0000_0000 RAM above 4 GiB (whatever does not fit below the hole)
+//! end of RAM rounded up to 1 GiB: 64-bit MMIO window (64 GiB)
+//! ```
+//!
+//! All the low fixed structures sit below 1 MiB so they never collide with the kernel, and the
+//! hole at 3 GiB keeps 32-bit BARs and the APICs below 4 GiB as x86 guests expect.
+
+use vm_memory::GuestAddress;
+
+/// 1 KiB.
+pub const KIB: u64 = 1 << 10;
+/// 1 MiB.
+pub const MIB: u64 = 1 << 20;
+/// 1 GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// Page size used for alignment of guest memory sizes and the initrd.
+pub const PAGE_SIZE: u64 = 4 * KIB;
+
+/// GDT (flat segments for both boot protocols).
+pub const GDT_ADDR: u64 = 0x500;
+/// IDT: a zero-limit table, so any exception before the guest installs its own triple-faults
+/// (reported as a shutdown) instead of jumping somewhere random.
+pub const IDT_ADDR: u64 = 0x520;
+
+/// PVH `hvm_start_info`.
+pub const PVH_INFO_ADDR: u64 = 0x6000;
+/// PVH module list (one entry: the initrd), right after `hvm_start_info` (56 bytes).
+pub const PVH_MODLIST_ADDR: u64 = 0x6040;
+/// PVH memory map, after the module list, up to the zero page.
+pub const PVH_MEMMAP_ADDR: u64 = 0x6080;
+/// Entries that fit between [`PVH_MEMMAP_ADDR`] and [`ZERO_PAGE_ADDR`] (24 bytes each).
+pub const PVH_MEMMAP_MAX_ENTRIES: usize = ((ZERO_PAGE_ADDR - PVH_MEMMAP_ADDR) / 24) as usize;
+
+/// Linux `boot_params` (the zero page), passed in RSI to the 64-bit entry.
+pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+/// Initial stack pointer (RSP and RBP) for the 64-bit entry.
+pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+
+/// Page-map level 4.
+pub const PML4_ADDR: u64 = 0x9000;
+/// Page-directory pointer table.
+pub const PDPT_ADDR: u64 = 0xa000;
+/// Page directory: 512 entries of 2 MiB = the first 1 GiB identity-mapped.
+pub const PD_ADDR: u64 = 0xb000;
+
+/// Kernel command line.
+pub const CMDLINE_ADDR: u64 = 0x20000;
+/// Longest command line, counting its NUL (x86 Linux `COMMAND_LINE_SIZE`). A bzImage may
+/// declare a smaller limit in its header.
+pub const CMDLINE_MAX_SIZE: usize = 2048;
+
+/// End of conventional low RAM and start of the EBDA.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// End of the EBDA; start of the VGA hole / BIOS area.
+pub const LEGACY_HOLE_START: u64 = 0xa_0000;
+/// End of the legacy area: "high memory" starts here.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Where the kernel is loaded (1 MiB).
+pub const KERNEL_START: u64 = HIMEM_START;
+
+/// Start of the 32-bit MMIO hole: RAM below 4 GiB stops here.
+pub const MMIO32_START: u64 = 3 * GIB;
+/// End of the 32-bit MMIO hole.
+pub const MMIO32_END: u64 = 4 * GIB;
+/// IOAPIC base.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// Local APIC base.
+pub const LAPIC_ADDR: u64 = 0xfee0_0000;
+/// 32-bit BARs are allocated from [`MMIO32_START`] up to here (the APICs and KVM pages sit
+/// above).
+pub const MMIO32_ALLOC_END: u64 = IOAPIC_ADDR;
+/// KVM's three-page real-mode TSS (`KVM_SET_TSS_ADDR`), in the hole so it never shadows RAM.
+pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
+/// KVM's identity-map page (`KVM_SET_IDENTITY_MAP_ADDR`), just below the TSS.
+pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// Where RAM that does not fit below the hole continues.
+pub const RAM_ABOVE_4G_START: u64 = MMIO32_END;
+/// The 64-bit MMIO window starts at the end of RAM rounded up to this.
+pub const MMIO64_ALIGN: u64 = GIB;
+/// Size of the 64-bit MMIO window.
+pub const MMIO64_SIZE: u64 = 64 * GIB;
+
+/// Smallest guest this layout supports: room for the fixed structures, a kernel at 1 MiB and
+/// an initrd.
+pub const MIN_MEM_SIZE: u64 = 64 * MIB;
+
+/// Layout errors.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LayoutError {
+    /// Too little memory for the fixed layout.
+    #[error("guest memory of {size} bytes is below the minimum of {min} bytes (64 MiB)")]
+    TooSmall {
+        /// Requested size.
+        size: u64,
+        /// The minimum.
+        min: u64,
+    },
+    /// Sizes must be whole pages.
+    #[error("guest memory size {size:#x} is not a multiple of the 4 KiB page size")]
+    NotPageAligned {
+        /// Requested size.
+        size: u64,
+    },
+    /// The address space would overflow.
+    #[error(
+        "guest memory size {size:#x} does not fit the 64-bit address space with its MMIO window"
+    )]
+    TooLarge {
+        /// Requested size.
+        size: u64,
+    },
+}
+
+/// Checks that `mem_size` bytes of RAM can be laid out.
+pub fn check_mem_size(mem_size: u64) -> Result<(), LayoutError> {
+    if mem_size < MIN_MEM_SIZE {
+        return Err(LayoutError::TooSmall {
+            size: mem_size,
+            min: MIN_MEM_SIZE,
+        });
+    }
+    if mem_size % PAGE_SIZE != 0 {
+        return Err(LayoutError::NotPageAligned { size: mem_size });
+    }
+    // RAM above 4 GiB plus the MMIO window must stay addressable.
+    let end = ram_end(mem_size);
+    if end
+        .checked_add(MMIO64_ALIGN + MMIO64_SIZE)
+        .is_none_or(|e| e > 1 << 52)
+    {
+        return Err(LayoutError::TooLarge { size: mem_size });
+    }
+    Ok(())
+}
+
+/// The guest RAM ranges for `mem_size` bytes: one range from 0, or two when the RAM does not
+/// fit below the 32-bit MMIO hole (the rest starts at 4 GiB).
+pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
+    if mem_size <= MMIO32_START {
+        vec![(GuestAddress(0), mem_size)]
+    } else {
+        vec![
+            (GuestAddress(0), MMIO32_START),
+            (GuestAddress(RAM_ABOVE_4G_START), mem_size - MMIO32_START),
+        ]
+    }
+}
+
+/// Size of the RAM below the 32-bit hole (where the kernel, boot structures and initrd go).
+pub fn low_ram_size(mem_size: u64) -> u64 {
+    mem_size.min(MMIO32_START)
+}
+
+/// One past the last RAM address.
+pub fn ram_end(mem_size: u64) -> u64 {
+    if mem_size <= MMIO32_START {
+        mem_size
+    } else {
+        RAM_ABOVE_4G_START.saturating_add(mem_size - MMIO32_START)
+    }
+}
+
+/// The 64-bit MMIO window: starts at the end of RAM rounded up to 1 GiB, [`MMIO64_SIZE`] long.
+/// Starts at 4 GiB at the lowest, so it never overlaps the 32-bit hole.
+pub fn mmio64_window(mem_size: u64) -> (GuestAddress, u64) {
+    let start = ram_end(mem_size)
+        .max(MMIO32_END)
+        .next_multiple_of(MMIO64_ALIGN);
+    (GuestAddress(start), MMIO64_SIZE)
+}
+
+/// E820 entry types used here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum E820Kind {
+    /// Usable RAM (E820 type 1).
+    Ram,
+    /// Reserved (E820 type 2).
+    Reserved,
+}
+
+impl E820Kind {
+    /// The numeric E820 type.
+    pub fn raw(self) -> u32 {
+        match self {
+            E820Kind::Ram => 1,
+            E820Kind::Reserved => 2,
+        }
+    }
+}
+
+/// One E820 entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// Type.
+    pub kind: E820Kind,
+}
+
+/// The memory map a guest with `mem_size` bytes of RAM is told about.
+pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+    let entry = |addr: u64, end: u64, kind| E820Entry {
+        addr,
+        size: end - addr,
+        kind,
+    };
+    let mut map = vec![
+        entry(0, EBDA_START, E820Kind::Ram),
+        entry(EBDA_START, LEGACY_HOLE_START, E820Kind::Reserved),
+        entry(LEGACY_HOLE_START, HIMEM_START, E820Kind::Reserved),
+        entry(HIMEM_START, low_ram_size(mem_size), E820Kind::Ram),
+    ];
+    if mem_size > MMIO32_START {
+        map.push(entry(RAM_ABOVE_4G_START, ram_end(mem_size), E820Kind::Ram));
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_one_range_and_legacy_holes_reserved() {
+        let size = 256 * MIB;
+        assert_eq!(ram_ranges(size), vec![(GuestAddress(0), size)]);
+        assert_eq!(
+            e820_map(size),
+            vec![
+                E820Entry {
+                    addr: 0,
+                    size: 0x9_fc00,
+                    kind: E820Kind::Ram
+                },
+                E820Entry {
+                    addr: 0x9_fc00,
+                    size: 0x400,
+                    kind: E820Kind::Reserved
+                },
+                E820Entry {
+                    addr: 0xa_0000,
+                    size: 0x6_0000,
+                    kind: E820Kind::Reserved
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: size - MIB,
+                    kind: E820Kind::Ram
+                },
+            ]
+        );
+        assert_eq!(mmio64_window(size), (GuestAddress(4 * GIB), MMIO64_SIZE));
+    }
+
+    #[test]
+    fn large_guest_is_split_around_the_mmio_hole() {
+        let size = 6 * GIB;
+        assert_eq!(
+            ram_ranges(size),
+            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), 3 * GIB)]
+        );
+        let map = e820_map(size);
+        assert_eq!(map.len(), 5);
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: MIB,
+                size: 3 * GIB - MIB,
+                kind: E820Kind::Ram
+            }
+        );
+        assert_eq!(
+            map[4],
+            E820Entry {
+                addr: 4 * GIB,
+                size: 3 * GIB,
+                kind: E820Kind::Ram
+            }
+        );
+        // Total RAM reported equals the guest size minus the reserved legacy area.
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(ram, size - (HIMEM_START - EBDA_START));
+        // Nothing in the map touches the hole.
+        assert!(map
+            .iter()
+            .all(|e| e.addr + e.size <= MMIO32_START || e.addr >= MMIO32_END));
+        assert_eq!(ram_end(size), 7 * GIB);
+        assert_eq!(mmio64_window(size).0, GuestAddress(7 * GIB));
+        // A non-GiB end rounds up.
+        assert_eq!(mmio64_window(6 * GIB + 2 * MIB).0, GuestAddress(8 * GIB));
+    }
+
+    #[test]
+    fn exactly_three_gib_stays_in_one_range() {
+        assert_eq!(ram_ranges(3 * GIB), vec![(GuestAddress(0), 3 * GIB)]);
+        assert_eq!(e820_map(3 * GIB).len(), 4);
+    }
+
+    #[test]
+    fn too_small_or_unaligned_sizes_are_refused() {
+        assert_eq!(
+            check_mem_size(32 * MIB),
+            Err(LayoutError::TooSmall {
+                size: 32 * MIB,
+                min: MIN_MEM_SIZE
+            })
+        );
+        assert!(check_mem_size(32 * MIB)
+            .unwrap_err()
+            .to_string()
+            .contains("below the minimum"));
+        assert_eq!(
+            check_mem_size(64 * MIB + 1),
+            Err(LayoutError::NotPageAligned { size: 64 * MIB + 1 })
+        );
+        assert!(check_mem_size(64 * MIB).is_ok());
+        assert!(matches!(
+            check_mem_size(!0xfff),
+            Err(LayoutError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn fixed_structures_do_not_overlap() {
+        let spans = [
+            (GDT_ADDR, 4 * 8),
+            (IDT_ADDR, 8),
+            (PVH_INFO_ADDR, PVH_MODLIST_ADDR - PVH_INFO_ADDR),
+            (PVH_MODLIST_ADDR, PVH_MEMMAP_ADDR - PVH_MODLIST_ADDR),
+            (PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES as u64 * 24),
+            (ZERO_PAGE_ADDR, 4096),
+            (PML4_ADDR, 4096),
+            (PDPT_ADDR, 4096),
+            (PD_ADDR, 4096),
+            (CMDLINE_ADDR, CMDLINE_MAX_SIZE as u64),
+            (EBDA_START, LEGACY_HOLE_START - EBDA_START),
+        ];
+        for (i, a) in spans.iter().enumerate() {
+            for b in &spans[i + 1..] {
+                assert!(
+                    a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0,
+                    "{a:x?} overlaps {b:x?}"
+                );
+            }
+        }
+        // The stack grows down from below the page tables and above the zero page.
+        const { assert!(BOOT_STACK_TOP < PML4_ADDR && BOOT_STACK_TOP > ZERO_PAGE_ADDR + 4096) };
+    }
+}

@@ -1,0 +1,951 @@
+//! Loading the guest: kernel (ELF vmlinux or bzImage, through linux-loader), command line,
+//! initrd, the boot information block for the chosen entry protocol, and the fixed tables
+//! (GDT, identity page tables, MP table).
+//!
+//! Every error names the image (its path, or the name given to in-memory bytes) and the reason.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Cursor, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::{
+    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, ReadVolatile,
+    VolatileMemoryError, VolatileSlice,
+};
+
+use crate::arch::x86_64::boot_params::{self, BootParamsError, InitrdPlacement};
+use crate::arch::x86_64::gdt;
+use crate::arch::x86_64::mptable::{self, MpTableError};
+use crate::arch::x86_64::regs::{self, EntryMode};
+use crate::layout::{self, CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PAGE_SIZE};
+
+/// Which entry point to use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// PVH when the ELF has a PVH note, else the 64-bit Linux entry.
+    #[default]
+    Auto,
+    /// Always the 64-bit Linux entry (ELF `e_entry`, or bzImage load address + 0x200).
+    Linux64,
+    /// Always PVH; an error if the image has no PVH note.
+    Pvh,
+}
+
+impl FromStr for BootProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BootProtocol::Auto),
+            "linux64" | "linux" | "64" => Ok(BootProtocol::Linux64),
+            "pvh" => Ok(BootProtocol::Pvh),
+            other => Err(format!(
+                "unknown boot protocol {other:?} (auto, linux64, pvh)"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for BootProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BootProtocol::Auto => "auto",
+            BootProtocol::Linux64 => "linux64",
+            BootProtocol::Pvh => "pvh",
+        })
+    }
+}
+
+/// Where an image (kernel or initrd) comes from.
+#[derive(Clone, Debug)]
+pub enum ImageSource {
+    /// A file.
+    Path(PathBuf),
+    /// Bytes already in memory (the built-in probe guest); `name` is used in messages.
+    Bytes {
+        /// Shown in errors.
+        name: String,
+        /// The image.
+        data: Cow<'static, [u8]>,
+    },
+}
+
+impl ImageSource {
+    /// How errors refer to this image.
+    pub fn name(&self) -> String {
+        match self {
+            ImageSource::Path(p) => p.display().to_string(),
+            ImageSource::Bytes { name, .. } => name.clone(),
+        }
+    }
+
+    fn open(&self) -> Result<Image<'_>, LoadError> {
+        match self {
+            ImageSource::Path(p) => {
+                File::open(p)
+                    .map(Image::File)
+                    .map_err(|source| LoadError::Open {
+                        image: self.name(),
+                        source,
+                    })
+            }
+            ImageSource::Bytes { data, .. } => Ok(Image::Bytes(Cursor::new(data.as_ref()))),
+        }
+    }
+}
+
+/// An open image: what linux-loader reads from.
+enum Image<'a> {
+    File(File),
+    Bytes(Cursor<&'a [u8]>),
+}
+
+impl Read for Image<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Image::File(f) => f.read(buf),
+            Image::Bytes(c) => c.read(buf),
+        }
+    }
+}
+
+impl Seek for Image<'_> {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        match self {
+            Image::File(f) => f.seek(pos),
+            Image::Bytes(c) => c.seek(pos),
+        }
+    }
+}
+
+impl ReadVolatile for Image<'_> {
+    fn read_volatile<B: BitmapSlice>(
+        &mut self,
+        buf: &mut VolatileSlice<B>,
+    ) -> Result<usize, VolatileMemoryError> {
+        match self {
+            Image::File(f) => f.read_volatile(buf),
+            Image::Bytes(c) => c.read_volatile(buf),
+        }
+    }
+}
+
+impl Image<'_> {
+    fn len(&mut self) -> io::Result<u64> {
+        let len = self.seek(SeekFrom::End(0))?;
+        self.rewind()?;
+        Ok(len)
+    }
+
+    /// Reads up to `buf.len()` bytes at `offset`; short at end of file.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.seek(SeekFrom::Start(offset))?;
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        Ok(filled)
+    }
+}
+
+/// The kernel formats recognised.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// ELF vmlinux (or the probe guest).
+    Elf,
+    /// bzImage.
+    BzImage,
+}
+
+/// What the vCPU stage needs to start the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootSetup {
+    /// Kernel format.
+    pub format: KernelFormat,
+    /// Entry protocol chosen.
+    pub mode: EntryMode,
+    /// Entry point (RIP/EIP).
+    pub entry: GuestAddress,
+    /// One past the highest kernel byte.
+    pub kernel_end: u64,
+    /// The initrd, if any.
+    pub initrd: Option<InitrdPlacement>,
+    /// Command line length without its NUL.
+    pub cmdline_len: usize,
+}
+
+/// Load-stage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file cannot be opened.
+    #[error("cannot open {image}: {source}")]
+    Open {
+        /// Image.
+        image: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// Reading the file failed.
+    #[error("cannot read {image}: {source}")]
+    Read {
+        /// Image.
+        image: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// Neither an ELF nor a bzImage.
+    #[error(
+        "{image} is neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" at 0x202)"
+    )]
+    NotAKernel {
+        /// Image.
+        image: String,
+    },
+    /// An ELF we cannot boot.
+    #[error("{image}: unsupported ELF: {reason}")]
+    UnsupportedElf {
+        /// Image.
+        image: String,
+        /// Why.
+        reason: String,
+    },
+    /// A bzImage we cannot boot.
+    #[error("{image}: unsupported bzImage: {reason}")]
+    UnsupportedBzImage {
+        /// Image.
+        image: String,
+        /// Why.
+        reason: String,
+    },
+    /// The kernel does not fit in guest RAM below the 32-bit hole.
+    #[error("{image} does not fit in guest memory: it needs {start:#x}..{end:#x}, RAM below the 32-bit MMIO hole ends at {limit:#x}")]
+    KernelTooBig {
+        /// Image.
+        image: String,
+        /// First byte.
+        start: u64,
+        /// One past the last byte needed.
+        end: u64,
+        /// End of low RAM.
+        limit: u64,
+    },
+    /// linux-loader refused the image.
+    #[error("{image}: {source}")]
+    Kernel {
+        /// Image.
+        image: String,
+        /// Why.
+        source: linux_loader::loader::Error,
+    },
+    /// PVH was requested but the image cannot be entered that way.
+    #[error("{image}: PVH boot requested but {reason}")]
+    PvhUnavailable {
+        /// Image.
+        image: String,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Command line too long for the kernel.
+    #[error("kernel command line is {len} bytes with its NUL, the kernel accepts at most {limit}")]
+    CmdlineTooLong {
+        /// Length with NUL.
+        len: usize,
+        /// Limit with NUL.
+        limit: usize,
+    },
+    /// Command line contains a NUL byte.
+    #[error("kernel command line contains a NUL byte at offset {0}")]
+    CmdlineNul(usize),
+    /// linux-loader refused the command line.
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    /// The initrd does not fit between the kernel and the top of low RAM.
+    #[error("initrd {image} ({size} bytes) does not fit in guest memory: {available} bytes free between the kernel end {kernel_end:#x} and {top:#x}")]
+    InitrdTooBig {
+        /// Image.
+        image: String,
+        /// Its size.
+        size: u64,
+        /// Free bytes.
+        available: u64,
+        /// Kernel end.
+        kernel_end: u64,
+        /// Highest address the initrd may reach.
+        top: u64,
+    },
+    /// Copying the initrd into guest memory failed.
+    #[error("initrd {image}: copying {size} bytes to {addr:#x} failed: {source}")]
+    InitrdCopy {
+        /// Image.
+        image: String,
+        /// Size.
+        size: u64,
+        /// Where.
+        addr: u64,
+        /// Why.
+        source: GuestMemoryError,
+    },
+    /// Writing boot parameters failed.
+    #[error(transparent)]
+    BootParams(#[from] BootParamsError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    MpTable(#[from] MpTableError),
+    /// Writing the GDT or page tables failed.
+    #[error("writing the {what} failed: {source}")]
+    Tables {
+        /// Which.
+        what: &'static str,
+        /// Why.
+        source: GuestMemoryError,
+    },
+}
+
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
+const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
+/// The 64-bit entry of a bzImage is 0x200 past its protected-mode load address.
+const BZIMAGE_ENTRY64_OFFSET: u64 = 0x200;
+/// `xloadflags` bit: the kernel has the 64-bit entry.
+const XLF_KERNEL_64: u16 = 1 << 0;
+/// Before protocol 2.03 `initrd_addr_max` is absent and fixed at this.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+/// Before protocol 2.06 the command line is limited to 255 bytes.
+const OLD_CMDLINE_MAX: usize = 256;
+
+/// Everything the load stage needs.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadRequest<'a> {
+    /// The kernel.
+    pub kernel: &'a ImageSource,
+    /// The initrd.
+    pub initrd: Option<&'a ImageSource>,
+    /// Kernel command line.
+    pub cmdline: &'a str,
+    /// Entry protocol.
+    pub protocol: BootProtocol,
+    /// CPUs, for the MP table.
+    pub cpus: u8,
+}
+
+/// Guest RAM size as the layout sees it (sum of the regions).
+pub fn mem_size(mem: &GuestMemoryMmap) -> u64 {
+    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
+}
+
+/// Loads everything into `mem` and returns where to start.
+pub fn load(mem: &GuestMemoryMmap, req: &LoadRequest<'_>) -> Result<BootSetup, LoadError> {
+    let size = mem_size(mem);
+    let low_end = layout::low_ram_size(size);
+    let loaded = load_kernel(mem, req.kernel, req.protocol, low_end)?;
+
+    let cmdline_len = write_cmdline(mem, req.cmdline, loaded.cmdline_limit)?;
+
+    let initrd = match req.initrd {
+        Some(src) => Some(load_initrd(
+            mem,
+            src,
+            loaded.kernel_end,
+            low_end.min(loaded.initrd_addr_max.saturating_add(1)),
+        )?),
+        None => None,
+    };
+
+    // Both blocks are written for an ELF: the zero page costs nothing and lets a guest entered
+    // through PVH read the same facts either way.
+    let bp = boot_params::zero_page(loaded.header, cmdline_len, initrd, size)?;
+    boot_params::write_zero_page(mem, &bp)?;
+    if loaded.format == KernelFormat::Elf {
+        boot_params::write_pvh_start_info(mem, initrd, size)?;
+    }
+
+    gdt::write_tables(mem).map_err(|source| LoadError::Tables {
+        what: "GDT and IDT",
+        source,
+    })?;
+    regs::write_page_tables(mem).map_err(|source| LoadError::Tables {
+        what: "identity page tables",
+        source,
+    })?;
+    mptable::write(mem, req.cpus)?;
+
+    Ok(BootSetup {
+        format: loaded.format,
+        mode: loaded.mode,
+        entry: loaded.entry,
+        kernel_end: loaded.kernel_end,
+        initrd,
+        cmdline_len,
+    })
+}
+
+struct LoadedKernel {
+    format: KernelFormat,
+    mode: EntryMode,
+    entry: GuestAddress,
+    kernel_end: u64,
+    header: Option<setup_header>,
+    cmdline_limit: usize,
+    initrd_addr_max: u64,
+}
+
+fn load_kernel(
+    mem: &GuestMemoryMmap,
+    src: &ImageSource,
+    protocol: BootProtocol,
+    low_end: u64,
+) -> Result<LoadedKernel, LoadError> {
+    let image = src.name();
+    let mut file = src.open()?;
+    let read_err = |source| LoadError::Read {
+        image: image.clone(),
+        source,
+    };
+    let mut magic = [0u8; 4];
+    let n = file.read_at(0, &mut magic).map_err(read_err)?;
+    if n == 4 && &magic == ELF_MAGIC {
+        return load_elf(mem, &mut file, image, protocol, low_end);
+    }
+    let n = file
+        .read_at(BZIMAGE_MAGIC_OFFSET, &mut magic)
+        .map_err(read_err)?;
+    if n == 4 && &magic == BZIMAGE_MAGIC {
+        return load_bzimage(mem, &mut file, image, protocol, low_end);
+    }
+    Err(LoadError::NotAKernel { image })
+}
+
+fn le_u16(b: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([b[at], b[at + 1]])
+}
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
+}
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+/// Checks the ELF header and that every loadable segment lands in [1 MiB, low_end): linux-loader
+/// would report a segment past the end of RAM only as a failed read.
+fn check_elf(file: &mut Image<'_>, image: &str, low_end: u64) -> Result<u64, LoadError> {
+    const EHDR_LEN: usize = 64;
+    const PHDR_LEN: usize = 56;
+    const PT_LOAD: u32 = 1;
+    const EM_X86_64: u16 = 62;
+    let unsupported = |reason: String| LoadError::UnsupportedElf {
+        image: image.to_string(),
+        reason,
+    };
+    let read_err = |source| LoadError::Read {
+        image: image.to_string(),
+        source,
+    };
+    let mut ehdr = [0u8; EHDR_LEN];
+    if file.read_at(0, &mut ehdr).map_err(read_err)? < EHDR_LEN {
+        return Err(unsupported("truncated ELF header".into()));
+    }
+    if ehdr[4] != 2 {
+        return Err(unsupported("not a 64-bit ELF (ELFCLASS64 required)".into()));
+    }
+    if le_u16(&ehdr, 0x12) != EM_X86_64 {
+        return Err(unsupported(format!(
+            "machine {} is not x86_64",
+            le_u16(&ehdr, 0x12)
+        )));
+    }
+    let phoff = le_u64(&ehdr, 0x20);
+    let phnum = le_u16(&ehdr, 0x38);
+    let mut end = 0u64;
+    for i in 0..u64::from(phnum) {
+        let mut ph = [0u8; PHDR_LEN];
+        let at = phoff.saturating_add(i * PHDR_LEN as u64);
+        if file.read_at(at, &mut ph).map_err(read_err)? < PHDR_LEN {
+            return Err(unsupported(format!("program header {i} is truncated")));
+        }
+        if le_u32(&ph, 0) != PT_LOAD || le_u64(&ph, 0x20) == 0 {
+            continue;
+        }
+        let paddr = le_u64(&ph, 0x18);
+        let memsz = le_u64(&ph, 0x28);
+        let seg_end = paddr.saturating_add(memsz);
+        if paddr < HIMEM_START || seg_end > low_end {
+            return Err(LoadError::KernelTooBig {
+                image: image.to_string(),
+                start: paddr,
+                end: seg_end,
+                limit: low_end,
+            });
+        }
+        end = end.max(seg_end);
+    }
+    Ok(end)
+}
+
+fn load_elf(
+    mem: &GuestMemoryMmap,
+    file: &mut Image<'_>,
+    image: String,
+    protocol: BootProtocol,
+    low_end: u64,
+) -> Result<LoadedKernel, LoadError> {
+    let end = check_elf(file, &image, low_end)?;
+    let result = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+        LoadError::Kernel {
+            image: image.clone(),
+            source,
+        }
+    })?;
+    let pvh = match result.pvh_boot_cap {
+        PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
+        _ => None,
+    };
+    let (mode, entry) = match (protocol, pvh) {
+        (BootProtocol::Auto | BootProtocol::Pvh, Some(addr)) => (EntryMode::Pvh, addr),
+        (BootProtocol::Pvh, None) => {
+            return Err(LoadError::PvhUnavailable {
+                image,
+                reason: "the ELF has no PVH note (XEN_ELFNOTE_PHYS32_ENTRY)",
+            })
+        }
+        (BootProtocol::Auto | BootProtocol::Linux64, _) => (EntryMode::Linux64, result.kernel_load),
+    };
+    Ok(LoadedKernel {
+        format: KernelFormat::Elf,
+        mode,
+        entry,
+        kernel_end: end.max(result.kernel_end),
+        header: None,
+        cmdline_limit: CMDLINE_MAX_SIZE,
+        initrd_addr_max: u64::from(u32::MAX),
+    })
+}
+
+fn load_bzimage(
+    mem: &GuestMemoryMmap,
+    file: &mut Image<'_>,
+    image: String,
+    protocol: BootProtocol,
+    low_end: u64,
+) -> Result<LoadedKernel, LoadError> {
+    if protocol == BootProtocol::Pvh {
+        return Err(LoadError::PvhUnavailable {
+            image,
+            reason: "a bzImage has no PVH entry point (use the vmlinux ELF)",
+        });
+    }
+    let unsupported = |reason: String| LoadError::UnsupportedBzImage {
+        image: image.clone(),
+        reason,
+    };
+    // The header fields needed before loading: setup_sects (0x1f1), version (0x206),
+    // code32_start (0x214), init_size (0x260).
+    let mut head = [0u8; 0x268];
+    let n = file
+        .read_at(0, &mut head)
+        .map_err(|source| LoadError::Read {
+            image: image.clone(),
+            source,
+        })?;
+    if n < head.len() {
+        return Err(unsupported("truncated setup header".into()));
+    }
+    let file_len = file.len().map_err(|source| LoadError::Read {
+        image: image.clone(),
+        source,
+    })?;
+    let setup_sects = match head[0x1f1] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let payload = file_len.saturating_sub((setup_sects + 1) * 512);
+    let code32_start = u64::from(le_u32(&head, 0x214));
+    let init_size = u64::from(le_u32(&head, 0x260));
+    let need_end = code32_start.saturating_add(payload.max(init_size));
+    if need_end > low_end {
+        return Err(LoadError::KernelTooBig {
+            image,
+            start: code32_start,
+            end: need_end,
+            limit: low_end,
+        });
+    }
+
+    let result =
+        BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
+            LoadError::Kernel {
+                image: image.clone(),
+                source,
+            }
+        })?;
+    let hdr = result
+        .setup_header
+        .ok_or_else(|| unsupported("linux-loader returned no setup header".into()))?;
+    let version = hdr.version;
+    let xloadflags = hdr.xloadflags;
+    if version >= 0x020c && xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(unsupported(
+            "the kernel has no 64-bit entry point (XLF_KERNEL_64 clear)".into(),
+        ));
+    }
+    let cmdline_limit = if version >= 0x0206 {
+        (hdr.cmdline_size as usize)
+            .saturating_add(1)
+            .min(CMDLINE_MAX_SIZE)
+    } else {
+        OLD_CMDLINE_MAX
+    };
+    let initrd_addr_max = if version >= 0x0203 {
+        u64::from(hdr.initrd_addr_max)
+    } else {
+        DEFAULT_INITRD_ADDR_MAX
+    };
+    Ok(LoadedKernel {
+        format: KernelFormat::BzImage,
+        mode: EntryMode::Linux64,
+        entry: GuestAddress(result.kernel_load.0 + BZIMAGE_ENTRY64_OFFSET),
+        kernel_end: result.kernel_end.max(need_end),
+        header: Some(hdr),
+        cmdline_limit,
+        initrd_addr_max,
+    })
+}
+
+/// Validates and writes the command line; returns its length without the NUL.
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, limit: usize) -> Result<usize, LoadError> {
+    if let Some(i) = cmdline.bytes().position(|b| b == 0) {
+        return Err(LoadError::CmdlineNul(i));
+    }
+    let len = cmdline.len() + 1;
+    if len > limit {
+        return Err(LoadError::CmdlineTooLong { len, limit });
+    }
+    let cl = Cmdline::try_from(cmdline, limit).map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
+        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    let written = cl
+        .as_cstring()
+        .map_err(|e| LoadError::Cmdline(e.to_string()))?;
+    Ok(written.as_bytes().len())
+}
+
+/// Places the initrd page-aligned as high as possible below `top`, above the kernel.
+fn load_initrd(
+    mem: &GuestMemoryMmap,
+    src: &ImageSource,
+    kernel_end: u64,
+    top: u64,
+) -> Result<InitrdPlacement, LoadError> {
+    let image = src.name();
+    let mut file = src.open()?;
+    let size = file.len().map_err(|source| LoadError::Read {
+        image: image.clone(),
+        source,
+    })?;
+    let floor = kernel_end.next_multiple_of(PAGE_SIZE);
+    let addr = top
+        .checked_sub(size)
+        .map(|a| a / PAGE_SIZE * PAGE_SIZE)
+        .filter(|&a| a >= floor);
+    let Some(addr) = addr else {
+        return Err(LoadError::InitrdTooBig {
+            image,
+            size,
+            available: top.saturating_sub(floor),
+            kernel_end,
+            top,
+        });
+    };
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
+        .map_err(|source| LoadError::InitrdCopy {
+            image,
+            size,
+            addr,
+            source,
+        })?;
+    Ok(InitrdPlacement { addr, size })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::layout::MIB;
+    use vm_memory::Bytes;
+
+    /// A minimal x86_64 ELF: one PT_LOAD of `code` at `paddr`, entry at `paddr`, and with
+    /// `pvh` a PT_NOTE carrying XEN_ELFNOTE_PHYS32_ENTRY.
+    pub(crate) fn tiny_elf(code: &[u8], paddr: u64, pvh: Option<u32>) -> Vec<u8> {
+        let phnum: u16 = if pvh.is_some() { 2 } else { 1 };
+        let note_off = 64 + 56 * u64::from(phnum);
+        let note: Vec<u8> = match pvh {
+            Some(entry) => {
+                let mut n = Vec::new();
+                n.extend_from_slice(&4u32.to_le_bytes()); // namesz
+                n.extend_from_slice(&4u32.to_le_bytes()); // descsz
+                n.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+                n.extend_from_slice(b"Xen\0");
+                n.extend_from_slice(&entry.to_le_bytes());
+                n
+            }
+            None => Vec::new(),
+        };
+        let code_off = note_off + note.len() as u64;
+        let mut f = vec![0u8; 64];
+        f[0..4].copy_from_slice(ELF_MAGIC);
+        f[4] = 2; // 64-bit
+        f[5] = 1; // little endian
+        f[6] = 1; // version
+        f[0x10..0x12].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        f[0x12..0x14].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+        f[0x14..0x18].copy_from_slice(&1u32.to_le_bytes());
+        f[0x18..0x20].copy_from_slice(&paddr.to_le_bytes()); // entry
+        f[0x20..0x28].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        f[0x34..0x36].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        f[0x36..0x38].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        f[0x38..0x3a].copy_from_slice(&phnum.to_le_bytes());
+        let phdr = |p_type: u32, off: u64, addr: u64, size: u64| {
+            let mut p = vec![0u8; 56];
+            p[0..4].copy_from_slice(&p_type.to_le_bytes());
+            p[4..8].copy_from_slice(&7u32.to_le_bytes()); // RWX
+            p[8..16].copy_from_slice(&off.to_le_bytes());
+            p[16..24].copy_from_slice(&addr.to_le_bytes());
+            p[24..32].copy_from_slice(&addr.to_le_bytes());
+            p[32..40].copy_from_slice(&size.to_le_bytes());
+            p[40..48].copy_from_slice(&size.to_le_bytes());
+            p
+        };
+        f.extend(phdr(1, code_off, paddr, code.len() as u64));
+        if pvh.is_some() {
+            f.extend(phdr(4, note_off, 0, note.len() as u64));
+        }
+        f.extend(&note);
+        f.extend_from_slice(code);
+        f
+    }
+
+    /// A minimal bzImage: one setup sector, protocol 2.15, 64-bit capable, `code` at the 64-bit
+    /// entry (payload offset 0x200).
+    pub(crate) fn tiny_bzimage(code: &[u8], cmdline_size: u32) -> Vec<u8> {
+        let setup_len = 2 * 512;
+        let mut f = vec![0u8; setup_len + 0x200];
+        f[0x1f1] = 1; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(BZIMAGE_MAGIC);
+        f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        f[0x211] = 1; // loadflags: LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f[0x236..0x238].copy_from_slice(&XLF_KERNEL_64.to_le_bytes());
+        f[0x238..0x23c].copy_from_slice(&cmdline_size.to_le_bytes());
+        f.extend_from_slice(code);
+        f
+    }
+
+    pub(crate) fn guest_mem(size: u64) -> GuestMemoryMmap {
+        let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+            .into_iter()
+            .map(|(a, s)| (a, s as usize))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    fn bytes(name: &str, data: Vec<u8>) -> ImageSource {
+        ImageSource::Bytes {
+            name: name.into(),
+            data: Cow::Owned(data),
+        }
+    }
+
+    fn req<'a>(
+        kernel: &'a ImageSource,
+        cmdline: &'a str,
+        protocol: BootProtocol,
+    ) -> LoadRequest<'a> {
+        LoadRequest {
+            kernel,
+            initrd: None,
+            cmdline,
+            protocol,
+            cpus: 1,
+        }
+    }
+
+    #[test]
+    fn elf_entry_choice_follows_the_protocol() {
+        let mem = guest_mem(64 * MIB);
+        let k = bytes("tiny", tiny_elf(&[0xf4; 0x200], 0x10_0000, Some(0x10_0100)));
+        let auto = load(&mem, &req(&k, "console=ttyS0", BootProtocol::Auto)).unwrap();
+        assert_eq!(
+            (auto.mode, auto.entry),
+            (EntryMode::Pvh, GuestAddress(0x10_0100))
+        );
+        let l64 = load(&mem, &req(&k, "", BootProtocol::Linux64)).unwrap();
+        assert_eq!(
+            (l64.mode, l64.entry),
+            (EntryMode::Linux64, GuestAddress(0x10_0000))
+        );
+        assert_eq!(l64.kernel_end, 0x10_0200);
+
+        let no_note = bytes("plain", tiny_elf(&[0xf4], 0x10_0000, None));
+        let auto = load(&mem, &req(&no_note, "", BootProtocol::Auto)).unwrap();
+        assert_eq!(auto.mode, EntryMode::Linux64);
+        let err = load(&mem, &req(&no_note, "", BootProtocol::Pvh)).unwrap_err();
+        assert!(matches!(err, LoadError::PvhUnavailable { .. }), "{err}");
+        assert!(
+            err.to_string().starts_with("plain: PVH boot requested"),
+            "{err}"
+        );
+
+        // The command line and the zero page landed where the layout says.
+        let mut cl = [0u8; 14];
+        mem.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR)).unwrap();
+        assert_eq!(&cl[..1], b"\0", "the last load wrote an empty command line");
+        let loader_type: u8 = mem
+            .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x210))
+            .unwrap();
+        assert_eq!(loader_type, 0xff);
+        let mp: [u8; 4] = mem.read_obj(GuestAddress(mptable::MPTABLE_START)).unwrap();
+        assert_eq!(&mp, b"_MP_");
+    }
+
+    #[test]
+    fn bzimage_uses_header_and_64bit_entry() {
+        let mem = guest_mem(64 * MIB);
+        let k = bytes("bz", tiny_bzimage(&[0xf4], 2047));
+        let s = load(&mem, &req(&k, "quiet", BootProtocol::Auto)).unwrap();
+        assert_eq!(s.format, KernelFormat::BzImage);
+        assert_eq!(
+            (s.mode, s.entry),
+            (EntryMode::Linux64, GuestAddress(0x10_0200))
+        );
+        let version: u16 = mem
+            .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x206))
+            .unwrap();
+        assert_eq!(version, 0x020f);
+        let err = load(&mem, &req(&k, "", BootProtocol::Pvh)).unwrap_err();
+        assert!(matches!(err, LoadError::PvhUnavailable { .. }));
+    }
+
+    #[test]
+    fn cmdline_too_long_names_length_and_limit() {
+        let mem = guest_mem(64 * MIB);
+        let k = bytes("bz", tiny_bzimage(&[0xf4], 255));
+        let long = "x".repeat(300);
+        let err = load(&mem, &req(&k, &long, BootProtocol::Auto)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoadError::CmdlineTooLong {
+                    len: 301,
+                    limit: 256
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.to_string(),
+            "kernel command line is 301 bytes with its NUL, the kernel accepts at most 256"
+        );
+        // A vmlinux gets the x86 COMMAND_LINE_SIZE of 2048 with the NUL.
+        let elf = bytes("elf", tiny_elf(&[0xf4], 0x10_0000, None));
+        assert!(load(&mem, &req(&elf, &"y".repeat(2047), BootProtocol::Auto)).is_ok());
+        let err = load(&mem, &req(&elf, &"y".repeat(2048), BootProtocol::Auto)).unwrap_err();
+        assert!(matches!(
+            err,
+            LoadError::CmdlineTooLong {
+                len: 2049,
+                limit: 2048
+            }
+        ));
+    }
+
+    #[test]
+    fn neither_elf_nor_bzimage_names_the_file() {
+        let mem = guest_mem(64 * MIB);
+        let path = std::env::temp_dir().join(format!("vmm-not-a-kernel-{}", std::process::id()));
+        std::fs::write(&path, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
+        let k = ImageSource::Path(path.clone());
+        let err = load(&mem, &req(&k, "", BootProtocol::Auto)).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, LoadError::NotAKernel { .. }));
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
+        assert!(err
+            .to_string()
+            .contains("neither an ELF vmlinux nor a bzImage"));
+
+        let missing = ImageSource::Path("/nonexistent/vmlinux".into());
+        let err = load(&mem, &req(&missing, "", BootProtocol::Auto)).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cannot open /nonexistent/vmlinux:"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn kernel_past_ram_is_refused_with_addresses() {
+        let mem = guest_mem(64 * MIB);
+        let k = bytes("big", tiny_elf(&[0xf4], 64 * MIB - 0x100, None));
+        // The segment is one byte long but make it end past RAM by faking a large paddr.
+        let err = load(&mem, &req(&k, "", BootProtocol::Auto));
+        assert!(err.is_ok(), "a segment ending inside RAM loads");
+        let k = bytes("big", tiny_elf(&[0xf4; 0x200], 64 * MIB - 0x100, None));
+        let err = load(&mem, &req(&k, "", BootProtocol::Auto)).unwrap_err();
+        assert!(
+            matches!(err, LoadError::KernelTooBig { end, limit, .. } if end == 64 * MIB + 0x100 && limit == 64 * MIB)
+        );
+        assert!(
+            err.to_string()
+                .starts_with("big does not fit in guest memory"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn initrd_goes_to_top_of_low_ram_page_aligned() {
+        let mem = guest_mem(128 * MIB);
+        let k = bytes("elf", tiny_elf(&[0xf4], 0x10_0000, None));
+        let initrd = bytes("initrd", vec![0xab; 5000]);
+        let mut r = req(&k, "", BootProtocol::Linux64);
+        r.initrd = Some(&initrd);
+        let s = load(&mem, &r).unwrap();
+        let placed = s.initrd.unwrap();
+        assert_eq!(placed.size, 5000);
+        assert_eq!(placed.addr % PAGE_SIZE, 0);
+        assert_eq!(placed.addr, (128 * MIB - 5000) / PAGE_SIZE * PAGE_SIZE);
+        let b: u8 = mem.read_obj(GuestAddress(placed.addr + 4999)).unwrap();
+        assert_eq!(b, 0xab);
+        let image: u32 = mem
+            .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x218))
+            .unwrap();
+        let size: u32 = mem
+            .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x21c))
+            .unwrap();
+        assert_eq!((u64::from(image), size), (placed.addr, 5000));
+
+        let huge = bytes("huge", vec![0; 130 * MIB as usize]);
+        r.initrd = Some(&huge);
+        let err = load(&mem, &r).unwrap_err();
+        assert!(matches!(err, LoadError::InitrdTooBig { .. }), "{err}");
+    }
+
+    #[test]
+    fn boot_protocol_parses() {
+        assert_eq!("pvh".parse::<BootProtocol>(), Ok(BootProtocol::Pvh));
+        assert_eq!("linux64".parse::<BootProtocol>(), Ok(BootProtocol::Linux64));
+        assert_eq!("auto".parse::<BootProtocol>(), Ok(BootProtocol::Auto));
+        assert!("efi".parse::<BootProtocol>().is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The one owner of guest resources that devices need: 32-bit and 64-bit MMIO address space
+//! and interrupt lines (GSIs). Handing both out from one place is what keeps two devices from
+//! ever being given the same BAR address or the same GSI.
+
+use std::collections::BTreeMap;
+
+use crate::layout;
+
+/// Legacy GSIs (ISA IRQs and the rest of the IOAPIC pins) are claimed by number.
+pub const LEGACY_GSI_COUNT: u32 = 24;
+/// Highest GSI handed out (KVM allows 4096 routes).
+pub const MAX_GSI: u32 = 4095;
+
+/// Allocation errors.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ResourceError {
+    /// No free range of that size and alignment is left.
+    #[error("{pool}: no free range of {size:#x} bytes aligned to {align:#x}")]
+    Exhausted {
+        /// Which pool.
+        pool: &'static str,
+        /// Requested size.
+        size: u64,
+        /// Requested alignment.
+        align: u64,
+    },
+    /// The requested fixed range is outside the pool or already taken.
+    #[error("{pool}: range {addr:#x}+{size:#x} is outside the pool or in use")]
+    Unavailable {
+        /// Which pool.
+        pool: &'static str,
+        /// Requested address.
+        addr: u64,
+        /// Requested size.
+        size: u64,
+    },
+    /// Size zero or alignment not a power of two.
+    #[error("{pool}: invalid request (size {size:#x}, alignment {align:#x})")]
+    InvalidRequest {
+        /// Which pool.
+        pool: &'static str,
+        /// Requested size.
+        size: u64,
+        /// Requested alignment.
+        align: u64,
+    },
+    /// Freeing an address that was not allocated.
+    #[error("{pool}: {addr:#x} was not allocated")]
+    NotAllocated {
+        /// Which pool.
+        pool: &'static str,
+        /// The address.
+        addr: u64,
+    },
+    /// A legacy GSI outside 0..24 or already claimed.
+    #[error("legacy GSI {0} is out of range (0..24) or already in use")]
+    LegacyGsiUnavailable(u32),
+    /// All MSI GSIs are in use.
+    #[error("no free GSI left (24..={MAX_GSI})")]
+    GsiExhausted,
+}
+
+/// First-fit allocator over `[start, end)` with aligned allocations.
+#[derive(Debug)]
+pub struct AddressAllocator {
+    name: &'static str,
+    start: u64,
+    end: u64,
+    // start -> size of every live allocation.
+    used: BTreeMap<u64, u64>,
+}
+
+impl AddressAllocator {
+    /// A pool covering `[start, end)`.
+    pub fn new(name: &'static str, start: u64, end: u64) -> Self {
+        AddressAllocator {
+            name,
+            start,
+            end,
+            used: BTreeMap::new(),
+        }
+    }
+
+    /// The pool's bounds.
+    pub fn bounds(&self) -> (u64, u64) {
+        (self.start, self.end)
+    }
+
+    /// Lowest free range of `size` bytes aligned to `align` (a power of two).
+    pub fn allocate(&mut self, size: u64, align: u64) -> Result<u64, ResourceError> {
+        if size == 0 || !align.is_power_of_two() {
+            return Err(ResourceError::InvalidRequest {
+                pool: self.name,
+                size,
+                align,
+            });
+        }
+        let exhausted = ResourceError::Exhausted {
+            pool: self.name,
+            size,
+            align,
+        };
+        let mut candidate = self
+            .start
+            .checked_next_multiple_of(align)
+            .ok_or(exhausted.clone())?;
+        // Walk the allocations in order, trying the gap before each one.
+        for (&a, &len) in &self.used {
+            let fits = candidate.checked_add(size).is_some_and(|e| e <= a);
+            if fits {
+                break;
+            }
+            let after = a + len;
+            if after > candidate {
+                candidate = after
+                    .checked_next_multiple_of(align)
+                    .ok_or(exhausted.clone())?;
+            }
+        }
+        match candidate.checked_add(size) {
+            Some(e) if e <= self.end => {
+                self.used.insert(candidate, size);
+                Ok(candidate)
+            }
+            _ => Err(exhausted),
+        }
+    }
+
+    /// Claims exactly `[addr, addr + size)`.
+    pub fn allocate_at(&mut self, addr: u64, size: u64) -> Result<(), ResourceError> {
+        let unavailable = ResourceError::Unavailable {
+            pool: self.name,
+            addr,
+            size,
+        };
+        let end = addr.checked_add(size).ok_or(unavailable.clone())?;
+        if size == 0 || addr < self.start || end > self.end {
+            return Err(unavailable);
+        }
+        let below = self.used.range(..=addr).next_back();
+        let above = self.used.range(addr..).next();
+        let clash =
+            below.is_some_and(|(&a, &l)| a + l > addr) || above.is_some_and(|(&a, _)| a < end);
+        if clash {
+            return Err(unavailable);
+        }
+        self.used.insert(addr, size);
+        Ok(())
+    }
+
+    /// Returns the allocation starting at `addr`.
+    pub fn free(&mut self, addr: u64) -> Result<(), ResourceError> {
+        self.used
+            .remove(&addr)
+            .map(|_| ())
+            .ok_or(ResourceError::NotAllocated {
+                pool: self.name,
+                addr,
+            })
+    }
+}
+
+/// GSIs: 0..24 claimed by number (legacy devices), MSI vectors from 24 up.
+#[derive(Debug)]
+pub struct GsiAllocator {
+    legacy_used: u32,
+    next_msi: u32,
+    freed_msi: Vec<u32>,
+}
+
+impl Default for GsiAllocator {
+    fn default() -> Self {
+        GsiAllocator {
+            legacy_used: 0,
+            next_msi: LEGACY_GSI_COUNT,
+            freed_msi: Vec::new(),
+        }
+    }
+}
+
+impl GsiAllocator {
+    /// Claims legacy GSI `gsi` (for example 4 for COM1).
+    pub fn claim_legacy(&mut self, gsi: u32) -> Result<u32, ResourceError> {
+        if gsi >= LEGACY_GSI_COUNT || self.legacy_used & (1 << gsi) != 0 {
+            return Err(ResourceError::LegacyGsiUnavailable(gsi));
+        }
+        self.legacy_used |= 1 << gsi;
+        Ok(gsi)
+    }
+
+    /// A GSI for an MSI/MSI-X vector.
+    pub fn allocate_msi(&mut self) -> Result<u32, ResourceError> {
+        if let Some(gsi) = self.freed_msi.pop() {
+            return Ok(gsi);
+        }
+        if self.next_msi > MAX_GSI {
+            return Err(ResourceError::GsiExhausted);
+        }
+        let gsi = self.next_msi;
+        self.next_msi += 1;
+        Ok(gsi)
+    }
+
+    /// Gives back an MSI GSI.
+    pub fn free_msi(&mut self, gsi: u32) {
+        if (LEGACY_GSI_COUNT..self.next_msi).contains(&gsi) && !self.freed_msi.contains(&gsi) {
+            self.freed_msi.push(gsi);
+        }
+    }
+}
+
+/// All allocatable resources of one VM.
+#[derive(Debug)]
+pub struct ResourceAllocator {
+    /// 32-bit MMIO (BARs that must stay below 4 GiB).
+    pub mmio32: AddressAllocator,
+    /// 64-bit MMIO window above RAM.
+    pub mmio64: AddressAllocator,
+    /// Interrupt lines.
+    pub gsi: GsiAllocator,
+}
+
+impl ResourceAllocator {
+    /// Pools for a guest with `mem_size` bytes of RAM, following [`crate::layout`].
+    pub fn new(mem_size: u64) -> Self {
+        let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size);
+        let mmio64_start = mmio64_start.0;
+        ResourceAllocator {
+            mmio32: AddressAllocator::new("mmio32", layout::MMIO32_START, layout::MMIO32_ALLOC_END),
+            mmio64: AddressAllocator::new("mmio64", mmio64_start, mmio64_start + mmio64_size),
+            gsi: GsiAllocator::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allocations_are_aligned_first_fit_and_reusable() {
+        let mut a = AddressAllocator::new("t", 0x1000, 0x10000);
+        assert_eq!(a.allocate(0x100, 0x1000), Ok(0x1000));
+        assert_eq!(a.allocate(0x2000, 0x2000), Ok(0x2000));
+        // Fills the gap left before 0x2000 (0x1100..0x2000).
+        assert_eq!(a.allocate(0x100, 0x100), Ok(0x1100));
+        assert_eq!(a.allocate(0x1000, 0x1000), Ok(0x4000));
+        a.free(0x2000).unwrap();
+        assert_eq!(a.allocate(0x2000, 0x1000), Ok(0x2000));
+        assert_eq!(
+            a.free(0x3000),
+            Err(ResourceError::NotAllocated {
+                pool: "t",
+                addr: 0x3000
+            })
+        );
+    }
+
+    #[test]
+    fn exhaustion_and_bad_requests_are_errors() {
+        let mut a = AddressAllocator::new("t", 0, 0x4000);
+        assert_eq!(a.allocate(0x4000, 0x1000), Ok(0));
+        assert_eq!(
+            a.allocate(1, 1),
+            Err(ResourceError::Exhausted {
+                pool: "t",
+                size: 1,
+                align: 1
+            })
+        );
+        assert!(matches!(
+            a.allocate(0, 1),
+            Err(ResourceError::InvalidRequest { .. })
+        ));
+        assert!(matches!(
+            a.allocate(1, 3),
+            Err(ResourceError::InvalidRequest { .. })
+        ));
+        let mut b = AddressAllocator::new("t", u64::MAX - 0xfff, u64::MAX);
+        assert!(b.allocate(0x1000, 0x1_0000).is_err());
+    }
+
+    #[test]
+    fn fixed_claims_respect_neighbours() {
+        let mut a = AddressAllocator::new("t", 0x1000, 0x9000);
+        a.allocate_at(0x3000, 0x1000).unwrap();
+        assert!(a.allocate_at(0x2800, 0x1000).is_err());
+        assert!(a.allocate_at(0x3800, 0x100).is_err());
+        assert!(a.allocate_at(0x0, 0x1000).is_err());
+        assert!(a.allocate_at(0x8800, 0x1000).is_err());
+        a.allocate_at(0x2000, 0x1000).unwrap();
+        a.allocate_at(0x4000, 0x1000).unwrap();
+        assert_eq!(a.allocate(0x1000, 0x1000), Ok(0x1000));
+        assert_eq!(a.allocate(0x1000, 0x1000), Ok(0x5000));
+    }
+
+    #[test]
+    fn gsis_legacy_by_number_msi_from_24() {
+        let mut g = GsiAllocator::default();
+        assert_eq!(g.claim_legacy(4), Ok(4));
+        assert_eq!(
+            g.claim_legacy(4),
+            Err(ResourceError::LegacyGsiUnavailable(4))
+        );
+        assert_eq!(
+            g.claim_legacy(24),
+            Err(ResourceError::LegacyGsiUnavailable(24))
+        );
+        assert_eq!(g.allocate_msi(), Ok(24));
+        assert_eq!(g.allocate_msi(), Ok(25));
+        g.free_msi(24);
+        g.free_msi(4); // not an MSI GSI: ignored
+        assert_eq!(g.allocate_msi(), Ok(24));
+        assert_eq!(g.allocate_msi(), Ok(26));
+        for _ in 27..=MAX_GSI {
+            g.allocate_msi().unwrap();
+        }
+        assert_eq!(g.allocate_msi(), Err(ResourceError::GsiExhausted));
+    }
+
+    #[test]
+    fn vm_pools_follow_the_layout() {
+        let r = ResourceAllocator::new(6 * layout::GIB);
+        assert_eq!(r.mmio32.bounds(), (3 * layout::GIB, layout::IOAPIC_ADDR));
+        assert_eq!(
+            r.mmio64.bounds(),
+            (7 * layout::GIB, 7 * layout::GIB + layout::MMIO64_SIZE)
+        );
+    }
+}

@@ -1,0 +1,259 @@
+//! Boots hand-assembled guests through the real KVM path: loader, register setup, vCPU
+//! threads, buses, devices, exit handling. Guest code is a few instructions: under this
+//! project's emulated nested KVM every guest instruction is slow.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::serial::SharedBuffer;
+use devices::GuestMarks;
+
+use super::*;
+use crate::arch::x86_64::regs::EntryMode;
+use crate::layout::MIB;
+use crate::loader::tests::{guest_mem, tiny_bzimage, tiny_elf};
+use crate::loader::{BootProtocol, ImageSource, KernelFormat};
+use crate::vm::{SerialIn, SerialOut, VmConfig, VmError};
+
+/// 64-bit: 'K' to COM1, ready mark, exit status 7, hlt.
+const GUEST64: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0xb0, b'K', // mov al, 'K'
+    0xee, // out dx, al
+    0x66, 0xba, 0x40, 0x04, // mov dx, 0x440
+    0xb0, 0x01, // mov al, 1 (ready)
+    0xee, // out dx, al
+    0x66, 0xba, 0xf4, 0x00, // mov dx, 0xf4
+    0xb0, 0x07, // mov al, 7
+    0xee, // out dx, al
+    0xf4, // hlt
+];
+
+/// 32-bit PVH: first byte of hvm_start_info (at EBX) and 'P' to COM1, ready mark, cli; hlt.
+const GUEST_PVH: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0x8a, 0x03, // mov al, [ebx]
+    0xee, // out dx, al
+    0xb0, b'P', // mov al, 'P'
+    0xee, // out dx, al
+    0x66, 0xba, 0x40, 0x04, // mov dx, 0x440
+    0xb0, 0x01, // mov al, 1
+    0xee, // out dx, al
+    0xfa, // cli
+    0xf4, // hlt
+];
+
+/// 64-bit, bzImage entry: type_of_loader from the zero page (RSI) to COM1, exit status 3.
+const GUEST_BZ: &[u8] = &[
+    0x66, 0xba, 0xf8, 0x03, // mov dx, 0x3f8
+    0x8a, 0x86, 0x10, 0x02, 0x00, 0x00, // mov al, [rsi + 0x210]
+    0xee, // out dx, al
+    0x66, 0xba, 0xf4, 0x00, // mov dx, 0xf4
+    0xb0, 0x03, // mov al, 3
+    0xee, // out dx, al
+    0xf4, // hlt
+];
+
+const PVH_OFFSET: usize = 0x100;
+const LOAD_ADDR: u64 = 0x10_0000;
+
+/// An ELF holding both guests, like the probe guest: 64-bit entry at 1 MiB, PVH entry 0x100
+/// bytes later.
+fn dual_entry_elf() -> Vec<u8> {
+    let mut code = GUEST64.to_vec();
+    code.resize(PVH_OFFSET, 0xf4);
+    code.extend_from_slice(GUEST_PVH);
+    tiny_elf(
+        &code,
+        LOAD_ADDR,
+        Some((LOAD_ADDR + PVH_OFFSET as u64) as u32),
+    )
+}
+
+fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer) -> VmConfig {
+    VmConfig {
+        kernel: ImageSource::Bytes {
+            name: "test guest".into(),
+            data: Cow::Owned(kernel),
+        },
+        initrd: None,
+        cmdline: "console=ttyS0".into(),
+        cpus,
+        boot_protocol: protocol,
+        serial_out: SerialOut::Buffer(out.clone()),
+        serial_in: SerialIn::None,
+    }
+}
+
+fn boot(cfg: &VmConfig) -> (Vm, Arc<GuestMarks>) {
+    let marks = Arc::new(GuestMarks::new(Instant::now()));
+    let mut vm = Vm::new(cfg, guest_mem(64 * MIB), marks.clone()).unwrap();
+    vm.load().unwrap();
+    vm.create_vcpus().unwrap();
+    (vm, marks)
+}
+
+fn deadline(secs: u64) -> Option<Instant> {
+    Some(Instant::now() + Duration::from_secs(secs))
+}
+
+#[test]
+fn long_mode_guest_prints_marks_ready_and_exits_7() {
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Linux64, 1, &out);
+    let (mut vm, marks) = boot(&cfg);
+    assert_eq!(vm.boot_setup().unwrap().mode, EntryMode::Linux64);
+    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    assert!(matches!(exit, VmExit::GuestExit(7)), "{exit}");
+    assert_eq!(out.contents(), b"K");
+    let (first, ready) = (marks.first_output().unwrap(), marks.ready().unwrap());
+    assert!(
+        first <= ready,
+        "first output {first:?} after ready {ready:?}"
+    );
+    eprintln!("64-bit guest: first output {first:?}, ready {ready:?}, exit {exit}");
+}
+
+#[test]
+fn pvh_guest_sees_start_info_in_ebx_and_halt_is_reported() {
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
+    let (mut vm, marks) = boot(&cfg);
+    assert_eq!(vm.boot_setup().unwrap().mode, EntryMode::Pvh);
+    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    assert!(matches!(exit, VmExit::Halted { cpu: 0 }), "{exit}");
+    // 0x78: low byte of the hvm_start_info magic 0x336ec578.
+    assert_eq!(out.contents(), [0x78, b'P']);
+    assert!(marks.ready().is_some());
+    eprintln!("PVH guest: exit {exit}, ready {:?}", marks.ready());
+}
+
+#[test]
+fn bzimage_guest_reads_its_zero_page() {
+    let out = SharedBuffer::new();
+    let cfg = config(tiny_bzimage(GUEST_BZ, 2047), BootProtocol::Auto, 1, &out);
+    let (mut vm, _marks) = boot(&cfg);
+    assert_eq!(vm.boot_setup().unwrap().format, KernelFormat::BzImage);
+    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    assert!(matches!(exit, VmExit::GuestExit(3)), "{exit}");
+    assert_eq!(out.contents(), [0xff], "type_of_loader read through RSI");
+}
+
+#[test]
+fn two_cpus_boot_and_stop_cleanly() {
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Linux64, 2, &out);
+    let (mut vm, _marks) = boot(&cfg);
+    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    // The AP never got a SIPI; it was parked in KVM_RUN and had to be kicked out.
+    assert!(matches!(exit, VmExit::GuestExit(7)), "{exit}");
+}
+
+#[test]
+fn triple_fault_is_reported_with_rip() {
+    let out = SharedBuffer::new();
+    // ud2 with a zero-limit IDT: #UD -> #GP -> #DF -> triple fault.
+    let cfg = config(
+        tiny_elf(&[0x0f, 0x0b], LOAD_ADDR, None),
+        BootProtocol::Auto,
+        1,
+        &out,
+    );
+    let (mut vm, _marks) = boot(&cfg);
+    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    eprintln!("ud2 guest: {exit}");
+    match exit {
+        VmExit::Fault(crate::vcpu::VcpuFault::Shutdown { cpu: 0, .. }) => {}
+        other => panic!("expected a shutdown fault, got {other}"),
+    }
+}
+
+#[test]
+fn deadline_and_stop_handle_end_a_spinning_guest() {
+    // jmp $
+    let spin = || tiny_elf(&[0xeb, 0xfe], LOAD_ADDR, None);
+    let out = SharedBuffer::new();
+    let (mut vm, _) = boot(&config(spin(), BootProtocol::Auto, 1, &out));
+    let t = Instant::now();
+    let exit = vm
+        .run_until_exit(Some(Instant::now() + Duration::from_millis(300)))
+        .unwrap();
+    assert!(matches!(exit, VmExit::Timeout), "{exit}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "stopping took {:?}",
+        t.elapsed()
+    );
+
+    let (mut vm, _) = boot(&config(spin(), BootProtocol::Auto, 1, &out));
+    let stop = vm.stop_handle();
+    let stopper = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        stop.request(devices::ExitReason::Signal(libc::SIGTERM));
+    });
+    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    stopper.join().unwrap();
+    assert!(matches!(exit, VmExit::Signal(libc::SIGTERM)), "{exit}");
+    // Only once.
+    assert!(matches!(
+        vm.run_until_exit(None),
+        Err(RunError::NotReady(_))
+    ));
+}
+
+#[test]
+fn stages_out_of_order_are_errors() {
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
+    let marks = Arc::new(GuestMarks::new(Instant::now()));
+    let mut vm = Vm::create(&cfg, marks).unwrap();
+    assert!(matches!(
+        vm.load(),
+        Err(VmError::OutOfOrder { stage: "load", .. })
+    ));
+    assert!(matches!(
+        vm.attach_devices(),
+        Err(VmError::OutOfOrder { .. })
+    ));
+    assert!(matches!(vm.create_vcpus(), Err(VmError::OutOfOrder { .. })));
+    let small = crate::loader::tests::guest_mem(64 * MIB);
+    vm.register_memory(small).unwrap();
+    vm.attach_devices().unwrap();
+    assert!(matches!(
+        vm.run_until_exit(None),
+        Err(RunError::NotReady("create_vcpus"))
+    ));
+
+    let mut cfg0 = cfg.clone();
+    cfg0.cpus = 0;
+    let err = Vm::create(&cfg0, Arc::new(GuestMarks::new(Instant::now()))).unwrap_err();
+    assert!(
+        err.to_string().starts_with("kvm: 0 vCPUs requested"),
+        "{err}"
+    );
+}
+
+#[test]
+fn memory_that_breaks_the_layout_is_refused() {
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
+    let mut vm = Vm::create(&cfg, Arc::new(GuestMarks::new(Instant::now()))).unwrap();
+    let tiny =
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 16 << 20)])
+            .unwrap();
+    let err = vm.register_memory(tiny).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("memory: guest memory of 16777216 bytes is below"),
+        "{err}"
+    );
+    // 64 MiB that does not start at 0.
+    let shifted = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
+        vm_memory::GuestAddress(1 << 20),
+        64 << 20,
+    )])
+    .unwrap();
+    let err = vm.register_memory(shifted).unwrap_err();
+    assert!(err.to_string().contains("must be RAM"), "{err}");
+}
