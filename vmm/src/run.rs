@@ -178,11 +178,15 @@ impl Vm {
         let started = Instant::now();
         let mut warned = false;
         // A kick can land while a thread is outside KVM_RUN; immediate_exit covers that, but
-        // kicking again costs nothing and covers any path that clears it.
+        // kicking again every 10 ms costs little and covers any path that clears it.
+        let mut rounds = 0u32;
         while self.running.iter().any(|h| !h.is_finished()) {
             std::thread::sleep(Duration::from_millis(1));
-            for h in self.running.iter().filter(|h| !h.is_finished()) {
-                h.request_stop();
+            rounds += 1;
+            if rounds % 10 == 0 {
+                for h in self.running.iter().filter(|h| !h.is_finished()) {
+                    h.request_stop();
+                }
             }
             if !warned && started.elapsed() > STOP_WARN_AFTER {
                 warned = true;

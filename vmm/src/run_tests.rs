@@ -257,3 +257,77 @@ fn memory_that_breaks_the_layout_is_refused() {
     let err = vm.register_memory(shifted).unwrap_err();
     assert!(err.to_string().contains("must be RAM"), "{err}");
 }
+
+/// The probe guest from resources/, through both entries. It checks the E820 total, the MP
+/// table's CPU count, the initrd and memory spread over all of RAM, then exits with status 0.
+fn boot_probe(
+    protocol: BootProtocol,
+    mem_size: u64,
+    cpus: u8,
+    initrd: Option<Vec<u8>>,
+    cmdline: &str,
+) -> (VmExit, String, Arc<GuestMarks>) {
+    assert!(
+        !vmm_resources::PROBE_GUEST.is_empty(),
+        "resources/ did not build the probe guest"
+    );
+    let out = SharedBuffer::new();
+    let mut cfg = config(vmm_resources::PROBE_GUEST.to_vec(), protocol, cpus, &out);
+    cfg.cmdline = cmdline.into();
+    cfg.initrd = initrd.map(|data| ImageSource::Bytes {
+        name: "test initrd".into(),
+        data: Cow::Owned(data),
+    });
+    let marks = Arc::new(GuestMarks::new(Instant::now()));
+    let mut vm = Vm::new(&cfg, guest_mem(mem_size), marks.clone()).unwrap();
+    vm.load().unwrap();
+    vm.create_vcpus().unwrap();
+    let exit = vm.run_until_exit(deadline(120)).unwrap();
+    let text = String::from_utf8_lossy(&out.contents()).into_owned();
+    (exit, text, marks)
+}
+
+#[test]
+fn probe_guest_boots_through_the_64bit_entry_with_two_cpus() {
+    let (exit, text, marks) = boot_probe(
+        BootProtocol::Linux64,
+        256 * MIB,
+        2,
+        None,
+        "probe.expect_mem=255 probe.expect_cpus=2",
+    );
+    eprintln!("{text}");
+    assert!(matches!(exit, VmExit::GuestExit(0)), "{exit}\n{text}");
+    assert!(text.contains("probe: hello (entry=linux64)"), "{text}");
+    assert!(text.contains("probe: cpus 2 (mp table)"), "{text}");
+    assert!(text.contains("probe: result ok"), "{text}");
+    assert!(marks.ready().is_some() && marks.first_output().is_some());
+    assert!(marks
+        .other_marks()
+        .iter()
+        .any(|m| m.byte == devices::marks::MARK_ENTRY));
+}
+
+#[test]
+fn probe_guest_boots_through_pvh_with_6g_and_an_initrd() {
+    let initrd: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let sum: u32 = initrd
+        .iter()
+        .map(|&b| u32::from(b))
+        .fold(0u32, u32::wrapping_add);
+    let (exit, text, _marks) = boot_probe(
+        BootProtocol::Auto,
+        6 * crate::layout::GIB,
+        1,
+        Some(initrd),
+        "probe.expect_mem=6143 probe.expect_cpus=1",
+    );
+    eprintln!("{text}");
+    assert!(matches!(exit, VmExit::GuestExit(0)), "{exit}\n{text}");
+    assert!(text.contains("probe: hello (entry=pvh)"), "{text}");
+    assert!(
+        text.contains(&format!("100000 bytes, sum {sum:#x}")),
+        "{text}"
+    );
+    assert!(text.contains("probe: result ok"), "{text}");
+}

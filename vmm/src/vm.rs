@@ -277,11 +277,15 @@ impl std::fmt::Debug for Vm {
 }
 
 fn open_kvm() -> Result<Kvm, KvmError> {
-    Kvm::new().map_err(|e| match e.errno() {
+    Kvm::new().map_err(open_error)
+}
+
+fn open_error(e: kvm_ioctls::Error) -> KvmError {
+    match e.errno() {
         libc::ENOENT | libc::ENXIO | libc::ENODEV => KvmError::NoDevice,
         libc::EACCES | libc::EPERM => KvmError::Permission,
         _ => KvmError::Open(e),
-    })
+    }
 }
 
 impl Vm {
@@ -542,6 +546,12 @@ impl Vm {
         self.boot.as_ref()
     }
 
+    /// Asks a running (or about to run) VM to stop: `run_until_exit` returns
+    /// [`crate::run::VmExit::Stopped`]. From another thread use [`Vm::stop_handle`].
+    pub fn stop(&self) {
+        self.exit.request(ExitReason::Stop);
+    }
+
     /// A handle to stop the VM from elsewhere (another thread, a signal handler).
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle(Arc::clone(&self.exit))
@@ -615,4 +625,17 @@ fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, DeviceError> 
         SerialOut::Buffer(b) => Box::new(b.clone()),
         SerialOut::Sink => Box::new(io::sink()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dev_kvm_open_errors_say_what_to_do() {
+        let e = |n| open_error(kvm_ioctls::Error::new(n)).to_string();
+        assert!(e(libc::ENOENT).starts_with("/dev/kvm does not exist: load the kvm module"));
+        assert!(e(libc::EACCES).contains("add the user to the 'kvm' group or run as root"));
+        assert!(e(libc::EBUSY).starts_with("opening /dev/kvm failed"));
+    }
 }
