@@ -331,3 +331,31 @@ fn probe_guest_boots_through_pvh_with_6g_and_an_initrd() {
     );
     assert!(text.contains("probe: result ok"), "{text}");
 }
+
+/// Tier 3 (slow): a real Linux bzImage reaches its banner. Under this project's emulated KVM
+/// the decompressor alone takes ~40 s. Run with
+/// `VMM_TEST_BZIMAGE=/path/to/vmlinuz cargo test -p vmm --lib -- --ignored linux_bzimage`
+/// (`VMM_TEST_BZIMAGE_SECS` sets the deadline, default 240 s).
+#[test]
+#[ignore = "slow: boots a Linux bzImage to its banner (about a minute under emulation); needs VMM_TEST_BZIMAGE"]
+fn linux_bzimage_reaches_its_banner() {
+    let path = std::env::var_os("VMM_TEST_BZIMAGE")
+        .expect("set VMM_TEST_BZIMAGE to a bzImage (e.g. Debian's vmlinuz)");
+    let out = SharedBuffer::new();
+    let mut cfg = config(Vec::new(), BootProtocol::Auto, 2, &out);
+    cfg.kernel = ImageSource::Path(path.into());
+    cfg.cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 reboot=k".into();
+    let marks = Arc::new(GuestMarks::new(Instant::now()));
+    let mut vm = Vm::new(&cfg, guest_mem(512 * MIB), marks.clone()).unwrap();
+    let setup = vm.load().unwrap();
+    assert_eq!(setup.format, KernelFormat::BzImage);
+    vm.create_vcpus().unwrap();
+    let exit = vm.run_until_exit(deadline(240)).unwrap();
+    let text = String::from_utf8_lossy(&out.contents()).into_owned();
+    eprintln!(
+        "{text}\n--- exit: {exit}; first output {:?}",
+        marks.first_output()
+    );
+    assert!(text.contains("Linux version"), "no banner; exit {exit}");
+    assert!(text.contains("Command line: console=ttyS0"), "{text}");
+}
