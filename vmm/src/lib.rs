@@ -1,9 +1,11 @@
 //! The `vmm` library: guest memory, the command-line pieces, and (as they land) the VM
 //! builder, boot and run loop. The binary in `main.rs` is a thin shell over it.
 
+pub mod launch;
 pub mod memory;
 pub mod pin_bench;
 pub mod size;
+pub mod timeline;
 
 // Boot/run core.
 pub mod arch;

@@ -163,6 +163,18 @@ pub fn exit(status: u8) -> ! {
     }
 }
 
+/// Waits forever with interrupts enabled but none able to arrive (both PICs masked; the
+/// LAPIC's LVT entries stay masked as at reset): the vCPU sleeps in HLT, costing nothing,
+/// and the VMM does not take it for a finished guest (that is HLT with interrupts off).
+pub fn idle_forever() -> ! {
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    loop {
+        // SAFETY: nothing can interrupt us (all masked), so sti; hlt just parks the CPU.
+        unsafe { asm!("sti", "hlt", options(nomem, nostack)) };
+    }
+}
+
 /// Loads CR3.
 ///
 /// # Safety

@@ -127,6 +127,9 @@ impl Failure {
 
 struct Checks {
     first: Option<Failure>,
+    /// `probe.hang`: stay alive after the result instead of exiting (for tests that stop a
+    /// running guest from the VMM side: signals, timeouts).
+    hang: bool,
 }
 
 impl Checks {
@@ -143,6 +146,10 @@ impl Checks {
         match self.first {
             None => {
                 Line::new().s("result ok").end();
+                if self.hang {
+                    Line::new().s("hanging (probe.hang)").end();
+                    cpu::idle_forever()
+                }
                 cpu::exit(cpu::EXIT_OK)
             }
             Some(f) => {
@@ -160,7 +167,7 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
     outb(BOOT_MARK_PORT, MARK_ENTRY);
     cpu::init();
 
-    let mut checks = Checks { first: None };
+    let mut checks = Checks { first: None, hang: false };
     // SAFETY: the only reference to BOOT.
     let info = unsafe { BOOT.get() };
     let read = if proto == PROTO_PVH {
@@ -450,14 +457,16 @@ fn memtest(map: &[MemEntry], mapped: u64, checks: &mut Checks) -> u64 {
     n as u64
 }
 
-/// `probe.expect_mem=<MiB>`, `probe.expect_cpus=<N>`, and `probe.fault` (a deliberate page
-/// fault, to test how the VMM reports an exception).
+/// `probe.expect_mem=<MiB>`, `probe.expect_cpus=<N>`, `probe.fault` (a deliberate page
+/// fault, to test how the VMM reports an exception) and `probe.hang`.
 fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Checks) {
     const MEM: &[u8] = b"probe.expect_mem=";
     const CPUS: &[u8] = b"probe.expect_cpus=";
     const FAULT: &[u8] = b"probe.fault";
     for word in cmdline.split(|&b| b == b' ') {
-        if word == FAULT {
+        if word == b"probe.hang" {
+            checks.hang = true;
+        } else if word == FAULT {
             Line::new().s("fault: reading ").hex(UNMAPPED).end();
             phys::read64(UNMAPPED);
         } else if let Some(value) = word.strip_prefix(MEM) {
