@@ -8,9 +8,11 @@
 pub mod boot_marks;
 pub mod bus;
 pub mod debug_exit;
+pub mod epf;
 pub mod exit;
 pub mod i8042;
 pub mod marks;
+pub mod pci;
 pub mod serial;
 pub mod terminal;
 

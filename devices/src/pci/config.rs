@@ -1,0 +1,1058 @@
+//! A type-0 PCI configuration space: 256 standard bytes plus 4 KiB of extended storage, with
+//! per-bit write masks so that whatever the guest writes, read-only fields keep their value.
+//!
+//! The guest drives this space directly, so every write goes through [`ConfigSpace::write_reg`],
+//! which applies the masks: writable bits take the new value, write-1-to-clear (W1C) bits are
+//! cleared where a 1 is written, and every other bit stays. Device code updates read-only
+//! fields through the `set_*` helpers, which bypass the masks.
+//!
+//! BARs are ordinary registers whose writable bits are the address bits above the size: a
+//! guest that writes all ones reads back the size mask (BAR sizing) without any special case.
+//! A BAR decodes only while its space (I/O or memory) is enabled in the COMMAND register;
+//! [`ConfigSpace::write_reg`] reports every change of a BAR's decoded window so the VMM can
+//! move its MMIO/PIO registration.
+
+use std::fmt;
+
+/// Bytes of configuration space a device has (PCI Express extended space).
+pub const CONFIG_SPACE_SIZE: usize = 4096;
+/// Bytes of the conventional space reachable through I/O ports 0xCF8/0xCFC.
+pub const STANDARD_CONFIG_SIZE: usize = 256;
+/// 32-bit registers in the whole space.
+pub const NUM_REGS: usize = CONFIG_SPACE_SIZE / 4;
+/// BARs in a type-0 header.
+pub const NUM_BARS: usize = 6;
+
+/// Byte offsets of type-0 header fields.
+pub mod offset {
+    /// Vendor ID (16 bits).
+    pub const VENDOR_ID: usize = 0x00;
+    /// Device ID (16 bits).
+    pub const DEVICE_ID: usize = 0x02;
+    /// COMMAND register (16 bits).
+    pub const COMMAND: usize = 0x04;
+    /// STATUS register (16 bits).
+    pub const STATUS: usize = 0x06;
+    /// Revision ID (8 bits), followed by the 24-bit class code.
+    pub const REVISION_ID: usize = 0x08;
+    /// Cache line size (8 bits).
+    pub const CACHE_LINE_SIZE: usize = 0x0c;
+    /// Latency timer (8 bits).
+    pub const LATENCY_TIMER: usize = 0x0d;
+    /// Header type (8 bits); bit 7 = multi-function.
+    pub const HEADER_TYPE: usize = 0x0e;
+    /// First BAR; BAR n is at `BAR0 + 4 * n`.
+    pub const BAR0: usize = 0x10;
+    /// Subsystem vendor ID (16 bits).
+    pub const SUBSYSTEM_VENDOR_ID: usize = 0x2c;
+    /// Subsystem ID (16 bits).
+    pub const SUBSYSTEM_ID: usize = 0x2e;
+    /// Expansion ROM BAR; not implemented here, reads 0.
+    pub const ROM_BAR: usize = 0x30;
+    /// Offset of the first capability (8 bits).
+    pub const CAPABILITIES_POINTER: usize = 0x34;
+    /// Interrupt line (8 bits), scratch for the OS.
+    pub const INTERRUPT_LINE: usize = 0x3c;
+    /// Interrupt pin (8 bits): 0 none, 1..=4 INTA..INTD.
+    pub const INTERRUPT_PIN: usize = 0x3d;
+}
+
+/// COMMAND register bits.
+pub mod command {
+    /// Decode the I/O BARs.
+    pub const IO_SPACE: u16 = 1 << 0;
+    /// Decode the memory BARs.
+    pub const MEMORY_SPACE: u16 = 1 << 1;
+    /// The function may issue DMA (and MSI writes).
+    pub const BUS_MASTER: u16 = 1 << 2;
+    /// Respond to parity errors.
+    pub const PARITY_ERROR_RESPONSE: u16 = 1 << 6;
+    /// Report system errors.
+    pub const SERR: u16 = 1 << 8;
+    /// Do not assert INTx.
+    pub const INTX_DISABLE: u16 = 1 << 10;
+}
+
+/// STATUS register bits.
+pub mod status {
+    /// A capability list starts at the capabilities pointer.
+    pub const CAPABILITIES_LIST: u16 = 1 << 4;
+    /// The error bits software clears by writing 1 (parity, aborts, SERR, parity error).
+    pub const W1C_ERRORS: u16 = 0xf900;
+}
+
+/// Bits of COMMAND the guest may change; the rest are reserved or for bridges.
+const COMMAND_WRITABLE: u16 = command::IO_SPACE
+    | command::MEMORY_SPACE
+    | command::BUS_MASTER
+    | command::PARITY_ERROR_RESPONSE
+    | command::SERR
+    | command::INTX_DISABLE;
+
+/// Where the capability list may live: after the header, below the extended space.
+const FIRST_CAPABILITY: usize = 0x40;
+
+/// Standard capability IDs used by this crate.
+pub mod cap_id {
+    /// Message Signalled Interrupts.
+    pub const MSI: u8 = 0x05;
+    /// Vendor-specific.
+    pub const VENDOR: u8 = 0x09;
+    /// MSI-X.
+    pub const MSIX: u8 = 0x11;
+}
+
+/// Identity of a function: what goes into the read-only part of the header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciHeader {
+    /// Vendor ID.
+    pub vendor_id: u16,
+    /// Device ID.
+    pub device_id: u16,
+    /// Class code: base class << 16 | subclass << 8 | programming interface.
+    pub class_code: u32,
+    /// Revision ID.
+    pub revision_id: u8,
+    /// Subsystem vendor ID.
+    pub subsystem_vendor_id: u16,
+    /// Subsystem ID.
+    pub subsystem_id: u16,
+    /// Interrupt pin: 0 none, 1 INTA .. 4 INTD.
+    pub interrupt_pin: u8,
+}
+
+/// What a BAR decodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BarKind {
+    /// I/O ports.
+    Io,
+    /// Memory below 4 GiB (one register).
+    Memory32,
+    /// Memory anywhere (this register and the next one).
+    Memory64,
+}
+
+impl BarKind {
+    fn is_memory(self) -> bool {
+        !matches!(self, BarKind::Io)
+    }
+}
+
+impl fmt::Display for BarKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BarKind::Io => "I/O",
+            BarKind::Memory32 => "32-bit memory",
+            BarKind::Memory64 => "64-bit memory",
+        })
+    }
+}
+
+/// A BAR to register: its kind and size (a power of two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarSpec {
+    /// I/O or memory, 32 or 64 bits.
+    pub kind: BarKind,
+    /// Bytes decoded; a power of two.
+    pub size: u64,
+    /// Memory may be prefetched (no read side effects). Memory BARs only.
+    pub prefetchable: bool,
+}
+
+/// A registered BAR and the address the guest (or VMM) last programmed into it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bar {
+    /// BAR number (0..=5); a 64-bit BAR also uses `index + 1`.
+    pub index: usize,
+    /// Kind and size.
+    pub spec: BarSpec,
+    /// Programmed base address (flag bits stripped). During sizing this is the size mask.
+    pub addr: u64,
+    /// Whether the BAR decodes now (its space is enabled in COMMAND).
+    pub decoding: bool,
+}
+
+/// A BAR whose decoded window changed: it moved, or decoding was switched on or off.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarChange {
+    /// BAR number.
+    pub index: usize,
+    /// Kind and size.
+    pub spec: BarSpec,
+    /// Base the BAR decoded at before the write, if it decoded.
+    pub old: Option<u64>,
+    /// Base it decodes at now, if it decodes. Guest-controlled: may be any aligned address,
+    /// including the sizing pattern, and may overlap other devices.
+    pub new: Option<u64>,
+}
+
+/// Why a BAR or capability could not be registered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// BARs are numbered 0..=5.
+    #[error("BAR{index} does not exist (a type-0 header has BAR0..BAR5)")]
+    BarIndex {
+        /// Requested index.
+        index: usize,
+    },
+    /// A 64-bit BAR takes two registers; BAR5 has no partner.
+    #[error("BAR{index}: a 64-bit BAR needs BAR{index} and the next register, BAR5 has none")]
+    Bar64AtEnd {
+        /// Requested index.
+        index: usize,
+    },
+    /// The register (or the upper half of a 64-bit BAR) is already in use.
+    #[error("BAR{index} is already registered (or is the upper half of a 64-bit BAR)")]
+    BarInUse {
+        /// Requested index.
+        index: usize,
+    },
+    /// The size breaks the rules for its kind.
+    #[error("BAR{index}: {kind} size {size:#x} is invalid: {reason}")]
+    BarSize {
+        /// Requested index.
+        index: usize,
+        /// Requested kind.
+        kind: BarKind,
+        /// Requested size.
+        size: u64,
+        /// Which rule.
+        reason: &'static str,
+    },
+    /// Only memory can be prefetchable.
+    #[error("BAR{index}: an I/O BAR cannot be prefetchable")]
+    PrefetchableIo {
+        /// Requested index.
+        index: usize,
+    },
+    /// No BAR is registered at that index.
+    #[error("BAR{index} is not registered")]
+    BarNotRegistered {
+        /// Requested index.
+        index: usize,
+    },
+    /// The address is not aligned to the size, or out of reach for the BAR's kind.
+    #[error("BAR{index}: {kind} BAR of size {size:#x} cannot be placed at {addr:#x}")]
+    BarAddress {
+        /// BAR number.
+        index: usize,
+        /// Its kind.
+        kind: BarKind,
+        /// Its size.
+        size: u64,
+        /// The refused address.
+        addr: u64,
+    },
+    /// The capability does not fit in the standard space that is left.
+    #[error("capability {id:#04x} of {len} bytes does not fit: {free} bytes left below 0x100")]
+    CapabilitySpace {
+        /// Capability ID.
+        id: u8,
+        /// Its length including the 2-byte header.
+        len: usize,
+        /// Bytes left.
+        free: usize,
+    },
+    /// A mask or value does not fit in configuration space.
+    #[error(
+        "{len} bytes at config offset {offset:#x} run past the {CONFIG_SPACE_SIZE}-byte space"
+    )]
+    OutOfRange {
+        /// Byte offset.
+        offset: usize,
+        /// Length in bytes.
+        len: usize,
+    },
+}
+
+/// A type-0 configuration space with write masks.
+#[derive(Clone)]
+pub struct ConfigSpace {
+    regs: Box<[u32]>,
+    /// Bits the guest may change.
+    writable: Box<[u32]>,
+    /// Bits the guest clears by writing 1.
+    w1c: Box<[u32]>,
+    bars: [Option<BarSpec>; NUM_BARS],
+    /// Offset of the last capability, whose next pointer a new one is chained to.
+    last_cap: Option<usize>,
+    /// Where the next capability goes.
+    next_cap: usize,
+}
+
+impl fmt::Debug for ConfigSpace {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigSpace")
+            .field("vendor_id", &format_args!("{:#06x}", self.read_u16(0)))
+            .field("device_id", &format_args!("{:#06x}", self.read_u16(2)))
+            .field("bars", &self.bars().collect::<Vec<_>>())
+            .field("capabilities", &self.capabilities())
+            .finish()
+    }
+}
+
+/// Byte-enable mask and shifted value for a 1/2/4-byte access at `offset` inside a dword,
+/// or `None` for an access that is not one of those or crosses the dword.
+fn lanes(offset: u64, data: &[u8]) -> Option<(u32, u32)> {
+    let fits = offset
+        .checked_add(data.len() as u64)
+        .is_some_and(|end| end <= 4);
+    if !matches!(data.len(), 1 | 2 | 4) || !fits {
+        return None;
+    }
+    let shift = offset as u32 * 8;
+    let mut bytes = [0u8; 4];
+    bytes[..data.len()].copy_from_slice(data);
+    let value = u32::from_le_bytes(bytes) << shift;
+    let mask = if data.len() == 4 {
+        u32::MAX
+    } else {
+        ((1u32 << (data.len() * 8)) - 1) << shift
+    };
+    Some((value, mask))
+}
+
+impl ConfigSpace {
+    /// A space with `header`'s identity, no BARs and no capabilities.
+    pub fn new(header: &PciHeader) -> Self {
+        let mut cs = ConfigSpace {
+            regs: vec![0; NUM_REGS].into_boxed_slice(),
+            writable: vec![0; NUM_REGS].into_boxed_slice(),
+            w1c: vec![0; NUM_REGS].into_boxed_slice(),
+            bars: [None; NUM_BARS],
+            last_cap: None,
+            next_cap: FIRST_CAPABILITY,
+        };
+        cs.set_u16(offset::VENDOR_ID, header.vendor_id);
+        cs.set_u16(offset::DEVICE_ID, header.device_id);
+        cs.set_u32(
+            offset::REVISION_ID,
+            (header.class_code & 0x00ff_ffff) << 8 | u32::from(header.revision_id),
+        );
+        cs.set_u16(offset::SUBSYSTEM_VENDOR_ID, header.subsystem_vendor_id);
+        cs.set_u16(offset::SUBSYSTEM_ID, header.subsystem_id);
+        cs.set_u8(offset::INTERRUPT_PIN, header.interrupt_pin);
+        cs.writable[offset::COMMAND / 4] = u32::from(COMMAND_WRITABLE);
+        cs.w1c[offset::STATUS / 4] = u32::from(status::W1C_ERRORS) << 16;
+        // Cache line size and latency timer are scratch registers for the OS.
+        cs.writable[offset::CACHE_LINE_SIZE / 4] = 0x0000_ffff;
+        cs.writable[offset::INTERRUPT_LINE / 4] = 0x0000_00ff;
+        cs
+    }
+
+    /// Register `reg` (a dword index, 0..1024). Beyond the space reads all ones.
+    pub fn read_reg(&self, reg: usize) -> u32 {
+        self.regs.get(reg).copied().unwrap_or(u32::MAX)
+    }
+
+    /// A guest write of `data` (1, 2 or 4 bytes) at byte `offset` (0..=3) of register `reg`,
+    /// through the write masks. Any other shape of access is ignored, as is a register beyond
+    /// the space. Returns the BARs whose decoded window changed.
+    pub fn write_reg(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarChange> {
+        let Some((value, lanes)) = lanes(offset, data) else {
+            tracing::debug!(
+                reg,
+                offset,
+                len = data.len(),
+                "ignoring malformed config space write"
+            );
+            return Vec::new();
+        };
+        let Some(old) = self.regs.get(reg).copied() else {
+            return Vec::new();
+        };
+        // Only COMMAND and the BAR registers change what a BAR decodes.
+        let bar_regs = offset::BAR0 / 4..offset::BAR0 / 4 + NUM_BARS;
+        let affects_bars = reg == offset::COMMAND / 4 || bar_regs.contains(&reg);
+        let before = affects_bars.then(|| self.decoded_bars());
+
+        let writable = self.writable[reg] & lanes;
+        let cleared = value & self.w1c[reg] & lanes;
+        self.regs[reg] = ((old & !writable) | (value & writable)) & !cleared;
+
+        match before {
+            Some(before) => self.bar_changes(&before),
+            None => Vec::new(),
+        }
+    }
+
+    /// Reads `data.len()` bytes at byte `offset`; bytes beyond the space read 0xff.
+    pub fn read(&self, offset: usize, data: &mut [u8]) {
+        for (i, b) in data.iter_mut().enumerate() {
+            let at = offset.saturating_add(i);
+            *b = match self.regs.get(at / 4) {
+                Some(r) => (r >> ((at % 4) * 8)) as u8,
+                None => 0xff,
+            };
+        }
+    }
+
+    /// The byte at `offset` (0xff beyond the space).
+    pub fn read_u8(&self, offset: usize) -> u8 {
+        let mut b = [0u8; 1];
+        self.read(offset, &mut b);
+        b[0]
+    }
+
+    /// The little-endian u16 at `offset`.
+    pub fn read_u16(&self, offset: usize) -> u16 {
+        let mut b = [0u8; 2];
+        self.read(offset, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    /// The little-endian u32 at `offset`.
+    pub fn read_u32(&self, offset: usize) -> u32 {
+        let mut b = [0u8; 4];
+        self.read(offset, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    /// Device-side store of `data` at `offset`, ignoring the write masks (for read-only fields
+    /// the device itself maintains). Bytes beyond the space are dropped.
+    pub fn set(&mut self, offset: usize, data: &[u8]) {
+        for (i, &b) in data.iter().enumerate() {
+            let at = offset.saturating_add(i);
+            if let Some(r) = self.regs.get_mut(at / 4) {
+                let shift = (at % 4) * 8;
+                *r = (*r & !(0xff << shift)) | (u32::from(b) << shift);
+            }
+        }
+    }
+
+    /// Device-side store of a byte.
+    pub fn set_u8(&mut self, offset: usize, v: u8) {
+        self.set(offset, &[v]);
+    }
+
+    /// Device-side store of a little-endian u16.
+    pub fn set_u16(&mut self, offset: usize, v: u16) {
+        self.set(offset, &v.to_le_bytes());
+    }
+
+    /// Device-side store of a little-endian u32.
+    pub fn set_u32(&mut self, offset: usize, v: u32) {
+        self.set(offset, &v.to_le_bytes());
+    }
+
+    fn check_range(offset: usize, len: usize) -> Result<(), ConfigError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= CONFIG_SPACE_SIZE => Ok(()),
+            _ => Err(ConfigError::OutOfRange { offset, len }),
+        }
+    }
+
+    fn set_mask(
+        masks: &mut [u32],
+        offset: usize,
+        mask: &[u8],
+        other: &mut [u32],
+    ) -> Result<(), ConfigError> {
+        Self::check_range(offset, mask.len())?;
+        for (i, &m) in mask.iter().enumerate() {
+            let at = offset + i;
+            let shift = (at % 4) * 8;
+            masks[at / 4] = (masks[at / 4] & !(0xff << shift)) | (u32::from(m) << shift);
+            // A bit is either writable or W1C, never both.
+            other[at / 4] &= !(u32::from(m) << shift);
+        }
+        Ok(())
+    }
+
+    /// Makes the bits set in `mask` (bytes from `offset`) guest-writable, and the others in
+    /// those bytes read-only.
+    pub fn set_writable(&mut self, offset: usize, mask: &[u8]) -> Result<(), ConfigError> {
+        Self::set_mask(&mut self.writable, offset, mask, &mut self.w1c)
+    }
+
+    /// Makes the bits set in `mask` write-1-to-clear (and not otherwise writable).
+    pub fn set_w1c(&mut self, offset: usize, mask: &[u8]) -> Result<(), ConfigError> {
+        Self::set_mask(&mut self.w1c, offset, mask, &mut self.writable)
+    }
+
+    /// The COMMAND register.
+    pub fn command(&self) -> u16 {
+        self.read_u16(offset::COMMAND)
+    }
+
+    /// The STATUS register.
+    pub fn status(&self) -> u16 {
+        self.read_u16(offset::STATUS)
+    }
+
+    /// Whether the function may master the bus (DMA, MSI writes).
+    pub fn bus_master(&self) -> bool {
+        self.command() & command::BUS_MASTER != 0
+    }
+
+    /// Registers BAR `index`. Its address starts at 0 and its writable bits become the
+    /// address bits above `spec.size`, so sizing works through ordinary writes.
+    pub fn add_bar(&mut self, index: usize, spec: BarSpec) -> Result<(), ConfigError> {
+        if index >= NUM_BARS {
+            return Err(ConfigError::BarIndex { index });
+        }
+        let wide = spec.kind == BarKind::Memory64;
+        if wide && index + 1 >= NUM_BARS {
+            return Err(ConfigError::Bar64AtEnd { index });
+        }
+        let taken = |i: usize| {
+            self.bars[i].is_some()
+                || (i > 0 && self.bars[i - 1].is_some_and(|b| b.kind == BarKind::Memory64))
+        };
+        if taken(index) || (wide && taken(index + 1)) {
+            return Err(ConfigError::BarInUse { index });
+        }
+        if spec.kind == BarKind::Io && spec.prefetchable {
+            return Err(ConfigError::PrefetchableIo { index });
+        }
+        let (min, max, what) = match spec.kind {
+            BarKind::Io => (4, 1 << 16, "I/O BARs span 4 bytes to 64 KiB"),
+            BarKind::Memory32 => (16, 1 << 31, "32-bit memory BARs span 16 bytes to 2 GiB"),
+            BarKind::Memory64 => (16, 1 << 63, "memory BARs span at least 16 bytes"),
+        };
+        let reason = if !spec.size.is_power_of_two() {
+            Some("not a power of two")
+        } else if spec.size < min || spec.size > max {
+            Some(what)
+        } else {
+            None
+        };
+        if let Some(reason) = reason {
+            return Err(ConfigError::BarSize {
+                index,
+                kind: spec.kind,
+                size: spec.size,
+                reason,
+            });
+        }
+
+        let addr_mask = !(spec.size - 1);
+        let reg = offset::BAR0 / 4 + index;
+        let (flags, low_mask) = match spec.kind {
+            BarKind::Io => (0x1, 0xffff_fffc),
+            BarKind::Memory32 => (0x0, 0xffff_fff0),
+            BarKind::Memory64 => (0x4, 0xffff_fff0),
+        };
+        let prefetch = if spec.prefetchable { 0x8 } else { 0 };
+        self.regs[reg] = flags | prefetch;
+        self.writable[reg] = addr_mask as u32 & low_mask;
+        if wide {
+            self.regs[reg + 1] = 0;
+            self.writable[reg + 1] = (addr_mask >> 32) as u32;
+        }
+        self.bars[index] = Some(spec);
+        Ok(())
+    }
+
+    /// Programs BAR `index` to `addr`, as firmware would (the guest can still move it).
+    pub fn set_bar_addr(&mut self, index: usize, addr: u64) -> Result<(), ConfigError> {
+        let spec = self
+            .bars
+            .get(index)
+            .copied()
+            .flatten()
+            .ok_or(ConfigError::BarNotRegistered { index })?;
+        let limit: u64 = match spec.kind {
+            BarKind::Io => 1 << 16,
+            BarKind::Memory32 => 1 << 32,
+            BarKind::Memory64 => u64::MAX,
+        };
+        let fits = addr
+            .checked_add(spec.size - 1)
+            .is_some_and(|last| last < limit || spec.kind == BarKind::Memory64);
+        if addr % spec.size != 0 || !fits {
+            return Err(ConfigError::BarAddress {
+                index,
+                kind: spec.kind,
+                size: spec.size,
+                addr,
+            });
+        }
+        let reg = offset::BAR0 / 4 + index;
+        let flag_bits = if spec.kind == BarKind::Io { 0x3 } else { 0xf };
+        self.regs[reg] = (self.regs[reg] & flag_bits) | (addr as u32 & !flag_bits);
+        if spec.kind == BarKind::Memory64 {
+            self.regs[reg + 1] = (addr >> 32) as u32;
+        }
+        Ok(())
+    }
+
+    /// BAR `index` if registered, with its programmed address.
+    pub fn bar(&self, index: usize) -> Option<Bar> {
+        let spec = self.bars.get(index).copied().flatten()?;
+        let reg = offset::BAR0 / 4 + index;
+        let low = self.regs[reg];
+        let addr = match spec.kind {
+            BarKind::Io => u64::from(low & !0x3),
+            BarKind::Memory32 => u64::from(low & !0xf),
+            BarKind::Memory64 => u64::from(self.regs[reg + 1]) << 32 | u64::from(low & !0xf),
+        };
+        let space = if spec.kind.is_memory() {
+            command::MEMORY_SPACE
+        } else {
+            command::IO_SPACE
+        };
+        Some(Bar {
+            index,
+            spec,
+            addr,
+            decoding: self.command() & space != 0,
+        })
+    }
+
+    /// The programmed base of BAR `index`, decoding or not.
+    pub fn bar_addr(&self, index: usize) -> Option<u64> {
+        self.bar(index).map(|b| b.addr)
+    }
+
+    /// All registered BARs, in index order.
+    pub fn bars(&self) -> impl Iterator<Item = Bar> + '_ {
+        (0..NUM_BARS).filter_map(|i| self.bar(i))
+    }
+
+    /// The BAR that decodes `addr` in memory (`io == false`) or I/O space, with the offset of
+    /// `addr` inside it.
+    pub fn bar_at(&self, io: bool, addr: u64) -> Option<(usize, u64)> {
+        self.bars()
+            .filter(|b| b.decoding && b.spec.kind.is_memory() != io)
+            .find(|b| addr >= b.addr && addr - b.addr < b.spec.size)
+            .map(|b| (b.index, addr - b.addr))
+    }
+
+    fn decoded_bars(&self) -> [Option<u64>; NUM_BARS] {
+        let mut out = [None; NUM_BARS];
+        for b in self.bars() {
+            out[b.index] = b.decoding.then_some(b.addr);
+        }
+        out
+    }
+
+    fn bar_changes(&self, before: &[Option<u64>; NUM_BARS]) -> Vec<BarChange> {
+        let after = self.decoded_bars();
+        self.bars()
+            .filter(|b| before[b.index] != after[b.index])
+            .map(|b| BarChange {
+                index: b.index,
+                spec: b.spec,
+                old: before[b.index],
+                new: after[b.index],
+            })
+            .collect()
+    }
+
+    /// Appends a capability with ID `id`; `body` is what follows the 2-byte ID/next header.
+    /// All of it is read-only until [`ConfigSpace::set_writable`] says otherwise. Returns the
+    /// capability's offset.
+    pub fn add_capability(&mut self, id: u8, body: &[u8]) -> Result<usize, ConfigError> {
+        let len = body.len() + 2;
+        let at = self.next_cap;
+        if at + len > STANDARD_CONFIG_SIZE {
+            return Err(ConfigError::CapabilitySpace {
+                id,
+                len,
+                free: STANDARD_CONFIG_SIZE - at,
+            });
+        }
+        self.set(at, &[id, 0]);
+        self.set(at + 2, body);
+        match self.last_cap {
+            Some(prev) => self.set_u8(prev + 1, at as u8),
+            None => self.set_u8(offset::CAPABILITIES_POINTER, at as u8),
+        }
+        let status = self.status() | status::CAPABILITIES_LIST;
+        self.set_u16(offset::STATUS, status);
+        self.last_cap = Some(at);
+        // Capabilities are dword aligned (the low two pointer bits are reserved).
+        self.next_cap = (at + len + 3) & !3;
+        Ok(at)
+    }
+
+    /// The capability list as (ID, offset), walked the way a guest would. Stops at a loop or
+    /// a pointer outside the capability area.
+    pub fn capabilities(&self) -> Vec<(u8, usize)> {
+        let mut out = Vec::new();
+        if self.status() & status::CAPABILITIES_LIST == 0 {
+            return out;
+        }
+        let mut at = usize::from(self.read_u8(offset::CAPABILITIES_POINTER) & !3);
+        // At most 48 dword-aligned slots fit between 0x40 and 0x100.
+        while at >= FIRST_CAPABILITY && out.len() < 48 {
+            out.push((self.read_u8(at), at));
+            at = usize::from(self.read_u8(at + 1) & !3);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header() -> PciHeader {
+        PciHeader {
+            vendor_id: 0x1234,
+            device_id: 0x5678,
+            class_code: 0xff0000,
+            revision_id: 2,
+            subsystem_vendor_id: 0xaaaa,
+            subsystem_id: 0xbbbb,
+            interrupt_pin: 1,
+        }
+    }
+
+    fn write32(cs: &mut ConfigSpace, offset: usize, v: u32) -> Vec<BarChange> {
+        cs.write_reg(offset / 4, 0, &v.to_le_bytes())
+    }
+
+    #[test]
+    fn header_fields_are_read_only() {
+        let mut cs = ConfigSpace::new(&header());
+        assert_eq!(cs.read_reg(0), 0x5678_1234);
+        assert_eq!(cs.read_reg(2), 0xff00_0002);
+        assert_eq!(cs.read_reg(0xb), 0xbbbb_aaaa);
+        assert_eq!(cs.read_u8(offset::INTERRUPT_PIN), 1);
+        write32(&mut cs, 0, 0xffff_ffff);
+        write32(&mut cs, 8, 0);
+        write32(&mut cs, 0x2c, 0);
+        cs.write_reg(0xf, 1, &[4]); // interrupt pin
+        assert_eq!(cs.read_reg(0), 0x5678_1234);
+        assert_eq!(cs.read_reg(2), 0xff00_0002);
+        assert_eq!(cs.read_reg(0xb), 0xbbbb_aaaa);
+        assert_eq!(cs.read_u8(offset::INTERRUPT_PIN), 1);
+        // Interrupt line is scratch.
+        cs.write_reg(0xf, 0, &[11]);
+        assert_eq!(cs.read_u8(offset::INTERRUPT_LINE), 11);
+        // Header type is 0 (single function, type 0) and stays so.
+        cs.write_reg(3, 2, &[0xff]);
+        assert_eq!(cs.read_u8(offset::HEADER_TYPE), 0);
+        // Beyond the space reads all ones; writes there are dropped.
+        assert_eq!(cs.read_reg(NUM_REGS), u32::MAX);
+        assert!(cs.write_reg(NUM_REGS, 0, &[1, 2, 3, 4]).is_empty());
+    }
+
+    #[test]
+    fn command_mask_and_partial_writes() {
+        let mut cs = ConfigSpace::new(&header());
+        // Word write to COMMAND: only the implemented bits stick; the status half is untouched.
+        cs.write_reg(1, 0, &0xffffu16.to_le_bytes());
+        assert_eq!(cs.command(), COMMAND_WRITABLE);
+        assert_eq!(cs.status(), 0);
+        // Byte write at offset 1 changes only that byte.
+        cs.write_reg(1, 1, &[0]);
+        assert_eq!(cs.command(), COMMAND_WRITABLE & 0xff);
+        assert!(cs.bus_master());
+        // Malformed accesses are ignored: 3 bytes, crossing the dword, 8 bytes.
+        cs.write_reg(1, 0, &[0, 0, 0]);
+        cs.write_reg(1, 3, &[0, 0]);
+        cs.write_reg(1, 0, &[0; 8]);
+        cs.write_reg(1, u64::MAX, &[0]);
+        cs.write_reg(usize::MAX, 0, &[0]);
+        assert_eq!(cs.command(), COMMAND_WRITABLE & 0xff);
+    }
+
+    #[test]
+    fn status_error_bits_are_write_one_to_clear() {
+        let mut cs = ConfigSpace::new(&header());
+        cs.add_capability(cap_id::VENDOR, &[0, 0]).unwrap();
+        // The device reports a master abort (bit 13) and a parity error (bit 15).
+        cs.set_u16(offset::STATUS, cs.status() | 0xa000);
+        // Writing 0 changes nothing; writing 1 to bit 13 clears only it.
+        cs.write_reg(1, 2, &0u16.to_le_bytes());
+        assert_eq!(cs.status(), 0xa000 | status::CAPABILITIES_LIST);
+        cs.write_reg(1, 2, &0x2000u16.to_le_bytes());
+        assert_eq!(cs.status(), 0x8000 | status::CAPABILITIES_LIST);
+        // The capabilities bit is read-only even when written with 1.
+        write32(&mut cs, 4, 0xffff_0000);
+        assert_eq!(cs.status(), status::CAPABILITIES_LIST);
+    }
+
+    #[test]
+    fn bar_sizing_reads_back_the_size_mask() {
+        let mut cs = ConfigSpace::new(&header());
+        let mem32 = BarSpec {
+            kind: BarKind::Memory32,
+            size: 0x1000,
+            prefetchable: false,
+        };
+        let mem64 = BarSpec {
+            kind: BarKind::Memory64,
+            size: 1 << 33,
+            prefetchable: true,
+        };
+        let io = BarSpec {
+            kind: BarKind::Io,
+            size: 0x20,
+            prefetchable: false,
+        };
+        cs.add_bar(0, mem32).unwrap();
+        cs.add_bar(2, mem64).unwrap();
+        cs.add_bar(4, io).unwrap();
+        // Flag bits: type and prefetch for memory, bit 0 for I/O.
+        assert_eq!(cs.read_reg(4), 0x0);
+        assert_eq!(cs.read_reg(6), 0xc);
+        assert_eq!(cs.read_reg(8), 0x1);
+        for bar in 0..NUM_BARS {
+            write32(&mut cs, offset::BAR0 + 4 * bar, u32::MAX);
+        }
+        assert_eq!(cs.read_reg(4), 0xffff_f000);
+        assert_eq!(cs.read_reg(5), 0, "unimplemented BAR reads 0");
+        assert_eq!(cs.read_reg(6), 0x0000_000c, "low half of an 8 GiB BAR");
+        assert_eq!(cs.read_reg(7), 0xffff_fffe, "high half: 8 GiB");
+        assert_eq!(cs.read_reg(8), 0xffff_ffe1);
+        assert_eq!(cs.read_reg(9), 0);
+        // Programming addresses: the low bits below the size do not stick.
+        write32(&mut cs, offset::BAR0, 0xe000_0fff);
+        assert_eq!(cs.bar_addr(0), Some(0xe000_0000));
+        write32(&mut cs, offset::BAR0 + 8, 0x1234_5678);
+        write32(&mut cs, offset::BAR0 + 12, 0x4);
+        assert_eq!(cs.bar_addr(2), Some(0x4_0000_0000));
+        write32(&mut cs, offset::BAR0 + 16, 0xc05f);
+        assert_eq!(cs.bar_addr(4), Some(0xc040));
+        assert_eq!(cs.bar(3), None);
+        assert_eq!(cs.bars().map(|b| b.index).collect::<Vec<_>>(), [0, 2, 4]);
+    }
+
+    #[test]
+    fn bar_registration_rules() {
+        let mut cs = ConfigSpace::new(&header());
+        let spec = |kind, size| BarSpec {
+            kind,
+            size,
+            prefetchable: false,
+        };
+        assert_eq!(
+            cs.add_bar(6, spec(BarKind::Memory32, 0x1000)),
+            Err(ConfigError::BarIndex { index: 6 })
+        );
+        assert_eq!(
+            cs.add_bar(5, spec(BarKind::Memory64, 0x1000)),
+            Err(ConfigError::Bar64AtEnd { index: 5 })
+        );
+        assert!(matches!(
+            cs.add_bar(0, spec(BarKind::Memory32, 0x1800)),
+            Err(ConfigError::BarSize {
+                reason: "not a power of two",
+                ..
+            })
+        ));
+        assert!(matches!(
+            cs.add_bar(0, spec(BarKind::Memory32, 8)),
+            Err(ConfigError::BarSize { .. })
+        ));
+        assert!(matches!(
+            cs.add_bar(0, spec(BarKind::Memory32, 1 << 32)),
+            Err(ConfigError::BarSize { .. })
+        ));
+        assert!(matches!(
+            cs.add_bar(0, spec(BarKind::Io, 2)),
+            Err(ConfigError::BarSize { .. })
+        ));
+        assert_eq!(
+            cs.add_bar(
+                0,
+                BarSpec {
+                    kind: BarKind::Io,
+                    size: 16,
+                    prefetchable: true
+                }
+            ),
+            Err(ConfigError::PrefetchableIo { index: 0 })
+        );
+        cs.add_bar(1, spec(BarKind::Memory64, 0x1000)).unwrap();
+        // BAR2 is BAR1's upper half; BAR0 as 64-bit would overlap BAR1.
+        assert_eq!(
+            cs.add_bar(2, spec(BarKind::Memory32, 0x1000)),
+            Err(ConfigError::BarInUse { index: 2 })
+        );
+        assert_eq!(
+            cs.add_bar(0, spec(BarKind::Memory64, 0x1000)),
+            Err(ConfigError::BarInUse { index: 0 })
+        );
+        assert_eq!(
+            cs.add_bar(1, spec(BarKind::Memory32, 0x1000)),
+            Err(ConfigError::BarInUse { index: 1 })
+        );
+        cs.add_bar(0, spec(BarKind::Memory32, 0x1000)).unwrap();
+        // The error names the BAR and the rule.
+        let err = cs
+            .add_bar(3, spec(BarKind::Memory32, 0x1001))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "BAR3: 32-bit memory size 0x1001 is invalid: not a power of two"
+        );
+    }
+
+    #[test]
+    fn set_bar_addr_checks_alignment_and_reach() {
+        let mut cs = ConfigSpace::new(&header());
+        cs.add_bar(
+            0,
+            BarSpec {
+                kind: BarKind::Memory32,
+                size: 0x2000,
+                prefetchable: true,
+            },
+        )
+        .unwrap();
+        cs.add_bar(
+            1,
+            BarSpec {
+                kind: BarKind::Memory64,
+                size: 0x4000,
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+        assert!(matches!(
+            cs.set_bar_addr(0, 0x1000),
+            Err(ConfigError::BarAddress { .. })
+        ));
+        assert!(matches!(
+            cs.set_bar_addr(0, 0x1_0000_0000),
+            Err(ConfigError::BarAddress { .. })
+        ));
+        assert_eq!(
+            cs.set_bar_addr(3, 0),
+            Err(ConfigError::BarNotRegistered { index: 3 })
+        );
+        cs.set_bar_addr(0, 0xffff_e000).unwrap();
+        assert_eq!(cs.read_reg(4), 0xffff_e008, "prefetch flag kept");
+        cs.set_bar_addr(1, 0x80_0000_4000).unwrap();
+        assert_eq!(cs.bar_addr(1), Some(0x80_0000_4000));
+        assert_eq!(cs.read_reg(5) & 0xf, 0x4);
+    }
+
+    #[test]
+    fn bar_changes_follow_decode_enable_and_moves() {
+        let mut cs = ConfigSpace::new(&header());
+        let spec = BarSpec {
+            kind: BarKind::Memory64,
+            size: 0x1000,
+            prefetchable: false,
+        };
+        let io = BarSpec {
+            kind: BarKind::Io,
+            size: 0x10,
+            prefetchable: false,
+        };
+        cs.add_bar(0, spec).unwrap();
+        cs.add_bar(2, io).unwrap();
+        cs.set_bar_addr(0, 0xd000_0000).unwrap();
+        cs.set_bar_addr(2, 0x1000).unwrap();
+        // Moving a BAR that does not decode is not a change.
+        assert!(write32(&mut cs, offset::BAR0, 0xe000_0000).is_empty());
+        assert!(!cs.bar(0).unwrap().decoding);
+        // Enabling memory decode maps BAR0 only.
+        let changes = cs.write_reg(1, 0, &command::MEMORY_SPACE.to_le_bytes());
+        assert_eq!(
+            changes,
+            [BarChange {
+                index: 0,
+                spec,
+                old: None,
+                new: Some(0xe000_0000)
+            }]
+        );
+        // A move while decoding is reported at each half of the 64-bit register.
+        let changes = write32(&mut cs, offset::BAR0 + 4, 0x1);
+        assert_eq!(changes[0].old, Some(0xe000_0000));
+        assert_eq!(changes[0].new, Some(0x1_e000_0000));
+        assert!(write32(&mut cs, offset::BAR0 + 4, 0x1).is_empty());
+        assert_eq!(cs.bar_at(false, 0x1_e000_0ffc), Some((0, 0xffc)));
+        assert_eq!(cs.bar_at(false, 0x1_e000_1000), None);
+        assert_eq!(cs.bar_at(true, 0x1004), None, "I/O decode is off");
+        // Enabling I/O as well reports only the I/O BAR; disabling both reports both.
+        let both = command::MEMORY_SPACE | command::IO_SPACE;
+        let changes = cs.write_reg(1, 0, &both.to_le_bytes());
+        assert_eq!(changes.len(), 1);
+        assert_eq!((changes[0].index, changes[0].new), (2, Some(0x1000)));
+        assert_eq!(cs.bar_at(true, 0x100f), Some((2, 0xf)));
+        let changes = cs.write_reg(1, 0, &0u16.to_le_bytes());
+        assert_eq!(changes.len(), 2);
+        assert!(changes.iter().all(|c| c.new.is_none() && c.old.is_some()));
+    }
+
+    #[test]
+    fn capability_chain() {
+        let mut cs = ConfigSpace::new(&header());
+        assert_eq!(cs.status() & status::CAPABILITIES_LIST, 0);
+        assert!(cs.capabilities().is_empty());
+        let a = cs.add_capability(cap_id::VENDOR, &[3, 0xaa]).unwrap();
+        let b = cs.add_capability(cap_id::MSI, &[0; 5]).unwrap();
+        let c = cs.add_capability(cap_id::MSIX, &[0; 10]).unwrap();
+        assert_eq!((a, b, c), (0x40, 0x44, 0x4c));
+        assert_eq!(cs.read_u8(offset::CAPABILITIES_POINTER), 0x40);
+        assert_ne!(cs.status() & status::CAPABILITIES_LIST, 0);
+        assert_eq!(cs.read_u32(0x40), 0xaa03_4409);
+        assert_eq!(cs.read_u8(0x45), 0x4c);
+        assert_eq!(cs.read_u8(0x4d), 0, "last next pointer is 0");
+        assert_eq!(
+            cs.capabilities(),
+            [
+                (cap_id::VENDOR, 0x40),
+                (cap_id::MSI, 0x44),
+                (cap_id::MSIX, 0x4c)
+            ]
+        );
+        // Capability bytes, pointer and header are read-only unless made writable.
+        write32(&mut cs, 0x40, 0);
+        write32(&mut cs, offset::CAPABILITIES_POINTER, 0);
+        assert_eq!(cs.read_u32(0x40), 0xaa03_4409);
+        assert_eq!(cs.read_u8(offset::CAPABILITIES_POINTER), 0x40);
+        cs.set_writable(0x43, &[0xf0]).unwrap();
+        cs.write_reg(0x10, 3, &[0xff]);
+        assert_eq!(cs.read_u8(0x43), 0xfa);
+        // Space runs out below 0x100.
+        let err = cs.add_capability(cap_id::VENDOR, &[0; 200]).unwrap_err();
+        assert_eq!(
+            err,
+            ConfigError::CapabilitySpace {
+                id: cap_id::VENDOR,
+                len: 202,
+                free: 0x100 - 0x58
+            }
+        );
+    }
+
+    #[test]
+    fn capability_walk_survives_a_loop() {
+        let mut cs = ConfigSpace::new(&header());
+        cs.add_capability(cap_id::VENDOR, &[0, 0]).unwrap();
+        cs.set_u8(0x41, 0x40); // points at itself
+        assert_eq!(cs.capabilities().len(), 48);
+    }
+
+    #[test]
+    fn w1c_and_writable_masks_exclude_each_other() {
+        let mut cs = ConfigSpace::new(&header());
+        cs.set_writable(0x80, &[0xff]).unwrap();
+        cs.set_w1c(0x80, &[0x0f]).unwrap();
+        cs.set_u8(0x80, 0xff);
+        cs.write_reg(0x20, 0, &[0x01]);
+        // Bit 0 is cleared (W1C), bits 1-3 stay (W1C, written 0), the upper nibble is still
+        // writable and takes the 0s written.
+        assert_eq!(cs.read_u8(0x80), 0x0e);
+        assert_eq!(
+            cs.set_writable(4095, &[1, 1]),
+            Err(ConfigError::OutOfRange {
+                offset: 4095,
+                len: 2
+            })
+        );
+    }
+
+    #[test]
+    fn extended_space_is_stored() {
+        let mut cs = ConfigSpace::new(&header());
+        cs.set_u32(0xffc, 0xdead_beef);
+        cs.set_writable(0x100, &[0xff; 4]).unwrap();
+        cs.write_reg(0x40, 0, &0x1234_5678u32.to_le_bytes());
+        assert_eq!(cs.read_reg(0x3ff), 0xdead_beef);
+        assert_eq!(cs.read_reg(0x40), 0x1234_5678);
+        let mut b = [0u8; 4];
+        cs.read(0xffe, &mut b);
+        assert_eq!(b, [0xad, 0xde, 0xff, 0xff]);
+    }
+}
