@@ -18,11 +18,23 @@ fn guest_dir() -> PathBuf {
 fn debian_bzimage_reaches_its_banner_within_240s() {
     let dir = guest_dir();
     let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initramfs.cpio"));
-    assert!(kernel.exists(), "{} is missing: run resources/linux/make-guest.sh", kernel.display());
+    assert!(
+        kernel.exists(),
+        "{} is missing: run resources/linux/make-guest.sh",
+        kernel.display()
+    );
     let cmdline = std::fs::read_to_string(dir.join("cmdline")).unwrap();
     let log = tempfile::NamedTempFile::new().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vmm"))
-        .args(["run", "--memory", "512M", "--timeout", "240", "--quiet", "--kernel"])
+        .args([
+            "run",
+            "--memory",
+            "512M",
+            "--timeout",
+            "240",
+            "--quiet",
+            "--kernel",
+        ])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
@@ -47,7 +59,18 @@ fn debian_bzimage_reaches_its_banner_within_240s() {
     // SAFETY: a pid we spawned; if it already exited the signal is harmless (not reaped yet).
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    let line = seen.lines().find(|l| l.contains("Linux version")).map(str::to_string);
-    assert!(line.is_some(), "no banner after {took:?}; serial:\n{seen}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr));
-    eprintln!("banner after {:.1} s: {}", took.as_secs_f64(), line.unwrap());
+    let line = seen
+        .lines()
+        .find(|l| l.contains("Linux version"))
+        .map(str::to_string);
+    assert!(
+        line.is_some(),
+        "no banner after {took:?}; serial:\n{seen}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!(
+        "banner after {:.1} s: {}",
+        took.as_secs_f64(),
+        line.unwrap()
+    );
 }
