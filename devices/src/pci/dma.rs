@@ -50,6 +50,33 @@ pub struct DmaFault {
     pub reason: &'static str,
 }
 
+/// One device access being resolved: every fault it raises names the whole access.
+#[derive(Clone, Copy)]
+struct Access {
+    direction: DmaDirection,
+    iova: u64,
+    len: u64,
+}
+
+impl Access {
+    fn fault(&self, fault_iova: u64, reason: &'static str) -> DmaFault {
+        DmaFault {
+            direction: self.direction,
+            iova: self.iova,
+            len: self.len,
+            fault_iova,
+            reason,
+        }
+    }
+
+    /// One past the last byte; an access that wraps the IOVA space is a fault.
+    fn end(&self) -> Result<u64, DmaFault> {
+        self.iova
+            .checked_add(self.len)
+            .ok_or_else(|| self.fault(self.iova, "the access wraps the IOVA space"))
+    }
+}
+
 /// The device's view of memory: IOVAs in, bytes out. Implementations transfer all of an
 /// access or nothing.
 pub trait DmaSpace: Send + Sync {
@@ -318,16 +345,13 @@ impl MappedRegions {
         len: u64,
         direction: DmaDirection,
     ) -> Result<Vec<(*mut u8, usize)>, DmaFault> {
-        let fault = |fault_iova, reason| DmaFault {
+        let access = Access {
             direction,
             iova,
             len,
-            fault_iova,
-            reason,
         };
-        let end = iova
-            .checked_add(len)
-            .ok_or_else(|| fault(iova, "the access wraps the IOVA space"))?;
+        let fault = |at, reason| access.fault(at, reason);
+        let end = access.end()?;
         let mut pieces = Vec::new();
         let mut at = iova;
         while at < end {
@@ -417,17 +441,14 @@ impl IommuDma {
         len: u64,
         direction: DmaDirection,
     ) -> Result<Vec<(u64, usize)>, DmaFault> {
-        let fault = |fault_iova, reason| DmaFault {
+        let access = Access {
             direction,
             iova,
             len,
-            fault_iova,
-            reason,
         };
+        let fault = |at, reason| access.fault(at, reason);
         // The model computes `iova + len` unchecked: refuse wrapping accesses first.
-        let end = iova
-            .checked_add(len)
-            .ok_or_else(|| fault(iova, "the access wraps the IOVA space"))?;
+        let end = access.end()?;
         let mut pieces = Vec::new();
         let mut at = iova;
         while at < end {
