@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use crate::procfs::{self, under};
 
+/// Reads one limit from one cgroup directory.
+type Reader<T> = fn(&Path) -> Option<T>;
+
 /// One hierarchy: the process's cgroup directory and the mount it lives under.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Hierarchy {
@@ -140,55 +143,32 @@ impl Cgroups {
         Ok(cgroups)
     }
 
+    /// Every value `read` finds in the cgroup directories of `hierarchies` (innermost first,
+    /// then each ancestor), hierarchy by hierarchy.
+    fn lineage_values<'a, T>(
+        hierarchies: [(&'a Option<Hierarchy>, Reader<T>); 2],
+    ) -> impl Iterator<Item = T> + 'a
+    where
+        T: 'a,
+    {
+        hierarchies
+            .into_iter()
+            .flat_map(|(h, read)| h.iter().flat_map(Hierarchy::lineage).filter_map(read))
+    }
+
     /// The tightest CPU bandwidth limit over all hierarchies and ancestors.
     pub fn cpu_quota(&self) -> Option<CpuQuota> {
-        let mut best: Option<CpuQuota> = None;
-        let mut consider = |q: CpuQuota| {
-            if best.as_ref().is_none_or(|b| q.cpus < b.cpus) {
-                best = Some(q);
-            }
-        };
-        if let Some(h) = &self.v1_cpu {
-            for dir in h.lineage() {
-                if let Some(q) = read_v1_quota(dir) {
-                    consider(q);
-                }
-            }
-        }
-        if let Some(h) = &self.v2 {
-            for dir in h.lineage() {
-                if let Some(q) = read_v2_quota(dir) {
-                    consider(q);
-                }
-            }
-        }
-        best
+        Self::lineage_values([(&self.v1_cpu, read_v1_quota), (&self.v2, read_v2_quota)])
+            .min_by(|a, b| a.cpus.total_cmp(&b.cpus))
     }
 
     /// The memory limit with the least room left over all hierarchies and ancestors.
     pub fn memory_room(&self) -> Option<MemoryLimit> {
-        let mut best: Option<MemoryLimit> = None;
-        let mut consider = |m: MemoryLimit| {
-            if best.as_ref().is_none_or(|b| m.room() < b.room()) {
-                best = Some(m);
-            }
-        };
-        if let Some(h) = &self.v1_memory {
-            for dir in h.lineage() {
-                if let Some(m) = read_memory(dir, "memory.limit_in_bytes", "memory.usage_in_bytes")
-                {
-                    consider(m);
-                }
-            }
-        }
-        if let Some(h) = &self.v2 {
-            for dir in h.lineage() {
-                if let Some(m) = read_memory(dir, "memory.max", "memory.current") {
-                    consider(m);
-                }
-            }
-        }
-        best
+        Self::lineage_values([
+            (&self.v1_memory, read_v1_memory),
+            (&self.v2, read_v2_memory),
+        ])
+        .min_by_key(MemoryLimit::room)
     }
 
     /// The memory nodes the cpuset allows (`cpuset.mems` / `cpuset.mems.effective`).
@@ -269,6 +249,14 @@ impl MemoryLimit {
 
 /// v1 reports "no limit" as a page-rounded i64::MAX; anything this large is no limit.
 const NO_LIMIT: u64 = 1 << 60;
+
+fn read_v1_memory(dir: &Path) -> Option<MemoryLimit> {
+    read_memory(dir, "memory.limit_in_bytes", "memory.usage_in_bytes")
+}
+
+fn read_v2_memory(dir: &Path) -> Option<MemoryLimit> {
+    read_memory(dir, "memory.max", "memory.current")
+}
 
 fn read_memory(dir: &Path, limit_file: &str, usage_file: &str) -> Option<MemoryLimit> {
     let file = dir.join(limit_file);
