@@ -97,6 +97,15 @@ pub enum PinError {
 }
 
 impl PinError {
+    /// Shell exit status: 2 for a limit the user must raise, 128+N after a signal, else 1.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            PinError::Admission(_) => 2,
+            PinError::Cancelled { reason, .. } => reason.exit_status() as u8,
+            _ => 1,
+        }
+    }
+
     pub fn cancel_reason(&self) -> Option<CancelReason> {
         match self {
             PinError::Cancelled { reason, .. } => Some(*reason),

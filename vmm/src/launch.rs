@@ -101,25 +101,16 @@ pub enum LaunchError {
 impl LaunchError {
     /// 2 for input or limits the user must fix, 128+N for a signal, else 1.
     pub fn exit_status(&self) -> u8 {
-        use crate::loader::LoadError as L;
+        use crate::vm::{KvmError, MemoryError as VmMemoryError};
         match self {
-            LaunchError::Usage(_) | LaunchError::Pin(PinError::Admission(_)) => 2,
-            LaunchError::Memory(MemoryError::Map { .. }) => 1,
-            LaunchError::Memory(_) => 2,
-            LaunchError::Pin(p) => p.cancel_reason().map_or(1, |r| r.exit_status() as u8),
-            LaunchError::Vm(VmError::Kvm(
-                crate::vm::KvmError::NoDevice | crate::vm::KvmError::Permission,
-            ))
-            | LaunchError::Vm(VmError::Kvm(crate::vm::KvmError::CpuCount { .. }))
-            | LaunchError::Vm(VmError::Memory(crate::vm::MemoryError::Layout(_))) => 2,
-            LaunchError::Vm(VmError::Load(l)) => match l {
-                L::Open { .. }
-                | L::Read { .. }
-                | L::NotAKernel { .. }
-                | L::UnsupportedElf { .. } => 2,
-                L::UnsupportedBzImage { .. } | L::KernelTooBig { .. } => 2,
-                _ => 2,
-            },
+            LaunchError::Usage(_) => 2,
+            LaunchError::Memory(m) => m.exit_status(),
+            LaunchError::Pin(p) => p.exit_status(),
+            LaunchError::Vm(
+                VmError::Kvm(KvmError::NoDevice | KvmError::Permission | KvmError::CpuCount { .. })
+                | VmError::Memory(VmMemoryError::Layout(_))
+                | VmError::Load(_),
+            ) => 2,
             _ => 1,
         }
     }

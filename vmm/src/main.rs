@@ -5,10 +5,10 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pinning::{CancelToken, PinError, SignalGuard};
+use pinning::cancel::CancelReason;
+use pinning::{CancelToken, SignalGuard};
 use tracing_subscriber::EnvFilter;
 use vmm::launch::{self, RunArgs};
-use vmm::memory::MemoryError;
 use vmm::pin_bench::{self, PinBenchArgs, PinBenchError};
 
 #[derive(Parser)]
@@ -50,46 +50,35 @@ as the bandwidth ceiling.\n\nExample: vmm pin-bench --memory 4G --pin populate -
     PinBench(PinBenchArgs),
 }
 
-/// How main ends.
-enum Failure {
-    /// Bad input or a limit the user must raise: exit 2.
-    Usage(anyhow::Error),
-    /// Something failed: exit 1.
-    Runtime(anyhow::Error),
-    /// Stopped by a signal: exit 128 + N, after saying what was undone.
-    Signal(i32, String),
-}
-
-impl From<PinBenchError> for Failure {
-    fn from(e: PinBenchError) -> Self {
-        match e {
-            PinBenchError::Memory(MemoryError::Map { .. }) => Failure::Runtime(e.into()),
-            PinBenchError::Memory(_) | PinBenchError::Pin(PinError::Admission(_)) => {
-                Failure::Usage(e.into())
-            }
-            PinBenchError::Pin(ref p) => match p.cancel_reason() {
-                Some(pinning::cancel::CancelReason::Signal(sig)) => {
-                    Failure::Signal(sig, p.to_string())
-                }
-                _ => Failure::Runtime(e.into()),
-            },
-            other => Failure::Runtime(other.into()),
+fn pin_bench(args: &PinBenchArgs) -> ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        let _signals = SignalGuard::install(None)?;
+        let report = pin_bench::run(args, &CancelToken::with_signals())?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            print!("{}", pin_bench::table(&report));
         }
-    }
-}
-
-fn pin_bench(args: PinBenchArgs) -> Result<(), Failure> {
-    let _signals = SignalGuard::install(None).map_err(|e| Failure::Runtime(e.into()))?;
-    let report = pin_bench::run(&args, &CancelToken::with_signals())?;
-    if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).map_err(|e| Failure::Runtime(e.into()))?
-        );
+        Ok(())
+    })();
+    let Err(e) = result else {
+        return ExitCode::SUCCESS;
+    };
+    let bench_error = e.downcast_ref::<PinBenchError>();
+    let signalled = match bench_error {
+        Some(PinBenchError::Pin(p)) => matches!(p.cancel_reason(), Some(CancelReason::Signal(_))),
+        _ => false,
+    };
+    if signalled {
+        // Say what was undone and prove it: the locked memory is back to what it was.
+        let locked = pinning::procfs::ProcStatus::read(std::path::Path::new("/"))
+            .map(|s| s.locked / 1024)
+            .unwrap_or(0);
+        eprintln!("vmm: {e}; VmLck now {locked} kB");
     } else {
-        print!("{}", pin_bench::table(&report));
+        eprintln!("vmm: {e:#}");
     }
-    Ok(())
+    ExitCode::from(bench_error.map_or(1, PinBenchError::exit_status))
 }
 
 fn run(args: &RunArgs, start: std::time::Instant) -> ExitCode {
@@ -128,26 +117,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::PinBench(args) => pin_bench(args),
-        Command::Run(args) => return run(&args, start),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Usage(e)) => {
-            eprintln!("vmm: {e:#}");
-            ExitCode::from(2)
-        }
-        Err(Failure::Runtime(e)) => {
-            eprintln!("vmm: {e:#}");
-            ExitCode::from(1)
-        }
-        Err(Failure::Signal(sig, what)) => {
-            let locked = pinning::procfs::ProcStatus::read(std::path::Path::new("/"))
-                .map(|s| s.locked / 1024)
-                .unwrap_or(0);
-            eprintln!("vmm: {what}; VmLck now {locked} kB");
-            ExitCode::from((128 + sig) as u8)
-        }
+    match cli.command {
+        Command::PinBench(args) => pin_bench(&args),
+        Command::Run(args) => run(&args, start),
     }
 }

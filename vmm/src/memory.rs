@@ -83,6 +83,17 @@ pub enum MemoryError {
     Layout(String),
 }
 
+impl MemoryError {
+    /// Shell exit status: 2 for a size or reservation the user must fix, 1 when the host
+    /// refused a mapping that should have worked.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            MemoryError::Map { .. } => 1,
+            _ => 2,
+        }
+    }
+}
+
 /// One host mapping, unmapped on drop.
 struct HostMapping {
     addr: u64,

@@ -108,6 +108,16 @@ pub enum PinBenchError {
     Limits(#[from] pinning::limits::LimitsError),
 }
 
+impl PinBenchError {
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            PinBenchError::Memory(m) => m.exit_status(),
+            PinBenchError::Pin(p) => p.exit_status(),
+            PinBenchError::Limits(_) => 1,
+        }
+    }
+}
+
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
