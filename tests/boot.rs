@@ -2,14 +2,11 @@
 //! reports; the exit status, timeline report, signals and bad input behave as documented.
 
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn vmm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
-    c.stdin(Stdio::null());
-    c
-}
+mod common;
+use common::{vmm, wait_for_locked_memory};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -176,18 +173,7 @@ fn sigterm_during_pinning_undoes_it_with_status_143() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        if status
-            .lines()
-            .any(|l| l.starts_with("VmLck:") && !l.ends_with(" 0 kB"))
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "pinning never started");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_locked_memory(pid);
     // SAFETY: a pid we spawned and have not reaped.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();

@@ -5,9 +5,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn vmm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vmm"))
-}
+mod common;
+use common::{vmm, wait_for_locked_memory};
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(
@@ -245,16 +244,6 @@ fn hugetlb_without_reserved_pages_says_how_to_reserve() {
     assert!(err.contains("nr_hugepages"), "{err}");
 }
 
-fn vmlck_kb(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find(|l| l.starts_with("VmLck:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 #[test]
 fn sigint_during_an_8g_mlock_job_undoes_it_and_exits_130() {
     let child = vmm()
@@ -276,12 +265,7 @@ fn sigint_during_an_8g_mlock_job_undoes_it_and_exits_130() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    // Wait until the job holds locked memory: that is mid-job, after admission.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while vmlck_kb(pid).unwrap_or(0) == 0 {
-        assert!(Instant::now() < deadline, "the job never locked memory");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_for_locked_memory(pid);
     // SAFETY: kill with a pid we spawned and still own (not yet reaped).
     unsafe { libc::kill(pid as i32, libc::SIGINT) };
     let signalled = Instant::now();
