@@ -276,19 +276,21 @@ impl Pinner {
         }
     }
 
-    /// The parallel phase's spec: populate for type1, map for the others.
+    /// The parallel phase's spec: populate for type1 (faulting in is not what the kernel
+    /// serialises, so it takes any number of threads), map for the others (as many threads as
+    /// their map allows).
     fn parallel_spec(&self, ram: &GuestRam) -> JobSpec {
-        let serial = !self.backend.populate_first() && self.backend.map_threads() == Some(1);
+        let max_threads = if self.backend.populate_first() {
+            usize::MAX
+        } else {
+            self.backend.map_threads().unwrap_or(usize::MAX)
+        };
         JobSpec {
             start: 0,
             size: ram.size(),
             align: ram.page_size(),
             min_chunk: self.options.min_chunk,
-            max_threads: if serial {
-                1
-            } else {
-                self.backend.map_threads().unwrap_or(usize::MAX)
-            },
+            max_threads,
         }
     }
 

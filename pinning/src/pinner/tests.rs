@@ -87,7 +87,21 @@ fn type1_populates_in_parallel_then_maps_serially_covering_all_ram_exactly() {
         Some(high.addr() + 4096)
     );
     assert_eq!(pinned.stats.bytes, 72 * MIB);
-    assert!(pinned.stats.populate.is_some());
+    // The populate phase is the parallel one: it gets every thread the limits allow.
+    let caps = limits().thread_caps(Some(2));
+    let allowed = [Some(2), caps.cgroup, Some(caps.affinity), Some(caps.online)]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap();
+    let populate = pinned
+        .stats
+        .populate
+        .as_ref()
+        .expect("type1 populates first");
+    assert_eq!(populate.threads, allowed);
+    assert_eq!(pinned.stats.threads, allowed);
+    assert_eq!(pinned.stats.map.threads, 1);
     drop(pinned);
     assert!(model.mappings().is_empty(), "drop must unmap everything");
 }
