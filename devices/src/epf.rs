@@ -314,10 +314,8 @@ impl EpfTest {
             vendor_id: VENDOR_ID_TI,
             device_id: DEVICE_ID_TI_DRA74X,
             class_code: CLASS_OTHERS,
-            revision_id: 0,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
             interrupt_pin: 1,
+            ..PciHeader::default()
         });
         config.add_bar(
             REG_BAR,

@@ -127,10 +127,7 @@ impl HostBridge {
                 vendor_id: HOST_BRIDGE_VENDOR_ID,
                 device_id: HOST_BRIDGE_DEVICE_ID,
                 class_code: HOST_BRIDGE_CLASS,
-                revision_id: 0,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
-                interrupt_pin: 0,
+                ..PciHeader::default()
             }),
         }
     }
@@ -405,9 +402,8 @@ mod tests {
                 device_id: 0x1000,
                 class_code: 0xff0000,
                 revision_id: 1,
-                subsystem_vendor_id: 0,
-                subsystem_id: 0,
                 interrupt_pin: 1,
+                ..PciHeader::default()
             });
             config
                 .add_bar(

@@ -102,8 +102,9 @@ pub mod cap_id {
     pub const MSIX: u8 = 0x11;
 }
 
-/// Identity of a function: what goes into the read-only part of the header.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Identity of a function: what goes into the read-only part of the header. Fields left at
+/// their default are zero (no subsystem IDs, no interrupt pin).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PciHeader {
     /// Vendor ID.
     pub vendor_id: u16,

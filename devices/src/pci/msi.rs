@@ -251,11 +251,7 @@ mod tests {
         ConfigSpace::new(&PciHeader {
             vendor_id: 1,
             device_id: 2,
-            class_code: 0,
-            revision_id: 0,
-            subsystem_vendor_id: 0,
-            subsystem_id: 0,
-            interrupt_pin: 0,
+            ..PciHeader::default()
         })
     }
 
