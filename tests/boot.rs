@@ -2,7 +2,7 @@
 //! reports; the exit status, timeline report, signals and bad input behave as documented.
 
 use std::os::unix::process::CommandExt;
-use std::process::{Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
@@ -249,14 +249,24 @@ fn kvm_permission_problem_is_a_clear_error() {
         eprintln!("SKIPPED: needs root to drop to an unprivileged user");
         return;
     }
-    let mut cmd = vmm();
-    cmd.args(["run", "--quiet"]);
+    // nobody must be able to reach the binary: the checkout may sit in a private directory
+    // (a 0700 temporary folder, a home), so run a copy from a world-readable folder.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.path().join("vmm");
+    std::fs::copy(env!("CARGO_BIN_EXE_vmm"), &exe).unwrap();
+    let mut cmd = Command::new(&exe);
+    cmd.args(["run", "--quiet"]).stdin(Stdio::null());
     // Drop to nobody: /dev/kvm is root:kvm 0660 on Debian, so opening it is refused. Where it
     // is world-accessible the VM simply boots, which the assertion also allows.
-    // SAFETY: setgid/setuid are async-signal-safe and only affect the child.
+    // SAFETY: setgroups/setgid/setuid are async-signal-safe and only affect the child.
     unsafe {
         cmd.pre_exec(|| {
-            if libc::setgid(65534) != 0 || libc::setuid(65534) != 0 {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
