@@ -150,6 +150,13 @@ impl Bus {
         Ok(())
     }
 
+    /// Unmaps the range starting at `base` (a BAR that moved or stopped decoding); returns
+    /// whether one was there.
+    pub fn remove(&self, base: u64) -> bool {
+        let mut map = self.devices.write().unwrap_or_else(PoisonError::into_inner);
+        map.remove(&base).is_some()
+    }
+
     /// The device owning `addr` and the offset of `addr` inside its range.
     fn resolve(&self, addr: u64) -> Option<(SharedDevice, u64)> {
         let map = read_lock(&self.devices);

@@ -15,6 +15,7 @@ pub mod marks;
 pub mod pci;
 pub mod serial;
 pub mod terminal;
+pub mod vfio;
 
 pub use boot_marks::BootMarks;
 pub use bus::{Bus, BusDevice, BusError, BusRange};

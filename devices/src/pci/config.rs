@@ -294,7 +294,7 @@ impl fmt::Debug for ConfigSpace {
 
 /// Byte-enable mask and shifted value for a 1/2/4-byte access at `offset` inside a dword,
 /// or `None` for an access that is not one of those or crosses the dword.
-fn lanes(offset: u64, data: &[u8]) -> Option<(u32, u32)> {
+pub(crate) fn lanes(offset: u64, data: &[u8]) -> Option<(u32, u32)> {
     let fits = offset
         .checked_add(data.len() as u64)
         .is_some_and(|end| end <= 4);

@@ -1,0 +1,9 @@
+//! VFIO-PCI passthrough: one device model ([`pci`]) over a [`VfioBackend`], which kernel VFIO
+//! and vfio-user both implement.
+
+pub mod backend;
+pub mod irqs;
+pub mod pci;
+
+pub use backend::{IrqInfo, MmapArea, RegionInfo, VfioBackend, VfioBackendError};
+pub use pci::{BarMmap, IrqVector, VfioPciDevice, VfioPciError};

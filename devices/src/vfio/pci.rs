@@ -1,0 +1,494 @@
+//! One VFIO-PCI passthrough function over a [`VfioBackend`].
+//!
+//! What the guest sees is the device's own configuration space with four things virtualised:
+//! - the BARs: the VMM (as firmware) and the guest place them in guest-physical space, which
+//!   has nothing to do with where the device sits on the host, so the BAR registers live in a
+//!   shadow [`ConfigSpace`] sized from the regions the backend reports;
+//! - the expansion ROM BAR reads 0 (not offered);
+//! - the MSI and MSI-X capabilities and the MSI-X table and PBA, which the VMM must turn into
+//!   KVM routes ([`super::irqs`]); writes to the capabilities also go through to the device;
+//! - everything else is read from and written to the device.
+//!
+//! BAR parts the backend can mmap are mapped into this process ([`VfioPciDevice::mmaps`]) so
+//! the VMM can give them to the guest as memory slots; the rest of each BAR traps here.
+//!
+//! Interrupts: one eventfd per vector (shared by MSI vector i and MSI-X vector i, as only one
+//! of them is enabled at a time); the backend signals them, the VMM wires them to KVM irqfds.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::{irq, region, VfioBackend, VfioBackendError};
+use super::irqs::{MsiShadow, MsixShadow};
+use crate::pci::config::{cap_id, command, offset, BarKind, BarSpec, ConfigError};
+use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, RoutingChange};
+
+/// Why a passthrough function could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum VfioPciError {
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] VfioBackendError),
+    /// The device's config region is too small to be PCI.
+    #[error("{device}: config space region is {size} bytes, a PCI function has at least 256")]
+    ConfigRegion { device: String, size: u64 },
+    /// A BAR could not be registered.
+    #[error("{device}: BAR{index}: {source}")]
+    Bar {
+        device: String,
+        index: usize,
+        source: ConfigError,
+    },
+    /// The device has no interrupt the model can route.
+    #[error("{device}: creating an eventfd for interrupt vector {vector}: {source}")]
+    EventFd {
+        device: String,
+        vector: usize,
+        source: std::io::Error,
+    },
+    /// Mapping a BAR part failed.
+    #[error("{device}: mmap of BAR{bar} [{offset:#x}, +{size:#x}): {source}")]
+    Mmap {
+        device: String,
+        bar: usize,
+        offset: u64,
+        size: u64,
+        source: std::io::Error,
+    },
+}
+
+/// A BAR part mapped into this process.
+#[derive(Debug)]
+pub struct BarMmap {
+    /// BAR index.
+    pub bar: usize,
+    /// Offset inside the BAR.
+    pub offset: u64,
+    /// Length.
+    pub size: u64,
+    /// Where it is mapped here.
+    pub host_addr: u64,
+}
+
+impl Drop for BarMmap {
+    fn drop(&mut self) {
+        // SAFETY: host_addr/size is a mapping this struct created and alone owns.
+        unsafe { libc::munmap(self.host_addr as *mut libc::c_void, self.size as usize) };
+    }
+}
+
+// SAFETY: the mapping is plain device memory; the struct only carries its address.
+unsafe impl Send for BarMmap {}
+
+/// An interrupt vector the VMM should route: its eventfd and, when it can fire, its message.
+#[derive(Clone, Debug)]
+pub struct IrqVector {
+    /// Vector number (MSI or MSI-X, whichever is enabled).
+    pub vector: usize,
+    /// Signalled by the device.
+    pub fd: Arc<EventFd>,
+    /// Where it goes; `None` while disabled or masked.
+    pub message: Option<MsiMessage>,
+}
+
+/// The passthrough function.
+pub struct VfioPciDevice {
+    backend: Arc<dyn VfioBackend>,
+    shadow: ConfigSpace,
+    msix: Option<MsixShadow>,
+    msi: Option<MsiShadow>,
+    /// Which interrupt index the backend is signalling now, and how many vectors.
+    active: Option<(u32, usize)>,
+    fds: Vec<Arc<EventFd>>,
+    mmaps: Vec<BarMmap>,
+    failed: AtomicBool,
+    on_failure: Option<Box<dyn Fn(&VfioBackendError) + Send>>,
+}
+
+impl std::fmt::Debug for VfioPciDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioPciDevice")
+            .field("device", &self.backend.name())
+            .field("msix", &self.msix)
+            .field("msi", &self.msi)
+            .field("active", &self.active)
+            .finish_non_exhaustive()
+    }
+}
+
+fn dword(b: [u8; 4]) -> u32 {
+    u32::from_le_bytes(b)
+}
+
+impl VfioPciDevice {
+    /// Reads the device's identity, BARs and capabilities through `backend` and maps what
+    /// can be mapped.
+    pub fn new(backend: Arc<dyn VfioBackend>) -> Result<Self, VfioPciError> {
+        let name = backend.name().to_string();
+        let cfg = backend.region_info(region::CONFIG)?;
+        if cfg.size < 256 {
+            return Err(VfioPciError::ConfigRegion {
+                device: name,
+                size: cfg.size,
+            });
+        }
+        let mut raw = [0u8; 256];
+        backend.region_read(region::CONFIG, 0, &mut raw)?;
+        let rd = |off: usize| dword([raw[off], raw[off + 1], raw[off + 2], raw[off + 3]]);
+        let mut shadow = ConfigSpace::new(&PciHeader {
+            vendor_id: rd(0) as u16,
+            device_id: (rd(0) >> 16) as u16,
+            class_code: rd(8) >> 8,
+            revision_id: rd(8) as u8,
+            subsystem_vendor_id: rd(0x2c) as u16,
+            subsystem_id: (rd(0x2c) >> 16) as u16,
+            interrupt_pin: raw[offset::INTERRUPT_PIN],
+        });
+
+        let mut index = 0;
+        while index < 6 {
+            let info = backend.region_info(region::BAR0 + index as u32)?;
+            let reg = rd(offset::BAR0 + 4 * index);
+            let kind = if reg & 1 != 0 {
+                BarKind::Io
+            } else if reg & 0b110 == 0b100 {
+                BarKind::Memory64
+            } else {
+                BarKind::Memory32
+            };
+            if info.size > 0 {
+                let spec = BarSpec {
+                    kind,
+                    size: info.size.next_power_of_two(),
+                    prefetchable: kind != BarKind::Io && reg & 0b1000 != 0,
+                };
+                shadow
+                    .add_bar(index, spec)
+                    .map_err(|source| VfioPciError::Bar {
+                        device: name.clone(),
+                        index,
+                        source,
+                    })?;
+            }
+            index += if kind == BarKind::Memory64 { 2 } else { 1 };
+        }
+
+        let (mut msi, mut msix) = (None, None);
+        let has_caps = rd(offset::COMMAND) >> 16 & 0x10 != 0;
+        let mut at = if has_caps {
+            usize::from(raw[offset::CAPABILITIES_POINTER] & !3)
+        } else {
+            0
+        };
+        // A malformed list could loop; 48 capabilities fill the standard space.
+        for _ in 0..48 {
+            if at < 0x40 || at > 0xfc {
+                break;
+            }
+            let dw0 = rd(at);
+            match dw0 as u8 {
+                cap_id::MSI => msi = Some(MsiShadow::new(at, dw0)),
+                cap_id::MSIX if at <= 0xf4 => {
+                    msix = Some(MsixShadow::new(at, dw0, rd(at + 4), rd(at + 8)))
+                }
+                _ => {}
+            }
+            at = usize::from((dw0 >> 8) as u8 & !3);
+        }
+
+        let vectors = msix
+            .as_ref()
+            .map_or(0, |m| m.count())
+            .max(msi.as_ref().map_or(0, |m| m.supported()));
+        let fds = (0..vectors)
+            .map(|vector| {
+                EventFd::new(EFD_NONBLOCK)
+                    .map(Arc::new)
+                    .map_err(|source| VfioPciError::EventFd {
+                        device: name.clone(),
+                        vector,
+                        source,
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let mut dev = VfioPciDevice {
+            backend,
+            shadow,
+            msix,
+            msi,
+            active: None,
+            fds,
+            mmaps: Vec::new(),
+            failed: AtomicBool::new(false),
+            on_failure: None,
+        };
+        dev.map_bars()?;
+        Ok(dev)
+    }
+
+    /// Called once with the first backend error the guest's accesses run into (a vfio-user
+    /// server that died, say), so the VMM can stop the guest with that error.
+    pub fn set_failure_handler(&mut self, f: Box<dyn Fn(&VfioBackendError) + Send>) {
+        self.on_failure = Some(f);
+    }
+
+    /// The backend, for the VMM's reports.
+    pub fn backend(&self) -> &Arc<dyn VfioBackend> {
+        &self.backend
+    }
+
+    /// The BAR parts mapped here, for the VMM to give the guest as memory slots.
+    pub fn mmaps(&self) -> &[BarMmap] {
+        &self.mmaps
+    }
+
+    /// Every vector's eventfd, and its message if it can fire now.
+    pub fn irq_vectors(&self) -> Vec<IrqVector> {
+        self.fds
+            .iter()
+            .enumerate()
+            .map(|(vector, fd)| IrqVector {
+                vector,
+                fd: fd.clone(),
+                message: match self.active {
+                    Some((irq::MSIX, _)) => self.msix.as_ref().and_then(|m| m.message(vector)),
+                    Some((irq::MSI, _)) => self.msi.as_ref().and_then(|m| m.message(vector)),
+                    _ => None,
+                },
+            })
+            .collect()
+    }
+
+    /// Programs BAR `index` to `addr` and turns decoding on, as firmware does before the
+    /// guest runs. Returns the BAR changes for the VMM to register.
+    pub fn place_bar(&mut self, index: usize, addr: u64) -> Result<Vec<Bar>, ConfigError> {
+        self.shadow.set_bar_addr(index, addr)?;
+        let cmd = self.shadow.command() | command::MEMORY_SPACE | command::IO_SPACE;
+        self.shadow
+            .write_reg(offset::COMMAND / 4, 0, &cmd.to_le_bytes());
+        self.forward_config(offset::COMMAND / 4, 0, &cmd.to_le_bytes());
+        Ok(self.shadow.bars().collect())
+    }
+
+    fn map_bars(&mut self) -> Result<(), VfioPciError> {
+        let bars: Vec<Bar> = self.shadow.bars().collect();
+        for bar in bars {
+            if bar.spec.kind == BarKind::Io {
+                continue;
+            }
+            let info = self.backend.region_info(region::BAR0 + bar.index as u32)?;
+            let Some((fd, file_offset)) =
+                info.mmap_fd.filter(|_| info.flags & region::FLAG_MMAP != 0)
+            else {
+                continue;
+            };
+            for area in &info.mmap_areas {
+                let trapped = self.msix.as_ref().is_some_and(|m| {
+                    [m.table, m.pba].iter().any(|w| {
+                        w.bar == bar.index
+                            && w.offset < area.offset + area.size
+                            && area.offset < w.offset + w.len
+                    })
+                });
+                if trapped || area.size == 0 || area.offset % 4096 != 0 || area.size % 4096 != 0 {
+                    continue;
+                }
+                // SAFETY: a fresh shared mapping of the device's region at an address the
+                // kernel picks; nothing else refers to that address range.
+                let host = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        area.size as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED,
+                        fd,
+                        (file_offset + area.offset) as libc::off_t,
+                    )
+                };
+                if host == libc::MAP_FAILED {
+                    return Err(VfioPciError::Mmap {
+                        device: self.backend.name().to_string(),
+                        bar: bar.index,
+                        offset: area.offset,
+                        size: area.size,
+                        source: std::io::Error::last_os_error(),
+                    });
+                }
+                self.mmaps.push(BarMmap {
+                    bar: bar.index,
+                    offset: area.offset,
+                    size: area.size,
+                    host_addr: host as u64,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reports the first backend failure; later ones are only logged at debug level.
+    fn failed(&self, e: VfioBackendError) {
+        if self.failed.swap(true, Ordering::AcqRel) {
+            tracing::debug!("{e}");
+            return;
+        }
+        tracing::error!("passthrough device failed: {e}");
+        if let Some(f) = &self.on_failure {
+            f(&e);
+        }
+    }
+
+    fn forward_config(&self, reg: usize, offset: u64, data: &[u8]) {
+        let at = reg as u64 * 4 + offset;
+        if let Err(e) = self.backend.region_write(region::CONFIG, at, data) {
+            self.failed(e);
+        }
+    }
+
+    fn device_config(&self, reg: usize) -> u32 {
+        let mut b = [0xff; 4];
+        match self
+            .backend
+            .region_read(region::CONFIG, reg as u64 * 4, &mut b)
+        {
+            Ok(()) => dword(b),
+            Err(e) => {
+                self.failed(e);
+                u32::MAX
+            }
+        }
+    }
+
+    /// Points the backend's vectors at our eventfds for whatever the guest enabled now.
+    fn sync_irqs(&mut self) {
+        let want = match (&self.msix, &self.msi) {
+            (Some(m), _) if m.enabled() => Some((irq::MSIX, m.count())),
+            (_, Some(m)) if m.enabled_vectors() > 0 => Some((irq::MSI, m.enabled_vectors())),
+            _ => None,
+        };
+        if want == self.active {
+            return;
+        }
+        if let Some((index, _)) = self.active.take() {
+            if let Err(e) = self.backend.disable_irq(index) {
+                self.failed(e);
+            }
+        }
+        if let Some((index, n)) = want {
+            let fds: Vec<&EventFd> = self.fds.iter().take(n).map(|f| f.as_ref()).collect();
+            match self.backend.enable_irq(index, &fds) {
+                Ok(()) => self.active = want,
+                Err(e) => self.failed(e),
+            }
+        }
+    }
+}
+
+impl PciDevice for VfioPciDevice {
+    fn config_read(&mut self, reg: usize) -> u32 {
+        match reg {
+            r if (offset::BAR0 / 4..offset::BAR0 / 4 + 6).contains(&r) => self.shadow.read_reg(r),
+            r if r == offset::ROM_BAR / 4 => 0,
+            r if self.msix.as_ref().is_some_and(|m| m.is_control_reg(r)) => {
+                let dev = self.device_config(r);
+                self.msix.as_ref().map_or(dev, |m| m.overlay(dev))
+            }
+            r if self.msi.as_ref().is_some_and(|m| m.contains(r)) => {
+                let dev = self.device_config(r);
+                self.msi.as_ref().map_or(dev, |m| m.read(r, dev))
+            }
+            r => self.device_config(r),
+        }
+    }
+
+    fn config_write(&mut self, reg: usize, offset: u64, data: &[u8]) -> Effects {
+        let mut effects = Effects::default();
+        let bar_regs = offset::BAR0 / 4..offset::BAR0 / 4 + 6;
+        if bar_regs.contains(&reg) {
+            effects.bars = self.shadow.write_reg(reg, offset, data);
+            return effects;
+        }
+        if reg == offset::ROM_BAR / 4 {
+            return effects;
+        }
+        if reg == offset::COMMAND / 4 {
+            effects.bars = self.shadow.write_reg(reg, offset, data);
+        }
+        if let Some(m) = self.msix.as_mut().filter(|m| m.is_control_reg(reg)) {
+            if m.write_control(offset, data) {
+                effects.msix = RoutingChange::All;
+            }
+        }
+        if let Some(m) = self.msi.as_mut().filter(|m| m.contains(reg)) {
+            if m.write(reg, offset, data) {
+                effects.msi = RoutingChange::All;
+            }
+        }
+        self.forward_config(reg, offset, data);
+        if effects.msi.is_changed() || effects.msix.is_changed() {
+            self.sync_irqs();
+        }
+        effects
+    }
+
+    fn bars(&self) -> Vec<Bar> {
+        self.shadow.bars().collect()
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        if let Some(m) = &self.msix {
+            if let Some(at) = m.table.inner(bar, offset, data.len()) {
+                return m.table_read(at, data);
+            }
+        }
+        if let Err(e) = self
+            .backend
+            .region_read(region::BAR0 + bar as u32, offset, data)
+        {
+            data.fill(0xff);
+            self.failed(e);
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) -> Effects {
+        if let Some(m) = self.msix.as_mut() {
+            if let Some(at) = m.table.inner(bar, offset, data.len()) {
+                let changed = m.table_write(at, data);
+                return Effects {
+                    msix: if changed {
+                        RoutingChange::Vector((at / 16) as u16)
+                    } else {
+                        RoutingChange::Unchanged
+                    },
+                    ..Effects::default()
+                };
+            }
+            if m.pba.inner(bar, offset, data.len()).is_some() {
+                // The PBA is read-only.
+                return Effects::default();
+            }
+        }
+        if let Err(e) = self
+            .backend
+            .region_write(region::BAR0 + bar as u32, offset, data)
+        {
+            self.failed(e);
+        }
+        Effects::default()
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        if let Some((index, _)) = self.active.take() {
+            if let Err(e) = self.backend.disable_irq(index) {
+                tracing::debug!("at teardown: {e}");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,304 @@
+//! The passthrough model over an in-process backend that serves the pci-epf-test model, with
+//! the device's DMA going through the IOMMU model that the pinning engine mapped guest RAM
+//! into: the same path as kernel VFIO with a type1 container, minus the kernel.
+
+use std::sync::{Arc, Mutex};
+
+use pinning::backend::Type1Backend;
+use pinning::model::IommuModel;
+use pinning::sys::AnonMapping;
+use pinning::{CancelToken, GuestRam, Limits, PinOptions, Pinner, Region, ThreadRequest, MIB};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::epf::{self, EpfConfig, EpfIrq, EpfTest};
+use crate::pci::dma::IommuDma;
+use crate::vfio::backend::{IrqInfo, RegionInfo};
+
+type Fds = Arc<Mutex<Vec<(u32, Vec<EventFd>)>>>;
+
+/// A `VfioBackend` that serves a `PciDevice` in this process, recording what it is asked.
+struct LocalBackend {
+    dev: Mutex<EpfTest>,
+    fds: Fds,
+    config_writes: Mutex<Vec<(u64, Vec<u8>)>>,
+}
+
+impl LocalBackend {
+    fn new(dma: Arc<dyn crate::pci::DmaSpace>) -> Arc<Self> {
+        let fds: Fds = Arc::default();
+        let sink_fds = fds.clone();
+        let sink = move |irq: EpfIrq| {
+            let (index, vector) = match irq {
+                EpfIrq::Intx => (irq::INTX, 0),
+                EpfIrq::Msi { vector } => (irq::MSI, vector),
+                EpfIrq::Msix { vector } => (irq::MSIX, vector),
+            };
+            for (i, fds) in sink_fds.lock().unwrap().iter() {
+                if *i == index {
+                    if let Some(fd) = fds.get(usize::from(vector)) {
+                        fd.write(1).unwrap();
+                    }
+                }
+            }
+        };
+        let dev = EpfTest::new(EpfConfig::default(), dma, Box::new(sink)).unwrap();
+        Arc::new(LocalBackend {
+            dev: Mutex::new(dev),
+            fds,
+            config_writes: Mutex::default(),
+        })
+    }
+}
+
+impl VfioBackend for LocalBackend {
+    fn name(&self) -> &str {
+        "local-epf"
+    }
+    fn counts(&self) -> Result<(u32, u32), VfioBackendError> {
+        Ok((9, 5))
+    }
+    fn region_info(&self, index: u32) -> Result<RegionInfo, VfioBackendError> {
+        let size = match index {
+            region::CONFIG => 4096,
+            0 => epf::REG_BAR_SIZE,
+            _ => 0,
+        };
+        Ok(RegionInfo {
+            index,
+            flags: region::FLAG_READ | region::FLAG_WRITE,
+            size,
+            mmap_areas: Vec::new(),
+            mmap_fd: None,
+        })
+    }
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), VfioBackendError> {
+        let mut dev = self.dev.lock().unwrap();
+        if index == region::CONFIG {
+            for (i, b) in data.iter_mut().enumerate() {
+                let at = offset + i as u64;
+                *b = (dev.config_read((at / 4) as usize) >> (at % 4 * 8)) as u8;
+            }
+        } else {
+            dev.bar_read(index as usize, offset, data);
+        }
+        Ok(())
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioBackendError> {
+        let mut dev = self.dev.lock().unwrap();
+        if index == region::CONFIG {
+            self.config_writes
+                .lock()
+                .unwrap()
+                .push((offset, data.to_vec()));
+            dev.config_write((offset / 4) as usize, offset % 4, data);
+        } else {
+            dev.bar_write(index as usize, offset, data);
+        }
+        Ok(())
+    }
+    fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioBackendError> {
+        Ok(IrqInfo {
+            index,
+            flags: 0,
+            count: if index <= irq::MSIX { 32 } else { 0 },
+        })
+    }
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioBackendError> {
+        let fds = fds.iter().map(|f| f.try_clone().unwrap()).collect();
+        let mut all = self.fds.lock().unwrap();
+        all.retain(|(i, _)| *i != index);
+        all.push((index, fds));
+        Ok(())
+    }
+    fn enable_intx(&self, _t: &EventFd, _u: &EventFd) -> Result<(), VfioBackendError> {
+        Ok(())
+    }
+    fn disable_irq(&self, index: u32) -> Result<(), VfioBackendError> {
+        self.fds.lock().unwrap().retain(|(i, _)| *i != index);
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), VfioBackendError> {
+        Ok(())
+    }
+}
+
+/// Guest accesses, as a driver would make them.
+fn cfg16(d: &mut VfioPciDevice, at: usize, v: u16) -> Effects {
+    d.config_write(at / 4, (at % 4) as u64, &v.to_le_bytes())
+}
+
+fn reg_write(d: &mut VfioPciDevice, r: u64, v: u32) {
+    d.bar_write(0, r, &v.to_le_bytes());
+}
+
+fn reg_read(d: &mut VfioPciDevice, r: u64) -> u32 {
+    let mut b = [0u8; 4];
+    d.bar_read(0, r, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn find_cap(d: &mut VfioPciDevice, id: u8) -> usize {
+    let mut at = (d.config_read(offset::CAPABILITIES_POINTER / 4) & 0xfc) as usize;
+    while at != 0 {
+        let dw = d.config_read(at / 4);
+        if dw as u8 == id {
+            return at;
+        }
+        at = (dw >> 8 & 0xfc) as usize;
+    }
+    panic!("capability {id:#x} not found");
+}
+
+fn scratch_device() -> (Arc<LocalBackend>, VfioPciDevice) {
+    let mem = Arc::new(crate::pci::MappedRegions::new());
+    let backend = LocalBackend::new(mem);
+    let dev = VfioPciDevice::new(backend.clone()).unwrap();
+    (backend, dev)
+}
+
+#[test]
+fn identity_passes_through_and_bars_are_virtualised() {
+    let (backend, mut d) = scratch_device();
+    assert_eq!(d.config_read(0), 0xb500_104c);
+    assert_eq!(d.config_read(2) >> 8, 0xff0000);
+    // BAR sizing happens in the shadow; the device never sees BAR writes.
+    d.config_write(4, 0, &u32::MAX.to_le_bytes());
+    assert_eq!(
+        d.config_read(4) & !0xf,
+        !(epf::REG_BAR_SIZE as u32 - 1),
+        "BAR0 sizes to the region size"
+    );
+    let bars = d.place_bar(0, 0xc000_0000).unwrap();
+    assert_eq!(bars[0].addr, 0xc000_0000);
+    assert!(bars[0].decoding, "placing a BAR turns decoding on");
+    assert_eq!(d.config_read(4) & !0xf, 0xc000_0000);
+    let writes = backend.config_writes.lock().unwrap().clone();
+    assert!(
+        writes.iter().all(|(off, _)| !(0x10..0x28).contains(off)),
+        "a BAR write reached the device: {writes:?}"
+    );
+    // Moving the BAR is an effect for the VMM.
+    let e = d.config_write(4, 0, &0xd000_0000u32.to_le_bytes());
+    assert_eq!(e.bars.len(), 1);
+    assert_eq!(
+        (e.bars[0].old, e.bars[0].new),
+        (Some(0xc000_0000), Some(0xd000_0000))
+    );
+    assert_eq!(d.config_read(offset::ROM_BAR / 4), 0, "no expansion ROM");
+}
+
+#[test]
+fn msix_is_routed_through_the_shadow_table_and_eventfds() {
+    let (backend, mut d) = scratch_device();
+    d.place_bar(0, 0xc000_0000).unwrap();
+    let cap = find_cap(&mut d, cap_id::MSIX);
+    assert!(d.irq_vectors().iter().all(|v| v.message.is_none()));
+    // Table entry 0: address, data, unmask.
+    d.bar_write(0, epf::MSIX_TABLE_OFFSET, &0xfee0_0000u32.to_le_bytes());
+    d.bar_write(0, epf::MSIX_TABLE_OFFSET + 8, &0x45u32.to_le_bytes());
+    let e = d.bar_write(0, epf::MSIX_TABLE_OFFSET + 12, &0u32.to_le_bytes());
+    assert_eq!(e.msix, RoutingChange::Vector(0));
+    let e = cfg16(&mut d, cap + 2, 0x8000);
+    assert_eq!(e.msix, RoutingChange::All);
+    assert_eq!(
+        backend.fds.lock().unwrap()[0].0,
+        irq::MSIX,
+        "enabling MSI-X handed the backend its eventfds"
+    );
+    let v = d.irq_vectors();
+    let msg = v[0].message.unwrap();
+    assert_eq!((msg.addr, msg.data), (0xfee0_0000, 0x45));
+    assert!(v[1].message.is_none(), "vector 1 is still masked");
+    // The device raises MSI-X vector 0 (IRQ_NUMBER 1): its eventfd fires.
+    cfg16(
+        &mut d,
+        offset::COMMAND,
+        command::MEMORY_SPACE | command::BUS_MASTER,
+    );
+    reg_write(&mut d, epf::reg::IRQ_TYPE, epf::irq_type::MSIX);
+    reg_write(&mut d, epf::reg::IRQ_NUMBER, 1);
+    reg_write(&mut d, epf::reg::COMMAND, epf::command::RAISE_MSIX_IRQ);
+    assert_eq!(v[0].fd.read().unwrap(), 1);
+    // Disabling MSI-X takes the eventfds back from the backend.
+    cfg16(&mut d, cap + 2, 0);
+    assert!(backend.fds.lock().unwrap().is_empty());
+}
+
+#[test]
+fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
+    let low = AnonMapping::new(32 * MIB).unwrap();
+    let ram = Arc::new(
+        // SAFETY: `low` outlives the GuestRam and is only touched by the backends and the
+        // IOMMU model.
+        unsafe {
+            GuestRam::new(vec![Region {
+                host_addr: low.addr(),
+                guest_addr: 0,
+                size: low.len(),
+                page_size: 4096,
+                file: None,
+            }])
+        }
+        .unwrap(),
+    );
+    let model = Arc::new(IommuModel::new(65535, None));
+    let mut limits = Limits::detect().unwrap();
+    limits.cgroup_memory = None;
+    let pinner = Pinner::new(
+        Arc::new(Type1Backend::new(model.clone(), 65535)),
+        limits,
+        PinOptions {
+            threads: ThreadRequest::AtMost(2),
+            min_chunk: 4 * MIB,
+            progress: false,
+        },
+    );
+    let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+    // SAFETY: every host address the model maps is inside `low`, which outlives the device.
+    let dma = Arc::new(unsafe { IommuDma::new(model.clone()) });
+    let backend = LocalBackend::new(dma);
+    let mut d = VfioPciDevice::new(backend).unwrap();
+    d.place_bar(0, 0xc000_0000).unwrap();
+    cfg16(
+        &mut d,
+        offset::COMMAND,
+        command::MEMORY_SPACE | command::BUS_MASTER,
+    );
+
+    let write = |d: &mut VfioPciDevice, dst: u64| {
+        reg_write(d, epf::reg::DST_ADDR_LO, dst as u32);
+        reg_write(d, epf::reg::DST_ADDR_HI, (dst >> 32) as u32);
+        reg_write(d, epf::reg::SIZE, 4096);
+        reg_write(d, epf::reg::COMMAND, epf::command::WRITE);
+        reg_read(d, epf::reg::STATUS)
+    };
+    let last = 32 * MIB - 4096;
+    for dst in [0, 16 * MIB, last] {
+        let st = write(&mut d, dst);
+        assert_ne!(
+            st & epf::status::WRITE_SUCCESS,
+            0,
+            "WRITE to {dst:#x}: {st:#x}"
+        );
+        let mut expect = vec![0u8; 4096];
+        epf::fill_pattern(dst, 0, &mut expect);
+        // SAFETY: the page lies inside `low`, and the device is done writing it.
+        let got = unsafe { std::slice::from_raw_parts((low.addr() + dst) as *const u8, 4096) };
+        assert_eq!(got, &expect[..], "guest page {dst:#x}");
+        assert_eq!(reg_read(&mut d, epf::reg::CHECKSUM), epf::checksum(&expect));
+    }
+    // Past the end of RAM nothing is mapped: the command fails instead of writing anywhere.
+    let st = write(&mut d, 32 * MIB);
+    assert_ne!(st & epf::status::WRITE_FAIL, 0, "{st:#x}");
+    // Unpinning unmaps everything: the same WRITE now fails.
+    drop(pinned);
+    assert!(model.mappings().is_empty());
+    let st = write(&mut d, 0);
+    assert_ne!(st & epf::status::WRITE_FAIL, 0, "{st:#x}");
+}
