@@ -3,6 +3,7 @@
 
 pub mod backend;
 pub mod irqs;
+pub mod kernel;
 pub mod pci;
 
 pub use backend::{IrqInfo, MmapArea, RegionInfo, VfioBackend, VfioBackendError};

@@ -1,0 +1,847 @@
+//! What must be true on the host before a PCI function can be opened through kernel VFIO, checked
+//! up front so that a failure names the device and says the fix, instead of surfacing as a bare
+//! errno from deep inside an ioctl sequence.
+//!
+//! Every check works over a sysfs root and a /dev root, so the tests run against fixture trees.
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::IommuKind;
+
+/// Where the host's sysfs and device nodes are (`/sys` and `/dev`, except in tests).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostPaths {
+    pub sysfs_root: PathBuf,
+    pub dev_root: PathBuf,
+}
+
+impl HostPaths {
+    /// The running system: `/sys` and `/dev`.
+    pub fn system() -> Self {
+        Self {
+            sysfs_root: PathBuf::from("/sys"),
+            dev_root: PathBuf::from("/dev"),
+        }
+    }
+}
+
+/// Whose access to the device nodes is checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// This process, as the kernel sees it (`faccessat(AT_EACCESS)`: effective ids, capabilities,
+    /// ACLs such as logind's `uaccess`).
+    Effective,
+    /// A user with these ids, judged by the mode bits alone (what the tests use, since they may
+    /// run as root).
+    As { uid: u32, gids: Vec<u32> },
+}
+
+/// Why a host PCI function cannot be opened through kernel VFIO. Every variant names the
+/// device and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelVfioError {
+    #[error(
+        "{path}: no such PCI device; check the address (`lspci -D` lists them as DDDD:BB:DD.F)"
+    )]
+    NoSuchDevice { path: PathBuf },
+
+    #[error("{device}: {}; hand it to vfio-pci: `modprobe vfio-pci; {}`", bound_to(driver), rebind_commands(address, driver.is_some()))]
+    NotBound {
+        device: String,
+        address: String,
+        driver: Option<String>,
+    },
+
+    #[error(
+        "{device}: no `iommu_group` in sysfs, so the host has no IOMMU for it; enable VT-d \
+         (Intel) or AMD-Vi (AMD) in the firmware and boot with `intel_iommu=on` (or \
+         `amd_iommu=on`, on by default on AMD) and `iommu=pt` on the kernel command line"
+    )]
+    NoIommuGroup { device: String },
+
+    #[error(
+        "{device}: IOMMU group {group} is not viable: every device in it must be bound to \
+         vfio-pci (or have no driver) before any can be passed through; not so: {}; bind each \
+         to vfio-pci the same way (`echo vfio-pci > /sys/bus/pci/devices/ADDR/driver_override`, \
+         unbind, `echo ADDR > /sys/bus/pci/drivers_probe`) or pass them through together",
+        list_others(others)
+    )]
+    GroupNotViable {
+        device: String,
+        group: u32,
+        /// `(address, driver)` of each device in the group that blocks it.
+        others: Vec<(String, String)>,
+    },
+
+    #[error("{device}: {} is missing; {fix}", path.display())]
+    MissingNode {
+        device: String,
+        path: PathBuf,
+        fix: String,
+    },
+
+    #[error(
+        "{device}: permission denied on {} (owner uid {uid}, gid {gid}, mode {mode:o}); run \
+         vmm as root, or give your user the file: `chown $USER {}` (until reboot) or a udev \
+         rule, e.g. {udev}",
+        path.display(), path.display()
+    )]
+    PermissionDenied {
+        device: String,
+        path: PathBuf,
+        uid: u32,
+        gid: u32,
+        mode: u32,
+        udev: &'static str,
+    },
+
+    #[error(
+        "{device}: {} is busy: another process (another VMM?) has the device or its group \
+         open; stop it first",
+        path.display()
+    )]
+    Busy { device: String, path: PathBuf },
+
+    #[error("{device}: reading {}: {source}", path.display())]
+    Sysfs {
+        device: String,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// A step of opening the device through vfio-ioctls failed after the checks passed.
+    #[error("{device}: {step}: {source}")]
+    Open {
+        device: String,
+        step: &'static str,
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+
+    /// A device query right after opening it failed.
+    #[error("{device}: {step}: {source}")]
+    Query {
+        device: String,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn bound_to(driver: &Option<String>) -> String {
+    match driver {
+        Some(d) => format!("bound to {d}, not vfio-pci"),
+        None => "not bound to any driver (vfio-pci needed)".to_string(),
+    }
+}
+
+/// The commands that rebind `address` to vfio-pci.
+pub fn rebind_commands(address: &str, has_driver: bool) -> String {
+    let dev = format!("/sys/bus/pci/devices/{address}");
+    let mut cmds = Vec::new();
+    if has_driver {
+        cmds.push(format!("echo {address} > {dev}/driver/unbind"));
+    }
+    cmds.push(format!("echo vfio-pci > {dev}/driver_override"));
+    cmds.push(format!("echo {address} > /sys/bus/pci/drivers_probe"));
+    cmds.join("; ")
+}
+
+fn list_others(others: &[(String, String)]) -> String {
+    others
+        .iter()
+        .map(|(addr, drv)| format!("{addr} (bound to {drv})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl KernelVfioError {
+    /// The errno behind the failure, where there is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            KernelVfioError::PermissionDenied { .. } => Some(libc::EACCES),
+            KernelVfioError::Busy { .. } => Some(libc::EBUSY),
+            KernelVfioError::MissingNode { .. } | KernelVfioError::NoSuchDevice { .. } => {
+                Some(libc::ENOENT)
+            }
+            KernelVfioError::Sysfs { source, .. } | KernelVfioError::Query { source, .. } => {
+                source.raw_os_error()
+            }
+            KernelVfioError::Open { source, .. } => super::vfio_errno(source),
+            _ => None,
+        }
+    }
+}
+
+/// What the checks found: enough to open the device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Preflight {
+    /// The device's sysfs directory.
+    pub sysfs: PathBuf,
+    /// `DDDD:BB:DD.F`.
+    pub address: String,
+    pub iommu_group: u32,
+    /// The nodes that will be opened, all present and accessible.
+    pub nodes: Vec<PathBuf>,
+}
+
+/// The sysfs directory of `device`: a path as given, or a PCI address (`0000:01:00.0`, or
+/// `01:00.0` for domain 0) under `<sysfs_root>/bus/pci/devices/`.
+pub fn resolve_device(sysfs_root: &Path, device: &Path) -> PathBuf {
+    let s = device.to_string_lossy();
+    if s.contains('/') {
+        return device.to_path_buf();
+    }
+    let address = if s.matches(':').count() == 1 {
+        format!("0000:{s}")
+    } else {
+        s.into_owned()
+    };
+    sysfs_root.join("bus/pci/devices").join(address)
+}
+
+/// Name of the driver a sysfs device directory is bound to, if any.
+fn driver_of(dev: &Path) -> Option<String> {
+    let link = fs::read_link(dev.join("driver")).ok()?;
+    Some(link.file_name()?.to_string_lossy().into_owned())
+}
+
+/// vfio-pci itself, or a vendor variant of it (`mlx5_vfio_pci`, `nvgrace_gpu_vfio_pci`, ...).
+pub fn is_vfio_driver(driver: &str) -> bool {
+    driver == "vfio-pci" || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
+}
+
+/// Drivers that may hold another device of a group while one is passed through: those the
+/// kernel marks `driver_managed_dma` besides vfio (PCIe port services, pci-stub).
+fn allowed_in_group(driver: &str) -> bool {
+    is_vfio_driver(driver) || driver == "pcieport" || driver == "pci-stub"
+}
+
+/// The device exists and is bound to vfio-pci.
+pub fn check_bound(sysfs_root: &Path, device: &Path) -> Result<PathBuf, KernelVfioError> {
+    let dir = resolve_device(sysfs_root, device);
+    if !dir.is_dir() {
+        return Err(KernelVfioError::NoSuchDevice { path: dir });
+    }
+    let driver = driver_of(&dir);
+    match driver {
+        Some(d) if is_vfio_driver(&d) => Ok(dir),
+        driver => Err(KernelVfioError::NotBound {
+            device: dir.display().to_string(),
+            address: address_of(&dir),
+            driver,
+        }),
+    }
+}
+
+fn address_of(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// The device's IOMMU group number.
+pub fn iommu_group(dev: &Path) -> Result<u32, KernelVfioError> {
+    let no_group = || KernelVfioError::NoIommuGroup {
+        device: dev.display().to_string(),
+    };
+    let link = fs::read_link(dev.join("iommu_group")).map_err(|_| no_group())?;
+    link.file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(no_group)
+}
+
+/// Every other device in the group is bound to vfio-pci, a driver the kernel allows alongside
+/// it, or nothing.
+pub fn check_group_viable(dev: &Path, group: u32) -> Result<(), KernelVfioError> {
+    let devices = dev.join("iommu_group/devices");
+    let entries = fs::read_dir(&devices).map_err(|source| KernelVfioError::Sysfs {
+        device: dev.display().to_string(),
+        path: devices.clone(),
+        source,
+    })?;
+    let me = address_of(dev);
+    let mut others = Vec::new();
+    for entry in entries.flatten() {
+        let addr = entry.file_name().to_string_lossy().into_owned();
+        if addr == me {
+            continue;
+        }
+        if let Some(drv) = driver_of(&entry.path()) {
+            if !allowed_in_group(&drv) {
+                others.push((addr, drv));
+            }
+        }
+    }
+    if others.is_empty() {
+        return Ok(());
+    }
+    others.sort();
+    Err(KernelVfioError::GroupNotViable {
+        device: dev.display().to_string(),
+        group,
+        others,
+    })
+}
+
+/// The nodes `iommu` opens for the device, with what to do if one is missing.
+fn nodes_for(
+    paths: &HostPaths,
+    dev: &Path,
+    group: u32,
+    iommu: IommuKind,
+) -> Result<Vec<(PathBuf, String)>, KernelVfioError> {
+    let vfio = paths.dev_root.join("vfio");
+    Ok(match iommu {
+        IommuKind::Type1 => vec![
+            (
+                vfio.join("vfio"),
+                "load VFIO (`modprobe vfio-pci`); a kernel built without \
+                 CONFIG_VFIO_CONTAINER has only iommufd: use `--iommu iommufd`"
+                    .to_string(),
+            ),
+            (
+                vfio.join(group.to_string()),
+                "the group's node appears once the device is bound to vfio-pci; if it is \
+                 bound, is /dev mounted as devtmpfs? (or the kernel lacks type1 groups: try \
+                 `--iommu iommufd`)"
+                    .to_string(),
+            ),
+        ],
+        IommuKind::Iommufd => {
+            let cdev = vfio_cdev_name(dev)?;
+            vec![
+                (
+                    paths.dev_root.join("iommu"),
+                    "iommufd needs Linux 6.2+ with CONFIG_IOMMUFD (`modprobe iommufd`); or use \
+                     `--iommu type1`"
+                        .to_string(),
+                ),
+                (
+                    vfio.join("devices").join(&cdev),
+                    format!(
+                        "sysfs names {cdev} but the node is missing: is /dev mounted as \
+                         devtmpfs? (or use `--iommu type1`)"
+                    ),
+                ),
+            ]
+        }
+    })
+}
+
+/// `vfioN` from `<dev>/vfio-dev/vfioN`: the device's VFIO character device (Linux 6.6+).
+pub fn vfio_cdev_name(dev: &Path) -> Result<String, KernelVfioError> {
+    let dir = dev.join("vfio-dev");
+    let missing = || KernelVfioError::MissingNode {
+        device: dev.display().to_string(),
+        path: dir.clone(),
+        fix: "the kernel has no VFIO device cdevs (needs Linux 6.6+ with \
+              CONFIG_VFIO_DEVICE_CDEV); use `--iommu type1`"
+            .to_string(),
+    };
+    let names: Vec<String> = fs::read_dir(&dir)
+        .map_err(|_| missing())?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("vfio"))
+        .collect();
+    match names.as_slice() {
+        [one] => Ok(one.clone()),
+        _ => Err(missing()),
+    }
+}
+
+/// The udev rule that gives a user the node at `path`.
+fn udev_rule_for(path: &Path) -> &'static str {
+    if path.file_name().is_some_and(|n| n == "iommu") {
+        "`KERNEL==\"iommu\", SUBSYSTEM==\"misc\", OWNER=\"youruser\"` in /etc/udev/rules.d/90-vfio.rules"
+    } else {
+        "`SUBSYSTEM==\"vfio\", OWNER=\"youruser\"` in /etc/udev/rules.d/90-vfio.rules"
+    }
+}
+
+/// `path` exists and `who` may open it for reading and writing.
+pub fn check_node(
+    device: &str,
+    path: &Path,
+    fix: &str,
+    who: &Access,
+) -> Result<(), KernelVfioError> {
+    let meta = match fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(KernelVfioError::MissingNode {
+                device: device.to_string(),
+                path: path.to_path_buf(),
+                fix: fix.to_string(),
+            })
+        }
+        Err(source) => {
+            return Err(KernelVfioError::Sysfs {
+                device: device.to_string(),
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let allowed = match who {
+        Access::Effective => effective_rw(path),
+        Access::As { uid, gids } => mode_allows_rw(meta.mode(), meta.uid(), meta.gid(), *uid, gids),
+    };
+    if allowed {
+        Ok(())
+    } else {
+        Err(KernelVfioError::PermissionDenied {
+            device: device.to_string(),
+            path: path.to_path_buf(),
+            uid: meta.uid(),
+            gid: meta.gid(),
+            mode: meta.mode() & 0o7777,
+            udev: udev_rule_for(path),
+        })
+    }
+}
+
+/// The kernel's own answer, with capabilities and ACLs.
+fn effective_rw(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: c is a NUL-terminated path; faccessat only reads it.
+    unsafe {
+        libc::faccessat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::R_OK | libc::W_OK,
+            libc::AT_EACCESS,
+        ) == 0
+    }
+}
+
+/// The classic permission check: owner bits if the user owns the file, else group bits if one
+/// of its groups does, else the other bits.
+pub fn mode_allows_rw(mode: u32, owner: u32, group: u32, uid: u32, gids: &[u32]) -> bool {
+    let rw = if uid == owner {
+        mode >> 6
+    } else if gids.contains(&group) {
+        mode >> 3
+    } else {
+        mode
+    };
+    rw & 0o6 == 0o6
+}
+
+/// All checks, in the order a user fixes them: device exists, bound to vfio-pci, has an IOMMU
+/// group, the group is viable, the nodes `iommu` needs exist and are accessible.
+pub fn preflight(
+    paths: &HostPaths,
+    device: &Path,
+    iommu: IommuKind,
+    who: &Access,
+) -> Result<Preflight, KernelVfioError> {
+    let dir = check_bound(&paths.sysfs_root, device)?;
+    let group = iommu_group(&dir)?;
+    check_group_viable(&dir, group)?;
+    let name = dir.display().to_string();
+    let mut nodes = Vec::new();
+    for (path, fix) in nodes_for(paths, &dir, group, iommu)? {
+        check_node(&name, &path, &fix, who)?;
+        nodes.push(path);
+    }
+    Ok(Preflight {
+        address: address_of(&dir),
+        sysfs: dir,
+        iommu_group: group,
+        nodes,
+    })
+}
+
+impl fmt::Display for Preflight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (IOMMU group {})", self.address, self.iommu_group)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    use super::*;
+
+    const ADDR: &str = "0000:01:00.0";
+
+    /// A host with one device at ADDR in IOMMU group 7, bound to `driver`.
+    struct Host {
+        _tmp: tempfile::TempDir,
+        paths: HostPaths,
+    }
+
+    impl Host {
+        fn new(driver: Option<&str>) -> Self {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            let paths = HostPaths {
+                sysfs_root: root.join("sys"),
+                dev_root: root.join("dev"),
+            };
+            let host = Host { _tmp: tmp, paths };
+            fs::create_dir_all(host.sys("bus/pci/devices")).unwrap();
+            fs::create_dir_all(host.paths.dev_root.join("vfio/devices")).unwrap();
+            host.add_device(ADDR, driver, Some(7));
+            host
+        }
+
+        fn sys(&self, rel: &str) -> PathBuf {
+            self.paths.sysfs_root.join(rel)
+        }
+
+        fn dev_dir(&self, addr: &str) -> PathBuf {
+            self.sys(&format!("devices/pci0000:00/{addr}"))
+        }
+
+        /// A device directory, its bus/pci/devices link, driver link and group membership.
+        fn add_device(&self, addr: &str, driver: Option<&str>, group: Option<u32>) {
+            let dir = self.dev_dir(addr);
+            fs::create_dir_all(&dir).unwrap();
+            symlink(&dir, self.sys("bus/pci/devices").join(addr)).unwrap();
+            if let Some(drv) = driver {
+                let drv_dir = self.sys(&format!("bus/pci/drivers/{drv}"));
+                fs::create_dir_all(&drv_dir).unwrap();
+                symlink(&drv_dir, dir.join("driver")).unwrap();
+            }
+            if let Some(g) = group {
+                let gdir = self.sys(&format!("kernel/iommu_groups/{g}"));
+                fs::create_dir_all(gdir.join("devices")).unwrap();
+                symlink(&dir, gdir.join("devices").join(addr)).unwrap();
+                symlink(&gdir, dir.join("iommu_group")).unwrap();
+            }
+        }
+
+        fn node(&self, rel: &str, mode: u32) -> PathBuf {
+            let p = self.paths.dev_root.join(rel);
+            fs::write(&p, b"").unwrap();
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            p
+        }
+
+        fn type1_nodes(&self) {
+            self.node("vfio/vfio", 0o666);
+            self.node("vfio/7", 0o666);
+        }
+
+        fn iommufd_nodes(&self) {
+            fs::create_dir_all(self.dev_dir(ADDR).join("vfio-dev/vfio3")).unwrap();
+            self.node("iommu", 0o666);
+            self.node("vfio/devices/vfio3", 0o666);
+        }
+
+        fn check(&self, iommu: IommuKind) -> Result<Preflight, KernelVfioError> {
+            preflight(&self.paths, Path::new(ADDR), iommu, &stranger(&self.paths))
+        }
+    }
+
+    /// A user who owns nothing in the fixture and is in none of its groups.
+    fn stranger(paths: &HostPaths) -> Access {
+        let meta = fs::metadata(&paths.dev_root).unwrap();
+        Access::As {
+            uid: meta.uid().wrapping_add(1000),
+            gids: vec![meta.gid().wrapping_add(1000)],
+        }
+    }
+
+    #[test]
+    fn type1_device_that_is_ready_passes() {
+        let host = Host::new(Some("vfio-pci"));
+        host.type1_nodes();
+        let pre = host.check(IommuKind::Type1).unwrap();
+        assert_eq!(pre.address, ADDR);
+        assert_eq!(pre.iommu_group, 7);
+        assert_eq!(
+            pre.nodes,
+            vec![
+                host.paths.dev_root.join("vfio/vfio"),
+                host.paths.dev_root.join("vfio/7")
+            ]
+        );
+    }
+
+    #[test]
+    fn iommufd_device_that_is_ready_passes() {
+        let host = Host::new(Some("vfio-pci"));
+        host.iommufd_nodes();
+        let pre = host.check(IommuKind::Iommufd).unwrap();
+        assert_eq!(
+            pre.nodes,
+            vec![
+                host.paths.dev_root.join("iommu"),
+                host.paths.dev_root.join("vfio/devices/vfio3")
+            ]
+        );
+    }
+
+    #[test]
+    fn address_forms_resolve_under_sysfs_root() {
+        let root = Path::new("/s");
+        assert_eq!(
+            resolve_device(root, Path::new("0000:01:00.0")),
+            Path::new("/s/bus/pci/devices/0000:01:00.0")
+        );
+        assert_eq!(
+            resolve_device(root, Path::new("01:00.0")),
+            Path::new("/s/bus/pci/devices/0000:01:00.0")
+        );
+        assert_eq!(
+            resolve_device(root, Path::new("/sys/bus/pci/devices/0000:02:00.0")),
+            Path::new("/sys/bus/pci/devices/0000:02:00.0")
+        );
+    }
+
+    #[test]
+    fn missing_device_says_check_the_address() {
+        let host = Host::new(Some("vfio-pci"));
+        let err = preflight(
+            &host.paths,
+            Path::new("0000:05:00.0"),
+            IommuKind::Type1,
+            &Access::Effective,
+        )
+        .unwrap_err();
+        assert!(matches!(err, KernelVfioError::NoSuchDevice { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("bus/pci/devices/0000:05:00.0"), "{msg}");
+        assert!(msg.contains("check the address"), "{msg}");
+    }
+
+    #[test]
+    fn device_bound_to_another_driver_gets_the_rebind_commands() {
+        let host = Host::new(Some("nvme"));
+        host.type1_nodes();
+        let err = host.check(IommuKind::Type1).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(&err, KernelVfioError::NotBound { driver: Some(d), .. } if d == "nvme"),
+            "{msg}"
+        );
+        assert!(msg.contains(ADDR) && msg.contains("bound to nvme"), "{msg}");
+        assert!(
+            msg.contains(&format!(
+                "echo {ADDR} > /sys/bus/pci/devices/{ADDR}/driver/unbind"
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!(
+                "echo vfio-pci > /sys/bus/pci/devices/{ADDR}/driver_override"
+            )),
+            "{msg}"
+        );
+        assert!(
+            msg.contains(&format!("echo {ADDR} > /sys/bus/pci/drivers_probe")),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn unbound_device_needs_no_unbind() {
+        let host = Host::new(None);
+        let msg = host.check(IommuKind::Type1).unwrap_err().to_string();
+        assert!(msg.contains("not bound to any driver"), "{msg}");
+        assert!(!msg.contains("driver/unbind"), "{msg}");
+        assert!(msg.contains("drivers_probe"), "{msg}");
+    }
+
+    #[test]
+    fn vfio_variant_drivers_count_as_vfio() {
+        assert!(is_vfio_driver("vfio-pci"));
+        assert!(is_vfio_driver("mlx5_vfio_pci"));
+        assert!(!is_vfio_driver("nvme"));
+        let host = Host::new(Some("mlx5_vfio_pci"));
+        host.type1_nodes();
+        host.check(IommuKind::Type1).unwrap();
+    }
+
+    #[test]
+    fn no_iommu_group_says_enable_the_iommu() {
+        let host = Host::new(Some("vfio-pci"));
+        host.add_device("0000:02:00.0", Some("vfio-pci"), None);
+        let err = preflight(
+            &host.paths,
+            Path::new("0000:02:00.0"),
+            IommuKind::Type1,
+            &Access::Effective,
+        )
+        .unwrap_err();
+        assert!(matches!(err, KernelVfioError::NoIommuGroup { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(msg.contains("0000:02:00.0"), "{msg}");
+        assert!(
+            msg.contains("intel_iommu=on") && msg.contains("amd_iommu"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn group_with_a_device_on_a_host_driver_is_not_viable_and_names_it() {
+        let host = Host::new(Some("vfio-pci"));
+        host.type1_nodes();
+        host.add_device("0000:01:00.1", Some("snd_hda_intel"), Some(7));
+        // Allowed company: a bridge on pcieport, a device without a driver, a vfio-pci one.
+        host.add_device("0000:00:01.0", Some("pcieport"), Some(7));
+        host.add_device("0000:01:00.2", None, Some(7));
+        host.add_device("0000:01:00.3", Some("vfio-pci"), Some(7));
+        let err = host.check(IommuKind::Type1).unwrap_err();
+        match &err {
+            KernelVfioError::GroupNotViable { group, others, .. } => {
+                assert_eq!(*group, 7);
+                assert_eq!(
+                    others,
+                    &vec![("0000:01:00.1".to_string(), "snd_hda_intel".to_string())]
+                );
+            }
+            e => panic!("wrong error: {e}"),
+        }
+        let msg = err.to_string();
+        assert!(
+            msg.contains("0000:01:00.1 (bound to snd_hda_intel)"),
+            "{msg}"
+        );
+        assert!(msg.contains("group 7"), "{msg}");
+    }
+
+    #[test]
+    fn group_with_only_allowed_company_is_viable() {
+        let host = Host::new(Some("vfio-pci"));
+        host.type1_nodes();
+        host.add_device("0000:00:01.0", Some("pcieport"), Some(7));
+        host.add_device("0000:01:00.1", None, Some(7));
+        host.add_device("0000:01:00.2", Some("pci-stub"), Some(7));
+        host.check(IommuKind::Type1).unwrap();
+    }
+
+    fn assert_missing(err: KernelVfioError, path: &Path, hint: &str) {
+        let msg = err.to_string();
+        match &err {
+            KernelVfioError::MissingNode { path: p, .. } => assert_eq!(p, path, "{msg}"),
+            e => panic!("wrong error: {e}"),
+        }
+        assert!(msg.contains(ADDR), "{msg}");
+        assert!(msg.contains(hint), "{msg}");
+    }
+
+    #[test]
+    fn missing_container_node_says_load_vfio() {
+        let host = Host::new(Some("vfio-pci"));
+        host.node("vfio/7", 0o666);
+        let err = host.check(IommuKind::Type1).unwrap_err();
+        assert_missing(
+            err,
+            &host.paths.dev_root.join("vfio/vfio"),
+            "modprobe vfio-pci",
+        );
+    }
+
+    #[test]
+    fn missing_group_node_is_reported() {
+        let host = Host::new(Some("vfio-pci"));
+        host.node("vfio/vfio", 0o666);
+        let err = host.check(IommuKind::Type1).unwrap_err();
+        assert_missing(err, &host.paths.dev_root.join("vfio/7"), "group's node");
+    }
+
+    #[test]
+    fn missing_dev_iommu_says_kernel_and_module() {
+        let host = Host::new(Some("vfio-pci"));
+        host.iommufd_nodes();
+        fs::remove_file(host.paths.dev_root.join("iommu")).unwrap();
+        let err = host.check(IommuKind::Iommufd).unwrap_err();
+        assert_missing(err, &host.paths.dev_root.join("iommu"), "CONFIG_IOMMUFD");
+    }
+
+    #[test]
+    fn missing_vfio_cdev_in_sysfs_says_kernel_too_old() {
+        let host = Host::new(Some("vfio-pci"));
+        host.node("iommu", 0o666);
+        let err = host.check(IommuKind::Iommufd).unwrap_err();
+        assert_missing(
+            err,
+            &host.sys("bus/pci/devices").join(ADDR).join("vfio-dev"),
+            "CONFIG_VFIO_DEVICE_CDEV",
+        );
+    }
+
+    #[test]
+    fn missing_vfio_cdev_node_is_reported() {
+        let host = Host::new(Some("vfio-pci"));
+        host.iommufd_nodes();
+        fs::remove_file(host.paths.dev_root.join("vfio/devices/vfio3")).unwrap();
+        let err = host.check(IommuKind::Iommufd).unwrap_err();
+        assert_missing(
+            err,
+            &host.paths.dev_root.join("vfio/devices/vfio3"),
+            "devtmpfs",
+        );
+    }
+
+    #[test]
+    fn group_node_without_permission_names_the_file_and_the_fix() {
+        let host = Host::new(Some("vfio-pci"));
+        host.type1_nodes();
+        let group = host.node("vfio/7", 0o600);
+        let err = host.check(IommuKind::Type1).unwrap_err();
+        let msg = err.to_string();
+        match &err {
+            KernelVfioError::PermissionDenied { path, mode, .. } => {
+                assert_eq!(path, &group);
+                assert_eq!(*mode, 0o600);
+            }
+            e => panic!("wrong error: {e}"),
+        }
+        assert_eq!(err.errno(), Some(libc::EACCES));
+        assert!(msg.contains(&group.display().to_string()), "{msg}");
+        assert!(msg.contains("run vmm as root"), "{msg}");
+        assert!(msg.contains("SUBSYSTEM==\\\"vfio\\\"") || msg.contains("SUBSYSTEM==\"vfio\""));
+    }
+
+    #[test]
+    fn dev_iommu_without_permission_suggests_its_own_udev_rule() {
+        let host = Host::new(Some("vfio-pci"));
+        host.iommufd_nodes();
+        host.node("iommu", 0o644);
+        let msg = host.check(IommuKind::Iommufd).unwrap_err().to_string();
+        assert!(msg.contains("permission denied"), "{msg}");
+        assert!(msg.contains("KERNEL==\"iommu\""), "{msg}");
+    }
+
+    #[test]
+    fn permission_follows_owner_then_group_then_other_bits() {
+        // Owner matches: only the owner bits count, even if others may.
+        assert!(!mode_allows_rw(0o066, 1000, 100, 1000, &[100]));
+        assert!(mode_allows_rw(0o600, 1000, 100, 1000, &[]));
+        // Group matches.
+        assert!(mode_allows_rw(0o660, 0, 100, 1000, &[5, 100]));
+        assert!(!mode_allows_rw(0o640, 0, 100, 1000, &[100]));
+        // Neither.
+        assert!(!mode_allows_rw(0o660, 0, 100, 1000, &[5]));
+        assert!(mode_allows_rw(0o666, 0, 100, 1000, &[5]));
+    }
+
+    #[test]
+    fn effective_access_allows_a_file_everyone_may_write() {
+        let host = Host::new(Some("vfio-pci"));
+        host.type1_nodes();
+        preflight(
+            &host.paths,
+            Path::new(ADDR),
+            IommuKind::Type1,
+            &Access::Effective,
+        )
+        .unwrap();
+    }
+}
