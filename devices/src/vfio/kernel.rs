@@ -237,6 +237,8 @@ pub struct KernelVfio {
     num_regions: u32,
     num_irqs: u32,
     regions: Vec<RegionInfo>,
+    /// Where each region starts on the device fd, for pread/pwrite.
+    file_offsets: Vec<u64>,
 }
 
 impl KernelVfio {
@@ -278,11 +280,12 @@ impl KernelVfio {
         };
         let info = get_device_info(&device).map_err(|e| query("VFIO_DEVICE_GET_INFO", e))?;
         let mut regions = Vec::new();
+        let mut file_offsets = Vec::new();
         for index in 0..info.num_regions {
-            regions.push(
-                get_region_info(&device, index, info.num_regions)
-                    .map_err(|e| query("VFIO_DEVICE_GET_REGION_INFO", e))?,
-            );
+            let (region, offset) = get_region_info(&device, index, info.num_regions)
+                .map_err(|e| query("VFIO_DEVICE_GET_REGION_INFO", e))?;
+            regions.push(region);
+            file_offsets.push(offset);
         }
         tracing::info!(
             "{}: attached through {} ({} regions, {} interrupt indices)",
@@ -299,6 +302,7 @@ impl KernelVfio {
             num_regions: info.num_regions,
             num_irqs: info.num_irqs,
             regions,
+            file_offsets,
         })
     }
 
@@ -362,8 +366,7 @@ impl KernelVfio {
                 io::Error::from_raw_os_error(libc::EINVAL),
             ));
         }
-        let (_, base) = region_file_offset(r);
-        Ok(base + offset)
+        Ok(self.file_offsets[index as usize] + offset)
     }
 
     fn set_irqs(&self, index: u32, flags: u32, fds: &[RawFd]) -> io::Result<()> {
@@ -378,12 +381,6 @@ impl KernelVfio {
             )
         })
     }
-}
-
-/// The region's file offset on the device fd: from `mmap_fd`, which every region carries for
-/// that reason (see `get_region_info`).
-fn region_file_offset(r: &RegionInfo) -> (RawFd, u64) {
-    r.mmap_fd.unwrap_or((-1, 0))
 }
 
 /// A `vfio_irq_set` with `fds` as its eventfd data, as u32 words (the struct is five u32s).
@@ -407,8 +404,12 @@ fn get_device_info(device: &VfioDevice) -> io::Result<vfio_device_info> {
 }
 
 /// Region `index` as the kernel reports it now, with the mmap-able areas vfio-ioctls parsed
-/// from its capability chain when it opened the device.
-fn get_region_info(device: &VfioDevice, index: u32, num_regions: u32) -> io::Result<RegionInfo> {
+/// from its capability chain when it opened the device, and its offset on the device fd.
+fn get_region_info(
+    device: &VfioDevice,
+    index: u32,
+    num_regions: u32,
+) -> io::Result<(RegionInfo, u64)> {
     let mut info = vfio_region_info {
         argsz: std::mem::size_of::<vfio_region_info>() as u32,
         index,
@@ -427,33 +428,44 @@ fn get_region_info(device: &VfioDevice, index: u32, num_regions: u32) -> io::Res
         let e = io::Error::last_os_error();
         // A region the device does not have (VGA on a non-VGA device): size 0.
         if e.raw_os_error() == Some(libc::EINVAL) {
-            return Ok(RegionInfo {
-                index,
-                flags: 0,
-                size: 0,
-                mmap_areas: Vec::new(),
-                mmap_fd: None,
-            });
+            return Ok((absent_region(index), 0));
         }
         return Err(e);
     }
     // vfio-ioctls keeps regions in a Vec that skips the ones it failed to query, so find this
     // region's capabilities by its (unique) file offset, not by position.
+    // (Flags and offset first: get_region_size logs on an index it does not have.)
     let caps = (0..num_regions)
+        .filter(|_| info.size > 0)
         .find(|&i| {
-            device.get_region_offset(i) == info.offset
-                && device.get_region_flags(i) == info.flags
+            device.get_region_flags(i) == info.flags
+                && device.get_region_offset(i) == info.offset
                 && device.get_region_size(i) == info.size
         })
         .map(|i| device.get_region_caps(i))
         .unwrap_or_default();
-    Ok(RegionInfo {
+    let mmap_areas = mmap_areas(info.flags, info.size, &caps);
+    let mmap_fd = (!mmap_areas.is_empty()).then(|| (device.as_raw_fd(), info.offset));
+    Ok((
+        RegionInfo {
+            index,
+            flags: info.flags,
+            size: info.size,
+            mmap_areas,
+            mmap_fd,
+        },
+        info.offset,
+    ))
+}
+
+fn absent_region(index: u32) -> RegionInfo {
+    RegionInfo {
         index,
-        flags: info.flags,
-        size: info.size,
-        mmap_areas: mmap_areas(info.flags, info.size, &caps),
-        mmap_fd: Some((device.as_raw_fd(), info.offset)),
-    })
+        flags: 0,
+        size: 0,
+        mmap_areas: Vec::new(),
+        mmap_fd: None,
+    }
 }
 
 /// The parts of a region that may be mmap'ed: the sparse-mmap areas if the kernel gave them,
@@ -492,13 +504,7 @@ impl VfioBackend for KernelVfio {
             .regions
             .get(index as usize)
             .cloned()
-            .unwrap_or(RegionInfo {
-                index,
-                flags: 0,
-                size: 0,
-                mmap_areas: Vec::new(),
-                mmap_fd: None,
-            }))
+            .unwrap_or_else(|| absent_region(index)))
     }
 
     fn region_read(
