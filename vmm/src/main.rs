@@ -48,6 +48,8 @@ CPU affinity, online CPUs and the cgroup CPU quota (v1 and v2, ancestors include
 as the bandwidth ceiling.\n\nExample: vmm pin-bench --memory 4G --pin populate --threads 1,2,auto --runs 3"
     )]
     PinBench(PinBenchArgs),
+    /// Benchmarks that boot guests: `vmm bench startup` (start-up time, vmm and QEMU).
+    Bench(vmm::bench::BenchArgs),
 }
 
 fn pin_bench(args: &PinBenchArgs) -> ExitCode {
@@ -119,6 +121,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::PinBench(args) => pin_bench(&args),
+        Command::Bench(args) => vmm::bench::command(&args),
         Command::Run(args) => run(&args, start),
     }
 }

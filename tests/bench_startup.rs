@@ -1,0 +1,205 @@
+//! `vmm bench startup` through the real binary: one tiny configuration, QEMU off; the JSON's
+//! shape, the SVG, and bad input. No timed assertion: the numbers belong to the machine.
+
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+// The locked-memory helpers serve other test files.
+#[allow(dead_code)]
+mod common;
+use common::vmm;
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn one_tiny_configuration_writes_json_with_every_phase_and_an_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vmm()
+        .args([
+            "bench",
+            "startup",
+            "--memory",
+            "256M",
+            "--backing",
+            "anon",
+            "--pin-threads",
+            "1",
+            "--runs",
+            "1",
+            "--qemu",
+            "none",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("256M-anon-t1"), "{table}");
+    assert!(table.contains("QEMU: skipped"), "{table}");
+
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("startup.json")).unwrap())
+            .unwrap();
+    let m = &json["machine"];
+    for key in ["cpu_model", "kernel", "date"] {
+        assert!(!m[key].as_str().unwrap().is_empty(), "machine.{key}: {m}");
+    }
+    assert!(m["cores_online"].as_u64().unwrap() >= 1);
+    assert!(m["vmx_or_svm"].is_boolean() && m["hypervisor"].is_boolean());
+    assert_eq!(json["runs"], 1);
+    assert!(json["qemu"]["skipped"].is_string());
+    assert!(json["failures"].as_array().unwrap().is_empty());
+
+    let configs = json["configs"].as_array().unwrap();
+    assert_eq!(configs.len(), 1, "{json}");
+    let c = &configs[0];
+    assert_eq!(c["memory_bytes"], 256u64 << 20);
+    assert_eq!(c["backing"], "anon");
+    assert_eq!(c["pin_threads"], "1");
+    assert_eq!(c["pin_backend"], "populate");
+    assert_eq!(c["threads_used"], 1);
+    assert!(c["ready_ms"]["median"].as_f64().unwrap() > 0.0);
+    let samples = c["samples"].as_array().unwrap();
+    assert_eq!(samples.len(), 1);
+    let s = &samples[0];
+    assert!(s["total_ms"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["ready_ms"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["wall_ms"].as_f64().unwrap() > 0.0, "{s}");
+    assert!(s["pin_ms"].as_f64().is_some() && s["overhead_ms"].as_f64().is_some());
+    let phases: Vec<&str> = s["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            assert!(p["start_ms"].as_f64().is_some() && p["end_ms"].as_f64().is_some());
+            assert!(p["ms"].as_f64().unwrap() >= 0.0, "{p}");
+            p["name"].as_str().unwrap()
+        })
+        .collect();
+    for name in ["kvm", "memory", "pin", "load", "vcpus", "run", "exit"] {
+        assert!(phases.contains(&name), "{name} missing from {phases:?}");
+    }
+
+    let svg = std::fs::read_to_string(dir.path().join("startup.svg")).unwrap();
+    assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(80)]);
+    assert!(svg.contains("guest RAM (GiB)"));
+}
+
+#[test]
+fn bad_list_values_exit_2_naming_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    for (bad, needle) in [
+        (["--pin-threads", "1,zero"], "`zero`"),
+        (["--pin-threads", "1,0"], "`0`"),
+        (["--memory", "256M,4Q"], "`4Q`"),
+        (["--backing", "anon,nope"], "nope"),
+    ] {
+        // Small values for the other lists, so that a value wrongly accepted costs little.
+        let mut args = vec![
+            "bench", "startup", "--qemu", "none", "--runs", "1", "--warmup", "0",
+        ];
+        for (flag, small) in [
+            ("--memory", "256M"),
+            ("--backing", "anon"),
+            ("--pin-threads", "1"),
+        ] {
+            args.extend([flag, if bad[0] == flag { bad[1] } else { small }]);
+        }
+        let out = vmm()
+            .args(&args)
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        let args = bad;
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn a_qemu_path_that_is_not_there_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vmm()
+        .args([
+            "bench",
+            "startup",
+            "--memory",
+            "256M",
+            "--qemu",
+            "/nonexistent/qemu-system-x86_64",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("/nonexistent/qemu-system-x86_64"), "{err}");
+}
+
+/// The `vmm run` children of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+#[test]
+fn sigint_stops_the_child_boot_reaps_it_and_exits_130() {
+    let dir = tempfile::tempdir().unwrap();
+    let bench = vmm()
+        .args([
+            "bench",
+            "startup",
+            "--memory",
+            "8G",
+            "--backing",
+            "memfd",
+            "--pin-threads",
+            "1",
+            "--runs",
+            "1",
+            "--warmup",
+            "0",
+            "--qemu",
+            "none",
+            "--out",
+        ])
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = bench.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let child = loop {
+        // The first child is `vmm run --help` (the --user-device check); wait for the boot.
+        let boot = children(pid).into_iter().find(|c| {
+            std::fs::read(format!("/proc/{c}/cmdline"))
+                .is_ok_and(|a| String::from_utf8_lossy(&a).contains("--report"))
+        });
+        if let Some(c) = boot {
+            break c;
+        }
+        assert!(Instant::now() < deadline, "no vmm run child appeared");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill with the pid of our own child, not yet reaped.
+    unsafe { libc::kill(pid as i32, libc::SIGINT) };
+    let out = bench.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("stopped by SIGINT"), "{err}");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{child}")).exists(),
+        "child {child} was left behind"
+    );
+}

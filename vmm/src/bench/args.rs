@@ -1,0 +1,196 @@
+//! `vmm bench startup` options, and the configurations they expand to.
+//!
+//! How each backing is booted (which device, which pin backend) is decided in one place,
+//! [`boot_plan`], so the choice can change without touching the runner.
+
+use std::path::PathBuf;
+
+use pinning::ThreadRequest;
+
+use crate::layout;
+use crate::memory::Backing;
+use crate::size::parse_size;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct StartupArgs {
+    /// Comma-separated guest RAM sizes: 1G,4G,8G (a bare number is MiB).
+    #[arg(long, default_value = "1G,4G,8G", value_delimiter = ',', value_parser = parse_memory)]
+    pub memory: Vec<u64>,
+    /// Comma-separated backings of guest RAM.
+    #[arg(
+        long,
+        value_enum,
+        default_value = "anon,thp,memfd",
+        value_delimiter = ','
+    )]
+    pub backing: Vec<Backing>,
+    /// Comma-separated pin thread counts, each a number or `auto` (1,2,4,8,16,auto).
+    #[arg(long, default_value = "1,auto", value_delimiter = ',', value_parser = parse_threads)]
+    pub pin_threads: Vec<ThreadRequest>,
+    /// Measured boots per configuration.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Discarded warm-up rounds (one boot of every configuration each) before measuring.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub warmup: u32,
+    /// QEMU to compare with: a path, or `none` to skip it. Default: qemu-system-x86_64 on PATH.
+    #[arg(long)]
+    pub qemu: Option<String>,
+    /// Where startup.json, startup.svg and every run's report go.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Seconds one boot may take before it is stopped and counted as failed.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
+}
+
+/// A guest RAM size `vmm run` accepts.
+pub fn parse_memory(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    layout::check_mem_size(size).map_err(|e| format!("`{text}`: {e}"))?;
+    Ok(size)
+}
+
+pub fn parse_threads(text: &str) -> Result<ThreadRequest, String> {
+    text.trim().parse()
+}
+
+/// How the guest is given its RAM's device and pinning.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootPlan {
+    /// Extra `vmm run` arguments.
+    pub args: Vec<String>,
+    /// In words, for the table and the JSON.
+    pub mode: String,
+}
+
+/// The one place that decides how each backing is booted. The probe is normally booted with
+/// a pci-epf-test device served over vfio-user, which needs shareable RAM; its pin backend
+/// (populate, then DMA_MAP) is chosen by `vmm run` itself. Private RAM cannot be shared and
+/// this machine has no VFIO/IOMMU, so those backings are faulted in by `--pin populate`.
+pub fn boot_plan(backing: Backing, user_device_supported: bool) -> BootPlan {
+    if backing.shareable() && user_device_supported {
+        BootPlan {
+            args: vec!["--user-device".into(), "epf".into()],
+            mode: "user-device epf".into(),
+        }
+    } else {
+        BootPlan {
+            args: vec!["--pin".into(), "populate".into()],
+            mode: "pin populate".into(),
+        }
+    }
+}
+
+/// One `vmm run` configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub memory: u64,
+    pub backing: Backing,
+    pub threads: ThreadRequest,
+    pub plan: BootPlan,
+}
+
+impl Config {
+    /// A short unique name, usable in file names: `4G-anon-t1`.
+    pub fn id(&self) -> String {
+        format!(
+            "{}-{}-t{}",
+            short_size(self.memory),
+            self.backing.name(),
+            self.threads
+        )
+    }
+}
+
+/// `1G`, `512M`, `1540K`: a size as the command line takes it.
+pub fn short_size(bytes: u64) -> String {
+    if bytes % (1 << 30) == 0 {
+        format!("{}G", bytes >> 30)
+    } else if bytes % (1 << 20) == 0 {
+        format!("{}M", bytes >> 20)
+    } else {
+        format!("{}K", bytes >> 10)
+    }
+}
+
+/// Every combination, memory outermost, then backing, then threads; duplicates dropped.
+pub fn configs(args: &StartupArgs, user_device_supported: bool) -> Vec<Config> {
+    let mut out: Vec<Config> = Vec::new();
+    for &memory in &args.memory {
+        for &backing in &args.backing {
+            for &threads in &args.pin_threads {
+                let c = Config {
+                    memory,
+                    backing,
+                    threads,
+                    plan: boot_plan(backing, user_device_supported),
+                };
+                if !out.iter().any(|o| o.id() == c.id()) {
+                    out.push(c);
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: StartupArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<StartupArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("bench").chain(args.iter().copied())).map(|c| c.args)
+    }
+
+    #[test]
+    fn defaults_expand_to_eighteen_configs() {
+        let a = parse(&[]).unwrap();
+        assert_eq!(a.memory, [1 << 30, 4 << 30, 8 << 30]);
+        assert_eq!(a.runs, 3);
+        let c = configs(&a, true);
+        assert_eq!(c.len(), 18);
+        assert_eq!(c[0].id(), "1G-anon-t1");
+        assert_eq!(c[1].id(), "1G-anon-tauto");
+    }
+
+    #[test]
+    fn any_thread_list_is_accepted() {
+        let a = parse(&["--pin-threads", "1,2,4,8,16,auto"]).unwrap();
+        assert_eq!(a.pin_threads.len(), 6);
+        assert_eq!(a.pin_threads[4], ThreadRequest::AtMost(16));
+    }
+
+    #[test]
+    fn bad_list_values_are_named_and_exit_2() {
+        for (args, needle) in [
+            (["--pin-threads", "1,0"], "`0`"),
+            (["--pin-threads", "1,x"], "`x`"),
+            (["--memory", "1G,4Q"], "`4Q`"),
+            (["--memory", "1G,1M"], "`1M`"),
+            (["--backing", "anon,foo"], "foo"),
+        ] {
+            let e = parse(&args).err().unwrap();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(needle), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn shareable_ram_gets_the_device_only_when_vmm_run_has_it() {
+        assert_eq!(
+            boot_plan(Backing::Memfd, true).args,
+            ["--user-device", "epf"]
+        );
+        assert_eq!(boot_plan(Backing::Memfd, false).args, ["--pin", "populate"]);
+        assert_eq!(boot_plan(Backing::Anon, true).args, ["--pin", "populate"]);
+        assert_eq!(boot_plan(Backing::Thp, true).args, ["--pin", "populate"]);
+    }
+}

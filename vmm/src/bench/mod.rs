@@ -1,0 +1,588 @@
+//! `vmm bench startup`: end-to-end start-up time of the probe guest, configuration by
+//! configuration (guest RAM x backing x pin threads), with QEMU side by side.
+//!
+//! Every boot is a child `vmm run` (this binary), so what is measured is what a user gets:
+//! exec, KVM set-up, memory, pinning, loading, the guest up to its ready mark. Runs are
+//! interleaved (run r of every configuration before run r+1) so that machine noise hits every
+//! configuration alike, after discarded warm-up rounds (memory touched for the first time
+//! costs several times more on a lazily backed host).
+
+pub mod args;
+pub mod machine;
+pub mod qemu;
+pub mod run;
+pub mod svg;
+pub mod table;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use pinning::cancel::CancelReason;
+use pinning::{CancelToken, JobSpec, Limits, PinOptions, SignalGuard, ThreadRequest};
+use serde::Serialize;
+
+pub use args::StartupArgs;
+use args::{configs, Config};
+use machine::Machine;
+use qemu::{ProbeElf, QemuChoice, QemuConfig, QemuSample};
+use run::{RunFailure, VmmSample};
+
+use crate::layout;
+use crate::memory::{Backing, GuestMemory};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum BenchCommand {
+    /// Boot the probe guest for every memory x backing x pin-threads combination, N times
+    /// each, interleaved, and report every phase; QEMU side by side when it is found.
+    #[command(long_about = "Measure start-up time end to end.\n\n\
+For every combination of --memory, --backing and --pin-threads, boots the probe guest --runs times \
+as a child `vmm run --report` (after --warmup discarded rounds; runs interleaved round-robin), and \
+records every phase of its timeline, its time to the guest's ready mark, and its wall time from \
+spawn. memfd RAM is booted with the pci-epf-test device over vfio-user when `vmm run` has \
+--user-device; anon and thp RAM with --pin populate. QEMU (qemu-system-x86_64 on PATH, or --qemu) \
+boots the same ELF with the same RAM as a preallocated memfd, with 1 and with vmm's `auto` thread \
+count as prealloc threads.\n\nWrites a table to stdout and startup.json, startup.svg and every run's \
+report under --out.\n\nExample: vmm bench startup --memory 1G,4G --backing anon --pin-threads 1,2,auto --runs 3")]
+    Startup(StartupArgs),
+}
+
+/// Median, min and max of some samples.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Stats> {
+        let v: Vec<f64> = values.into_iter().collect();
+        if v.is_empty() {
+            return None;
+        }
+        Some(Stats {
+            median: crate::pin_bench::median(&v),
+            min: v.iter().copied().fold(f64::INFINITY, f64::min),
+            max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigResult {
+    pub id: String,
+    pub memory_bytes: u64,
+    pub backing: Backing,
+    /// As asked: a number or `auto`.
+    pub pin_threads: String,
+    /// How it was booted (`pin populate`, `user-device epf`).
+    pub mode: String,
+    /// The pin backend the reports name.
+    pub pin_backend: Option<String>,
+    /// Threads the pin job used, and the limit that decided.
+    pub threads_used: Option<u64>,
+    pub decided_by: Option<String>,
+    /// From vmm's start to the guest's ready mark (the report's `guest.ready_ms`).
+    pub ready_ms: Option<Stats>,
+    /// From spawn to the probe's result line on the serial pipe.
+    pub spawn_ready_ms: Option<Stats>,
+    pub wall_ms: Option<Stats>,
+    pub pin_ms: Option<Stats>,
+    pub pin_gibps: Option<Stats>,
+    /// kvm + memory + devices + load + vcpus.
+    pub overhead_ms: Option<Stats>,
+    pub failed: bool,
+    pub samples: Vec<VmmSample>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QemuResult {
+    pub id: String,
+    pub memory_bytes: u64,
+    pub prealloc_threads: usize,
+    pub first_output_ms: Option<Stats>,
+    pub ready_ms: Option<Stats>,
+    pub wall_ms: Option<Stats>,
+    pub failed: bool,
+    pub samples: Vec<QemuSample>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QemuSection {
+    pub path: Option<PathBuf>,
+    pub skipped: Option<String>,
+    pub command: Option<String>,
+    pub results: Vec<QemuResult>,
+}
+
+/// parallel/serial for one memory size and backing: median time to ready, and pin phase.
+#[derive(Debug, Serialize)]
+pub struct ParallelRatio {
+    pub memory_bytes: u64,
+    pub backing: Backing,
+    pub parallel: String,
+    pub parallel_threads: Option<u64>,
+    pub serial_ready_ms: f64,
+    pub parallel_ready_ms: f64,
+    pub ready_ratio: f64,
+    pub pin_ratio: Option<f64>,
+}
+
+/// vmm/QEMU with equal prealloc threads, both from spawn to the probe's result line.
+#[derive(Debug, Serialize)]
+pub struct QemuRatio {
+    pub memory_bytes: u64,
+    pub backing: Backing,
+    pub threads: usize,
+    pub vmm_ready_ms: f64,
+    pub qemu_ready_ms: f64,
+    pub ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StartupReport {
+    pub machine: Machine,
+    pub command: Vec<String>,
+    pub runs: u32,
+    pub warmup: u32,
+    /// Whether `vmm run` has `--user-device` (memfd then boots with the epf device).
+    pub user_device: bool,
+    /// memset over resident memory in the bench process, GiB/s: the bandwidth ceiling.
+    pub memset_gibps: Option<f64>,
+    pub notes: Vec<String>,
+    pub configs: Vec<ConfigResult>,
+    pub qemu: QemuSection,
+    pub parallel_vs_serial: Vec<ParallelRatio>,
+    pub vmm_vs_qemu: Vec<QemuRatio>,
+    pub failures: Vec<RunFailure>,
+    pub elapsed_s: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("stopped by {0}; every child was stopped and reaped")]
+    Cancelled(CancelReason),
+}
+
+impl BenchError {
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            BenchError::Usage(_) => 2,
+            BenchError::Io { .. } => 1,
+            BenchError::Cancelled(r) => r.exit_status().clamp(1, 255) as u8,
+        }
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// Whether `vmm run` at `exe` accepts `--user-device`.
+fn has_user_device(exe: &Path) -> bool {
+    Command::new(exe)
+        .args(["run", "--help"])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--user-device"))
+}
+
+/// The thread count `vmm run` will use for `threads` on `memory` of `backing`.
+fn predicted_threads(
+    limits: &Limits,
+    memory: u64,
+    backing: Backing,
+    threads: ThreadRequest,
+) -> usize {
+    let requested = match threads {
+        ThreadRequest::Auto => None,
+        ThreadRequest::AtMost(n) => Some(n),
+    };
+    let size = layout::ram_ranges(memory).iter().map(|r| r.1).sum();
+    JobSpec {
+        start: 0,
+        size,
+        align: backing.page_size(),
+        min_chunk: PinOptions::default().min_chunk,
+        max_threads: usize::MAX,
+    }
+    .plan(&limits.thread_caps(requested))
+    .threads
+}
+
+/// memset over 1 GiB of resident memory, best of three: the bandwidth ceiling.
+fn memset_gibps() -> Option<f64> {
+    let size: u64 = 1 << 30;
+    let m = GuestMemory::new(Backing::Anon, &[(0, size)]).ok()?;
+    let ptr = m.ram.regions()[0].host_addr as *mut u8;
+    let mut best = 0f64;
+    for round in 0..4u8 {
+        let t = Instant::now();
+        // SAFETY: the mapping is ours, `size` bytes long, and nothing else accesses it.
+        unsafe { std::ptr::write_bytes(ptr, round, size as usize) };
+        if round > 0 {
+            best = best.max(1.0 / t.elapsed().as_secs_f64());
+        }
+    }
+    Some(best)
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("bench: {}", msg.as_ref());
+}
+
+/// Runs the benchmark and writes its files. Failed boots are in `failures`; they do not stop
+/// the other configurations.
+pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport, BenchError> {
+    let started = Instant::now();
+    let exe = std::env::current_exe().map_err(io("finding the vmm binary"))?;
+    let qemu_choice = qemu::choose(args.qemu.as_deref()).map_err(BenchError::Usage)?;
+    let runs_dir = args.out.join("runs");
+    std::fs::create_dir_all(&runs_dir).map_err(io(format!("creating {}", runs_dir.display())))?;
+    let limits = Limits::detect().map_err(|e| BenchError::Usage(e.to_string()))?;
+    let machine = Machine::detect();
+    log(format!("machine: {}", machine.describe()));
+    let mut notes = Vec::new();
+
+    let user_device = has_user_device(&exe);
+    if !user_device && args.backing.iter().any(|b| b.shareable()) {
+        let n = "`vmm run` has no --user-device yet: shareable RAM (memfd) is booted with \
+--pin populate and no device, like anon"
+            .to_string();
+        log(&n);
+        notes.push(n);
+    }
+    let configs = configs(args, user_device);
+
+    // QEMU's prealloc threads: what vmm uses for each requested count, per memory size.
+    let (qemu_path, skipped) = match &qemu_choice {
+        QemuChoice::Use(p) => (Some(p.clone()), None),
+        QemuChoice::Skip(why) => {
+            log(format!("QEMU comparison skipped: {why}"));
+            (None, Some(why.clone()))
+        }
+    };
+    let mut qemu_configs: Vec<QemuConfig> = Vec::new();
+    if qemu_path.is_some() {
+        for &memory in &args.memory {
+            for &t in &args.pin_threads {
+                let c = QemuConfig {
+                    memory,
+                    prealloc_threads: predicted_threads(&limits, memory, Backing::Memfd, t),
+                };
+                if !qemu_configs.contains(&c) {
+                    qemu_configs.push(c);
+                }
+            }
+        }
+    }
+    let elf = match &qemu_path {
+        Some(_) => Some(ProbeElf::write().map_err(io("writing the probe ELF for QEMU"))?),
+        None => None,
+    };
+
+    let memset = memset_gibps();
+    if let Some(m) = memset {
+        log(format!(
+            "memset ceiling {m:.1} GiB/s (1 GiB, resident, one thread)"
+        ));
+    }
+
+    let timeout = Duration::from_secs(args.timeout);
+    let mut vmm_samples: Vec<Vec<VmmSample>> = vec![Vec::new(); configs.len()];
+    let mut vmm_failed = vec![false; configs.len()];
+    let mut qemu_samples: Vec<Vec<QemuSample>> = vec![Vec::new(); qemu_configs.len()];
+    let mut qemu_failed = vec![false; qemu_configs.len()];
+    let mut failures: Vec<RunFailure> = Vec::new();
+    let rounds = args.warmup + args.runs;
+    for round in 0..rounds {
+        let measured = round >= args.warmup;
+        let label = if measured {
+            format!("run{}", round - args.warmup + 1)
+        } else {
+            format!("warmup{}", round + 1)
+        };
+        for (i, c) in configs.iter().enumerate() {
+            if vmm_failed[i] {
+                continue;
+            }
+            let report = runs_dir.join(format!("{}-{label}.json", c.id()));
+            let r = run::boot(&exe, c, round, &label, &report, timeout, cancel)
+                .map_err(BenchError::Cancelled)?;
+            match r {
+                Ok(mut s) => {
+                    log(format!(
+                        "{label:<8} {:<18} ready {:>9.1} ms  pin {:>9.1} ms ({}, {} threads)  overhead {:.1} ms",
+                        c.id(),
+                        s.ready_ms,
+                        s.pin_ms,
+                        s.pin.backend,
+                        s.pin.threads.map_or("-".into(), |t| t.to_string()),
+                        s.overhead_ms
+                    ));
+                    if measured {
+                        s.run = round - args.warmup + 1;
+                        vmm_samples[i].push(s);
+                    }
+                }
+                Err(f) => {
+                    log(format!(
+                        "{} {label} FAILED: {}\n{}",
+                        f.config, f.reason, f.stderr_tail
+                    ));
+                    vmm_failed[i] = true;
+                    failures.push(f);
+                }
+            }
+        }
+        if let (Some(q), Some(elf)) = (&qemu_path, &elf) {
+            for (i, c) in qemu_configs.iter().enumerate() {
+                if qemu_failed[i] {
+                    continue;
+                }
+                let r = qemu::boot(q, elf.path(), c, round, &label, timeout, cancel)
+                    .map_err(BenchError::Cancelled)?;
+                match r {
+                    Ok(mut s) => {
+                        log(format!(
+                            "{label:<8} {:<18} ready {:>9.1} ms from spawn (first output {:.1} ms)",
+                            c.id(),
+                            s.ready_ms,
+                            s.first_output_ms
+                        ));
+                        if measured {
+                            s.run = round - args.warmup + 1;
+                            qemu_samples[i].push(s);
+                        }
+                    }
+                    Err(f) => {
+                        log(format!(
+                            "{} {label} FAILED: {}\n{}",
+                            f.config, f.reason, f.stderr_tail
+                        ));
+                        qemu_failed[i] = true;
+                        failures.push(f);
+                    }
+                }
+            }
+        }
+    }
+    drop(elf);
+
+    let configs: Vec<ConfigResult> = configs
+        .iter()
+        .zip(vmm_samples)
+        .zip(vmm_failed)
+        .map(|((c, samples), failed)| config_result(c, samples, failed))
+        .collect();
+    for c in &configs {
+        let t = c.threads_used;
+        let predicted = c.threads_used.map(|_| {
+            let req = c.pin_threads.parse().unwrap_or(ThreadRequest::Auto);
+            predicted_threads(&limits, c.memory_bytes, c.backing, req) as u64
+        });
+        if t.is_some() && predicted != t {
+            let n = format!(
+                "{}: vmm used {t:?} pin threads, the bench predicted {predicted:?} (QEMU's prealloc threads follow the prediction)",
+                c.id
+            );
+            log(&n);
+            notes.push(n);
+        }
+    }
+    let qemu_results: Vec<QemuResult> = qemu_configs
+        .iter()
+        .zip(qemu_samples)
+        .zip(qemu_failed)
+        .map(|((c, samples), failed)| QemuResult {
+            id: c.id(),
+            memory_bytes: c.memory,
+            prealloc_threads: c.prealloc_threads,
+            first_output_ms: Stats::of(samples.iter().map(|s| s.first_output_ms)),
+            ready_ms: Stats::of(samples.iter().map(|s| s.ready_ms)),
+            wall_ms: Stats::of(samples.iter().map(|s| s.wall_ms)),
+            failed,
+            samples,
+        })
+        .collect();
+    let parallel_vs_serial = parallel_ratios(&configs);
+    let vmm_vs_qemu = qemu_ratios(&configs, &qemu_results);
+    let report = StartupReport {
+        machine,
+        command: std::env::args().collect(),
+        runs: args.runs,
+        warmup: args.warmup,
+        user_device,
+        memset_gibps: memset,
+        notes,
+        configs,
+        qemu: QemuSection {
+            command: qemu_path.as_ref().map(|p| {
+                let c = QemuConfig {
+                    memory: 1 << 30,
+                    prealloc_threads: 1,
+                };
+                format!(
+                    "{} {}",
+                    p.display(),
+                    c.args(Path::new("PROBE.elf")).join(" ")
+                )
+            }),
+            path: qemu_path,
+            skipped,
+            results: qemu_results,
+        },
+        parallel_vs_serial,
+        vmm_vs_qemu,
+        failures,
+        elapsed_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+    };
+    let json = serde_json::to_string_pretty(&report).expect("report serialises") + "\n";
+    let json_path = args.out.join("startup.json");
+    std::fs::write(&json_path, json).map_err(io(format!("writing {}", json_path.display())))?;
+    let svg_path = args.out.join("startup.svg");
+    std::fs::write(&svg_path, table::svg(&report))
+        .map_err(io(format!("writing {}", svg_path.display())))?;
+    Ok(report)
+}
+
+fn config_result(c: &Config, samples: Vec<VmmSample>, failed: bool) -> ConfigResult {
+    let last = samples.last();
+    ConfigResult {
+        id: c.id(),
+        memory_bytes: c.memory,
+        backing: c.backing,
+        pin_threads: c.threads.to_string(),
+        mode: c.plan.mode.clone(),
+        pin_backend: last.map(|s| s.pin.backend.clone()),
+        threads_used: last.and_then(|s| s.pin.threads),
+        decided_by: last.and_then(|s| s.pin.decided_by.clone()),
+        ready_ms: Stats::of(samples.iter().map(|s| s.ready_ms)),
+        spawn_ready_ms: Stats::of(samples.iter().filter_map(|s| s.spawn_ready_ms)),
+        wall_ms: Stats::of(samples.iter().map(|s| s.wall_ms)),
+        pin_ms: Stats::of(samples.iter().map(|s| s.pin_ms)),
+        pin_gibps: Stats::of(samples.iter().filter_map(|s| s.pin.gibps)),
+        overhead_ms: Stats::of(samples.iter().map(|s| s.overhead_ms)),
+        failed,
+        samples,
+    }
+}
+
+/// For each memory size and backing with a `1` configuration: every other thread count
+/// against it.
+fn parallel_ratios(configs: &[ConfigResult]) -> Vec<ParallelRatio> {
+    let mut out = Vec::new();
+    for serial in configs.iter().filter(|c| c.pin_threads == "1") {
+        let Some(s) = serial.ready_ms else { continue };
+        for p in configs.iter().filter(|c| {
+            c.memory_bytes == serial.memory_bytes
+                && c.backing == serial.backing
+                && c.pin_threads != "1"
+        }) {
+            let Some(pr) = p.ready_ms else { continue };
+            out.push(ParallelRatio {
+                memory_bytes: p.memory_bytes,
+                backing: p.backing,
+                parallel: p.pin_threads.clone(),
+                parallel_threads: p.threads_used,
+                serial_ready_ms: s.median,
+                parallel_ready_ms: pr.median,
+                ready_ratio: ratio(pr.median, s.median),
+                pin_ratio: match (p.pin_ms, serial.pin_ms) {
+                    (Some(a), Some(b)) if b.median > 0.0 => Some(ratio(a.median, b.median)),
+                    _ => None,
+                },
+            });
+        }
+    }
+    out
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    (a / b * 1000.0).round() / 1000.0
+}
+
+/// Each vmm configuration against the QEMU run of the same size whose prealloc threads equal
+/// the pin threads vmm used; both timed from spawn to the probe's result line.
+fn qemu_ratios(configs: &[ConfigResult], qemu: &[QemuResult]) -> Vec<QemuRatio> {
+    let mut out = Vec::new();
+    for q in qemu {
+        let Some(qr) = q.ready_ms else { continue };
+        for c in configs.iter().filter(|c| {
+            c.memory_bytes == q.memory_bytes && c.threads_used == Some(q.prealloc_threads as u64)
+        }) {
+            // Two requests (`2` and `auto`) can use the same count: compare each backing once.
+            if out.iter().any(|r: &QemuRatio| {
+                r.memory_bytes == c.memory_bytes
+                    && r.backing == c.backing
+                    && r.threads == q.prealloc_threads
+            }) {
+                continue;
+            }
+            let Some(v) = c.spawn_ready_ms else { continue };
+            out.push(QemuRatio {
+                memory_bytes: q.memory_bytes,
+                backing: c.backing,
+                threads: q.prealloc_threads,
+                vmm_ready_ms: v.median,
+                qemu_ready_ms: qr.median,
+                ratio: ratio(v.median, qr.median),
+            });
+        }
+    }
+    out
+}
+
+/// `vmm bench ...`: runs it, prints the table, returns the exit status (1 if any boot failed).
+pub fn command(args: &BenchArgs) -> ExitCode {
+    let BenchCommand::Startup(a) = &args.command;
+    let _signals = match SignalGuard::install(None) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("vmm: installing signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match startup(a, &CancelToken::with_signals()) {
+        Ok(report) => {
+            print!("{}", table::table(&report));
+            println!(
+                "wrote {} and {}",
+                a.out.join("startup.json").display(),
+                a.out.join("startup.svg").display()
+            );
+            if report.failures.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("vmm: {} boot(s) failed:", report.failures.len());
+                for f in &report.failures {
+                    eprintln!(
+                        "  {} {}: {}",
+                        f.config,
+                        f.run,
+                        f.reason.lines().next().unwrap_or("")
+                    );
+                }
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("vmm: bench startup: {e}");
+            ExitCode::from(e.exit_status())
+        }
+    }
+}
