@@ -16,6 +16,7 @@ pub mod pci;
 pub mod serial;
 pub mod terminal;
 pub mod vfio;
+pub mod vfio_user;
 
 pub use boot_marks::BootMarks;
 pub use bus::{Bus, BusDevice, BusError, BusRange};

@@ -1,0 +1,377 @@
+//! The device side of vfio-user: serves a [`UserDevice`] to one client.
+//!
+//! DMA_MAP/UNMAP are handled here, not by the device: the server maps the client's memory
+//! (shared, from the fd that comes with DMA_MAP) into a [`MappedRegions`], and the device
+//! does all its DMA through that same object. Memory the client has not mapped is thus
+//! unreachable, which is what makes a missing mapping a failed test.
+//!
+//! A request that is well framed but wrong (short, unknown region, refused by the device)
+//! gets an error reply with an errno and the connection goes on; a message that cannot be
+//! framed (size below the header or above [`wire::MAX_MESSAGE`]) ends it, since the stream
+//! cannot be followed past it.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use super::wire::{
+    self, cmd, dma_flags, flags, irq_set, Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header,
+    IrqInfoMsg, IrqSet, Message, RecvError, RegionAccess, RegionInfoMsg, Version,
+};
+use super::VfioUserError;
+use crate::pci::dma::{DmaMapError, DmaProt, MappedRegions};
+use crate::vfio::backend::region;
+use crate::vfio::{IrqInfo, RegionInfo};
+
+/// What the server needs from a device. Errors are errnos, sent back in the error reply.
+/// Every argument comes from the client: implementations must check ranges, never panic.
+pub trait UserDevice: Send {
+    /// `VFIO_DEVICE_FLAGS_*` (default: a PCI device that supports reset).
+    fn device_flags(&self) -> u32 {
+        wire::device_flags::PCI | wire::device_flags::RESET
+    }
+    /// Number of regions and of interrupt indices.
+    fn device_info(&self) -> (u32, u32);
+    /// Region `index`. A `mmap_fd` is sent to the client with the reply (the device keeps
+    /// owning it); `mmap_areas` other than one area covering the region become a sparse-mmap
+    /// capability.
+    fn region_info(&self, index: u32) -> Result<RegionInfo, i32>;
+    /// Reads `data.len()` bytes at `offset` of region `index`.
+    fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), i32>;
+    /// Writes `data` at `offset` of region `index`.
+    fn region_write(&mut self, index: u32, offset: u64, data: &[u8]) -> Result<(), i32>;
+    /// Interrupt index `index`.
+    fn irq_info(&self, index: u32) -> Result<IrqInfo, i32>;
+    /// DEVICE_SET_IRQS: `flags` are `wire::irq_set` bits; `fds` are the eventfds that came
+    /// with it (empty, or one per vector of `start..start + count`; checked by the server).
+    /// DATA_BOOL is refused by the server before it gets here.
+    fn set_irqs(
+        &mut self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(), i32>;
+    /// Function-level reset.
+    fn reset(&mut self) -> Result<(), i32>;
+}
+
+const NAME: &str = "vfio-user server";
+
+/// Serves one client on `stream` until it disconnects (a clean EOF between messages is
+/// `Ok`). DMA_MAP/UNMAP change `regions`, which should be the device's DMA space.
+pub fn serve(
+    stream: UnixStream,
+    device: &mut dyn UserDevice,
+    regions: Arc<MappedRegions>,
+) -> Result<(), VfioUserError> {
+    serve_until(stream, device, regions, None)
+}
+
+/// Like [`serve`], but also returns `Ok` once `stop` (an eventfd or pipe) becomes readable;
+/// it is polled between messages.
+pub fn serve_until(
+    stream: UnixStream,
+    device: &mut dyn UserDevice,
+    regions: Arc<MappedRegions>,
+    stop: Option<BorrowedFd<'_>>,
+) -> Result<(), VfioUserError> {
+    let mut server = Server {
+        device,
+        regions,
+        negotiated: false,
+    };
+    let io_err = |op: &str, source| VfioUserError::Io {
+        device: NAME.to_string(),
+        op: op.to_string(),
+        source,
+    };
+    loop {
+        if let Some(stop) = stop {
+            if wait_readable(stream.as_fd(), stop).map_err(|e| io_err("polling", e))? {
+                tracing::info!("{NAME}: asked to stop");
+                return Ok(());
+            }
+        }
+        let msg = match wire::recv_message(&stream, wire::MAX_MESSAGE) {
+            Ok(m) => m,
+            Err(RecvError::Closed) => return Ok(()),
+            Err(RecvError::Io(e)) => return Err(io_err("receiving", e)),
+            Err(e) => {
+                return Err(VfioUserError::MalformedRequest {
+                    device: NAME.to_string(),
+                    what: e.to_string(),
+                })
+            }
+        };
+        let h = msg.header;
+        if h.kind() != flags::TYPE_COMMAND {
+            // We never send commands, so no reply can be expected; skip it.
+            tracing::warn!(
+                "{NAME}: ignoring message {} of type {} ({})",
+                h.msg_id,
+                h.kind(),
+                cmd::name(h.command)
+            );
+            continue;
+        }
+        let result = server.handle(msg);
+        if h.flags & flags::NO_REPLY != 0 {
+            continue;
+        }
+        let sent = match &result {
+            Ok((payload, fds)) => {
+                wire::send_message(&stream, &Header::reply(&h, payload.len()), payload, fds)
+            }
+            Err(errno) => {
+                tracing::debug!(
+                    "{NAME}: {} {} failed: {}",
+                    cmd::name(h.command),
+                    h.msg_id,
+                    std::io::Error::from_raw_os_error(*errno)
+                );
+                wire::send_message(&stream, &Header::error_reply(&h, *errno), &[], &[])
+            }
+        };
+        if let Err(e) = sent {
+            if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) {
+                // The client went away after asking; that is its way of disconnecting.
+                return Ok(());
+            }
+            return Err(io_err("sending a reply", e));
+        }
+    }
+}
+
+/// Waits until `sock` or `stop` is readable; `true` when `stop` is.
+fn wait_readable(sock: BorrowedFd<'_>, stop: BorrowedFd<'_>) -> std::io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            return Ok(fds[1].revents != 0);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+type Reply = Result<(Vec<u8>, Vec<RawFd>), i32>;
+
+struct Server<'a> {
+    device: &'a mut dyn UserDevice,
+    regions: Arc<MappedRegions>,
+    negotiated: bool,
+}
+
+fn einval<T>(_: T) -> i32 {
+    libc::EINVAL
+}
+
+fn map_errno(e: &DmaMapError) -> i32 {
+    match e {
+        DmaMapError::InvalidRange { .. } => libc::EINVAL,
+        DmaMapError::Overlap { .. } => libc::EEXIST,
+        DmaMapError::NotMapped { .. } => libc::ENOENT,
+        DmaMapError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::ENOMEM),
+    }
+}
+
+impl Server<'_> {
+    fn handle(&mut self, msg: Message) -> Reply {
+        let Message {
+            header,
+            payload,
+            fds,
+        } = msg;
+        if header.command == cmd::VERSION {
+            return self.version(&payload);
+        }
+        if !self.negotiated {
+            // The spec makes VERSION the first message; anything else first is a confused
+            // client.
+            return Err(libc::EINVAL);
+        }
+        match header.command {
+            cmd::DMA_MAP => self.dma_map(&payload, fds),
+            cmd::DMA_UNMAP => self.dma_unmap(&payload),
+            cmd::DEVICE_GET_INFO => {
+                let (num_regions, num_irqs) = self.device.device_info();
+                let info = DeviceInfo {
+                    flags: self.device.device_flags(),
+                    num_regions,
+                    num_irqs,
+                };
+                Ok((info.encode(), Vec::new()))
+            }
+            cmd::DEVICE_GET_REGION_INFO => self.region_info(&payload),
+            cmd::DEVICE_GET_IRQ_INFO => {
+                let req = IrqInfoMsg::decode(&payload).map_err(einval)?;
+                let info = self.device.irq_info(req.index)?;
+                let reply = IrqInfoMsg {
+                    flags: info.flags,
+                    index: req.index,
+                    count: info.count,
+                };
+                Ok((reply.encode(), Vec::new()))
+            }
+            cmd::DEVICE_SET_IRQS => self.set_irqs(&payload, fds),
+            cmd::REGION_READ => {
+                let (req, _) = RegionAccess::decode(&payload, "REGION_READ").map_err(einval)?;
+                if req.count as usize > wire::MAX_DATA_XFER {
+                    return Err(libc::EINVAL);
+                }
+                let mut data = vec![0u8; req.count as usize];
+                self.device.region_read(req.region, req.offset, &mut data)?;
+                Ok((req.encode(&data), Vec::new()))
+            }
+            cmd::REGION_WRITE => {
+                let (req, data) = RegionAccess::decode(&payload, "REGION_WRITE").map_err(einval)?;
+                let data = data.get(..req.count as usize).ok_or(libc::EINVAL)?;
+                self.device.region_write(req.region, req.offset, data)?;
+                Ok((req.encode(&[]), Vec::new()))
+            }
+            cmd::DEVICE_RESET => {
+                self.device.reset()?;
+                Ok((Vec::new(), Vec::new()))
+            }
+            _ => Err(libc::ENOSYS),
+        }
+    }
+
+    fn version(&mut self, payload: &[u8]) -> Reply {
+        let theirs = Version::decode(payload).map_err(einval)?;
+        Capabilities::from_json(&theirs.json).map_err(einval)?;
+        if theirs.major != wire::VERSION_MAJOR {
+            return Err(libc::ENOTSUP);
+        }
+        self.negotiated = true;
+        let ours = Version {
+            major: wire::VERSION_MAJOR,
+            minor: theirs.minor.min(wire::VERSION_MINOR),
+            json: Capabilities::ours().to_json(),
+        };
+        Ok((ours.encode(), Vec::new()))
+    }
+
+    fn dma_map(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Reply {
+        let req = DmaMap::decode(payload).map_err(einval)?;
+        let fd = match fds.as_slice() {
+            [fd] => fd,
+            // Without an fd the client would expect DMA_READ/WRITE messages, which this
+            // server does not use.
+            [] => return Err(libc::ENOTSUP),
+            _ => return Err(libc::EINVAL),
+        };
+        let prot = DmaProt {
+            read: req.flags & dma_flags::READ != 0,
+            write: req.flags & dma_flags::WRITE != 0,
+        };
+        self.regions
+            .insert_fd(req.address, req.size, fd.as_fd(), req.offset, prot)
+            .map_err(|e| {
+                tracing::debug!("{NAME}: DMA_MAP: {e}");
+                map_errno(&e)
+            })?;
+        // The mapping holds its own reference to the file; `fds` closes ours.
+        Ok((Vec::new(), Vec::new()))
+    }
+
+    fn dma_unmap(&mut self, payload: &[u8]) -> Reply {
+        let req = DmaUnmap::decode(payload).map_err(einval)?;
+        if req.flags == dma_flags::UNMAP_ALL {
+            if req.address != 0 || req.size != 0 {
+                return Err(libc::EINVAL);
+            }
+            for (iova, len) in self.regions.regions() {
+                self.regions.remove(iova, len).map_err(|e| map_errno(&e))?;
+            }
+        } else if req.flags != 0 {
+            return Err(libc::ENOTSUP);
+        } else {
+            self.regions
+                .remove(req.address, req.size)
+                .map_err(|e| map_errno(&e))?;
+        }
+        Ok((req.encode(), Vec::new()))
+    }
+
+    fn region_info(&mut self, payload: &[u8]) -> Reply {
+        let req = RegionInfoMsg::decode(payload).map_err(einval)?;
+        let info = self.device.region_info(req.index)?;
+        let whole = [crate::vfio::MmapArea {
+            offset: 0,
+            size: info.size,
+        }];
+        let mmap = info.flags & region::FLAG_MMAP != 0;
+        let cap = if mmap && !info.mmap_areas.is_empty() && info.mmap_areas != whole {
+            let areas: Vec<(u64, u64)> =
+                info.mmap_areas.iter().map(|a| (a.offset, a.size)).collect();
+            wire::encode_sparse_mmap(&areas)
+        } else {
+            Vec::new()
+        };
+        let needed = RegionInfoMsg::SIZE + cap.len();
+        let mut reply = RegionInfoMsg {
+            argsz: needed as u32,
+            flags: info.flags & !wire::REGION_FLAG_CAPS,
+            index: req.index,
+            cap_offset: 0,
+            size: info.size,
+            offset: 0,
+        };
+        let mut fds = Vec::new();
+        if let (true, Some((fd, offset))) = (mmap, info.mmap_fd) {
+            fds.push(fd);
+            reply.offset = offset;
+        }
+        if cap.is_empty() {
+            return Ok((reply.encode(), fds));
+        }
+        reply.flags |= wire::REGION_FLAG_CAPS;
+        if (req.argsz as usize) < needed {
+            // Too small: say how much is needed, as VFIO does; the client asks again.
+            return Ok((reply.encode(), fds));
+        }
+        reply.cap_offset = RegionInfoMsg::SIZE as u32;
+        let mut out = reply.encode();
+        out.extend_from_slice(&cap);
+        Ok((out, fds))
+    }
+
+    fn set_irqs(&mut self, payload: &[u8], fds: Vec<OwnedFd>) -> Reply {
+        let req = IrqSet::decode(payload).map_err(einval)?;
+        let data = req.flags & irq_set::DATA_MASK;
+        let action = req.flags & irq_set::ACTION_MASK_ALL;
+        if data.count_ones() != 1
+            || action.count_ones() != 1
+            || req.flags & !(irq_set::DATA_MASK | irq_set::ACTION_MASK_ALL) != 0
+        {
+            return Err(libc::EINVAL);
+        }
+        if data == irq_set::DATA_BOOL {
+            return Err(libc::ENOTSUP);
+        }
+        if !fds.is_empty() && (data != irq_set::DATA_EVENTFD || fds.len() != req.count as usize) {
+            return Err(libc::EINVAL);
+        }
+        self.device
+            .set_irqs(req.index, req.flags, req.start, req.count, fds)?;
+        Ok((Vec::new(), Vec::new()))
+    }
+}
