@@ -257,10 +257,19 @@ impl Client {
         if let Err(source) = sh.send(&header, payload, fds) {
             let mut st = sh.state();
             st.pending.remove(&id);
-            sh.break_with(
-                &mut st,
-                Fatal::Disconnected(format!("sending {op} failed: {source}")),
+            // These come from the first sendmsg, before any byte went out (a bad fd from
+            // the caller, too many fds): the stream is intact and the connection stays up.
+            // Anything else may have left half a message behind.
+            let caller_error = matches!(
+                source.raw_os_error(),
+                Some(libc::EBADF | libc::EINVAL | libc::ETOOMANYREFS | libc::EMSGSIZE)
             );
+            if !caller_error {
+                sh.break_with(
+                    &mut st,
+                    Fatal::Disconnected(format!("sending {op} failed: {source}")),
+                );
+            }
             return Err(VfioUserError::Send {
                 device: device(),
                 op,
@@ -771,6 +780,12 @@ fn reader_loop(sh: &Shared, stream: &UnixStream) {
             }
             other => {
                 let mut st = sh.state();
+                if let Some(p) = st.pending.get_mut(&h.msg_id) {
+                    p.reply.get_or_insert(Err(Fatal::Malformed(format!(
+                        "reply {} has unknown type {other}",
+                        h.msg_id
+                    ))));
+                }
                 sh.break_with(
                     &mut st,
                     Fatal::Malformed(format!("message {} has unknown type {other}", h.msg_id)),

@@ -537,6 +537,22 @@ fn error_reply_to_dma_map_is_an_error_with_its_errno() {
 }
 
 #[test]
+fn a_bad_fd_from_the_caller_does_not_break_the_connection() {
+    let (client, fake) = fake_server(LONG, |p| {
+        let m = p.recv();
+        assert_eq!(m.header.command, cmd::DEVICE_GET_INFO);
+        let info = wire::DeviceInfo::default().encode();
+        p.send(Header::reply(&m.header, info.len()), &info);
+        p.wait_for_close();
+    });
+    let err = client.dma_map(0, 0x1000, -1, 0, true, true).unwrap_err();
+    assert!(matches!(err, VfioUserError::Send { .. }), "{err}");
+    assert_eq!(client.device_info().unwrap(), (0, 0, 0));
+    drop(client);
+    fake.join().unwrap();
+}
+
+#[test]
 fn error_reply_then_silence_times_out_and_then_fails_fast() {
     let (client, fake) = fake_server(SHORT, |p| {
         let m = p.recv();
@@ -565,7 +581,13 @@ fn error_reply_then_silence_times_out_and_then_fails_fast() {
 
 /// Runs one request against a fake that answers it with `bad` (raw bytes), expects a
 /// malformed-reply error promptly, and a fast failure afterwards.
-fn expect_malformed(bad: impl FnOnce(&Header) -> Vec<u8> + Send + 'static, expect: &str) {
+/// `attributed`: the bad reply names the request, so that request gets `Malformed`;
+/// otherwise it fails as `Broken` by the malformed message.
+fn expect_malformed(
+    bad: impl FnOnce(&Header) -> Vec<u8> + Send + 'static,
+    expect: &str,
+    attributed: bool,
+) {
     let (client, fake) = fake_server(LONG, move |p| {
         let m = p.recv();
         p.send_raw(&bad(&m.header));
@@ -574,13 +596,11 @@ fn expect_malformed(bad: impl FnOnce(&Header) -> Vec<u8> + Send + 'static, expec
     let t = Instant::now();
     let err = client.device_info().unwrap_err();
     assert!(t.elapsed() < PROMPT, "took {:?}", t.elapsed());
-    assert!(
-        matches!(
-            err,
-            VfioUserError::Malformed { .. } | VfioUserError::Broken { .. }
-        ),
-        "{err}"
-    );
+    if attributed {
+        assert!(matches!(err, VfioUserError::Malformed { .. }), "{err}");
+    } else {
+        assert!(matches!(err, VfioUserError::Broken { .. }), "{err}");
+    }
     assert!(err.to_string().contains(expect), "{err}");
     let t = Instant::now();
     let later = client.reset().unwrap_err();
@@ -604,6 +624,7 @@ fn reply_smaller_than_a_header_is_malformed() {
             })
         },
         "smaller than the 16-byte header",
+        true,
     );
 }
 
@@ -617,6 +638,7 @@ fn reply_claiming_4_gib_is_refused_without_allocating_it() {
             })
         },
         "exceeds the limit",
+        true,
     );
 }
 
@@ -629,7 +651,8 @@ fn reply_of_the_wrong_type_is_malformed() {
                 ..Header::reply(h, 0)
             })
         },
-        "unknown type 7",
+        "has unknown type 7",
+        true,
     );
 }
 
@@ -643,6 +666,7 @@ fn reply_to_an_unknown_msg_id_is_malformed() {
             })
         },
         "answers no request in flight",
+        false,
     );
 }
 
@@ -656,6 +680,7 @@ fn reply_for_another_command_is_malformed() {
             })
         },
         "is for DMA_UNMAP but the request was DEVICE_GET_INFO",
+        true,
     );
 }
 
@@ -668,6 +693,7 @@ fn reply_with_a_short_payload_is_malformed() {
             b
         },
         "bytes needed",
+        true,
     );
 }
 
