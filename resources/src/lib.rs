@@ -41,8 +41,13 @@
 //! probe: ram <N> MiB in <K> ranges, top 0x<end of the highest RAM range>
 //! probe: cpus <N> (mp table)                         or: probe: cpus unknown (no mp table)
 //! probe: initrd 0x<addr> <size> bytes, sum 0x<32-bit sum of the bytes>   or: initrd none
-//! probe: pci <00:dd.f> <vvvv:dddd> class <cccccc>    per function on bus 0, or: pci none
+//! probe: pci <00:dd.f> <vvvv:dddd> class <cccccc>[ bar<i> <io|mem32|mem64>[ pref] 0x<addr> size 0x<size>]...
+//!                                                    per function on bus 0, or: pci none
 //! probe: memtest ok: <N> pages
+//! probe: epf <00:dd.f> bar0 0x<addr> <msix|msi> vector 0x30 apic <id>   with a pci-epf-test
+//! probe: dma pages 0x<page> 0x<page> ...             (the pages DMA is tested on)
+//! probe: dma ok: <N> regions, <M> bytes, irq ok      or: probe: dma FAIL: <reason>
+//!                                                    or: probe: dma skipped: no pci-epf-test device
 //! probe: result ok                                   or: probe: result FAIL: <reason>
 //! ```
 //!
@@ -60,7 +65,9 @@
 //! entry; no RAM at 0 or at 1 MiB (or 2 MiB, for the memory test); a memory test mismatch; the
 //! initrd is not inside one RAM range; and, when given on the command line,
 //! `probe.expect_mem=<MiB>` (must equal `N MiB`) and `probe.expect_cpus=<N>` (must equal the MP
-//! table's count). `probe.fault` makes the probe read an unmapped address after the memory test,
+//! table's count), and `probe.expect_dma=1` (a pci-epf-test device must be on bus 0; without
+//! it, or with `probe.expect_dma=0`, a missing device is `dma skipped`). Any `dma FAIL` fails
+//! the run. `probe.fault` makes the probe read an unmapped address after the memory test,
 //! to exercise the exception report and exit status 3.
 //!
 //! Then it writes [`MARK_READY`] to [`BOOT_MARK_PORT`], prints the result line and writes the
@@ -69,8 +76,24 @@
 //! process exit code `(s << 1) | 1`). If that write returns, it writes 0xFE to port 0x64
 //! (i8042 reset) and halts with interrupts off for good.
 //!
+//! BARs are sized the standard way (all ones written with decoding off, then restored). A
+//! pci-epf-test function (104c:b500, registers in BAR0; BAR0 is placed at 0xe0000000 or the
+//! next free spot if firmware left it at 0) gets memory decoding and bus mastering, its MSI-X
+//! entry 0 (MSI with `probe.dma_irq=msi` or without MSI-X) aimed at vector 0x30 of the BSP's
+//! LAPIC (xAPIC, software-enabled; both 8259s and LINT0 masked), IRQ_TYPE and IRQ_NUMBER 1.
+//! With interrupts on, the device then WRITEs 4 KiB of its pattern to each DMA page: the first
+//! free RAM page (not page 0, the probe image, the boot structures, the command line or the
+//! initrd), the first free page of every further GiB with RAM, and the last page of the
+//! highest RAM range. Each page is saved first and restored after; STATUS must say
+//! WRITE_SUCCESS, the contents must match the device's pattern and CHECKSUM their CRC. On the
+//! last page the probe also fills the page and has the device READ it, with the right CHECKSUM
+//! (must succeed) and a wrong one (must fail). Each command must raise exactly one interrupt,
+//! waited for with a bounded spin. `<M> bytes` counts every byte the device moved (WRITEs and
+//! READs).
+//!
 //! It executes about 55 000 instructions for a small guest, plus about 2 000 per GiB of RAM
-//! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts), and avoids
+//! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts), plus roughly
+//! 30 000 per DMA page with a pci-epf-test device (an estimate, not measured), and avoids
 //! instructions this project's emulated KVM cannot run (x87 and every SSE instruction other
 //! than plain moves, `cmpxchg16b`, `xsave`, `int3`, `popcnt`, `clac`/`stac`).
 
@@ -110,6 +133,17 @@ pub const RESULT_FAIL_PREFIX: &str = "probe: result FAIL: ";
 pub const OPT_EXPECT_MEM: &str = "probe.expect_mem";
 /// Command-line option: processor count the MP table must list.
 pub const OPT_EXPECT_CPUS: &str = "probe.expect_cpus";
+/// Command-line option: `=1` makes a missing pci-epf-test device a failure (`=0`: skipped).
+pub const OPT_EXPECT_DMA: &str = "probe.expect_dma";
+/// Command-line option: `=msi` or `=msix` (the default): the interrupt the device is set up
+/// with (MSI is also used when the device has no MSI-X).
+pub const OPT_DMA_IRQ: &str = "probe.dma_irq";
+/// Prefix of the DMA result line when every DMA check passed.
+pub const DMA_OK_PREFIX: &str = "probe: dma ok: ";
+/// Prefix of the DMA result line when a DMA check failed (the run fails too).
+pub const DMA_FAIL_PREFIX: &str = "probe: dma FAIL: ";
+/// The DMA result line without a pci-epf-test device (and no `probe.expect_dma=1`).
+pub const DMA_SKIPPED_LINE: &str = "probe: dma skipped: no pci-epf-test device";
 
 #[cfg(test)]
 mod tests {
@@ -377,6 +411,9 @@ mod tests {
         assert!(main.contains(&format!("const MARK_ENTRY: u8 = {MARK_ENTRY};")));
         assert!(main.contains(&format!("b\"{OPT_EXPECT_MEM}=\"")));
         assert!(main.contains(&format!("b\"{OPT_EXPECT_CPUS}=\"")));
+        assert!(main.contains(&format!("b\"{OPT_EXPECT_DMA}=\"")));
+        assert!(main.contains(&format!("b\"{OPT_DMA_IRQ}=\"")));
+        assert!(main.contains(&format!(".s(\"{}\")", &DMA_SKIPPED_LINE[LINE_PREFIX.len()..])));
         let cpu = src("cpu.rs");
         assert!(cpu.contains(&format!(
             "const DEBUG_EXIT_PORT: u16 = {DEBUG_EXIT_PORT:#x};"

@@ -60,6 +60,9 @@ pub struct BootInfo {
     pub cmdline: u64,
     pub initrd: u64,
     pub initrd_size: u64,
+    /// [start, end) of the boot structures themselves: the zero page, or `hvm_start_info`,
+    /// its module list and its memory map (empty entries are (0, 0)).
+    pub areas: [(u64, u64); 3],
 }
 
 impl BootInfo {
@@ -76,6 +79,7 @@ impl BootInfo {
             cmdline: 0,
             initrd: 0,
             initrd_size: 0,
+            areas: [(0, 0); 3],
         }
     }
 
@@ -103,6 +107,7 @@ pub fn read_linux(zp: u64, info: &mut BootInfo) -> Result<(), BootError> {
         return Err(BootError::PointerOutOfRange("boot_params", zp));
     }
     info.proto = PROTO_LINUX64;
+    info.areas[0] = (zp, zp + zp::SIZE);
     let n = phys::u8(zp + zp::E820_ENTRIES) as u64;
     info.reported_entries = n;
     for i in 0..n.min(MAX_ENTRIES as u64) {
@@ -125,6 +130,7 @@ pub fn read_pvh(si: u64, info: &mut BootInfo) -> Result<(), BootError> {
         return Err(BootError::PointerOutOfRange("hvm_start_info", si));
     }
     info.proto = PROTO_PVH;
+    info.areas[0] = (si, si + 56);
     let magic = phys::u32(si + pvh::OFF_MAGIC);
     if magic != pvh::MAGIC {
         return Err(BootError::BadPvhMagic(magic));
@@ -136,6 +142,7 @@ pub fn read_pvh(si: u64, info: &mut BootInfo) -> Result<(), BootError> {
         if modlist == 0 || modlist.saturating_add(pvh::MODULE_SIZE) > LOW4G {
             return Err(BootError::PointerOutOfRange("modlist_paddr", modlist));
         }
+        info.areas[1] = (modlist, modlist + pvh::MODULE_SIZE);
         info.initrd = phys::u64(modlist);
         info.initrd_size = phys::u64(modlist + 8);
     }
@@ -148,6 +155,7 @@ pub fn read_pvh(si: u64, info: &mut BootInfo) -> Result<(), BootError> {
             if map == 0 || map.saturating_add(take * pvh::MEMMAP_ENTRY_SIZE) > LOW4G {
                 return Err(BootError::PointerOutOfRange("memmap_paddr", map));
             }
+            info.areas[2] = (map, map + take * pvh::MEMMAP_ENTRY_SIZE);
             for i in 0..take {
                 let e = map + i * pvh::MEMMAP_ENTRY_SIZE;
                 info.push(phys::u64(e), phys::u64(e + 8), phys::u32(e + 16));

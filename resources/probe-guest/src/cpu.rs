@@ -1,5 +1,5 @@
-//! TSS (with the exception stack as IST 1), IDT for the 32 exception vectors, the exception
-//! report, and the machine exit.
+//! TSS (with the exception stack as IST 1), IDT for the 32 exception vectors and the first 32
+//! interrupt vectors (gates set by `apic`), the exception report, and the machine exit.
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
@@ -45,10 +45,13 @@ static TSS: Global<Tss> = Global(UnsafeCell::new(Tss {
     iomap_base: 0,
 }));
 
-/// 32 gates of 16 bytes, as pairs of u64.
+/// Gates: the 32 exceptions, then interrupt vectors up to 63 (not present until set).
+pub const IDT_VECTORS: usize = 64;
+
+/// 16-byte gates, as pairs of u64.
 #[repr(C, align(16))]
-struct Idt([[u64; 2]; 32]);
-static IDT: Global<Idt> = Global(UnsafeCell::new(Idt([[0; 2]; 32])));
+struct Idt([[u64; 2]; IDT_VECTORS]);
+static IDT: Global<Idt> = Global(UnsafeCell::new(Idt([[0; 2]; IDT_VECTORS])));
 
 #[repr(C, packed)]
 struct DescriptorPointer {
@@ -81,23 +84,84 @@ pub fn init() {
         let idt = IDT.0.get() as *mut [u64; 2];
         let stubs = addr_of!(probe_exception_stubs) as *const u64;
         for vector in 0..32 {
-            let handler = core::ptr::read_volatile(stubs.add(vector));
-            // Interrupt gate, present, DPL 0, selector 0x08, IST 1.
-            let low = (handler & 0xffff)
-                | (0x08 << 16)
-                | (1 << 32)
-                | (0x8e << 40)
-                | (((handler >> 16) & 0xffff) << 48);
-            let gate = idt.add(vector) as *mut u64;
-            core::ptr::write_volatile(gate, low);
-            core::ptr::write_volatile(gate.add(1), handler >> 32);
+            set_gate(vector as u8, core::ptr::read_volatile(stubs.add(vector)), 1);
         }
         let pointer = DescriptorPointer {
-            limit: (32 * 16 - 1) as u16,
+            limit: (IDT_VECTORS * 16 - 1) as u16,
             base: idt as u64,
         };
         asm!("lidt [{0}]", in(reg) &pointer, options(readonly, nostack, preserves_flags));
     }
+}
+
+/// Points IDT gate `vector` at `handler`: an interrupt gate (IF cleared on entry), present,
+/// DPL 0, code selector 0x08, running on stack IST `ist` (1 to 7; the red zone is on, so no
+/// handler may run on the interrupted stack).
+pub fn set_gate(vector: u8, handler: u64, ist: u8) {
+    if vector as usize >= IDT_VECTORS {
+        return;
+    }
+    let low = (handler & 0xffff)
+        | (0x08 << 16)
+        | ((ist as u64 & 7) << 32)
+        | (0x8e << 40)
+        | (((handler >> 16) & 0xffff) << 48);
+    // SAFETY: in bounds; the IDT is only written here, with interrupts off or for a vector
+    // that cannot be raised yet.
+    unsafe {
+        let gate = (IDT.0.get() as *mut [u64; 2]).add(vector as usize) as *mut u64;
+        core::ptr::write_volatile(gate, low);
+        core::ptr::write_volatile(gate.add(1), handler >> 32);
+    }
+}
+
+/// Sets interrupt stack `n` (1 to 7) of the TSS to `top`.
+pub fn set_ist(n: usize, top: u64) {
+    if !(1..=7).contains(&n) {
+        return;
+    }
+    // SAFETY: single CPU; the CPU reads the TSS only when it takes an interrupt through IST n,
+    // and no gate uses IST n before it is set.
+    unsafe {
+        let tss = TSS.0.get();
+        core::ptr::write_unaligned(core::ptr::addr_of_mut!((*tss).ist[n - 1]), top);
+    }
+}
+
+/// `sti`.
+pub fn enable_interrupts() {
+    // SAFETY: every vector that can arrive has a gate (the device's, the spurious one).
+    unsafe { asm!("sti", options(nomem, nostack)) };
+}
+
+/// `cli`.
+pub fn disable_interrupts() {
+    // SAFETY: only stops interrupt delivery.
+    unsafe { asm!("cli", options(nomem, nostack)) };
+}
+
+/// `pause` (spin-wait hint).
+pub fn pause() {
+    // SAFETY: no effects beyond a delay.
+    unsafe { asm!("pause", options(nomem, nostack, preserves_flags)) };
+}
+
+/// Reads a model-specific register.
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: the caller names an MSR that exists (else #GP, reported as an exception).
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    };
+    (hi as u64) << 32 | lo as u64
+}
+
+/// Writes a model-specific register.
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: as for `rdmsr`; the caller knows what the write does.
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack, preserves_flags))
+    };
 }
 
 /// What the exception stubs push, then what the CPU pushed.
@@ -164,7 +228,8 @@ pub fn exit(status: u8) -> ! {
 }
 
 /// Waits forever with interrupts enabled but none able to arrive (both PICs masked; the
-/// LAPIC's LVT entries stay masked as at reset): the vCPU sleeps in HLT, costing nothing,
+/// LAPIC's LVT entries stay masked as at reset; the pci-epf-test device, if the probe set it
+/// up, is idle): the vCPU sleeps in HLT, costing nothing,
 /// and the VMM does not take it for a finished guest (that is HLT with interrupts off).
 pub fn idle_forever() -> ! {
     outb(0x21, 0xff);

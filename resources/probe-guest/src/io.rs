@@ -20,6 +20,24 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Writes a word to an I/O port.
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Reads a word from an I/O port.
+pub fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags))
+    }
+    value
+}
+
 /// Writes a dword to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as for `outb`.
@@ -38,7 +56,7 @@ pub fn inl(port: u16) -> u32 {
     value
 }
 
-/// Physical memory reads. Callers make sure the address is mapped (identity) and non-zero.
+/// Physical memory and MMIO accesses. Callers make sure the address is mapped (identity) and non-zero.
 pub mod phys {
     use core::ptr::{read_unaligned, read_volatile, write_volatile};
 
@@ -66,6 +84,18 @@ pub mod phys {
     pub fn read64(addr: u64) -> u64 {
         // SAFETY: see the module docs; the caller passes an 8-byte aligned address.
         unsafe { read_volatile(addr as *const u64) }
+    }
+
+    /// Volatile aligned 32-bit read (device registers).
+    pub fn read32(addr: u64) -> u32 {
+        // SAFETY: see the module docs; the caller passes a 4-byte aligned address.
+        unsafe { read_volatile(addr as *const u32) }
+    }
+
+    /// Volatile aligned 32-bit write (device registers).
+    pub fn write32(addr: u64, value: u32) {
+        // SAFETY: see the module docs; the caller owns the register or memory it writes.
+        unsafe { write_volatile(addr as *mut u32, value) }
     }
 
     /// Volatile aligned 64-bit write (memory test, page tables).

@@ -11,9 +11,13 @@
 #![no_std]
 #![no_main]
 
+mod apic;
 mod boot;
 mod console;
 mod cpu;
+mod crc;
+mod dma;
+mod epf;
 mod io;
 mod mem;
 mod mp;
@@ -41,7 +45,8 @@ const UNMAPPED: u64 = 1 << 40;
 /// A global used on one CPU with interrupts off.
 #[repr(transparent)]
 struct Global<T>(UnsafeCell<T>);
-// SAFETY: the probe is single-threaded and takes no interrupts (exceptions end the run).
+// SAFETY: the probe is single-threaded; exceptions end the run, and the only interrupt
+// handler (apic.rs) touches no `Global`.
 unsafe impl<T> Sync for Global<T> {}
 
 impl<T> Global<T> {
@@ -72,6 +77,7 @@ enum Failure {
     BadOption(&'static str),
     ExpectMem { want: u64, got: u64 },
     ExpectCpus { want: u64, got: Option<u64> },
+    Dma(dma::Error),
 }
 
 impl Failure {
@@ -121,6 +127,7 @@ impl Failure {
             Failure::ExpectCpus { want, got: None } => {
                 line.s("expected ").dec(want).s(" cpus, found no MP table")
             }
+            Failure::Dma(e) => e.describe(line.s("dma: ")),
         }
     }
 }
@@ -135,6 +142,11 @@ struct Checks {
 impl Checks {
     fn fail(&mut self, f: Failure) {
         f.describe(Line::new().s("check failed: ")).end();
+        self.record(f);
+    }
+
+    /// A failure already reported in its own line.
+    fn record(&mut self, f: Failure) {
         if self.first.is_none() {
             self.first = Some(f);
         }
@@ -167,7 +179,10 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
     outb(BOOT_MARK_PORT, MARK_ENTRY);
     cpu::init();
 
-    let mut checks = Checks { first: None, hang: false };
+    let mut checks = Checks {
+        first: None,
+        hang: false,
+    };
     // SAFETY: the only reference to BOOT.
     let info = unsafe { BOOT.get() };
     let read = if proto == PROTO_PVH {
@@ -195,6 +210,7 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
 
     let cmdline = read_cmdline(info.cmdline, mapped, &mut checks);
     Line::new().s("cmdline \"").bytes(cmdline).s("\"").end();
+    let dma_opts = dma_options(cmdline, &mut checks);
 
     check_map(info, &mut checks);
     let (ram, ranges) = info
@@ -226,12 +242,16 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
 
     initrd(info, mapped, &mut checks);
 
-    if pci::enumerate_bus0() == 0 {
+    let bus = pci::enumerate_bus0();
+    if bus.functions == 0 {
         Line::new().s("pci none").end();
     }
 
     let pages = memtest(info.map(), mapped, &mut checks);
     Line::new().s("memtest ok: ").dec(pages).s(" pages").end();
+
+    let cmdline_area = (info.cmdline, info.cmdline + cmdline.len() as u64 + 1);
+    dma_check(&bus, info, cmdline_area, mapped, dma_opts, &mut checks);
 
     expectations(cmdline, ram / MIB, cpus, &mut checks);
     checks.finish()
@@ -455,6 +475,97 @@ fn memtest(map: &[MemEntry], mapped: u64, checks: &mut Checks) -> u64 {
         }
     }
     n as u64
+}
+
+struct DmaOptions {
+    /// `probe.expect_dma=1`: no pci-epf-test device is a failure.
+    expect: bool,
+    /// `probe.dma_irq=msi`: use MSI even if the device has MSI-X.
+    msi: bool,
+}
+
+fn dma_options(cmdline: &[u8], checks: &mut Checks) -> DmaOptions {
+    const EXPECT: &[u8] = b"probe.expect_dma=";
+    const IRQ: &[u8] = b"probe.dma_irq=";
+    let mut opts = DmaOptions {
+        expect: false,
+        msi: false,
+    };
+    for word in cmdline.split(|&b| b == b' ') {
+        if let Some(value) = word.strip_prefix(EXPECT) {
+            match value {
+                b"0" => opts.expect = false,
+                b"1" => opts.expect = true,
+                _ => checks.fail(Failure::BadOption("probe.expect_dma")),
+            }
+        } else if let Some(value) = word.strip_prefix(IRQ) {
+            match value {
+                b"msi" => opts.msi = true,
+                b"msix" => opts.msi = false,
+                _ => checks.fail(Failure::BadOption("probe.dma_irq")),
+            }
+        }
+    }
+    opts
+}
+
+/// Drives the pci-epf-test device if bus 0 has one (see dma.rs) and prints one result line:
+/// `dma ok: ..`, `dma FAIL: ..` or `dma skipped: ..`.
+fn dma_check(
+    bus: &pci::Bus,
+    info: &BootInfo,
+    cmdline: (u64, u64),
+    mapped: u64,
+    opts: DmaOptions,
+    checks: &mut Checks,
+) {
+    let Some(f) = bus.epf else {
+        if opts.expect {
+            let e = dma::Error::NoDevice;
+            e.describe(Line::new().s("dma FAIL: ")).end();
+            checks.record(Failure::Dma(e));
+        } else {
+            Line::new().s("dma skipped: no pci-epf-test device").end();
+        }
+        return;
+    };
+    let avoid = [
+        (0, PAGE),
+        dma::image(),
+        info.areas[0],
+        info.areas[1],
+        info.areas[2],
+        cmdline,
+        (info.initrd, info.initrd + info.initrd_size),
+    ];
+    let result = apic::init(mapped)
+        .map_err(dma::Error::Apic)
+        .and_then(|lapic| epf::setup(&f, bus, &lapic, mapped, opts.msi))
+        .and_then(|epf| {
+            let regions = dma::choose(info.map(), &avoid, mapped);
+            let mut line = Line::new().s("dma pages");
+            for &page in regions.pages() {
+                line = line.s(" ").hex(page);
+            }
+            line.end();
+            cpu::enable_interrupts();
+            let result = dma::run(&epf, &regions);
+            cpu::disable_interrupts();
+            result
+        });
+    match result {
+        Ok(report) => Line::new()
+            .s("dma ok: ")
+            .dec(report.regions)
+            .s(" regions, ")
+            .dec(report.bytes)
+            .s(" bytes, irq ok")
+            .end(),
+        Err(e) => {
+            e.describe(Line::new().s("dma FAIL: ")).end();
+            checks.record(Failure::Dma(e));
+        }
+    }
 }
 
 /// `probe.expect_mem=<MiB>`, `probe.expect_cpus=<N>`, `probe.fault` (a deliberate page
