@@ -109,6 +109,12 @@ pub struct Client {
     region_fds: Mutex<Vec<OwnedFd>>,
 }
 
+// The pinning engine shares one client between its threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Client>();
+};
+
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
