@@ -35,6 +35,8 @@ pub enum ExitReason {
     Signal(i32),
     /// The VMM itself asked to stop (for example `Vm::stop`).
     Stop,
+    /// A passthrough device (or the server behind it) failed; the VMM keeps the details.
+    DeviceFailed,
 }
 
 impl fmt::Display for ExitReason {
@@ -47,6 +49,7 @@ impl fmt::Display for ExitReason {
             ExitReason::VcpuFault { cpu } => write!(f, "vCPU {cpu} fault"),
             ExitReason::Signal(n) => write!(f, "signal {n}"),
             ExitReason::Stop => write!(f, "stop requested"),
+            ExitReason::DeviceFailed => write!(f, "passthrough device failed"),
         }
     }
 }
@@ -66,6 +69,7 @@ impl ExitReason {
             // Signal numbers are small and positive; the cast round-trips through decode.
             ExitReason::Signal(n) => (6, n as u32),
             ExitReason::Stop => (7, 0),
+            ExitReason::DeviceFailed => (8, 0),
         };
         (tag << TAG_SHIFT) | u64::from(payload)
     }
@@ -80,6 +84,7 @@ impl ExitReason {
             5 => ExitReason::VcpuFault { cpu: payload },
             6 => ExitReason::Signal(payload as i32),
             7 => ExitReason::Stop,
+            8 => ExitReason::DeviceFailed,
             _ => return None,
         })
     }

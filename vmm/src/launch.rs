@@ -9,8 +9,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::vfio::kernel::IommuKind;
 use devices::{ExitReason, GuestMarks};
 use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend};
+use pinning::BackendKind;
 use pinning::{
     CancelToken, Limits, PinBackend, PinError, PinOptions, Pinner, SignalGuard, ThreadRequest,
 };
@@ -19,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::layout::{self, E820Kind};
 use crate::loader::{BootProtocol, ImageSource};
 use crate::memory::{Backing, GuestMemory, MemoryError};
+use crate::passthrough::{self, Failure, PassthroughError, UserDevice};
 use crate::run::VmExit;
 use crate::size::parse_size;
 use crate::timeline::{GuestTimes, Report, Timeline, VmSummary};
@@ -26,12 +29,55 @@ use crate::vm::{SerialIn, SerialOut, Vm, VmConfig, VmError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum RunPin {
+    /// What the devices need: their DMA mapping backend, or `none` without devices.
+    Auto,
     /// Nothing: RAM is faulted in by the guest as it goes (no DMA-capable device).
     None,
     /// Fault all of RAM in before the guest starts (MADV_POPULATE_WRITE).
     Populate,
     /// Fault in and lock all of RAM (mlock2(MLOCK_ONFAULT) + parallel populate).
     Mlock,
+    /// VFIO type1 container (`--device` with `--iommu type1`): populate, then MAP_DMA.
+    Type1,
+    /// iommufd IOAS (`--device` with `--iommu iommufd`): parallel IOAS_MAP.
+    Iommufd,
+    /// vfio-user (`--user-device`): populate, then DMA_MAP messages with the memfd.
+    #[value(name = "vfio-user")]
+    VfioUser,
+}
+
+/// `--backing`: `auto` picks memfd when a vfio-user device needs shareable RAM, else anon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackingArg {
+    Auto,
+    Anon,
+    Thp,
+    Memfd,
+    Hugetlb,
+    #[value(name = "hugetlb-1g")]
+    Hugetlb1g,
+}
+
+impl BackingArg {
+    fn explicit(self) -> Option<Backing> {
+        Some(match self {
+            BackingArg::Auto => return None,
+            BackingArg::Anon => Backing::Anon,
+            BackingArg::Thp => Backing::Thp,
+            BackingArg::Memfd => Backing::Memfd,
+            BackingArg::Hugetlb => Backing::Hugetlb,
+            BackingArg::Hugetlb1g => Backing::Hugetlb1g,
+        })
+    }
+}
+
+/// `--iommu` for `--device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IommuArg {
+    /// VFIO type1 container (/dev/vfio/vfio and the group).
+    Type1,
+    /// iommufd (/dev/iommu and the device's cdev).
+    Iommufd,
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -53,12 +99,30 @@ pub struct RunArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub cpus: u8,
-    /// What backs guest RAM.
-    #[arg(long, value_enum, default_value = "anon")]
-    pub backing: Backing,
-    /// How guest RAM is prepared before the guest runs.
-    #[arg(long, value_enum, default_value = "none")]
+    /// What backs guest RAM. `auto`: memfd when a vfio-user device is attached (its server
+    /// maps guest RAM through the memfd), else anon.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backing: BackingArg,
+    /// How guest RAM is prepared before the guest runs. `auto`: mapped for the attached
+    /// devices by their backend (type1, iommufd or vfio-user), nothing without devices.
+    #[arg(long, value_enum, default_value = "auto")]
     pub pin: RunPin,
+    /// Pass a host PCI function through kernel VFIO: its sysfs path
+    /// (/sys/bus/pci/devices/0000:01:00.0) or PCI address. Repeatable.
+    #[arg(long = "device", value_name = "SYSFS_PATH")]
+    pub devices: Vec<PathBuf>,
+    /// IOMMU interface for --device.
+    #[arg(long, value_enum, default_value = "type1")]
+    pub iommu: IommuArg,
+    /// A PCI function served over vfio-user: `epf` starts the built-in pci-epf-test server
+    /// (`vmm device epf`) as a child process; anything else is the path of a server's socket;
+    /// `none` attaches nothing. Default with the built-in probe guest: `epf` (unless --device,
+    /// or a --pin/--backing that cannot serve it, is given).
+    #[arg(long = "user-device", value_name = "epf|SOCKET|none")]
+    pub user_devices: Vec<String>,
+    /// Testing only: leave the 4 KiB page at this guest address out of the vfio-user DMA map.
+    #[arg(long, hide = true, value_parser = parse_size)]
+    pub test_dma_hole: Option<u64>,
     /// Threads for pinning: `auto` (all the limits allow) or a number.
     #[arg(long, default_value = "auto")]
     pub pin_threads: ThreadRequest,
@@ -96,6 +160,8 @@ pub enum LaunchError {
     },
     #[error("run: {0}")]
     Run(#[from] crate::run::RunError),
+    #[error("devices: {0}")]
+    Passthrough(#[from] PassthroughError),
 }
 
 impl LaunchError {
@@ -103,7 +169,7 @@ impl LaunchError {
     pub fn exit_status(&self) -> u8 {
         use crate::vm::{KvmError, MemoryError as VmMemoryError};
         match self {
-            LaunchError::Usage(_) => 2,
+            LaunchError::Usage(_) | LaunchError::Passthrough(_) => 2,
             LaunchError::Memory(m) => m.exit_status(),
             LaunchError::Pin(p) => p.exit_status(),
             LaunchError::Vm(
@@ -120,6 +186,8 @@ impl LaunchError {
 pub struct Outcome {
     pub report: Report,
     pub exit: VmExit,
+    /// Why a passthrough device stopped the guest, if one did.
+    pub device_failure: Option<String>,
 }
 
 impl Outcome {
@@ -130,23 +198,27 @@ impl Outcome {
             VmExit::Reset | VmExit::Shutdown => 0,
             VmExit::Timeout => 124,
             VmExit::Signal(n) => (128 + n) as u8,
-            VmExit::Halted { .. } | VmExit::Stopped | VmExit::Fault(_) => 1,
+            VmExit::Halted { .. } | VmExit::Stopped | VmExit::Fault(_) | VmExit::DeviceFailed => 1,
         }
     }
 }
 
 /// The command line the probe guest checks itself against: the RAM the E820 map describes
 /// (in whole MiB, as the probe counts) and the vCPU count.
-fn probe_cmdline(memory: u64, cpus: u8) -> String {
+fn probe_cmdline(memory: u64, cpus: u8, dma: bool) -> String {
     let ram: u64 = layout::e820_map(memory)
         .iter()
         .filter(|e| e.kind == E820Kind::Ram)
         .map(|e| e.size)
         .sum();
-    format!("probe.expect_mem={} probe.expect_cpus={cpus}", ram >> 20)
+    let dma = if dma { " probe.expect_dma=1" } else { "" };
+    format!(
+        "probe.expect_mem={} probe.expect_cpus={cpus}{dma}",
+        ram >> 20
+    )
 }
 
-fn config(args: &RunArgs) -> VmConfig {
+fn config(args: &RunArgs, dma: bool) -> VmConfig {
     let (kernel, default_cmdline) = match &args.kernel {
         Some(p) => (ImageSource::Path(p.clone()), "console=ttyS0".to_string()),
         None => (
@@ -154,7 +226,7 @@ fn config(args: &RunArgs) -> VmConfig {
                 name: "built-in probe guest".into(),
                 data: vmm_resources::PROBE_GUEST.into(),
             },
-            probe_cmdline(args.memory, args.cpus),
+            probe_cmdline(args.memory, args.cpus, dma),
         ),
     };
     VmConfig {
@@ -171,11 +243,93 @@ fn config(args: &RunArgs) -> VmConfig {
     }
 }
 
-fn backend(pin: RunPin) -> Arc<dyn PinBackend> {
-    match pin {
-        RunPin::None => Arc::new(NoneBackend),
-        RunPin::Populate => Arc::new(PopulateBackend),
-        RunPin::Mlock => Arc::new(MlockBackend),
+/// The vfio-user devices asked for, with the default: the probe guest gets the built-in
+/// pci-epf-test device unless the other options rule it out.
+fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, LaunchError> {
+    if args.user_devices.iter().any(|d| d == "none") {
+        return Ok(Vec::new());
+    }
+    if !args.user_devices.is_empty() {
+        return args
+            .user_devices
+            .iter()
+            .map(|d| {
+                d.parse()
+                    .map_err(|e| LaunchError::Usage(format!("--user-device {d:?}: {e}")))
+            })
+            .collect();
+    }
+    let shareable = matches!(
+        args.backing,
+        BackingArg::Auto | BackingArg::Memfd | BackingArg::Hugetlb | BackingArg::Hugetlb1g
+    );
+    let default = args.kernel.is_none()
+        && args.devices.is_empty()
+        && matches!(args.pin, RunPin::Auto | RunPin::VfioUser)
+        && shareable;
+    Ok(if default {
+        vec![UserDevice::Epf]
+    } else {
+        Vec::new()
+    })
+}
+
+fn backing(args: &RunArgs, user: &[UserDevice]) -> Result<Backing, LaunchError> {
+    match (args.backing.explicit(), user.is_empty()) {
+        (None, true) => Ok(Backing::Anon),
+        (None, false) => Ok(Backing::Memfd),
+        (Some(b @ (Backing::Anon | Backing::Thp)), false) => Err(LaunchError::Usage(format!(
+            "--backing {}: a vfio-user device maps guest RAM from another process, which \
+             needs shareable memory: use --backing memfd (or hugetlb), or leave --backing auto",
+            b.name()
+        ))),
+        (Some(b), _) => Ok(b),
+    }
+}
+
+/// The pin backend: what `--pin` says, checked against what the devices need.
+fn pin_backend(
+    pin: RunPin,
+    needed: Option<Arc<dyn PinBackend>>,
+) -> Result<Arc<dyn PinBackend>, LaunchError> {
+    let fixed: Option<Arc<dyn PinBackend>> = match pin {
+        RunPin::None => Some(Arc::new(NoneBackend)),
+        RunPin::Populate => Some(Arc::new(PopulateBackend)),
+        RunPin::Mlock => Some(Arc::new(MlockBackend)),
+        _ => None,
+    };
+    match (fixed, needed) {
+        (Some(b), None) => Ok(b),
+        (Some(b), Some(n)) => Err(LaunchError::Usage(format!(
+            "--pin {}: the passthrough device needs guest RAM mapped for DMA ({}); use --pin \
+             auto",
+            b.kind(),
+            n.kind()
+        ))),
+        (None, None) if pin == RunPin::Auto => Ok(Arc::new(NoneBackend)),
+        (None, None) => Err(LaunchError::Usage(
+            format!(
+                "--pin {pin:?}: no device that maps through it is attached (see --device and \
+             --user-device)"
+            )
+            .to_lowercase(),
+        )),
+        (None, Some(n)) => {
+            let want = match pin {
+                RunPin::Type1 => Some(BackendKind::Type1),
+                RunPin::Iommufd => Some(BackendKind::Iommufd),
+                RunPin::VfioUser => Some(BackendKind::VfioUser),
+                _ => None,
+            };
+            match want {
+                Some(w) if w != n.kind() => Err(LaunchError::Usage(format!(
+                    "--pin {w}: the attached device maps through {} (for --device, pick \
+                     the interface with --iommu)",
+                    n.kind()
+                ))),
+                _ => Ok(n),
+            }
+        }
     }
 }
 
@@ -238,9 +392,13 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
         })?;
     let cancel = CancelToken::with_signals();
     let limits = Limits::detect().map_err(|e| LaunchError::Usage(e.to_string()))?;
+    let user = user_devices(args)?;
+    let backing = backing(args, &user)?;
+    let dma = !user.is_empty() || !args.devices.is_empty();
     let mut timeline = Timeline::new(start);
     let marks = Arc::new(GuestMarks::new(start));
-    let config = config(args);
+    let config = config(args, dma);
+    let failure = Failure::default();
 
     let mut vm = timeline.phase("kvm", || Vm::create(&config, marks.clone()))?;
     let ranges: Vec<(u64, u64)> = layout::ram_ranges(args.memory)
@@ -248,16 +406,30 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
         .map(|(a, s)| (a.0, *s))
         .collect();
     let guest = timeline.phase("memory", || -> Result<GuestMemory, LaunchError> {
-        let guest = GuestMemory::new(args.backing, &ranges)?;
+        let guest = GuestMemory::new(backing, &ranges)?;
         vm.register_memory(guest.mem.clone())?;
         Ok(guest)
     })?;
-    timeline.phase("devices", || vm.attach_devices())?;
+    let request = passthrough::Request {
+        kernel_devices: &args.devices,
+        iommu: match args.iommu {
+            IommuArg::Type1 => IommuKind::Type1,
+            IommuArg::Iommufd => IommuKind::Iommufd,
+        },
+        user_devices: &user,
+        dma_hole: args.test_dma_hole,
+    };
+    let mut devices = timeline.phase("devices", || -> Result<_, LaunchError> {
+        vm.attach_devices()?;
+        Ok(passthrough::attach_all(&mut vm, &request, &failure)?)
+    })?;
     let options = PinOptions {
         threads: args.pin_threads,
         ..PinOptions::default()
     };
-    let pinner = Pinner::new(backend(args.pin), limits, options);
+    let backend = pin_backend(args.pin, devices.pin_backend.take())?;
+    let pinning = backend.kind() != BackendKind::None;
+    let pinner = Pinner::new(backend, limits, options);
     let pinned = timeline.phase("pin", || pinner.pin(guest.ram.clone(), &cancel))?;
     timeline.phase("load", || vm.load())?;
     timeline.phase("vcpus", || vm.create_vcpus())?;
@@ -271,12 +443,18 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
         .timeout
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     let exit = timeline.phase("run", || vm.run_until_exit(deadline))?;
+    let device_failure = failure.finish();
     drop(forwarder);
 
     let teardown = start.elapsed();
     let pin_stats = pinned.stats.clone();
+    // Reverse order of set-up: the VM (device models), the DMA mappings (sent to the device
+    // servers, which are still running), the servers, then guest RAM.
     drop(vm);
     drop(pinned);
+    drop(pinner);
+    let device_names = std::mem::take(&mut devices.names);
+    drop(devices);
     drop(guest);
     timeline.record("exit", teardown, start.elapsed());
 
@@ -297,13 +475,18 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
             _ => None,
         },
         outcome: exit.to_string(),
-        pin: (args.pin != RunPin::None).then_some(pin_stats),
+        pin: pinning.then_some(pin_stats),
         vm: VmSummary {
             memory_bytes: args.memory,
             cpus: args.cpus,
-            backing: args.backing.name().into(),
+            backing: backing.name().into(),
             kernel: config.kernel.name(),
+            devices: device_names,
         },
     };
-    Ok(Outcome { report, exit })
+    Ok(Outcome {
+        report,
+        exit,
+        device_failure,
+    })
 }

@@ -12,6 +12,8 @@ pub mod timeline;
 pub mod arch;
 pub mod layout;
 pub mod loader;
+pub mod passthrough;
+pub mod pci;
 pub mod resources;
 pub mod run;
 pub mod vcpu;

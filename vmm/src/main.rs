@@ -50,6 +50,38 @@ as the bandwidth ceiling.\n\nExample: vmm pin-bench --memory 4G --pin populate -
     PinBench(PinBenchArgs),
     /// Benchmarks that boot guests: `vmm bench startup` (start-up time, vmm and QEMU).
     Bench(vmm::bench::BenchArgs),
+    /// Serve a device model over vfio-user, for `vmm run --user-device SOCKET`.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// A model of Linux's pci-epf-test endpoint (TI 104c:b500): READ/WRITE/COPY commands DMA
+    /// through the regions the VMM maps, CRC32 checksums, MSI/MSI-X/INTx.
+    #[command(
+        long_about = "Serve a model of Linux's pci-epf-test endpoint function over \
+vfio-user on a Unix socket, to one client, until it disconnects or SIGTERM/SIGINT. Every DMA goes \
+through the regions the client mapped with DMA_MAP, so an unmapped address fails the command. \
+`vmm run --user-device epf` starts this itself; run it by hand to attach it with \
+`vmm run --user-device PATH`.\n\nExample: vmm device epf --socket /tmp/epf.sock"
+    )]
+    Epf {
+        /// Where to listen (created; removed at exit).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
+}
+
+fn device(cmd: &DeviceCommand) -> ExitCode {
+    let DeviceCommand::Epf { socket } = cmd;
+    match devices::vfio_user::run_epf_server(socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmm device epf: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn pin_bench(args: &PinBenchArgs) -> ExitCode {
@@ -100,6 +132,9 @@ fn run(args: &RunArgs, start: std::time::Instant) -> ExitCode {
             if let vmm::run::VmExit::Fault(f) = &outcome.exit {
                 eprintln!("vmm: guest failed: {f}");
             }
+            if let Some(what) = &outcome.device_failure {
+                eprintln!("vmm: guest stopped: passthrough device failed: {what}");
+            }
             ExitCode::from(outcome.exit_status())
         }
         Err(e) => {
@@ -123,5 +158,6 @@ fn main() -> ExitCode {
         Command::PinBench(args) => pin_bench(&args),
         Command::Bench(args) => vmm::bench::command(&args),
         Command::Run(args) => run(&args, start),
+        Command::Device(cmd) => device(&cmd),
     }
 }

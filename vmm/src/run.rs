@@ -48,6 +48,9 @@ pub enum VmExit {
     /// A vCPU faulted (triple fault, failed entry, KVM internal error...).
     #[error(transparent)]
     Fault(VcpuFault),
+    /// A passthrough device or its server failed while the guest ran.
+    #[error("passthrough device failed")]
+    DeviceFailed,
 }
 
 /// Run-loop failures of the VMM itself (not the guest).
@@ -121,6 +124,7 @@ impl Vm {
             Some(ExitReason::Halted { cpu }) => VmExit::Halted { cpu },
             Some(ExitReason::Signal(n)) => VmExit::Signal(n),
             Some(ExitReason::Stop) => VmExit::Stopped,
+            Some(ExitReason::DeviceFailed) => VmExit::DeviceFailed,
             Some(ExitReason::VcpuFault { cpu }) => {
                 let at = faults.iter().position(|(i, _)| *i == cpu);
                 VmExit::Fault(match at {

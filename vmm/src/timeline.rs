@@ -111,6 +111,8 @@ pub struct VmSummary {
     pub cpus: u8,
     pub backing: String,
     pub kernel: String,
+    /// Passthrough devices (sysfs paths or vfio-user sockets).
+    pub devices: Vec<String>,
 }
 
 impl Report {

@@ -35,6 +35,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::x86_64::mptable;
 use crate::layout;
 use crate::loader::{self, BootProtocol, BootSetup, ImageSource, LoadError, LoadRequest};
+use crate::pci::{PciError, PciSystem};
 use crate::resources::{ResourceAllocator, ResourceError};
 use crate::vcpu::{self, Vcpu, VcpuError, VcpuHandle};
 
@@ -174,6 +175,12 @@ pub enum DeviceError {
     /// The event manager could not be created.
     #[error("creating the event loop failed: {0:?}")]
     EventManager(event_manager::Error),
+    /// PCI bus or device set-up.
+    #[error(transparent)]
+    Pci(#[from] PciError),
+    /// A passthrough device could not be modelled.
+    #[error(transparent)]
+    Vfio(#[from] devices::vfio::VfioPciError),
 }
 
 /// One error type over all stages; the variant names the stage.
@@ -249,6 +256,7 @@ pub struct Vm {
     pub(crate) event_manager: Option<EventManager<Subscriber>>,
     pub(crate) stdin_attached: bool,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    pci: Option<PciSystem>,
     irqfds: Vec<(EventFd, u32)>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
@@ -257,7 +265,7 @@ pub struct Vm {
     resources: Option<ResourceAllocator>,
     boot: Option<BootSetup>,
     supported_cpuid: CpuId,
-    vm_fd: VmFd,
+    vm_fd: Arc<VmFd>,
     _kvm: Kvm,
     guest_mem: Option<GuestMemoryMmap>,
     config: VmConfig,
@@ -354,6 +362,7 @@ impl Vm {
             event_manager: None,
             stdin_attached: false,
             serial: None,
+            pci: None,
             irqfds: Vec::new(),
             pio: Arc::new(Bus::new("pio")),
             mmio: Arc::new(Bus::new("mmio")),
@@ -362,7 +371,7 @@ impl Vm {
             resources: None,
             boot: None,
             supported_cpuid,
-            vm_fd,
+            vm_fd: Arc::new(vm_fd),
             _kvm: kvm,
             guest_mem: None,
             config: config.clone(),
@@ -461,11 +470,29 @@ impl Vm {
             em.add_subscriber(Box::new(SerialInput::new(StdinFd, serial.clone())));
             self.stdin_attached = true;
         }
+        self.pci = Some(
+            PciSystem::new(self.vm_fd.clone(), &self.pio, self.mmio.clone())
+                .map_err(DeviceError::from)?,
+        );
         // KVM holds its own reference to the file; ours is kept to unregister it later.
         self.irqfds.push((irq, gsi));
         self.event_manager = Some(em);
         self.serial = Some(serial);
         Ok(())
+    }
+
+    /// Puts a passthrough function on PCI bus 0 (stage `devices`, after `attach_devices`).
+    pub fn attach_vfio(
+        &mut self,
+        dev: devices::vfio::VfioPciDevice,
+    ) -> Result<devices::pci::PciAddress, VmError> {
+        let (Some(pci), Some(resources)) = (self.pci.as_ref(), self.resources.as_mut()) else {
+            return Err(VmError::OutOfOrder {
+                stage: "attach_vfio",
+                needs: "attach_devices",
+            });
+        };
+        Ok(pci.attach_vfio(dev, resources).map_err(DeviceError::from)?)
     }
 
     /// Stage `load`: kernel, initrd, command line and boot tables into guest memory.

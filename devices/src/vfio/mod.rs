@@ -5,6 +5,7 @@ pub mod backend;
 pub mod irqs;
 pub mod kernel;
 pub mod pci;
+pub mod user;
 
 pub use backend::{IrqInfo, MmapArea, RegionInfo, VfioBackend, VfioBackendError};
 pub use pci::{BarMmap, IrqVector, VfioPciDevice, VfioPciError};

@@ -93,6 +93,9 @@ pub struct IrqVector {
     pub message: Option<MsiMessage>,
 }
 
+/// Told about the first backend failure while the guest runs.
+pub type FailureHandler = Box<dyn Fn(&VfioBackendError) + Send>;
+
 /// The passthrough function.
 pub struct VfioPciDevice {
     backend: Arc<dyn VfioBackend>,
@@ -104,7 +107,7 @@ pub struct VfioPciDevice {
     fds: Vec<Arc<EventFd>>,
     mmaps: Vec<BarMmap>,
     failed: AtomicBool,
-    on_failure: Option<Box<dyn Fn(&VfioBackendError) + Send>>,
+    on_failure: Option<FailureHandler>,
 }
 
 impl std::fmt::Debug for VfioPciDevice {
@@ -184,7 +187,7 @@ impl VfioPciDevice {
         };
         // A malformed list could loop; 48 capabilities fill the standard space.
         for _ in 0..48 {
-            if at < 0x40 || at > 0xfc {
+            if !(0x40..=0xfc).contains(&at) {
                 break;
             }
             let dw0 = rd(at);
@@ -231,7 +234,7 @@ impl VfioPciDevice {
 
     /// Called once with the first backend error the guest's accesses run into (a vfio-user
     /// server that died, say), so the VMM can stop the guest with that error.
-    pub fn set_failure_handler(&mut self, f: Box<dyn Fn(&VfioBackendError) + Send>) {
+    pub fn set_failure_handler(&mut self, f: FailureHandler) {
         self.on_failure = Some(f);
     }
 

@@ -83,7 +83,12 @@ impl Shared {
     /// socket so the server sees it too.
     fn break_with(&self, state: &mut State, fatal: Fatal) {
         if state.broken.is_none() {
-            tracing::warn!("vfio-user {}: {}", self.name, fatal.reason());
+            // Closing is the normal end; anything else is worth a warning.
+            if matches!(fatal, Fatal::Closed) {
+                tracing::debug!("vfio-user {}: {}", self.name, fatal.reason());
+            } else {
+                tracing::warn!("vfio-user {}: {}", self.name, fatal.reason());
+            }
             state.broken = Some(fatal);
         }
         self.replied.notify_all();

@@ -1,0 +1,134 @@
+//! A vfio-user server as a [`VfioBackend`] (for the passthrough model) and as an
+//! [`FdDmaMapper`] (for the pinning engine's vfio-user backend). Both share one [`Client`]:
+//! its requests are pipelined, so DMA_MAP messages from every pinning thread are in flight
+//! at once.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use pinning::backend::FdDmaMapper;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
+use crate::vfio_user::{Client, VfioUserError};
+
+/// VFIO_IRQ_SET_* flags, as SET_IRQS carries them.
+const IRQ_SET_DATA_NONE: u32 = 1 << 0;
+const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
+const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
+const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+
+/// A device behind a vfio-user socket.
+pub struct UserBackend {
+    client: Arc<Client>,
+}
+
+impl UserBackend {
+    /// Uses `client` (already connected and past version negotiation).
+    pub fn new(client: Arc<Client>) -> Self {
+        UserBackend { client }
+    }
+
+    /// The shared client, for the pinning backend.
+    pub fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+}
+
+fn be(op: &str) -> impl FnOnce(VfioUserError) -> VfioBackendError + '_ {
+    move |e| e.into_backend(op)
+}
+
+impl VfioBackend for UserBackend {
+    fn name(&self) -> &str {
+        self.client.name()
+    }
+    fn counts(&self) -> Result<(u32, u32), VfioBackendError> {
+        let (_, regions, irqs) = self.client.device_info().map_err(be("DEVICE_GET_INFO"))?;
+        Ok((regions, irqs))
+    }
+    fn region_info(&self, index: u32) -> Result<RegionInfo, VfioBackendError> {
+        self.client
+            .region_info(index)
+            .map_err(be("DEVICE_GET_REGION_INFO"))
+    }
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), VfioBackendError> {
+        self.client
+            .region_read(index, offset, data)
+            .map_err(be("REGION_READ"))
+    }
+    fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioBackendError> {
+        self.client
+            .region_write(index, offset, data)
+            .map_err(be("REGION_WRITE"))
+    }
+    fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioBackendError> {
+        self.client
+            .irq_info(index)
+            .map_err(be("DEVICE_GET_IRQ_INFO"))
+    }
+    fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioBackendError> {
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        self.client
+            .set_irqs(
+                index,
+                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                0,
+                raw.len() as u32,
+                &raw,
+            )
+            .map_err(be("DEVICE_SET_IRQS"))
+    }
+    fn enable_intx(&self, trigger: &EventFd, unmask: &EventFd) -> Result<(), VfioBackendError> {
+        self.client
+            .set_irqs(
+                irq::INTX,
+                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
+                0,
+                1,
+                &[trigger.as_raw_fd()],
+            )
+            .map_err(be("DEVICE_SET_IRQS"))?;
+        self.client
+            .set_irqs(
+                irq::INTX,
+                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK,
+                0,
+                1,
+                &[unmask.as_raw_fd()],
+            )
+            .map_err(be("DEVICE_SET_IRQS"))
+    }
+    fn disable_irq(&self, index: u32) -> Result<(), VfioBackendError> {
+        self.client
+            .set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, &[])
+            .map_err(be("DEVICE_SET_IRQS"))
+    }
+    fn reset(&self) -> Result<(), VfioBackendError> {
+        self.client.reset().map_err(be("DEVICE_RESET"))
+    }
+}
+
+fn io_error(e: VfioUserError) -> io::Error {
+    match e.errno() {
+        Some(errno) if errno != 0 => io::Error::from_raw_os_error(errno),
+        _ => io::Error::other(e.to_string()),
+    }
+}
+
+impl FdDmaMapper for UserBackend {
+    fn map_fd(&self, iova: u64, size: u64, fd: RawFd, offset: u64) -> io::Result<()> {
+        self.client
+            .dma_map(iova, size, fd, offset, true, true)
+            .map_err(io_error)
+    }
+    fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {
+        self.client.dma_unmap(iova, size).map_err(io_error)
+    }
+}

@@ -1,0 +1,394 @@
+//! Passthrough devices for `vmm run`: host functions through kernel VFIO (`--device`) and
+//! functions served over vfio-user (`--user-device`), including the built-in pci-epf-test
+//! server that `--user-device epf` starts as a child process.
+//!
+//! The order matters and is the builder's: devices are opened and attached (`devices` stage)
+//! before guest RAM is mapped for them (`pin` stage), so the kernel never pins lazily, on one
+//! thread, at attach time.
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio};
+use devices::vfio::user::UserBackend;
+use devices::vfio::{VfioBackend, VfioPciDevice};
+use devices::vfio_user::Client;
+use devices::ExitReason;
+use pinning::backend::{FdDmaMapper, VfioUserBackend};
+use pinning::PinBackend;
+
+use crate::vm::{StopHandle, Vm, VmError};
+
+/// How long one vfio-user request may take before the device counts as dead.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the built-in server may take to start listening.
+const SERVER_START: Duration = Duration::from_secs(10);
+
+/// `--user-device`: the built-in test device, or a socket another process serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum UserDevice {
+    /// Start `vmm device epf` as a child and connect to it.
+    Epf,
+    /// Connect to this socket.
+    Socket(PathBuf),
+}
+
+impl std::str::FromStr for UserDevice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "" => Err("give `epf` or the path of a vfio-user socket".into()),
+            "epf" => Ok(UserDevice::Epf),
+            path => Ok(UserDevice::Socket(PathBuf::from(path))),
+        }
+    }
+}
+
+/// Why a passthrough device could not be set up (stage `devices`). Always exit status 2:
+/// the guest has not run yet, and each names the device and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum PassthroughError {
+    #[error(transparent)]
+    Kernel(#[from] devices::vfio::kernel::KernelVfioError),
+    #[error(transparent)]
+    User(#[from] devices::vfio_user::VfioUserError),
+    #[error(transparent)]
+    Model(#[from] devices::vfio::VfioPciError),
+    #[error(transparent)]
+    Vm(#[from] Box<VmError>),
+    #[error("{0}")]
+    Usage(String),
+    #[error("starting the pci-epf-test server (`{exe} device epf`): {source}")]
+    Spawn {
+        exe: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the pci-epf-test server exited before it listened on {socket}: {status}")]
+    ServerExited { socket: PathBuf, status: String },
+    #[error("the pci-epf-test server did not listen on {socket} within {SERVER_START:?}")]
+    ServerSlow { socket: PathBuf },
+    #[error("{socket}: not a vfio-user socket: {what}")]
+    NotASocket { socket: PathBuf, what: String },
+}
+
+/// The first failure of a device while the guest runs, kept for the final message.
+#[derive(Clone, Default)]
+pub struct Failure(Arc<Mutex<FailureState>>);
+
+#[derive(Default)]
+struct FailureState {
+    what: Option<String>,
+    finished: bool,
+}
+
+impl Failure {
+    /// Records `what` (the first one wins) and stops the VM. After [`Failure::finish`] it
+    /// does nothing: a server that exits during teardown is not a failure.
+    pub fn fail(&self, stop: &StopHandle, what: String) {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if state.finished {
+            return;
+        }
+        state.what.get_or_insert(what);
+        drop(state);
+        stop.request(ExitReason::DeviceFailed);
+    }
+
+    /// Ends the watch (the guest has stopped) and says what failed, if anything did.
+    pub fn finish(&self) -> Option<String> {
+        let mut state = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        state.finished = true;
+        state.what.take()
+    }
+}
+
+/// Every device attached, and how guest RAM must be mapped for them.
+#[derive(Default)]
+pub struct Devices {
+    /// The pin backend the devices need (`None`: no DMA-capable device).
+    pub pin_backend: Option<Arc<dyn PinBackend>>,
+    /// Names for the report.
+    pub names: Vec<String>,
+    kernel: Vec<Arc<KernelVfio>>,
+    servers: Vec<EpfServer>,
+}
+
+/// A test-only hole: the page at this guest address is left out of the device's DMA map.
+pub struct DmaHole {
+    inner: Arc<UserBackend>,
+    hole: u64,
+}
+
+impl FdDmaMapper for DmaHole {
+    fn map_fd(&self, iova: u64, size: u64, fd: i32, offset: u64) -> std::io::Result<()> {
+        for (start, end) in self.split(iova, size) {
+            self.inner
+                .map_fd(start, end - start, fd, offset + (start - iova))?;
+        }
+        Ok(())
+    }
+    fn unmap(&self, iova: u64, size: u64) -> std::io::Result<()> {
+        for (start, end) in self.split(iova, size) {
+            self.inner.unmap(start, end - start)?;
+        }
+        Ok(())
+    }
+}
+
+impl DmaHole {
+    fn split(&self, iova: u64, size: u64) -> Vec<(u64, u64)> {
+        let (end, hole_end) = (iova + size, self.hole + 4096);
+        if self.hole >= end || hole_end <= iova {
+            return vec![(iova, end)];
+        }
+        [(iova, self.hole), (hole_end, end)]
+            .into_iter()
+            .filter(|(a, b)| a < b)
+            .collect()
+    }
+}
+
+/// What `vmm run` asked for.
+pub struct Request<'a> {
+    pub kernel_devices: &'a [PathBuf],
+    pub iommu: IommuKind,
+    pub user_devices: &'a [UserDevice],
+    pub dma_hole: Option<u64>,
+}
+
+/// Opens, connects and attaches every device; returns them with the pin backend they need.
+pub fn attach_all(
+    vm: &mut Vm,
+    req: &Request<'_>,
+    failure: &Failure,
+) -> Result<Devices, PassthroughError> {
+    if !req.kernel_devices.is_empty() && !req.user_devices.is_empty() {
+        return Err(PassthroughError::Usage(
+            "--device and --user-device together are not supported yet: guest RAM is mapped \
+             through one backend per run"
+                .into(),
+        ));
+    }
+    if req.user_devices.len() > 1 {
+        return Err(PassthroughError::Usage(
+            "one --user-device per run is supported".into(),
+        ));
+    }
+    let mut out = Devices::default();
+    let mut context: Option<IommuContext> = None;
+    for path in req.kernel_devices {
+        let dev = match &context {
+            None => KernelVfio::open(path, req.iommu, None)?,
+            Some(c) => KernelVfio::attach(path, c)?,
+        };
+        context.get_or_insert_with(|| dev.context().clone());
+        let dev = Arc::new(dev);
+        out.names.push(VfioBackend::name(dev.as_ref()).to_string());
+        attach_model(vm, dev.clone(), failure)?;
+        out.kernel.push(dev);
+    }
+    if let Some(c) = &context {
+        out.pin_backend = Some(c.pin_backend());
+    }
+    for user in req.user_devices {
+        let (socket, mut server) = match user {
+            UserDevice::Epf => {
+                let server = EpfServer::start(vm.stop_handle(), failure.clone())?;
+                (server.socket.clone(), Some(server))
+            }
+            UserDevice::Socket(path) => (path.clone(), None),
+        };
+        let client = match &mut server {
+            Some(s) => s.connect()?,
+            None => connect(&socket)?,
+        };
+        let backend = Arc::new(UserBackend::new(Arc::new(client)));
+        out.names.push(socket.display().to_string());
+        attach_model(vm, backend.clone(), failure)?;
+        let mapper: Arc<dyn FdDmaMapper> = match req.dma_hole {
+            Some(hole) => Arc::new(DmaHole {
+                inner: backend,
+                hole: hole & !4095,
+            }),
+            None => backend,
+        };
+        out.pin_backend = Some(Arc::new(VfioUserBackend::new(mapper)));
+        out.servers.extend(server);
+    }
+    Ok(out)
+}
+
+fn attach_model(
+    vm: &mut Vm,
+    backend: Arc<dyn VfioBackend>,
+    failure: &Failure,
+) -> Result<(), PassthroughError> {
+    let mut model = VfioPciDevice::new(backend)?;
+    let (stop, failure) = (vm.stop_handle(), failure.clone());
+    model.set_failure_handler(Box::new(move |e| failure.fail(&stop, e.to_string())));
+    vm.attach_vfio(model).map_err(Box::new)?;
+    Ok(())
+}
+
+/// Connects to a socket someone else serves, with errors that say what the path is.
+fn connect(socket: &Path) -> Result<Client, PassthroughError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(socket) {
+        Err(e) => {
+            return Err(PassthroughError::NotASocket {
+                socket: socket.into(),
+                what: format!("{e} (start the device server first)"),
+            })
+        }
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(PassthroughError::NotASocket {
+                socket: socket.into(),
+                what: "the path exists but is not a Unix socket".into(),
+            })
+        }
+        Ok(_) => {}
+    }
+    Ok(Client::connect(socket, REQUEST_TIMEOUT)?)
+}
+
+/// `vmm device epf` running as our child: stopped (SIGTERM, then SIGKILL) and reaped on
+/// drop, its socket folder removed. A watcher thread notices if it dies while the guest runs.
+struct EpfServer {
+    child: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+    stopping: Arc<AtomicBool>,
+    watcher: Option<JoinHandle<()>>,
+    stop: StopHandle,
+    failure: Failure,
+}
+
+impl EpfServer {
+    fn start(stop: StopHandle, failure: Failure) -> Result<Self, PassthroughError> {
+        let exe = std::env::current_exe().map_err(|source| PassthroughError::Spawn {
+            exe: "vmm".into(),
+            source,
+        })?;
+        let dir = std::env::temp_dir().join(format!("vmm-{}-epf", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|source| PassthroughError::Spawn {
+            exe: exe.clone(),
+            source,
+        })?;
+        let socket = dir.join("epf.sock");
+        let child = Command::new(&exe)
+            .args(["device", "epf", "--socket"])
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(c) => c,
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(PassthroughError::Spawn { exe, source });
+            }
+        };
+        Ok(EpfServer {
+            child,
+            dir,
+            socket,
+            stopping: Arc::new(AtomicBool::new(false)),
+            watcher: None,
+            stop,
+            failure,
+        })
+    }
+
+    /// Waits for the server to listen, connects, and starts watching it.
+    fn connect(&mut self) -> Result<Client, PassthroughError> {
+        let deadline = Instant::now() + SERVER_START;
+        loop {
+            if self.socket.exists() {
+                if let Ok(c) = Client::connect(&self.socket, REQUEST_TIMEOUT) {
+                    self.watch();
+                    return Ok(c);
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(PassthroughError::ServerExited {
+                    socket: self.socket.clone(),
+                    status: describe(status),
+                });
+            }
+            if Instant::now() > deadline {
+                return Err(PassthroughError::ServerSlow {
+                    socket: self.socket.clone(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn watch(&mut self) {
+        let pid = self.child.id() as libc::id_t;
+        let (stopping, stop, failure) = (
+            self.stopping.clone(),
+            self.stop.clone(),
+            self.failure.clone(),
+        );
+        self.watcher = Some(std::thread::spawn(move || {
+            // WNOWAIT: notice the exit without reaping; Drop reaps.
+            // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let r =
+                unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if r == 0 && !stopping.load(Ordering::Acquire) {
+                // SAFETY: waitid filled `info` for a child exit.
+                let (code, status) = unsafe { (info.si_code, info.si_status()) };
+                let how = if code == libc::CLD_EXITED {
+                    format!("exited with status {status}")
+                } else {
+                    format!("was killed by signal {status}")
+                };
+                failure.fail(
+                    &stop,
+                    format!("the pci-epf-test server (pid {pid}) {how} while the guest ran"),
+                );
+            }
+        }));
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (_, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}
+
+impl Drop for EpfServer {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Release);
+        let pid = self.child.id() as libc::pid_t;
+        // SAFETY: signalling our own child, which is not reaped yet (only Drop reaps).
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() > deadline => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        if let Some(w) = self.watcher.take() {
+            let _ = w.join();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
