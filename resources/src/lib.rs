@@ -92,8 +92,10 @@
 //! READs).
 //!
 //! It executes about 55 000 instructions for a small guest, plus about 2 000 per GiB of RAM
-//! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts), plus roughly
-//! 30 000 per DMA page with a pci-epf-test device (an estimate, not measured), and avoids
+//! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts); with a
+//! pci-epf-test device, each DMA page adds about 25 ms on the build machine's emulated KVM
+//! (rdtsc; most of it the pattern and CRC check of 4 KiB, tens of thousands of instructions),
+//! the last page twice that; and it avoids
 //! instructions this project's emulated KVM cannot run (x87 and every SSE instruction other
 //! than plain moves, `cmpxchg16b`, `xsave`, `int3`, `popcnt`, `clac`/`stac`).
 
@@ -413,7 +415,10 @@ mod tests {
         assert!(main.contains(&format!("b\"{OPT_EXPECT_CPUS}=\"")));
         assert!(main.contains(&format!("b\"{OPT_EXPECT_DMA}=\"")));
         assert!(main.contains(&format!("b\"{OPT_DMA_IRQ}=\"")));
-        assert!(main.contains(&format!(".s(\"{}\")", &DMA_SKIPPED_LINE[LINE_PREFIX.len()..])));
+        assert!(main.contains(&format!(
+            ".s(\"{}\")",
+            &DMA_SKIPPED_LINE[LINE_PREFIX.len()..]
+        )));
         let cpu = src("cpu.rs");
         assert!(cpu.contains(&format!(
             "const DEBUG_EXIT_PORT: u16 = {DEBUG_EXIT_PORT:#x};"
