@@ -1,4 +1,6 @@
 //! Shared by the integration tests: the binary under test and what /proc says about it.
+// Each test file uses a subset of these helpers.
+#![allow(dead_code)]
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -121,7 +121,7 @@ pub struct RunArgs {
     #[arg(long = "user-device", value_name = "epf|SOCKET|none")]
     pub user_devices: Vec<String>,
     /// Testing only: leave the 4 KiB page at this guest address out of the vfio-user DMA map.
-    #[arg(long, hide = true, value_parser = parse_size)]
+    #[arg(long, hide = true, value_parser = parse_addr)]
     pub test_dma_hole: Option<u64>,
     /// Threads for pinning: `auto` (all the limits allow) or a number.
     #[arg(long, default_value = "auto")]
@@ -241,6 +241,15 @@ fn config(args: &RunArgs, dma: bool) -> VmConfig {
             .map_or(SerialOut::Stdout, SerialOut::File),
         serial_in: SerialIn::Stdin,
     }
+}
+
+/// A guest-physical address, hex (0x...) or decimal.
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not an address: give hex (0x3ffff000) or decimal"))
 }
 
 /// The vfio-user devices asked for, with the default: the probe guest gets the built-in
@@ -418,6 +427,12 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
         },
         user_devices: &user,
         dma_hole: args.test_dma_hole,
+        pin_fixed: match args.pin {
+            RunPin::None => Some("none"),
+            RunPin::Populate => Some("populate"),
+            RunPin::Mlock => Some("mlock"),
+            _ => None,
+        },
     };
     let mut devices = timeline.phase("devices", || -> Result<_, LaunchError> {
         vm.attach_devices()?;

@@ -115,7 +115,17 @@ pub struct Devices {
     /// Names for the report.
     pub names: Vec<String>,
     kernel: Vec<Arc<KernelVfio>>,
+    clients: Vec<Arc<Client>>,
+    // After `clients`: a server is stopped only once our side has hung up.
     servers: Vec<EpfServer>,
+}
+
+impl Drop for Devices {
+    fn drop(&mut self) {
+        for c in &self.clients {
+            c.shutdown();
+        }
+    }
 }
 
 /// A test-only hole: the page at this guest address is left out of the device's DMA map.
@@ -159,6 +169,8 @@ pub struct Request<'a> {
     pub iommu: IommuKind,
     pub user_devices: &'a [UserDevice],
     pub dma_hole: Option<u64>,
+    /// `--pin none|populate|mlock`: no DMA mapping, so no device can be served.
+    pub pin_fixed: Option<&'a str>,
 }
 
 /// Opens, connects and attaches every device; returns them with the pin backend they need.
@@ -178,6 +190,12 @@ pub fn attach_all(
         return Err(PassthroughError::Usage(
             "one --user-device per run is supported".into(),
         ));
+    }
+    if req.pin_fixed.is_some() && !(req.kernel_devices.is_empty() && req.user_devices.is_empty()) {
+        return Err(PassthroughError::Usage(format!(
+            "--pin {}: a passthrough device needs guest RAM mapped for its DMA; use --pin auto",
+            req.pin_fixed.unwrap_or_default()
+        )));
     }
     let mut out = Devices::default();
     let mut context: Option<IommuContext> = None;
@@ -207,7 +225,9 @@ pub fn attach_all(
             Some(s) => s.connect()?,
             None => connect(&socket)?,
         };
-        let backend = Arc::new(UserBackend::new(Arc::new(client)));
+        let client = Arc::new(client);
+        out.clients.push(client.clone());
+        let backend = Arc::new(UserBackend::new(client));
         out.names.push(socket.display().to_string());
         attach_model(vm, backend.clone(), failure)?;
         let mapper: Arc<dyn FdDmaMapper> = match req.dma_hole {

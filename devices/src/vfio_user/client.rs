@@ -687,6 +687,14 @@ impl Client {
         self.request("DEVICE_RESET".into(), cmd::DEVICE_RESET, &[], &[])?;
         Ok(())
     }
+
+    /// Closes the connection now, while other owners may still hold the client: later
+    /// requests fail at once. For teardown, before the server is stopped, so its going away
+    /// is not reported as a lost connection.
+    pub fn shutdown(&self) {
+        let mut st = self.shared.state();
+        self.shared.break_with(&mut st, Fatal::Closed);
+    }
 }
 
 impl Drop for Client {

@@ -1,0 +1,278 @@
+//! The probe guest with the pci-epf-test device served over vfio-user by `vmm device epf`,
+//! through the real binary: the device's DMA reaches all of guest RAM because the pinning
+//! engine mapped it, interrupts arrive, a hole in the map is a guest-visible failure, and a
+//! dying or absent server is a clear error with nothing left behind.
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::vmm;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn run(args: &[&str]) -> (Output, Option<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = vmm()
+        .arg("run")
+        .args(args)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let r = std::fs::read_to_string(&report)
+        .ok()
+        .map(|s| serde_json::from_str(&s).unwrap());
+    (out, r)
+}
+
+/// The line the probe prints about DMA.
+fn dma_line(serial: &str) -> &str {
+    serial
+        .lines()
+        .find(|l| l.starts_with("probe: dma ok") || l.starts_with("probe: dma FAIL"))
+        .unwrap_or_else(|| panic!("no dma result line in:\n{serial}"))
+}
+
+fn no_epf_leftovers(pid: u32) {
+    let dir = std::env::temp_dir().join(format!("vmm-{pid}-epf"));
+    assert!(!dir.exists(), "{} was left behind", dir.display());
+}
+
+/// Boots `memory` of guest RAM with the default epf device; returns the serial output.
+fn dma_ok_across_all_ram(memory: &str, bytes: u64, regions: usize) -> String {
+    let (out, r) = run(&["--memory", memory]);
+    let (serial, err) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{serial}\n{err}");
+    let line = dma_line(&serial);
+    assert!(
+        line.starts_with(&format!("probe: dma ok: {regions} regions,")) && line.ends_with("irq ok"),
+        "{line}"
+    );
+    assert!(serial.contains("probe: pci 00:01.0 104c:b500"), "{serial}");
+    let r = r.unwrap();
+    let pin = &r["pin"];
+    assert_eq!(pin["backend"], "vfio-user", "{r}");
+    assert_eq!(
+        pin["bytes"].as_u64(),
+        Some(bytes),
+        "the pin job covers exactly guest RAM: {r}"
+    );
+    assert!(pin["threads"].as_u64().unwrap() >= 1);
+    assert!(pin["chunks"].as_u64().unwrap() >= 1);
+    assert!(pin["decided_by"].is_string());
+    assert_eq!(
+        r["vm"]["backing"], "memfd",
+        "--backing auto picks memfd: {r}"
+    );
+    assert_eq!(r["vm"]["devices"].as_array().unwrap().len(), 1, "{r}");
+    serial
+}
+
+#[test]
+fn epf_dma_reaches_every_gib_of_a_1g_guest_and_its_interrupt_arrives() {
+    // First free page and the last page (the one GiB's page is the first page).
+    dma_ok_across_all_ram("1G", 1 << 30, 2);
+}
+
+#[test]
+fn epf_dma_reaches_ram_above_4g_in_a_6g_guest() {
+    // First page, a page in each GiB above the first (1, 2, 4, 5, 6 GiB: 3..4 GiB is the MMIO
+    // hole) and the last page.
+    let serial = dma_ok_across_all_ram("6G", 6 << 30, 7);
+    assert!(
+        serial.contains("0x1bffff000"),
+        "the last page of RAM (above 4 GiB) is one of the DMA targets:\n{serial}"
+    );
+}
+
+#[test]
+fn a_page_left_out_of_the_dma_map_is_a_guest_visible_dma_failure() {
+    // The last page of a 1 GiB guest is a DMA target; leave it unmapped.
+    let (out, _) = run(&["--memory", "1G", "--test-dma-hole", "0x3ffff000", "--quiet"]);
+    let serial = text(&out.stdout);
+    let line = dma_line(&serial);
+    assert!(line.starts_with("probe: dma FAIL"), "{line}");
+    assert!(line.contains("3ffff000"), "names the page: {line}");
+    assert_ne!(out.status.code(), Some(0), "{serial}");
+    assert!(serial.contains("probe: result FAIL"), "{serial}");
+}
+
+#[test]
+fn killing_the_device_server_mid_run_stops_vmm_with_a_clear_error() {
+    let mut child = vmm()
+        .args([
+            "run",
+            "--cmdline",
+            "probe.hang probe.expect_dma=1",
+            "--quiet",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let vmm_pid = child.id();
+    // Wait for the guest to be done with the device (it then hangs), then kill the server.
+    let mut stdout = child.stdout.take().unwrap();
+    let mut serial = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !text(&serial).contains("hanging (probe.hang)") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "vmm ended early:\n{}", text(&serial));
+        serial.extend_from_slice(&buf[..n]);
+    }
+    assert!(text(&serial).contains("probe: dma ok"), "{}", text(&serial));
+    let server = children_of(vmm_pid);
+    assert_eq!(server.len(), 1, "one device server child: {server:?}");
+    // SAFETY: plain kill(2) of the server process we just found.
+    unsafe { libc::kill(server[0], libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vmm did not stop after its server died"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("passthrough device failed")
+            && err.contains("pci-epf-test server")
+            && err.contains("signal 9"),
+        "{err}"
+    );
+    no_epf_leftovers(vmm_pid);
+}
+
+/// Direct children of `pid`, from /proc.
+fn children_of(pid: u32) -> Vec<i32> {
+    let path = format!("/proc/{pid}/task/{pid}/children");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+fn fails_with(args: &[&str], status: i32, needles: &[&str]) {
+    let child = vmm()
+        .arg("run")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(status), "{args:?}: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: want {n:?} in: {err}");
+    }
+    no_epf_leftovers(pid);
+}
+
+#[test]
+fn bad_passthrough_input_is_a_clear_error_with_exit_status_2() {
+    fails_with(
+        &["--user-device", "/nonexistent/epf.sock"],
+        2,
+        &["/nonexistent/epf.sock", "start the device server first"],
+    );
+    fails_with(
+        &["--user-device", "/etc/hostname"],
+        2,
+        &["/etc/hostname", "not a Unix socket"],
+    );
+    fails_with(
+        &["--user-device", "epf", "--backing", "anon"],
+        2,
+        &["--backing anon", "shareable", "memfd"],
+    );
+    fails_with(
+        &["--device", "/sys/bus/pci/devices/0000:ff:1f.7"],
+        2,
+        &["0000:ff:1f.7"],
+    );
+    fails_with(&["--pin", "type1"], 2, &["--pin type1"]);
+    fails_with(
+        &["--pin", "populate", "--user-device", "epf"],
+        2,
+        &["--pin populate", "--pin auto"],
+    );
+}
+
+#[test]
+fn a_socket_that_does_not_speak_vfio_user_is_refused_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bogus.sock");
+    let listener = UnixListener::bind(&path).unwrap();
+    // A "server" that answers every connection with garbage.
+    let server = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            use std::io::Write;
+            let _ = s.write_all(&[0xff; 64]);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    let started = Instant::now();
+    fails_with(
+        &["--user-device", path.to_str().unwrap()],
+        2,
+        &["bogus.sock"],
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    server.join().unwrap();
+}
+
+#[test]
+fn an_external_epf_server_serves_vmm_run_over_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("epf.sock");
+    let mut server = vmm()
+        .args(["device", "epf", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !Path::new(&socket).exists() {
+        assert!(Instant::now() < deadline, "server never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (out, r) = run(&[
+        "--user-device",
+        socket.to_str().unwrap(),
+        "--memory",
+        "512M",
+    ]);
+    let serial = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{serial}\n{}",
+        text(&out.stderr)
+    );
+    assert!(dma_line(&serial).ends_with("irq ok"), "{serial}");
+    assert_eq!(r.unwrap()["pin"]["backend"], "vfio-user");
+    // The server serves one client and exits when it leaves, removing its socket.
+    let status = server.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists(), "the server removed its socket");
+}
