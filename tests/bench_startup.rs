@@ -4,8 +4,6 @@
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-// The locked-memory helpers serve other test files.
-#[allow(dead_code)]
 mod common;
 use common::vmm;
 
