@@ -276,3 +276,40 @@ fn an_external_epf_server_serves_vmm_run_over_its_socket() {
     assert!(status.success(), "{status}");
     assert!(!socket.exists(), "the server removed its socket");
 }
+
+#[test]
+fn a_server_dying_before_the_guest_runs_is_exit_2_with_nothing_left_behind() {
+    let child = vmm()
+        .args(["run", "--memory", "8G", "--quiet"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // Kill the server once vmm is pinning: its resident memory (the memfd being faulted
+    // in) has grown past 256 MiB, of 8 GiB.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let server = loop {
+        let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| pinning::procfs::kb_field(&s, "VmRSS"))
+            .unwrap_or(0);
+        if let (true, Some(&s)) = (rss > 256 << 20, children_of(pid).first()) {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "vmm never started pinning");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    // SAFETY: plain kill(2) of the server process we just found.
+    unsafe { libc::kill(server, libc::SIGKILL) };
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("epf.sock"), "names the device: {err}");
+    assert!(err.contains("nothing is left pinned"), "{err}");
+    assert!(
+        !text(&out.stdout).contains("probe: hello"),
+        "the guest must not have run"
+    );
+    no_epf_leftovers(pid);
+}

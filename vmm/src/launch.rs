@@ -445,7 +445,19 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
     let backend = pin_backend(args.pin, devices.pin_backend.take())?;
     let pinning = backend.kind() != BackendKind::None;
     let pinner = Pinner::new(backend, limits, options);
-    let pinned = timeline.phase("pin", || pinner.pin(guest.ram.clone(), &cancel))?;
+    let pinned = timeline
+        .phase("pin", || pinner.pin(guest.ram.clone(), &cancel))
+        .map_err(|e| match e {
+            // Before the guest runs, a device that cannot be mapped is the device's (or the
+            // user's) problem to fix: say which device, exit 2.
+            e if e.cancel_reason().is_none() && !devices.names.is_empty() => {
+                LaunchError::Passthrough(PassthroughError::Map {
+                    devices: devices.names.join(", "),
+                    source: e,
+                })
+            }
+            e => LaunchError::Pin(e),
+        })?;
     timeline.phase("load", || vm.load())?;
     timeline.phase("vcpus", || vm.create_vcpus())?;
 

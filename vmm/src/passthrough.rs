@@ -63,6 +63,11 @@ pub enum PassthroughError {
     Vm(#[from] Box<VmError>),
     #[error("{0}")]
     Usage(String),
+    #[error("{devices}: mapping guest RAM for DMA failed: {source}")]
+    Map {
+        devices: String,
+        source: pinning::PinError,
+    },
     #[error("starting the pci-epf-test server (`{exe} device epf`): {source}")]
     Spawn {
         exe: PathBuf,
