@@ -1,6 +1,6 @@
 //! QEMU side by side: the same probe ELF through its PVH entry (`-kernel`), KVM, the same RAM
 //! size as a preallocated memfd backend with a given number of prealloc threads, memory
-//! locked, serial on a pipe. Timed from spawn to the guest's first serial byte and to its
+//! locked, serial on a pipe. Timed from spawn to the guest's first serial line and to its
 //! result line, exactly as `vmm run` is.
 
 use std::path::{Path, PathBuf};
@@ -146,7 +146,7 @@ pub struct QemuSample {
     pub run: u32,
     /// From spawn to QEMU reaped.
     pub wall_ms: f64,
-    /// From spawn to the guest's first serial byte.
+    /// From spawn to the guest's first serial line.
     pub first_output_ms: f64,
     /// From spawn to the probe's result line (right after its ready mark).
     pub ready_ms: f64,

@@ -90,7 +90,9 @@ pub struct Timed {
     pub stderr: String,
 }
 
-/// Reads a pipe to its end, noting when the first byte and the result line arrived.
+/// Reads a pipe to its end, noting when the guest's first line (`probe: `) and its result line
+/// arrived. Only the guest's own text counts: a device server started by `vmm run` may write to
+/// the same pipe.
 fn read_timed(mut pipe: impl Read, t0: Instant) -> (Option<Duration>, Option<Duration>, Vec<u8>) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -100,15 +102,18 @@ fn read_timed(mut pipe: impl Read, t0: Instant) -> (Option<Duration>, Option<Dur
             Ok(0) => break,
             Ok(n) => {
                 let at = t0.elapsed();
-                first.get_or_insert(at);
-                // Look only near the new bytes: the marker may straddle two reads.
-                let from = buf.len().saturating_sub(RESULT_LINE.len());
+                let old_len = buf.len();
                 buf.extend_from_slice(&chunk[..n]);
-                if ready.is_none()
-                    && buf[from..]
-                        .windows(RESULT_LINE.len())
-                        .any(|w| w == RESULT_LINE.as_bytes())
-                {
+                // Look only near the new bytes: a marker may straddle two reads.
+                let seen = |marker: &str| {
+                    buf[old_len.saturating_sub(marker.len())..]
+                        .windows(marker.len())
+                        .any(|w| w == marker.as_bytes())
+                };
+                if first.is_none() && seen(vmm_resources::LINE_PREFIX) {
+                    first = Some(at);
+                }
+                if ready.is_none() && seen(RESULT_LINE) {
                     ready = Some(at);
                 }
             }
@@ -203,7 +208,7 @@ pub struct VmmSample {
     pub run: u32,
     /// From spawn to the child reaped.
     pub wall_ms: f64,
-    /// From spawn to the first serial byte on the pipe.
+    /// From spawn to the guest's first serial line on the pipe.
     pub spawn_first_output_ms: Option<f64>,
     /// From spawn to the probe's result line on the pipe (right after its ready mark).
     pub spawn_ready_ms: Option<f64>,
