@@ -335,6 +335,8 @@ pub struct LoadRequest<'a> {
     pub protocol: BootProtocol,
     /// CPUs, for the MP table.
     pub cpus: u8,
+    /// PCI INTx lines, for the MP table.
+    pub pci_intx: &'a [mptable::PciIntx],
 }
 
 /// Guest RAM size as the layout sees it (sum of the regions).
@@ -376,7 +378,7 @@ pub fn load(mem: &GuestMemoryMmap, req: &LoadRequest<'_>) -> Result<BootSetup, L
         what: "identity page tables",
         source,
     })?;
-    mptable::write(mem, req.cpus)?;
+    mptable::write(mem, req.cpus, req.pci_intx)?;
 
     Ok(BootSetup {
         format: loaded.format,
@@ -776,6 +778,7 @@ pub(crate) mod tests {
             cmdline,
             protocol,
             cpus: 1,
+            pci_intx: &[],
         }
     }
 

@@ -24,6 +24,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::mptable::PciIntx;
 use crate::resources::{ResourceAllocator, ResourceError};
 
 /// First KVM memory slot for BAR mappings; guest RAM uses the slots below.
@@ -58,6 +59,11 @@ pub enum PciError {
         what: &'static str,
         source: kvm_ioctls::Error,
     },
+    /// The device refused its INTx wiring.
+    #[error(transparent)]
+    Intx {
+        source: devices::vfio::VfioBackendError,
+    },
     /// A registration on the MMIO/PIO bus failed.
     #[error("registering the PCI configuration ports: {0}")]
     ConfigPorts(devices::BusError),
@@ -84,8 +90,18 @@ struct Slot {
     gpa: Option<u64>,
 }
 
+/// A level-triggered INTx line: KVM asserts `gsi` on `trigger` and signals `resample` when
+/// the guest EOIs it, which unmasks the device.
+struct Intx {
+    gsi: u32,
+    pin: u8,
+    trigger: EventFd,
+    resample: EventFd,
+}
+
 struct Attached {
     name: String,
+    intx: Option<Intx>,
     dev: Arc<Mutex<VfioPciDevice>>,
     shared: SharedPciDevice,
     /// Where each BAR is registered on the MMIO bus now.
@@ -185,6 +201,10 @@ impl PciSystem {
                 irqfd: false,
             });
         }
+        let intx = match lock(&dev).intx_only() {
+            Some(pin) if vectors.is_empty() => Some(self.wire_intx(&name, &dev, pin, resources)?),
+            _ => None,
+        };
         let shared: SharedPciDevice = dev.clone();
         let address = self.bus.add_device(shared.clone())?;
         let mut state = lock(&self.wiring.state);
@@ -204,6 +224,7 @@ impl PciSystem {
             address,
             Attached {
                 name: name.clone(),
+                intx,
                 dev,
                 shared,
                 bars: HashMap::new(),
@@ -219,6 +240,61 @@ impl PciSystem {
         Ok(address)
     }
 
+    /// Legacy lines a device without MSI/MSI-X gets, tried in order: free on the PC
+    /// platform (COM1 is 4).
+    const INTX_GSIS: [u32; 4] = [10, 11, 9, 5];
+
+    fn wire_intx(
+        &self,
+        name: &str,
+        dev: &Mutex<VfioPciDevice>,
+        pin: u8,
+        resources: &mut ResourceAllocator,
+    ) -> Result<Intx, PciError> {
+        let gsi = Self::INTX_GSIS
+            .iter()
+            .find_map(|&g| resources.gsi.claim_legacy(g).ok())
+            .ok_or_else(|| PciError::Resource {
+                device: name.to_string(),
+                source: ResourceError::GsiExhausted,
+            })?;
+        let kvm = |what, source| PciError::Kvm {
+            device: name.to_string(),
+            what,
+            source,
+        };
+        let efd = || EventFd::new(libc::EFD_NONBLOCK).map_err(|e| kvm("eventfd", e.into()));
+        let (trigger, resample) = (efd()?, efd()?);
+        self.wiring
+            .vm_fd
+            .register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|e| kvm("KVM_IRQFD with resample", e))?;
+        lock(dev)
+            .enable_intx(gsi as u8, &trigger, &resample)
+            .map_err(|source| PciError::Intx { source })?;
+        Ok(Intx {
+            gsi,
+            pin,
+            trigger,
+            resample,
+        })
+    }
+
+    /// INTx lines for the MP table: (slot, pin, IOAPIC pin).
+    pub fn intx_lines(&self) -> Vec<PciIntx> {
+        lock(&self.wiring.state)
+            .devices
+            .iter()
+            .filter_map(|(addr, d)| {
+                d.intx.as_ref().map(|i| PciIntx {
+                    slot: addr.device,
+                    pin: i.pin,
+                    gsi: i.gsi as u8,
+                })
+            })
+            .collect()
+    }
+
     /// The bus, for tests and reports.
     pub fn bus(&self) -> &Arc<PciBus> {
         &self.bus
@@ -230,6 +306,10 @@ impl Drop for PciSystem {
         let mut state = lock(&self.wiring.state);
         let vm_fd = self.wiring.vm_fd.clone();
         for dev in state.devices.values_mut() {
+            if let Some(i) = dev.intx.take() {
+                let _ = vm_fd.unregister_irqfd(&i.trigger, i.gsi);
+                drop(i.resample);
+            }
             for v in dev.vectors.iter_mut().filter(|v| v.irqfd) {
                 let _ = vm_fd.unregister_irqfd(&v.fd, v.gsi);
                 v.irqfd = false;

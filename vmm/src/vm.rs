@@ -501,12 +501,18 @@ impl Vm {
             stage: "load",
             needs: "register_memory",
         })?;
+        let intx = self
+            .pci
+            .as_ref()
+            .map(PciSystem::intx_lines)
+            .unwrap_or_default();
         let req = LoadRequest {
             kernel: &self.config.kernel,
             initrd: self.config.initrd.as_ref(),
             cmdline: &self.config.cmdline,
             protocol: self.config.boot_protocol,
             cpus: self.config.cpus,
+            pci_intx: &intx,
         };
         let setup = loader::load(mem, &req)?;
         self.boot = Some(setup);

@@ -265,6 +265,28 @@ impl VfioPciDevice {
             .collect()
     }
 
+    /// The INTx pin (1 = INTA .. 4 = INTD) of a device that offers neither MSI nor MSI-X:
+    /// such a device needs a level-triggered line.
+    pub fn intx_only(&self) -> Option<u8> {
+        let pin = self.shadow.read_u8(offset::INTERRUPT_PIN);
+        (self.fds.is_empty() && (1..=4).contains(&pin)).then_some(pin)
+    }
+
+    /// Wires INTx: the device signals `trigger` when it asserts the line and waits for a
+    /// write to `resample` (KVM's, on the guest's EOI) before it can assert it again. `line`
+    /// goes into the Interrupt Line register for the guest's information.
+    pub fn enable_intx(
+        &mut self,
+        line: u8,
+        trigger: &EventFd,
+        resample: &EventFd,
+    ) -> Result<(), VfioBackendError> {
+        self.backend.enable_intx(trigger, resample)?;
+        self.forward_config(offset::INTERRUPT_LINE / 4, 0, &[line]);
+        self.active = Some((irq::INTX, 1));
+        Ok(())
+    }
+
     /// Programs BAR `index` to `addr` and turns decoding on, as firmware does before the
     /// guest runs. Returns the BAR changes for the VMM to register.
     pub fn place_bar(&mut self, index: usize, addr: u64) -> Result<Vec<Bar>, ConfigError> {

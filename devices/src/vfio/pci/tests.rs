@@ -302,3 +302,103 @@ fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
     let st = write(&mut d, 0);
     assert_ne!(st & epf::status::WRITE_FAIL, 0, "{st:#x}");
 }
+
+/// A device with one BAR, no MSI/MSI-X and INTA: what a legacy function looks like.
+struct IntxOnlyBackend {
+    config: Mutex<ConfigSpace>,
+    intx: Mutex<Option<(EventFd, EventFd)>>,
+}
+
+impl VfioBackend for IntxOnlyBackend {
+    fn name(&self) -> &str {
+        "intx-only"
+    }
+    fn counts(&self) -> Result<(u32, u32), VfioBackendError> {
+        Ok((9, 1))
+    }
+    fn region_info(&self, index: u32) -> Result<RegionInfo, VfioBackendError> {
+        Ok(RegionInfo {
+            index,
+            flags: region::FLAG_READ | region::FLAG_WRITE,
+            size: match index {
+                region::CONFIG => 256,
+                0 => 0x100,
+                _ => 0,
+            },
+            mmap_areas: Vec::new(),
+            mmap_fd: None,
+        })
+    }
+    fn region_read(&self, index: u32, off: u64, data: &mut [u8]) -> Result<(), VfioBackendError> {
+        if index == region::CONFIG {
+            self.config.lock().unwrap().read(off as usize, data);
+        }
+        Ok(())
+    }
+    fn region_write(&self, index: u32, off: u64, data: &[u8]) -> Result<(), VfioBackendError> {
+        if index == region::CONFIG {
+            self.config
+                .lock()
+                .unwrap()
+                .write_reg((off / 4) as usize, off % 4, data);
+        }
+        Ok(())
+    }
+    fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioBackendError> {
+        Ok(IrqInfo {
+            index,
+            flags: 0,
+            count: u32::from(index == irq::INTX),
+        })
+    }
+    fn enable_irq(&self, _: u32, _: &[&EventFd]) -> Result<(), VfioBackendError> {
+        panic!("no MSI or MSI-X to enable")
+    }
+    fn enable_intx(&self, t: &EventFd, u: &EventFd) -> Result<(), VfioBackendError> {
+        *self.intx.lock().unwrap() = Some((t.try_clone().unwrap(), u.try_clone().unwrap()));
+        Ok(())
+    }
+    fn disable_irq(&self, _: u32) -> Result<(), VfioBackendError> {
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), VfioBackendError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_device_without_msi_gets_a_level_triggered_intx_line() {
+    let mut config = ConfigSpace::new(&PciHeader {
+        vendor_id: 0x1234,
+        device_id: 0x11,
+        interrupt_pin: 1,
+        ..PciHeader::default()
+    });
+    config
+        .add_bar(
+            0,
+            BarSpec {
+                kind: BarKind::Memory32,
+                size: 0x100,
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+    let backend = Arc::new(IntxOnlyBackend {
+        config: Mutex::new(config),
+        intx: Mutex::default(),
+    });
+    let mut d = VfioPciDevice::new(backend.clone()).unwrap();
+    assert!(d.irq_vectors().is_empty());
+    assert_eq!(d.intx_only(), Some(1));
+    let (t, r) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
+    d.enable_intx(10, &t, &r).unwrap();
+    assert!(
+        backend.intx.lock().unwrap().is_some(),
+        "backend got both fds"
+    );
+    assert_eq!(d.config_read(offset::INTERRUPT_LINE / 4) & 0xff, 10);
+    // A device with MSI-X has no INTx-only line.
+    let (_, epf) = scratch_device();
+    assert_eq!(epf.intx_only(), None);
+}

@@ -74,9 +74,25 @@ fn int_entry(kind: u8, irq_type: u8, src_irq: u8, dst_id: u8, dst_pin: u8) -> [u
     [kind, irq_type, 0, 0, ISA_BUS_ID, src_irq, dst_id, dst_pin]
 }
 
+/// PCI bus 0 in the MP table (bus IDs are the table's own numbering).
+const PCI_BUS_ID: u8 = 1;
+/// I/O interrupt flags: active low (polarity 0b11), level triggered (trigger 0b11 << 2).
+const PCI_INTX_FLAGS: u8 = 0x0f;
+
+/// A PCI function's INTx line wired to an IOAPIC pin (level-triggered, active low).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PciIntx {
+    /// Device number on bus 0.
+    pub slot: u8,
+    /// Interrupt pin, 1 = INTA .. 4 = INTD.
+    pub pin: u8,
+    /// IOAPIC pin (= GSI).
+    pub gsi: u8,
+}
+
 /// The floating pointer followed by the configuration table, for `cpus` CPUs, as placed at
 /// [`MPTABLE_START`].
-pub fn build(cpus: u8) -> Result<Vec<u8>, MpTableError> {
+pub fn build(cpus: u8, intx: &[PciIntx]) -> Result<Vec<u8>, MpTableError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(MpTableError::CpuCount(cpus));
     }
@@ -99,6 +115,9 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MpTableError> {
     bus[1] = ISA_BUS_ID;
     bus[2..8].copy_from_slice(b"ISA   ");
     entries.extend_from_slice(&bus);
+    bus[1] = PCI_BUS_ID;
+    bus[2..8].copy_from_slice(b"PCI   ");
+    entries.extend_from_slice(&bus);
 
     let mut ioapic = [
         ENTRY_IOAPIC,
@@ -120,7 +139,21 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MpTableError> {
     // Virtual wire mode: the PIC through LINT0 of the BSP, NMI to LINT1 of every CPU.
     entries.extend_from_slice(&int_entry(ENTRY_LOCAL_INT, INT_TYPE_EXTINT, 0, 0, 0));
     entries.extend_from_slice(&int_entry(ENTRY_LOCAL_INT, INT_TYPE_NMI, 0, ALL_LAPICS, 1));
-    let entry_count = u16::from(cpus) + 1 + 1 + u16::from(ISA_IRQS) + 2;
+    // PCI INTx: source IRQ is device << 2 | (pin - 1), as the MP spec encodes PCI lines.
+    for i in intx {
+        let src = (i.slot & 0x1f) << 2 | (i.pin.clamp(1, 4) - 1);
+        entries.extend_from_slice(&[
+            ENTRY_IO_INT,
+            INT_TYPE_INT,
+            PCI_INTX_FLAGS,
+            0,
+            PCI_BUS_ID,
+            src,
+            ioapic_id,
+            i.gsi,
+        ]);
+    }
+    let entry_count = u16::from(cpus) + 2 + 1 + u16::from(ISA_IRQS) + 2 + intx.len() as u16;
 
     let mut header = [0u8; HEADER_LEN];
     header[0..4].copy_from_slice(b"PCMP");
@@ -153,8 +186,8 @@ pub fn build(cpus: u8) -> Result<Vec<u8>, MpTableError> {
 }
 
 /// Writes the tables for `cpus` CPUs into guest memory.
-pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<(), MpTableError> {
-    let bytes = build(cpus)?;
+pub fn write(mem: &GuestMemoryMmap, cpus: u8, intx: &[PciIntx]) -> Result<(), MpTableError> {
+    let bytes = build(cpus, intx)?;
     // With hundreds of CPUs the table grows past the EBDA into the reserved legacy area, which
     // is still guest RAM; it must stay below the kernel at 1 MiB.
     debug_assert!(MPTABLE_START + bytes.len() as u64 <= HIMEM_START);
@@ -177,7 +210,7 @@ mod tests {
     #[test]
     fn checksums_and_pointers_are_valid() {
         for cpus in [1u8, 2, 4, 64, MAX_CPUS] {
-            let t = build(cpus).unwrap();
+            let t = build(cpus, &[]).unwrap();
             let (floating, config) = t.split_at(FLOATING_LEN);
             assert_eq!(&floating[0..4], b"_MP_");
             assert_eq!(sum(floating), 0, "floating pointer checksum, {cpus} CPUs");
@@ -194,10 +227,17 @@ mod tests {
 
     #[test]
     fn entries_describe_cpus_ioapic_and_irqs() {
-        let t = build(4).unwrap();
+        let intx = PciIntx {
+            slot: 1,
+            pin: 1,
+            gsi: 10,
+        };
+        let t = build(4, &[intx]).unwrap();
         let config = &t[FLOATING_LEN..];
         let count = u16::from_le_bytes([config[34], config[35]]);
-        assert_eq!(count, 4 + 1 + 1 + 16 + 2);
+        assert_eq!(count, 4 + 2 + 1 + 16 + 2 + 1);
+        let mut buses = Vec::new();
+        let mut pci_ints = Vec::new();
         let mut at = HEADER_LEN;
         let mut cpus = Vec::new();
         let mut io_ints = 0;
@@ -210,10 +250,13 @@ mod tests {
                     at += PROCESSOR_LEN;
                     continue;
                 }
-                ENTRY_BUS => assert_eq!(&config[at + 2..at + 8], b"ISA   "),
+                ENTRY_BUS => buses.push((config[at + 1], config[at + 2..at + 8].to_vec())),
                 ENTRY_IOAPIC => {
                     ioapic_id = Some(config[at + 1]);
                     assert_eq!(&config[at + 4..at + 8], &0xfec0_0000u32.to_le_bytes());
+                }
+                ENTRY_IO_INT if config[at + 4] == PCI_BUS_ID => {
+                    pci_ints.push(config[at..at + ENTRY_LEN].to_vec());
                 }
                 ENTRY_IO_INT => {
                     assert_eq!(config[at + 5], config[at + 7], "ISA IRQ n on pin n");
@@ -233,12 +276,33 @@ mod tests {
         );
         assert_eq!(ioapic_id, Some(4));
         assert_eq!(io_ints, 16);
+        assert_eq!(
+            buses,
+            vec![
+                (ISA_BUS_ID, b"ISA   ".to_vec()),
+                (PCI_BUS_ID, b"PCI   ".to_vec())
+            ]
+        );
+        // 00:01.0 INTA (source 1 << 2 | 0), level/active low, to IOAPIC 4 pin 10.
+        assert_eq!(
+            pci_ints,
+            vec![vec![
+                ENTRY_IO_INT,
+                INT_TYPE_INT,
+                0x0f,
+                0,
+                PCI_BUS_ID,
+                4,
+                4,
+                10
+            ]]
+        );
         assert_eq!(locals, vec![(INT_TYPE_EXTINT, 0), (INT_TYPE_NMI, 1)]);
     }
 
     #[test]
     fn cpu_count_is_checked() {
-        assert!(matches!(build(0), Err(MpTableError::CpuCount(0))));
-        assert!(matches!(build(255), Err(MpTableError::CpuCount(255))));
+        assert!(matches!(build(0, &[]), Err(MpTableError::CpuCount(0))));
+        assert!(matches!(build(255, &[]), Err(MpTableError::CpuCount(255))));
     }
 }
