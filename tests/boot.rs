@@ -6,7 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{vmm, wait_for_locked_memory};
+use common::{run_with_report, vmm, wait_for_locked_memory};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -18,15 +18,7 @@ fn stderr(o: &Output) -> String {
 
 /// Boots the probe with `args` and a report, checks it passed, returns (serial, report).
 fn boot_ok(args: &[&str]) -> (String, serde_json::Value) {
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
-    let out = vmm()
-        .arg("run")
-        .args(args)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
+    let (out, report) = run_with_report(args);
     let serial = stdout(&out);
     assert_eq!(
         out.status.code(),
@@ -35,9 +27,7 @@ fn boot_ok(args: &[&str]) -> (String, serde_json::Value) {
         stderr(&out)
     );
     assert!(serial.contains("probe: result ok"), "{serial}");
-    let report: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
-    (serial, report)
+    (serial, report.expect("a report"))
 }
 
 fn phase_names(report: &serde_json::Value) -> Vec<String> {

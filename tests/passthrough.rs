@@ -6,30 +6,14 @@
 use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::vmm;
+use common::{run_with_report, vmm};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
-}
-
-fn run(args: &[&str]) -> (Output, Option<serde_json::Value>) {
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("report.json");
-    let out = vmm()
-        .arg("run")
-        .args(args)
-        .arg("--report")
-        .arg(&report)
-        .output()
-        .unwrap();
-    let r = std::fs::read_to_string(&report)
-        .ok()
-        .map(|s| serde_json::from_str(&s).unwrap());
-    (out, r)
 }
 
 /// The line the probe prints about DMA.
@@ -47,7 +31,7 @@ fn no_epf_leftovers(pid: u32) {
 
 /// Boots `memory` of guest RAM with the default epf device; returns the serial output.
 fn dma_ok_across_all_ram(memory: &str, bytes: u64, regions: usize) -> String {
-    let (out, r) = run(&["--memory", memory]);
+    let (out, r) = run_with_report(&["--memory", memory]);
     let (serial, err) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{serial}\n{err}");
     let line = dma_line(&serial);
@@ -95,7 +79,7 @@ fn epf_dma_reaches_ram_above_4g_in_a_6g_guest() {
 #[test]
 fn a_page_left_out_of_the_dma_map_is_a_guest_visible_dma_failure() {
     // The last page of a 1 GiB guest is a DMA target; leave it unmapped.
-    let (out, _) = run(&["--memory", "1G", "--test-dma-hole", "0x3ffff000", "--quiet"]);
+    let (out, _) = run_with_report(&["--memory", "1G", "--test-dma-hole", "0x3ffff000", "--quiet"]);
     let serial = text(&out.stdout);
     let line = dma_line(&serial);
     assert!(line.starts_with("probe: dma FAIL"), "{line}");
@@ -256,7 +240,7 @@ fn an_external_epf_server_serves_vmm_run_over_its_socket() {
         assert!(Instant::now() < deadline, "server never listened");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let (out, r) = run(&[
+    let (out, r) = run_with_report(&[
         "--user-device",
         socket.to_str().unwrap(),
         "--memory",

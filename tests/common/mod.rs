@@ -29,3 +29,20 @@ pub fn wait_for_locked_memory(pid: u32) {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// Runs `vmm run ARGS --report FILE`; returns the output and the report, if one was written.
+pub fn run_with_report(args: &[&str]) -> (std::process::Output, Option<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let out = vmm()
+        .arg("run")
+        .args(args)
+        .arg("--report")
+        .arg(&report)
+        .output()
+        .unwrap();
+    let r = std::fs::read_to_string(&report)
+        .ok()
+        .map(|s| serde_json::from_str(&s).unwrap());
+    (out, r)
+}

@@ -46,28 +46,27 @@ pub enum RunPin {
     VfioUser,
 }
 
-/// `--backing`: `auto` picks memfd when a vfio-user device needs shareable RAM, else anon.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+/// `--backing`: `auto` (memfd when a vfio-user device needs shareable RAM, else anon) or a
+/// [`Backing`] by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackingArg {
     Auto,
-    Anon,
-    Thp,
-    Memfd,
-    Hugetlb,
-    #[value(name = "hugetlb-1g")]
-    Hugetlb1g,
+    Fixed(Backing),
 }
 
-impl BackingArg {
-    fn explicit(self) -> Option<Backing> {
-        Some(match self {
-            BackingArg::Auto => return None,
-            BackingArg::Anon => Backing::Anon,
-            BackingArg::Thp => Backing::Thp,
-            BackingArg::Memfd => Backing::Memfd,
-            BackingArg::Hugetlb => Backing::Hugetlb,
-            BackingArg::Hugetlb1g => Backing::Hugetlb1g,
-        })
+impl std::str::FromStr for BackingArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use clap::ValueEnum;
+        if s == "auto" {
+            return Ok(BackingArg::Auto);
+        }
+        Backing::from_str(s, false)
+            .map(BackingArg::Fixed)
+            .map_err(|_| {
+                let names: Vec<_> = Backing::value_variants().iter().map(|b| b.name()).collect();
+                format!("`{s}`: use auto, {}", names.join(", "))
+            })
     }
 }
 
@@ -99,9 +98,9 @@ pub struct RunArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub cpus: u8,
-    /// What backs guest RAM. `auto`: memfd when a vfio-user device is attached (its server
-    /// maps guest RAM through the memfd), else anon.
-    #[arg(long, value_enum, default_value = "auto")]
+    /// What backs guest RAM: auto, anon, thp, memfd, hugetlb, hugetlb-1g. `auto`: memfd when
+    /// a vfio-user device is attached (its server maps guest RAM through the memfd), else anon.
+    #[arg(long, default_value = "auto")]
     pub backing: BackingArg,
     /// How guest RAM is prepared before the guest runs. `auto`: mapped for the attached
     /// devices by their backend (type1, iommufd or vfio-user), nothing without devices.
@@ -268,9 +267,9 @@ fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, LaunchError> {
             })
             .collect();
     }
-    let shareable = matches!(
+    let shareable = !matches!(
         args.backing,
-        BackingArg::Auto | BackingArg::Memfd | BackingArg::Hugetlb | BackingArg::Hugetlb1g
+        BackingArg::Fixed(Backing::Anon | Backing::Thp)
     );
     let default = args.kernel.is_none()
         && args.devices.is_empty()
@@ -284,7 +283,11 @@ fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, LaunchError> {
 }
 
 fn backing(args: &RunArgs, user: &[UserDevice]) -> Result<Backing, LaunchError> {
-    match (args.backing.explicit(), user.is_empty()) {
+    let explicit = match args.backing {
+        BackingArg::Auto => None,
+        BackingArg::Fixed(b) => Some(b),
+    };
+    match (explicit, user.is_empty()) {
         (None, true) => Ok(Backing::Anon),
         (None, false) => Ok(Backing::Memfd),
         (Some(b @ (Backing::Anon | Backing::Thp)), false) => Err(LaunchError::Usage(format!(
