@@ -147,13 +147,18 @@ fn run(args: &RunArgs, start: std::time::Instant) -> ExitCode {
 fn main() -> ExitCode {
     // Timeline zero: as close to process start as main gets.
     let start = std::time::Instant::now();
+    let cli = Cli::parse();
+    // A device server says where it listens (info); everything else is quiet by default.
+    let default_level = match cli.command {
+        Command::Device(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Command::PinBench(args) => pin_bench(&args),
         Command::Bench(args) => vmm::bench::command(&args),

@@ -306,12 +306,16 @@ impl EpfServer {
             source,
         })?;
         let socket = dir.join("epf.sock");
-        let child = Command::new(&exe)
-            .args(["device", "epf", "--socket"])
+        let mut cmd = Command::new(&exe);
+        cmd.args(["device", "epf", "--socket"])
             .arg(&socket)
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn();
+            .stdout(Stdio::null());
+        // Our child's "listening" line is noise on the user's terminal; RUST_LOG still wins.
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "warn");
+        }
+        let child = cmd.spawn();
         let child = match child {
             Ok(c) => c,
             Err(source) => {

@@ -463,7 +463,7 @@ pub fn run_epf_server(socket: &Path) -> Result<(), VfioUserError> {
     clear_stale_socket(socket)?;
     let listener = UnixListener::bind(socket).map_err(|e| io_err("binding", e))?;
     let _remove = RemoveSocket(socket.to_path_buf());
-    eprintln!("vfio-user epf server listening on {}", socket.display());
+    tracing::info!("vfio-user epf server listening on {}", socket.display());
 
     let regions = Arc::new(MappedRegions::new());
     let mut device = EpfUserDevice::new(EpfConfig::default(), regions.clone())?;
