@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio};
+use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
 use devices::vfio_user::Client;
@@ -206,7 +206,7 @@ pub fn attach_all(
     let mut context: Option<IommuContext> = None;
     for path in req.kernel_devices {
         let dev = match &context {
-            None => KernelVfio::open(path, req.iommu, None)?,
+            None => KernelVfio::open(path, req.iommu, kvm_vfio_device(vm))?,
             Some(c) => KernelVfio::attach(path, c)?,
         };
         context.get_or_insert_with(|| dev.context().clone());
@@ -246,6 +246,24 @@ pub fn attach_all(
         out.servers.extend(server);
     }
     Ok(out)
+}
+
+/// KVM's VFIO pseudo-device: KVM learns of each group or cdev through it (it needs that for
+/// devices whose DMA is not cache-coherent). Optional on x86 with a coherent IOMMU, so a KVM
+/// without it is logged, not fatal.
+fn kvm_vfio_device(vm: &Vm) -> Option<Arc<VfioDeviceFd>> {
+    let mut dev = kvm_bindings::kvm_create_device {
+        type_: kvm_bindings::kvm_device_type_KVM_DEV_TYPE_VFIO,
+        fd: 0,
+        flags: 0,
+    };
+    match vm.vm_fd().create_device(&mut dev) {
+        Ok(fd) => Some(Arc::new(VfioDeviceFd::new_from_kvm(fd))),
+        Err(e) => {
+            tracing::warn!("KVM has no VFIO device ({e}); non-coherent DMA will not be handled");
+            None
+        }
+    }
 }
 
 fn attach_model(
