@@ -354,7 +354,9 @@ impl Wiring {
 
     /// Applies what a guest write changed.
     fn apply(self: &Arc<Self>, addr: PciAddress, effects: Effects) {
-        for change in &effects.bars {
+        // I/O BARs are not placed (the VMM has no PIO window for them); only memory BARs
+        // live on the MMIO bus.
+        for change in effects.bars.iter().filter(|c| c.spec.kind != BarKind::Io) {
             self.move_bar(addr, change.index, change.spec.size, change.old, change.new);
         }
         if effects.msi.is_changed() || effects.msix.is_changed() {
@@ -399,7 +401,10 @@ impl Wiring {
             Err(e) => tracing::warn!("{}: BAR{index} at {base:#x}: {e}", dev.name),
         }
         for s in dev.slots.iter_mut().filter(|s| s.bar == index) {
-            let gpa = base + s.offset;
+            // Guest-chosen base: an area that would wrap is left trapped.
+            let Some(gpa) = base.checked_add(s.offset) else {
+                continue;
+            };
             match set_slot(&self.vm_fd, s.slot, gpa, s.size, s.host_addr) {
                 Ok(()) => s.gpa = Some(gpa),
                 Err(e) => tracing::warn!("{}: mapping BAR{index} at {gpa:#x}: {e}", dev.name),
@@ -427,7 +432,14 @@ impl Wiring {
                 }
             }
         }
-        if let Err(e) = self.vm_fd.set_gsi_routing(&routing_table(routes)) {
+        let table = match routing_table(routes) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!("{}: building the GSI routing table: {e:?}", dev.name);
+                return;
+            }
+        };
+        if let Err(e) = self.vm_fd.set_gsi_routing(&table) {
             tracing::error!("{}: KVM_SET_GSI_ROUTING: {e}", dev.name);
             return;
         }
@@ -449,7 +461,9 @@ impl Wiring {
 }
 
 /// The legacy routes KVM starts with (PIC and IOAPIC pins), plus `msi`.
-fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
+fn routing_table(
+    msi: &BTreeMap<u32, MsiMessage>,
+) -> Result<KvmIrqRouting, vmm_sys_util::fam::Error> {
     let mut entries = Vec::new();
     let irqchip = |gsi: u32, chip: u32, pin: u32| {
         let mut e = kvm_irq_routing_entry {
@@ -482,8 +496,8 @@ fn routing_table(msi: &BTreeMap<u32, MsiMessage>) -> KvmIrqRouting {
         e.u.msi.data = m.data;
         entries.push(e);
     }
-    // Fewer entries than KVM_MAX_IRQ_ROUTES: one route per vector of a handful of devices.
-    KvmIrqRouting::from_entries(&entries).expect("routing table within KVM_MAX_IRQ_ROUTES")
+    // Within KVM_MAX_IRQ_ROUTES: the GSI allocator stops at resources::MAX_GSI.
+    KvmIrqRouting::from_entries(&entries)
 }
 
 #[cfg(test)]
@@ -501,7 +515,7 @@ mod tests {
                 masked: false,
             },
         );
-        let t = routing_table(&msi);
+        let t = routing_table(&msi).unwrap();
         let entries = t.as_slice();
         // Serial (GSI 4) still reaches both the PIC and the IOAPIC.
         let gsi4: Vec<_> = entries.iter().filter(|e| e.gsi == 4).collect();

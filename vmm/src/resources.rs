@@ -8,8 +8,9 @@ use crate::layout;
 
 /// Legacy GSIs (ISA IRQs and the rest of the IOAPIC pins) are claimed by number.
 pub const LEGACY_GSI_COUNT: u32 = 24;
-/// Highest GSI handed out (KVM allows 4096 routes).
-pub const MAX_GSI: u32 = 4095;
+/// Highest GSI handed out. KVM takes at most 4096 routes (KVM_MAX_IRQ_ROUTES), and the routing table always carries
+/// the 40 legacy ones (24 IOAPIC pins, 16 PIC lines): one MSI route per GSI fits up to here.
+pub const MAX_GSI: u32 = LEGACY_GSI_COUNT + 4096 - 40 - 1;
 
 /// Allocation errors.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
