@@ -412,12 +412,19 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
     let config = config(args, dma);
     let failure = Failure::default();
 
+    // Declared before the VM so that they drop after it on every path, errors included:
+    // locals drop in reverse order of declaration, and teardown must run VM (vCPUs, device
+    // models, KVM's view of RAM) -> DMA mappings -> device servers -> guest RAM.
+    let guest: GuestMemory;
+    let mut devices: passthrough::Devices;
+    let pinner: Pinner;
+    let pinned: pinning::Pinned;
     let mut vm = timeline.phase("kvm", || Vm::create(&config, marks.clone()))?;
     let ranges: Vec<(u64, u64)> = layout::ram_ranges(args.memory)
         .iter()
         .map(|(a, s)| (a.0, *s))
         .collect();
-    let guest = timeline.phase("memory", || -> Result<GuestMemory, LaunchError> {
+    guest = timeline.phase("memory", || -> Result<GuestMemory, LaunchError> {
         let guest = GuestMemory::new(backing, &ranges)?;
         vm.register_memory(guest.mem.clone())?;
         Ok(guest)
@@ -437,7 +444,7 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
             _ => None,
         },
     };
-    let mut devices = timeline.phase("devices", || -> Result<_, LaunchError> {
+    devices = timeline.phase("devices", || -> Result<_, LaunchError> {
         vm.attach_devices()?;
         Ok(passthrough::attach_all(&mut vm, &request, &failure)?)
     })?;
@@ -447,8 +454,8 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
     };
     let backend = pin_backend(args.pin, devices.pin_backend.take())?;
     let pinning = backend.kind() != BackendKind::None;
-    let pinner = Pinner::new(backend, limits, options);
-    let pinned = timeline
+    pinner = Pinner::new(backend, limits, options);
+    pinned = timeline
         .phase("pin", || pinner.pin(guest.ram.clone(), &cancel))
         .map_err(|e| match e {
             // Before the guest runs, a device that cannot be mapped is the device's (or the
@@ -472,6 +479,12 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
     let deadline = args
         .timeout
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
+    if let Some(what) = failure.before_run() {
+        return Err(PassthroughError::Usage(format!(
+            "a passthrough device failed before the guest ran: {what}"
+        ))
+        .into());
+    }
     let exit = timeline.phase("run", || vm.run_until_exit(deadline))?;
     let device_failure = failure.finish();
     drop(forwarder);

@@ -6,7 +6,7 @@
 //! before guest RAM is mapped for them (`pin` stage), so the kernel never pins lazily, on one
 //! thread, at attach time.
 
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
-use devices::vfio_user::Client;
+use devices::vfio_user::{Client, VfioUserError};
 use devices::ExitReason;
 use pinning::backend::{FdDmaMapper, VfioUserBackend};
 use pinning::PinBackend;
@@ -102,6 +102,15 @@ impl Failure {
         state.what.get_or_insert(what);
         drop(state);
         stop.request(ExitReason::DeviceFailed);
+    }
+
+    /// What failed before the guest ran, if anything did (the watch goes on).
+    pub fn before_run(&self) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .what
+            .clone()
     }
 
     /// Ends the watch (the guest has stopped) and says what failed, if anything did.
@@ -219,21 +228,25 @@ pub fn attach_all(
         out.pin_backend = Some(c.pin_backend());
     }
     for user in req.user_devices {
-        let (socket, mut server) = match user {
+        let client = match user {
             UserDevice::Epf => {
-                let server = EpfServer::start(vm.stop_handle(), failure.clone())?;
-                (server.socket.clone(), Some(server))
+                // Owned by `out` at once, so an error below still stops and reaps it.
+                out.servers
+                    .push(EpfServer::start(vm.stop_handle(), failure.clone())?);
+                match out.servers.last_mut() {
+                    Some(server) => server.connect()?,
+                    None => unreachable!("a server was just pushed"),
+                }
             }
-            UserDevice::Socket(path) => (path.clone(), None),
-        };
-        let client = match &mut server {
-            Some(s) => s.connect()?,
-            None => connect(&socket)?,
+            UserDevice::Socket(path) => connect(path)?,
         };
         let client = Arc::new(client);
+        // A server that dies or goes silent stops the guest, whoever started the server.
+        let (stop, f) = (vm.stop_handle(), failure.clone());
+        client.set_on_broken(Box::new(move |why| f.fail(&stop, why.to_string())));
         out.clients.push(client.clone());
+        out.names.push(client.name().to_string());
         let backend = Arc::new(UserBackend::new(client));
-        out.names.push(socket.display().to_string());
         attach_model(vm, backend.clone(), failure)?;
         let mapper: Arc<dyn FdDmaMapper> = match req.dma_hole {
             Some(hole) => Arc::new(DmaHole {
@@ -243,7 +256,6 @@ pub fn attach_all(
             None => backend,
         };
         out.pin_backend = Some(Arc::new(VfioUserBackend::new(mapper)));
-        out.servers.extend(server);
     }
     Ok(out)
 }
@@ -317,24 +329,40 @@ impl EpfServer {
             exe: "vmm".into(),
             source,
         })?;
-        let dir = std::env::temp_dir().join(format!("vmm-{}-epf", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir(&dir).map_err(|source| PassthroughError::Spawn {
+        let spawn_error = |source| PassthroughError::Spawn {
             exe: exe.clone(),
             source,
-        })?;
+        };
+        let dir = private_dir(&format!("vmm-{}-epf-", std::process::id())).map_err(spawn_error)?;
         let socket = dir.join("epf.sock");
         let mut cmd = Command::new(&exe);
         cmd.args(["device", "epf", "--socket"])
             .arg(&socket)
             .stdin(Stdio::null())
-            .stdout(Stdio::null());
+            .stdout(Stdio::null())
+            // Its own process group: a Ctrl-C at the terminal is ours to handle (undo the
+            // pinning, then stop the server), not a device failure.
+            .process_group(0);
         // Our child's "listening" line is noise on the user's terminal; RUST_LOG still wins.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
-        let child = cmd.spawn();
-        let child = match child {
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec the closure only makes async-signal-safe calls
+        // (prctl, getppid, raise) and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                // If vmm dies without reaping us (SIGKILL), the server goes too.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            })
+        };
+        let child = match cmd.spawn() {
             Ok(c) => c,
             Err(source) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -357,9 +385,15 @@ impl EpfServer {
         let deadline = Instant::now() + SERVER_START;
         loop {
             if self.socket.exists() {
-                if let Ok(c) = Client::connect(&self.socket, REQUEST_TIMEOUT) {
-                    self.watch();
-                    return Ok(c);
+                match Client::connect(&self.socket, REQUEST_TIMEOUT) {
+                    Ok(c) => {
+                        self.watch();
+                        return Ok(c);
+                    }
+                    // Not listening yet: the socket file is created just before listen().
+                    Err(VfioUserError::Connect { source, .. })
+                        if source.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                    Err(e) => return Err(e.into()),
                 }
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -367,6 +401,11 @@ impl EpfServer {
                     socket: self.socket.clone(),
                     status: describe(status),
                 });
+            }
+            if let Some(sig) = pinning::cancel::pending_signal() {
+                return Err(PassthroughError::Usage(format!(
+                    "interrupted by signal {sig} while the device server started"
+                )));
             }
             if Instant::now() > deadline {
                 return Err(PassthroughError::ServerSlow {
@@ -390,7 +429,9 @@ impl EpfServer {
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             let r =
                 unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
-            if r == 0 && !stopping.load(Ordering::Acquire) {
+            // A signal to vmm ends the run through the signal path, not as a device failure.
+            let signalled = pinning::cancel::pending_signal().is_some();
+            if r == 0 && !stopping.load(Ordering::Acquire) && !signalled {
                 // SAFETY: waitid filled `info` for a child exit.
                 let (code, status) = unsafe { (info.si_code, info.si_status()) };
                 let how = if code == libc::CLD_EXITED {
@@ -405,6 +446,23 @@ impl EpfServer {
             }
         }));
     }
+}
+
+/// A fresh 0700 directory under the temp dir, named `prefix` + random characters.
+fn private_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    let template = std::env::temp_dir().join(format!("{prefix}XXXXXX"));
+    let mut buf = std::ffi::CString::new(template.into_os_string().into_vec())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
+        .into_bytes_with_nul();
+    // SAFETY: `buf` is a writable, NUL-terminated template ending in XXXXXX, as mkdtemp needs;
+    // it replaces the X's in place.
+    let made = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
+    if made.is_null() {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.pop();
+    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
 }
 
 fn describe(status: std::process::ExitStatus) -> String {

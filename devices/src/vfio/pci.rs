@@ -162,9 +162,22 @@ impl VfioPciDevice {
                 BarKind::Memory32
             };
             if info.size > 0 {
+                let size =
+                    info.size
+                        .checked_next_power_of_two()
+                        .ok_or_else(|| VfioPciError::Bar {
+                            device: name.clone(),
+                            index,
+                            source: ConfigError::BarSize {
+                                index,
+                                kind,
+                                size: info.size,
+                                reason: "larger than any power of two that fits in 64 bits",
+                            },
+                        })?;
                 let spec = BarSpec {
                     kind,
-                    size: info.size.next_power_of_two(),
+                    size,
                     prefetchable: kind != BarKind::Io && reg & 0b1000 != 0,
                 };
                 shadow
@@ -281,7 +294,11 @@ impl VfioPciDevice {
         trigger: &EventFd,
         resample: &EventFd,
     ) -> Result<(), VfioBackendError> {
-        self.backend.enable_intx(trigger, resample)?;
+        if let Err(e) = self.backend.enable_intx(trigger, resample) {
+            // It may have taken the trigger but not the unmask fd: leave nothing half wired.
+            let _ = self.backend.disable_irq(irq::INTX);
+            return Err(e);
+        }
         self.forward_config(offset::INTERRUPT_LINE / 4, 0, &[line]);
         self.active = Some((irq::INTX, 1));
         Ok(())
@@ -291,7 +308,11 @@ impl VfioPciDevice {
     /// guest runs. Returns the BAR changes for the VMM to register.
     pub fn place_bar(&mut self, index: usize, addr: u64) -> Result<Vec<Bar>, ConfigError> {
         self.shadow.set_bar_addr(index, addr)?;
-        let cmd = self.shadow.command() | command::MEMORY_SPACE | command::IO_SPACE;
+        let space = match self.shadow.bar(index).map(|b| b.spec.kind) {
+            Some(BarKind::Io) => command::IO_SPACE,
+            _ => command::MEMORY_SPACE,
+        };
+        let cmd = self.shadow.command() | space;
         self.shadow
             .write_reg(offset::COMMAND / 4, 0, &cmd.to_le_bytes());
         self.forward_config(offset::COMMAND / 4, 0, &cmd.to_le_bytes());
@@ -311,45 +332,98 @@ impl VfioPciDevice {
                 continue;
             };
             for area in &info.mmap_areas {
-                let trapped = self.msix.as_ref().is_some_and(|m| {
-                    [m.table, m.pba].iter().any(|w| {
-                        w.bar == bar.index
-                            && w.offset < area.offset + area.size
-                            && area.offset < w.offset + w.len
-                    })
-                });
-                if trapped || area.size == 0 || area.offset % 4096 != 0 || area.size % 4096 != 0 {
+                // The peer describes the areas: one that does not lie inside the region is
+                // refused, or it would become a memory slot reaching past the BAR.
+                let inside = area
+                    .offset
+                    .checked_add(area.size)
+                    .is_some_and(|end| end <= info.size);
+                let file_at = file_offset.checked_add(area.offset);
+                let (true, Some(_)) = (inside, file_at) else {
+                    tracing::warn!(
+                        "{}: BAR{} mmap area [{:#x}, +{:#x}) is outside the {:#x}-byte region; \
+                         it is trapped instead",
+                        self.backend.name(),
+                        bar.index,
+                        area.offset,
+                        area.size,
+                        info.size
+                    );
                     continue;
-                }
-                // SAFETY: a fresh shared mapping of the device's region at an address the
-                // kernel picks; nothing else refers to that address range.
-                let host = unsafe {
-                    libc::mmap(
-                        std::ptr::null_mut(),
-                        area.size as usize,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_SHARED,
-                        fd,
-                        (file_offset + area.offset) as libc::off_t,
-                    )
                 };
-                if host == libc::MAP_FAILED {
-                    return Err(VfioPciError::Mmap {
-                        device: self.backend.name().to_string(),
-                        bar: bar.index,
-                        offset: area.offset,
-                        size: area.size,
-                        source: std::io::Error::last_os_error(),
-                    });
+                for (offset, size) in self.mappable(bar.index, area.offset, area.size) {
+                    self.mmap_part(fd, file_offset, bar.index, offset, size)?;
                 }
-                self.mmaps.push(BarMmap {
-                    bar: bar.index,
-                    offset: area.offset,
-                    size: area.size,
-                    host_addr: host as u64,
-                });
             }
         }
+        Ok(())
+    }
+
+    /// The page-aligned parts of `[offset, +size)` of BAR `bar` that do not touch the MSI-X
+    /// table or PBA pages (those must trap), so the rest of a BAR that shares them with, say,
+    /// doorbells is still mapped directly.
+    fn mappable(&self, bar: usize, offset: u64, size: u64) -> Vec<(u64, u64)> {
+        const PAGE: u64 = 4096;
+        let mut holes: Vec<(u64, u64)> = self
+            .msix
+            .iter()
+            .flat_map(|m| [m.table, m.pba])
+            .filter(|w| w.bar == bar && w.len > 0)
+            .map(|w| {
+                let start = w.offset / PAGE * PAGE;
+                (start, (w.offset + w.len).div_ceil(PAGE) * PAGE)
+            })
+            .collect();
+        holes.sort_unstable();
+        let (mut parts, mut at) = (Vec::new(), offset.div_ceil(PAGE) * PAGE);
+        let end = (offset + size) / PAGE * PAGE;
+        for (h0, h1) in holes {
+            if h0 > at && at < end {
+                parts.push((at, h0.min(end) - at));
+            }
+            at = at.max(h1);
+        }
+        if at < end {
+            parts.push((at, end - at));
+        }
+        parts
+    }
+
+    fn mmap_part(
+        &mut self,
+        fd: std::os::fd::RawFd,
+        file_offset: u64,
+        bar: usize,
+        offset: u64,
+        size: u64,
+    ) -> Result<(), VfioPciError> {
+        // SAFETY: a fresh shared mapping of the device's region at an address the kernel
+        // picks; nothing else refers to that address range.
+        let host = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                (file_offset + offset) as libc::off_t,
+            )
+        };
+        if host == libc::MAP_FAILED {
+            return Err(VfioPciError::Mmap {
+                device: self.backend.name().to_string(),
+                bar,
+                offset,
+                size,
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        self.mmaps.push(BarMmap {
+            bar,
+            offset,
+            size,
+            host_addr: host as u64,
+        });
         Ok(())
     }
 
@@ -507,6 +581,13 @@ impl PciDevice for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
+        // Stop the device's DMA before guest RAM is unmapped from it (the VMM drops the
+        // device models first), then its interrupts.
+        if !self.failed.load(Ordering::Acquire) {
+            if let Err(e) = self.backend.reset() {
+                tracing::debug!("at teardown: {e}");
+            }
+        }
         if let Some((index, _)) = self.active.take() {
             if let Err(e) = self.backend.disable_irq(index) {
                 tracing::debug!("at teardown: {e}");

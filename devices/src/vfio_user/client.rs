@@ -72,7 +72,13 @@ struct Shared {
     send_lock: Mutex<()>,
     state: Mutex<State>,
     replied: Condvar,
+    /// Told once why the connection broke (not when it is closed on purpose), so the VMM
+    /// can stop a guest whose device server went away even while nothing is in flight.
+    on_broken: Mutex<Option<BrokenHandler>>,
 }
+
+/// See [`Client::set_on_broken`].
+pub type BrokenHandler = Box<dyn Fn(&str) + Send>;
 
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
@@ -88,6 +94,14 @@ impl Shared {
                 tracing::debug!("vfio-user {}: {}", self.name, fatal.reason());
             } else {
                 tracing::warn!("vfio-user {}: {}", self.name, fatal.reason());
+                let handler = self
+                    .on_broken
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if let Some(h) = handler {
+                    h(&format!("{}: {}", self.name, fatal.reason()));
+                }
             }
             state.broken = Some(fatal);
         }
@@ -173,6 +187,7 @@ impl Client {
                 broken: None,
             }),
             replied: Condvar::new(),
+            on_broken: Mutex::new(None),
         });
         let for_reader = shared.clone();
         let reader = std::thread::Builder::new()
@@ -686,6 +701,17 @@ impl Client {
     pub fn reset(&self) -> Result<(), VfioUserError> {
         self.request("DEVICE_RESET".into(), cmd::DEVICE_RESET, &[], &[])?;
         Ok(())
+    }
+
+    /// Calls `handler` once if the connection breaks (the server died, timed out or sent
+    /// garbage) rather than being closed by [`Client::shutdown`] or drop. It runs on whichever
+    /// thread noticed, with the client's state locked: it must not call back into the client.
+    pub fn set_on_broken(&self, handler: BrokenHandler) {
+        *self
+            .shared
+            .on_broken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handler);
     }
 
     /// Closes the connection now, while other owners may still hold the client: later

@@ -402,3 +402,21 @@ fn a_device_without_msi_gets_a_level_triggered_intx_line() {
     let (_, epf) = scratch_device();
     assert_eq!(epf.intx_only(), None);
 }
+
+#[test]
+fn bar_parts_around_the_msix_table_and_pba_pages_stay_mappable() {
+    let (_, d) = scratch_device();
+    // The epf model has its MSI-X table (0x400) and PBA (0x800) in BAR0's first page.
+    assert_eq!(d.mappable(0, 0, 0x4000), [(0x1000, 0x3000)]);
+    assert_eq!(d.mappable(0, 0, 0x1000), []);
+    assert_eq!(
+        d.mappable(1, 0, 0x2000),
+        [(0, 0x2000)],
+        "other BARs are untouched"
+    );
+    assert_eq!(
+        d.mappable(0, 0x800, 0x2000),
+        [(0x1000, 0x1000)],
+        "unaligned edges shrink to whole pages"
+    );
+}
