@@ -10,9 +10,11 @@
 //! 0x0002_0000  kernel command line (up to 2048 bytes with its NUL)
 //! 0x0009_fc00  EBDA: the MP table lives here (E820 reserved)
 //! 0x000a_0000  VGA hole and BIOS area up to 1 MiB (E820 reserved, no device behind it)
+//! 0x000e_0000  ACPI: the RSDP (where Linux scans for it), then XSDT, FADT, DSDT, MADT, MCFG
 //! 0x0010_0000  kernel load address; RAM continues up to min(size, 3 GiB)
 //!              initrd: page-aligned at the top of RAM below 3 GiB
-//! 0xc000_0000  32-bit MMIO hole (PCI BARs), up to 4 GiB; IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000,
+//! 0xc000_0000  32-bit MMIO hole (PCI BARs), up to 4 GiB; PCI ECAM for bus 0 at 0xfeb0_0000
+//!              (1 MiB, E820 reserved), IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000,
 //!              KVM's TSS and identity-map pages at 0xfffb_c000..0xfffc_0000
 //! 0x1_0000_0000 RAM above 4 GiB (whatever does not fit below the hole)
 //! end of RAM rounded up to 1 GiB: 64-bit MMIO window (64 GiB)
@@ -75,6 +77,15 @@ pub const HIMEM_START: u64 = 0x10_0000;
 /// Where the kernel is loaded (1 MiB).
 pub const KERNEL_START: u64 = HIMEM_START;
 
+/// The ACPI tables: from here to [`ACPI_END`], inside the E820-reserved BIOS area. The RSDP
+/// comes first, 16-byte aligned, because Linux (without `acpi_rsdp_addr`) and other OSes
+/// scan 0xE0000..0xFFFFF for it.
+pub const ACPI_START: u64 = 0xe_0000;
+/// Where the RSDP is (the boot protocols pass this address too).
+pub const ACPI_RSDP_ADDR: u64 = ACPI_START;
+/// End of the ACPI area (the tables for 254 vCPUs take about 3 KiB of its 128 KiB).
+pub const ACPI_END: u64 = HIMEM_START;
+
 /// Start of the 32-bit MMIO hole: RAM below 4 GiB stops here.
 pub const MMIO32_START: u64 = 3 * GIB;
 /// End of the 32-bit MMIO hole.
@@ -83,9 +94,15 @@ pub const MMIO32_END: u64 = 4 * GIB;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// Local APIC base.
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
-/// 32-bit BARs are allocated from [`MMIO32_START`] up to here (the APICs and KVM pages sit
-/// above).
-pub const MMIO32_ALLOC_END: u64 = IOAPIC_ADDR;
+/// Size of the PCI ECAM window: bus 0 only (32 devices x 8 functions x 4 KiB), the only bus
+/// there is. The ACPI MCFG table says buses 0..=0.
+pub const PCI_ECAM_SIZE: u64 = MIB;
+/// PCI ECAM (MMCONFIG) window, right below the IOAPIC; E820 reserved, as Linux requires of an
+/// MCFG area, and out of the BAR allocator's range.
+pub const PCI_ECAM_START: u64 = IOAPIC_ADDR - PCI_ECAM_SIZE;
+/// 32-bit BARs are allocated from [`MMIO32_START`] up to here (the ECAM window, the APICs and
+/// KVM pages sit above).
+pub const MMIO32_ALLOC_END: u64 = PCI_ECAM_START;
 /// KVM's three-page real-mode TSS (`KVM_SET_TSS_ADDR`), in the hole so it never shadows RAM.
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// KVM's identity-map page (`KVM_SET_IDENTITY_MAP_ADDR`), just below the TSS.
@@ -229,6 +246,11 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
         entry(EBDA_START, LEGACY_HOLE_START, E820Kind::Reserved),
         entry(LEGACY_HOLE_START, HIMEM_START, E820Kind::Reserved),
         entry(HIMEM_START, low_ram_size(mem_size), E820Kind::Ram),
+        entry(
+            PCI_ECAM_START,
+            PCI_ECAM_START + PCI_ECAM_SIZE,
+            E820Kind::Reserved,
+        ),
     ];
     if mem_size > MMIO32_START {
         map.push(entry(RAM_ABOVE_4G_START, ram_end(mem_size), E820Kind::Ram));
@@ -267,6 +289,11 @@ mod tests {
                     size: size - MIB,
                     kind: E820Kind::Ram
                 },
+                E820Entry {
+                    addr: 0xfeb0_0000,
+                    size: MIB,
+                    kind: E820Kind::Reserved
+                },
             ]
         );
         assert_eq!(mmio64_window(size), (GuestAddress(4 * GIB), MMIO64_SIZE));
@@ -280,7 +307,7 @@ mod tests {
             vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), 3 * GIB)]
         );
         let map = e820_map(size);
-        assert_eq!(map.len(), 5);
+        assert_eq!(map.len(), 6);
         assert_eq!(
             map[3],
             E820Entry {
@@ -290,7 +317,7 @@ mod tests {
             }
         );
         assert_eq!(
-            map[4],
+            map[5],
             E820Entry {
                 addr: 4 * GIB,
                 size: 3 * GIB,
@@ -304,10 +331,10 @@ mod tests {
             .map(|e| e.size)
             .sum();
         assert_eq!(ram, size - (HIMEM_START - EBDA_START));
-        // Nothing in the map touches the hole.
-        assert!(map
-            .iter()
-            .all(|e| e.addr + e.size <= MMIO32_START || e.addr >= MMIO32_END));
+        // Nothing in the map touches the hole but the reserved ECAM window.
+        assert!(map.iter().all(|e| e.addr + e.size <= MMIO32_START
+            || e.addr >= MMIO32_END
+            || (e.addr, e.kind) == (PCI_ECAM_START, E820Kind::Reserved)));
         assert_eq!(ram_end(size), 7 * GIB);
         assert_eq!(mmio64_window(size).0, GuestAddress(7 * GIB));
         // A non-GiB end rounds up.
@@ -317,7 +344,31 @@ mod tests {
     #[test]
     fn exactly_three_gib_stays_in_one_range() {
         assert_eq!(ram_ranges(3 * GIB), vec![(GuestAddress(0), 3 * GIB)]);
-        assert_eq!(e820_map(3 * GIB).len(), 4);
+        assert_eq!(e820_map(3 * GIB).len(), 5);
+    }
+
+    #[test]
+    fn ecam_window_is_reserved_aligned_and_outside_the_bar_pool() {
+        const {
+            assert!(PCI_ECAM_START % PCI_ECAM_SIZE == 0);
+            assert!(MMIO32_ALLOC_END <= PCI_ECAM_START);
+            assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDR);
+            assert!(PCI_ECAM_START >= MMIO32_START);
+        };
+        for size in [64 * MIB, 3 * GIB, 6 * GIB] {
+            let map = e820_map(size);
+            assert!(map.iter().any(|e| e.kind == E820Kind::Reserved
+                && e.addr <= PCI_ECAM_START
+                && PCI_ECAM_START + PCI_ECAM_SIZE <= e.addr + e.size));
+            // Sorted and disjoint, as guests expect.
+            assert!(map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr));
+        }
+        // The ACPI area is inside the reserved BIOS area, above the MP table.
+        let map = e820_map(64 * MIB);
+        assert!(map.iter().any(|e| e.kind == E820Kind::Reserved
+            && e.addr <= ACPI_START
+            && ACPI_END <= e.addr + e.size));
+        const { assert!(ACPI_RSDP_ADDR % 16 == 0 && ACPI_START >= 0xe_0000) };
     }
 
     #[test]

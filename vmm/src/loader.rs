@@ -1,6 +1,6 @@
 //! Loading the guest: kernel (ELF vmlinux or bzImage, through linux-loader), command line,
 //! initrd, the boot information block for the chosen entry protocol, and the fixed tables
-//! (GDT, identity page tables, MP table).
+//! (GDT, identity page tables, MP table, ACPI tables).
 //!
 //! Every error names the image (its path, or the name given to in-memory bytes) and the reason.
 
@@ -20,6 +20,7 @@ use vm_memory::{
     VolatileMemoryError, VolatileSlice,
 };
 
+use crate::arch::x86_64::acpi::{self, AcpiError};
 use crate::arch::x86_64::boot_params::{self, BootParamsError, InitrdPlacement};
 use crate::arch::x86_64::gdt;
 use crate::arch::x86_64::mptable::{self, MpTableError};
@@ -300,6 +301,9 @@ pub enum LoadError {
     /// Writing the MP table failed.
     #[error(transparent)]
     MpTable(#[from] MpTableError),
+    /// Writing the ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
     /// Writing the GDT or page tables failed.
     #[error("writing the {what} failed: {source}")]
     Tables {
@@ -333,9 +337,9 @@ pub struct LoadRequest<'a> {
     pub cmdline: &'a str,
     /// Entry protocol.
     pub protocol: BootProtocol,
-    /// CPUs, for the MP table.
+    /// CPUs, for the MP and ACPI tables.
     pub cpus: u8,
-    /// PCI INTx lines, for the MP table.
+    /// PCI INTx lines, for the MP table and the DSDT's `_PRT`.
     pub pci_intx: &'a [mptable::PciIntx],
 }
 
@@ -379,6 +383,8 @@ pub fn load(mem: &GuestMemoryMmap, req: &LoadRequest<'_>) -> Result<BootSetup, L
         source,
     })?;
     mptable::write(mem, req.cpus, req.pci_intx)?;
+    // Both boot blocks above point at the RSDP these put at layout::ACPI_RSDP_ADDR.
+    acpi::write(mem, req.cpus, size, req.pci_intx)?;
 
     Ok(BootSetup {
         format: loaded.format,
@@ -818,6 +824,8 @@ pub(crate) mod tests {
         assert_eq!(loader_type, 0xff);
         let mp: [u8; 4] = mem.read_obj(GuestAddress(mptable::MPTABLE_START)).unwrap();
         assert_eq!(&mp, b"_MP_");
+        let rsdp: [u8; 8] = mem.read_obj(GuestAddress(layout::ACPI_RSDP_ADDR)).unwrap();
+        assert_eq!(&rsdp, b"RSD PTR ");
     }
 
     #[test]

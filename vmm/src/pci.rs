@@ -1,6 +1,7 @@
-//! PCI inside the VM: bus 0 behind ports 0xCF8..0xCFF, passthrough functions with their BARs
-//! on the MMIO bus (mmap-able parts as KVM memory slots, so the guest reaches them without
-//! exits), and MSI/MSI-X vectors as KVM GSI routes fed by irqfds.
+//! PCI inside the VM: bus 0 behind ports 0xCF8..0xCFF and the ECAM window at
+//! [`layout::PCI_ECAM_START`] (which the ACPI MCFG table describes), passthrough functions
+//! with their BARs on the MMIO bus (mmap-able parts as KVM memory slots, so the guest reaches
+//! them without exits), and MSI/MSI-X vectors as KVM GSI routes fed by irqfds.
 //!
 //! The devices crate knows nothing of KVM: a guest write returns [`Effects`] (a BAR moved, a
 //! vector changed), and [`Wiring::apply`] turns them into bus registrations, memory slots and
@@ -12,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use devices::pci::{
     BarKind, EffectsHandler, MsiMessage, PciAddress, PciBarRegion, PciBus, PciBusError,
-    PciConfigIo, SharedPciDevice,
+    PciConfigIo, PciEcam, SharedPciDevice,
 };
 use devices::pci::{Effects, PciDevice};
 use devices::vfio::VfioPciDevice;
@@ -25,6 +26,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::mptable::PciIntx;
+use crate::layout;
 use crate::resources::{ResourceAllocator, ResourceError};
 
 /// First KVM memory slot for BAR mappings; guest RAM uses the slots below.
@@ -67,6 +69,9 @@ pub enum PciError {
     /// A registration on the MMIO/PIO bus failed.
     #[error("registering the PCI configuration ports: {0}")]
     ConfigPorts(devices::BusError),
+    /// The ECAM window could not be put on the MMIO bus.
+    #[error("registering the PCI ECAM window: {0}")]
+    Ecam(devices::BusError),
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -132,7 +137,8 @@ pub struct PciSystem {
 }
 
 impl PciSystem {
-    /// Bus 0 (with its host bridge at 00:00.0), its configuration ports on `pio`.
+    /// Bus 0 (with its host bridge at 00:00.0), its configuration ports on `pio` and its
+    /// ECAM window on `mmio`; writes through either reach the same effects handler.
     pub fn new(vm_fd: Arc<VmFd>, pio: &Bus, mmio: Arc<Bus>) -> Result<Self, PciError> {
         let bus = Arc::new(PciBus::new());
         let wiring = Arc::new(Wiring {
@@ -146,6 +152,15 @@ impl PciSystem {
         let io = PciConfigIo::new(bus.clone()).with_effects_handler(wiring.handler());
         pio.insert(Arc::new(Mutex::new(io)), 0xcf8, 8)
             .map_err(PciError::ConfigPorts)?;
+        let ecam = PciEcam::new(bus.clone()).with_effects_handler(wiring.handler());
+        wiring
+            .mmio
+            .insert(
+                Arc::new(Mutex::new(ecam)),
+                layout::PCI_ECAM_START,
+                layout::PCI_ECAM_SIZE,
+            )
+            .map_err(PciError::Ecam)?;
         Ok(PciSystem { bus, wiring })
     }
 

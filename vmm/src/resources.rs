@@ -322,7 +322,7 @@ mod tests {
     #[test]
     fn vm_pools_follow_the_layout() {
         let r = ResourceAllocator::new(6 * layout::GIB);
-        assert_eq!(r.mmio32.bounds(), (3 * layout::GIB, layout::IOAPIC_ADDR));
+        assert_eq!(r.mmio32.bounds(), (3 * layout::GIB, layout::PCI_ECAM_START));
         assert_eq!(
             r.mmio64.bounds(),
             (7 * layout::GIB, 7 * layout::GIB + layout::MMIO64_SIZE)

@@ -1,6 +1,7 @@
 //! The boot information blocks: Linux's `boot_params` (zero page) for the 64-bit entry and
 //! PVH's `hvm_start_info` with its memory map and module list. Both carry the same facts: the
-//! E820 map from [`crate::layout`], the command line address and the initrd.
+//! E820 map from [`crate::layout`], the command line address, the initrd and the ACPI RSDP
+//! (the loader always writes the ACPI tables at [`layout::ACPI_RSDP_ADDR`]).
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::loader::elf::start_info::{
@@ -9,8 +10,8 @@ use linux_loader::loader::elf::start_info::{
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use crate::layout::{
-    self, CMDLINE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR,
-    ZERO_PAGE_ADDR,
+    self, ACPI_RSDP_ADDR, CMDLINE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES,
+    PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
 
 /// `boot_flag` magic.
@@ -89,6 +90,7 @@ pub fn zero_page(
         ..Default::default()
     };
     bp.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
+    bp.acpi_rsdp_addr = ACPI_RSDP_ADDR;
     bp.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     bp.hdr.cmdline_size = cmdline_len as u32;
     if let Some(i) = initrd {
@@ -150,6 +152,7 @@ pub fn write_pvh_start_info(
         magic: XEN_HVM_START_MAGIC,
         version: HVM_START_INFO_VERSION,
         cmdline_paddr: CMDLINE_ADDR,
+        rsdp_paddr: ACPI_RSDP_ADDR,
         memmap_paddr: PVH_MEMMAP_ADDR,
         memmap_entries: map.len() as u32,
         ..Default::default()
@@ -191,8 +194,9 @@ mod tests {
             ({ hdr.ramdisk_image }, { hdr.ramdisk_size }),
             (0x7f00_0000, 0x1234)
         );
-        assert_eq!(bp.e820_entries, 5);
-        let last = bp.e820_table[4];
+        assert_eq!({ bp.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!(bp.e820_entries, 6);
+        let last = bp.e820_table[5];
         assert_eq!(
             ({ last.addr }, { last.size }, { last.r#type }),
             (4 * GIB, 3 * GIB, 1)
@@ -225,8 +229,9 @@ mod tests {
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(
             (info.memmap_paddr, info.memmap_entries),
-            (PVH_MEMMAP_ADDR, 4)
+            (PVH_MEMMAP_ADDR, 5)
         );
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         assert_eq!(
             (info.nr_modules, info.modlist_paddr, info.cmdline_paddr),
             (1, PVH_MODLIST_ADDR, 0x20000)
