@@ -45,6 +45,11 @@ fn probe_boots_with_one_cpu_and_256m_and_reports_every_phase() {
     assert!(serial.contains("probe: hello"), "{serial}");
     assert!(serial.contains("probe: cpus 1 (mp table)"), "{serial}");
     assert!(serial.contains("probe: ram 255 MiB"), "{serial}");
+    // ACPI MCFG through the PVH start info, and every PCI function the same through ECAM.
+    assert!(
+        serial.contains("probe: ecam 0xfeb00000 buses 0-0 (mcfg)"),
+        "{serial}"
+    );
     assert_eq!(
         phase_names(&r),
         ["kvm", "memory", "devices", "pin", "load", "vcpus", "run", "exit"]
@@ -84,6 +89,11 @@ fn probe_boots_with_two_cpus_and_4g_with_ram_above_4g() {
 fn probe_boots_through_the_64_bit_linux_entry_too() {
     let (serial, _) = boot_ok(&["--boot-protocol", "linux64", "--cpus", "2"]);
     assert!(serial.contains("probe: hello (entry=linux64)"), "{serial}");
+    // The RSDP through boot_params.acpi_rsdp_addr.
+    assert!(
+        serial.contains("probe: ecam 0xfeb00000 buses 0-0 (mcfg)"),
+        "{serial}"
+    );
     let (serial, _) = boot_ok(&["--boot-protocol", "pvh"]);
     assert!(serial.contains("probe: hello (entry=pvh)"), "{serial}");
 }

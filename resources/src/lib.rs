@@ -43,6 +43,7 @@
 //! probe: initrd 0x<addr> <size> bytes, sum 0x<32-bit sum of the bytes>   or: initrd none
 //! probe: pci <00:dd.f> <vvvv:dddd> class <cccccc>[ bar<i> <io|mem32|mem64>[ pref] 0x<addr> size 0x<size>]...
 //!                                                    per function on bus 0, or: pci none
+//! probe: ecam 0x<base> buses <a>-<b> (mcfg)          or: ecam none (no mcfg) | (no rsdp)
 //! probe: memtest ok: <N> pages
 //! probe: epf <00:dd.f> bar0 0x<addr> <msix|msi> vector 0x30 apic <id>   with a pci-epf-test
 //! probe: dma pages 0x<page> 0x<page> ...             (the pages DMA is tested on)
@@ -57,13 +58,23 @@
 //! spec floating pointer in the EBDA's first KiB, the last KiB below 640 KiB, or
 //! 0xF0000-0xFFFFF) counts enabled processor entries.
 //!
+//! The `ecam` line: the probe takes the ACPI RSDP address from the protocol it was entered
+//! with (`boot_params.acpi_rsdp_addr`, offset 0x070, or `hvm_start_info.rsdp_paddr`; no scan
+//! of the BIOS area), follows it (checksummed) to the XSDT (the RSDT for revision 0) and the
+//! first checksummed MCFG there with a segment 0 allocation, and prints its base and bus
+//! range. It then reads the vendor/device dword of every function a `pci` line listed (the
+//! first 32) at `base + (dev << 15 | fn << 12)`, and dword 0x100 (extended configuration
+//! space) of the last one, whatever it holds. No RSDP or no MCFG only prints `ecam none`.
+//!
 //! The memory test writes a distinct 64-bit pattern to the first and last 8 bytes of: the page
 //! at 2 MiB, the first RAM page of every GiB above the first, and the last page of the highest
 //! RAM range; then reads all back and restores the old contents.
 //!
 //! Checks that fail the run: the memory map is empty, unsorted, overlapping or has an empty
 //! entry; no RAM at 0 or at 1 MiB (or 2 MiB, for the memory test); a memory test mismatch; the
-//! initrd is not inside one RAM range; and, when given on the command line,
+//! initrd is not inside one RAM range; an ECAM window (below) that does not start at bus 0 in
+//! mapped memory, or a function whose vendor/device dword read through it differs from the
+//! 0xcf8 value; and, when given on the command line,
 //! `probe.expect_mem=<MiB>` (must equal `N MiB`) and `probe.expect_cpus=<N>` (must equal the MP
 //! table's count), and `probe.expect_dma=1` (a pci-epf-test device must be on bus 0; without
 //! it, or with `probe.expect_dma=0`, a missing device is `dma skipped`). Any `dma FAIL` fails

@@ -1,4 +1,4 @@
-//! What the boot protocol hands over: memory map, command line, initrd.
+//! What the boot protocol hands over: memory map, command line, initrd, ACPI RSDP.
 
 use crate::io::phys;
 
@@ -10,6 +10,7 @@ pub const GIB: u64 = 1 << 30;
 
 /// Linux `struct boot_params` offsets (arch/x86/include/uapi/asm/bootparam.h).
 mod zp {
+    pub const ACPI_RSDP_ADDR: u64 = 0x070;
     pub const EXT_RAMDISK_IMAGE: u64 = 0x0c0;
     pub const EXT_RAMDISK_SIZE: u64 = 0x0c4;
     pub const EXT_CMD_LINE_PTR: u64 = 0x0c8;
@@ -30,6 +31,7 @@ mod pvh {
     pub const OFF_NR_MODULES: u64 = 12;
     pub const OFF_MODLIST: u64 = 16;
     pub const OFF_CMDLINE: u64 = 24;
+    pub const OFF_RSDP: u64 = 32;
     pub const OFF_MEMMAP: u64 = 40;
     pub const OFF_MEMMAP_ENTRIES: u64 = 48;
     pub const MEMMAP_ENTRY_SIZE: u64 = 24;
@@ -60,6 +62,8 @@ pub struct BootInfo {
     pub cmdline: u64,
     pub initrd: u64,
     pub initrd_size: u64,
+    /// The ACPI RSDP's address, 0 if the protocol gave none.
+    pub rsdp: u64,
     /// [start, end) of the boot structures themselves: the zero page, or `hvm_start_info`,
     /// its module list and its memory map (empty entries are (0, 0)).
     pub areas: [(u64, u64); 3],
@@ -79,6 +83,7 @@ impl BootInfo {
             cmdline: 0,
             initrd: 0,
             initrd_size: 0,
+            rsdp: 0,
             areas: [(0, 0); 3],
         }
     }
@@ -120,6 +125,7 @@ pub fn read_linux(zp: u64, info: &mut BootInfo) -> Result<(), BootError> {
         | (phys::u32(zp + zp::EXT_RAMDISK_IMAGE) as u64) << 32;
     info.initrd_size = phys::u32(zp + zp::RAMDISK_SIZE) as u64
         | (phys::u32(zp + zp::EXT_RAMDISK_SIZE) as u64) << 32;
+    info.rsdp = phys::u64(zp + zp::ACPI_RSDP_ADDR);
     Ok(())
 }
 
@@ -137,6 +143,7 @@ pub fn read_pvh(si: u64, info: &mut BootInfo) -> Result<(), BootError> {
     }
     let version = phys::u32(si + pvh::OFF_VERSION);
     info.cmdline = phys::u64(si + pvh::OFF_CMDLINE);
+    info.rsdp = phys::u64(si + pvh::OFF_RSDP);
     if phys::u32(si + pvh::OFF_NR_MODULES) > 0 {
         let modlist = phys::u64(si + pvh::OFF_MODLIST);
         if modlist == 0 || modlist.saturating_add(pvh::MODULE_SIZE) > LOW4G {

@@ -11,6 +11,7 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod apic;
 mod boot;
 mod console;
@@ -78,6 +79,7 @@ enum Failure {
     ExpectMem { want: u64, got: u64 },
     ExpectCpus { want: u64, got: Option<u64> },
     Dma(dma::Error),
+    Ecam(acpi::Error),
 }
 
 impl Failure {
@@ -128,6 +130,7 @@ impl Failure {
                 line.s("expected ").dec(want).s(" cpus, found no MP table")
             }
             Failure::Dma(e) => e.describe(line.s("dma: ")),
+            Failure::Ecam(e) => e.describe(line),
         }
     }
 }
@@ -245,6 +248,9 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
     let bus = pci::enumerate_bus0();
     if bus.functions == 0 {
         Line::new().s("pci none").end();
+    }
+    if let Err(e) = acpi::check(info.rsdp, mapped, &bus) {
+        checks.fail(Failure::Ecam(e));
     }
 
     let pages = memtest(info.map(), mapped, &mut checks);

@@ -125,10 +125,15 @@ pub struct Function {
 
 /// Memory ranges decoded by the BARs seen so far (for picking a free address).
 const MAX_RANGES: usize = 32;
+/// Functions whose identity is kept (for checking them again through ECAM).
+const MAX_LISTED: usize = 32;
 
 /// What enumeration found.
 pub struct Bus {
     pub functions: u32,
+    /// The first `MAX_LISTED` functions and their vendor/device dword, as read via 0xcf8.
+    listed: [(Bdf, u32); MAX_LISTED],
+    nlisted: usize,
     /// The first pci-epf-test function.
     pub epf: Option<Function>,
     ranges: [(u64, u64); MAX_RANGES],
@@ -136,6 +141,11 @@ pub struct Bus {
 }
 
 impl Bus {
+    pub fn listed(&self) -> &[(Bdf, u32)] {
+        // `get`: no slice-index panic path (and its formatting code) in the binary.
+        self.listed.get(..self.nlisted).unwrap_or(&[])
+    }
+
     fn note_range(&mut self, bar: &Bar) {
         if let (true, Some(slot)) = (
             bar.is_memory() && bar.addr != 0,
@@ -170,6 +180,8 @@ pub const DEVICE_EPF_TEST: u16 = 0xb500;
 pub fn enumerate_bus0() -> Bus {
     let mut bus = Bus {
         functions: 0,
+        listed: [(Bdf { dev: 0, func: 0 }, 0); MAX_LISTED],
+        nlisted: 0,
         epf: None,
         ranges: [(0, 0); MAX_RANGES],
         nranges: 0,
@@ -204,6 +216,10 @@ pub fn enumerate_bus0() -> Bus {
             }
             if bus.epf.is_none() && f.vendor == VENDOR_TI && f.device == DEVICE_EPF_TEST {
                 bus.epf = Some(f);
+            }
+            if let Some(slot) = bus.listed.get_mut(bus.nlisted) {
+                *slot = (bdf, id);
+                bus.nlisted += 1;
             }
             bus.functions += 1;
         }
