@@ -104,7 +104,7 @@
 //!
 //! It executes about 55 000 instructions for a small guest, plus about 2 000 per GiB of RAM
 //! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts); with a
-//! pci-epf-test device, each DMA page adds about 25 ms on the build machine's emulated KVM
+//! pci-epf-test device, each DMA page adds about 15 ms on the build machine's emulated KVM
 //! (rdtsc; most of it the pattern and CRC check of 4 KiB, tens of thousands of instructions),
 //! the last page twice that; and it avoids
 //! instructions this project's emulated KVM cannot run (x87 and every SSE instruction other
