@@ -28,14 +28,20 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Boot a guest: the built-in probe guest by default, or --kernel/--initrd/--cmdline.
+    /// Boot a guest: by default the built-in probe guest with the pci-epf-test device over vfio-user.
     #[command(long_about = "Boot a guest on KVM.\n\n\
 With no --kernel, boots the built-in probe guest, which checks its boot parameters, memory map, \
-CPU count and RAM and exits with status 0 when all is well. Guest serial output goes to stdout \
-(stdin goes to the guest); a start-up timeline goes to stderr at exit (--quiet turns it off) and \
-as JSON to --report PATH. The exit status is the guest's own (debug-exit port 0xf4), 0 for a \
-reset or power-off, 124 after --timeout, 130/143 after SIGINT/SIGTERM, 2 for bad input.\n\n\
-Examples:\n  vmm run\n  vmm run --memory 4G --cpus 2 --pin populate --report boot.json\n  \
+CPU count, PCI bus and RAM and exits with status 0 when all is well. Unless told otherwise it gets \
+the built-in pci-epf-test device: `vmm device epf` started as a child and attached over vfio-user, \
+with all guest RAM DMA-mapped for it before the guest runs; the guest has the device DMA into every \
+GiB of its RAM and waits for its MSI-X interrupts. Guest serial output goes to stdout (stdin goes \
+to the guest); a start-up timeline goes to stderr at exit (--quiet turns it off) and as JSON to \
+--report PATH. The exit status is the guest's own (debug-exit port 0xf4), 0 for a reset or \
+power-off, 124 after --timeout, 130/143 after SIGINT/SIGTERM, 2 for bad input or a device that \
+cannot be set up before the guest runs, 1 if a device fails while it runs.\n\n\
+Examples:\n  vmm run\n  vmm run --memory 6G --cpus 2 --report boot.json\n  \
+vmm run --user-device none --pin populate --memory 4G\n  \
+vmm run --device /sys/bus/pci/devices/0000:01:00.0 --iommu iommufd\n  \
 vmm run --kernel vmlinuz --initrd initramfs.cpio --cmdline \"console=ttyS0\" --timeout 240")]
     Run(Box<RunArgs>),
     /// Measure how fast guest RAM is prepared (populated or locked) for each thread count.

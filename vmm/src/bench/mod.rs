@@ -3,8 +3,8 @@
 //!
 //! Every boot is a child `vmm run` (this binary), so what is measured is what a user gets:
 //! exec, KVM set-up, memory, pinning, loading, the guest up to its ready mark. Runs are
-//! interleaved (run r of every configuration before run r+1) so that machine noise hits every
-//! configuration alike, after discarded warm-up rounds (memory touched for the first time
+//! interleaved (run r of every configuration before run r+1, in reverse order every other
+//! round) so that machine noise and what one boot leaves behind hit every configuration alike, after discarded warm-up rounds (memory touched for the first time
 //! costs several times more on a lazily backed host).
 
 pub mod args;
@@ -43,7 +43,8 @@ pub enum BenchCommand {
     /// each, interleaved, and report every phase; QEMU side by side when it is found.
     #[command(long_about = "Measure start-up time end to end.\n\n\
 For every combination of --memory, --backing and --pin-threads, boots the probe guest --runs times \
-as a child `vmm run --report` (after --warmup discarded rounds; runs interleaved round-robin), and \
+as a child `vmm run --report` (after --warmup discarded rounds; runs interleaved round-robin, the \
+order reversed every other round), and \
 records every phase of its timeline, its time to the guest's ready mark, and its wall time from \
 spawn. memfd RAM is booted with the pci-epf-test device over vfio-user when `vmm run` has \
 --user-device; anon and thp RAM with --pin populate. QEMU (qemu-system-x86_64 on PATH, or --qemu) \
@@ -316,7 +317,8 @@ pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport
         } else {
             format!("warmup{}", round + 1)
         };
-        for (i, c) in configs.iter().enumerate() {
+        for i in round_order(configs.len(), round) {
+            let c = &configs[i];
             if vmm_failed[i] {
                 continue;
             }
@@ -350,7 +352,8 @@ pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport
             }
         }
         if let (Some(q), Some(elf)) = (&qemu_path, &elf) {
-            for (i, c) in qemu_configs.iter().enumerate() {
+            for i in round_order(qemu_configs.len(), round) {
+                let c = &qemu_configs[i];
                 if qemu_failed[i] {
                     continue;
                 }
@@ -584,5 +587,29 @@ pub fn command(args: &BenchArgs) -> ExitCode {
             eprintln!("vmm: bench startup: {e}");
             ExitCode::from(e.exit_status())
         }
+    }
+}
+
+/// The order configurations run in during `round`: forward, then backward, alternately.
+/// Run after run the same order would give each configuration the same predecessor, and what
+/// one leaves behind (freed huge pages, fragmented memory, a cold page cache) would bias the
+/// next one systematically instead of randomly: with THP, the configuration after a 4 KiB one
+/// had to compact memory in every round, the one after a THP teardown never did.
+fn round_order(n: usize, round: u32) -> Vec<usize> {
+    if round % 2 == 0 {
+        (0..n).collect()
+    } else {
+        (0..n).rev().collect()
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    #[test]
+    fn rounds_alternate_direction_so_predecessors_change() {
+        assert_eq!(super::round_order(3, 0), [0, 1, 2]);
+        assert_eq!(super::round_order(3, 1), [2, 1, 0]);
+        assert_eq!(super::round_order(3, 2), [0, 1, 2]);
+        assert!(super::round_order(0, 1).is_empty());
     }
 }
