@@ -397,24 +397,17 @@ mod tests {
 
     impl MemDevice {
         fn shared() -> Arc<Mutex<MemDevice>> {
-            let mut config = ConfigSpace::new(&PciHeader {
-                vendor_id: 0x1af4,
-                device_id: 0x1000,
-                class_code: 0xff0000,
-                revision_id: 1,
-                interrupt_pin: 1,
-                ..PciHeader::default()
-            });
-            config
-                .add_bar(
-                    0,
-                    BarSpec {
-                        kind: BarKind::Memory32,
-                        size: 0x1000,
-                        prefetchable: false,
-                    },
-                )
-                .unwrap();
+            let config = super::super::config::with_mem_bar0(
+                &PciHeader {
+                    vendor_id: 0x1af4,
+                    device_id: 0x1000,
+                    class_code: 0xff0000,
+                    revision_id: 1,
+                    interrupt_pin: 1,
+                    ..PciHeader::default()
+                },
+                0x1000,
+            );
             Arc::new(Mutex::new(MemDevice {
                 config,
                 mem: vec![0; 0x1000],

@@ -685,6 +685,24 @@ impl ConfigSpace {
     }
 }
 
+/// A space with `header`'s identity and one 32-bit memory BAR0 of `size` bytes: the
+/// smallest device the bus, ECAM and passthrough tests need.
+#[cfg(test)]
+pub(crate) fn with_mem_bar0(header: &PciHeader, size: u64) -> ConfigSpace {
+    let mut config = ConfigSpace::new(header);
+    config
+        .add_bar(
+            0,
+            BarSpec {
+                kind: BarKind::Memory32,
+                size,
+                prefetchable: false,
+            },
+        )
+        .expect("a 32-bit memory BAR0 of a power-of-two size");
+    config
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

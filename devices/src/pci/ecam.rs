@@ -120,22 +120,15 @@ mod tests {
 
     impl Extended {
         fn shared() -> Arc<Mutex<Extended>> {
-            let mut config = ConfigSpace::new(&PciHeader {
-                vendor_id: 0x104c,
-                device_id: 0xb500,
-                class_code: 0xff0000,
-                ..PciHeader::default()
-            });
-            config
-                .add_bar(
-                    0,
-                    BarSpec {
-                        kind: BarKind::Memory32,
-                        size: 0x1000,
-                        prefetchable: false,
-                    },
-                )
-                .unwrap();
+            let config = crate::pci::config::with_mem_bar0(
+                &PciHeader {
+                    vendor_id: 0x104c,
+                    device_id: 0xb500,
+                    class_code: 0xff0000,
+                    ..PciHeader::default()
+                },
+                0x1000,
+            );
             Arc::new(Mutex::new(Extended { config }))
         }
     }

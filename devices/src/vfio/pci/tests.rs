@@ -368,22 +368,15 @@ impl VfioBackend for IntxOnlyBackend {
 
 #[test]
 fn a_device_without_msi_gets_a_level_triggered_intx_line() {
-    let mut config = ConfigSpace::new(&PciHeader {
-        vendor_id: 0x1234,
-        device_id: 0x11,
-        interrupt_pin: 1,
-        ..PciHeader::default()
-    });
-    config
-        .add_bar(
-            0,
-            BarSpec {
-                kind: BarKind::Memory32,
-                size: 0x100,
-                prefetchable: false,
-            },
-        )
-        .unwrap();
+    let config = crate::pci::config::with_mem_bar0(
+        &PciHeader {
+            vendor_id: 0x1234,
+            device_id: 0x11,
+            interrupt_pin: 1,
+            ..PciHeader::default()
+        },
+        0x100,
+    );
     let backend = Arc::new(IntxOnlyBackend {
         config: Mutex::new(config),
         intx: Mutex::default(),
