@@ -353,3 +353,21 @@ fn a_server_dying_before_the_guest_runs_is_exit_2_with_nothing_left_behind() {
     );
     no_epf_leftovers(pid);
 }
+
+#[test]
+fn two_vfio_user_devices_get_all_ram_mapped_in_one_pin_job() {
+    let (out, r) = run_with_report(&["--user-device", "epf", "--user-device", "epf"]);
+    let serial = text(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{serial}\n{}",
+        text(&out.stderr)
+    );
+    assert!(serial.contains("probe: pci 00:01.0 104c:b500"), "{serial}");
+    assert!(serial.contains("probe: pci 00:02.0 104c:b500"), "{serial}");
+    assert!(dma_line(&serial).ends_with("irq ok"), "{serial}");
+    let r = r.unwrap();
+    assert_eq!(r["vm"]["devices"].as_array().unwrap().len(), 2, "{r}");
+    assert_eq!(r["pin"]["bytes"].as_u64(), Some(256 << 20), "{r}");
+}

@@ -19,7 +19,7 @@ use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
 use devices::vfio_user::{Client, VfioUserError};
 use devices::ExitReason;
-use pinning::backend::{FdDmaMapper, VfioUserBackend};
+use pinning::backend::{FdDmaMapper, SeveralBackend, VfioUserBackend};
 use pinning::PinBackend;
 
 use crate::vm::{StopHandle, Vm, VmError};
@@ -193,18 +193,6 @@ pub fn attach_all(
     req: &Request<'_>,
     failure: &Failure,
 ) -> Result<Devices, PassthroughError> {
-    if !req.kernel_devices.is_empty() && !req.user_devices.is_empty() {
-        return Err(PassthroughError::Usage(
-            "--device and --user-device together are not supported yet: guest RAM is mapped \
-             through one backend per run"
-                .into(),
-        ));
-    }
-    if req.user_devices.len() > 1 {
-        return Err(PassthroughError::Usage(
-            "one --user-device per run is supported".into(),
-        ));
-    }
     if req.pin_fixed.is_some() && !(req.kernel_devices.is_empty() && req.user_devices.is_empty()) {
         return Err(PassthroughError::Usage(format!(
             "--pin {}: a passthrough device needs guest RAM mapped for its DMA; use --pin auto",
@@ -224,9 +212,8 @@ pub fn attach_all(
         attach_model(vm, dev.clone(), failure)?;
         out.kernel.push(dev);
     }
-    if let Some(c) = &context {
-        out.pin_backend = Some(c.pin_backend());
-    }
+    // One pin backend per IOMMU context or vfio-user connection; a job over all of them.
+    let mut backends: Vec<Arc<dyn PinBackend>> = context.iter().map(|c| c.pin_backend()).collect();
     for user in req.user_devices {
         let client = match user {
             UserDevice::Epf => {
@@ -255,8 +242,13 @@ pub fn attach_all(
             }),
             None => backend,
         };
-        out.pin_backend = Some(Arc::new(VfioUserBackend::new(mapper)));
+        backends.push(Arc::new(VfioUserBackend::new(mapper)));
     }
+    out.pin_backend = match backends.len() {
+        0 => None,
+        1 => backends.pop(),
+        _ => Some(Arc::new(SeveralBackend::new(backends))),
+    };
     Ok(out)
 }
 

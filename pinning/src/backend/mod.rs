@@ -16,6 +16,7 @@
 
 mod mlock;
 mod populate;
+mod several;
 mod vfio;
 mod vfio_user;
 
@@ -23,6 +24,7 @@ use std::io;
 
 pub use mlock::MlockBackend;
 pub use populate::{populate_range, PopulateBackend};
+pub use several::SeveralBackend;
 pub use vfio::{DmaMapper, IommufdBackend, Type1Backend, VfioDma, DEFAULT_DMA_ENTRY_LIMIT};
 pub use vfio_user::{FdDmaMapper, VfioUserBackend};
 
