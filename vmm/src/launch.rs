@@ -480,10 +480,7 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
         .timeout
         .map(|t| Instant::now() + Duration::from_secs_f64(t));
     if let Some(what) = failure.before_run() {
-        return Err(PassthroughError::Usage(format!(
-            "a passthrough device failed before the guest ran: {what}"
-        ))
-        .into());
+        return Err(PassthroughError::FailedEarly(what).into());
     }
     let exit = timeline.phase("run", || vm.run_until_exit(deadline))?;
     let device_failure = failure.finish();

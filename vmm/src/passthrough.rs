@@ -63,6 +63,8 @@ pub enum PassthroughError {
     Vm(#[from] Box<VmError>),
     #[error("{0}")]
     Usage(String),
+    #[error("a passthrough device failed before the guest ran: {0}")]
+    FailedEarly(String),
     #[error("{devices}: mapping guest RAM for DMA failed: {source}")]
     Map {
         devices: String,
