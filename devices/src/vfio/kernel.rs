@@ -2,7 +2,7 @@
 //! (`/dev/vfio/vfio` + `/dev/vfio/<group>`) or an iommufd IOAS (`/dev/iommu` +
 //! `/dev/vfio/devices/vfioN`).
 //!
-//! Opening is `preflight` (sysfs and /dev checks with a fix in every error, see [`checks`]),
+//! Opening is `preflight` (sysfs and /dev checks with a fix in every error, see the `checks` module),
 //! then the IOMMU context, then the device, which vfio-ioctls attaches at once: the group is
 //! set on the container (and the container's IOMMU type chosen), or the cdev is bound to the
 //! iommufd and attached to the IOAS. Only then may guest RAM be mapped through
