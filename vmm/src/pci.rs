@@ -4,7 +4,7 @@
 //! them without exits), and MSI/MSI-X vectors as KVM GSI routes fed by irqfds.
 //!
 //! The devices crate knows nothing of KVM: a guest write returns [`Effects`] (a BAR moved, a
-//! vector changed), and [`Wiring::apply`] turns them into bus registrations, memory slots and
+//! vector changed), and `Wiring::apply` turns them into bus registrations, memory slots and
 //! routes. KVM_SET_GSI_ROUTING replaces the whole table, so the table is rebuilt from the
 //! legacy routes plus every live vector each time.
 
