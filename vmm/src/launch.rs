@@ -168,6 +168,7 @@ impl LaunchError {
     pub fn exit_status(&self) -> u8 {
         use crate::vm::{KvmError, MemoryError as VmMemoryError};
         match self {
+            LaunchError::Passthrough(PassthroughError::Interrupted(sig)) => (128 + sig) as u8,
             LaunchError::Usage(_) | LaunchError::Passthrough(_) => 2,
             LaunchError::Memory(m) => m.exit_status(),
             LaunchError::Pin(p) => p.exit_status(),
@@ -334,10 +335,14 @@ fn pin_backend(
                 _ => None,
             };
             match want {
-                Some(w) if w != n.kind() => Err(LaunchError::Usage(format!(
-                    "--pin {w}: the attached device maps through {} (for --device, pick \
+                Some(w) if !n.kinds().contains(&w) => Err(LaunchError::Usage(format!(
+                    "--pin {w}: the attached devices map through {} (for --device, pick \
                      the interface with --iommu)",
-                    n.kind()
+                    n.kinds()
+                        .iter()
+                        .map(|k| k.as_str())
+                        .collect::<Vec<_>>()
+                        .join(" and ")
                 ))),
                 _ => Ok(n),
             }

@@ -65,6 +65,8 @@ pub enum PassthroughError {
     Usage(String),
     #[error("a passthrough device failed before the guest ran: {0}")]
     FailedEarly(String),
+    #[error("interrupted by signal {0} while the device server started")]
+    Interrupted(i32),
     #[error("{devices}: mapping guest RAM for DMA failed: {source}")]
     Map {
         devices: String,
@@ -343,15 +345,20 @@ impl EpfServer {
         }
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec the closure only makes async-signal-safe calls
-        // (prctl, getppid, raise) and allocates nothing.
+        // (signal, prctl, getppid, _exit) and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                // Until exec the child has vmm's handlers, which only record a signal: put
+                // the defaults back so that SIGTERM (ours, or the death signal) ends it here.
+                libc::signal(libc::SIGTERM, libc::SIG_DFL);
+                libc::signal(libc::SIGINT, libc::SIG_DFL);
                 // If vmm dies without reaping us (SIGKILL), the server goes too.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // vmm already gone before the death signal was armed.
                 if libc::getppid() != parent {
-                    libc::raise(libc::SIGTERM);
+                    libc::_exit(1);
                 }
                 Ok(())
             })
@@ -397,9 +404,7 @@ impl EpfServer {
                 });
             }
             if let Some(sig) = pinning::cancel::pending_signal() {
-                return Err(PassthroughError::Usage(format!(
-                    "interrupted by signal {sig} while the device server started"
-                )));
+                return Err(PassthroughError::Interrupted(sig));
             }
             if Instant::now() > deadline {
                 return Err(PassthroughError::ServerSlow {

@@ -99,6 +99,8 @@ pub type FailureHandler = Box<dyn Fn(&VfioBackendError) + Send>;
 /// The passthrough function.
 pub struct VfioPciDevice {
     backend: Arc<dyn VfioBackend>,
+    /// Bytes of config space the device has (256, or 4096 with extended space).
+    config_size: u64,
     shadow: ConfigSpace,
     msix: Option<MsixShadow>,
     msi: Option<MsiShadow>,
@@ -232,6 +234,7 @@ impl VfioPciDevice {
 
         let mut dev = VfioPciDevice {
             backend,
+            config_size: cfg.size.min(4096),
             shadow,
             msix,
             msi,
@@ -441,12 +444,21 @@ impl VfioPciDevice {
 
     fn forward_config(&self, reg: usize, offset: u64, data: &[u8]) {
         let at = reg as u64 * 4 + offset;
+        // Past the device's config space (extended space of a conventional function, reached
+        // through ECAM): nothing to write to, as on real hardware.
+        if at + data.len() as u64 > self.config_size {
+            return;
+        }
         if let Err(e) = self.backend.region_write(region::CONFIG, at, data) {
             self.failed(e);
         }
     }
 
     fn device_config(&self, reg: usize) -> u32 {
+        // All ones past the device's config space: what Linux takes for "no extended space".
+        if (reg as u64 + 1) * 4 > self.config_size {
+            return u32::MAX;
+        }
         let mut b = [0xff; 4];
         match self
             .backend

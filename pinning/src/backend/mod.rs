@@ -94,6 +94,11 @@ impl BackendError {
 pub trait PinBackend: Send + Sync {
     fn kind(&self) -> BackendKind;
 
+    /// Every kind this backend maps through (several for several devices).
+    fn kinds(&self) -> Vec<BackendKind> {
+        vec![self.kind()]
+    }
+
     /// Whether the mapped bytes count against RLIMIT_MEMLOCK.
     fn locks_memory(&self) -> bool;
 

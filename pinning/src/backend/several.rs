@@ -24,6 +24,9 @@ impl PinBackend for SeveralBackend {
     fn kind(&self) -> BackendKind {
         self.parts.first().map_or(BackendKind::None, |p| p.kind())
     }
+    fn kinds(&self) -> Vec<BackendKind> {
+        self.parts.iter().flat_map(|p| p.kinds()).collect()
+    }
     fn locks_memory(&self) -> bool {
         self.parts.iter().any(|p| p.locks_memory())
     }
@@ -92,6 +95,7 @@ mod tests {
             Arc::new(IommufdBackend::new(b.clone())),
         ]);
         assert_eq!(several.kind(), BackendKind::Type1);
+        assert_eq!(several.kinds(), [BackendKind::Type1, BackendKind::Iommufd]);
         assert_eq!(several.map_threads(), Some(1), "type1 maps serially");
         assert!(several.locks_memory() && several.populate_first());
         several.map(&piece(0)).unwrap();

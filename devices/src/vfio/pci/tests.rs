@@ -331,6 +331,14 @@ impl VfioBackend for IntxOnlyBackend {
     }
     fn region_read(&self, index: u32, off: u64, data: &mut [u8]) -> Result<(), VfioBackendError> {
         if index == region::CONFIG {
+            // As kernel VFIO does past a region's end.
+            if off + data.len() as u64 > 256 {
+                return Err(VfioBackendError::Io {
+                    device: "intx-only".into(),
+                    op: "config read".into(),
+                    source: std::io::Error::from_raw_os_error(libc::EINVAL),
+                });
+            }
             self.config.lock().unwrap().read(off as usize, data);
         }
         Ok(())
@@ -391,6 +399,17 @@ fn a_device_without_msi_gets_a_level_triggered_intx_line() {
         "backend got both fds"
     );
     assert_eq!(d.config_read(offset::INTERRUPT_LINE / 4) & 0xff, 10);
+    // A conventional function has no extended space: all ones through ECAM, and neither a
+    // read nor a write there reaches (and fails) the backend.
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = failed.clone();
+    d.set_failure_handler(Box::new(move |_| flag.store(true, Ordering::SeqCst)));
+    assert_eq!(d.config_read(0x100 / 4), u32::MAX);
+    d.config_write(0x100 / 4, 0, &[1, 2, 3, 4]);
+    assert!(
+        !failed.load(Ordering::SeqCst),
+        "an extended access failed the device"
+    );
     // A device with MSI-X has no INTx-only line.
     let (_, epf) = scratch_device();
     assert_eq!(epf.intx_only(), None);
