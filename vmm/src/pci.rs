@@ -216,7 +216,10 @@ impl PciSystem {
                 irqfd: false,
             });
         }
-        let intx = match lock(&dev).intx_only() {
+        // Not in the match scrutinee: its temporary guard would live through the match and
+        // wire_intx, which locks the device again.
+        let intx_pin = lock(&dev).intx_only();
+        let intx = match intx_pin {
             Some(pin) if vectors.is_empty() => Some(self.wire_intx(&name, &dev, pin, resources)?),
             _ => None,
         };

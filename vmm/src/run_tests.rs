@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use devices::serial::SharedBuffer;
 use devices::GuestMarks;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::arch::x86_64::regs::EntryMode;
@@ -363,4 +364,150 @@ fn linux_bzimage_reaches_its_banner() {
     );
     assert!(text.contains("Linux version"), "no banner; exit {exit}");
     assert!(text.contains("Command line: console=ttyS0"), "{text}");
+}
+
+/// A passthrough function in this process: a config space with one 4 KiB memory BAR and
+/// INTA only (no MSI/MSI-X), recording BAR accesses and the INTx fds it was given.
+struct LegacyFunction {
+    config: std::sync::Mutex<devices::pci::ConfigSpace>,
+    bar_reads: std::sync::atomic::AtomicUsize,
+    intx: std::sync::Mutex<Option<(EventFd, EventFd)>>,
+}
+
+impl devices::vfio::VfioBackend for LegacyFunction {
+    fn name(&self) -> &str {
+        "legacy-function"
+    }
+    fn counts(&self) -> Result<(u32, u32), devices::vfio::VfioBackendError> {
+        Ok((9, 1))
+    }
+    fn region_info(
+        &self,
+        index: u32,
+    ) -> Result<devices::vfio::RegionInfo, devices::vfio::VfioBackendError> {
+        Ok(devices::vfio::RegionInfo {
+            index,
+            flags: 3,
+            size: match index {
+                7 => 256,
+                0 => 4096,
+                _ => 0,
+            },
+            mmap_areas: Vec::new(),
+            mmap_fd: None,
+        })
+    }
+    fn region_read(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), devices::vfio::VfioBackendError> {
+        if index == 7 {
+            self.config.lock().unwrap().read(offset as usize, data);
+        } else {
+            self.bar_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            data.fill(0x5a);
+        }
+        Ok(())
+    }
+    fn region_write(
+        &self,
+        index: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), devices::vfio::VfioBackendError> {
+        if index == 7 {
+            let mut c = self.config.lock().unwrap();
+            c.write_reg((offset / 4) as usize, offset % 4, data);
+        }
+        Ok(())
+    }
+    fn irq_info(
+        &self,
+        index: u32,
+    ) -> Result<devices::vfio::IrqInfo, devices::vfio::VfioBackendError> {
+        Ok(devices::vfio::IrqInfo {
+            index,
+            flags: 0,
+            count: u32::from(index == 0),
+        })
+    }
+    fn enable_irq(&self, _: u32, _: &[&EventFd]) -> Result<(), devices::vfio::VfioBackendError> {
+        Ok(())
+    }
+    fn enable_intx(
+        &self,
+        trigger: &EventFd,
+        unmask: &EventFd,
+    ) -> Result<(), devices::vfio::VfioBackendError> {
+        *self.intx.lock().unwrap() =
+            Some((trigger.try_clone().unwrap(), unmask.try_clone().unwrap()));
+        Ok(())
+    }
+    fn disable_irq(&self, _: u32) -> Result<(), devices::vfio::VfioBackendError> {
+        Ok(())
+    }
+    fn reset(&self) -> Result<(), devices::vfio::VfioBackendError> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx_line() {
+    use devices::pci::{BarKind, BarSpec, ConfigSpace, PciHeader};
+    let mut space = ConfigSpace::new(&PciHeader {
+        vendor_id: 0x1234,
+        device_id: 0x5678,
+        interrupt_pin: 1,
+        ..PciHeader::default()
+    });
+    space
+        .add_bar(
+            0,
+            BarSpec {
+                kind: BarKind::Memory32,
+                size: 4096,
+                prefetchable: false,
+            },
+        )
+        .unwrap();
+    let function = Arc::new(LegacyFunction {
+        config: std::sync::Mutex::new(space),
+        bar_reads: Default::default(),
+        intx: Default::default(),
+    });
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
+    let mut vm = Vm::new(
+        &cfg,
+        guest_mem(64 * MIB),
+        Arc::new(GuestMarks::new(Instant::now())),
+    )
+    .unwrap();
+    let model = devices::vfio::VfioPciDevice::new(function.clone()).unwrap();
+    let addr = vm.attach_vfio(model).unwrap();
+    assert_eq!(addr.device, 1, "after the host bridge");
+    // KVM took the trigger/resample pair (KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE) for GSI 10,
+    // and the MP table will describe the line.
+    assert!(function.intx.lock().unwrap().is_some());
+    let lines = vm.pci().unwrap().intx_lines();
+    assert_eq!(
+        lines,
+        [crate::arch::x86_64::mptable::PciIntx {
+            slot: 1,
+            pin: 1,
+            gsi: 10
+        }]
+    );
+    // BAR0 was placed at the bottom of the 32-bit MMIO window and decodes there.
+    let mut b = [0u8; 4];
+    assert!(vm.mmio_bus().read(crate::layout::MMIO32_START, &mut b));
+    assert_eq!(b, [0x5a; 4]);
+    assert_eq!(
+        function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    vm.load().unwrap();
 }

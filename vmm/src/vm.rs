@@ -559,6 +559,11 @@ impl Vm {
         &self.pio
     }
 
+    /// PCI bus 0 and its wiring, once `attach_devices` ran.
+    pub fn pci(&self) -> Option<&PciSystem> {
+        self.pci.as_ref()
+    }
+
     /// The MMIO bus.
     pub fn mmio_bus(&self) -> &Arc<Bus> {
         &self.mmio
