@@ -509,5 +509,24 @@ fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx
         function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
         1
     );
+    // The guest moves the BAR through the 0xCF8/0xCFC ports: decoding off, new base,
+    // decoding on. The MMIO bus follows: the old window is gone, the new one reaches BAR0.
+    let cfg_write = |reg: u32, value: u32| {
+        let address = 0x8000_0000 | u32::from(addr.device) << 11 | reg;
+        assert!(vm.pio_bus().write(0xcf8, &address.to_le_bytes()));
+        assert!(vm.pio_bus().write(0xcfc, &value.to_le_bytes()));
+    };
+    cfg_write(0x04, 0);
+    cfg_write(0x10, 0xc010_0000);
+    cfg_write(0x04, 2);
+    let mut b = [0u8; 4];
+    vm.mmio_bus().read(crate::layout::MMIO32_START, &mut b);
+    assert_eq!(b, [0xff; 4], "the old window no longer decodes");
+    assert!(vm.mmio_bus().read(0xc010_0000, &mut b));
+    assert_eq!(b, [0x5a; 4]);
+    assert_eq!(
+        function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
+        2
+    );
     vm.load().unwrap();
 }
