@@ -300,53 +300,72 @@ fn backing(args: &RunArgs, user: &[UserDevice]) -> Result<Backing, LaunchError> 
     }
 }
 
+impl RunPin {
+    /// The name on the command line.
+    fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
+    }
+
+    /// The backend of a mode that maps for no device (`none`, `populate`, `mlock`).
+    fn without_device(self) -> Option<Arc<dyn PinBackend>> {
+        match self {
+            RunPin::None => Some(Arc::new(NoneBackend)),
+            RunPin::Populate => Some(Arc::new(PopulateBackend)),
+            RunPin::Mlock => Some(Arc::new(MlockBackend)),
+            _ => None,
+        }
+    }
+
+    /// The device backend a mode names (`type1`, `iommufd`, `vfio-user`).
+    fn device_kind(self) -> Option<BackendKind> {
+        match self {
+            RunPin::Type1 => Some(BackendKind::Type1),
+            RunPin::Iommufd => Some(BackendKind::Iommufd),
+            RunPin::VfioUser => Some(BackendKind::VfioUser),
+            _ => None,
+        }
+    }
+}
+
+/// `--pin none|populate|mlock` with a device: checked before any device is opened or any
+/// server started, so [`pin_backend`] never sees that combination.
+fn check_pin_for_devices(pin: RunPin, devices: bool) -> Result<(), LaunchError> {
+    match pin.without_device() {
+        Some(_) if devices => Err(LaunchError::Usage(format!(
+            "--pin {}: a passthrough device needs guest RAM mapped for its DMA; use --pin auto",
+            pin.name()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 /// The pin backend: what `--pin` says, checked against what the devices need.
 fn pin_backend(
     pin: RunPin,
     needed: Option<Arc<dyn PinBackend>>,
 ) -> Result<Arc<dyn PinBackend>, LaunchError> {
-    let fixed: Option<Arc<dyn PinBackend>> = match pin {
-        RunPin::None => Some(Arc::new(NoneBackend)),
-        RunPin::Populate => Some(Arc::new(PopulateBackend)),
-        RunPin::Mlock => Some(Arc::new(MlockBackend)),
-        _ => None,
-    };
-    match (fixed, needed) {
-        (Some(b), None) => Ok(b),
-        (Some(b), Some(n)) => Err(LaunchError::Usage(format!(
-            "--pin {}: the passthrough device needs guest RAM mapped for DMA ({}); use --pin \
-             auto",
-            b.kind(),
-            n.kind()
+    if let Some(b) = pin.without_device() {
+        return Ok(b);
+    }
+    match (pin.device_kind(), needed) {
+        (None, None) => Ok(Arc::new(NoneBackend)),
+        (Some(_), None) => Err(LaunchError::Usage(format!(
+            "--pin {}: no device that maps through it is attached (see --device and \
+             --user-device)",
+            pin.name()
         ))),
-        (None, None) if pin == RunPin::Auto => Ok(Arc::new(NoneBackend)),
-        (None, None) => Err(LaunchError::Usage(
-            format!(
-                "--pin {pin:?}: no device that maps through it is attached (see --device and \
-             --user-device)"
-            )
-            .to_lowercase(),
-        )),
-        (None, Some(n)) => {
-            let want = match pin {
-                RunPin::Type1 => Some(BackendKind::Type1),
-                RunPin::Iommufd => Some(BackendKind::Iommufd),
-                RunPin::VfioUser => Some(BackendKind::VfioUser),
-                _ => None,
-            };
-            match want {
-                Some(w) if !n.kinds().contains(&w) => Err(LaunchError::Usage(format!(
-                    "--pin {w}: the attached devices map through {} (for --device, pick \
-                     the interface with --iommu)",
-                    n.kinds()
-                        .iter()
-                        .map(|k| k.as_str())
-                        .collect::<Vec<_>>()
-                        .join(" and ")
-                ))),
-                _ => Ok(n),
-            }
-        }
+        (Some(w), Some(n)) if !n.kinds().contains(&w) => Err(LaunchError::Usage(format!(
+            "--pin {w}: the attached devices map through {} (for --device, pick the \
+             interface with --iommu)",
+            n.kinds()
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+        (_, Some(n)) => Ok(n),
     }
 }
 
@@ -412,6 +431,7 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
     let user = user_devices(args)?;
     let backing = backing(args, &user)?;
     let dma = !user.is_empty() || !args.devices.is_empty();
+    check_pin_for_devices(args.pin, dma)?;
     let mut timeline = Timeline::new(start);
     let marks = Arc::new(GuestMarks::new(start));
     let config = config(args, dma);
@@ -442,12 +462,6 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
         },
         user_devices: &user,
         dma_hole: args.test_dma_hole,
-        pin_fixed: match args.pin {
-            RunPin::None => Some("none"),
-            RunPin::Populate => Some("populate"),
-            RunPin::Mlock => Some("mlock"),
-            _ => None,
-        },
     };
     devices = timeline.phase("devices", || -> Result<_, LaunchError> {
         vm.attach_devices()?;

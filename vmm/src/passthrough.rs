@@ -187,8 +187,6 @@ pub struct Request<'a> {
     pub iommu: IommuKind,
     pub user_devices: &'a [UserDevice],
     pub dma_hole: Option<u64>,
-    /// `--pin none|populate|mlock`: no DMA mapping, so no device can be served.
-    pub pin_fixed: Option<&'a str>,
 }
 
 /// Opens, connects and attaches every device; returns them with the pin backend they need.
@@ -197,12 +195,6 @@ pub fn attach_all(
     req: &Request<'_>,
     failure: &Failure,
 ) -> Result<Devices, PassthroughError> {
-    if req.pin_fixed.is_some() && !(req.kernel_devices.is_empty() && req.user_devices.is_empty()) {
-        return Err(PassthroughError::Usage(format!(
-            "--pin {}: a passthrough device needs guest RAM mapped for its DMA; use --pin auto",
-            req.pin_fixed.unwrap_or_default()
-        )));
-    }
     let mut out = Devices::default();
     let mut context: Option<IommuContext> = None;
     for path in req.kernel_devices {
