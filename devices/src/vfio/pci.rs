@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{irq, region, VfioBackend, VfioBackendError};
+use super::backend::{irq, region, RegionInfo, VfioBackend, VfioBackendError};
 use super::irqs::{MsiShadow, MsixShadow};
 use crate::pci::config::{cap_id, command, offset, BarKind, BarSpec, ConfigError};
 use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, RoutingChange};
@@ -152,6 +152,8 @@ impl VfioPciDevice {
             interrupt_pin: raw[offset::INTERRUPT_PIN],
         });
 
+        // Kept for map_bars: each query is a round trip to a vfio-user server.
+        let mut bar_regions = Vec::new();
         let mut index = 0;
         while index < 6 {
             let info = backend.region_info(region::BAR0 + index as u32)?;
@@ -189,6 +191,9 @@ impl VfioPciDevice {
                         index,
                         source,
                     })?;
+                if kind != BarKind::Io {
+                    bar_regions.push((index, info));
+                }
             }
             index += if kind == BarKind::Memory64 { 2 } else { 1 };
         }
@@ -244,7 +249,7 @@ impl VfioPciDevice {
             failed: AtomicBool::new(false),
             on_failure: None,
         };
-        dev.map_bars()?;
+        dev.map_bars(&bar_regions)?;
         Ok(dev)
     }
 
@@ -322,13 +327,9 @@ impl VfioPciDevice {
         Ok(self.shadow.bars().collect())
     }
 
-    fn map_bars(&mut self) -> Result<(), VfioPciError> {
-        let bars: Vec<Bar> = self.shadow.bars().collect();
-        for bar in bars {
-            if bar.spec.kind == BarKind::Io {
-                continue;
-            }
-            let info = self.backend.region_info(region::BAR0 + bar.index as u32)?;
+    /// Maps the mmap-able parts of the memory BARs, from the region infos `new` read.
+    fn map_bars(&mut self, bars: &[(usize, RegionInfo)]) -> Result<(), VfioPciError> {
+        for (index, info) in bars {
             let Some((fd, file_offset)) =
                 info.mmap_fd.filter(|_| info.flags & region::FLAG_MMAP != 0)
             else {
@@ -347,15 +348,15 @@ impl VfioPciDevice {
                         "{}: BAR{} mmap area [{:#x}, +{:#x}) is outside the {:#x}-byte region; \
                          it is trapped instead",
                         self.backend.name(),
-                        bar.index,
+                        *index,
                         area.offset,
                         area.size,
                         info.size
                     );
                     continue;
                 };
-                for (offset, size) in self.mappable(bar.index, area.offset, area.size) {
-                    self.mmap_part(fd, file_offset, bar.index, offset, size)?;
+                for (offset, size) in self.mappable(*index, area.offset, area.size) {
+                    self.mmap_part(fd, file_offset, *index, offset, size)?;
                 }
             }
         }
