@@ -101,7 +101,8 @@ struct Intx {
     gsi: u32,
     pin: u8,
     trigger: EventFd,
-    resample: EventFd,
+    /// Only held: our end of the resample fd stays open as long as the line is wired.
+    _resample: EventFd,
 }
 
 struct Attached {
@@ -294,7 +295,7 @@ impl PciSystem {
             gsi,
             pin,
             trigger,
-            resample,
+            _resample: resample,
         })
     }
 
@@ -326,7 +327,6 @@ impl Drop for PciSystem {
         for dev in state.devices.values_mut() {
             if let Some(i) = dev.intx.take() {
                 let _ = vm_fd.unregister_irqfd(&i.trigger, i.gsi);
-                drop(i.resample);
             }
             for v in dev.vectors.iter_mut().filter(|v| v.irqfd) {
                 let _ = vm_fd.unregister_irqfd(&v.fd, v.gsi);
