@@ -1,15 +1,11 @@
 //! `vmm bench startup` through the real binary: one tiny configuration, QEMU off; the JSON's
 //! shape, the SVG, and bad input. No timed assertion: the numbers belong to the machine.
 
-use std::process::{Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::vmm;
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{stderr, vmm};
 
 #[test]
 fn one_tiny_configuration_writes_json_with_every_phase_and_an_svg() {

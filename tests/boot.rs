@@ -2,19 +2,11 @@
 //! reports; the exit status, timeline report, signals and bad input behave as documented.
 
 use std::os::unix::process::CommandExt;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run_with_report, vmm, wait_for_locked_memory};
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{run_with_report, stderr, stdout, vmm, wait_for_locked_memory};
 
 /// Boots the probe with `args` and a report, checks it passed, returns (serial, report).
 fn boot_ok(args: &[&str]) -> (String, serde_json::Value) {

@@ -97,13 +97,11 @@ fn ctrl_c_to_the_whole_job_is_a_clean_130_not_a_device_failure() {
     no_epf_leftovers(pid);
 }
 
-#[test]
-fn an_external_server_dying_mid_run_stops_vmm_with_a_clear_error() {
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("ext.sock");
-    let mut server = vmm()
+/// `vmm device epf --socket SOCKET`, once it listens.
+fn external_epf_server(socket: &Path) -> std::process::Child {
+    let server = vmm()
         .args(["device", "epf", "--socket"])
-        .arg(&socket)
+        .arg(socket)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -112,6 +110,14 @@ fn an_external_server_dying_mid_run_stops_vmm_with_a_clear_error() {
         assert!(Instant::now() < deadline, "server never listened");
         std::thread::sleep(Duration::from_millis(5));
     }
+    server
+}
+
+#[test]
+fn an_external_server_dying_mid_run_stops_vmm_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("ext.sock");
+    let mut server = external_epf_server(&socket);
     let mut child = hanging_guest(&["--user-device", socket.to_str().unwrap()]);
     server.kill().unwrap();
     server.wait().unwrap();
@@ -285,17 +291,7 @@ fn a_socket_that_does_not_speak_vfio_user_is_refused_without_hanging() {
 fn an_external_epf_server_serves_vmm_run_over_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("epf.sock");
-    let mut server = vmm()
-        .args(["device", "epf", "--socket"])
-        .arg(&socket)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !Path::new(&socket).exists() {
-        assert!(Instant::now() < deadline, "server never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut server = external_epf_server(&socket);
     let (out, r) = run_with_report(&[
         "--user-device",
         socket.to_str().unwrap(),

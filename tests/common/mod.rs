@@ -46,3 +46,13 @@ pub fn run_with_report(args: &[&str]) -> (std::process::Output, Option<serde_jso
         .map(|s| serde_json::from_str(&s).unwrap());
     (out, r)
 }
+
+/// A finished command's stdout, as text.
+pub fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A finished command's stderr, as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
