@@ -47,3 +47,4 @@ mod tests {
         assert_eq!(ErrorClass::Interrupted(libc::SIGTERM).exit_status(), 143);
     }
 }
+

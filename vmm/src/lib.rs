@@ -1,20 +1,23 @@
-//! The `vmm` library: guest memory, the command-line pieces, and (as they land) the VM
-//! builder, boot and run loop. The binary in `main.rs` is a thin shell over it.
+//! The `vmm` library: everything `vmm run`, `vmm pin-bench` and `vmm bench` do. The binary in
+//! `main.rs` parses the command line ([`cli`]), calls in here, and turns the outcome into an
+//! exit status.
+//!
+//! `vmm run` is [`builder`]: stages that each take what they need and return what they built
+//! ([`vstate`] for KVM and the vCPUs, [`memory`] for guest RAM and its layout, [`platform`] and
+//! [`pci`] for what the guest sees, [`passthrough`] for the devices, [`pin`] for how RAM is
+//! prepared, [`loader`] and [`arch`] for booting).
 
-pub mod bench;
-pub mod launch;
-pub mod memory;
-pub mod pin_bench;
-pub mod size;
-pub mod timeline;
-
-// Boot/run core.
+pub mod allocator;
 pub mod arch;
-pub mod layout;
+pub mod bench;
+pub mod builder;
+pub mod cli;
 pub mod loader;
+pub mod memory;
 pub mod passthrough;
 pub mod pci;
-pub mod resources;
-pub mod run;
-pub mod vcpu;
-pub mod vm;
+pub mod pin;
+pub mod platform;
+pub mod size;
+pub mod timeline;
+pub mod vstate;

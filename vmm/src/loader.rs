@@ -16,8 +16,8 @@ use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryMmap, ReadVolatile,
-    VolatileMemoryError, VolatileSlice,
+    Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
+    VolatileSlice,
 };
 
 use crate::arch::x86_64::acpi::{self, AcpiError};
@@ -25,7 +25,8 @@ use crate::arch::x86_64::boot_params::{self, BootParamsError, InitrdPlacement};
 use crate::arch::x86_64::gdt;
 use crate::arch::x86_64::mptable::{self, MpTableError};
 use crate::arch::x86_64::regs::{self, EntryMode};
-use crate::layout::{self, CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PAGE_SIZE};
+use crate::memory::layout::{CMDLINE_ADDR, CMDLINE_MAX_SIZE, HIMEM_START, PAGE_SIZE};
+use crate::memory::MemoryLayout;
 
 /// Which entry point to use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -314,6 +315,13 @@ pub enum LoadError {
     },
 }
 
+impl pinning::Classify for LoadError {
+    /// The images and the command line are the user's; so is a guest too small for them.
+    fn class(&self) -> pinning::ErrorClass {
+        pinning::ErrorClass::User
+    }
+}
+
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
 const BZIMAGE_MAGIC_OFFSET: u64 = 0x202;
 const BZIMAGE_MAGIC: &[u8; 4] = b"HdrS";
@@ -343,15 +351,13 @@ pub struct LoadRequest<'a> {
     pub pci_intx: &'a [mptable::PciIntx],
 }
 
-/// Guest RAM size as the layout sees it (sum of the regions).
-pub fn mem_size(mem: &GuestMemoryMmap) -> u64 {
-    mem.iter().map(vm_memory::GuestMemoryRegion::len).sum()
-}
-
-/// Loads everything into `mem` and returns where to start.
-pub fn load(mem: &GuestMemoryMmap, req: &LoadRequest<'_>) -> Result<BootSetup, LoadError> {
-    let size = mem_size(mem);
-    let low_end = layout::low_ram_size(size);
+/// Loads everything into `mem`, laid out as `layout` says, and returns where to start.
+pub fn load(
+    mem: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    req: &LoadRequest<'_>,
+) -> Result<BootSetup, LoadError> {
+    let low_end = layout.low_ram_end();
     let loaded = load_kernel(mem, req.kernel, req.protocol, low_end)?;
 
     let cmdline_len = write_cmdline(mem, req.cmdline, loaded.cmdline_limit)?;
@@ -368,10 +374,10 @@ pub fn load(mem: &GuestMemoryMmap, req: &LoadRequest<'_>) -> Result<BootSetup, L
 
     // Both blocks are written for an ELF: the zero page costs nothing and lets a guest entered
     // through PVH read the same facts either way.
-    let bp = boot_params::zero_page(loaded.header, cmdline_len, initrd, size)?;
+    let bp = boot_params::zero_page(loaded.header, cmdline_len, initrd, layout)?;
     boot_params::write_zero_page(mem, &bp)?;
     if loaded.format == KernelFormat::Elf {
-        boot_params::write_pvh_start_info(mem, initrd, size)?;
+        boot_params::write_pvh_start_info(mem, initrd, layout)?;
     }
 
     gdt::write_tables(mem).map_err(|source| LoadError::Tables {
@@ -383,8 +389,8 @@ pub fn load(mem: &GuestMemoryMmap, req: &LoadRequest<'_>) -> Result<BootSetup, L
         source,
     })?;
     mptable::write(mem, req.cpus, req.pci_intx)?;
-    // Both boot blocks above point at the RSDP these put at layout::ACPI_RSDP_ADDR.
-    acpi::write(mem, req.cpus, size, req.pci_intx)?;
+    // Both boot blocks above point at the RSDP these put at ACPI_RSDP_ADDR.
+    acpi::write(mem, req.cpus, layout, req.pci_intx)?;
 
     Ok(BootSetup {
         format: loaded.format,

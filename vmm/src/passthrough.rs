@@ -19,10 +19,12 @@ use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
 use devices::vfio_user::{Client, VfioUserError};
 use devices::ExitReason;
-use pinning::backend::{FdDmaMapper, SeveralBackend, VfioUserBackend};
-use pinning::PinBackend;
+use pinning::backend::{FdDmaMapper, VfioUserBackend};
+use pinning::{Classify, ErrorClass, PinBackend};
 
-use crate::vm::{StopHandle, Vm, VmError};
+use crate::pci::PciError;
+use crate::platform::Platform;
+use crate::vstate::vm::{StopHandle, Vm};
 
 /// How long one vfio-user request may take before the device counts as dead.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,8 +51,8 @@ impl std::str::FromStr for UserDevice {
     }
 }
 
-/// Why a passthrough device could not be set up (stage `devices`). Always exit status 2:
-/// the guest has not run yet, and each names the device and what to fix.
+/// Why a passthrough device could not be set up (stage `devices`), or failed before the
+/// guest ran. Each names the device and what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum PassthroughError {
     #[error(transparent)]
@@ -60,18 +62,11 @@ pub enum PassthroughError {
     #[error(transparent)]
     Model(#[from] devices::vfio::VfioPciError),
     #[error(transparent)]
-    Vm(#[from] Box<VmError>),
-    #[error("{0}")]
-    Usage(String),
+    Pci(#[from] PciError),
     #[error("a passthrough device failed before the guest ran: {0}")]
     FailedEarly(String),
     #[error("interrupted by signal {0} while the device server started")]
     Interrupted(i32),
-    #[error("{devices}: mapping guest RAM for DMA failed: {source}")]
-    Map {
-        devices: String,
-        source: pinning::PinError,
-    },
     #[error("starting the pci-epf-test server (`{exe} device epf`): {source}")]
     Spawn {
         exe: PathBuf,
@@ -83,6 +78,17 @@ pub enum PassthroughError {
     ServerSlow { socket: PathBuf },
     #[error("{socket}: not a vfio-user socket: {what}")]
     NotASocket { socket: PathBuf, what: String },
+}
+
+impl Classify for PassthroughError {
+    /// Before the guest runs, a device that cannot be set up is the device's (or the user's)
+    /// to fix.
+    fn class(&self) -> ErrorClass {
+        match self {
+            PassthroughError::Interrupted(sig) => ErrorClass::Interrupted(*sig),
+            _ => ErrorClass::Device,
+        }
+    }
 }
 
 /// The first failure of a device while the guest runs, kept for the final message.
@@ -125,11 +131,13 @@ impl Failure {
     }
 }
 
-/// Every device attached, and how guest RAM must be mapped for them.
+/// Every passthrough device attached: the handles that keep each one open (kernel VFIO fds,
+/// vfio-user connections, the servers this VMM started) and how guest RAM must be mapped
+/// for them.
 #[derive(Default)]
-pub struct Devices {
-    /// The pin backend the devices need (`None`: no DMA-capable device).
-    pub pin_backend: Option<Arc<dyn PinBackend>>,
+pub struct Passthrough {
+    /// One DMA-mapping backend per IOMMU context or vfio-user connection, for the pin stage.
+    pub dma: Vec<Arc<dyn PinBackend>>,
     /// Names for the report.
     pub names: Vec<String>,
     kernel: Vec<Arc<KernelVfio>>,
@@ -138,7 +146,7 @@ pub struct Devices {
     servers: Vec<EpfServer>,
 }
 
-impl Drop for Devices {
+impl Drop for Passthrough {
     fn drop(&mut self) {
         for c in &self.clients {
             c.shutdown();
@@ -181,23 +189,28 @@ impl DmaHole {
     }
 }
 
-/// What `vmm run` asked for.
-pub struct Request<'a> {
-    pub kernel_devices: &'a [PathBuf],
+/// The passthrough devices `vmm run` asked for.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceRequest {
+    /// Host functions through kernel VFIO: sysfs paths or PCI addresses.
+    pub kernel_devices: Vec<PathBuf>,
     pub iommu: IommuKind,
-    pub user_devices: &'a [UserDevice],
+    pub user_devices: Vec<UserDevice>,
+    /// Testing only: leave the page at this guest address out of the vfio-user DMA map.
     pub dma_hole: Option<u64>,
 }
 
-/// Opens, connects and attaches every device; returns them with the pin backend they need.
+/// Opens, connects and attaches every device to `platform`'s PCI bus; returns them with the
+/// DMA-mapping backends they need.
 pub fn attach_all(
-    vm: &mut Vm,
-    req: &Request<'_>,
+    vm: &Vm,
+    platform: &mut Platform,
+    req: &DeviceRequest,
     failure: &Failure,
-) -> Result<Devices, PassthroughError> {
-    let mut out = Devices::default();
+) -> Result<Passthrough, PassthroughError> {
+    let mut out = Passthrough::default();
     let mut context: Option<IommuContext> = None;
-    for path in req.kernel_devices {
+    for path in &req.kernel_devices {
         let dev = match &context {
             None => KernelVfio::open(path, req.iommu, kvm_vfio_device(vm))?,
             Some(c) => KernelVfio::attach(path, c)?,
@@ -205,12 +218,11 @@ pub fn attach_all(
         context.get_or_insert_with(|| dev.context().clone());
         let dev = Arc::new(dev);
         out.names.push(VfioBackend::name(dev.as_ref()).to_string());
-        attach_model(vm, dev.clone(), failure)?;
+        attach_model(vm, platform, dev.clone(), failure)?;
         out.kernel.push(dev);
     }
-    // One pin backend per IOMMU context or vfio-user connection; a job over all of them.
-    let mut backends: Vec<Arc<dyn PinBackend>> = context.iter().map(|c| c.pin_backend()).collect();
-    for user in req.user_devices {
+    out.dma.extend(context.iter().map(|c| c.pin_backend()));
+    for user in &req.user_devices {
         let client = match user {
             UserDevice::Epf => {
                 // Owned by `out` at once, so an error below still stops and reaps it.
@@ -230,7 +242,7 @@ pub fn attach_all(
         out.clients.push(client.clone());
         out.names.push(client.name().to_string());
         let backend = Arc::new(UserBackend::new(client));
-        attach_model(vm, backend.clone(), failure)?;
+        attach_model(vm, platform, backend.clone(), failure)?;
         let mapper: Arc<dyn FdDmaMapper> = match req.dma_hole {
             Some(hole) => Arc::new(DmaHole {
                 inner: backend,
@@ -238,13 +250,8 @@ pub fn attach_all(
             }),
             None => backend,
         };
-        backends.push(Arc::new(VfioUserBackend::new(mapper)));
+        out.dma.push(Arc::new(VfioUserBackend::new(mapper)));
     }
-    out.pin_backend = match backends.len() {
-        0 => None,
-        1 => backends.pop(),
-        _ => Some(Arc::new(SeveralBackend::new(backends))),
-    };
     Ok(out)
 }
 
@@ -257,7 +264,7 @@ fn kvm_vfio_device(vm: &Vm) -> Option<Arc<VfioDeviceFd>> {
         fd: 0,
         flags: 0,
     };
-    match vm.vm_fd().create_device(&mut dev) {
+    match vm.fd().create_device(&mut dev) {
         Ok(fd) => Some(Arc::new(VfioDeviceFd::new_from_kvm(fd))),
         Err(e) => {
             tracing::warn!("KVM has no VFIO device ({e}); non-coherent DMA will not be handled");
@@ -267,14 +274,15 @@ fn kvm_vfio_device(vm: &Vm) -> Option<Arc<VfioDeviceFd>> {
 }
 
 fn attach_model(
-    vm: &mut Vm,
+    vm: &Vm,
+    platform: &mut Platform,
     backend: Arc<dyn VfioBackend>,
     failure: &Failure,
 ) -> Result<(), PassthroughError> {
     let mut model = VfioPciDevice::new(backend)?;
     let (stop, failure) = (vm.stop_handle(), failure.clone());
     model.set_failure_handler(Box::new(move |e| failure.fail(&stop, e.to_string())));
-    vm.attach_vfio(model).map_err(Box::new)?;
+    platform.attach_vfio(model)?;
     Ok(())
 }
 

@@ -25,9 +25,9 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::allocator::{ResourceAllocator, ResourceError};
 use crate::arch::x86_64::mptable::PciIntx;
-use crate::layout;
-use crate::resources::{ResourceAllocator, ResourceError};
+use crate::memory::layout;
 
 /// First KVM memory slot for BAR mappings; guest RAM uses the slots below.
 const FIRST_BAR_SLOT: u32 = 64;

@@ -42,6 +42,16 @@ pub enum BackendKind {
 }
 
 impl BackendKind {
+    /// Every kind, in the order the command line lists them.
+    pub const ALL: [BackendKind; 6] = [
+        BackendKind::None,
+        BackendKind::Populate,
+        BackendKind::Mlock,
+        BackendKind::Type1,
+        BackendKind::Iommufd,
+        BackendKind::VfioUser,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             BackendKind::None => "none",

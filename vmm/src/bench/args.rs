@@ -7,8 +7,8 @@ use std::path::PathBuf;
 
 use pinning::ThreadRequest;
 
-use crate::layout;
 use crate::memory::Backing;
+use crate::memory::MemoryLayout;
 use crate::size::parse_size;
 
 #[derive(Clone, Debug, clap::Args)]
@@ -47,7 +47,7 @@ pub struct StartupArgs {
 /// A guest RAM size `vmm run` accepts.
 pub fn parse_memory(text: &str) -> Result<u64, String> {
     let size = parse_size(text)?;
-    layout::check_mem_size(size).map_err(|e| format!("`{text}`: {e}"))?;
+    MemoryLayout::new(size).map_err(|e| format!("`{text}`: {e}"))?;
     Ok(size)
 }
 

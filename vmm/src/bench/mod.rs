@@ -9,17 +9,18 @@
 
 pub mod args;
 pub mod machine;
+pub mod pin;
 pub mod qemu;
 pub mod run;
 pub mod svg;
 pub mod table;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pinning::cancel::CancelReason;
-use pinning::{CancelToken, JobSpec, Limits, PinOptions, SignalGuard, ThreadRequest};
+use pinning::{CancelToken, Classify, ErrorClass, JobSpec, Limits, PinOptions, ThreadRequest};
 use serde::Serialize;
 
 pub use args::StartupArgs;
@@ -28,8 +29,7 @@ use machine::Machine;
 use qemu::{ProbeElf, QemuChoice, QemuConfig, QemuSample};
 use run::{RunFailure, VmmSample};
 
-use crate::layout;
-use crate::memory::{Backing, GuestMemory};
+use crate::memory::{Backing, GuestMemory, RamRange};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -69,7 +69,7 @@ impl Stats {
             return None;
         }
         Some(Stats {
-            median: crate::pin_bench::median(&v),
+            median: pin::median(&v),
             min: v.iter().copied().fold(f64::INFINITY, f64::min),
             max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         })
@@ -179,12 +179,14 @@ pub enum BenchError {
     Cancelled(CancelReason),
 }
 
-impl BenchError {
-    pub fn exit_status(&self) -> u8 {
+impl Classify for BenchError {
+    fn class(&self) -> ErrorClass {
         match self {
-            BenchError::Usage(_) => 2,
-            BenchError::Io { .. } => 1,
-            BenchError::Cancelled(r) => r.exit_status().clamp(1, 255) as u8,
+            BenchError::Usage(_) => ErrorClass::User,
+            BenchError::Io { .. } | BenchError::Cancelled(CancelReason::Requested) => {
+                ErrorClass::Internal
+            }
+            BenchError::Cancelled(CancelReason::Signal(sig)) => ErrorClass::Interrupted(*sig),
         }
     }
 }
@@ -213,10 +215,9 @@ fn predicted_threads(
         ThreadRequest::Auto => None,
         ThreadRequest::AtMost(n) => Some(n),
     };
-    let size = layout::ram_ranges(memory).iter().map(|r| r.1).sum();
     JobSpec {
         start: 0,
-        size,
+        size: memory,
         align: backing.page_size(),
         min_chunk: PinOptions::default().min_chunk,
         max_threads: usize::MAX,
@@ -228,7 +229,7 @@ fn predicted_threads(
 /// memset over 1 GiB of resident memory, best of three: the bandwidth ceiling.
 fn memset_gibps() -> Option<f64> {
     let size: u64 = 1 << 30;
-    let m = GuestMemory::new(Backing::Anon, &[(0, size)]).ok()?;
+    let m = GuestMemory::new(Backing::Anon, &[RamRange::at_zero(size)]).ok()?;
     let ptr = m.ram.regions()[0].host_addr as *mut u8;
     let mut best = 0f64;
     for round in 0..4u8 {
@@ -548,46 +549,6 @@ fn qemu_ratios(configs: &[ConfigResult], qemu: &[QemuResult]) -> Vec<QemuRatio> 
         }
     }
     out
-}
-
-/// `vmm bench ...`: runs it, prints the table, returns the exit status (1 if any boot failed).
-pub fn command(args: &BenchArgs) -> ExitCode {
-    let BenchCommand::Startup(a) = &args.command;
-    let _signals = match SignalGuard::install(None) {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("vmm: installing signal handlers: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match startup(a, &CancelToken::with_signals()) {
-        Ok(report) => {
-            print!("{}", table::table(&report));
-            println!(
-                "wrote {} and {}",
-                a.out.join("startup.json").display(),
-                a.out.join("startup.svg").display()
-            );
-            if report.failures.is_empty() {
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("vmm: {} boot(s) failed:", report.failures.len());
-                for f in &report.failures {
-                    eprintln!(
-                        "  {} {}: {}",
-                        f.config,
-                        f.run,
-                        f.reason.lines().next().unwrap_or("")
-                    );
-                }
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("vmm: bench startup: {e}");
-            ExitCode::from(e.exit_status())
-        }
-    }
 }
 
 /// The order configurations run in during `round`: forward, then backward, alternately.

@@ -1,5 +1,5 @@
 use super::*;
-use crate::layout::MIB;
+use crate::memory::layout::MIB;
 use vm_memory::Bytes;
 
 /// A minimal x86_64 ELF: one PT_LOAD of `code` at `paddr`, entry at `paddr`, and with
@@ -72,11 +72,19 @@ pub(crate) fn tiny_bzimage(code: &[u8], cmdline_size: u32) -> Vec<u8> {
 }
 
 pub(crate) fn guest_mem(size: u64) -> GuestMemoryMmap {
-    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
-        .into_iter()
-        .map(|(a, s)| (a, s as usize))
+    let ranges: Vec<(GuestAddress, usize)> = MemoryLayout::new(size)
+        .unwrap()
+        .ram()
+        .iter()
+        .map(|r| (r.start, r.size as usize))
         .collect();
     GuestMemoryMmap::from_ranges(&ranges).unwrap()
+}
+
+/// The layout `mem` (made by [`guest_mem`]) follows.
+pub(crate) fn layout_of(mem: &GuestMemoryMmap) -> MemoryLayout {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    MemoryLayout::new(mem.iter().map(|r| r.len()).sum()).unwrap()
 }
 
 fn bytes(name: &str, data: Vec<u8>) -> ImageSource {
@@ -101,12 +109,17 @@ fn req<'a>(kernel: &'a ImageSource, cmdline: &'a str, protocol: BootProtocol) ->
 fn elf_entry_choice_follows_the_protocol() {
     let mem = guest_mem(64 * MIB);
     let k = bytes("tiny", tiny_elf(&[0xf4; 0x200], 0x10_0000, Some(0x10_0100)));
-    let auto = load(&mem, &req(&k, "console=ttyS0", BootProtocol::Auto)).unwrap();
+    let auto = load(
+        &mem,
+        &layout_of(&mem),
+        &req(&k, "console=ttyS0", BootProtocol::Auto),
+    )
+    .unwrap();
     assert_eq!(
         (auto.mode, auto.entry),
         (EntryMode::Pvh, GuestAddress(0x10_0100))
     );
-    let l64 = load(&mem, &req(&k, "", BootProtocol::Linux64)).unwrap();
+    let l64 = load(&mem, &layout_of(&mem), &req(&k, "", BootProtocol::Linux64)).unwrap();
     assert_eq!(
         (l64.mode, l64.entry),
         (EntryMode::Linux64, GuestAddress(0x10_0000))
@@ -114,9 +127,19 @@ fn elf_entry_choice_follows_the_protocol() {
     assert_eq!(l64.kernel_end, 0x10_0200);
 
     let no_note = bytes("plain", tiny_elf(&[0xf4], 0x10_0000, None));
-    let auto = load(&mem, &req(&no_note, "", BootProtocol::Auto)).unwrap();
+    let auto = load(
+        &mem,
+        &layout_of(&mem),
+        &req(&no_note, "", BootProtocol::Auto),
+    )
+    .unwrap();
     assert_eq!(auto.mode, EntryMode::Linux64);
-    let err = load(&mem, &req(&no_note, "", BootProtocol::Pvh)).unwrap_err();
+    let err = load(
+        &mem,
+        &layout_of(&mem),
+        &req(&no_note, "", BootProtocol::Pvh),
+    )
+    .unwrap_err();
     assert!(matches!(err, LoadError::PvhUnavailable { .. }), "{err}");
     assert!(
         err.to_string().starts_with("plain: PVH boot requested"),
@@ -128,12 +151,14 @@ fn elf_entry_choice_follows_the_protocol() {
     mem.read_slice(&mut cl, GuestAddress(CMDLINE_ADDR)).unwrap();
     assert_eq!(&cl[..1], b"\0", "the last load wrote an empty command line");
     let loader_type: u8 = mem
-        .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x210))
+        .read_obj(GuestAddress(crate::memory::layout::ZERO_PAGE_ADDR + 0x210))
         .unwrap();
     assert_eq!(loader_type, 0xff);
     let mp: [u8; 4] = mem.read_obj(GuestAddress(mptable::MPTABLE_START)).unwrap();
     assert_eq!(&mp, b"_MP_");
-    let rsdp: [u8; 8] = mem.read_obj(GuestAddress(layout::ACPI_RSDP_ADDR)).unwrap();
+    let rsdp: [u8; 8] = mem
+        .read_obj(GuestAddress(crate::memory::layout::ACPI_RSDP_ADDR))
+        .unwrap();
     assert_eq!(&rsdp, b"RSD PTR ");
 }
 
@@ -141,17 +166,22 @@ fn elf_entry_choice_follows_the_protocol() {
 fn bzimage_uses_header_and_64bit_entry() {
     let mem = guest_mem(64 * MIB);
     let k = bytes("bz", tiny_bzimage(&[0xf4], 2047));
-    let s = load(&mem, &req(&k, "quiet", BootProtocol::Auto)).unwrap();
+    let s = load(
+        &mem,
+        &layout_of(&mem),
+        &req(&k, "quiet", BootProtocol::Auto),
+    )
+    .unwrap();
     assert_eq!(s.format, KernelFormat::BzImage);
     assert_eq!(
         (s.mode, s.entry),
         (EntryMode::Linux64, GuestAddress(0x10_0200))
     );
     let version: u16 = mem
-        .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x206))
+        .read_obj(GuestAddress(crate::memory::layout::ZERO_PAGE_ADDR + 0x206))
         .unwrap();
     assert_eq!(version, 0x020f);
-    let err = load(&mem, &req(&k, "", BootProtocol::Pvh)).unwrap_err();
+    let err = load(&mem, &layout_of(&mem), &req(&k, "", BootProtocol::Pvh)).unwrap_err();
     assert!(matches!(err, LoadError::PvhUnavailable { .. }));
 }
 
@@ -160,7 +190,7 @@ fn cmdline_too_long_names_length_and_limit() {
     let mem = guest_mem(64 * MIB);
     let k = bytes("bz", tiny_bzimage(&[0xf4], 255));
     let long = "x".repeat(300);
-    let err = load(&mem, &req(&k, &long, BootProtocol::Auto)).unwrap_err();
+    let err = load(&mem, &layout_of(&mem), &req(&k, &long, BootProtocol::Auto)).unwrap_err();
     assert!(
         matches!(
             err,
@@ -177,8 +207,18 @@ fn cmdline_too_long_names_length_and_limit() {
     );
     // A vmlinux gets the x86 COMMAND_LINE_SIZE of 2048 with the NUL.
     let elf = bytes("elf", tiny_elf(&[0xf4], 0x10_0000, None));
-    assert!(load(&mem, &req(&elf, &"y".repeat(2047), BootProtocol::Auto)).is_ok());
-    let err = load(&mem, &req(&elf, &"y".repeat(2048), BootProtocol::Auto)).unwrap_err();
+    assert!(load(
+        &mem,
+        &layout_of(&mem),
+        &req(&elf, &"y".repeat(2047), BootProtocol::Auto)
+    )
+    .is_ok());
+    let err = load(
+        &mem,
+        &layout_of(&mem),
+        &req(&elf, &"y".repeat(2048), BootProtocol::Auto),
+    )
+    .unwrap_err();
     assert!(matches!(
         err,
         LoadError::CmdlineTooLong {
@@ -194,7 +234,7 @@ fn neither_elf_nor_bzimage_names_the_file() {
     let path = std::env::temp_dir().join(format!("vmm-not-a-kernel-{}", std::process::id()));
     std::fs::write(&path, b"#!/bin/sh\necho this is not a kernel\n").unwrap();
     let k = ImageSource::Path(path.clone());
-    let err = load(&mem, &req(&k, "", BootProtocol::Auto)).unwrap_err();
+    let err = load(&mem, &layout_of(&mem), &req(&k, "", BootProtocol::Auto)).unwrap_err();
     std::fs::remove_file(&path).unwrap();
     assert!(matches!(err, LoadError::NotAKernel { .. }));
     assert!(
@@ -206,7 +246,12 @@ fn neither_elf_nor_bzimage_names_the_file() {
         .contains("neither an ELF vmlinux nor a bzImage"));
 
     let missing = ImageSource::Path("/nonexistent/vmlinux".into());
-    let err = load(&mem, &req(&missing, "", BootProtocol::Auto)).unwrap_err();
+    let err = load(
+        &mem,
+        &layout_of(&mem),
+        &req(&missing, "", BootProtocol::Auto),
+    )
+    .unwrap_err();
     assert!(
         err.to_string()
             .starts_with("cannot open /nonexistent/vmlinux:"),
@@ -219,10 +264,10 @@ fn kernel_past_ram_is_refused_with_addresses() {
     let mem = guest_mem(64 * MIB);
     let k = bytes("big", tiny_elf(&[0xf4], 64 * MIB - 0x100, None));
     // The segment is one byte long but make it end past RAM by faking a large paddr.
-    let err = load(&mem, &req(&k, "", BootProtocol::Auto));
+    let err = load(&mem, &layout_of(&mem), &req(&k, "", BootProtocol::Auto));
     assert!(err.is_ok(), "a segment ending inside RAM loads");
     let k = bytes("big", tiny_elf(&[0xf4; 0x200], 64 * MIB - 0x100, None));
-    let err = load(&mem, &req(&k, "", BootProtocol::Auto)).unwrap_err();
+    let err = load(&mem, &layout_of(&mem), &req(&k, "", BootProtocol::Auto)).unwrap_err();
     assert!(
         matches!(err, LoadError::KernelTooBig { end, limit, .. } if end == 64 * MIB + 0x100 && limit == 64 * MIB)
     );
@@ -240,7 +285,7 @@ fn initrd_goes_to_top_of_low_ram_page_aligned() {
     let initrd = bytes("initrd", vec![0xab; 5000]);
     let mut r = req(&k, "", BootProtocol::Linux64);
     r.initrd = Some(&initrd);
-    let s = load(&mem, &r).unwrap();
+    let s = load(&mem, &layout_of(&mem), &r).unwrap();
     let placed = s.initrd.unwrap();
     assert_eq!(placed.size, 5000);
     assert_eq!(placed.addr % PAGE_SIZE, 0);
@@ -248,16 +293,16 @@ fn initrd_goes_to_top_of_low_ram_page_aligned() {
     let b: u8 = mem.read_obj(GuestAddress(placed.addr + 4999)).unwrap();
     assert_eq!(b, 0xab);
     let image: u32 = mem
-        .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x218))
+        .read_obj(GuestAddress(crate::memory::layout::ZERO_PAGE_ADDR + 0x218))
         .unwrap();
     let size: u32 = mem
-        .read_obj(GuestAddress(layout::ZERO_PAGE_ADDR + 0x21c))
+        .read_obj(GuestAddress(crate::memory::layout::ZERO_PAGE_ADDR + 0x21c))
         .unwrap();
     assert_eq!((u64::from(image), size), (placed.addr, 5000));
 
     let huge = bytes("huge", vec![0; 130 * MIB as usize]);
     r.initrd = Some(&huge);
-    let err = load(&mem, &r).unwrap_err();
+    let err = load(&mem, &layout_of(&mem), &r).unwrap_err();
     assert!(matches!(err, LoadError::InitrdTooBig { .. }), "{err}");
 }
 

@@ -19,10 +19,11 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::mptable::{PciIntx, MAX_CPUS};
-use crate::layout::{
-    self, ACPI_END, ACPI_RSDP_ADDR, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, MMIO32_ALLOC_END,
-    MMIO32_START, PCI_ECAM_SIZE, PCI_ECAM_START,
+use crate::memory::layout::{
+    ACPI_END, ACPI_RSDP_ADDR, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, MMIO32_ALLOC_END, MMIO32_START,
+    PCI_ECAM_SIZE, PCI_ECAM_START,
 };
+use crate::memory::MemoryLayout;
 
 /// ACPI table errors.
 #[derive(Debug, thiserror::Error)]
@@ -339,9 +340,10 @@ mod aml {
     }
 }
 
-fn dsdt(mem_size: u64, intx: &[PciIntx]) -> Vec<u8> {
+fn dsdt(layout: &MemoryLayout, intx: &[PciIntx]) -> Vec<u8> {
     use aml::res;
-    let (mmio64, mmio64_size) = layout::mmio64_window(mem_size);
+    let window = layout.mmio64();
+    let (mmio64, mmio64_size) = (window.start, window.size);
     let crs = res::template(&[
         res::bus_numbers(ECAM_BUSES.0, ECAM_BUSES.1),
         res::io(0xcf8, 1, 8),
@@ -389,9 +391,9 @@ fn dsdt(mem_size: u64, intx: &[PciIntx]) -> Vec<u8> {
     sdt(b"DSDT", 2, &aml::root_scope(b"_SB_", [pci0, com1].concat()))
 }
 
-/// Builds every table for `cpus` CPUs, a guest of `mem_size` bytes (for the 64-bit PCI
-/// window) and the INTx lines in `intx`, laid out from [`ACPI_START`].
-pub fn build(cpus: u8, mem_size: u64, intx: &[PciIntx]) -> Result<AcpiTables, AcpiError> {
+/// Builds every table for `cpus` CPUs, the 64-bit PCI window of `layout` and the INTx lines
+/// in `intx`, laid out from [`ACPI_START`].
+pub fn build(cpus: u8, layout: &MemoryLayout, intx: &[PciIntx]) -> Result<AcpiTables, AcpiError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(cpus));
     }
@@ -408,7 +410,7 @@ pub fn build(cpus: u8, mem_size: u64, intx: &[PciIntx]) -> Result<AcpiTables, Ac
     let entries = 3;
     let xsdt_len = HEADER_LEN + 8 * entries;
     bytes.resize(RSDP_LEN.next_multiple_of(16) + xsdt_len, 0);
-    let dsdt_addr = place(&mut bytes, &dsdt(mem_size, intx));
+    let dsdt_addr = place(&mut bytes, &dsdt(layout, intx));
     let fadt_addr = place(&mut bytes, &fadt(dsdt_addr));
     let madt_addr = place(&mut bytes, &madt(cpus));
     let mcfg_addr = place(&mut bytes, &mcfg());
@@ -438,10 +440,10 @@ pub fn build(cpus: u8, mem_size: u64, intx: &[PciIntx]) -> Result<AcpiTables, Ac
 pub fn write(
     mem: &GuestMemoryMmap,
     cpus: u8,
-    mem_size: u64,
+    layout: &MemoryLayout,
     intx: &[PciIntx],
 ) -> Result<AcpiTables, AcpiError> {
-    let tables = build(cpus, mem_size, intx)?;
+    let tables = build(cpus, layout, intx)?;
     mem.write_slice(&tables.bytes, GuestAddress(ACPI_START))
         .map_err(|source| AcpiError::Write {
             addr: ACPI_START,

@@ -1,6 +1,6 @@
 //! The boot information blocks: Linux's `boot_params` (zero page) for the 64-bit entry and
 //! PVH's `hvm_start_info` with its memory map and module list. Both carry the same facts: the
-//! E820 map from [`crate::layout`], the command line address, the initrd and the ACPI RSDP
+//! E820 map from [`crate::memory::layout`], the command line address, the initrd and the ACPI RSDP
 //! (the loader always writes the ACPI tables at [`layout::ACPI_RSDP_ADDR`]).
 
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
@@ -9,10 +9,11 @@ use linux_loader::loader::elf::start_info::{
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{
-    self, ACPI_RSDP_ADDR, CMDLINE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES,
+use crate::memory::layout::{
+    ACPI_RSDP_ADDR, CMDLINE_ADDR, PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES,
     PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
+use crate::memory::MemoryLayout;
 
 /// `boot_flag` magic.
 const BOOT_FLAG_MAGIC: u16 = 0xaa55;
@@ -73,7 +74,7 @@ pub fn zero_page(
     hdr: Option<setup_header>,
     cmdline_len: usize,
     initrd: Option<InitrdPlacement>,
-    mem_size: u64,
+    layout: &MemoryLayout,
 ) -> Result<boot_params, BootParamsError> {
     let hdr = match hdr {
         Some(h) => h,
@@ -98,7 +99,7 @@ pub fn zero_page(
         bp.hdr.ramdisk_image = i.addr as u32;
         bp.hdr.ramdisk_size = i.size as u32;
     }
-    let map = layout::e820_map(mem_size);
+    let map = layout.e820();
     if map.len() > bp.e820_table.len() {
         return Err(BootParamsError::TooManyEntries {
             what: "boot_params",
@@ -106,7 +107,7 @@ pub fn zero_page(
             max: bp.e820_table.len(),
         });
     }
-    for (slot, e) in bp.e820_table.iter_mut().zip(&map) {
+    for (slot, e) in bp.e820_table.iter_mut().zip(map) {
         *slot = boot_e820_entry {
             addr: e.addr,
             size: e.size,
@@ -127,9 +128,9 @@ pub fn write_zero_page(mem: &GuestMemoryMmap, bp: &boot_params) -> Result<(), Bo
 pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     initrd: Option<InitrdPlacement>,
-    mem_size: u64,
+    layout: &MemoryLayout,
 ) -> Result<(), BootParamsError> {
-    let map = layout::e820_map(mem_size);
+    let map = layout.e820();
     if map.len() > PVH_MEMMAP_MAX_ENTRIES {
         return Err(BootParamsError::TooManyEntries {
             what: "hvm_start_info",
@@ -175,7 +176,7 @@ pub fn write_pvh_start_info(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::{GIB, MIB};
+    use crate::memory::layout::{GIB, MIB};
 
     #[test]
     fn zero_page_carries_e820_cmdline_and_initrd() {
@@ -183,7 +184,7 @@ mod tests {
             addr: 0x7f00_0000,
             size: 0x1234,
         };
-        let bp = zero_page(None, 10, Some(initrd), 6 * GIB).unwrap();
+        let bp = zero_page(None, 10, Some(initrd), &MemoryLayout::new(6 * GIB).unwrap()).unwrap();
         let hdr = bp.hdr;
         assert_eq!({ hdr.type_of_loader }, 0xff);
         assert_eq!({ hdr.boot_flag }, 0xaa55);
@@ -210,7 +211,7 @@ mod tests {
             code32_start: 0x10_0000,
             ..Default::default()
         };
-        let bp = zero_page(Some(hdr), 0, None, 256 * MIB).unwrap();
+        let bp = zero_page(Some(hdr), 0, None, &MemoryLayout::new(256 * MIB).unwrap()).unwrap();
         assert_eq!({ bp.hdr.version }, 0x20d);
         assert_eq!({ bp.hdr.code32_start }, 0x10_0000);
         assert_eq!({ bp.hdr.ramdisk_image }, 0);
@@ -224,7 +225,7 @@ mod tests {
             addr: 0x300_0000,
             size: 0x2000,
         };
-        write_pvh_start_info(&mem, Some(initrd), 64 * MIB).unwrap();
+        write_pvh_start_info(&mem, Some(initrd), &MemoryLayout::new(64 * MIB).unwrap()).unwrap();
         let info: hvm_start_info = mem.read_obj(GuestAddress(PVH_INFO_ADDR)).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC);
         assert_eq!(

@@ -9,7 +9,7 @@
 use kvm_bindings::kvm_segment;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{GDT_ADDR, IDT_ADDR};
+use crate::memory::layout::{GDT_ADDR, IDT_ADDR};
 
 /// 32-bit flat code (PVH entry).
 pub const SEL_CODE32: u16 = 0x08;

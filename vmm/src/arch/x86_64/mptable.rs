@@ -7,7 +7,7 @@
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::layout::{EBDA_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR};
+use crate::memory::layout::{EBDA_START, HIMEM_START, IOAPIC_ADDR, LAPIC_ADDR};
 
 /// Where the floating pointer structure goes.
 pub const MPTABLE_START: u64 = EBDA_START;

@@ -5,7 +5,7 @@ use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::gdt::{self, SEL_CODE32, SEL_CODE64, SEL_DATA, SEL_TSS};
-use crate::layout::{
+use crate::memory::layout::{
     BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR, PVH_INFO_ADDR,
     ZERO_PAGE_ADDR,
 };
@@ -113,7 +113,7 @@ pub fn boot_fpu() -> kvm_fpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::layout::MIB;
+    use crate::memory::layout::MIB;
 
     #[test]
     fn page_tables_identity_map_first_gib() {

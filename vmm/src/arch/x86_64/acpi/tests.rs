@@ -1,5 +1,5 @@
 use super::*;
-use crate::layout::{E820Kind, GIB, MIB};
+use crate::memory::layout::{E820Kind, GIB, MIB};
 
 fn at(t: &AcpiTables, addr: u64, len: usize) -> &[u8] {
     let off = (addr - ACPI_START) as usize;
@@ -31,7 +31,7 @@ fn intx() -> Vec<PciIntx> {
 #[test]
 fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
     for cpus in [1u8, 2, 64, MAX_CPUS] {
-        let t = build(cpus, 6 * GIB, &intx()).unwrap();
+        let t = build(cpus, &MemoryLayout::new(6 * GIB).unwrap(), &intx()).unwrap();
         let rsdp = at(&t, t.rsdp, RSDP_LEN);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(byte_sum(&rsdp[..20]), 0, "RSDP v1 checksum");
@@ -66,7 +66,7 @@ fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
 #[test]
 fn madt_has_one_enabled_lapic_per_cpu_and_the_ioapic() {
     for cpus in [1u8, 2, 7, MAX_CPUS] {
-        let t = build(cpus, 256 * MIB, &[]).unwrap();
+        let t = build(cpus, &MemoryLayout::new(256 * MIB).unwrap(), &[]).unwrap();
         let madt = table(&t, t.madt);
         assert_eq!(u32_at(madt, 36) as u64, LAPIC_ADDR);
         let (mut lapics, mut ioapics, mut nmis) = (Vec::new(), Vec::new(), 0);
@@ -103,7 +103,7 @@ fn madt_has_one_enabled_lapic_per_cpu_and_the_ioapic() {
 
 #[test]
 fn mcfg_describes_the_ecam_window() {
-    let t = build(1, 256 * MIB, &[]).unwrap();
+    let t = build(1, &MemoryLayout::new(256 * MIB).unwrap(), &[]).unwrap();
     let mcfg = table(&t, t.mcfg);
     assert_eq!(mcfg.len(), HEADER_LEN + 8 + 16);
     let entry = &mcfg[HEADER_LEN + 8..];
@@ -121,11 +121,13 @@ fn mcfg_describes_the_ecam_window() {
 #[test]
 fn tables_lie_in_reserved_memory_below_the_kernel() {
     for size in [64 * MIB, 6 * GIB] {
-        let t = build(MAX_CPUS, size, &intx()).unwrap();
+        let t = build(MAX_CPUS, &MemoryLayout::new(size).unwrap(), &intx()).unwrap();
         let (start, end) = (ACPI_START, ACPI_START + t.bytes.len() as u64);
-        assert!(end <= ACPI_END && ACPI_END <= layout::KERNEL_START);
+        assert!(end <= ACPI_END && ACPI_END <= crate::memory::layout::KERNEL_START);
         assert!(
-            layout::e820_map(size)
+            MemoryLayout::new(size)
+                .unwrap()
+                .e820()
                 .iter()
                 .any(|e| e.kind == E820Kind::Reserved && e.addr <= start && end <= e.addr + e.size),
             "{start:#x}..{end:#x} is not E820 reserved"
@@ -138,7 +140,7 @@ fn tables_lie_in_reserved_memory_below_the_kernel() {
 
 #[test]
 fn dsdt_declares_the_pci_host_bridge_and_com1() {
-    let t = build(2, 6 * GIB, &intx()).unwrap();
+    let t = build(2, &MemoryLayout::new(6 * GIB).unwrap(), &intx()).unwrap();
     let dsdt = table(&t, t.dsdt);
     let body = &dsdt[HEADER_LEN..];
     let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
@@ -185,11 +187,11 @@ fn pkg_length_encodings() {
 #[test]
 fn cpu_count_is_checked() {
     assert!(matches!(
-        build(0, 64 * MIB, &[]),
+        build(0, &MemoryLayout::new(64 * MIB).unwrap(), &[]),
         Err(AcpiError::CpuCount(0))
     ));
     assert!(matches!(
-        build(255, 64 * MIB, &[]),
+        build(255, &MemoryLayout::new(64 * MIB).unwrap(), &[]),
         Err(AcpiError::CpuCount(255))
     ));
 }
@@ -197,7 +199,7 @@ fn cpu_count_is_checked() {
 #[test]
 fn tables_land_in_guest_memory() {
     let mem = crate::loader::tests::guest_mem(64 * MIB);
-    let t = write(&mem, 2, 64 * MIB, &[]).unwrap();
+    let t = write(&mem, 2, &MemoryLayout::new(64 * MIB).unwrap(), &[]).unwrap();
     let mut sig = [0u8; 8];
     mem.read_slice(&mut sig, GuestAddress(ACPI_RSDP_ADDR))
         .unwrap();

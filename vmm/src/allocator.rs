@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::layout;
+use crate::memory::layout::{self, MemoryLayout};
 
 /// Legacy GSIs (ISA IRQs and the rest of the IOAPIC pins) are claimed by number.
 pub const LEGACY_GSI_COUNT: u32 = 24;
@@ -222,13 +222,12 @@ pub struct ResourceAllocator {
 }
 
 impl ResourceAllocator {
-    /// Pools for a guest with `mem_size` bytes of RAM, following [`crate::layout`].
-    pub fn new(mem_size: u64) -> Self {
-        let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size);
-        let mmio64_start = mmio64_start.0;
+    /// Pools for the MMIO windows of `layout`.
+    pub fn new(layout: &MemoryLayout) -> Self {
+        let mmio64 = layout.mmio64();
         ResourceAllocator {
             mmio32: AddressAllocator::new("mmio32", layout::MMIO32_START, layout::MMIO32_ALLOC_END),
-            mmio64: AddressAllocator::new("mmio64", mmio64_start, mmio64_start + mmio64_size),
+            mmio64: AddressAllocator::new("mmio64", mmio64.start.0, mmio64.end()),
             gsi: GsiAllocator::default(),
         }
     }
@@ -321,7 +320,7 @@ mod tests {
 
     #[test]
     fn vm_pools_follow_the_layout() {
-        let r = ResourceAllocator::new(6 * layout::GIB);
+        let r = ResourceAllocator::new(&MemoryLayout::new(6 * layout::GIB).unwrap());
         assert_eq!(r.mmio32.bounds(), (3 * layout::GIB, layout::PCI_ECAM_START));
         assert_eq!(
             r.mmio64.bounds(),

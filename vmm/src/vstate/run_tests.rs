@@ -12,10 +12,16 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::arch::x86_64::regs::EntryMode;
-use crate::layout::MIB;
-use crate::loader::tests::{guest_mem, tiny_bzimage, tiny_elf};
-use crate::loader::{BootProtocol, ImageSource, KernelFormat};
-use crate::vm::{SerialIn, SerialOut, VmConfig, VmError};
+use crate::builder::{self, VmConfig};
+use crate::loader::tests::{tiny_bzimage, tiny_elf};
+use crate::loader::{BootProtocol, BootSetup, ImageSource, KernelFormat};
+use crate::memory::layout::MIB;
+use crate::memory::{Backing, GuestMemory, MemoryLayout};
+use crate::passthrough::Failure;
+use crate::pin::PinChoice;
+use crate::platform::{Platform, SerialIn, SerialOut};
+use crate::vstate::vcpu::{self, Vcpu};
+use crate::vstate::vm::Vm;
 
 /// 64-bit: 'K' to COM1, ready mark, exit status 7, hlt.
 const GUEST64: &[u8] = &[
@@ -74,25 +80,72 @@ fn dual_entry_elf() -> Vec<u8> {
 
 fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer) -> VmConfig {
     VmConfig {
+        layout: MemoryLayout::new(64 * MIB).unwrap(),
+        cpus,
+        backing: Backing::Anon,
         kernel: ImageSource::Bytes {
             name: "test guest".into(),
             data: Cow::Owned(kernel),
         },
         initrd: None,
         cmdline: "console=ttyS0".into(),
-        cpus,
         boot_protocol: protocol,
         serial_out: SerialOut::Buffer(out.clone()),
         serial_in: SerialIn::None,
+        devices: Default::default(),
+        pin: PinChoice::Auto,
+        pin_options: Default::default(),
+        timeout: None,
     }
 }
 
-fn boot(cfg: &VmConfig) -> (Vm, Arc<GuestMarks>) {
+/// A VM put together by the builder's stages up to `vcpus` (no passthrough device, nothing
+/// pinned), ready to run.
+struct TestVm {
+    vcpus: Vec<Vcpu>,
+    boot: BootSetup,
+    platform: Platform,
+    vm: Vm,
+    _memory: GuestMemory,
+}
+
+impl TestVm {
+    fn build(cfg: &VmConfig, marks: &Arc<GuestMarks>) -> Self {
+        let (vm, memory, platform) = platform(cfg, marks);
+        let boot = builder::load(cfg, &memory, &platform).unwrap();
+        let vcpus = vcpu::create_all(&vm, cfg.cpus, &boot).unwrap();
+        TestVm {
+            vcpus,
+            boot,
+            platform,
+            vm,
+            _memory: memory,
+        }
+    }
+
+    fn run(self, deadline: Option<Instant>) -> VmExit {
+        let TestVm {
+            vcpus,
+            mut platform,
+            vm,
+            ..
+        } = self;
+        run_until_exit(vcpus, &mut platform, vm.exit(), deadline).unwrap()
+    }
+}
+
+/// Stages `kvm`, `memory` and `devices` (no passthrough device asked for).
+fn platform(cfg: &VmConfig, marks: &Arc<GuestMarks>) -> (Vm, GuestMemory, Platform) {
+    let vm = Vm::new(cfg.cpus).unwrap();
+    let memory = builder::memory(&vm, &cfg.layout, cfg.backing).unwrap();
+    let (platform, passthrough) = builder::devices(&vm, cfg, marks, &Failure::default()).unwrap();
+    assert!(passthrough.names.is_empty());
+    (vm, memory, platform)
+}
+
+fn boot(cfg: &VmConfig) -> (TestVm, Arc<GuestMarks>) {
     let marks = Arc::new(GuestMarks::new(Instant::now()));
-    let mut vm = Vm::new(cfg, guest_mem(64 * MIB), marks.clone()).unwrap();
-    vm.load().unwrap();
-    vm.create_vcpus().unwrap();
-    (vm, marks)
+    (TestVm::build(cfg, &marks), marks)
 }
 
 fn deadline(secs: u64) -> Option<Instant> {
@@ -103,9 +156,9 @@ fn deadline(secs: u64) -> Option<Instant> {
 fn long_mode_guest_prints_marks_ready_and_exits_7() {
     let out = SharedBuffer::new();
     let cfg = config(dual_entry_elf(), BootProtocol::Linux64, 1, &out);
-    let (mut vm, marks) = boot(&cfg);
-    assert_eq!(vm.boot_setup().unwrap().mode, EntryMode::Linux64);
-    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    let (vm, marks) = boot(&cfg);
+    assert_eq!(vm.boot.mode, EntryMode::Linux64);
+    let exit = vm.run(deadline(60));
     assert!(matches!(exit, VmExit::GuestExit(7)), "{exit}");
     assert_eq!(out.contents(), b"K");
     let (first, ready) = (marks.first_output().unwrap(), marks.ready().unwrap());
@@ -120,9 +173,9 @@ fn long_mode_guest_prints_marks_ready_and_exits_7() {
 fn pvh_guest_sees_start_info_in_ebx_and_halt_is_reported() {
     let out = SharedBuffer::new();
     let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
-    let (mut vm, marks) = boot(&cfg);
-    assert_eq!(vm.boot_setup().unwrap().mode, EntryMode::Pvh);
-    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    let (vm, marks) = boot(&cfg);
+    assert_eq!(vm.boot.mode, EntryMode::Pvh);
+    let exit = vm.run(deadline(60));
     assert!(matches!(exit, VmExit::Halted { cpu: 0 }), "{exit}");
     // 0x78: low byte of the hvm_start_info magic 0x336ec578.
     assert_eq!(out.contents(), [0x78, b'P']);
@@ -134,9 +187,9 @@ fn pvh_guest_sees_start_info_in_ebx_and_halt_is_reported() {
 fn bzimage_guest_reads_its_zero_page() {
     let out = SharedBuffer::new();
     let cfg = config(tiny_bzimage(GUEST_BZ, 2047), BootProtocol::Auto, 1, &out);
-    let (mut vm, _marks) = boot(&cfg);
-    assert_eq!(vm.boot_setup().unwrap().format, KernelFormat::BzImage);
-    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    let (vm, _marks) = boot(&cfg);
+    assert_eq!(vm.boot.format, KernelFormat::BzImage);
+    let exit = vm.run(deadline(60));
     assert!(matches!(exit, VmExit::GuestExit(3)), "{exit}");
     assert_eq!(out.contents(), [0xff], "type_of_loader read through RSI");
 }
@@ -145,8 +198,8 @@ fn bzimage_guest_reads_its_zero_page() {
 fn two_cpus_boot_and_stop_cleanly() {
     let out = SharedBuffer::new();
     let cfg = config(dual_entry_elf(), BootProtocol::Linux64, 2, &out);
-    let (mut vm, _marks) = boot(&cfg);
-    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    let (vm, _marks) = boot(&cfg);
+    let exit = vm.run(deadline(60));
     // The AP never got a SIPI; it was parked in KVM_RUN and had to be kicked out.
     assert!(matches!(exit, VmExit::GuestExit(7)), "{exit}");
 }
@@ -161,11 +214,11 @@ fn triple_fault_is_reported_with_rip() {
         1,
         &out,
     );
-    let (mut vm, _marks) = boot(&cfg);
-    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    let (vm, _marks) = boot(&cfg);
+    let exit = vm.run(deadline(60));
     eprintln!("ud2 guest: {exit}");
     match exit {
-        VmExit::Fault(crate::vcpu::VcpuFault::Shutdown { cpu: 0, .. }) => {}
+        VmExit::Fault(crate::vstate::vcpu::VcpuFault::Shutdown { cpu: 0, .. }) => {}
         other => panic!("expected a shutdown fault, got {other}"),
     }
 }
@@ -175,11 +228,9 @@ fn deadline_and_stop_handle_end_a_spinning_guest() {
     // jmp $
     let spin = || tiny_elf(&[0xeb, 0xfe], LOAD_ADDR, None);
     let out = SharedBuffer::new();
-    let (mut vm, _) = boot(&config(spin(), BootProtocol::Auto, 1, &out));
+    let (vm, _) = boot(&config(spin(), BootProtocol::Auto, 1, &out));
     let t = Instant::now();
-    let exit = vm
-        .run_until_exit(Some(Instant::now() + Duration::from_millis(300)))
-        .unwrap();
+    let exit = vm.run(Some(Instant::now() + Duration::from_millis(300)));
     assert!(matches!(exit, VmExit::Timeout), "{exit}");
     assert!(
         t.elapsed() < Duration::from_secs(10),
@@ -187,76 +238,22 @@ fn deadline_and_stop_handle_end_a_spinning_guest() {
         t.elapsed()
     );
 
-    let (mut vm, _) = boot(&config(spin(), BootProtocol::Auto, 1, &out));
-    let stop = vm.stop_handle();
+    let (vm, _) = boot(&config(spin(), BootProtocol::Auto, 1, &out));
+    let stop = vm.vm.stop_handle();
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(200));
         stop.request(devices::ExitReason::Signal(libc::SIGTERM));
     });
-    let exit = vm.run_until_exit(deadline(60)).unwrap();
+    let exit = vm.run(deadline(60));
     stopper.join().unwrap();
     assert!(matches!(exit, VmExit::Signal(libc::SIGTERM)), "{exit}");
-    // Only once.
-    assert!(matches!(
-        vm.run_until_exit(None),
-        Err(RunError::NotReady(_))
-    ));
 }
 
 #[test]
-fn stages_out_of_order_are_errors() {
-    let out = SharedBuffer::new();
-    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
-    let marks = Arc::new(GuestMarks::new(Instant::now()));
-    let mut vm = Vm::create(&cfg, marks).unwrap();
-    assert!(matches!(
-        vm.load(),
-        Err(VmError::OutOfOrder { stage: "load", .. })
-    ));
-    assert!(matches!(
-        vm.attach_devices(),
-        Err(VmError::OutOfOrder { .. })
-    ));
-    assert!(matches!(vm.create_vcpus(), Err(VmError::OutOfOrder { .. })));
-    let small = crate::loader::tests::guest_mem(64 * MIB);
-    vm.register_memory(small).unwrap();
-    vm.attach_devices().unwrap();
-    assert!(matches!(
-        vm.run_until_exit(None),
-        Err(RunError::NotReady("create_vcpus"))
-    ));
-
-    let mut cfg0 = cfg.clone();
-    cfg0.cpus = 0;
-    let err = Vm::create(&cfg0, Arc::new(GuestMarks::new(Instant::now()))).unwrap_err();
-    assert!(
-        err.to_string().starts_with("kvm: 0 vCPUs requested"),
-        "{err}"
-    );
-}
-
-#[test]
-fn memory_that_breaks_the_layout_is_refused() {
-    let out = SharedBuffer::new();
-    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
-    let mut vm = Vm::create(&cfg, Arc::new(GuestMarks::new(Instant::now()))).unwrap();
-    let tiny =
-        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(vm_memory::GuestAddress(0), 16 << 20)])
-            .unwrap();
-    let err = vm.register_memory(tiny).unwrap_err();
-    assert!(
-        err.to_string()
-            .starts_with("memory: guest memory of 16777216 bytes is below"),
-        "{err}"
-    );
-    // 64 MiB that does not start at 0.
-    let shifted = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(
-        vm_memory::GuestAddress(1 << 20),
-        64 << 20,
-    )])
-    .unwrap();
-    let err = vm.register_memory(shifted).unwrap_err();
-    assert!(err.to_string().contains("must be RAM"), "{err}");
+fn a_vcpu_count_kvm_cannot_give_is_refused_with_the_range() {
+    let err = Vm::new(0).err().unwrap();
+    assert!(err.to_string().starts_with("0 vCPUs requested"), "{err}");
+    assert_eq!(pinning::Classify::class(&err), pinning::ErrorClass::User);
 }
 
 /// The probe guest from resources/, through both entries. It checks the E820 total, the MP
@@ -279,11 +276,9 @@ fn boot_probe(
         name: "test initrd".into(),
         data: Cow::Owned(data),
     });
-    let marks = Arc::new(GuestMarks::new(Instant::now()));
-    let mut vm = Vm::new(&cfg, guest_mem(mem_size), marks.clone()).unwrap();
-    vm.load().unwrap();
-    vm.create_vcpus().unwrap();
-    let exit = vm.run_until_exit(deadline(120)).unwrap();
+    cfg.layout = MemoryLayout::new(mem_size).unwrap();
+    let (vm, marks) = boot(&cfg);
+    let exit = vm.run(deadline(120));
     let text = String::from_utf8_lossy(&out.contents()).into_owned();
     (exit, text, marks)
 }
@@ -318,7 +313,7 @@ fn probe_guest_boots_through_pvh_with_6g_and_an_initrd() {
         .fold(0u32, u32::wrapping_add);
     let (exit, text, _marks) = boot_probe(
         BootProtocol::Auto,
-        6 * crate::layout::GIB,
+        6 * crate::memory::layout::GIB,
         1,
         Some(initrd),
         "probe.expect_mem=6143 probe.expect_cpus=1",
@@ -346,17 +341,15 @@ fn linux_bzimage_reaches_its_banner() {
     let mut cfg = config(Vec::new(), BootProtocol::Auto, 2, &out);
     cfg.kernel = ImageSource::Path(path.into());
     cfg.cmdline = "console=ttyS0 earlyprintk=serial,ttyS0 panic=-1 reboot=k".into();
-    let marks = Arc::new(GuestMarks::new(Instant::now()));
-    let mut vm = Vm::new(&cfg, guest_mem(512 * MIB), marks.clone()).unwrap();
-    let setup = vm.load().unwrap();
-    assert_eq!(setup.format, KernelFormat::BzImage);
-    vm.create_vcpus().unwrap();
+    cfg.layout = MemoryLayout::new(512 * MIB).unwrap();
+    let (vm, marks) = boot(&cfg);
+    assert_eq!(vm.boot.format, KernelFormat::BzImage);
     // An xz-compressed kernel decompresses much more slowly than the Debian cloud one.
     let secs = std::env::var("VMM_TEST_BZIMAGE_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(240);
-    let exit = vm.run_until_exit(deadline(secs)).unwrap();
+    let exit = vm.run(deadline(secs));
     let text = String::from_utf8_lossy(&out.contents()).into_owned();
     eprintln!(
         "{text}\n--- exit: {exit}; first output {:?}",
@@ -480,19 +473,15 @@ fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx
     });
     let out = SharedBuffer::new();
     let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
-    let mut vm = Vm::new(
-        &cfg,
-        guest_mem(64 * MIB),
-        Arc::new(GuestMarks::new(Instant::now())),
-    )
-    .unwrap();
+    let marks = Arc::new(GuestMarks::new(Instant::now()));
+    let (_vm, memory, mut platform) = platform(&cfg, &marks);
     let model = devices::vfio::VfioPciDevice::new(function.clone()).unwrap();
-    let addr = vm.attach_vfio(model).unwrap();
+    let addr = platform.attach_vfio(model).unwrap();
     assert_eq!(addr.device, 1, "after the host bridge");
     // KVM took the trigger/resample pair (KVM_IRQFD with KVM_IRQFD_FLAG_RESAMPLE) for GSI 10,
     // and the MP table will describe the line.
     assert!(function.intx.lock().unwrap().is_some());
-    let lines = vm.pci().unwrap().intx_lines();
+    let lines = platform.intx_lines();
     assert_eq!(
         lines,
         [crate::arch::x86_64::mptable::PciIntx {
@@ -503,7 +492,9 @@ fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx
     );
     // BAR0 was placed at the bottom of the 32-bit MMIO window and decodes there.
     let mut b = [0u8; 4];
-    assert!(vm.mmio_bus().read(crate::layout::MMIO32_START, &mut b));
+    assert!(platform
+        .mmio
+        .read(crate::memory::layout::MMIO32_START, &mut b));
     assert_eq!(b, [0x5a; 4]);
     assert_eq!(
         function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
@@ -513,20 +504,22 @@ fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx
     // decoding on. The MMIO bus follows: the old window is gone, the new one reaches BAR0.
     let cfg_write = |reg: u32, value: u32| {
         let address = 0x8000_0000 | u32::from(addr.device) << 11 | reg;
-        assert!(vm.pio_bus().write(0xcf8, &address.to_le_bytes()));
-        assert!(vm.pio_bus().write(0xcfc, &value.to_le_bytes()));
+        assert!(platform.pio.write(0xcf8, &address.to_le_bytes()));
+        assert!(platform.pio.write(0xcfc, &value.to_le_bytes()));
     };
     cfg_write(0x04, 0);
     cfg_write(0x10, 0xc010_0000);
     cfg_write(0x04, 2);
     let mut b = [0u8; 4];
-    vm.mmio_bus().read(crate::layout::MMIO32_START, &mut b);
+    platform
+        .mmio
+        .read(crate::memory::layout::MMIO32_START, &mut b);
     assert_eq!(b, [0xff; 4], "the old window no longer decodes");
-    assert!(vm.mmio_bus().read(0xc010_0000, &mut b));
+    assert!(platform.mmio.read(0xc010_0000, &mut b));
     assert_eq!(b, [0x5a; 4]);
     assert_eq!(
         function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
         2
     );
-    vm.load().unwrap();
+    builder::load(&cfg, &memory, &platform).unwrap();
 }

@@ -22,6 +22,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
+use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::loader::BootSetup;
 
@@ -81,6 +82,12 @@ pub enum VcpuError {
     /// The vCPU kick signal handler could not be installed.
     #[error("installing the SIGRTMIN vCPU kick handler failed: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
+}
+
+impl pinning::Classify for VcpuError {
+    fn class(&self) -> pinning::ErrorClass {
+        pinning::ErrorClass::Internal
+    }
 }
 
 /// Why a vCPU stopped running the guest on its own (the guest crashed or KVM gave up).
@@ -272,11 +279,19 @@ impl Vcpu {
         }
         Ok(())
     }
+}
 
-    /// Read access to the fd (register dumps in tests and reports).
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
-    }
+/// Stage `vcpus`: creates `cpus` vCPUs and configures each; the boot CPU gets the entry
+/// registers from `boot`.
+pub fn create_all(vm: &Vm, cpus: u8, boot: &BootSetup) -> Result<Vec<Vcpu>, VcpuError> {
+    install_kick_handler()?;
+    (0..u32::from(cpus))
+        .map(|index| {
+            let v = Vcpu::new(vm.fd(), index)?;
+            v.configure(vm.supported_cpuid(), cpus, (index == 0).then_some(boot))?;
+            Ok(v)
+        })
+        .collect()
 }
 
 // The running vCPU's kvm_run, for the kick signal handler. Const-initialised and without a

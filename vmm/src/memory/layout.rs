@@ -119,89 +119,43 @@ pub const MMIO64_SIZE: u64 = 64 * GIB;
 /// an initrd.
 pub const MIN_MEM_SIZE: u64 = 64 * MIB;
 
-/// Layout errors.
+/// Why a RAM size cannot be laid out.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum LayoutError {
-    /// Too little memory for the fixed layout.
-    #[error("guest memory of {size} bytes is below the minimum of {min} bytes (64 MiB)")]
-    TooSmall {
-        /// Requested size.
-        size: u64,
-        /// The minimum.
-        min: u64,
-    },
-    /// Sizes must be whole pages.
-    #[error("guest memory size {size:#x} is not a multiple of the 4 KiB page size")]
-    NotPageAligned {
-        /// Requested size.
-        size: u64,
-    },
-    /// The address space would overflow.
-    #[error(
-        "guest memory size {size:#x} does not fit the 64-bit address space with its MMIO window"
-    )]
-    TooLarge {
-        /// Requested size.
-        size: u64,
-    },
+    #[error("guest memory of {size} bytes is below the minimum of {min} bytes (64 MiB): give --memory 64M or more")]
+    TooSmall { size: u64, min: u64 },
+    #[error("guest memory size {size:#x} is not a multiple of the 4 KiB page size: give a whole number of pages")]
+    NotPageAligned { size: u64 },
+    #[error("guest memory size {size:#x} does not fit the 64-bit address space with its MMIO window: give less memory")]
+    TooLarge { size: u64 },
 }
 
-/// Checks that `mem_size` bytes of RAM can be laid out.
-pub fn check_mem_size(mem_size: u64) -> Result<(), LayoutError> {
-    if mem_size < MIN_MEM_SIZE {
-        return Err(LayoutError::TooSmall {
-            size: mem_size,
-            min: MIN_MEM_SIZE,
-        });
-    }
-    if mem_size % PAGE_SIZE != 0 {
-        return Err(LayoutError::NotPageAligned { size: mem_size });
-    }
-    // RAM above 4 GiB plus the MMIO window must stay addressable.
-    let end = ram_end(mem_size);
-    if end
-        .checked_add(MMIO64_ALIGN + MMIO64_SIZE)
-        .is_none_or(|e| e > 1 << 52)
-    {
-        return Err(LayoutError::TooLarge { size: mem_size });
-    }
-    Ok(())
-}
-
-/// The guest RAM ranges for `mem_size` bytes: one range from 0, or two when the RAM does not
-/// fit below the 32-bit MMIO hole (the rest starts at 4 GiB).
-pub fn ram_ranges(mem_size: u64) -> Vec<(GuestAddress, u64)> {
-    if mem_size <= MMIO32_START {
-        vec![(GuestAddress(0), mem_size)]
-    } else {
-        vec![
-            (GuestAddress(0), MMIO32_START),
-            (GuestAddress(RAM_ABOVE_4G_START), mem_size - MMIO32_START),
-        ]
+impl pinning::Classify for LayoutError {
+    fn class(&self) -> pinning::ErrorClass {
+        pinning::ErrorClass::User
     }
 }
 
-/// Size of the RAM below the 32-bit hole (where the kernel, boot structures and initrd go).
-pub fn low_ram_size(mem_size: u64) -> u64 {
-    mem_size.min(MMIO32_START)
+/// One range of guest RAM: where it starts in the guest and how long it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RamRange {
+    pub start: GuestAddress,
+    pub size: u64,
 }
 
-/// One past the last RAM address.
-pub fn ram_end(mem_size: u64) -> u64 {
-    if mem_size <= MMIO32_START {
-        mem_size
-    } else {
-        RAM_ABOVE_4G_START.saturating_add(mem_size - MMIO32_START)
+impl RamRange {
+    /// `size` bytes from guest address 0 (memory measured outside a guest layout).
+    pub fn at_zero(size: u64) -> Self {
+        RamRange {
+            start: GuestAddress(0),
+            size,
+        }
     }
-}
 
-/// The 64-bit MMIO window: starts at the end of RAM rounded up to 1 GiB, [`MMIO64_SIZE`] long.
-/// Starts at 4 GiB at the lowest, so it never overlaps the 32-bit hole.
-pub fn mmio64_window(mem_size: u64) -> (GuestAddress, u64) {
-    let start = ram_end(mem_size)
-        .max(MMIO32_END)
-        .next_multiple_of(MMIO64_ALIGN);
-    (GuestAddress(start), MMIO64_SIZE)
+    /// One past its last byte.
+    pub fn end(&self) -> u64 {
+        self.start.0 + self.size
+    }
 }
 
 /// E820 entry types used here.
@@ -226,16 +180,110 @@ impl E820Kind {
 /// One E820 entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct E820Entry {
-    /// Start address.
     pub addr: u64,
-    /// Length in bytes.
     pub size: u64,
-    /// Type.
     pub kind: E820Kind,
 }
 
-/// The memory map a guest with `mem_size` bytes of RAM is told about.
-pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+/// The address map of one guest, worked out once from its RAM size: every stage that places
+/// something (guest memory, the BAR allocator, the loader, the boot tables, the bench and the
+/// report) reads it from here rather than recomputing it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryLayout {
+    ram: Vec<RamRange>,
+    e820: Vec<E820Entry>,
+    mmio64: RamRange,
+}
+
+impl MemoryLayout {
+    /// Lays out `mem_size` bytes of RAM: one range from 0, or two when the RAM does not fit
+    /// below the 32-bit MMIO hole (the rest continues at 4 GiB).
+    pub fn new(mem_size: u64) -> Result<Self, LayoutError> {
+        if mem_size < MIN_MEM_SIZE {
+            return Err(LayoutError::TooSmall {
+                size: mem_size,
+                min: MIN_MEM_SIZE,
+            });
+        }
+        if mem_size % PAGE_SIZE != 0 {
+            return Err(LayoutError::NotPageAligned { size: mem_size });
+        }
+        // RAM above 4 GiB plus the MMIO window must stay addressable.
+        let ram_end = if mem_size <= MMIO32_START {
+            Some(mem_size)
+        } else {
+            RAM_ABOVE_4G_START.checked_add(mem_size - MMIO32_START)
+        };
+        if ram_end
+            .and_then(|e| e.checked_add(MMIO64_ALIGN + MMIO64_SIZE))
+            .is_none_or(|e| e > 1 << 52)
+        {
+            return Err(LayoutError::TooLarge { size: mem_size });
+        }
+        let ram = if mem_size <= MMIO32_START {
+            vec![RamRange {
+                start: GuestAddress(0),
+                size: mem_size,
+            }]
+        } else {
+            vec![
+                RamRange {
+                    start: GuestAddress(0),
+                    size: MMIO32_START,
+                },
+                RamRange {
+                    start: GuestAddress(RAM_ABOVE_4G_START),
+                    size: mem_size - MMIO32_START,
+                },
+            ]
+        };
+        let ram_end = ram.last().map_or(0, RamRange::end);
+        // Starts at 4 GiB at the lowest, so it never overlaps the 32-bit hole.
+        let mmio64 = RamRange {
+            start: GuestAddress(ram_end.max(MMIO32_END).next_multiple_of(MMIO64_ALIGN)),
+            size: MMIO64_SIZE,
+        };
+        let e820 = e820_map(&ram);
+        Ok(Self { ram, e820, mmio64 })
+    }
+
+    /// The guest RAM ranges, in address order.
+    pub fn ram(&self) -> &[RamRange] {
+        &self.ram
+    }
+
+    /// Bytes of guest RAM in all ranges.
+    pub fn ram_size(&self) -> u64 {
+        self.ram.iter().map(|r| r.size).sum()
+    }
+
+    /// End of the RAM below the 32-bit hole (where the kernel, boot structures and initrd go).
+    pub fn low_ram_end(&self) -> u64 {
+        self.ram[0].end()
+    }
+
+    /// The memory map the guest is told about.
+    pub fn e820(&self) -> &[E820Entry] {
+        &self.e820
+    }
+
+    /// Bytes the E820 map calls usable RAM (what a guest counts; the EBDA and BIOS area are
+    /// reserved out of the first range).
+    pub fn e820_ram_bytes(&self) -> u64 {
+        self.e820
+            .iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.size)
+            .sum()
+    }
+
+    /// The 64-bit MMIO window: from the end of RAM rounded up to 1 GiB, [`MMIO64_SIZE`] long.
+    pub fn mmio64(&self) -> RamRange {
+        self.mmio64
+    }
+}
+
+fn e820_map(ram: &[RamRange]) -> Vec<E820Entry> {
     let entry = |addr: u64, end: u64, kind| E820Entry {
         addr,
         size: end - addr,
@@ -245,16 +293,18 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
         entry(0, EBDA_START, E820Kind::Ram),
         entry(EBDA_START, LEGACY_HOLE_START, E820Kind::Reserved),
         entry(LEGACY_HOLE_START, HIMEM_START, E820Kind::Reserved),
-        entry(HIMEM_START, low_ram_size(mem_size), E820Kind::Ram),
+        entry(HIMEM_START, ram[0].end(), E820Kind::Ram),
         entry(
             PCI_ECAM_START,
             PCI_ECAM_START + PCI_ECAM_SIZE,
             E820Kind::Reserved,
         ),
     ];
-    if mem_size > MMIO32_START {
-        map.push(entry(RAM_ABOVE_4G_START, ram_end(mem_size), E820Kind::Ram));
-    }
+    map.extend(
+        ram[1..]
+            .iter()
+            .map(|r| entry(r.start.0, r.end(), E820Kind::Ram)),
+    );
     map
 }
 
@@ -262,13 +312,24 @@ pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
 mod tests {
     use super::*;
 
+    fn layout(size: u64) -> MemoryLayout {
+        MemoryLayout::new(size).unwrap()
+    }
+
+    fn range(start: u64, size: u64) -> RamRange {
+        RamRange {
+            start: GuestAddress(start),
+            size,
+        }
+    }
+
     #[test]
     fn small_guest_has_one_range_and_legacy_holes_reserved() {
         let size = 256 * MIB;
-        assert_eq!(ram_ranges(size), vec![(GuestAddress(0), size)]);
+        assert_eq!(layout(size).ram(), [range(0, size)]);
         assert_eq!(
-            e820_map(size),
-            vec![
+            layout(size).e820(),
+            [
                 E820Entry {
                     addr: 0,
                     size: 0x9_fc00,
@@ -296,17 +357,16 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(mmio64_window(size), (GuestAddress(4 * GIB), MMIO64_SIZE));
+        assert_eq!(layout(size).mmio64(), range(4 * GIB, MMIO64_SIZE));
     }
 
     #[test]
     fn large_guest_is_split_around_the_mmio_hole() {
         let size = 6 * GIB;
-        assert_eq!(
-            ram_ranges(size),
-            vec![(GuestAddress(0), 3 * GIB), (GuestAddress(4 * GIB), 3 * GIB)]
-        );
-        let map = e820_map(size);
+        let l = layout(size);
+        assert_eq!(l.ram(), [range(0, 3 * GIB), range(4 * GIB, 3 * GIB)]);
+        assert_eq!(l.ram_size(), size);
+        let map = l.e820();
         assert_eq!(map.len(), 6);
         assert_eq!(
             map[3],
@@ -325,26 +385,24 @@ mod tests {
             }
         );
         // Total RAM reported equals the guest size minus the reserved legacy area.
-        let ram: u64 = map
-            .iter()
-            .filter(|e| e.kind == E820Kind::Ram)
-            .map(|e| e.size)
-            .sum();
-        assert_eq!(ram, size - (HIMEM_START - EBDA_START));
+        assert_eq!(l.e820_ram_bytes(), size - (HIMEM_START - EBDA_START));
         // Nothing in the map touches the hole but the reserved ECAM window.
         assert!(map.iter().all(|e| e.addr + e.size <= MMIO32_START
             || e.addr >= MMIO32_END
             || (e.addr, e.kind) == (PCI_ECAM_START, E820Kind::Reserved)));
-        assert_eq!(ram_end(size), 7 * GIB);
-        assert_eq!(mmio64_window(size).0, GuestAddress(7 * GIB));
+        assert_eq!(l.ram()[1].end(), 7 * GIB);
+        assert_eq!(l.mmio64().start, GuestAddress(7 * GIB));
         // A non-GiB end rounds up.
-        assert_eq!(mmio64_window(6 * GIB + 2 * MIB).0, GuestAddress(8 * GIB));
+        assert_eq!(
+            layout(6 * GIB + 2 * MIB).mmio64().start,
+            GuestAddress(8 * GIB)
+        );
     }
 
     #[test]
     fn exactly_three_gib_stays_in_one_range() {
-        assert_eq!(ram_ranges(3 * GIB), vec![(GuestAddress(0), 3 * GIB)]);
-        assert_eq!(e820_map(3 * GIB).len(), 5);
+        assert_eq!(layout(3 * GIB).ram(), [range(0, 3 * GIB)]);
+        assert_eq!(layout(3 * GIB).e820().len(), 5);
     }
 
     #[test]
@@ -356,7 +414,8 @@ mod tests {
             assert!(PCI_ECAM_START >= MMIO32_START);
         };
         for size in [64 * MIB, 3 * GIB, 6 * GIB] {
-            let map = e820_map(size);
+            let l = layout(size);
+            let map = l.e820();
             assert!(map.iter().any(|e| e.kind == E820Kind::Reserved
                 && e.addr <= PCI_ECAM_START
                 && PCI_ECAM_START + PCI_ECAM_SIZE <= e.addr + e.size));
@@ -364,8 +423,8 @@ mod tests {
             assert!(map.windows(2).all(|w| w[0].addr + w[0].size <= w[1].addr));
         }
         // The ACPI area is inside the reserved BIOS area, above the MP table.
-        let map = e820_map(64 * MIB);
-        assert!(map.iter().any(|e| e.kind == E820Kind::Reserved
+        let l = layout(64 * MIB);
+        assert!(l.e820().iter().any(|e| e.kind == E820Kind::Reserved
             && e.addr <= ACPI_START
             && ACPI_END <= e.addr + e.size));
         const { assert!(ACPI_RSDP_ADDR % 16 == 0 && ACPI_START >= 0xe_0000) };
@@ -374,23 +433,23 @@ mod tests {
     #[test]
     fn too_small_or_unaligned_sizes_are_refused() {
         assert_eq!(
-            check_mem_size(32 * MIB),
+            MemoryLayout::new(32 * MIB),
             Err(LayoutError::TooSmall {
                 size: 32 * MIB,
                 min: MIN_MEM_SIZE
             })
         );
-        assert!(check_mem_size(32 * MIB)
+        assert!(MemoryLayout::new(32 * MIB)
             .unwrap_err()
             .to_string()
             .contains("below the minimum"));
         assert_eq!(
-            check_mem_size(64 * MIB + 1),
+            MemoryLayout::new(64 * MIB + 1),
             Err(LayoutError::NotPageAligned { size: 64 * MIB + 1 })
         );
-        assert!(check_mem_size(64 * MIB).is_ok());
+        assert!(MemoryLayout::new(64 * MIB).is_ok());
         assert!(matches!(
-            check_mem_size(!0xfff),
+            MemoryLayout::new(!0xfff),
             Err(LayoutError::TooLarge { .. })
         ));
     }

@@ -11,10 +11,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend};
-use pinning::{CancelToken, Limits, PinBackend, PinError, PinOptions, Pinner, ThreadRequest};
+use pinning::{
+    CancelToken, Classify, ErrorClass, Limits, PinBackend, PinError, PinOptions, Pinner,
+    ThreadRequest,
+};
 use serde::Serialize;
 
-use crate::memory::{Backing, GuestMemory, MemoryError};
+use crate::memory::{Backing, GuestMemory, MemoryError, RamRange};
 use crate::size::{human, parse_size};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -108,12 +111,12 @@ pub enum PinBenchError {
     Limits(#[from] pinning::limits::LimitsError),
 }
 
-impl PinBenchError {
-    pub fn exit_status(&self) -> u8 {
+impl Classify for PinBenchError {
+    fn class(&self) -> ErrorClass {
         match self {
-            PinBenchError::Memory(m) => m.exit_status(),
-            PinBenchError::Pin(p) => p.exit_status(),
-            PinBenchError::Limits(_) => 1,
+            PinBenchError::Memory(m) => m.class(),
+            PinBenchError::Pin(p) => p.class(),
+            PinBenchError::Limits(l) => l.class(),
         }
     }
 }
@@ -131,7 +134,7 @@ pub fn median(values: &[f64]) -> f64 {
 /// memset over resident memory: the memory bandwidth ceiling (best of three).
 fn memset_gibps(size: u64) -> Result<f64, MemoryError> {
     let size = size.min(1 << 30);
-    let m = GuestMemory::new(Backing::Anon, &[(0, size)])?;
+    let m = GuestMemory::new(Backing::Anon, &[RamRange::at_zero(size)])?;
     let region = &m.ram.regions()[0];
     let ptr = region.host_addr as *mut u8;
     let mut best = 0f64;
@@ -152,14 +155,17 @@ fn memset_gibps(size: u64) -> Result<f64, MemoryError> {
 pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, PinBenchError> {
     let limits = Limits::detect()?;
     // Fail on bad input (hugetlb reservations, host RAM) before any measuring.
-    drop(GuestMemory::new(args.backing, &[(0, args.memory)])?);
+    drop(GuestMemory::new(
+        args.backing,
+        &[RamRange::at_zero(args.memory)],
+    )?);
     let memset = memset_gibps(args.memory)?;
     let backend = args.pin.backend();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); args.threads.len()];
     let mut seen = vec![(0usize, String::new(), 0u64); args.threads.len()];
     for round in 0..(args.warmup + args.runs) {
         for (i, &threads) in args.threads.iter().enumerate() {
-            let mem = GuestMemory::new(args.backing, &[(0, args.memory)])?;
+            let mem = GuestMemory::new(args.backing, &[RamRange::at_zero(args.memory)])?;
             let options = PinOptions {
                 threads,
                 min_chunk: args.min_chunk,

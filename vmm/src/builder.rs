@@ -1,0 +1,330 @@
+//! A VM put together stage by stage, as `vmm run` does it. Each stage is a function that takes
+//! what it needs and returns what it built, so a stage cannot run before the one whose
+//! output it needs: the order is in the types, not in runtime checks. Each is timed under the
+//! name the timeline and the report use.
+//!
+//! ```text
+//! stage    function                 takes                                  returns
+//! kvm      Vm::new                  vCPU count                             Vm
+//! memory   memory()                 Vm, MemoryLayout, Backing              GuestMemory
+//! devices  devices()                Vm, MemoryLayout, VmConfig             Platform, Passthrough
+//! pin      pin()                    PinChoice, Passthrough, GuestMemory    Pinned
+//! load     loader::load()           GuestMemory, MemoryLayout, Platform    BootSetup
+//! vcpus    vcpu::create_all()       Vm, BootSetup                          Vec<Vcpu>
+//! run      run::run_until_exit()    Vec<Vcpu>, Platform, Vm                VmExit
+//! exit     drop(Machine)
+//! ```
+//!
+//! Teardown is [`Machine`]'s field order (Rust drops fields top to bottom): the device models
+//! first (a passthrough function is reset, so its DMA stops), then KVM, then the DMA
+//! mappings (sent to device servers that are still running), then the servers, then guest
+//! RAM. When a stage fails before the machine is whole, what was built so far drops in the
+//! reverse order of building; no vCPU has run then, so no device has DMA in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use devices::{ExitReason, GuestMarks};
+use pinning::{
+    CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, SignalGuard,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
+use crate::memory::{Backing, GuestMemory, MemoryError, MemoryLayout};
+use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
+use crate::pin::{PinChoice, PinChoiceError};
+use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
+use crate::timeline::{GuestTimes, Report, Timeline, VmSummary};
+use crate::vstate::run::{self, RunError, VmExit};
+use crate::vstate::vcpu::{self, VcpuError};
+use crate::vstate::vm::{KvmError, StopHandle, Vm};
+
+/// What to build: the command line, resolved and checked.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub layout: MemoryLayout,
+    pub cpus: u8,
+    pub backing: Backing,
+    pub kernel: ImageSource,
+    pub initrd: Option<ImageSource>,
+    pub cmdline: String,
+    pub boot_protocol: BootProtocol,
+    pub serial_out: SerialOut,
+    pub serial_in: SerialIn,
+    pub devices: DeviceRequest,
+    pub pin: PinChoice,
+    pub pin_options: PinOptions,
+    /// Stop the guest after this long.
+    pub timeout: Option<Duration>,
+}
+
+/// Why a VM could not be built or run; the variant names the stage.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("installing the SIGINT/SIGTERM handlers failed: {0}")]
+    Signals(std::io::Error),
+    #[error(transparent)]
+    Limits(#[from] pinning::limits::LimitsError),
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Platform(#[from] PlatformError),
+    #[error(transparent)]
+    Passthrough(#[from] PassthroughError),
+    #[error(transparent)]
+    PinChoice(#[from] PinChoiceError),
+    #[error("{devices}: mapping guest RAM for DMA failed: {source}")]
+    Map { devices: String, source: PinError },
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Vcpus(#[from] VcpuError),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+impl Classify for StartError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            StartError::Signals(_) => ErrorClass::Internal,
+            StartError::Limits(e) => e.class(),
+            StartError::Kvm(e) => e.class(),
+            StartError::Memory(e) => e.class(),
+            StartError::Platform(e) => e.class(),
+            StartError::Passthrough(e) => e.class(),
+            StartError::PinChoice(e) => e.class(),
+            StartError::Map { .. } => ErrorClass::Device,
+            StartError::Pin(e) => e.class(),
+            StartError::Load(e) => e.class(),
+            StartError::Vcpus(e) => e.class(),
+            StartError::Run(e) => e.class(),
+        }
+    }
+}
+
+/// What a finished run says.
+pub struct Outcome {
+    pub report: Report,
+    pub exit: VmExit,
+    /// Why a passthrough device stopped the guest, if one did.
+    pub device_failure: Option<String>,
+}
+
+impl Outcome {
+    /// The process exit status: the guest's own status when it gave one.
+    pub fn exit_status(&self) -> u8 {
+        match &self.exit {
+            VmExit::GuestExit(s) => *s,
+            VmExit::Reset | VmExit::Shutdown => 0,
+            VmExit::Timeout => 124,
+            VmExit::Signal(n) => (128 + n) as u8,
+            VmExit::Halted { .. } | VmExit::Stopped | VmExit::Fault(_) | VmExit::DeviceFailed => 1,
+        }
+    }
+}
+
+/// Everything a built VM holds, in teardown order (see the module doc).
+pub struct Machine {
+    pub platform: Platform,
+    pub vm: Vm,
+    pub pinned: Pinned,
+    pub passthrough: Passthrough,
+    pub memory: GuestMemory,
+}
+
+/// Stage `memory`: maps guest RAM as `layout` says and registers it with KVM.
+pub fn memory(vm: &Vm, layout: &MemoryLayout, backing: Backing) -> Result<GuestMemory, StartError> {
+    let memory = GuestMemory::new(backing, layout.ram())?;
+    vm.register_memory(&memory)?;
+    Ok(memory)
+}
+
+/// Stage `devices`: the platform, then every passthrough function on its PCI bus.
+pub fn devices(
+    vm: &Vm,
+    config: &VmConfig,
+    marks: &Arc<GuestMarks>,
+    failure: &Failure,
+) -> Result<(Platform, Passthrough), StartError> {
+    let mut platform = Platform::new(
+        vm,
+        &config.layout,
+        &config.serial_out,
+        config.serial_in,
+        marks,
+    )?;
+    let passthrough = passthrough::attach_all(vm, &mut platform, &config.devices, failure)?;
+    Ok((platform, passthrough))
+}
+
+/// Stage `pin`: prepares all of guest RAM with the backend `choice` and the devices call for.
+pub fn pin(
+    choice: PinChoice,
+    options: PinOptions,
+    limits: Limits,
+    passthrough: &mut Passthrough,
+    memory: &GuestMemory,
+    cancel: &CancelToken,
+) -> Result<Pinned, StartError> {
+    let backend = choice.backend(std::mem::take(&mut passthrough.dma))?;
+    Pinner::new(backend, limits, options)
+        .pin(memory.ram.clone(), cancel)
+        .map_err(|e| match e {
+            // Before the guest runs, a device that cannot be mapped is the device's (or the
+            // user's) to fix: say which device.
+            e if e.cancel_reason().is_none() && !passthrough.names.is_empty() => StartError::Map {
+                devices: passthrough.names.join(", "),
+                source: e,
+            },
+            e => StartError::Pin(e),
+        })
+}
+
+/// Stage `load`: kernel, initrd, command line and boot tables into guest RAM.
+pub fn load(
+    config: &VmConfig,
+    memory: &GuestMemory,
+    platform: &Platform,
+) -> Result<loader::BootSetup, StartError> {
+    let intx = platform.intx_lines();
+    let req = LoadRequest {
+        kernel: &config.kernel,
+        initrd: config.initrd.as_ref(),
+        cmdline: &config.cmdline,
+        protocol: config.boot_protocol,
+        cpus: config.cpus,
+        pci_intx: &intx,
+    };
+    Ok(loader::load(&memory.mem, &config.layout, &req)?)
+}
+
+/// Turns a pending SIGINT/SIGTERM into a VM stop: the signal handler writes an eventfd, and
+/// this thread, woken by it, asks the VM to stop for that signal.
+struct SignalForwarder {
+    wake: Arc<EventFd>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SignalForwarder {
+    fn start(wake: Arc<EventFd>, stop: StopHandle) -> Self {
+        let w = wake.clone();
+        let thread = std::thread::spawn(move || {
+            // Woken either by a signal or by `drop` (no signal pending then).
+            if w.read().is_ok() {
+                if let Some(sig) = pinning::cancel::pending_signal() {
+                    stop.request(ExitReason::Signal(sig));
+                }
+            }
+        });
+        Self {
+            wake,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SignalForwarder {
+    fn drop(&mut self) {
+        let _ = self.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Builds the VM stage by stage, runs it until it stops, tears it down and reports. `start`
+/// is when the process started (timeline zero).
+pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
+    let wake = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(StartError::Signals)?);
+    // Signals are caught from here on, so Ctrl-C during pinning undoes it, and during the
+    // run stops the VM cleanly.
+    let _signals = SignalGuard::install(Some(std::os::fd::AsRawFd::as_raw_fd(wake.as_ref())))
+        .map_err(StartError::Signals)?;
+    let cancel = CancelToken::with_signals();
+    let limits = Limits::detect()?;
+    let mut timeline = Timeline::new(start);
+    let marks = Arc::new(GuestMarks::new(start));
+    let failure = Failure::default();
+
+    let vm = timeline.phase("kvm", || Vm::new(config.cpus))?;
+    let memory = timeline.phase("memory", || memory(&vm, &config.layout, config.backing))?;
+    let (platform, mut passthrough) =
+        timeline.phase("devices", || devices(&vm, config, &marks, &failure))?;
+    let pinned = timeline.phase("pin", || {
+        pin(
+            config.pin,
+            config.pin_options.clone(),
+            limits,
+            &mut passthrough,
+            &memory,
+            &cancel,
+        )
+    })?;
+    let boot = timeline.phase("load", || load(config, &memory, &platform))?;
+    let vcpus = timeline.phase("vcpus", || vcpu::create_all(&vm, config.cpus, &boot))?;
+    let mut machine = Machine {
+        platform,
+        vm,
+        pinned,
+        passthrough,
+        memory,
+    };
+
+    let forwarder = SignalForwarder::start(wake.clone(), machine.vm.stop_handle());
+    if let Some(sig) = pinning::cancel::pending_signal() {
+        // A signal between pinning and here: honour it before the guest runs.
+        machine.vm.stop_handle().request(ExitReason::Signal(sig));
+    }
+    let deadline = config.timeout.map(|t| Instant::now() + t);
+    if let Some(what) = failure.before_run() {
+        return Err(PassthroughError::FailedEarly(what).into());
+    }
+    let exit = timeline.phase("run", || {
+        run::run_until_exit(vcpus, &mut machine.platform, machine.vm.exit(), deadline)
+    })?;
+    let device_failure = failure.finish();
+    drop(forwarder);
+
+    let teardown = start.elapsed();
+    let pin_stats = machine.pinned.stats.clone();
+    let summary = VmSummary {
+        memory_bytes: machine.memory.size(),
+        cpus: config.cpus,
+        backing: config.backing.name().into(),
+        kernel: config.kernel.name(),
+        devices: std::mem::take(&mut machine.passthrough.names),
+    };
+    drop(machine);
+    timeline.record("exit", teardown, start.elapsed());
+
+    let report = Report {
+        total_ms: timeline.now_ms(),
+        phases: timeline.phases().to_vec(),
+        guest: GuestTimes::from_durations(
+            marks
+                .other_marks()
+                .iter()
+                .find(|m| m.byte == vmm_resources::MARK_ENTRY)
+                .map(|m| m.at),
+            marks.first_output(),
+            marks.ready(),
+        ),
+        exit_status: match exit {
+            VmExit::GuestExit(s) => Some(i32::from(s)),
+            _ => None,
+        },
+        outcome: exit.to_string(),
+        pin: (pin_stats.backend != pinning::BackendKind::None).then_some(pin_stats),
+        vm: summary,
+    };
+    Ok(Outcome {
+        report,
+        exit,
+        device_failure,
+    })
+}

@@ -1,0 +1,216 @@
+//! The `vmm` command line: its parser, and one function per command that runs it and says
+//! how it ended, as a status or as a [`Failure`] that `main` turns into the exit status.
+
+pub mod run;
+
+use std::fmt;
+use std::path::Path;
+use std::time::Instant;
+
+use clap::{Parser, Subcommand};
+use pinning::{CancelToken, Classify, ErrorClass, SignalGuard};
+
+use crate::bench::{self, BenchCommand};
+use crate::builder;
+use crate::vstate::run::VmExit;
+use run::RunArgs;
+
+/// A command that did not finish: the line to print and who must act on it.
+#[derive(Debug)]
+pub struct Failure {
+    message: String,
+    class: ErrorClass,
+}
+
+impl Failure {
+    /// The exit status this failure calls for.
+    pub fn exit_status(&self) -> u8 {
+        self.class.exit_status()
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl<E: std::error::Error + Classify> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure {
+            message: e.to_string(),
+            class: e.class(),
+        }
+    }
+}
+
+/// What a command that ran to its end returns: the exit status it calls for.
+pub type Status = Result<u8, Failure>;
+
+#[derive(Parser)]
+#[command(
+    name = "vmm",
+    version,
+    about = "A minimal KVM virtual machine monitor with parallel, limit-aware guest RAM pinning",
+    long_about = "A minimal KVM virtual machine monitor. Before the guest runs, all of its RAM can be \
+faulted in, locked and DMA-mapped for passthrough devices by a parallel pinning engine that respects \
+CPU affinity, cgroup CPU quotas, RLIMIT_MEMLOCK and memory cgroup limits.\n\n\
+Logs go to stderr; set RUST_LOG (for example RUST_LOG=debug or RUST_LOG=pinning=debug) to see more."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Boot a guest: by default the built-in probe guest with the pci-epf-test device over vfio-user.
+    #[command(long_about = "Boot a guest on KVM.\n\n\
+With no --kernel, boots the built-in probe guest, which checks its boot parameters, memory map, \
+CPU count, PCI bus and RAM and exits with status 0 when all is well. Unless told otherwise it gets \
+the built-in pci-epf-test device: `vmm device epf` started as a child and attached over vfio-user, \
+with all guest RAM DMA-mapped for it before the guest runs; the guest has the device DMA into every \
+GiB of its RAM and waits for its MSI-X interrupts. Guest serial output goes to stdout (stdin goes \
+to the guest); a start-up timeline goes to stderr at exit (--quiet turns it off) and as JSON to \
+--report PATH. The exit status is the guest's own (debug-exit port 0xf4), 0 for a reset or \
+power-off, 124 after --timeout, 130/143 after SIGINT/SIGTERM, 2 for bad input or a device that \
+cannot be set up before the guest runs, 1 if a device fails while it runs.\n\n\
+Examples:\n  vmm run\n  vmm run --memory 6G --cpus 2 --report boot.json\n  \
+vmm run --user-device none --pin populate --memory 4G\n  \
+vmm run --device /sys/bus/pci/devices/0000:01:00.0 --iommu iommufd\n  \
+vmm run --kernel vmlinuz --initrd initramfs.cpio --cmdline \"console=ttyS0\" --timeout 240")]
+    Run(Box<RunArgs>),
+    /// Measure how fast guest RAM is prepared (populated or locked) for each thread count.
+    #[command(
+        long_about = "Measure how fast guest RAM is prepared for each thread count.\n\n\
+Each run maps fresh memory, prepares it with the chosen backend, undoes it and unmaps it. Thread \
+counts are interleaved run by run and a warm-up round is discarded. `auto` uses as many threads as \
+CPU affinity, online CPUs and the cgroup CPU quota (v1 and v2, ancestors included) allow; the \
+`decided_by` column names the limit that decided. memset over resident memory is measured too, \
+as the bandwidth ceiling.\n\nExample: vmm pin-bench --memory 4G --pin populate --threads 1,2,auto --runs 3"
+    )]
+    PinBench(crate::bench::pin::PinBenchArgs),
+    /// Benchmarks that boot guests: `vmm bench startup` (start-up time, vmm and QEMU).
+    Bench(crate::bench::BenchArgs),
+    /// Serve a device model over vfio-user, for `vmm run --user-device SOCKET`.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+}
+
+#[derive(Subcommand)]
+pub enum DeviceCommand {
+    /// A model of Linux's pci-epf-test endpoint (TI 104c:b500): READ/WRITE/COPY commands DMA
+    /// through the regions the VMM maps, CRC32 checksums, MSI/MSI-X/INTx.
+    #[command(
+        long_about = "Serve a model of Linux's pci-epf-test endpoint function over \
+vfio-user on a Unix socket, to one client, until it disconnects or SIGTERM/SIGINT. Every DMA goes \
+through the regions the client mapped with DMA_MAP, so an unmapped address fails the command. \
+`vmm run --user-device epf` starts this itself; run it by hand to attach it with \
+`vmm run --user-device PATH`.\n\nExample: vmm device epf --socket /tmp/epf.sock"
+    )]
+    Epf {
+        /// Where to listen (created; removed at exit).
+        #[arg(long)]
+        socket: std::path::PathBuf,
+    },
+}
+
+/// `vmm run`: builds and runs the VM, prints the timeline, writes the report.
+pub fn run(args: &RunArgs, start: Instant) -> Status {
+    let config = run::config(args)?;
+    let outcome = builder::run(&config, start)?;
+    if !args.quiet {
+        eprint!("{}", outcome.report.summary());
+    }
+    if let Some(path) = &args.report {
+        let json = serde_json::to_string_pretty(&outcome.report).map_err(|e| Failure {
+            message: format!("cannot serialise the report: {e}"),
+            class: ErrorClass::Internal,
+        })?;
+        std::fs::write(path, json + "\n").map_err(|e| Failure {
+            message: format!(
+                "cannot write the report to {}: {e}; give --report a writable path",
+                path.display()
+            ),
+            class: ErrorClass::Internal,
+        })?;
+    }
+    if let VmExit::Fault(f) = &outcome.exit {
+        eprintln!("vmm: guest failed: {f}");
+    }
+    if let Some(what) = &outcome.device_failure {
+        eprintln!("vmm: guest stopped: passthrough device failed: {what}");
+    }
+    Ok(outcome.exit_status())
+}
+
+/// `vmm pin-bench`: prints a table or JSON. Stopped by a signal, it says what was undone and
+/// proves it: the locked memory is back to what it was.
+pub fn pin_bench(args: &bench::pin::PinBenchArgs) -> Status {
+    let _signals = SignalGuard::install(None).map_err(|e| Failure {
+        message: format!("installing the SIGINT/SIGTERM handlers failed: {e}"),
+        class: ErrorClass::Internal,
+    })?;
+    let report = bench::pin::run(args, &CancelToken::with_signals()).map_err(|e| {
+        let mut failure = Failure::from(e);
+        if let ErrorClass::Interrupted(_) = failure.class {
+            let locked = pinning::procfs::ProcStatus::read(Path::new("/"))
+                .map(|s| s.locked / 1024)
+                .unwrap_or(0);
+            failure.message = format!("{failure}; VmLck now {locked} kB");
+        }
+        failure
+    })?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| Failure {
+            message: format!("cannot serialise the report: {e}"),
+            class: ErrorClass::Internal,
+        })?;
+        println!("{json}");
+    } else {
+        print!("{}", bench::pin::table(&report));
+    }
+    Ok(0)
+}
+
+/// `vmm bench startup`: prints the table; status 1 if any boot failed.
+pub fn bench(args: &bench::BenchArgs) -> Status {
+    let BenchCommand::Startup(a) = &args.command;
+    let _signals = SignalGuard::install(None).map_err(|e| Failure {
+        message: format!("installing the SIGINT/SIGTERM handlers failed: {e}"),
+        class: ErrorClass::Internal,
+    })?;
+    let report = bench::startup(a, &CancelToken::with_signals()).map_err(|e| Failure {
+        message: format!("bench startup: {e}"),
+        class: e.class(),
+    })?;
+    print!("{}", bench::table::table(&report));
+    println!(
+        "wrote {} and {}",
+        a.out.join("startup.json").display(),
+        a.out.join("startup.svg").display()
+    );
+    if report.failures.is_empty() {
+        return Ok(0);
+    }
+    eprintln!("vmm: {} boot(s) failed:", report.failures.len());
+    for f in &report.failures {
+        eprintln!(
+            "  {} {}: {}",
+            f.config,
+            f.run,
+            f.reason.lines().next().unwrap_or("")
+        );
+    }
+    Ok(1)
+}
+
+/// `vmm device epf`: serves until the client disconnects or a signal.
+pub fn device(cmd: &DeviceCommand) -> Status {
+    let DeviceCommand::Epf { socket } = cmd;
+    devices::vfio_user::run_epf_server(socket).map_err(|e| Failure {
+        message: format!("device epf: {e}"),
+        class: ErrorClass::User,
+    })?;
+    Ok(0)
+}

@@ -1,0 +1,248 @@
+//! `vmm run`'s command line, and its resolution into the [`VmConfig`] the builder builds:
+//! defaults filled in (the probe guest and its device, the backing) and every combination
+//! checked before anything is opened, mapped or started.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use devices::vfio::kernel::IommuKind;
+use pinning::{Classify, ErrorClass, PinOptions, ThreadRequest};
+
+use crate::builder::VmConfig;
+use crate::loader::{BootProtocol, ImageSource};
+use crate::memory::layout::LayoutError;
+use crate::memory::{Backing, MemoryLayout};
+use crate::passthrough::{DeviceRequest, UserDevice};
+use crate::pin::{PinChoice, PinChoiceError};
+use crate::platform::{SerialIn, SerialOut};
+use crate::size::parse_size;
+
+/// `--backing`: `auto` (memfd when a vfio-user device needs shareable RAM, else anon) or a
+/// [`Backing`] by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingArg {
+    Auto,
+    Fixed(Backing),
+}
+
+impl std::str::FromStr for BackingArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        use clap::ValueEnum;
+        if s == "auto" {
+            return Ok(BackingArg::Auto);
+        }
+        Backing::from_str(s, false)
+            .map(BackingArg::Fixed)
+            .map_err(|_| {
+                let names: Vec<_> = Backing::value_variants().iter().map(|b| b.name()).collect();
+                format!("`{s}`: use auto, {}", names.join(", "))
+            })
+    }
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct RunArgs {
+    /// Kernel: an ELF vmlinux (PVH note or 64-bit entry) or a bzImage. Default: the built-in
+    /// probe guest.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (an uncompressed cpio boots fastest).
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. Default for the probe guest: its self-checks for the memory size
+    /// and CPU count; for other kernels: `console=ttyS0`.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Guest RAM: 256M, 4G, ... (a bare number is MiB). Above 3 GiB, RAM continues at 4 GiB.
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
+    pub cpus: u8,
+    /// What backs guest RAM: auto, anon, thp, memfd, hugetlb, hugetlb-1g. `auto`: memfd when
+    /// a vfio-user device is attached (its server maps guest RAM through the memfd), else anon.
+    #[arg(long, default_value = "auto")]
+    pub backing: BackingArg,
+    /// How guest RAM is prepared before the guest runs. `auto`: mapped for the attached
+    /// devices by their backend (type1, iommufd or vfio-user), nothing without devices.
+    /// `none` (the guest faults RAM in as it goes), `populate` (MADV_POPULATE_WRITE), `mlock`
+    /// (mlock2(MLOCK_ONFAULT) + parallel populate), `type1` or `iommufd` (`--device`: VFIO
+    /// container or IOAS), `vfio-user` (`--user-device`: populate, then DMA_MAP messages).
+    #[arg(long, default_value = "auto")]
+    pub pin: PinChoice,
+    /// Pass a host PCI function through kernel VFIO: its sysfs path
+    /// (/sys/bus/pci/devices/0000:01:00.0) or PCI address. Repeatable.
+    #[arg(long = "device", value_name = "SYSFS_PATH")]
+    pub devices: Vec<PathBuf>,
+    /// IOMMU interface for --device: `type1` (VFIO container) or `iommufd`.
+    #[arg(long, default_value = "type1")]
+    pub iommu: IommuKind,
+    /// A PCI function served over vfio-user: `epf` starts the built-in pci-epf-test server
+    /// (`vmm device epf`) as a child process; anything else is the path of a server's socket;
+    /// `none` attaches nothing. Default with the built-in probe guest: `epf` (unless --device,
+    /// or a --pin/--backing that cannot serve it, is given).
+    #[arg(long = "user-device", value_name = "epf|SOCKET|none")]
+    pub user_devices: Vec<String>,
+    /// Testing only: leave the 4 KiB page at this guest address out of the vfio-user DMA map.
+    #[arg(long, hide = true, value_parser = parse_addr)]
+    pub test_dma_hole: Option<u64>,
+    /// Threads for pinning: `auto` (all the limits allow) or a number.
+    #[arg(long, default_value = "auto")]
+    pub pin_threads: ThreadRequest,
+    /// Entry protocol: auto (PVH if the ELF has the note), linux64, pvh.
+    #[arg(long, default_value = "auto")]
+    pub boot_protocol: BootProtocol,
+    /// Write guest serial output to this file instead of stdout.
+    #[arg(long)]
+    pub serial_log: Option<PathBuf>,
+    /// Write the start-up report (JSON) here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Don't print the timeline summary on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Stop the guest after this many seconds (exit status 124).
+    #[arg(long)]
+    pub timeout: Option<f64>,
+}
+
+/// Why a `vmm run` command line cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--timeout {0}: give a positive number of seconds")]
+    Timeout(f64),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("--user-device {arg:?}: {reason}")]
+    UserDevice { arg: String, reason: String },
+    #[error("--backing {0}: a vfio-user device maps guest RAM from another process, which needs shareable memory: use --backing memfd (or hugetlb), or leave --backing auto")]
+    NotShareable(&'static str),
+    #[error(transparent)]
+    Pin(#[from] PinChoiceError),
+}
+
+impl Classify for ConfigError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::User
+    }
+}
+
+/// The command line the probe guest checks itself against: the RAM the E820 map describes
+/// (in whole MiB, as the probe counts) and the vCPU count.
+fn probe_cmdline(layout: &MemoryLayout, cpus: u8, dma: bool) -> String {
+    use vmm_resources::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
+    let mib = layout.e820_ram_bytes() >> 20;
+    let dma = if dma {
+        format!(" {OPT_EXPECT_DMA}=1")
+    } else {
+        String::new()
+    };
+    format!("{OPT_EXPECT_MEM}={mib} {OPT_EXPECT_CPUS}={cpus}{dma}")
+}
+
+/// A guest-physical address, hex (0x...) or decimal.
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("`{s}` is not an address: give hex (0x3ffff000) or decimal"))
+}
+
+/// The vfio-user devices asked for, with the default: the probe guest gets the built-in
+/// pci-epf-test device unless the other options rule it out.
+fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, ConfigError> {
+    if args.user_devices.iter().any(|d| d == "none") {
+        return Ok(Vec::new());
+    }
+    if !args.user_devices.is_empty() {
+        return args
+            .user_devices
+            .iter()
+            .map(|d| {
+                d.parse().map_err(|reason| ConfigError::UserDevice {
+                    arg: d.clone(),
+                    reason,
+                })
+            })
+            .collect();
+    }
+    let shareable = !matches!(
+        args.backing,
+        BackingArg::Fixed(Backing::Anon | Backing::Thp)
+    );
+    let default = args.kernel.is_none()
+        && args.devices.is_empty()
+        && matches!(
+            args.pin,
+            PinChoice::Auto | PinChoice::Fixed(pinning::BackendKind::VfioUser)
+        )
+        && shareable;
+    Ok(if default {
+        vec![UserDevice::Epf]
+    } else {
+        Vec::new()
+    })
+}
+
+fn backing(args: &RunArgs, user: &[UserDevice]) -> Result<Backing, ConfigError> {
+    match (args.backing, user.is_empty()) {
+        (BackingArg::Auto, true) => Ok(Backing::Anon),
+        (BackingArg::Auto, false) => Ok(Backing::Memfd),
+        (BackingArg::Fixed(b @ (Backing::Anon | Backing::Thp)), false) => {
+            Err(ConfigError::NotShareable(b.name()))
+        }
+        (BackingArg::Fixed(b), _) => Ok(b),
+    }
+}
+
+/// Resolves and checks `args` before anything is opened, mapped or started.
+pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
+    let timeout = match args.timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) => return Err(ConfigError::Timeout(t)),
+        None => None,
+    };
+    let layout = MemoryLayout::new(args.memory)?;
+    let user = user_devices(args)?;
+    let backing = backing(args, &user)?;
+    let dma = !user.is_empty() || !args.devices.is_empty();
+    args.pin.check_devices(dma)?;
+    let (kernel, cmdline) = match &args.kernel {
+        Some(p) => (ImageSource::Path(p.clone()), "console=ttyS0".to_string()),
+        None => (
+            ImageSource::Bytes {
+                name: "built-in probe guest".into(),
+                data: vmm_resources::PROBE_GUEST.into(),
+            },
+            probe_cmdline(&layout, args.cpus, dma),
+        ),
+    };
+    Ok(VmConfig {
+        cmdline: args.cmdline.clone().unwrap_or(cmdline),
+        layout,
+        cpus: args.cpus,
+        backing,
+        kernel,
+        initrd: args.initrd.clone().map(ImageSource::Path),
+        boot_protocol: args.boot_protocol,
+        serial_out: args
+            .serial_log
+            .clone()
+            .map_or(SerialOut::Stdout, SerialOut::File),
+        serial_in: SerialIn::Stdin,
+        devices: DeviceRequest {
+            kernel_devices: args.devices.clone(),
+            iommu: args.iommu,
+            user_devices: user,
+            dma_hole: args.test_dma_hole,
+        },
+        pin: args.pin,
+        pin_options: PinOptions {
+            threads: args.pin_threads,
+            ..PinOptions::default()
+        },
+        timeout,
+    })
+}
