@@ -55,7 +55,7 @@ pub fn human(bytes: u64) -> String {
 }
 
 /// Checks a job that locks `lock` bytes and faults in `populate` bytes.
-pub fn check(limits: &Limits, lock: u64, populate: u64) -> Result<(), AdmissionError> {
+pub(crate) fn check(limits: &Limits, lock: u64, populate: u64) -> Result<(), AdmissionError> {
     if lock > 0 {
         if let (Some(room), Some(limit)) = (limits.memlock.room(), limits.memlock.limit) {
             if lock > room {

@@ -61,15 +61,15 @@ pub struct Limits {
 
 /// Inputs that come from system calls rather than files, so tests can supply them.
 #[derive(Clone, Debug)]
-pub struct SyscallFacts {
-    pub affinity_cpus: usize,
-    pub memlock_limit: Option<u64>,
+pub(crate) struct SyscallFacts {
+    pub(crate) affinity_cpus: usize,
+    pub(crate) memlock_limit: Option<u64>,
     /// RLIMIT_NICE soft limit: the lowest nice allowed is `20 - value`.
-    pub nice_limit: Option<u64>,
+    pub(crate) nice_limit: Option<u64>,
 }
 
 impl SyscallFacts {
-    pub fn detect() -> io::Result<Self> {
+    pub(crate) fn detect() -> io::Result<Self> {
         let (memlock_limit, _) = sys::rlimit(libc::RLIMIT_MEMLOCK)?;
         let (nice_limit, _) = sys::rlimit(libc::RLIMIT_NICE)?;
         Ok(Self {
@@ -88,7 +88,7 @@ impl Limits {
     }
 
     /// Reads the file-based limits under `root` (a fixture tree in tests).
-    pub fn read(root: &Path, facts: &SyscallFacts) -> Result<Self, LimitsError> {
+    pub(crate) fn read(root: &Path, facts: &SyscallFacts) -> Result<Self, LimitsError> {
         let status = ProcStatus::read(root).map_err(ctx("/proc/self/status"))?;
         let online = procfs::read(&procfs::under(root, "/sys/devices/system/cpu/online"))
             .ok()

@@ -10,9 +10,7 @@ use serde::Serialize;
 use crate::admission::{self, AdmissionError};
 use crate::backend::{populate_range, BackendError, BackendKind, PinBackend};
 use crate::cancel::{CancelReason, CancelToken};
-use crate::engine::{
-    self, ChunkWork, DecidedBy, JobError, JobSpec, Plan, Undone, DEFAULT_MIN_CHUNK,
-};
+use crate::engine::{self, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAULT_MIN_CHUNK};
 use crate::limits::Limits;
 use crate::progress::Progress;
 use crate::region::{GuestRam, Piece};
@@ -309,12 +307,6 @@ impl Pinner {
             min_chunk: GIB.max(ram.size().div_ceil(per)),
             max_threads: 1,
         }
-    }
-
-    /// How the job would run on this RAM (without running it).
-    pub fn plan(&self, ram: &GuestRam) -> Plan {
-        self.parallel_spec(ram)
-            .plan(&self.limits.thread_caps(self.requested()))
     }
 
     /// Pins all of `ram`. On any error or cancellation nothing stays mapped or locked.

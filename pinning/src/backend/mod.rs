@@ -23,9 +23,10 @@ mod vfio_user;
 use std::io;
 
 pub use mlock::MlockBackend;
-pub use populate::{populate_range, PopulateBackend};
+pub(crate) use populate::populate_range;
+pub use populate::PopulateBackend;
 pub use several::SeveralBackend;
-pub use vfio::{DmaMapper, IommufdBackend, Type1Backend, VfioDma, DEFAULT_DMA_ENTRY_LIMIT};
+pub use vfio::{DmaMapper, IommufdBackend, Type1Backend, VfioDma};
 pub use vfio_user::{FdDmaMapper, VfioUserBackend};
 
 use crate::region::{GuestRam, Piece};
