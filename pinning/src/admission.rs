@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::class::{Classify, ErrorClass};
 use crate::limits::Limits;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,6 +32,12 @@ pub enum AdmissionError {
         limit: u64,
         file: PathBuf,
     },
+}
+
+impl Classify for AdmissionError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::User
+    }
 }
 
 /// "1.5 GiB", "64 MiB", "512 KiB", "12 bytes".

@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cgroup::{Cgroups, CpuQuota, MemoryLimit};
+use crate::class::{Classify, ErrorClass};
 use crate::engine::ThreadCaps;
 use crate::procfs::{self, ProcStatus, CAP_IPC_LOCK, CAP_SYS_NICE};
 use crate::sys;
@@ -18,6 +19,13 @@ pub enum LimitsError {
         #[source]
         source: io::Error,
     },
+}
+
+impl Classify for LimitsError {
+    /// The host refused to describe this process: nothing the user's input could fix.
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Internal
+    }
 }
 
 fn ctx(what: &'static str) -> impl FnOnce(io::Error) -> LimitsError {

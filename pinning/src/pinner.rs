@@ -10,6 +10,7 @@ use serde::Serialize;
 use crate::admission::{self, AdmissionError};
 use crate::backend::{populate_range, BackendError, BackendKind, PinBackend};
 use crate::cancel::{CancelReason, CancelToken};
+use crate::class::{Classify, ErrorClass};
 use crate::engine::{self, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAULT_MIN_CHUNK};
 use crate::limits::Limits;
 use crate::progress::Progress;
@@ -94,16 +95,20 @@ pub enum PinError {
     Engine(String),
 }
 
-impl PinError {
-    /// Shell exit status: 2 for a limit the user must raise, 128+N after a signal, else 1.
-    pub fn exit_status(&self) -> u8 {
+impl Classify for PinError {
+    /// A backend that fails after admission is the host refusing what should have worked.
+    fn class(&self) -> ErrorClass {
         match self {
-            PinError::Admission(_) => 2,
-            PinError::Cancelled { reason, .. } => reason.exit_status() as u8,
-            _ => 1,
+            PinError::Admission(e) => e.class(),
+            PinError::Cancelled { reason, .. } => reason.class(),
+            PinError::Begin { .. } | PinError::Failed { .. } | PinError::Engine(_) => {
+                ErrorClass::Internal
+            }
         }
     }
+}
 
+impl PinError {
     pub fn cancel_reason(&self) -> Option<CancelReason> {
         match self {
             PinError::Cancelled { reason, .. } => Some(*reason),

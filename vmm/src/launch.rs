@@ -13,6 +13,7 @@ use devices::vfio::kernel::IommuKind;
 use devices::{ExitReason, GuestMarks};
 use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend};
 use pinning::BackendKind;
+use pinning::Classify;
 use pinning::{
     CancelToken, Limits, PinBackend, PinError, PinOptions, Pinner, SignalGuard, ThreadRequest,
 };
@@ -171,7 +172,7 @@ impl LaunchError {
             LaunchError::Passthrough(PassthroughError::Interrupted(sig)) => (128 + sig) as u8,
             LaunchError::Usage(_) | LaunchError::Passthrough(_) => 2,
             LaunchError::Memory(m) => m.exit_status(),
-            LaunchError::Pin(p) => p.exit_status(),
+            LaunchError::Pin(p) => p.class().exit_status(),
             LaunchError::Vm(
                 VmError::Kvm(KvmError::NoDevice | KvmError::Permission | KvmError::CpuCount { .. })
                 | VmError::Memory(VmMemoryError::Layout(_))

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend};
+use pinning::Classify;
 use pinning::{CancelToken, Limits, PinBackend, PinError, PinOptions, Pinner, ThreadRequest};
 use serde::Serialize;
 
@@ -112,7 +113,7 @@ impl PinBenchError {
     pub fn exit_status(&self) -> u8 {
         match self {
             PinBenchError::Memory(m) => m.exit_status(),
-            PinBenchError::Pin(p) => p.exit_status(),
+            PinBenchError::Pin(p) => p.class().exit_status(),
             PinBenchError::Limits(_) => 1,
         }
     }

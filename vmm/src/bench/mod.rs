@@ -19,6 +19,7 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use pinning::cancel::CancelReason;
+use pinning::Classify;
 use pinning::{CancelToken, JobSpec, Limits, PinOptions, SignalGuard, ThreadRequest};
 use serde::Serialize;
 
@@ -184,7 +185,7 @@ impl BenchError {
         match self {
             BenchError::Usage(_) => 2,
             BenchError::Io { .. } => 1,
-            BenchError::Cancelled(r) => r.exit_status().clamp(1, 255) as u8,
+            BenchError::Cancelled(r) => r.class().exit_status(),
         }
     }
 }
