@@ -13,7 +13,7 @@ use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimitsError {
-    #[error("reading {what}: {source}")]
+    #[error("cannot read {what} to learn the limits pinning must respect: {source}")]
     Read {
         what: &'static str,
         #[source]
@@ -91,13 +91,14 @@ impl SyscallFacts {
 impl Limits {
     /// The limits of the running process.
     pub fn detect() -> Result<Self, LimitsError> {
-        let facts = SyscallFacts::detect().map_err(ctx("process limits"))?;
+        let facts = SyscallFacts::detect()
+            .map_err(ctx("this process's CPU affinity and resource limits"))?;
         Self::read(Path::new("/"), &facts)
     }
 
     /// Reads the file-based limits under `root` (a fixture tree in tests).
     pub(crate) fn read(root: &Path, facts: &SyscallFacts) -> Result<Self, LimitsError> {
-        let status = ProcStatus::read(root).map_err(ctx("/proc/self/status"))?;
+        let status = ProcStatus::read(root).map_err(ctx("this process's status"))?;
         let online = procfs::read(&procfs::under(root, "/sys/devices/system/cpu/online"))
             .ok()
             .and_then(|t| procfs::parse_cpu_list(&t))

@@ -73,25 +73,27 @@ impl Default for PinOptions {
 pub enum PinError {
     #[error(transparent)]
     Admission(#[from] AdmissionError),
-    #[error("{backend}: {source}")]
+    #[error("the {backend} backend could not start pinning guest RAM: {source}")]
     Begin {
         backend: BackendKind,
         #[source]
         source: BackendError,
     },
-    #[error("{backend}: {source}; undid {} chunks ({} bytes), nothing is left pinned", undone.chunks, undone.bytes)]
+    #[error("the {backend} backend failed to pin guest RAM: {source}; undid {} chunks ({} bytes), so nothing is left pinned", undone.chunks, undone.bytes)]
     Failed {
         backend: BackendKind,
         #[source]
         source: BackendError,
         undone: Undone,
     },
-    #[error("pinning cancelled by {reason}; undid {} chunks ({} bytes), nothing is left pinned", undone.chunks, undone.bytes)]
+    #[error("pinning cancelled by {reason}; undid {} chunks ({} bytes), so nothing is left pinned", undone.chunks, undone.bytes)]
     Cancelled {
         reason: CancelReason,
         undone: Undone,
     },
-    #[error("pinning: {0}")]
+    /// A `JobError` the pinner has no variant for (a bad spec, a helper that would not
+    /// start), already a full message.
+    #[error("{0}")]
     Engine(String),
 }
 

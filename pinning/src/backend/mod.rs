@@ -63,7 +63,7 @@ impl std::fmt::Display for BackendKind {
 
 /// A failed backend operation, with the memory it was about.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} of {len:#x} bytes at guest {guest_addr:#x} (host {host_addr:#x}): {source}")]
+#[error("{op} of {len:#x} bytes at guest {guest_addr:#x} (host {host_addr:#x}) failed: {source}")]
 pub struct BackendError {
     pub op: &'static str,
     pub guest_addr: u64,

@@ -102,13 +102,15 @@ pub struct Plan {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub(crate) enum SpecError {
-    #[error("job alignment {0:#x} is not a power of two")]
+    #[error("the pinning job's page size {0:#x} is not a power of two")]
     Align(u64),
-    #[error("job start {start:#x} is not aligned to its page size {align:#x}")]
+    #[error(
+        "the pinning job starts at {start:#x}, which is not aligned to its page size {align:#x}"
+    )]
     Start { start: u64, align: u64 },
-    #[error("job range {start:#x}+{size:#x} overflows the address space")]
+    #[error("the pinning job {start:#x}+{size:#x} runs past the end of the address space")]
     Overflow { start: u64, size: u64 },
-    #[error("job has no threads to run on (max_threads = 0)")]
+    #[error("the pinning job allows no thread to run on (max_threads is 0)")]
     NoThreads,
 }
 
@@ -183,21 +185,21 @@ pub struct Undone {
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JobError<E> {
-    #[error("job spec: {0}")]
+    #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("chunk {:#x}..{:#x} failed; undid {} completed chunks ({} bytes)", chunk.start, chunk.end, undone.chunks, undone.bytes)]
+    #[error("chunk {:#x}..{:#x} of the pinning job failed; undid {} completed chunks ({} bytes)", chunk.start, chunk.end, undone.chunks, undone.bytes)]
     Failed {
         chunk: Range<u64>,
         #[source]
         error: E,
         undone: Undone,
     },
-    #[error("cancelled by {reason}; undid {} completed chunks ({} bytes)", undone.chunks, undone.bytes)]
+    #[error("the pinning job was cancelled by {reason}; undid {} completed chunks ({} bytes)", undone.chunks, undone.bytes)]
     Cancelled {
         reason: CancelReason,
         undone: Undone,
     },
-    #[error("could not start helper thread: {0}")]
+    #[error("could not start a pinning helper thread: {0}")]
     Spawn(std::io::Error),
 }
 
