@@ -1,5 +1,6 @@
 //! Thin, checked wrappers over the system calls this crate needs. Every `unsafe` block of the
-//! crate that is not about guest memory contents lives here.
+//! crate that is not about guest memory contents lives here, but for the signal handler's
+//! write(2) in `cancel`, which must stay async-signal-safe.
 
 use std::io;
 

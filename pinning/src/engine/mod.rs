@@ -4,7 +4,7 @@
 //! page (`align`) and are pulled from a shared cursor by the calling thread and its helpers,
 //! so fast threads take more chunks and nobody waits on a fixed partition. The first error
 //! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
-//! [`ChunkWork`] contract), and every completed chunk is undone, single-threaded and in
+//! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
 //! address order, before the error is returned. Cancellation works the same way.
 
 use std::ops::Range;
