@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use crate::class::{Classify, ErrorClass};
 use crate::limits::Limits;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,6 +34,12 @@ pub enum AdmissionError {
     },
 }
 
+impl Classify for AdmissionError {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::User
+    }
+}
+
 /// "1.5 GiB", "64 MiB", "512 KiB", "12 bytes".
 pub fn human(bytes: u64) -> String {
     const UNITS: [(u64, &str); 4] = [
@@ -55,7 +62,7 @@ pub fn human(bytes: u64) -> String {
 }
 
 /// Checks a job that locks `lock` bytes and faults in `populate` bytes.
-pub fn check(limits: &Limits, lock: u64, populate: u64) -> Result<(), AdmissionError> {
+pub(crate) fn check(limits: &Limits, lock: u64, populate: u64) -> Result<(), AdmissionError> {
     if lock > 0 {
         if let (Some(room), Some(limit)) = (limits.memlock.room(), limits.memlock.limit) {
             if lock > room {

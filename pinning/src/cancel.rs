@@ -7,6 +7,7 @@
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use crate::class::{Classify, ErrorClass};
 use crate::sys;
 
 /// The first SIGINT/SIGTERM received while a [`SignalGuard`] was installed (0 = none).
@@ -23,12 +24,12 @@ pub enum CancelReason {
     Requested,
 }
 
-impl CancelReason {
-    /// The conventional exit status of a process stopped for this reason (128 + signal).
-    pub fn exit_status(self) -> i32 {
-        match self {
-            CancelReason::Signal(sig) => 128 + sig,
-            CancelReason::Requested => 1,
+impl Classify for CancelReason {
+    /// A caller's request is no signal from the user: nothing for them to fix, so Internal.
+    fn class(&self) -> ErrorClass {
+        match *self {
+            CancelReason::Signal(sig) => ErrorClass::Interrupted(sig),
+            CancelReason::Requested => ErrorClass::Internal,
         }
     }
 }
@@ -149,8 +150,14 @@ mod tests {
     }
 
     #[test]
-    fn exit_status_follows_shell_convention() {
-        assert_eq!(CancelReason::Signal(libc::SIGINT).exit_status(), 130);
-        assert_eq!(CancelReason::Signal(libc::SIGTERM).exit_status(), 143);
+    fn a_signal_is_an_interruption_and_a_request_is_not() {
+        let int = CancelReason::Signal(libc::SIGINT).class();
+        assert_eq!(int, ErrorClass::Interrupted(libc::SIGINT));
+        assert_eq!(int.exit_status(), 130);
+        assert_eq!(
+            CancelReason::Signal(libc::SIGTERM).class().exit_status(),
+            143
+        );
+        assert_eq!(CancelReason::Requested.class(), ErrorClass::Internal);
     }
 }

@@ -15,14 +15,14 @@ type Reader<T> = fn(&Path) -> Option<T>;
 
 /// One hierarchy: the process's cgroup directory and the mount it lives under.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Hierarchy {
-    pub dir: PathBuf,
-    pub mount: PathBuf,
+pub(crate) struct Hierarchy {
+    pub(crate) dir: PathBuf,
+    pub(crate) mount: PathBuf,
 }
 
 impl Hierarchy {
     /// The cgroup's directory and each ancestor up to the hierarchy's root, innermost first.
-    pub fn lineage(&self) -> impl Iterator<Item = &Path> {
+    pub(crate) fn lineage(&self) -> impl Iterator<Item = &Path> {
         let mount = self.mount.clone();
         self.dir
             .ancestors()
@@ -32,11 +32,11 @@ impl Hierarchy {
 
 /// The hierarchies relevant to pinning.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Cgroups {
-    pub v1_cpu: Option<Hierarchy>,
-    pub v1_memory: Option<Hierarchy>,
-    pub v1_cpuset: Option<Hierarchy>,
-    pub v2: Option<Hierarchy>,
+pub(crate) struct Cgroups {
+    pub(crate) v1_cpu: Option<Hierarchy>,
+    pub(crate) v1_memory: Option<Hierarchy>,
+    pub(crate) v1_cpuset: Option<Hierarchy>,
+    pub(crate) v2: Option<Hierarchy>,
 }
 
 struct Mount {
@@ -108,7 +108,7 @@ fn locate(root: &Path, mount: &Mount, path: &str) -> Hierarchy {
 impl Cgroups {
     /// Reads `<root>/proc/self/cgroup` and `<root>/proc/self/mountinfo`. A process outside
     /// any cgroup mount (some containers) simply gets no hierarchies.
-    pub fn read(root: &Path) -> io::Result<Self> {
+    pub(crate) fn read(root: &Path) -> io::Result<Self> {
         let membership = procfs::read(&under(root, "/proc/self/cgroup"))?;
         let mounts = parse_mountinfo(&procfs::read(&under(root, "/proc/self/mountinfo"))?);
         let mut cgroups = Cgroups::default();
@@ -157,13 +157,13 @@ impl Cgroups {
     }
 
     /// The tightest CPU bandwidth limit over all hierarchies and ancestors.
-    pub fn cpu_quota(&self) -> Option<CpuQuota> {
+    pub(crate) fn cpu_quota(&self) -> Option<CpuQuota> {
         Self::lineage_values([(&self.v1_cpu, read_v1_quota), (&self.v2, read_v2_quota)])
             .min_by(|a, b| a.cpus.total_cmp(&b.cpus))
     }
 
     /// The memory limit with the least room left over all hierarchies and ancestors.
-    pub fn memory_room(&self) -> Option<MemoryLimit> {
+    pub(crate) fn memory_room(&self) -> Option<MemoryLimit> {
         Self::lineage_values([
             (&self.v1_memory, read_v1_memory),
             (&self.v2, read_v2_memory),
@@ -172,7 +172,7 @@ impl Cgroups {
     }
 
     /// The memory nodes the cpuset allows (`cpuset.mems` / `cpuset.mems.effective`).
-    pub fn cpuset_mems(&self) -> Option<String> {
+    pub(crate) fn cpuset_mems(&self) -> Option<String> {
         let from = |h: &Hierarchy, file: &str| {
             std::fs::read_to_string(h.dir.join(file))
                 .ok()

@@ -6,14 +6,21 @@
 //! multithreaded jobs, while staying a good citizen:
 //!
 //! - [`limits`] finds how many CPUs the process may really use (affinity, online CPUs, the
-//!   cgroup CPU quota of its cgroup and every ancestor) and how much it may lock.
+//!   CPU quota of its cgroup and every ancestor, read by [`cgroup`] from the files
+//!   [`procfs`] reads) and how much it may lock.
 //! - [`admission`] refuses a job that would certainly fail, before any work.
 //! - [`engine`] splits a job into chunks pulled from a shared cursor by helper threads at
-//!   nice 19 (the caller works too and lends its priority while it waits); the first error
-//!   wins and everything done is undone, as is a job cancelled by SIGINT/SIGTERM ([`cancel`]).
+//!   nice 19 (the caller works too and lends its priority while it waits, see [`prio`]);
+//!   the first error wins and everything done is undone, as is a job cancelled by
+//!   SIGINT/SIGTERM ([`cancel`]).
 //! - [`backend`] holds the ways of preparing memory behind one [`backend::PinBackend`] trait:
-//!   `populate`, `mlock`, `none`, and kernel VFIO `type1` / `iommufd` on vfio-ioctls.
-//! - [`pinner`] puts the pieces together over a [`region::GuestRam`] and reports [`stats`].
+//!   `populate`, `mlock`, `none`, kernel VFIO `type1` / `iommufd` on vfio-ioctls, and
+//!   `vfio-user`.
+//! - [`pinner`] puts the pieces together over a [`region::GuestRam`], shows a progress bar
+//!   on a terminal, and reports [`stats`].
+//! - [`class`] says who must act on an error; the errors that reach `vmm` implement
+//!   [`class::Classify`], and `vmm` turns the class into the exit status.
+//! - [`sys`] holds the crate's system-call wrappers; [`model`] is an IOMMU model for tests.
 
 pub mod admission;
 pub mod backend;
@@ -26,7 +33,7 @@ pub mod model;
 pub mod pinner;
 pub mod prio;
 pub mod procfs;
-pub mod progress;
+mod progress;
 pub mod region;
 pub mod stats;
 pub mod sys;
@@ -35,7 +42,7 @@ pub use admission::AdmissionError;
 pub use backend::{BackendKind, PinBackend};
 pub use cancel::{CancelToken, SignalGuard};
 pub use class::{Classify, ErrorClass};
-pub use engine::{DecidedBy, JobError, JobSpec};
+pub use engine::{DecidedBy, JobSpec};
 pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
 pub use region::{GuestRam, Region};

@@ -6,18 +6,26 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::cgroup::{Cgroups, CpuQuota, MemoryLimit};
+use crate::class::{Classify, ErrorClass};
 use crate::engine::ThreadCaps;
 use crate::procfs::{self, ProcStatus, CAP_IPC_LOCK, CAP_SYS_NICE};
 use crate::sys;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LimitsError {
-    #[error("reading {what}: {source}")]
+    #[error("cannot read {what} to learn the limits pinning must respect: {source}")]
     Read {
         what: &'static str,
         #[source]
         source: io::Error,
     },
+}
+
+impl Classify for LimitsError {
+    /// The host refused to describe this process: nothing the user's input could fix.
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Internal
+    }
 }
 
 fn ctx(what: &'static str) -> impl FnOnce(io::Error) -> LimitsError {
@@ -61,15 +69,15 @@ pub struct Limits {
 
 /// Inputs that come from system calls rather than files, so tests can supply them.
 #[derive(Clone, Debug)]
-pub struct SyscallFacts {
-    pub affinity_cpus: usize,
-    pub memlock_limit: Option<u64>,
+pub(crate) struct SyscallFacts {
+    pub(crate) affinity_cpus: usize,
+    pub(crate) memlock_limit: Option<u64>,
     /// RLIMIT_NICE soft limit: the lowest nice allowed is `20 - value`.
-    pub nice_limit: Option<u64>,
+    pub(crate) nice_limit: Option<u64>,
 }
 
 impl SyscallFacts {
-    pub fn detect() -> io::Result<Self> {
+    pub(crate) fn detect() -> io::Result<Self> {
         let (memlock_limit, _) = sys::rlimit(libc::RLIMIT_MEMLOCK)?;
         let (nice_limit, _) = sys::rlimit(libc::RLIMIT_NICE)?;
         Ok(Self {
@@ -83,13 +91,14 @@ impl SyscallFacts {
 impl Limits {
     /// The limits of the running process.
     pub fn detect() -> Result<Self, LimitsError> {
-        let facts = SyscallFacts::detect().map_err(ctx("process limits"))?;
+        let facts = SyscallFacts::detect()
+            .map_err(ctx("this process's CPU affinity and resource limits"))?;
         Self::read(Path::new("/"), &facts)
     }
 
     /// Reads the file-based limits under `root` (a fixture tree in tests).
-    pub fn read(root: &Path, facts: &SyscallFacts) -> Result<Self, LimitsError> {
-        let status = ProcStatus::read(root).map_err(ctx("/proc/self/status"))?;
+    pub(crate) fn read(root: &Path, facts: &SyscallFacts) -> Result<Self, LimitsError> {
+        let status = ProcStatus::read(root).map_err(ctx("this process's status"))?;
         let online = procfs::read(&procfs::under(root, "/sys/devices/system/cpu/online"))
             .ok()
             .and_then(|t| procfs::parse_cpu_list(&t))

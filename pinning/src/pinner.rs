@@ -10,9 +10,8 @@ use serde::Serialize;
 use crate::admission::{self, AdmissionError};
 use crate::backend::{populate_range, BackendError, BackendKind, PinBackend};
 use crate::cancel::{CancelReason, CancelToken};
-use crate::engine::{
-    self, ChunkWork, DecidedBy, JobError, JobSpec, Plan, Undone, DEFAULT_MIN_CHUNK,
-};
+use crate::class::{Classify, ErrorClass};
+use crate::engine::{self, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAULT_MIN_CHUNK};
 use crate::limits::Limits;
 use crate::progress::Progress;
 use crate::region::{GuestRam, Piece};
@@ -74,38 +73,44 @@ impl Default for PinOptions {
 pub enum PinError {
     #[error(transparent)]
     Admission(#[from] AdmissionError),
-    #[error("{backend}: {source}")]
+    #[error("the {backend} backend could not start pinning guest RAM: {source}")]
     Begin {
         backend: BackendKind,
         #[source]
         source: BackendError,
     },
-    #[error("{backend}: {source}; undid {} chunks ({} bytes), nothing is left pinned", undone.chunks, undone.bytes)]
+    #[error("the {backend} backend failed to pin guest RAM: {source}; undid {} chunks ({} bytes), so nothing is left pinned", undone.chunks, undone.bytes)]
     Failed {
         backend: BackendKind,
         #[source]
         source: BackendError,
         undone: Undone,
     },
-    #[error("pinning cancelled by {reason}; undid {} chunks ({} bytes), nothing is left pinned", undone.chunks, undone.bytes)]
+    #[error("pinning cancelled by {reason}; undid {} chunks ({} bytes), so nothing is left pinned", undone.chunks, undone.bytes)]
     Cancelled {
         reason: CancelReason,
         undone: Undone,
     },
-    #[error("pinning: {0}")]
+    /// A `JobError` the pinner has no variant for (a bad spec, a helper that would not
+    /// start), already a full message.
+    #[error("{0}")]
     Engine(String),
 }
 
-impl PinError {
-    /// Shell exit status: 2 for a limit the user must raise, 128+N after a signal, else 1.
-    pub fn exit_status(&self) -> u8 {
+impl Classify for PinError {
+    /// A backend that fails after admission is the host refusing what should have worked.
+    fn class(&self) -> ErrorClass {
         match self {
-            PinError::Admission(_) => 2,
-            PinError::Cancelled { reason, .. } => reason.exit_status() as u8,
-            _ => 1,
+            PinError::Admission(e) => e.class(),
+            PinError::Cancelled { reason, .. } => reason.class(),
+            PinError::Begin { .. } | PinError::Failed { .. } | PinError::Engine(_) => {
+                ErrorClass::Internal
+            }
         }
     }
+}
 
+impl PinError {
     pub fn cancel_reason(&self) -> Option<CancelReason> {
         match self {
             PinError::Cancelled { reason, .. } => Some(*reason),
@@ -309,12 +314,6 @@ impl Pinner {
             min_chunk: GIB.max(ram.size().div_ceil(per)),
             max_threads: 1,
         }
-    }
-
-    /// How the job would run on this RAM (without running it).
-    pub fn plan(&self, ram: &GuestRam) -> Plan {
-        self.parallel_spec(ram)
-            .plan(&self.limits.thread_caps(self.requested()))
     }
 
     /// Pins all of `ram`. On any error or cancellation nothing stays mapped or locked.

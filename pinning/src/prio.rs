@@ -13,7 +13,7 @@ use crate::sys;
 
 /// Nice value of helper threads: the lowest priority, so pinning never crowds out the guest
 /// or other tenants.
-pub const HELPER_NICE: i32 = 19;
+pub(crate) const HELPER_NICE: i32 = 19;
 
 /// What happened to priority lending during a job.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -29,7 +29,7 @@ pub enum Lending {
 
 /// Lowers the calling (helper) thread to nice 19. Raising one's own nice value is always
 /// allowed; failure is logged and ignored, the job is still correct.
-pub fn become_background() {
+pub(crate) fn become_background() {
     if let Err(e) = sys::set_thread_nice(0, HELPER_NICE) {
         tracing::debug!("helper could not lower its priority: {e}");
     }
@@ -48,7 +48,7 @@ struct Board {
 }
 
 /// Where helpers announce themselves and their end, and wait for the start signal.
-pub struct HelperBoard {
+pub(crate) struct HelperBoard {
     state: Mutex<Board>,
     changed: Condvar,
 }
@@ -57,7 +57,7 @@ pub struct HelperBoard {
 static REFUSAL_LOGGED: AtomicBool = AtomicBool::new(false);
 
 impl HelperBoard {
-    pub fn new(helpers: usize) -> Self {
+    pub(crate) fn new(helpers: usize) -> Self {
         Self {
             state: Mutex::new(Board {
                 helpers: vec![Helper::default(); helpers],
@@ -67,31 +67,31 @@ impl HelperBoard {
         }
     }
 
-    pub fn register(&self, index: usize) {
+    pub(crate) fn register(&self, index: usize) {
         self.state.lock().unwrap().helpers[index].tid = Some(sys::gettid());
     }
 
     /// Parks a helper until every helper exists.
-    pub fn wait_for_start(&self) {
+    pub(crate) fn wait_for_start(&self) {
         let mut state = self.state.lock().unwrap();
         while !state.started {
             state = self.changed.wait(state).unwrap();
         }
     }
 
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         self.state.lock().unwrap().started = true;
         self.changed.notify_all();
     }
 
-    pub fn finish(&self, index: usize) {
+    pub(crate) fn finish(&self, index: usize) {
         self.state.lock().unwrap().helpers[index].done = true;
         self.changed.notify_all();
     }
 
     /// Called by the caller once it has no more chunks to take: lends its nice value to one
     /// unfinished helper at a time until all are done.
-    pub fn lend_until_done(&self) -> Lending {
+    pub(crate) fn lend_until_done(&self) -> Lending {
         let caller_nice = match sys::thread_nice(0) {
             Ok(n) => n,
             Err(_) => HELPER_NICE,

@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 /// `root` joined with an absolute path.
-pub fn under(root: &Path, absolute: impl AsRef<Path>) -> PathBuf {
+pub(crate) fn under(root: &Path, absolute: impl AsRef<Path>) -> PathBuf {
     let rel = absolute
         .as_ref()
         .strip_prefix("/")
@@ -14,13 +14,13 @@ pub fn under(root: &Path, absolute: impl AsRef<Path>) -> PathBuf {
 }
 
 /// Reads a file to a string, naming the file in the error.
-pub fn read(path: &Path) -> io::Result<String> {
+pub(crate) fn read(path: &Path) -> io::Result<String> {
     std::fs::read_to_string(path)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 /// The value of a `Key:   value` line in a /proc status-like file.
-pub fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+pub(crate) fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     text.lines().find_map(|line| {
         let (k, v) = line.split_once(':')?;
         (k.trim() == key).then(|| v.trim())
@@ -43,8 +43,8 @@ pub struct ProcStatus {
     pub cap_eff: u64,
 }
 
-pub const CAP_IPC_LOCK: u32 = 14;
-pub const CAP_SYS_NICE: u32 = 23;
+pub(crate) const CAP_IPC_LOCK: u32 = 14;
+pub(crate) const CAP_SYS_NICE: u32 = 23;
 
 impl ProcStatus {
     pub fn read(root: &Path) -> io::Result<Self> {
@@ -52,7 +52,7 @@ impl ProcStatus {
         Ok(Self::parse(&text))
     }
 
-    pub fn parse(text: &str) -> Self {
+    pub(crate) fn parse(text: &str) -> Self {
         Self {
             locked: kb_field(text, "VmLck").unwrap_or(0),
             cap_eff: field(text, "CapEff")
@@ -61,13 +61,13 @@ impl ProcStatus {
         }
     }
 
-    pub fn has_cap(&self, cap: u32) -> bool {
+    pub(crate) fn has_cap(&self, cap: u32) -> bool {
         self.cap_eff & (1 << cap) != 0
     }
 }
 
 /// Parses a kernel CPU list such as `0-3,8,10-11` into its members.
-pub fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
+pub(crate) fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
     let mut cpus = Vec::new();
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         match part.split_once('-') {

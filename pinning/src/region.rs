@@ -31,7 +31,7 @@ pub struct Piece {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegionError {
-    #[error("guest RAM region at guest {guest:#x} (host {host:#x}, {size:#x} bytes) is not aligned to its page size {page:#x}")]
+    #[error("guest RAM region at guest {guest:#x} (host {host:#x}, {size:#x} bytes) is not aligned to its page size {page:#x} (a power of two)")]
     Unaligned {
         guest: u64,
         host: u64,

@@ -4,10 +4,11 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use crate::engine::{DecidedBy, Undone};
+use crate::engine::DecidedBy;
 use crate::prio::Lending;
 use crate::GIB;
 
+/// A completed job. A failed or cancelled job has no stats: its error says what was undone.
 #[derive(Clone, Debug, Serialize)]
 pub struct JobStats {
     pub threads: usize,
@@ -17,7 +18,6 @@ pub struct JobStats {
     pub bytes: u64,
     #[serde(rename = "elapsed_ms", serialize_with = "as_millis")]
     pub elapsed: Duration,
-    pub undone: Undone,
     pub lending: Lending,
 }
 
@@ -26,17 +26,11 @@ fn as_millis<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 }
 
 /// Throughput in GiB/s (0 for an instantaneous or empty job).
-pub fn gibps(bytes: u64, elapsed: Duration) -> f64 {
+pub(crate) fn gibps(bytes: u64, elapsed: Duration) -> f64 {
     let secs = elapsed.as_secs_f64();
     if secs > 0.0 {
         bytes as f64 / GIB as f64 / secs
     } else {
         0.0
-    }
-}
-
-impl JobStats {
-    pub fn gibps(&self) -> f64 {
-        gibps(self.bytes, self.elapsed)
     }
 }

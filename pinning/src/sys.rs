@@ -1,13 +1,14 @@
 //! Thin, checked wrappers over the system calls this crate needs. Every `unsafe` block of the
-//! crate that is not about guest memory contents lives here.
+//! crate that is not about guest memory contents lives here, but for the signal handler's
+//! write(2) in `cancel`, which must stay async-signal-safe.
 
 use std::io;
 
 /// `MADV_POPULATE_WRITE` (Linux 5.14): fault pages in writable without touching them from
 /// user space, so the kernel zeroes each page once and nothing is read back.
-pub const MADV_POPULATE_WRITE: libc::c_int = 23;
+pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// `MLOCK_ONFAULT`: lock pages as they are faulted in rather than faulting all of them now.
-pub const MLOCK_ONFAULT: libc::c_uint = 1;
+pub(crate) const MLOCK_ONFAULT: libc::c_uint = 1;
 
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret == -1 {
@@ -18,13 +19,13 @@ fn check(ret: libc::c_int) -> io::Result<()> {
 }
 
 /// The kernel id of the calling thread (what `setpriority` and `/proc/self/task` name).
-pub fn gettid() -> i32 {
+pub(crate) fn gettid() -> i32 {
     // SAFETY: gettid has no arguments and cannot fail.
     unsafe { libc::gettid() }
 }
 
 /// The nice value of thread `tid` (0 = the calling thread).
-pub fn thread_nice(tid: i32) -> io::Result<i32> {
+pub(crate) fn thread_nice(tid: i32) -> io::Result<i32> {
     // getpriority may legitimately return -1, so errno must be cleared and checked.
     // SAFETY: __errno_location returns the calling thread's errno slot.
     unsafe { *libc::__errno_location() = 0 };
@@ -39,13 +40,13 @@ pub fn thread_nice(tid: i32) -> io::Result<i32> {
 }
 
 /// Sets the nice value of thread `tid` (0 = the calling thread). On Linux nice is per thread.
-pub fn set_thread_nice(tid: i32, nice: i32) -> io::Result<()> {
+pub(crate) fn set_thread_nice(tid: i32, nice: i32) -> io::Result<()> {
     // SAFETY: plain syscall with integer arguments.
     check(unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice) })
 }
 
 /// The CPUs the calling thread may run on.
-pub fn affinity_cpus() -> io::Result<Vec<usize>> {
+pub(crate) fn affinity_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: the pointer and size describe `set`, which outlives the call.
@@ -56,20 +57,10 @@ pub fn affinity_cpus() -> io::Result<Vec<usize>> {
         .collect())
 }
 
-/// Restricts the calling thread to `cpus` (tests use it to play `taskset`).
-pub fn set_affinity(cpus: &[usize]) -> io::Result<()> {
-    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    for &cpu in cpus {
-        // SAFETY: CPU_SET writes inside `set`; cpu is bounded by the caller's list.
-        unsafe { libc::CPU_SET(cpu, &mut set) };
-    }
-    // SAFETY: the pointer and size describe `set`.
-    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })
-}
-
 /// A resource limit: (soft, hard), `None` meaning unlimited.
-pub fn rlimit(resource: libc::__rlimit_resource_t) -> io::Result<(Option<u64>, Option<u64>)> {
+pub(crate) fn rlimit(
+    resource: libc::__rlimit_resource_t,
+) -> io::Result<(Option<u64>, Option<u64>)> {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -85,26 +76,26 @@ pub fn rlimit(resource: libc::__rlimit_resource_t) -> io::Result<(Option<u64>, O
 /// # Safety
 /// The range must be mapped memory owned by the caller that nothing else relies on being
 /// unpopulated; populating never changes its contents.
-pub unsafe fn populate_write(addr: u64, len: u64) -> io::Result<()> {
+pub(crate) unsafe fn populate_write(addr: u64, len: u64) -> io::Result<()> {
     // SAFETY: forwarded to the caller; madvise does not alter contents.
     check(unsafe { libc::madvise(addr as *mut libc::c_void, len as usize, MADV_POPULATE_WRITE) })
 }
 
 /// `mlock2(addr, len, flags)`.
-pub fn mlock2(addr: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
+pub(crate) fn mlock2(addr: u64, len: u64, flags: libc::c_uint) -> io::Result<()> {
     // SAFETY: mlock2 only changes the locked state of pages; an unmapped range is ENOMEM.
     check(unsafe { libc::mlock2(addr as *const libc::c_void, len as usize, flags) })
 }
 
 /// `munlock(addr, len)`.
-pub fn munlock(addr: u64, len: u64) -> io::Result<()> {
+pub(crate) fn munlock(addr: u64, len: u64) -> io::Result<()> {
     // SAFETY: munlock only changes the locked state of pages.
     check(unsafe { libc::munlock(addr as *const libc::c_void, len as usize) })
 }
 
 /// Installs `handler` for `sig` (SA_RESTART, all signals blocked while it runs) and returns
 /// the previous action.
-pub fn set_signal_handler(sig: i32, handler: usize) -> io::Result<libc::sigaction> {
+pub(crate) fn set_signal_handler(sig: i32, handler: usize) -> io::Result<libc::sigaction> {
     // SAFETY: sigaction is plain data; zeroed is a valid starting point.
     let mut action: libc::sigaction = unsafe { std::mem::zeroed() };
     action.sa_sigaction = handler;
@@ -119,13 +110,13 @@ pub fn set_signal_handler(sig: i32, handler: usize) -> io::Result<libc::sigactio
 }
 
 /// Puts back an action returned by [`set_signal_handler`].
-pub fn restore_signal_handler(sig: i32, old: &libc::sigaction) {
+pub(crate) fn restore_signal_handler(sig: i32, old: &libc::sigaction) {
     // SAFETY: `old` came from the kernel for this signal.
     unsafe { libc::sigaction(sig, old, std::ptr::null_mut()) };
 }
 
 /// "SIGINT", "SIGTERM", or the number.
-pub fn signal_name(sig: i32) -> String {
+pub(crate) fn signal_name(sig: i32) -> String {
     match sig {
         libc::SIGINT => "SIGINT".into(),
         libc::SIGTERM => "SIGTERM".into(),

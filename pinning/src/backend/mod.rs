@@ -23,9 +23,10 @@ mod vfio_user;
 use std::io;
 
 pub use mlock::MlockBackend;
-pub use populate::{populate_range, PopulateBackend};
+pub(crate) use populate::populate_range;
+pub use populate::PopulateBackend;
 pub use several::SeveralBackend;
-pub use vfio::{DmaMapper, IommufdBackend, Type1Backend, VfioDma, DEFAULT_DMA_ENTRY_LIMIT};
+pub use vfio::{DmaMapper, IommufdBackend, Type1Backend, VfioDma};
 pub use vfio_user::{FdDmaMapper, VfioUserBackend};
 
 use crate::region::{GuestRam, Piece};
@@ -72,7 +73,7 @@ impl std::fmt::Display for BackendKind {
 
 /// A failed backend operation, with the memory it was about.
 #[derive(Debug, thiserror::Error)]
-#[error("{op} of {len:#x} bytes at guest {guest_addr:#x} (host {host_addr:#x}): {source}")]
+#[error("{op} of {len:#x} bytes at guest {guest_addr:#x} (host {host_addr:#x}) failed: {source}")]
 pub struct BackendError {
     pub op: &'static str,
     pub guest_addr: u64,

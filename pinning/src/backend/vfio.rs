@@ -18,7 +18,7 @@ use super::{BackendError, BackendKind, PinBackend};
 use crate::region::Piece;
 
 /// The kernel's default for vfio_iommu_type1's `dma_entry_limit` module parameter.
-pub const DEFAULT_DMA_ENTRY_LIMIT: u64 = 65535;
+const DEFAULT_DMA_ENTRY_LIMIT: u64 = 65535;
 
 /// Something that maps host memory at an IOVA for a device: a VFIO container, an iommufd
 /// IOAS, a vfio-user server, or the IOMMU model in tests.

@@ -4,13 +4,13 @@
 //! page (`align`) and are pulled from a shared cursor by the calling thread and its helpers,
 //! so fast threads take more chunks and nobody waits on a fixed partition. The first error
 //! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
-//! [`ChunkWork`] contract), and every completed chunk is undone, single-threaded and in
+//! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
 //! address order, before the error is returned. Cancellation works the same way.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -23,7 +23,7 @@ use crate::stats::JobStats;
 /// `run` either completes the whole chunk or, on error, leaves nothing of it behind: the
 /// engine only ever undoes chunks whose `run` returned `Ok`. `undo` cannot fail: teardown
 /// must always make progress.
-pub trait ChunkWork: Sync {
+pub(crate) trait ChunkWork: Sync {
     type Error: Send;
     fn run(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
     fn undo(&self, chunk: Range<u64>);
@@ -43,7 +43,7 @@ pub struct JobSpec {
 }
 
 /// Default smallest chunk: below this, starting a thread costs more than it saves.
-pub const DEFAULT_MIN_CHUNK: u64 = 128 * crate::MIB;
+pub(crate) const DEFAULT_MIN_CHUNK: u64 = 128 * crate::MIB;
 
 /// Which limit decided the thread count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -64,7 +64,7 @@ pub enum DecidedBy {
 }
 
 impl DecidedBy {
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             DecidedBy::Requested => "requested",
             DecidedBy::Cgroup => "cgroup",
@@ -91,25 +91,6 @@ pub struct ThreadCaps {
     pub online: usize,
 }
 
-impl ThreadCaps {
-    /// Caps that let the job decide alone (tests).
-    pub fn unlimited() -> Self {
-        Self {
-            requested: None,
-            cgroup: None,
-            affinity: usize::MAX,
-            online: usize::MAX,
-        }
-    }
-
-    pub fn requested(threads: usize) -> Self {
-        Self {
-            requested: Some(threads),
-            ..Self::unlimited()
-        }
-    }
-}
-
 /// How a job will run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {
@@ -120,14 +101,16 @@ pub struct Plan {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SpecError {
-    #[error("job alignment {0:#x} is not a power of two")]
+pub(crate) enum SpecError {
+    #[error("the pinning job's page size {0:#x} is not a power of two")]
     Align(u64),
-    #[error("job start {start:#x} is not aligned to its page size {align:#x}")]
+    #[error(
+        "the pinning job starts at {start:#x}, which is not aligned to its page size {align:#x}"
+    )]
     Start { start: u64, align: u64 },
-    #[error("job range {start:#x}+{size:#x} overflows the address space")]
+    #[error("the pinning job {start:#x}+{size:#x} runs past the end of the address space")]
     Overflow { start: u64, size: u64 },
-    #[error("job has no threads to run on (max_threads = 0)")]
+    #[error("the pinning job allows no thread to run on (max_threads is 0)")]
     NoThreads,
 }
 
@@ -136,7 +119,7 @@ fn round_up(value: u64, align: u64) -> u64 {
 }
 
 impl JobSpec {
-    pub fn validate(&self) -> Result<(), SpecError> {
+    pub(crate) fn validate(&self) -> Result<(), SpecError> {
         if !self.align.is_power_of_two() {
             return Err(SpecError::Align(self.align));
         }
@@ -201,31 +184,31 @@ pub struct Undone {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum JobError<E> {
-    #[error("job spec: {0}")]
+pub(crate) enum JobError<E> {
+    #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("chunk {:#x}..{:#x} failed; undid {} completed chunks ({} bytes)", chunk.start, chunk.end, undone.chunks, undone.bytes)]
+    #[error("chunk {:#x}..{:#x} of the pinning job failed; undid {} completed chunks ({} bytes)", chunk.start, chunk.end, undone.chunks, undone.bytes)]
     Failed {
         chunk: Range<u64>,
         #[source]
         error: E,
         undone: Undone,
     },
-    #[error("cancelled by {reason}; undid {} completed chunks ({} bytes)", undone.chunks, undone.bytes)]
+    #[error("the pinning job was cancelled by {reason}; undid {} completed chunks ({} bytes)", undone.chunks, undone.bytes)]
     Cancelled {
         reason: CancelReason,
         undone: Undone,
     },
-    #[error("could not start helper thread: {0}")]
+    #[error("could not start a pinning helper thread: {0}")]
     Spawn(std::io::Error),
 }
 
 /// A finished job: its statistics and the chunks it completed, in address order (teardown
 /// undoes exactly these).
 #[derive(Debug)]
-pub struct Completed {
-    pub stats: JobStats,
-    pub chunks: Vec<Range<u64>>,
+pub(crate) struct Completed {
+    pub(crate) stats: JobStats,
+    pub(crate) chunks: Vec<Range<u64>>,
 }
 
 /// Shared state of one running job.
@@ -277,7 +260,7 @@ impl<W: ChunkWork> Shared<'_, W> {
 /// Runs `work` over the job with `plan.threads` threads (the caller is one of them).
 ///
 /// `progress` receives the bytes of each completed chunk as it completes.
-pub fn run_job<W: ChunkWork>(
+pub(crate) fn run_job<W: ChunkWork>(
     spec: &JobSpec,
     plan: &Plan,
     work: &W,
@@ -332,16 +315,6 @@ pub fn run_job<W: ChunkWork>(
     completed.sort_by_key(|c| c.start);
     let failure = shared.failure.into_inner().unwrap();
     let done_bytes: u64 = completed.iter().map(|c| c.end - c.start).sum();
-    let stats = |undone: Undone, elapsed: Duration| JobStats {
-        threads: plan.threads,
-        decided_by: plan.decided_by,
-        chunk_size: plan.chunk_size,
-        chunks: completed.len() as u64,
-        bytes: done_bytes,
-        elapsed,
-        undone,
-        lending: lending.clone(),
-    };
     if let Some((chunk, error)) = failure {
         let undone = undo_all(work, &completed);
         tracing::debug!(?chunk, ?undone, "job failed and was undone");
@@ -358,7 +331,15 @@ pub fn run_job<W: ChunkWork>(
         return Err(JobError::Cancelled { reason, undone });
     }
     Ok(Completed {
-        stats: stats(Undone::default(), elapsed),
+        stats: JobStats {
+            threads: plan.threads,
+            decided_by: plan.decided_by,
+            chunk_size: plan.chunk_size,
+            chunks: completed.len() as u64,
+            bytes: done_bytes,
+            elapsed,
+            lending,
+        },
         chunks: completed,
     })
 }
@@ -366,7 +347,7 @@ pub fn run_job<W: ChunkWork>(
 /// Undoes completed chunks one by one in address order. Single-threaded on purpose: undo
 /// (munlock, unmap) mostly serialises in the kernel, and a predictable order is easier to
 /// reason about when something is already going wrong.
-pub fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
+pub(crate) fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
     let mut undone = Undone::default();
     for chunk in completed {
         work.undo(chunk.clone());

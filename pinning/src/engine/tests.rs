@@ -85,13 +85,23 @@ fn spec(size_units: u64, align: u64, min_chunk_units: u64, max_threads: usize) -
     }
 }
 
+/// Caps that leave the thread count to the user's request and the job alone.
+fn requested(threads: usize) -> ThreadCaps {
+    ThreadCaps {
+        requested: Some(threads),
+        cgroup: None,
+        affinity: usize::MAX,
+        online: usize::MAX,
+    }
+}
+
 fn run(
     spec: &JobSpec,
     threads: usize,
     work: &Ledger,
     cancel: &CancelToken,
 ) -> Result<Completed, JobError<String>> {
-    let plan = spec.plan(&ThreadCaps::requested(threads));
+    let plan = spec.plan(&requested(threads));
     run_job(spec, &plan, work, cancel, &AtomicU64::new(0))
 }
 
@@ -227,7 +237,7 @@ fn huge_pages_are_never_split() {
         min_chunk: DEFAULT_MIN_CHUNK,
         max_threads: 64,
     };
-    let p = job.plan(&ThreadCaps::requested(16));
+    let p = job.plan(&requested(16));
     assert_eq!(p.chunk_size % crate::GIB, 0);
 }
 
@@ -273,7 +283,7 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
     let probe = Probe {
         seen: Mutex::new(Vec::new()),
     };
-    let plan = job.plan(&ThreadCaps::requested(3));
+    let plan = job.plan(&requested(3));
     run_job(&job, &plan, &probe, &CancelToken::new(), &AtomicU64::new(0)).unwrap();
     let seen = probe.seen.into_inner().unwrap();
     let helpers: Vec<_> = seen.iter().filter(|(tid, ..)| *tid != caller_tid).collect();

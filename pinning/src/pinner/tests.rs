@@ -153,6 +153,7 @@ fn iommufd_maps_chunks_in_parallel_and_a_failure_leaves_nothing_mapped() {
             .pin(ram.clone(), &CancelToken::new())
             .err()
             .expect("injected failure");
+        assert_eq!(err.class(), ErrorClass::Internal);
         match err {
             PinError::Failed { source, .. } => assert_eq!(source.errno(), Some(libc::EFAULT)),
             other => panic!("unexpected {other}"),
@@ -205,6 +206,7 @@ fn admission_refuses_before_any_work() {
         matches!(err, PinError::Admission(AdmissionError::Memlock { .. })),
         "{err}"
     );
+    assert_eq!(err.class(), ErrorClass::User);
     assert!(model.mappings().is_empty());
 }
 
@@ -239,6 +241,7 @@ fn cancelled_mlock_job_leaves_nothing_locked() {
     let pinner = Pinner::new(Arc::new(MlockBackend), limits(), options(2));
     let err = pinner.pin(ram, &token).err().unwrap();
     assert_eq!(err.cancel_reason(), Some(CancelReason::Requested));
+    assert_eq!(err.class(), ErrorClass::Internal);
     assert_eq!(locked_now(), before);
 }
 
@@ -258,4 +261,14 @@ fn populate_and_none_report_their_plan() {
     let pinner = Pinner::new(Arc::new(NoneBackend), limits(), options(1));
     let pinned = pinner.pin(ram, &CancelToken::new()).unwrap();
     assert_eq!(pinned.stats.backend, BackendKind::None);
+}
+
+#[test]
+fn a_signal_classifies_a_cancelled_pin_as_interrupted() {
+    let err = PinError::Cancelled {
+        reason: CancelReason::Signal(libc::SIGTERM),
+        undone: Undone::default(),
+    };
+    assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGTERM));
+    assert_eq!(err.class().exit_status(), 143);
 }

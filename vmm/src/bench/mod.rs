@@ -183,10 +183,8 @@ impl Classify for BenchError {
     fn class(&self) -> ErrorClass {
         match self {
             BenchError::Usage(_) => ErrorClass::User,
-            BenchError::Io { .. } | BenchError::Cancelled(CancelReason::Requested) => {
-                ErrorClass::Internal
-            }
-            BenchError::Cancelled(CancelReason::Signal(sig)) => ErrorClass::Interrupted(*sig),
+            BenchError::Io { .. } => ErrorClass::Internal,
+            BenchError::Cancelled(r) => r.class(),
         }
     }
 }

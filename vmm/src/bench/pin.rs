@@ -107,7 +107,7 @@ pub enum PinBenchError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     Pin(#[from] PinError),
-    #[error("reading limits: {0}")]
+    #[error(transparent)]
     Limits(#[from] pinning::limits::LimitsError),
 }
 
