@@ -47,4 +47,3 @@ mod tests {
         assert_eq!(ErrorClass::Interrupted(libc::SIGTERM).exit_status(), 143);
     }
 }
-

@@ -15,48 +15,28 @@ pub const MAX_GSI: u32 = LEGACY_GSI_COUNT + 4096 - 40 - 1;
 /// Allocation errors.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResourceError {
-    /// No free range of that size and alignment is left.
     #[error("{pool}: no free range of {size:#x} bytes aligned to {align:#x}")]
     Exhausted {
-        /// Which pool.
         pool: &'static str,
-        /// Requested size.
         size: u64,
-        /// Requested alignment.
         align: u64,
     },
-    /// The requested fixed range is outside the pool or already taken.
     #[error("{pool}: range {addr:#x}+{size:#x} is outside the pool or in use")]
     Unavailable {
-        /// Which pool.
         pool: &'static str,
-        /// Requested address.
         addr: u64,
-        /// Requested size.
         size: u64,
     },
-    /// Size zero or alignment not a power of two.
     #[error("{pool}: invalid request (size {size:#x}, alignment {align:#x})")]
     InvalidRequest {
-        /// Which pool.
         pool: &'static str,
-        /// Requested size.
         size: u64,
-        /// Requested alignment.
         align: u64,
     },
-    /// Freeing an address that was not allocated.
     #[error("{pool}: {addr:#x} was not allocated")]
-    NotAllocated {
-        /// Which pool.
-        pool: &'static str,
-        /// The address.
-        addr: u64,
-    },
-    /// A legacy GSI outside 0..24 or already claimed.
+    NotAllocated { pool: &'static str, addr: u64 },
     #[error("legacy GSI {0} is out of range (0..24) or already in use")]
     LegacyGsiUnavailable(u32),
-    /// All MSI GSIs are in use.
     #[error("no free GSI left (24..={MAX_GSI})")]
     GsiExhausted,
 }

@@ -37,16 +37,13 @@ const LEGACY_GSIS: u32 = 24;
 /// PCI set-up errors (stage `devices`).
 #[derive(Debug, thiserror::Error)]
 pub enum PciError {
-    /// The bus is full or the slot taken.
     #[error(transparent)]
     Bus(#[from] PciBusError),
-    /// No room for a BAR or no GSI left.
     #[error("{device}: {source}")]
     Resource {
         device: String,
         source: ResourceError,
     },
-    /// The device refused a BAR address.
     #[error("{device}: placing BAR{index} at {addr:#x}: {source}")]
     Bar {
         device: String,
@@ -54,22 +51,18 @@ pub enum PciError {
         addr: u64,
         source: devices::pci::ConfigError,
     },
-    /// A KVM ioctl failed.
     #[error("{device}: {what}: {source}")]
     Kvm {
         device: String,
         what: &'static str,
         source: kvm_ioctls::Error,
     },
-    /// The device refused its INTx wiring.
     #[error(transparent)]
     Intx {
         source: devices::vfio::VfioBackendError,
     },
-    /// A registration on the MMIO/PIO bus failed.
     #[error("registering the PCI configuration ports: {0}")]
     ConfigPorts(devices::BusError),
-    /// The ECAM window could not be put on the MMIO bus.
     #[error("registering the PCI ECAM window: {0}")]
     Ecam(devices::BusError),
 }
@@ -312,11 +305,6 @@ impl PciSystem {
                 })
             })
             .collect()
-    }
-
-    /// The bus, for tests and reports.
-    pub fn bus(&self) -> &Arc<PciBus> {
-        &self.bus
     }
 }
 

@@ -1,5 +1,6 @@
 use super::*;
 use crate::memory::layout::MIB;
+use std::borrow::Cow;
 use vm_memory::Bytes;
 
 /// A minimal x86_64 ELF: one PT_LOAD of `code` at `paddr`, entry at `paddr`, and with
@@ -203,7 +204,7 @@ fn cmdline_too_long_names_length_and_limit() {
     );
     assert_eq!(
         err.to_string(),
-        "kernel command line is 301 bytes with its NUL, the kernel accepts at most 256"
+        "the kernel command line is 301 bytes with its NUL, the kernel accepts at most 256: shorten --cmdline"
     );
     // A vmlinux gets the x86 COMMAND_LINE_SIZE of 2048 with the NUL.
     let elf = bytes("elf", tiny_elf(&[0xf4], 0x10_0000, None));

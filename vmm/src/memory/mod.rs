@@ -35,7 +35,7 @@ pub enum MemoryError {
         free: u64,
         total: u64,
     },
-    #[error("{op} for {} of {} guest memory: {source}", human(*size), backing.name())]
+    #[error("{op} for {} of {} guest memory failed: {source}", human(*size), backing.name())]
     Map {
         op: &'static str,
         backing: Backing,
@@ -43,7 +43,7 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
-    #[error("guest memory layout: {0}")]
+    #[error("describing guest memory to vm-memory failed: {0}")]
     Layout(String),
 }
 

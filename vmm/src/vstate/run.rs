@@ -24,34 +24,22 @@ const STOP_WARN_AFTER: Duration = Duration::from_secs(5);
 /// Why the run ended.
 #[derive(Debug, thiserror::Error)]
 pub enum VmExit {
-    /// The guest wrote this status to the debug-exit port.
     #[error("guest exited with status {0}")]
     GuestExit(u8),
-    /// The guest reset the machine.
     #[error("guest reset")]
     Reset,
-    /// The guest powered off through KVM.
     #[error("guest shut down")]
     Shutdown,
-    /// The vCPU halted with interrupts disabled.
     #[error("vCPU {cpu} halted with interrupts disabled")]
-    Halted {
-        /// vCPU index.
-        cpu: u32,
-    },
-    /// The deadline passed.
+    Halted { cpu: u32 },
     #[error("timed out")]
     Timeout,
-    /// Stopped for a signal the caller reported.
     #[error("stopped by signal {0}")]
     Signal(i32),
-    /// Stopped through a [`super::vm::StopHandle`].
     #[error("stopped")]
     Stopped,
-    /// A vCPU faulted (triple fault, failed entry, KVM internal error...).
     #[error(transparent)]
     Fault(VcpuFault),
-    /// A passthrough device or its server failed while the guest ran.
     #[error("passthrough device failed")]
     DeviceFailed,
 }

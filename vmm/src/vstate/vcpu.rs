@@ -39,47 +39,30 @@ const APIC_LVT_MASKED: u32 = 1 << 16;
 /// Errors creating and configuring vCPUs (the `vcpus` stage).
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    /// KVM_CREATE_VCPU failed.
     #[error("creating vCPU {index}: {source}")]
     Create {
-        /// vCPU index.
         index: u32,
-        /// Why.
         source: kvm_ioctls::Error,
     },
-    /// A configuration ioctl failed.
     #[error("vCPU {index}: {what} failed: {source}")]
     Configure {
-        /// vCPU index.
         index: u32,
-        /// Which ioctl.
         what: &'static str,
-        /// Why.
         source: kvm_ioctls::Error,
     },
-    /// Building a CPUID or MSR list failed.
     #[error("vCPU {index}: building the {what} list failed: {reason}")]
     Build {
-        /// vCPU index.
         index: u32,
-        /// Which list.
         what: &'static str,
-        /// Why.
         reason: String,
     },
-    /// KVM accepted only some of the boot MSRs.
     #[error("vCPU {index}: KVM refused MSR {msr:#x} ({written} of {total} boot MSRs written)")]
     MsrRefused {
-        /// vCPU index.
         index: u32,
-        /// First refused MSR.
         msr: u32,
-        /// How many were written.
         written: usize,
-        /// How many were asked.
         total: usize,
     },
-    /// The vCPU kick signal handler could not be installed.
     #[error("installing the SIGRTMIN vCPU kick handler failed: {0}")]
     SignalHandler(vmm_sys_util::errno::Error),
 }
@@ -93,57 +76,24 @@ impl pinning::Classify for VcpuError {
 /// Why a vCPU stopped running the guest on its own (the guest crashed or KVM gave up).
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuFault {
-    /// Triple fault or other shutdown condition.
     #[error("vCPU {cpu}: shutdown (triple fault) at RIP {rip}")]
-    Shutdown {
-        /// vCPU index.
-        cpu: u32,
-        /// Instruction pointer, if readable.
-        rip: Rip,
-    },
-    /// VM entry failed.
+    Shutdown { cpu: u32, rip: Rip },
     #[error("vCPU {cpu}: VM entry failed, hardware reason {reason:#x}, at RIP {rip}")]
-    FailEntry {
-        /// vCPU index.
-        cpu: u32,
-        /// Hardware entry failure reason.
-        reason: u64,
-        /// Instruction pointer, if readable.
-        rip: Rip,
-    },
-    /// KVM could not handle something (often: an instruction its emulator lacks).
+    FailEntry { cpu: u32, reason: u64, rip: Rip },
     #[error(
         "vCPU {cpu}: KVM internal error, suberror {suberror}, at RIP {rip}; instruction bytes: {}",
         hex(insn)
     )]
     InternalError {
-        /// vCPU index.
         cpu: u32,
-        /// KVM_INTERNAL_ERROR_* suberror.
         suberror: u32,
-        /// Instruction pointer, if readable.
         rip: Rip,
-        /// The failing instruction as KVM reported it (empty when not reported).
         insn: Vec<u8>,
     },
-    /// An exit this VMM does not handle.
     #[error("vCPU {cpu}: unexpected exit {exit} at RIP {rip}")]
-    Unexpected {
-        /// vCPU index.
-        cpu: u32,
-        /// The exit, as debug text.
-        exit: String,
-        /// Instruction pointer, if readable.
-        rip: Rip,
-    },
-    /// KVM_RUN itself failed.
+    Unexpected { cpu: u32, exit: String, rip: Rip },
     #[error("vCPU {cpu}: KVM_RUN failed: {source}")]
-    Run {
-        /// vCPU index.
-        cpu: u32,
-        /// Why.
-        source: kvm_ioctls::Error,
-    },
+    Run { cpu: u32, source: kvm_ioctls::Error },
 }
 
 /// An instruction pointer that may not have been readable.

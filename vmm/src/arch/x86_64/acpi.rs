@@ -28,23 +28,14 @@ use crate::memory::MemoryLayout;
 /// ACPI table errors.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
-    /// CPU count out of range.
     #[error("ACPI tables: {0} CPUs requested, supported 1..={MAX_CPUS}")]
     CpuCount(u8),
-    /// The tables do not fit the ACPI area.
     #[error("ACPI tables: {len} bytes do not fit {ACPI_START:#x}..{ACPI_END:#x}")]
-    TooBig {
-        /// Bytes needed.
-        len: usize,
-    },
-    /// Writing to guest memory failed.
+    TooBig { len: usize },
     #[error("ACPI tables: writing {len} bytes at {addr:#x} failed: {source}")]
     Write {
-        /// Where.
         addr: u64,
-        /// How much.
         len: usize,
-        /// Why.
         source: GuestMemoryError,
     },
 }

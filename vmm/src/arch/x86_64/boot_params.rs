@@ -42,24 +42,16 @@ pub struct InitrdPlacement {
 /// Boot-information errors.
 #[derive(Debug, thiserror::Error)]
 pub enum BootParamsError {
-    /// The E820 map does not fit the fixed space.
     #[error("{what}: {count} memory map entries, room for {max}")]
     TooManyEntries {
-        /// Which structure.
         what: &'static str,
-        /// Entries needed.
         count: usize,
-        /// Room.
         max: usize,
     },
-    /// Writing to guest memory failed.
     #[error("writing {what} at {addr:#x} failed: {source}")]
     Write {
-        /// Which structure.
         what: &'static str,
-        /// Where.
         addr: u64,
-        /// Why.
         source: GuestMemoryError,
     },
 }

@@ -47,17 +47,12 @@ const ALL_LAPICS: u8 = 0xff;
 /// MP table errors.
 #[derive(Debug, thiserror::Error)]
 pub enum MpTableError {
-    /// CPU count out of range.
     #[error("MP table: {0} CPUs requested, supported 1..={MAX_CPUS}")]
     CpuCount(u8),
-    /// Writing to guest memory failed.
     #[error("MP table: writing {len} bytes at {addr:#x} failed: {source}")]
     Write {
-        /// Where.
         addr: u64,
-        /// How much.
         len: usize,
-        /// Why.
         source: GuestMemoryError,
     },
 }
