@@ -169,7 +169,9 @@ pub struct StartupReport {
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error("{0}")]
-    Usage(String),
+    Qemu(String),
+    #[error(transparent)]
+    Limits(#[from] pinning::limits::LimitsError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -182,7 +184,8 @@ pub enum BenchError {
 impl Classify for BenchError {
     fn class(&self) -> ErrorClass {
         match self {
-            BenchError::Usage(_) => ErrorClass::User,
+            BenchError::Qemu(_) => ErrorClass::User,
+            BenchError::Limits(e) => e.class(),
             BenchError::Io { .. } => ErrorClass::Internal,
             BenchError::Cancelled(r) => r.class(),
         }
@@ -250,10 +253,10 @@ fn log(msg: impl AsRef<str>) {
 pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport, BenchError> {
     let started = Instant::now();
     let exe = std::env::current_exe().map_err(io("finding the vmm binary"))?;
-    let qemu_choice = qemu::choose(args.qemu.as_deref()).map_err(BenchError::Usage)?;
+    let qemu_choice = qemu::choose(args.qemu.as_deref()).map_err(BenchError::Qemu)?;
     let runs_dir = args.out.join("runs");
     std::fs::create_dir_all(&runs_dir).map_err(io(format!("creating {}", runs_dir.display())))?;
-    let limits = Limits::detect().map_err(|e| BenchError::Usage(e.to_string()))?;
+    let limits = Limits::detect()?;
     let machine = Machine::detect();
     log(format!("machine: {}", machine.describe()));
     let mut notes = Vec::new();

@@ -48,7 +48,9 @@ pub fn choose(arg: Option<&str>) -> Result<QemuChoice, String> {
             };
             match path {
                 Some(path) if is_executable(&path) => QemuChoice::Use(path),
-                _ => return Err(format!("--qemu `{p}`: not an executable file")),
+                _ => return Err(format!(
+                    "--qemu `{p}`: not an executable file; give the path of qemu-system-x86_64 or `none`"
+                ))
             }
         }
         None => match on_path(DEFAULT_QEMU) {

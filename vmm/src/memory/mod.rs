@@ -72,8 +72,7 @@ pub struct GuestMemory {
 impl GuestMemory {
     /// Maps fresh memory for each range: a guest's are [`MemoryLayout::ram`].
     pub fn new(backing: Backing, ranges: &[RamRange]) -> Result<Self, MemoryError> {
-        let ranges: Vec<(u64, u64)> = ranges.iter().map(|r| (r.start.0, r.size)).collect();
-        let total: u64 = ranges.iter().map(|r| r.1).sum();
+        let total: u64 = ranges.iter().map(|r| r.size).sum();
         let host = pinning::procfs::mem_total(Path::new("/")).unwrap_or(u64::MAX);
         if total > host {
             return Err(MemoryError::MoreThanHost {
@@ -81,7 +80,7 @@ impl GuestMemory {
                 host,
             });
         }
-        for &(_, size) in &ranges {
+        for &RamRange { size, .. } in ranges {
             if size % backing.page_size() != 0 || size == 0 {
                 return Err(MemoryError::NotPageMultiple { size, backing });
             }
@@ -90,12 +89,12 @@ impl GuestMemory {
             check_hugetlb(backing, total)?;
         }
         let mut mappings = Vec::with_capacity(ranges.len());
-        for &(_, size) in &ranges {
-            mappings.push(map_one(backing, size)?);
+        for r in ranges {
+            mappings.push(map_one(backing, r.size)?);
         }
         let mut vm_regions = Vec::new();
         let mut regions = Vec::new();
-        for (m, &(guest, size)) in mappings.iter().zip(&ranges) {
+        for (m, &RamRange { start, size }) in mappings.iter().zip(ranges) {
             let flags = if m.file.is_some() {
                 libc::MAP_SHARED
             } else {
@@ -111,13 +110,14 @@ impl GuestMemory {
                     flags,
                 )
             }
-            .map_err(|e| MemoryError::Layout(format!("region at {guest:#x}: {e}")))?;
-            let region = GuestRegionMmap::new(raw, vm_memory::GuestAddress(guest))
-                .ok_or_else(|| MemoryError::Layout(format!("region at {guest:#x} overflows")))?;
+            .map_err(|e| MemoryError::Layout(format!("region at {:#x}: {e}", start.0)))?;
+            let region = GuestRegionMmap::new(raw, start).ok_or_else(|| {
+                MemoryError::Layout(format!("region at {:#x} overflows", start.0))
+            })?;
             vm_regions.push(region);
             regions.push(Region {
                 host_addr: m.addr,
-                guest_addr: guest,
+                guest_addr: start.0,
                 size,
                 page_size: backing.page_size(),
                 file: m.file.as_ref().map(|f| (f.as_raw_fd(), 0)),
