@@ -20,10 +20,11 @@ use std::sync::{Arc, Mutex};
 
 use devices::serial::{stdin_is_pollable, SharedBuffer, StdinFd};
 use devices::{
-    ports, BootMarks, Bus, BusError, DebugExit, ExitNotifier, ExitReason, GuestMarks, SerialDevice,
+    BootMarks, Bus, BusError, DebugExit, ExitNotifier, ExitReason, GuestMarks, SerialDevice,
     SerialInput, I8042,
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use guest_abi::ports;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
