@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use devices::vfio::kernel::IommuKind;
 use devices::{ExitReason, GuestMarks};
+use guest_abi::probe::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
 use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend};
 use pinning::BackendKind;
 use pinning::{
@@ -211,9 +212,13 @@ fn probe_cmdline(memory: u64, cpus: u8, dma: bool) -> String {
         .filter(|e| e.kind == E820Kind::Ram)
         .map(|e| e.size)
         .sum();
-    let dma = if dma { " probe.expect_dma=1" } else { "" };
+    let dma = if dma {
+        format!(" {OPT_EXPECT_DMA}=1")
+    } else {
+        String::new()
+    };
     format!(
-        "probe.expect_mem={} probe.expect_cpus={cpus}{dma}",
+        "{OPT_EXPECT_MEM}={} {OPT_EXPECT_CPUS}={cpus}{dma}",
         ram >> 20
     )
 }
@@ -524,7 +529,7 @@ pub fn launch(args: &RunArgs, start: Instant) -> Result<Outcome, LaunchError> {
             marks
                 .other_marks()
                 .iter()
-                .find(|m| m.byte == vmm_resources::MARK_ENTRY)
+                .find(|m| m.byte == guest_abi::marks::ENTRY)
                 .map(|m| m.at),
             marks.first_output(),
             marks.ready(),
