@@ -1,6 +1,6 @@
 //! Builds the probe guest (resources/probe-guest, a freestanding `no_std` kernel outside the
-//! workspace) with an inner cargo and its own target dir, and leaves the ELF at
-//! `$OUT_DIR/probe-guest.elf` for `include_bytes!`.
+//! workspace, with its one dependency guest-abi) with an inner cargo and its own target dir,
+//! and leaves the ELF at `$OUT_DIR/probe-guest.elf` for `include_bytes!`.
 
 use std::env;
 use std::ffi::OsString;
@@ -33,10 +33,20 @@ fn main() {
     let manifest = probe_dir.join("Cargo.toml");
     let linker_script = probe_dir.join("link.ld");
 
-    for path in [&manifest, &probe_dir.join("Cargo.lock"), &linker_script] {
+    // The probe also builds guest-abi (a path dependency shared with the VMM), whose manifest
+    // takes its edition and the like from the workspace's.
+    let abi_dir = manifest_dir.join("..").join("guest-abi");
+    for path in [
+        &manifest,
+        &probe_dir.join("Cargo.lock"),
+        &linker_script,
+        &abi_dir.join("Cargo.toml"),
+        &manifest_dir.join("..").join("Cargo.toml"),
+    ] {
         println!("cargo:rerun-if-changed={}", path.display());
     }
     rerun_for_dir(&probe_dir.join("src"));
+    rerun_for_dir(&abi_dir.join("src"));
 
     let target_dir = out_dir.join("probe-target");
     let rustflags = [

@@ -7,6 +7,8 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{run_with_report, stderr, stdout, vmm, wait_for_locked_memory};
+use guest_abi::exit;
+use guest_abi::probe::{RESULT_FAIL_PREFIX, RESULT_OK_LINE};
 
 /// Boots the probe with `args` and a report, checks it passed, returns (serial, report).
 fn boot_ok(args: &[&str]) -> (String, serde_json::Value) {
@@ -18,7 +20,7 @@ fn boot_ok(args: &[&str]) -> (String, serde_json::Value) {
         "serial:\n{serial}\nstderr:\n{}",
         stderr(&out)
     );
-    assert!(serial.contains("probe: result ok"), "{serial}");
+    assert!(serial.contains(RESULT_OK_LINE), "{serial}");
     (serial, report.expect("a report"))
 }
 
@@ -124,13 +126,23 @@ fn the_guest_exit_status_passes_through() {
         .args(["run", "--quiet", "--cmdline", "probe.expect_cpus=3"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
-    assert!(stdout(&out).contains("probe: result FAIL: expected 3 cpus, found 1"));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::CHECK_FAILED.into()),
+        "{}",
+        stdout(&out)
+    );
+    assert!(stdout(&out).contains(&format!("{RESULT_FAIL_PREFIX}expected 3 cpus, found 1")));
     let out = vmm()
         .args(["run", "--quiet", "--cmdline", "probe.fault"])
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(exit::EXCEPTION.into()),
+        "{}",
+        stdout(&out)
+    );
     assert!(stdout(&out).contains("probe: exception 14 #PF"));
 }
 
@@ -267,7 +279,7 @@ fn kvm_permission_problem_is_a_clear_error() {
     let out = cmd.output().unwrap();
     match out.status.code() {
         Some(2) => assert!(stderr(&out).contains("/dev/kvm"), "{}", stderr(&out)),
-        Some(0) => assert!(stdout(&out).contains("probe: result ok")),
+        Some(0) => assert!(stdout(&out).contains(RESULT_OK_LINE)),
         other => panic!("unexpected status {other:?}: {}", stderr(&out)),
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{run_with_report, vmm};
+use guest_abi::probe::{DMA_FAIL_PREFIX, DMA_OK_PREFIX, RESULT_FAIL_PREFIX};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -20,7 +21,7 @@ fn text(b: &[u8]) -> String {
 fn dma_line(serial: &str) -> &str {
     serial
         .lines()
-        .find(|l| l.starts_with("probe: dma ok") || l.starts_with("probe: dma FAIL"))
+        .find(|l| l.starts_with(DMA_OK_PREFIX) || l.starts_with(DMA_FAIL_PREFIX))
         .unwrap_or_else(|| panic!("no dma result line in:\n{serial}"))
 }
 
@@ -61,7 +62,7 @@ fn hanging_guest(args: &[&str]) -> std::process::Child {
         assert!(n > 0, "vmm ended early:\n{}", text(&serial));
         serial.extend_from_slice(&buf[..n]);
     }
-    assert!(text(&serial).contains("probe: dma ok"), "{}", text(&serial));
+    assert!(text(&serial).contains(DMA_OK_PREFIX), "{}", text(&serial));
     child
 }
 
@@ -136,7 +137,7 @@ fn dma_ok_across_all_ram(memory: &str, bytes: u64, regions: usize) -> String {
     assert_eq!(out.status.code(), Some(0), "{serial}\n{err}");
     let line = dma_line(&serial);
     assert!(
-        line.starts_with(&format!("probe: dma ok: {regions} regions,")) && line.ends_with("irq ok"),
+        line.starts_with(&format!("{DMA_OK_PREFIX}{regions} regions,")) && line.ends_with("irq ok"),
         "{line}"
     );
     assert!(serial.contains("probe: pci 00:01.0 104c:b500"), "{serial}");
@@ -182,10 +183,10 @@ fn a_page_left_out_of_the_dma_map_is_a_guest_visible_dma_failure() {
     let (out, _) = run_with_report(&["--memory", "1G", "--test-dma-hole", "0x3ffff000", "--quiet"]);
     let serial = text(&out.stdout);
     let line = dma_line(&serial);
-    assert!(line.starts_with("probe: dma FAIL"), "{line}");
+    assert!(line.starts_with(DMA_FAIL_PREFIX), "{line}");
     assert!(line.contains("3ffff000"), "names the page: {line}");
     assert_ne!(out.status.code(), Some(0), "{serial}");
-    assert!(serial.contains("probe: result FAIL"), "{serial}");
+    assert!(serial.contains(RESULT_FAIL_PREFIX), "{serial}");
 }
 
 #[test]

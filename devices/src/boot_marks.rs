@@ -1,5 +1,5 @@
-//! The boot-marks port (0x440, one byte): the guest writes a mark byte at interesting points of
-//! its start-up (0x01 ready, 0x02 entry) and the VMM timestamps them.
+//! The boot-marks port (`guest_abi::ports::BOOT_MARKS`, one byte): the guest writes a mark byte
+//! at interesting points of its start-up (`guest_abi::marks`) and the VMM timestamps them.
 
 use std::sync::Arc;
 
@@ -37,20 +37,20 @@ impl BusDevice for BootMarks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::marks::{MARK_ENTRY, MARK_READY};
+    use guest_abi::marks::{ENTRY, READY};
     use std::time::Instant;
 
     #[test]
     fn writes_record_marks() {
         let marks = Arc::new(GuestMarks::new(Instant::now()));
         let mut dev = BootMarks::new(marks.clone());
-        dev.write(0, &[MARK_ENTRY]);
-        dev.write(0, &[MARK_READY]);
-        dev.write(0, &[MARK_READY]);
+        dev.write(0, &[ENTRY]);
+        dev.write(0, &[READY]);
+        dev.write(0, &[READY]);
         assert!(marks.ready().is_some());
         let others = marks.other_marks();
         assert_eq!(others.len(), 1);
-        assert_eq!(others[0].byte, MARK_ENTRY);
+        assert_eq!(others[0].byte, ENTRY);
         let mut data = [0xffu8];
         dev.read(0, &mut data);
         assert_eq!(data, [0]);

@@ -3,12 +3,13 @@
 //! BAR0, commands that DMA to and from host (here: guest) memory, and an interrupt when a
 //! command is done.
 //!
-//! Register offsets and bit values are those of the Linux sources; the IDs are TI DRA74x
-//! (0x104c:0xb500), which `pci_endpoint_test` binds with the register block in BAR0 and MSI
-//! as the default interrupt. Differences from the real endpoint, on purpose:
+//! The IDs, register offsets and bit values, the checksum and the WRITE pattern are the guest
+//! ABI ([`guest_abi::epf`]), shared with the probe guest that drives this model. Differences
+//! from the real endpoint, on purpose:
 //! - a command runs synchronously inside the guest's write to COMMAND;
 //! - WRITE fills the buffer with a deterministic pattern seeded from the destination address
-//!   ([`fill_pattern`]) instead of random bytes, so runs are reproducible;
+//!   ([`fill_pattern`], [`guest_abi::epf::pattern`]) instead of random bytes, so runs are
+//!   reproducible;
 //! - every DMA goes through a [`DmaSpace`], so an address the IOMMU (or the vfio-user DMA
 //!   map) does not cover fails the command with SRC/DST_ADDR_INVALID: a missing mapping is a
 //!   failed test, not a silent success. DMA also fails while bus mastering is off;
@@ -21,6 +22,11 @@
 use std::fmt;
 use std::sync::Arc;
 
+use guest_abi::epf::{
+    caps, command, irq_type, pattern, reg, status, CHECKSUM_SEED, CLASS_OTHERS, CRC32_POLY,
+    DEVICE_ID_TI_DRA74X, REG_BAR, VENDOR_ID_TI,
+};
+
 use crate::pci::config::{
     command as cmd_bits, BarKind, BarSpec, ConfigError, ConfigSpace, PciHeader,
 };
@@ -30,119 +36,7 @@ use crate::pci::msi::{MsiCap, MsiError, RoutingChange};
 use crate::pci::msix::{MsixCap, MsixError, MsixLocation};
 use crate::pci::Bar;
 
-/// Register offsets in BAR0 (Linux `PCI_ENDPOINT_TEST_*`).
-pub mod reg {
-    /// Scratch register the host's BAR test writes and reads back.
-    pub const MAGIC: u64 = 0x00;
-    /// Command to run ([`super::command`]); reads 0 once taken.
-    pub const COMMAND: u64 = 0x04;
-    /// Result of the last command ([`super::status`]).
-    pub const STATUS: u64 = 0x08;
-    /// Source address, low 32 bits.
-    pub const SRC_ADDR_LO: u64 = 0x0c;
-    /// Source address, high 32 bits.
-    pub const SRC_ADDR_HI: u64 = 0x10;
-    /// Destination address, low 32 bits.
-    pub const DST_ADDR_LO: u64 = 0x14;
-    /// Destination address, high 32 bits.
-    pub const DST_ADDR_HI: u64 = 0x18;
-    /// Transfer size in bytes.
-    pub const SIZE: u64 = 0x1c;
-    /// CRC32 (Linux `crc32_le(~0, ..)`) of the data: input to READ, output of WRITE.
-    pub const CHECKSUM: u64 = 0x20;
-    /// Interrupt type to raise when a transfer is done ([`super::irq_type`]).
-    pub const IRQ_TYPE: u64 = 0x24;
-    /// Interrupt number, 1-based for MSI/MSI-X.
-    pub const IRQ_NUMBER: u64 = 0x28;
-    /// Transfer flags ([`super::flags`]).
-    pub const FLAGS: u64 = 0x2c;
-    /// What the endpoint supports ([`super::caps`]); read-only.
-    pub const CAPS: u64 = 0x30;
-}
-
-/// COMMAND values (one bit per command).
-pub mod command {
-    /// Raise the INTx interrupt.
-    pub const RAISE_INTX_IRQ: u32 = 1 << 0;
-    /// Raise MSI number IRQ_NUMBER.
-    pub const RAISE_MSI_IRQ: u32 = 1 << 1;
-    /// Raise MSI-X number IRQ_NUMBER.
-    pub const RAISE_MSIX_IRQ: u32 = 1 << 2;
-    /// Read SIZE bytes at SRC_ADDR and compare their CRC with CHECKSUM.
-    pub const READ: u32 = 1 << 3;
-    /// Write SIZE bytes at DST_ADDR and put their CRC in CHECKSUM.
-    pub const WRITE: u32 = 1 << 4;
-    /// Copy SIZE bytes from SRC_ADDR to DST_ADDR.
-    pub const COPY: u32 = 1 << 5;
-    /// Set up a doorbell (not supported here: answered with DOORBELL_ENABLE_FAIL).
-    pub const ENABLE_DOORBELL: u32 = 1 << 6;
-    /// Tear a doorbell down (answered with DOORBELL_DISABLE_FAIL).
-    pub const DISABLE_DOORBELL: u32 = 1 << 7;
-}
-
-/// STATUS bits.
-pub mod status {
-    /// READ found the expected checksum.
-    pub const READ_SUCCESS: u32 = 1 << 0;
-    /// READ failed (DMA fault or checksum mismatch).
-    pub const READ_FAIL: u32 = 1 << 1;
-    /// WRITE done.
-    pub const WRITE_SUCCESS: u32 = 1 << 2;
-    /// WRITE failed.
-    pub const WRITE_FAIL: u32 = 1 << 3;
-    /// COPY done.
-    pub const COPY_SUCCESS: u32 = 1 << 4;
-    /// COPY failed.
-    pub const COPY_FAIL: u32 = 1 << 5;
-    /// The interrupt for the command was raised.
-    pub const IRQ_RAISED: u32 = 1 << 6;
-    /// The source address could not be reached.
-    pub const SRC_ADDR_INVALID: u32 = 1 << 7;
-    /// The destination address could not be reached.
-    pub const DST_ADDR_INVALID: u32 = 1 << 8;
-    /// Doorbell set-up failed.
-    pub const DOORBELL_ENABLE_FAIL: u32 = 1 << 11;
-    /// Doorbell tear-down failed.
-    pub const DOORBELL_DISABLE_FAIL: u32 = 1 << 13;
-}
-
-/// IRQ_TYPE values.
-pub mod irq_type {
-    /// Legacy INTx.
-    pub const INTX: u32 = 0;
-    /// MSI.
-    pub const MSI: u32 = 1;
-    /// MSI-X.
-    pub const MSIX: u32 = 2;
-}
-
-/// FLAGS bits.
-pub mod flags {
-    /// Use the endpoint's DMA engine rather than memcpy through a window (same thing here).
-    pub const USE_DMA: u32 = 1 << 0;
-}
-
-/// CAPS bits.
-pub mod caps {
-    /// Transfers need no particular alignment, so the host need not pad its buffers.
-    pub const UNALIGNED_ACCESS: u32 = 1 << 0;
-    /// MSI is available.
-    pub const MSI: u32 = 1 << 1;
-    /// MSI-X is available.
-    pub const MSIX: u32 = 1 << 2;
-    /// INTx is available.
-    pub const INTX: u32 = 1 << 3;
-}
-
-/// Texas Instruments.
-pub const VENDOR_ID_TI: u16 = 0x104c;
-/// TI DRA74x, in `pci_endpoint_test`'s ID table with the registers in BAR0.
-pub const DEVICE_ID_TI_DRA74X: u16 = 0xb500;
-/// Class "other" (base class 0xff), as pci-epf-test's header says.
-pub const CLASS_OTHERS: u32 = 0xff_00_00;
-/// The BAR with the register block.
-pub const REG_BAR: usize = 0;
-/// Its size: registers, MSI-X table and PBA in one page.
+/// The size of [`REG_BAR`]: registers, MSI-X table and PBA in one page.
 pub const REG_BAR_SIZE: u64 = 0x1000;
 /// Where the MSI-X table starts in the register BAR (after the registers, as pci-epf-test
 /// places it).
@@ -223,9 +117,8 @@ pub enum EpfError {
     Msix(#[from] MsixError),
 }
 
-/// Linux's `crc32_le(seed, data)`: the reflected CRC-32 (polynomial 0xedb88320) without pre-
-/// or post-inversion. pci-epf-test and its host driver use `crc32_le(~0, ..)`, which is the
-/// bitwise NOT of the usual CRC-32.
+/// Linux's `crc32_le(seed, data)`: the reflected CRC-32 ([`CRC32_POLY`]) without pre- or
+/// post-inversion.
 pub fn crc32_le(seed: u32, data: &[u8]) -> u32 {
     data.iter().fold(seed, |crc, &b| {
         CRC_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
@@ -234,7 +127,7 @@ pub fn crc32_le(seed: u32, data: &[u8]) -> u32 {
 
 /// The CHECKSUM of `data` as pci-epf-test and `pci_endpoint_test` compute it.
 pub fn checksum(data: &[u8]) -> u32 {
-    crc32_le(!0, data)
+    crc32_le(CHECKSUM_SEED, data)
 }
 
 const CRC_TABLE: [u32; 256] = {
@@ -245,7 +138,7 @@ const CRC_TABLE: [u32; 256] = {
         let mut k = 0;
         while k < 8 {
             c = if c & 1 != 0 {
-                0xedb8_8320 ^ (c >> 1)
+                CRC32_POLY ^ (c >> 1)
             } else {
                 c >> 1
             };
@@ -257,18 +150,10 @@ const CRC_TABLE: [u32; 256] = {
     table
 };
 
-fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// Fills `buf` with bytes `offset..offset + buf.len()` of the pattern WRITE sends to `base`:
-/// byte `p` is byte `p % 8` (little-endian) of `splitmix64(base ^ (p / 8) * φ)`, with
-/// φ = 0x9e3779b97f4a7c15. Deterministic, so a guest or test can predict it.
+/// byte `p` is byte `p % 8` (little-endian) of [`pattern::word`]`(base, p / 8)`.
 pub fn fill_pattern(base: u64, offset: u64, buf: &mut [u8]) {
-    let word = |index: u64| splitmix64(base ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    let word = |index: u64| pattern::word(base, index);
     let mut current = (u64::MAX, [0u8; 8]);
     for (i, b) in buf.iter_mut().enumerate() {
         let p = offset.wrapping_add(i as u64);

@@ -6,11 +6,13 @@
 
 use std::sync::Arc;
 
+use guest_abi::ports::{I8042_BASE, I8042_COMMAND};
+
 use crate::bus::BusDevice;
 use crate::exit::{ExitNotifier, ExitReason};
 
 const DATA: u64 = 0;
-const COMMAND: u64 = 4;
+const COMMAND: u64 = (I8042_COMMAND - I8042_BASE) as u64;
 
 // Status register bits.
 const SB_OUT_FULL: u8 = 0x01;
@@ -33,7 +35,7 @@ const CMD_DISABLE_KBD: u8 = 0xad;
 const CMD_ENABLE_KBD: u8 = 0xae;
 const CMD_READ_OUTP: u8 = 0xd0;
 const CMD_WRITE_OUTP: u8 = 0xd1;
-const CMD_RESET_CPU: u8 = 0xfe;
+const CMD_RESET_CPU: u8 = guest_abi::exit::I8042_RESET;
 
 const SELF_TEST_OK: u8 = 0x55;
 const PORT_TEST_OK: u8 = 0x00;

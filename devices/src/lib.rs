@@ -2,6 +2,9 @@
 //! (COM1 serial, i8042 reset line, debug-exit port, boot-marks port), plus the small shared
 //! pieces the VMM uses to learn about the guest (marks, exit requests).
 //!
+//! Where they sit (ports, the pci-epf-test IDs and registers) and the bytes the guest writes to
+//! them are the guest ABI, in the `guest-abi` crate that the probe guest builds too.
+//!
 //! Nothing here touches KVM: every device is plain Rust behind [`bus::BusDevice`], so all of it
 //! is unit-tested without `/dev/kvm`.
 
@@ -26,21 +29,3 @@ pub use i8042::I8042;
 pub use marks::{GuestMarks, Mark};
 pub use serial::{EventFdTrigger, SerialDevice, SerialInput};
 pub use terminal::RawTerminal;
-
-/// I/O ports agreed with the probe guest (resources/): keep them in one place.
-pub mod ports {
-    /// COM1 16550 UART, 8 registers.
-    pub const SERIAL_COM1: u16 = 0x3f8;
-    /// Number of COM1 registers.
-    pub const SERIAL_LEN: u16 = 8;
-    /// Boot-marks port (1 byte): 0x01 ready, 0x02 guest entry, others recorded as marks.
-    pub const BOOT_MARKS: u16 = 0x440;
-    /// Debug-exit port: the byte written is the guest's exit status.
-    pub const DEBUG_EXIT: u16 = 0xf4;
-    /// i8042 data port; the device spans 0x60..=0x64 (0x64 = status/command).
-    pub const I8042_BASE: u16 = 0x60;
-    /// Span of the i8042 registration (data at +0, command/status at +4).
-    pub const I8042_LEN: u16 = 5;
-    /// Legacy IRQ line (and GSI) of COM1.
-    pub const SERIAL_IRQ: u32 = 4;
-}

@@ -5,13 +5,10 @@
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
+use guest_abi::marks::READY;
+
 /// How many "other" marks are kept; a guest looping on the port must not grow VMM memory.
 pub const MAX_OTHER_MARKS: usize = 64;
-
-/// Mark byte meaning "the guest is ready" (agreed with the probe guest).
-pub const MARK_READY: u8 = 0x01;
-/// Mark byte meaning "the guest's entry point ran".
-pub const MARK_ENTRY: u8 = 0x02;
 
 /// A mark byte and when it was written, relative to the VMM start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,11 +64,11 @@ impl GuestMarks {
         self.first_output.set(self.now()).is_ok()
     }
 
-    /// Records a byte written to the boot-marks port: [`MARK_READY`] sets the ready time (once),
+    /// Records a byte written to the boot-marks port: [`READY`] sets the ready time (once),
     /// anything else is appended to the bounded list of other marks.
     pub fn record_mark(&self, byte: u8) {
         let at = self.now();
-        if byte == MARK_READY {
+        if byte == READY {
             let _ = self.ready.set(at);
             return;
         }
@@ -114,6 +111,7 @@ impl GuestMarks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use guest_abi::marks::ENTRY;
 
     #[test]
     fn first_output_and_ready_are_recorded_once() {
@@ -125,10 +123,10 @@ mod tests {
         assert!(!marks.record_first_output());
         assert_eq!(marks.first_output(), Some(first));
 
-        marks.record_mark(MARK_READY);
+        marks.record_mark(READY);
         let ready = marks.ready().unwrap();
         std::thread::sleep(Duration::from_millis(2));
-        marks.record_mark(MARK_READY);
+        marks.record_mark(READY);
         assert_eq!(marks.ready(), Some(ready));
         assert!(marks.other_marks().is_empty());
     }
@@ -136,13 +134,13 @@ mod tests {
     #[test]
     fn other_marks_are_bounded() {
         let marks = GuestMarks::new(Instant::now());
-        marks.record_mark(MARK_ENTRY);
+        marks.record_mark(ENTRY);
         for i in 0..(MAX_OTHER_MARKS as u32 + 9) {
             marks.record_mark((i % 200) as u8 + 3);
         }
         let others = marks.other_marks();
         assert_eq!(others.len(), MAX_OTHER_MARKS);
-        assert_eq!(others[0].byte, MARK_ENTRY);
+        assert_eq!(others[0].byte, ENTRY);
         assert_eq!(marks.dropped_marks(), 10);
         assert!(others.windows(2).all(|w| w[0].at <= w[1].at));
     }

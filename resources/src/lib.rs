@@ -1,6 +1,10 @@
 //! What the guest runs: the **probe guest**, a freestanding x86_64 kernel built from
 //! `resources/probe-guest` by this crate's build script (no binary is committed).
 //!
+//! The numbers and strings the VMM and the probe share (ports, boot marks, exit statuses, the
+//! pci-epf-test registers, command-line options, output prefixes) live in the [`guest_abi`]
+//! crate, which the probe is built with too; this crate only builds and embeds the image.
+//!
 //! # The probe guest's contract
 //!
 //! [`PROBE_GUEST`] is a static, non-relocatable ELF64 executable loaded at guest-physical
@@ -31,11 +35,11 @@
 //!
 //! # What it does and prints
 //!
-//! Lines on the serial port ([`SERIAL_PORT`], polled 16550: it waits for LSR bit 5), each
-//! starting with `probe: ` and ending in CR LF, in this order:
+//! Lines on the serial port ([`ports::SERIAL_COM1`], polled 16550: it waits for LSR bit 5),
+//! each starting with [`probe::LINE_PREFIX`] and ending in CR LF, in this order:
 //!
 //! ```text
-//! probe: hello (entry=linux64)                       or (entry=pvh); then MARK_ENTRY
+//! probe: hello (entry=linux64)                       or (entry=pvh); then marks::ENTRY
 //! probe: cmdline "<text>"                            non-printable bytes shown as '?'
 //! probe: e820 0x<start:016x>-0x<end inclusive:016x> <ram|reserved|acpi|nvs|unusable|type N>
 //! probe: ram <N> MiB in <K> ranges, top 0x<end of the highest RAM range>
@@ -79,28 +83,29 @@
 //! table's count), and `probe.expect_dma=1` (a pci-epf-test device must be on bus 0; without
 //! it, or with `probe.expect_dma=0`, a missing device is `dma skipped`). Any `dma FAIL` fails
 //! the run. `probe.fault` makes the probe read an unmapped address after the memory test,
-//! to exercise the exception report and exit status 3.
+//! to exercise the exception report and exit status [`exit::EXCEPTION`]. The option names are
+//! in [`probe`].
 //!
-//! Then it writes [`MARK_READY`] to [`BOOT_MARK_PORT`], prints the result line and writes the
-//! exit status to [`DEBUG_EXIT_PORT`] ([`EXIT_OK`], [`EXIT_CHECK_FAILED`] or
-//! [`EXIT_EXCEPTION`]; QEMU's `isa-debug-exit,iobase=0xf4,iosize=0x01` turns status `s` into
-//! process exit code `(s << 1) | 1`). If that write returns, it writes 0xFE to port 0x64
-//! (i8042 reset) and halts with interrupts off for good.
+//! Then it writes [`marks::READY`] to [`ports::BOOT_MARKS`], prints the result line and writes
+//! the exit status to [`ports::DEBUG_EXIT`] ([`exit::OK`], [`exit::CHECK_FAILED`] or
+//! [`exit::EXCEPTION`]; QEMU's `isa-debug-exit,iobase=0xf4,iosize=0x01` turns status `s` into
+//! process exit code `(s << 1) | 1`). If that write returns, it writes [`exit::I8042_RESET`]
+//! to [`ports::I8042_COMMAND`] and halts with interrupts off for good.
 //!
 //! BARs are sized the standard way (all ones written with decoding off, then restored). A
-//! pci-epf-test function (104c:b500, registers in BAR0; BAR0 is placed at 0xe0000000 or the
-//! next free spot if firmware left it at 0) gets memory decoding and bus mastering, its MSI-X
-//! entry 0 (MSI with `probe.dma_irq=msi` or without MSI-X) aimed at vector 0x30 of the BSP's
-//! LAPIC (xAPIC, software-enabled; both 8259s and LINT0 masked), IRQ_TYPE and IRQ_NUMBER 1.
-//! With interrupts on, the device then WRITEs 4 KiB of its pattern to each DMA page: the first
-//! free RAM page (not page 0, the probe image, the boot structures, the command line or the
-//! initrd), the first free page of every further GiB with RAM, and the last page of the
-//! highest RAM range. Each page is saved first and restored after; STATUS must say
-//! WRITE_SUCCESS, the contents must match the device's pattern and CHECKSUM their CRC. On the
-//! last page the probe also fills the page and has the device READ it, with the right CHECKSUM
-//! (must succeed) and a wrong one (must fail). Each command must raise exactly one interrupt,
-//! waited for with a bounded spin. `<M> bytes` counts every byte the device moved (WRITEs and
-//! READs).
+//! pci-epf-test function ([`guest_abi::epf`]: 104c:b500, registers in BAR0; BAR0 is placed at
+//! 0xe0000000 or the next free spot if firmware left it at 0) gets memory decoding and bus
+//! mastering, its MSI-X entry 0 (MSI with `probe.dma_irq=msi` or without MSI-X) aimed at
+//! vector 0x30 of the BSP's LAPIC (xAPIC, software-enabled; both 8259s and LINT0 masked),
+//! IRQ_TYPE and IRQ_NUMBER 1. With interrupts on, the device then WRITEs 4 KiB of its pattern
+//! ([`guest_abi::epf::pattern`]) to each DMA page: the first free RAM page (not page 0, the
+//! probe image, the boot structures, the command line or the initrd), the first free page of
+//! every further GiB with RAM, and the last page of the highest RAM range. Each page is saved
+//! first and restored after; STATUS must say WRITE_SUCCESS, the contents must match the
+//! device's pattern and CHECKSUM their CRC. On the last page the probe also fills the page and
+//! has the device READ it, with the right CHECKSUM (must succeed) and a wrong one (must fail).
+//! Each command must raise exactly one interrupt, waited for with a bounded spin. `<M> bytes`
+//! counts every byte the device moved (WRITEs and READs).
 //!
 //! It executes about 55 000 instructions for a small guest, plus about 2 000 per GiB of RAM
 //! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts); with a
@@ -109,54 +114,24 @@
 //! the last page twice that; and it avoids
 //! instructions this project's emulated KVM cannot run (x87 and every SSE instruction other
 //! than plain moves, `cmpxchg16b`, `xsave`, `int3`, `popcnt`, `clac`/`stac`).
+//!
+//! [`ports::SERIAL_COM1`]: guest_abi::ports::SERIAL_COM1
+//! [`ports::BOOT_MARKS`]: guest_abi::ports::BOOT_MARKS
+//! [`ports::DEBUG_EXIT`]: guest_abi::ports::DEBUG_EXIT
+//! [`ports::I8042_COMMAND`]: guest_abi::ports::I8042_COMMAND
+//! [`marks::READY`]: guest_abi::marks::READY
+//! [`exit::OK`]: guest_abi::exit::OK
+//! [`exit::CHECK_FAILED`]: guest_abi::exit::CHECK_FAILED
+//! [`exit::EXCEPTION`]: guest_abi::exit::EXCEPTION
+//! [`exit::I8042_RESET`]: guest_abi::exit::I8042_RESET
+//! [`probe`]: guest_abi::probe
+//! [`probe::LINE_PREFIX`]: guest_abi::probe::LINE_PREFIX
 
 /// The probe guest's ELF image (see the crate docs for its contract).
 pub const PROBE_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-guest.elf"));
 
 /// Guest-physical address the probe guest is linked and loaded at.
 pub const PROBE_LOAD_ADDR: u64 = 0x10_0000;
-
-/// COM1: every output line goes here.
-pub const SERIAL_PORT: u16 = 0x3f8;
-
-/// The VMM's boot-marks port: the probe writes single bytes to it.
-pub const BOOT_MARK_PORT: u16 = 0x440;
-/// Written to [`BOOT_MARK_PORT`] after the last check, just before the result line.
-pub const MARK_READY: u8 = 1;
-/// Written to [`BOOT_MARK_PORT`] right after the `hello` line (guest entry time).
-pub const MARK_ENTRY: u8 = 2;
-
-/// Exit port, compatible with QEMU's `isa-debug-exit,iobase=0xf4,iosize=0x01`.
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-/// Exit status: every check passed.
-pub const EXIT_OK: u8 = 0;
-/// Exit status: a check failed (the result line says which).
-pub const EXIT_CHECK_FAILED: u8 = 1;
-/// Exit status: a CPU exception (or a panic) ended the run.
-pub const EXIT_EXCEPTION: u8 = 3;
-
-/// Prefix of every line the probe prints.
-pub const LINE_PREFIX: &str = "probe: ";
-/// The line printed when every check passed.
-pub const RESULT_OK_LINE: &str = "probe: result ok";
-/// Prefix of the line printed when a check failed.
-pub const RESULT_FAIL_PREFIX: &str = "probe: result FAIL: ";
-
-/// Command-line option: total RAM in MiB the probe must find.
-pub const OPT_EXPECT_MEM: &str = "probe.expect_mem";
-/// Command-line option: processor count the MP table must list.
-pub const OPT_EXPECT_CPUS: &str = "probe.expect_cpus";
-/// Command-line option: `=1` makes a missing pci-epf-test device a failure (`=0`: skipped).
-pub const OPT_EXPECT_DMA: &str = "probe.expect_dma";
-/// Command-line option: `=msi` or `=msix` (the default): the interrupt the device is set up
-/// with (MSI is also used when the device has no MSI-X).
-pub const OPT_DMA_IRQ: &str = "probe.dma_irq";
-/// Prefix of the DMA result line when every DMA check passed.
-pub const DMA_OK_PREFIX: &str = "probe: dma ok: ";
-/// Prefix of the DMA result line when a DMA check failed (the run fails too).
-pub const DMA_FAIL_PREFIX: &str = "probe: dma FAIL: ";
-/// The DMA result line without a pci-epf-test device (and no `probe.expect_dma=1`).
-pub const DMA_SKIPPED_LINE: &str = "probe: dma skipped: no pci-epf-test device";
 
 #[cfg(test)]
 mod tests {
@@ -406,39 +381,5 @@ mod tests {
             "forbidden instructions in the probe guest:\n{}",
             bad.join("\n")
         );
-    }
-
-    #[test]
-    fn ports_match_the_guest_source() {
-        // The guest has its own copies of these numbers: keep both sides in step.
-        let src = |file: &str| {
-            std::fs::read_to_string(format!(
-                "{}/probe-guest/src/{file}",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .unwrap()
-        };
-        let main = src("main.rs");
-        assert!(main.contains(&format!("const BOOT_MARK_PORT: u16 = {BOOT_MARK_PORT:#x};")));
-        assert!(main.contains(&format!("const MARK_READY: u8 = {MARK_READY};")));
-        assert!(main.contains(&format!("const MARK_ENTRY: u8 = {MARK_ENTRY};")));
-        assert!(main.contains(&format!("b\"{OPT_EXPECT_MEM}=\"")));
-        assert!(main.contains(&format!("b\"{OPT_EXPECT_CPUS}=\"")));
-        assert!(main.contains(&format!("b\"{OPT_EXPECT_DMA}=\"")));
-        assert!(main.contains(&format!("b\"{OPT_DMA_IRQ}=\"")));
-        assert!(main.contains(&format!(
-            ".s(\"{}\")",
-            &DMA_SKIPPED_LINE[LINE_PREFIX.len()..]
-        )));
-        let cpu = src("cpu.rs");
-        assert!(cpu.contains(&format!(
-            "const DEBUG_EXIT_PORT: u16 = {DEBUG_EXIT_PORT:#x};"
-        )));
-        assert!(cpu.contains(&format!("const EXIT_OK: u8 = {EXIT_OK};")));
-        assert!(cpu.contains(&format!(
-            "const EXIT_CHECK_FAILED: u8 = {EXIT_CHECK_FAILED};"
-        )));
-        assert!(cpu.contains(&format!("const EXIT_EXCEPTION: u8 = {EXIT_EXCEPTION};")));
-        assert!(src("console.rs").contains(&format!("const COM1: u16 = {SERIAL_PORT:#x};")));
     }
 }

@@ -9,12 +9,20 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vmm_resources::{PROBE_GUEST, RESULT_FAIL_PREFIX, RESULT_OK_LINE};
+use guest_abi::exit;
+use guest_abi::ports::DEBUG_EXIT;
+use guest_abi::probe::{LINE_PREFIX, RESULT_FAIL_PREFIX, RESULT_OK_LINE};
+use vmm_resources::PROBE_GUEST;
 
 const NEEDS: &str = "needs qemu-system-x86_64 and /dev/kvm (or PROBE_QEMU_ACCEL=tcg)";
 
+/// QEMU's exit code when the probe wrote `status` to its `isa-debug-exit` device.
+fn qemu_code(status: u8) -> Option<i32> {
+    Some(i32::from(status) << 1 | 1)
+}
+
 struct Run {
-    /// QEMU's exit code: `(status << 1) | 1` when the probe wrote `status` to port 0xf4.
+    /// QEMU's exit code.
     code: Option<i32>,
     serial: String,
 }
@@ -23,7 +31,7 @@ impl Run {
     fn lines(&self) -> Vec<&str> {
         self.serial
             .lines()
-            .filter(|l| l.starts_with("probe: "))
+            .filter(|l| l.starts_with(LINE_PREFIX))
             .collect()
     }
 
@@ -50,11 +58,8 @@ fn boot(name: &str, qemu_args: &[&str], append: &str, initrd: Option<&[u8]>) -> 
     cmd.args([
         "-accel", &accel, "-display", "none", "-serial", "stdio", "-monitor", "none",
     ])
-    .args([
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=0x01",
-    ])
+    .args(["-no-reboot", "-device"])
+    .arg(format!("isa-debug-exit,iobase={DEBUG_EXIT:#x},iosize=0x01"))
     .arg("-kernel")
     .arg(&kernel)
     .args(["-append", append])
@@ -123,7 +128,7 @@ fn qemu_pvh_256m_two_sockets_passes_all_checks() {
     );
     assert!(run.line_starting("probe: memtest ok: ").ends_with(" pages"));
     assert!(run.has(RESULT_OK_LINE));
-    assert_eq!(run.code, Some(1), "exit status 0 through isa-debug-exit");
+    assert_eq!(run.code, qemu_code(exit::OK));
 }
 
 #[test]
@@ -154,7 +159,7 @@ fn qemu_pvh_6g_with_initrd_maps_and_tests_ram_above_4g() {
     // 2 MiB, GiB 1, 2, 4, 5 and 6 (GiB 3 holds no RAM), and the last page below 7 GiB.
     assert!(run.has("probe: memtest ok: 7 pages"));
     assert!(run.has(RESULT_OK_LINE));
-    assert_eq!(run.code, Some(1));
+    assert_eq!(run.code, qemu_code(exit::OK));
 }
 
 #[test]
@@ -175,7 +180,7 @@ fn qemu_pvh_wrong_expectation_fails_with_status_1() {
     assert!(run.has(&format!(
         "{RESULT_FAIL_PREFIX}expected 1 MiB of RAM, found 127"
     )));
-    assert_eq!(run.code, Some(3), "exit status 1 through isa-debug-exit");
+    assert_eq!(run.code, qemu_code(exit::CHECK_FAILED));
 }
 
 #[test]
@@ -187,5 +192,5 @@ fn qemu_pvh_fault_is_reported_with_status_3() {
     assert!(run
         .line_starting(RESULT_FAIL_PREFIX)
         .starts_with("probe: result FAIL: exception 14 at rip 0x"));
-    assert_eq!(run.code, Some(7), "exit status 3 through isa-debug-exit");
+    assert_eq!(run.code, qemu_code(exit::EXCEPTION));
 }

@@ -309,7 +309,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
             marks
                 .other_marks()
                 .iter()
-                .find(|m| m.byte == vmm_resources::MARK_ENTRY)
+                .find(|m| m.byte == guest_abi::marks::ENTRY)
                 .map(|m| m.at),
             marks.first_output(),
             marks.ready(),

@@ -9,12 +9,12 @@ use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::ports;
 use devices::serial::{stdin_is_pollable, SharedBuffer, StdinFd};
 use devices::{
     BootMarks, Bus, BusError, DebugExit, ExitNotifier, GuestMarks, SerialDevice, SerialInput, I8042,
 };
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use guest_abi::ports;
 use pinning::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -1,5 +1,8 @@
 use std::sync::Mutex;
 
+use guest_abi::epf::flags;
+use guest_abi::epf::pattern::splitmix64;
+
 use super::*;
 use crate::pci::config::{cap_id, offset};
 use crate::pci::dma::{DmaProt, IommuDma, MappedRegions};

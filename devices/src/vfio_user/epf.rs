@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use guest_abi::epf::REG_BAR;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::server::{self, UserDevice};
 use super::wire::{irq_info_flags, irq_set};
 use super::VfioUserError;
-use crate::epf::{EpfConfig, EpfIrq, EpfTest, REG_BAR, REG_BAR_SIZE};
+use crate::epf::{EpfConfig, EpfIrq, EpfTest, REG_BAR_SIZE};
 use crate::pci::config::CONFIG_SPACE_SIZE;
 use crate::pci::device::PciDevice;
 use crate::pci::dma::MappedRegions;

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use guest_abi::epf::{command, irq_type, reg, status};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::server::{serve, UserDevice};
@@ -20,7 +21,7 @@ use super::wire::{
     self, cmd, flags, irq_set, Capabilities, Header, Message, RecvError, Version, MAX_MESSAGE,
 };
 use super::{run_epf_server, Client, EpfUserDevice, VfioUserError};
-use crate::epf::{self, command, fill_pattern, irq_type, reg, status, EpfConfig};
+use crate::epf::{self, fill_pattern, EpfConfig};
 use crate::pci::config::{cap_id, command as cmd_bits, offset as cfg_off};
 use crate::pci::dma::MappedRegions;
 use crate::vfio::backend::{irq, region};

@@ -1,9 +1,11 @@
 //! Polled 16550 output on COM1 and a tiny line formatter (no `core::fmt`: it is large, slow
 //! under emulation, and its prebuilt code uses SSE instructions the emulator lacks).
 
+use guest_abi::ports::SERIAL_COM1 as COM1;
+use guest_abi::probe::LINE_PREFIX;
+
 use crate::io::{inb, outb};
 
-pub const COM1: u16 = 0x3f8;
 const LSR: u16 = COM1 + 5;
 const LSR_THR_EMPTY: u8 = 0x20;
 
@@ -22,13 +24,13 @@ pub fn puts(s: &str) {
     }
 }
 
-/// One output line: starts with `probe: `, ends with CR LF when `end` is called.
+/// One output line: starts with [`LINE_PREFIX`], ends with CR LF when `end` is called.
 #[must_use = "a line is finished with .end()"]
 pub struct Line;
 
 impl Line {
     pub fn new() -> Line {
-        puts("probe: ");
+        puts(LINE_PREFIX);
         Line
     }
 

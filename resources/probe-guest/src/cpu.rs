@@ -5,17 +5,15 @@ use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::ptr::addr_of;
 
+use guest_abi::exit::{EXCEPTION, I8042_RESET};
+use guest_abi::ports::{DEBUG_EXIT, I8042_COMMAND};
+use guest_abi::probe::RESULT_FAIL;
+
 use crate::console::Line;
 use crate::io::outb;
 use crate::Global;
 
 pub const SEL_TSS: u16 = 0x18;
-
-/// Port of QEMU's `isa-debug-exit` and of the VMM's exit device.
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
-pub const EXIT_OK: u8 = 0;
-pub const EXIT_CHECK_FAILED: u8 = 1;
-pub const EXIT_EXCEPTION: u8 = 3;
 
 extern "C" {
     static mut probe_gdt: [u64; 5];
@@ -182,7 +180,7 @@ const EXCEPTION_NAMES: [&str; 32] = [
     "#HV", "#VC", "#SX", "-",
 ];
 
-/// Called by the exception stubs (on the IST stack): report and exit with status 3.
+/// Called by the exception stubs (on the IST stack): report and exit with [`EXCEPTION`].
 #[no_mangle]
 extern "C" fn probe_exception(frame: &ExceptionFrame) -> ! {
     let name = EXCEPTION_NAMES
@@ -209,18 +207,18 @@ extern "C" fn probe_exception(frame: &ExceptionFrame) -> ! {
         line.end();
     }
     Line::new()
-        .s("result FAIL: exception ")
+        .s(text!(RESULT_FAIL, "exception "))
         .dec(frame.vector)
         .s(" at rip ")
         .hex(frame.rip)
         .end();
-    exit(EXIT_EXCEPTION)
+    exit(EXCEPTION)
 }
 
 /// Ends the run: the exit device first; without one, an i8042 reset; then halt for good.
 pub fn exit(status: u8) -> ! {
-    outb(DEBUG_EXIT_PORT, status);
-    outb(0x64, 0xfe);
+    outb(DEBUG_EXIT, status);
+    outb(I8042_COMMAND, I8042_RESET);
     loop {
         // SAFETY: stopping the CPU.
         unsafe { asm!("cli", "hlt", options(nomem, nostack)) };

@@ -1,9 +1,8 @@
-//! pci-epf-test's checksum and data pattern, as the device model computes them
-//! (devices/src/epf.rs `crc32_le`, `fill_pattern`).
+//! pci-epf-test's checksum and data pattern (`guest_abi::epf`), as the device model computes
+//! them (devices/src/epf.rs `crc32_le`, `fill_pattern`).
 //!
-//! CRC: Linux `crc32_le(~0, data)`, the reflected CRC-32 (polynomial 0xedb88320) with the
-//! initial value ~0 and no final inversion; here eight bytes at a time (slicing-by-8, tables
-//! built at compile time).
+//! CRC: Linux `crc32_le(CHECKSUM_SEED, data)`, the reflected CRC-32 with [`CRC32_POLY`] and no
+//! final inversion; here eight bytes at a time (slicing-by-8, tables built at compile time).
 //!
 //! Guest instructions are expensive here (a few million a second under the emulated KVM), so
 //! the check of a whole page ([`check_page`]) is one hand-scheduled loop: the splitmix64 word,
@@ -12,7 +11,8 @@
 
 use core::arch::asm;
 
-const POLY: u32 = 0xedb8_8320;
+use guest_abi::epf::pattern::{self, MIX1, MIX2, PHI};
+use guest_abi::epf::{CHECKSUM_SEED, CRC32_POLY};
 
 const TABLES: [[u32; 256]; 8] = {
     let mut t = [[0u32; 256]; 8];
@@ -21,7 +21,11 @@ const TABLES: [[u32; 256]; 8] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { POLY ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                CRC32_POLY ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         t[0][i] = c;
@@ -43,9 +47,6 @@ const TABLES: [[u32; 256]; 8] = {
 /// The tables in memory, for [`check_page`]'s absolute addressing.
 static CRC_TABLES: [[u32; 256]; 8] = TABLES;
 
-/// The CRC's initial value (`crc32_le(~0, ..)`).
-pub const CRC_INIT: u32 = !0;
-
 /// Feeds the 8 bytes of `word` (little-endian, as memory holds it) into `crc`.
 pub const fn crc_word(crc: u32, word: u64) -> u32 {
     let lo = crc ^ word as u32;
@@ -58,21 +59,6 @@ pub const fn crc_word(crc: u32, word: u64) -> u32 {
         ^ TABLES[2][((hi >> 8) & 0xff) as usize]
         ^ TABLES[1][((hi >> 16) & 0xff) as usize]
         ^ TABLES[0][(hi >> 24) as usize]
-}
-
-const PHI: u64 = 0x9e37_79b9_7f4a_7c15;
-
-const fn splitmix64(mut z: u64) -> u64 {
-    z = z.wrapping_add(PHI);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// Word `index` (bytes `8 * index ..`) of what a WRITE to `base` stores: the device's
-/// `fill_pattern(base, ..)`, read as a little-endian u64.
-pub fn device_word(base: u64, index: u64) -> u64 {
-    splitmix64(base ^ index.wrapping_mul(PHI))
 }
 
 /// The CRC of `words` copies of `word` from an initial value of 0: what XOR-ing every word of
@@ -99,7 +85,9 @@ pub const PAGE_BYTES: u64 = 4096;
 macro_rules! word_step {
     ($k:literal, $off:literal) => {
         concat!(
-            "mov rax, ", $k, "\n",
+            "mov rax, ",
+            $k,
+            "\n",
             "xor rax, {base}\n",
             "add rax, {phi}\n",
             "mov rdx, rax\n",
@@ -113,7 +101,9 @@ macro_rules! word_step {
             "mov rdx, rax\n",
             "shr rdx, 31\n",
             "xor rax, rdx\n",
-            "cmp rax, qword ptr [{base} + {idx} + ", $off, "]\n",
+            "cmp rax, qword ptr [{base} + {idx} + ",
+            $off,
+            "]\n",
             "jne 3f\n",
             "xor rax, {crc}\n",
             "movzx ecx, al\n",
@@ -140,10 +130,10 @@ macro_rules! word_step {
 }
 
 /// Checks the [`PAGE_BYTES`] at `base` (8-byte aligned, mapped) against what a WRITE to `base`
-/// stores ([`device_word`]) and computes their CRC (from [`CRC_INIT`]) in the same pass.
+/// stores ([`pattern::word`]) and computes their CRC (from [`CHECKSUM_SEED`]) in the same pass.
 /// `Ok(crc)`, or `Err(index)` of the first word that differs.
 pub fn check_page(base: u64) -> Result<u32, u64> {
-    let mut crc = CRC_INIT as u64;
+    let mut crc = CHECKSUM_SEED as u64;
     // Runs from -PAGE_BYTES up to 0, two words a round; addresses are base + idx + PAGE_BYTES.
     let mut idx = (PAGE_BYTES as i64).wrapping_neg() as u64;
     let matched: u64;
@@ -168,8 +158,8 @@ pub fn check_page(base: u64) -> Result<u32, u64> {
             crc = inout(reg) crc,
             m = out(reg) matched,
             phi = in(reg) PHI,
-            c1 = in(reg) 0xbf58_476d_1ce4_e5b9u64,
-            c2 = in(reg) 0x94d0_49bb_1331_11ebu64,
+            c1 = in(reg) MIX1,
+            c2 = in(reg) MIX2,
             t = in(reg) CRC_TABLES.as_ptr(),
             out("rax") _,
             out("rcx") _,
@@ -182,7 +172,7 @@ pub fn check_page(base: u64) -> Result<u32, u64> {
     }
     // A mismatch in the round at idx: the first or the second word (k says which).
     let first = (idx.wrapping_add(PAGE_BYTES)) / 8;
-    Err(first + u64::from(phys_word(base, first) == device_word(base, first)))
+    Err(first + u64::from(phys_word(base, first) == pattern::word(base, first)))
 }
 
 fn phys_word(base: u64, index: u64) -> u64 {

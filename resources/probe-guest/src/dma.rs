@@ -17,11 +17,15 @@
 use core::arch::asm;
 use core::ptr::addr_of;
 
+use guest_abi::epf::pattern;
+use guest_abi::epf::{command, status};
+use guest_abi::probe::OPT_EXPECT_DMA;
+
 use crate::apic::ApicError;
 use crate::boot::{MemEntry, E820_RAM, GIB};
 use crate::console::Line;
-use crate::crc::{check_page, device_word, xor_mask_crc, PAGE_BYTES};
-use crate::epf::{command, status, Epf};
+use crate::crc::{check_page, xor_mask_crc, PAGE_BYTES};
+use crate::epf::Epf;
 use crate::io::phys;
 use crate::{apic, paging};
 
@@ -83,7 +87,7 @@ impl Op {
 /// Why the DMA check failed.
 #[derive(Clone, Copy)]
 pub enum Error {
-    /// `probe.expect_dma=1` and no pci-epf-test function on bus 0.
+    /// [`OPT_EXPECT_DMA`]`=1` and no pci-epf-test function on bus 0.
     NoDevice,
     Apic(ApicError),
     NoBar0,
@@ -126,7 +130,7 @@ pub enum Error {
 impl Error {
     pub fn describe(self, line: Line) -> Line {
         match self {
-            Error::NoDevice => line.s("no pci-epf-test device (probe.expect_dma=1)"),
+            Error::NoDevice => line.s(text!("no pci-epf-test device (", OPT_EXPECT_DMA, "=1)")),
             Error::Apic(ApicError::X2apic) => line.s("the LAPIC is in x2APIC mode"),
             Error::Apic(ApicError::Unmapped(a)) => line.s("LAPIC at ").hex(a).s(" is not mapped"),
             Error::NoBar0 => line.s("BAR0 is not a memory BAR"),
@@ -392,7 +396,7 @@ fn check_write(epf: &Epf, page: u64, commands: &mut u64) -> Result<u32, Error> {
         let addr = page + i * 8;
         Error::Data {
             addr,
-            want: device_word(page, i),
+            want: pattern::word(page, i),
             got: phys::read64(addr),
         }
     })?;

@@ -1,46 +1,15 @@
 //! The pci-epf-test function (Linux drivers/pci/endpoint/functions/pci-epf-test.c; the VMM's
-//! model is devices/src/epf.rs): BAR0 registers, interrupt set-up (MSI-X, or MSI), and one
-//! transfer at a time, each ended by the device's interrupt.
+//! model is devices/src/epf.rs; registers and IDs in `guest_abi::epf`): BAR0 registers,
+//! interrupt set-up (MSI-X, or MSI), and one transfer at a time, each ended by the device's
+//! interrupt.
+
+use guest_abi::epf::{irq_type, reg, REG_BAR};
 
 use crate::apic::{self, Lapic, DEVICE_VECTOR};
 use crate::console::Line;
 use crate::dma::Error;
 use crate::io::phys;
 use crate::pci::{cfg, Bar, BarKind, Bus, Function};
-
-/// Register offsets in BAR0.
-pub mod reg {
-    pub const MAGIC: u64 = 0x00;
-    pub const COMMAND: u64 = 0x04;
-    pub const STATUS: u64 = 0x08;
-    pub const SRC_ADDR_LO: u64 = 0x0c;
-    pub const SRC_ADDR_HI: u64 = 0x10;
-    pub const DST_ADDR_LO: u64 = 0x14;
-    pub const DST_ADDR_HI: u64 = 0x18;
-    pub const SIZE: u64 = 0x1c;
-    pub const CHECKSUM: u64 = 0x20;
-    pub const IRQ_TYPE: u64 = 0x24;
-    pub const IRQ_NUMBER: u64 = 0x28;
-}
-
-/// COMMAND values.
-pub mod command {
-    pub const READ: u32 = 1 << 3;
-    pub const WRITE: u32 = 1 << 4;
-}
-
-/// STATUS bits.
-pub mod status {
-    pub const READ_SUCCESS: u32 = 1 << 0;
-    pub const READ_FAIL: u32 = 1 << 1;
-    pub const WRITE_SUCCESS: u32 = 1 << 2;
-    pub const WRITE_FAIL: u32 = 1 << 3;
-    pub const SRC_ADDR_INVALID: u32 = 1 << 7;
-    pub const DST_ADDR_INVALID: u32 = 1 << 8;
-}
-
-const IRQ_TYPE_MSI: u32 = 1;
-const IRQ_TYPE_MSIX: u32 = 2;
 
 const CAP_MSI: u8 = 0x05;
 const CAP_MSIX: u8 = 0x11;
@@ -83,7 +52,7 @@ pub fn setup(
 ) -> Result<Epf, Error> {
     let bdf = f.bdf;
     let mut bars = f.bars;
-    let bar0 = match bars[0] {
+    let bar0 = match bars[REG_BAR] {
         Some(bar) if bar.is_memory() => bar,
         _ => return Err(Error::NoBar0),
     };
@@ -91,17 +60,18 @@ pub fn setup(
         let at = bus
             .free_mmio(BAR0_DEFAULT, MMIO32_LIMIT, bar0.size)
             .ok_or(Error::NoRoomForBar0(bar0.size))?;
-        bdf.write32(cfg::BAR0, at as u32);
+        let bar_reg = cfg::BAR0 + 4 * REG_BAR as u8;
+        bdf.write32(bar_reg, at as u32);
         if bar0.kind == BarKind::Mem64 {
-            bdf.write32(cfg::BAR0 + 4, 0);
+            bdf.write32(bar_reg + 4, 0);
         }
-        bars[0] = Some(Bar { addr: at, ..bar0 });
+        bars[REG_BAR] = Some(Bar { addr: at, ..bar0 });
         bdf.print(Line::new().s("pci "))
             .s(" bar0 assigned ")
             .hex(at)
             .end();
     }
-    let regs = bars[0].map_or(0, |b| b.addr);
+    let regs = bars[REG_BAR].map_or(0, |b| b.addr);
     if regs.saturating_add(bar0.size.max(0x1000)) > mapped {
         return Err(Error::Unmapped("BAR0", regs));
     }
@@ -127,13 +97,13 @@ pub fn setup(
     let (mode, irq_type) = match (msix, msi) {
         (Some(cap), None) => {
             enable_msix(f, &bars, cap, lapic, mapped)?;
-            (IrqMode::Msix, IRQ_TYPE_MSIX)
+            (IrqMode::Msix, irq_type::MSIX)
         }
         (Some(cap), Some(msi)) if !prefer_msi => {
             let ctl = bdf.read16(msi + 2);
             bdf.write16(msi + 2, ctl & !MSI_ENABLE);
             enable_msix(f, &bars, cap, lapic, mapped)?;
-            (IrqMode::Msix, IRQ_TYPE_MSIX)
+            (IrqMode::Msix, irq_type::MSIX)
         }
         (msix, Some(cap)) => {
             if let Some(msix) = msix {
@@ -141,7 +111,7 @@ pub fn setup(
                 bdf.write16(msix + 2, ctl & !MSIX_ENABLE);
             }
             enable_msi(f, cap, lapic);
-            (IrqMode::Msi, IRQ_TYPE_MSI)
+            (IrqMode::Msi, irq_type::MSI)
         }
         (None, None) => return Err(Error::NoIrqCapability),
     };

@@ -2,7 +2,9 @@
 //!
 //! Entered through the 64-bit Linux boot protocol (`_start`, the ELF entry) or PVH (the
 //! `XEN_ELFNOTE_PHYS32_ENTRY` note); see `entry.S`. It prints `probe: ` lines on COM1, writes
-//! boot marks to port 0x440 and exits through port 0xf4. The contract is documented in the
+//! boot marks and exits through the debug-exit port. The numbers and strings it shares with the
+//! VMM (ports, marks, exit statuses, pci-epf-test registers, options, output prefixes) come
+//! from the `guest-abi` crate, which the VMM builds too; the contract is documented in the
 //! `vmm-resources` crate (resources/src/lib.rs) and resources/README.md.
 //!
 //! Everything here runs under an instruction emulator at a few million instructions per
@@ -10,6 +12,9 @@
 
 #![no_std]
 #![no_main]
+
+#[macro_use]
+mod text;
 
 mod acpi;
 mod apic;
@@ -29,18 +34,20 @@ use core::cell::UnsafeCell;
 
 use boot::{BootError, BootInfo, MemEntry, E820_RAM, GIB, PROTO_PVH};
 use console::Line;
+use guest_abi::ports::BOOT_MARKS;
+use guest_abi::probe::{
+    DMA_FAIL, DMA_OK, DMA_SKIPPED, OPT_DMA_IRQ, OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM,
+    OPT_FAULT, OPT_HANG, RESULT_FAIL, RESULT_OK,
+};
+use guest_abi::{exit, marks};
 use io::{outb, phys};
 
 core::arch::global_asm!(include_str!("entry.S"), options(att_syntax));
 
-const BOOT_MARK_PORT: u16 = 0x440;
-const MARK_READY: u8 = 1;
-const MARK_ENTRY: u8 = 2;
-
 const MIB: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 const CMDLINE_MAX: u64 = 4096;
-/// Never mapped (PML4 entry 1): `probe.fault` reads it.
+/// Never mapped (PML4 entry 1): [`OPT_FAULT`] reads it.
 const UNMAPPED: u64 = 1 << 40;
 
 /// A global used on one CPU with interrupts off.
@@ -137,8 +144,7 @@ impl Failure {
 
 struct Checks {
     first: Option<Failure>,
-    /// `probe.hang`: stay alive after the result instead of exiting (for tests that stop a
-    /// running guest from the VMM side: signals, timeouts).
+    /// [`OPT_HANG`]: stay alive after the result instead of exiting.
     hang: bool,
 }
 
@@ -157,19 +163,19 @@ impl Checks {
 
     /// Ready mark, result line, exit.
     fn finish(&self) -> ! {
-        outb(BOOT_MARK_PORT, MARK_READY);
+        outb(BOOT_MARKS, marks::READY);
         match self.first {
             None => {
-                Line::new().s("result ok").end();
+                Line::new().s(RESULT_OK).end();
                 if self.hang {
-                    Line::new().s("hanging (probe.hang)").end();
+                    Line::new().s(text!("hanging (", OPT_HANG, ")")).end();
                     cpu::idle_forever()
                 }
-                cpu::exit(cpu::EXIT_OK)
+                cpu::exit(exit::OK)
             }
             Some(f) => {
-                f.describe(Line::new().s("result FAIL: ")).end();
-                cpu::exit(cpu::EXIT_CHECK_FAILED)
+                f.describe(Line::new().s(RESULT_FAIL)).end();
+                cpu::exit(exit::CHECK_FAILED)
             }
         }
     }
@@ -179,7 +185,7 @@ impl Checks {
 extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
     let entry = if proto == PROTO_PVH { "pvh" } else { "linux64" };
     Line::new().s("hello (entry=").s(entry).s(")").end();
-    outb(BOOT_MARK_PORT, MARK_ENTRY);
+    outb(BOOT_MARKS, marks::ENTRY);
     cpu::init();
 
     let mut checks = Checks {
@@ -484,15 +490,15 @@ fn memtest(map: &[MemEntry], mapped: u64, checks: &mut Checks) -> u64 {
 }
 
 struct DmaOptions {
-    /// `probe.expect_dma=1`: no pci-epf-test device is a failure.
+    /// [`OPT_EXPECT_DMA`]`=1`: no pci-epf-test device is a failure.
     expect: bool,
-    /// `probe.dma_irq=msi`: use MSI even if the device has MSI-X.
+    /// [`OPT_DMA_IRQ`]`=msi`: use MSI even if the device has MSI-X.
     msi: bool,
 }
 
 fn dma_options(cmdline: &[u8], checks: &mut Checks) -> DmaOptions {
-    const EXPECT: &[u8] = b"probe.expect_dma=";
-    const IRQ: &[u8] = b"probe.dma_irq=";
+    const EXPECT: &[u8] = text!(OPT_EXPECT_DMA, "=").as_bytes();
+    const IRQ: &[u8] = text!(OPT_DMA_IRQ, "=").as_bytes();
     let mut opts = DmaOptions {
         expect: false,
         msi: false,
@@ -502,13 +508,13 @@ fn dma_options(cmdline: &[u8], checks: &mut Checks) -> DmaOptions {
             match value {
                 b"0" => opts.expect = false,
                 b"1" => opts.expect = true,
-                _ => checks.fail(Failure::BadOption("probe.expect_dma")),
+                _ => checks.fail(Failure::BadOption(OPT_EXPECT_DMA)),
             }
         } else if let Some(value) = word.strip_prefix(IRQ) {
             match value {
                 b"msi" => opts.msi = true,
                 b"msix" => opts.msi = false,
-                _ => checks.fail(Failure::BadOption("probe.dma_irq")),
+                _ => checks.fail(Failure::BadOption(OPT_DMA_IRQ)),
             }
         }
     }
@@ -528,10 +534,10 @@ fn dma_check(
     let Some(f) = bus.epf else {
         if opts.expect {
             let e = dma::Error::NoDevice;
-            e.describe(Line::new().s("dma FAIL: ")).end();
+            e.describe(Line::new().s(DMA_FAIL)).end();
             checks.record(Failure::Dma(e));
         } else {
-            Line::new().s("dma skipped: no pci-epf-test device").end();
+            Line::new().s(DMA_SKIPPED).end();
         }
         return;
     };
@@ -561,27 +567,28 @@ fn dma_check(
         });
     match result {
         Ok(report) => Line::new()
-            .s("dma ok: ")
+            .s(DMA_OK)
             .dec(report.regions)
             .s(" regions, ")
             .dec(report.bytes)
             .s(" bytes, irq ok")
             .end(),
         Err(e) => {
-            e.describe(Line::new().s("dma FAIL: ")).end();
+            e.describe(Line::new().s(DMA_FAIL)).end();
             checks.record(Failure::Dma(e));
         }
     }
 }
 
-/// `probe.expect_mem=<MiB>`, `probe.expect_cpus=<N>`, `probe.fault` (a deliberate page
-/// fault, to test how the VMM reports an exception) and `probe.hang`.
+/// [`OPT_EXPECT_MEM`], [`OPT_EXPECT_CPUS`], [`OPT_FAULT`] (a deliberate page fault, to test
+/// how the VMM reports an exception) and [`OPT_HANG`].
 fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Checks) {
-    const MEM: &[u8] = b"probe.expect_mem=";
-    const CPUS: &[u8] = b"probe.expect_cpus=";
-    const FAULT: &[u8] = b"probe.fault";
+    const MEM: &[u8] = text!(OPT_EXPECT_MEM, "=").as_bytes();
+    const CPUS: &[u8] = text!(OPT_EXPECT_CPUS, "=").as_bytes();
+    const FAULT: &[u8] = OPT_FAULT.as_bytes();
+    const HANG: &[u8; OPT_HANG.len()] = &text::join(&[OPT_HANG]);
     for word in cmdline.split(|&b| b == b' ') {
-        if word == b"probe.hang" {
+        if word == HANG {
             checks.hang = true;
         } else if word == FAULT {
             Line::new().s("fault: reading ").hex(UNMAPPED).end();
@@ -592,7 +599,7 @@ fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Ch
                     checks.fail(Failure::ExpectMem { want, got: ram_mib })
                 }
                 Some(_) => {}
-                None => checks.fail(Failure::BadOption("probe.expect_mem")),
+                None => checks.fail(Failure::BadOption(OPT_EXPECT_MEM)),
             }
         } else if let Some(value) = word.strip_prefix(CPUS) {
             match parse_dec(value) {
@@ -600,7 +607,7 @@ fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Ch
                     checks.fail(Failure::ExpectCpus { want, got: cpus })
                 }
                 Some(_) => {}
-                None => checks.fail(Failure::BadOption("probe.expect_cpus")),
+                None => checks.fail(Failure::BadOption(OPT_EXPECT_CPUS)),
             }
         }
     }
@@ -631,6 +638,6 @@ fn panic(info: &core::panic::PanicInfo) -> ! {
         Some(m) => line.s(": ").s(m).end(),
         None => line.end(),
     }
-    Line::new().s("result FAIL: panic").end();
-    cpu::exit(cpu::EXIT_EXCEPTION)
+    Line::new().s(text!(RESULT_FAIL, "panic")).end();
+    cpu::exit(exit::EXCEPTION)
 }

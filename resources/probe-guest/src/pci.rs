@@ -1,6 +1,8 @@
 //! PCI bus 0 through configuration mechanism 1 (ports 0xcf8 / 0xcfc): enumeration with BAR
 //! sizing, capability lookup.
 
+use guest_abi::epf::{DEVICE_ID_TI_DRA74X, VENDOR_ID_TI};
+
 use crate::console::Line;
 use crate::io::{inl, inw, outl, outw};
 
@@ -173,9 +175,6 @@ impl Bus {
     }
 }
 
-pub const VENDOR_TI: u16 = 0x104c;
-pub const DEVICE_EPF_TEST: u16 = 0xb500;
-
 /// Prints one line per function on bus 0 (identity, class, BARs) and returns what it found.
 pub fn enumerate_bus0() -> Bus {
     let mut bus = Bus {
@@ -214,7 +213,7 @@ pub fn enumerate_bus0() -> Bus {
             for bar in f.bars.iter().flatten() {
                 bus.note_range(bar);
             }
-            if bus.epf.is_none() && f.vendor == VENDOR_TI && f.device == DEVICE_EPF_TEST {
+            if bus.epf.is_none() && f.vendor == VENDOR_ID_TI && f.device == DEVICE_ID_TI_DRA74X {
                 bus.epf = Some(f);
             }
             if let Some(slot) = bus.listed.get_mut(bus.nlisted) {

@@ -132,7 +132,10 @@ impl QemuConfig {
             "-overcommit",
             "mem-lock=on",
             "-device",
-            "isa-debug-exit,iobase=0xf4,iosize=0x01",
+            &format!(
+                "isa-debug-exit,iobase={:#x},iosize=0x01",
+                guest_abi::ports::DEBUG_EXIT
+            ),
             "-kernel",
         ]
         .iter()
@@ -188,7 +191,7 @@ pub fn boot(
         Ended::TimedOut => return Ok(Err(fail("timed out".into(), &t.stderr))),
         Ended::Exited(s) => s.code(),
     };
-    let ok = t.stdout.contains(vmm_resources::RESULT_OK_LINE);
+    let ok = t.stdout.contains(guest_abi::probe::RESULT_OK_LINE);
     match (code, ok, t.first_output_ms, t.ready_line_ms) {
         (Some(1), true, Some(first), Some(ready)) => Ok(Ok(QemuSample {
             run,

@@ -18,7 +18,7 @@ use super::args::{short_size, Config};
 
 /// The start of the probe's last line (`probe: result ok` or `... FAIL: ...`), printed right
 /// after it writes the ready mark: the ready mark as seen from outside the VMM.
-pub const RESULT_LINE: &str = "probe: result";
+pub const RESULT_LINE: &str = guest_abi::probe::RESULT_PREFIX;
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
@@ -110,7 +110,7 @@ fn read_timed(mut pipe: impl Read, t0: Instant) -> (Option<Duration>, Option<Dur
                         .windows(marker.len())
                         .any(|w| w == marker.as_bytes())
                 };
-                if first.is_none() && seen(vmm_resources::LINE_PREFIX) {
+                if first.is_none() && seen(guest_abi::probe::LINE_PREFIX) {
                     first = Some(at);
                 }
                 if ready.is_none() && seen(RESULT_LINE) {

@@ -131,7 +131,7 @@ impl Classify for ConfigError {
 /// The command line the probe guest checks itself against: the RAM the E820 map describes
 /// (in whole MiB, as the probe counts) and the vCPU count.
 fn probe_cmdline(layout: &MemoryLayout, cpus: u8, dma: bool) -> String {
-    use vmm_resources::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
+    use guest_abi::probe::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
     let mib = layout.e820_ram_bytes() >> 20;
     let dma = if dma {
         format!(" {OPT_EXPECT_DMA}=1")

@@ -301,7 +301,7 @@ fn probe_guest_boots_through_the_64bit_entry_with_two_cpus() {
     assert!(marks
         .other_marks()
         .iter()
-        .any(|m| m.byte == devices::marks::MARK_ENTRY));
+        .any(|m| m.byte == guest_abi::marks::ENTRY));
 }
 
 #[test]

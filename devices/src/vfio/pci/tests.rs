@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use guest_abi::epf as epf_abi;
 use pinning::backend::Type1Backend;
 use pinning::model::IommuModel;
 use pinning::sys::AnonMapping;
@@ -221,9 +222,13 @@ fn msix_is_routed_through_the_shadow_table_and_eventfds() {
         offset::COMMAND,
         command::MEMORY_SPACE | command::BUS_MASTER,
     );
-    reg_write(&mut d, epf::reg::IRQ_TYPE, epf::irq_type::MSIX);
-    reg_write(&mut d, epf::reg::IRQ_NUMBER, 1);
-    reg_write(&mut d, epf::reg::COMMAND, epf::command::RAISE_MSIX_IRQ);
+    reg_write(&mut d, epf_abi::reg::IRQ_TYPE, epf_abi::irq_type::MSIX);
+    reg_write(&mut d, epf_abi::reg::IRQ_NUMBER, 1);
+    reg_write(
+        &mut d,
+        epf_abi::reg::COMMAND,
+        epf_abi::command::RAISE_MSIX_IRQ,
+    );
     assert_eq!(v[0].fd.read().unwrap(), 1);
     // Disabling MSI-X takes the eventfds back from the backend.
     cfg16(&mut d, cap + 2, 0);
@@ -272,17 +277,17 @@ fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
     );
 
     let write = |d: &mut VfioPciDevice, dst: u64| {
-        reg_write(d, epf::reg::DST_ADDR_LO, dst as u32);
-        reg_write(d, epf::reg::DST_ADDR_HI, (dst >> 32) as u32);
-        reg_write(d, epf::reg::SIZE, 4096);
-        reg_write(d, epf::reg::COMMAND, epf::command::WRITE);
-        reg_read(d, epf::reg::STATUS)
+        reg_write(d, epf_abi::reg::DST_ADDR_LO, dst as u32);
+        reg_write(d, epf_abi::reg::DST_ADDR_HI, (dst >> 32) as u32);
+        reg_write(d, epf_abi::reg::SIZE, 4096);
+        reg_write(d, epf_abi::reg::COMMAND, epf_abi::command::WRITE);
+        reg_read(d, epf_abi::reg::STATUS)
     };
     let last = 32 * MIB - 4096;
     for dst in [0, 16 * MIB, last] {
         let st = write(&mut d, dst);
         assert_ne!(
-            st & epf::status::WRITE_SUCCESS,
+            st & epf_abi::status::WRITE_SUCCESS,
             0,
             "WRITE to {dst:#x}: {st:#x}"
         );
@@ -291,16 +296,19 @@ fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
         // SAFETY: the page lies inside `low`, and the device is done writing it.
         let got = unsafe { std::slice::from_raw_parts((low.addr() + dst) as *const u8, 4096) };
         assert_eq!(got, &expect[..], "guest page {dst:#x}");
-        assert_eq!(reg_read(&mut d, epf::reg::CHECKSUM), epf::checksum(&expect));
+        assert_eq!(
+            reg_read(&mut d, epf_abi::reg::CHECKSUM),
+            epf::checksum(&expect)
+        );
     }
     // Past the end of RAM nothing is mapped: the command fails instead of writing anywhere.
     let st = write(&mut d, 32 * MIB);
-    assert_ne!(st & epf::status::WRITE_FAIL, 0, "{st:#x}");
+    assert_ne!(st & epf_abi::status::WRITE_FAIL, 0, "{st:#x}");
     // Unpinning unmaps everything: the same WRITE now fails.
     drop(pinned);
     assert!(model.mappings().is_empty());
     let st = write(&mut d, 0);
-    assert_ne!(st & epf::status::WRITE_FAIL, 0, "{st:#x}");
+    assert_ne!(st & epf_abi::status::WRITE_FAIL, 0, "{st:#x}");
 }
 
 /// A device with one BAR, no MSI/MSI-X and INTA: what a legacy function looks like.

@@ -16,6 +16,7 @@
 //! (XSDT), 5.2.9 (FADT), 5.2.12 (MADT) and 19.6 / 20 (resource descriptors, AML); MCFG is
 //! from the PCI Firmware Specification 3.3, 4.1.2.
 
+use guest_abi::ports;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::mptable::{PciIntx, MAX_CPUS};
@@ -368,7 +369,10 @@ fn dsdt(layout: &MemoryLayout, intx: &[PciIntx]) -> Vec<u8> {
         ]
         .concat(),
     );
-    let com1_crs = res::template(&[res::io(0x3f8, 1, 8), res::irq(4)]);
+    let com1_crs = res::template(&[
+        res::io(ports::SERIAL_COM1, 1, ports::SERIAL_LEN as u8),
+        res::irq(ports::SERIAL_IRQ as u8),
+    ]);
     let com1 = aml::device(
         b"COM1",
         [

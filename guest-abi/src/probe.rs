@@ -1,0 +1,97 @@
+//! The probe guest's command-line options and the parts of its output that the VMM and the
+//! tests match.
+//!
+//! Options are space-separated words; those with a value are `name=value`, the name being the
+//! constant here. Every output line starts with [`LINE_PREFIX`]; for each line below there
+//! is the text the probe prints after the prefix and the whole line's start, prefix included,
+//! for matching its serial output.
+
+/// A macro, not only a constant, so that `concat!` can build the whole-line constants.
+macro_rules! prefix {
+    () => {
+        "probe: "
+    };
+}
+
+/// Starts every line the probe prints: tells its lines apart from anything else on the serial
+/// port (firmware, the VMM's own messages) and marks the guest's first output.
+pub const LINE_PREFIX: &str = prefix!();
+
+/// Defines the text after [`LINE_PREFIX`] and the whole line's start from the one literal.
+macro_rules! probe_line {
+    ($(#[doc = $doc:literal])* $text:literal => $after_prefix:ident, $whole:ident) => {
+        $(#[doc = $doc])*
+        ///
+        /// The text after [`LINE_PREFIX`], as the probe prints it.
+        pub const $after_prefix: &str = $text;
+        $(#[doc = $doc])*
+        ///
+        /// The whole line's start, [`LINE_PREFIX`] included, as the serial output shows it.
+        pub const $whole: &str = concat!(prefix!(), $text);
+    };
+}
+
+/// Starts both result lines ([`RESULT_OK_LINE`], [`RESULT_FAIL_PREFIX`]). The result line is
+/// the probe's last, printed right after the ready mark: outside the VMM, the sign the guest
+/// is up.
+pub const RESULT_PREFIX: &str = concat!(prefix!(), "result");
+probe_line! {
+    /// The result line when every check passed.
+    "result ok" => RESULT_OK, RESULT_OK_LINE
+}
+probe_line! {
+    /// Starts the result line when a check failed (the reason follows), after an exception or
+    /// after a panic.
+    "result FAIL: " => RESULT_FAIL, RESULT_FAIL_PREFIX
+}
+probe_line! {
+    /// Starts the DMA result line when every DMA check passed (regions and bytes follow).
+    "dma ok: " => DMA_OK, DMA_OK_PREFIX
+}
+probe_line! {
+    /// Starts the DMA result line when a DMA check failed (the run fails too).
+    "dma FAIL: " => DMA_FAIL, DMA_FAIL_PREFIX
+}
+probe_line! {
+    /// The DMA result line without a pci-epf-test device on bus 0 (and no
+    /// [`OPT_EXPECT_DMA`]`=1`).
+    "dma skipped: no pci-epf-test device" => DMA_SKIPPED, DMA_SKIPPED_LINE
+}
+
+const fn starts_with(s: &str, prefix: &str) -> bool {
+    let (s, prefix) = (s.as_bytes(), prefix.as_bytes());
+    if s.len() < prefix.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < prefix.len() {
+        if s[i] != prefix[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+// Whoever waits for the result line must see both outcomes.
+const _: () = assert!(
+    starts_with(RESULT_OK_LINE, RESULT_PREFIX) && starts_with(RESULT_FAIL_PREFIX, RESULT_PREFIX)
+);
+
+/// `probe.expect_mem=<MiB>`: the RAM the memory map describes, in whole MiB rounded down,
+/// must equal it. The VMM passes what its own E820 map adds up to.
+pub const OPT_EXPECT_MEM: &str = "probe.expect_mem";
+/// `probe.expect_cpus=<N>`: the MP table's enabled processors must equal it.
+pub const OPT_EXPECT_CPUS: &str = "probe.expect_cpus";
+/// `probe.expect_dma=1` makes a missing pci-epf-test device a failure (`=0`, the default:
+/// `dma skipped`). The VMM passes `=1` when it attaches one.
+pub const OPT_EXPECT_DMA: &str = "probe.expect_dma";
+/// `probe.dma_irq=msi` or `=msix` (the default): the interrupt the pci-epf-test device is set
+/// up with (MSI is also used when the device has no MSI-X).
+pub const OPT_DMA_IRQ: &str = "probe.dma_irq";
+/// `probe.fault`: read an unmapped address after the memory test, to exercise the exception
+/// report and [`crate::exit::EXCEPTION`].
+pub const OPT_FAULT: &str = "probe.fault";
+/// `probe.hang`: stay alive after the result line instead of exiting, for tests that stop a
+/// running guest from the VMM side (signals, timeouts).
+pub const OPT_HANG: &str = "probe.hang";
