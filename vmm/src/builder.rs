@@ -31,7 +31,7 @@ use pinning::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
-use crate::memory::{Backing, GuestMemory, MemoryError, MemoryLayout};
+use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
 use crate::pin::{PinChoice, PinChoiceError};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
@@ -45,7 +45,9 @@ use crate::vstate::vm::{KvmError, StopHandle, Vm};
 pub struct VmConfig {
     pub layout: MemoryLayout,
     pub cpus: u8,
-    pub backing: Backing,
+    pub memory: MemorySpec,
+    /// Why `memory.backing` was chosen (`--backing auto` says what it weighed).
+    pub backing_reason: String,
     pub kernel: ImageSource,
     pub initrd: Option<ImageSource>,
     pub cmdline: String,
@@ -138,8 +140,8 @@ pub struct Machine {
 }
 
 /// Stage `memory`: maps guest RAM as `layout` says and registers it with KVM.
-pub fn memory(vm: &Vm, layout: &MemoryLayout, backing: Backing) -> Result<GuestMemory, StartError> {
-    let memory = GuestMemory::new(backing, layout.ram())?;
+pub fn memory(vm: &Vm, layout: &MemoryLayout, spec: MemorySpec) -> Result<GuestMemory, StartError> {
+    let memory = GuestMemory::new(spec, layout.ram())?;
     vm.register_memory(&memory)?;
     Ok(memory)
 }
@@ -252,7 +254,8 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
     let failure = Failure::default();
 
     let vm = timeline.phase("kvm", || Vm::new(config.cpus))?;
-    let memory = timeline.phase("memory", || memory(&vm, &config.layout, config.backing))?;
+    let huge_before = thp::huge_bytes_in_use();
+    let memory = timeline.phase("memory", || memory(&vm, &config.layout, config.memory))?;
     let (platform, mut passthrough) =
         timeline.phase("devices", || devices(&vm, config, &marks, &failure))?;
     let pinned = timeline.phase("pin", || {
@@ -294,8 +297,12 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
     let pin_stats = machine.pinned.stats.clone();
     let summary = VmSummary {
         memory_bytes: machine.memory.size(),
+        memory_shards: machine.memory.files().count(),
+        shard_bytes: machine.memory.shard_bytes(),
+        huge_bytes: thp::huge_bytes_in_use().saturating_sub(huge_before),
         cpus: config.cpus,
-        backing: config.backing.name().into(),
+        backing: config.memory.backing.name().into(),
+        backing_reason: config.backing_reason.clone(),
         kernel: config.kernel.name(),
         devices: std::mem::take(&mut machine.passthrough.names),
     };

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 use pinning::pinner::PinStats;
 use serde::Serialize;
 
+use crate::size::human;
+
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
@@ -107,9 +109,18 @@ pub struct Report {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct VmSummary {
+    /// Guest RAM mapped.
     pub memory_bytes: u64,
+    /// memfds backing it (0 for private memory), and the size of each but perhaps the last.
+    pub memory_shards: usize,
+    pub shard_bytes: u64,
+    /// Huge pages the kernel gave while the guest existed (/proc/meminfo deltas), whatever
+    /// the backing asked for.
+    pub huge_bytes: u64,
     pub cpus: u8,
     pub backing: String,
+    /// Why this backing (what `--backing auto` weighed, or "--backing NAME").
+    pub backing_reason: String,
     pub kernel: String,
     /// Passthrough devices (sysfs paths or vfio-user sockets).
     pub devices: Vec<String>,
@@ -134,6 +145,19 @@ impl Report {
             opt(self.guest.entry_ms),
             opt(self.guest.first_output_ms),
             opt(self.guest.ready_ms)
+        ));
+        let v = &self.vm;
+        let shards = if v.memory_shards > 0 {
+            format!(" in {} shards of {}", v.memory_shards, human(v.shard_bytes))
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "  memory        {} {}{shards}, {} in huge pages ({})\n",
+            human(v.memory_bytes),
+            v.backing,
+            human(v.huge_bytes),
+            v.backing_reason
         ));
         if let Some(p) = &self.pin {
             out.push_str(&format!(

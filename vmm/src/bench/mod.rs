@@ -29,7 +29,7 @@ use machine::Machine;
 use qemu::{ProbeElf, QemuChoice, QemuConfig, QemuSample};
 use run::{RunFailure, VmmSample};
 
-use crate::memory::{Backing, GuestMemory, RamRange};
+use crate::memory::{Backing, GuestMemory, MemorySpec, RamRange};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -230,7 +230,7 @@ fn predicted_threads(
 /// memset over 1 GiB of resident memory, best of three: the bandwidth ceiling.
 fn memset_gibps() -> Option<f64> {
     let size: u64 = 1 << 30;
-    let m = GuestMemory::new(Backing::Anon, &[RamRange::at_zero(size)]).ok()?;
+    let m = GuestMemory::new(MemorySpec::new(Backing::Anon), &[RamRange::at_zero(size)]).ok()?;
     let ptr = m.ram.regions()[0].host_addr as *mut u8;
     let mut best = 0f64;
     for round in 0..4u8 {

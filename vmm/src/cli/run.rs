@@ -11,7 +11,7 @@ use pinning::{Classify, ErrorClass, PinOptions, ThreadRequest};
 use crate::builder::VmConfig;
 use crate::loader::{BootProtocol, ImageSource};
 use crate::memory::layout::LayoutError;
-use crate::memory::{Backing, MemoryLayout};
+use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
 use crate::passthrough::{DeviceRequest, UserDevice};
 use crate::pin::{PinChoice, PinChoiceError};
 use crate::platform::{SerialIn, SerialOut};
@@ -60,10 +60,17 @@ pub struct RunArgs {
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub cpus: u8,
-    /// What backs guest RAM: auto, anon, thp, memfd, hugetlb, hugetlb-1g. `auto`: memfd when
-    /// a vfio-user device is attached (its server maps guest RAM through the memfd), else anon.
+    /// What backs guest RAM: auto, anon, thp, memfd, memfd-thp, hugetlb, hugetlb-1g. `auto`:
+    /// with a vfio-user device (its server maps guest RAM through memfds) memfd-thp where the
+    /// host's shmem_enabled allows huge pages, else memfd; without one, thp where the host's
+    /// THP `enabled` allows it, else anon. The run report's vm.backing_reason says which.
     #[arg(long, default_value = "auto")]
     pub backing: BackingArg,
+    /// Shareable RAM (memfd, memfd-thp, hugetlb) is made of one memfd per shard of this size
+    /// (a power of two, at least the page size, at most a RAM range; default 1G), so that
+    /// threads faulting it in do not queue on one file's locks.
+    #[arg(long, value_parser = parse_size)]
+    pub memory_shard: Option<u64>,
     /// How guest RAM is prepared before the guest runs. `auto`: mapped for the attached
     /// devices by their backend (type1, iommufd or vfio-user), nothing without devices.
     /// `none` (the guest faults RAM in as it goes), `populate` (MADV_POPULATE_WRITE), `mlock`
@@ -120,11 +127,16 @@ pub enum ConfigError {
     NotShareable(&'static str),
     #[error(transparent)]
     Pin(#[from] PinChoiceError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
 }
 
 impl Classify for ConfigError {
     fn class(&self) -> ErrorClass {
-        ErrorClass::User
+        match self {
+            ConfigError::Memory(e) => e.class(),
+            _ => ErrorClass::User,
+        }
     }
 }
 
@@ -186,14 +198,41 @@ fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, ConfigError> {
     })
 }
 
-fn backing(args: &RunArgs, user: &[UserDevice]) -> Result<Backing, ConfigError> {
-    match (args.backing, user.is_empty()) {
-        (BackingArg::Auto, true) => Ok(Backing::Anon),
-        (BackingArg::Auto, false) => Ok(Backing::Memfd),
-        (BackingArg::Fixed(b @ (Backing::Anon | Backing::Thp)), false) => {
+/// The backing and why: what `--backing` names, or for `auto` huge pages where the host
+/// allows them (as QEMU and Cloud Hypervisor advise for guest RAM), shareable when a
+/// vfio-user server must map guest RAM.
+fn backing(
+    arg: BackingArg,
+    user: &[UserDevice],
+    thp: &ThpPolicy,
+) -> Result<(Backing, String), ConfigError> {
+    let shared = !user.is_empty();
+    match arg {
+        BackingArg::Fixed(b @ (Backing::Anon | Backing::Thp)) if shared => {
             Err(ConfigError::NotShareable(b.name()))
         }
-        (BackingArg::Fixed(b), _) => Ok(b),
+        BackingArg::Fixed(b) => Ok((b, format!("--backing {}", b.name()))),
+        BackingArg::Auto if shared && thp.shmem_allowed() => Ok((
+            Backing::MemfdThp,
+            format!(
+                "auto: a vfio-user device needs shareable RAM, and {}",
+                thp.describe_shmem()
+            ),
+        )),
+        BackingArg::Auto if shared => Ok((
+            Backing::Memfd,
+            format!(
+                "auto: a vfio-user device needs shareable RAM, and {} forbids huge pages there",
+                thp.describe_shmem()
+            ),
+        )),
+        BackingArg::Auto if thp.anon_allowed() => {
+            Ok((Backing::Thp, format!("auto: {}", thp.describe_anon())))
+        }
+        BackingArg::Auto => Ok((
+            Backing::Anon,
+            format!("auto: {} forbids huge pages", thp.describe_anon()),
+        )),
     }
 }
 
@@ -206,7 +245,17 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     };
     let layout = MemoryLayout::new(args.memory)?;
     let user = user_devices(args)?;
-    let backing = backing(args, &user)?;
+    let thp = ThpPolicy::host();
+    let (backing, backing_reason) = backing(args.backing, &user, &thp)?;
+    let memory = MemorySpec {
+        backing,
+        shard_bytes: args.memory_shard,
+    };
+    // Everything about guest RAM that can be refused is refused here, before anything else.
+    memory.check(layout.ram(), &thp)?;
+    if let BackingArg::Auto = args.backing {
+        tracing::info!("guest RAM: {} ({backing_reason})", backing.name());
+    }
     let dma = !user.is_empty() || !args.devices.is_empty();
     args.pin.check_devices(dma)?;
     let (kernel, cmdline) = match &args.kernel {
@@ -223,7 +272,8 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
         cmdline: args.cmdline.clone().unwrap_or(cmdline),
         layout,
         cpus: args.cpus,
-        backing,
+        memory,
+        backing_reason,
         kernel,
         initrd: args.initrd.clone().map(ImageSource::Path),
         boot_protocol: args.boot_protocol,

@@ -1,11 +1,14 @@
 //! Guest RAM: the address map ([`layout`]), what backs it on the host ([`backing`]:
-//! anonymous 4 KiB pages, transparent huge pages, a memfd shareable with a vfio-user server,
-//! or hugetlb pages) and [`GuestMemory`], which owns the host mappings and shows them to the
-//! rest of the VMM two ways: as a vm-memory `GuestMemoryMmap` for loading and devices, and as
-//! a `pinning::GuestRam` for the pinning engine.
+//! anonymous 4 KiB pages, transparent huge pages, memfd shards shareable with a vfio-user
+//! server (with or without huge pages), or hugetlb pages), what the host allows of huge pages
+//! ([`thp`]), and [`GuestMemory`], which owns the host mappings and shows them to the rest of
+//! the VMM two ways: as a vm-memory `GuestMemoryMmap` for loading and devices (one region per
+//! RAM range, so one KVM slot each), and as a `pinning::GuestRam` for the pinning engine (one
+//! region per shard, so no pin chunk straddles two files).
 
 pub mod backing;
 pub mod layout;
+pub mod thp;
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -16,10 +19,18 @@ use pinning::{ErrorClass, GuestRam, Region};
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 pub use backing::Backing;
-use backing::{check_hugetlb, map_one, HostMapping};
+use backing::{check_hugetlb, map_range, HostRange};
 pub use layout::{MemoryLayout, RamRange};
+pub use thp::ThpPolicy;
 
 use crate::size::human;
+
+/// Shards of shareable RAM are this large unless `--memory-shard` says otherwise (a RAM
+/// range smaller than this is one shard).
+pub const DEFAULT_SHARD_BYTES: u64 = layout::GIB;
+
+/// File descriptors kept free for everything else the VMM opens (KVM, devices, sockets).
+const FD_HEADROOM: u64 = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -35,6 +46,18 @@ pub enum MemoryError {
         free: u64,
         total: u64,
     },
+    #[error("--memory-shard {}: not a power of two; give one such as 256M or 1G", human(*.0))]
+    ShardNotPowerOfTwo(u64),
+    #[error("--memory-shard {}: smaller than the {} page size of --backing {}; give {} or more", human(*shard), human(backing.page_size()), backing.name(), human(backing.page_size()))]
+    ShardBelowPage { shard: u64, backing: Backing },
+    #[error("--memory-shard {}: larger than the largest RAM range ({}); give {} or less", human(*shard), human(*largest), human(*largest))]
+    ShardAboveRange { shard: u64, largest: u64 },
+    #[error("--memory-shard {}: only shareable RAM is made of shards (memfd, memfd-thp, hugetlb, hugetlb-1g), not --backing {}; leave --memory-shard out", human(*shard), backing.name())]
+    ShardNotShareable { shard: u64, backing: Backing },
+    #[error("guest RAM in {shards} shards needs {shards} file descriptors but RLIMIT_NOFILE is {limit} (keeping {FD_HEADROOM} for the rest); give a larger --memory-shard or raise `ulimit -n`")]
+    TooManyShards { shards: u64, limit: u64 },
+    #[error("--backing memfd-thp: this host forbids huge pages in shmem ({line}); allow them with `echo advise > {}/shmem_enabled` (as root) or use --backing memfd", thp::SYSFS_THP)]
+    ShmemThpForbidden { line: String },
     #[error("{op} for {} of {} guest memory failed: {source}", human(*size), backing.name())]
     Map {
         op: &'static str,
@@ -48,8 +71,8 @@ pub enum MemoryError {
 }
 
 impl pinning::Classify for MemoryError {
-    /// A size or reservation is the user's to fix; a mapping the host refused although it
-    /// should have worked is not.
+    /// A size, a reservation or a host setting is the user's to fix; a mapping the host
+    /// refused although it should have worked is not.
     fn class(&self) -> ErrorClass {
         match self {
             MemoryError::Map { .. } | MemoryError::Layout(_) => ErrorClass::Internal,
@@ -58,20 +81,52 @@ impl pinning::Classify for MemoryError {
     }
 }
 
-/// Guest RAM: the host mappings and the two views of them.
-pub struct GuestMemory {
-    /// vm-memory's view (loading, devices). Built raw: it never unmaps.
-    pub mem: GuestMemoryMmap,
-    /// The pinning engine's view.
-    pub ram: Arc<GuestRam>,
+/// What backs guest RAM, and in shards of what size when it is shareable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemorySpec {
     pub backing: Backing,
-    /// Declared last so it is dropped last, after both views.
-    mappings: Vec<HostMapping>,
+    /// `--memory-shard`; `None` is [`DEFAULT_SHARD_BYTES`], clamped to each RAM range.
+    pub shard_bytes: Option<u64>,
 }
 
-impl GuestMemory {
-    /// Maps fresh memory for each range: a guest's are [`MemoryLayout::ram`].
-    pub fn new(backing: Backing, ranges: &[RamRange]) -> Result<Self, MemoryError> {
+impl MemorySpec {
+    pub fn new(backing: Backing) -> Self {
+        MemorySpec {
+            backing,
+            shard_bytes: None,
+        }
+    }
+
+    /// The shard size in effect for `ranges`: what was asked for, or the default clamped to
+    /// the largest range.
+    pub fn shard_bytes(&self, ranges: &[RamRange]) -> u64 {
+        let largest = ranges.iter().map(|r| r.size).max().unwrap_or(0);
+        self.shard_bytes
+            .unwrap_or(DEFAULT_SHARD_BYTES.min(largest.next_power_of_two()))
+    }
+
+    /// How many shards `ranges` take (0 for private backings).
+    pub fn shards(&self, ranges: &[RamRange]) -> u64 {
+        if !self.backing.shareable() {
+            return 0;
+        }
+        let shard = self.shard_bytes(ranges);
+        ranges.iter().map(|r| r.size.div_ceil(shard)).sum()
+    }
+
+    /// Everything about `ranges` that can be refused before any memory is touched: sizes,
+    /// shards, the file descriptor limit, hugetlb reservations and the host's THP policy.
+    pub fn check(&self, ranges: &[RamRange], thp: &ThpPolicy) -> Result<(), MemoryError> {
+        self.check_with(ranges, thp, nofile_limit())
+    }
+
+    fn check_with(
+        &self,
+        ranges: &[RamRange],
+        thp: &ThpPolicy,
+        nofile: u64,
+    ) -> Result<(), MemoryError> {
+        let backing = self.backing;
         let total: u64 = ranges.iter().map(|r| r.size).sum();
         let host = pinning::procfs::mem_total(Path::new("/")).unwrap_or(u64::MAX);
         if total > host {
@@ -85,26 +140,89 @@ impl GuestMemory {
                 return Err(MemoryError::NotPageMultiple { size, backing });
             }
         }
-        if matches!(backing, Backing::Hugetlb | Backing::Hugetlb1g) {
+        if let Some(shard) = self.shard_bytes {
+            let largest = ranges.iter().map(|r| r.size).max().unwrap_or(0);
+            if !backing.shareable() {
+                return Err(MemoryError::ShardNotShareable { shard, backing });
+            }
+            if !shard.is_power_of_two() {
+                return Err(MemoryError::ShardNotPowerOfTwo(shard));
+            }
+            if shard < backing.page_size() {
+                return Err(MemoryError::ShardBelowPage { shard, backing });
+            }
+            if shard > largest {
+                return Err(MemoryError::ShardAboveRange { shard, largest });
+            }
+        }
+        let shards = self.shards(ranges);
+        if shards > 0 && shards + FD_HEADROOM > nofile {
+            return Err(MemoryError::TooManyShards {
+                shards,
+                limit: nofile,
+            });
+        }
+        if backing == Backing::MemfdThp && !thp.shmem_allowed() {
+            return Err(MemoryError::ShmemThpForbidden {
+                line: thp.describe_shmem(),
+            });
+        }
+        if backing.hugetlb() {
             check_hugetlb(backing, total)?;
         }
-        let mut mappings = Vec::with_capacity(ranges.len());
+        Ok(())
+    }
+}
+
+/// The soft RLIMIT_NOFILE: how many files this process may have open.
+fn nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only into `lim`, which we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return u64::MAX;
+    }
+    lim.rlim_cur
+}
+
+/// Guest RAM: the host mappings and the two views of them.
+pub struct GuestMemory {
+    /// vm-memory's view (loading, devices): one region per RAM range. Built raw: it never
+    /// unmaps.
+    pub mem: GuestMemoryMmap,
+    /// The pinning engine's view: one region per shard (per RAM range for private memory).
+    pub ram: Arc<GuestRam>,
+    pub spec: MemorySpec,
+    /// Declared last so it is dropped last, after both views.
+    ranges: Vec<HostRange>,
+}
+
+impl GuestMemory {
+    /// Checks `spec` against the host and maps fresh memory for each range: a guest's are
+    /// [`MemoryLayout::ram`].
+    pub fn new(spec: MemorySpec, ranges: &[RamRange]) -> Result<Self, MemoryError> {
+        spec.check(ranges, &ThpPolicy::host())?;
+        let backing = spec.backing;
+        let shard = spec.shard_bytes(ranges);
+        let mut host = Vec::with_capacity(ranges.len());
         for r in ranges {
-            mappings.push(map_one(backing, r.size)?);
+            host.push(map_range(backing, r.size, shard)?);
         }
         let mut vm_regions = Vec::new();
         let mut regions = Vec::new();
-        for (m, &RamRange { start, size }) in mappings.iter().zip(ranges) {
-            let flags = if m.file.is_some() {
+        for (h, &RamRange { start, size }) in host.iter().zip(ranges) {
+            let flags = if backing.shareable() {
                 libc::MAP_SHARED
             } else {
                 libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
             };
-            // SAFETY: [addr, addr+size) is a live mapping owned by `mappings`, which outlives
+            // SAFETY: [addr, addr+size) is a live mapping owned by `host`, which outlives
             // this region (field order of GuestMemory).
             let raw = unsafe {
                 MmapRegion::build_raw(
-                    m.addr as *mut u8,
+                    h.addr as *mut u8,
                     size as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     flags,
@@ -115,13 +233,19 @@ impl GuestMemory {
                 MemoryError::Layout(format!("region at {:#x} overflows", start.0))
             })?;
             vm_regions.push(region);
-            regions.push(Region {
-                host_addr: m.addr,
-                guest_addr: start.0,
+            let region = |offset: u64, size: u64, file: Option<&File>| Region {
+                host_addr: h.addr + offset,
+                guest_addr: start.0 + offset,
                 size,
                 page_size: backing.page_size(),
-                file: m.file.as_ref().map(|f| (f.as_raw_fd(), 0)),
-            });
+                file: file.map(|f| (f.as_raw_fd(), 0)),
+            };
+            if h.shards.is_empty() {
+                regions.push(region(0, size, None));
+            }
+            for s in &h.shards {
+                regions.push(region(s.offset, s.len, Some(&s.file)));
+            }
         }
         let mem = GuestMemoryMmap::from_regions(vm_regions)
             .map_err(|e| MemoryError::Layout(e.to_string()))?;
@@ -134,18 +258,30 @@ impl GuestMemory {
         Ok(Self {
             mem,
             ram,
-            backing,
-            mappings,
+            spec,
+            ranges: host,
         })
     }
 
+    /// Bytes mapped.
     pub fn size(&self) -> u64 {
-        self.mappings.iter().map(|m| m.len).sum()
+        self.ranges.iter().map(|r| r.len).sum()
     }
 
-    /// The memfd behind a shareable region, for handing to another process.
+    /// The memfds of shareable RAM, one per shard, in guest-address order.
     pub fn files(&self) -> impl Iterator<Item = &File> {
-        self.mappings.iter().filter_map(|m| m.file.as_ref())
+        self.ranges
+            .iter()
+            .flat_map(|r| r.shards.iter().map(|s| &s.file))
+    }
+
+    /// The shard size in effect (0 for private memory).
+    pub fn shard_bytes(&self) -> u64 {
+        self.ranges
+            .iter()
+            .flat_map(|r| r.shards.iter().map(|s| s.len))
+            .max()
+            .unwrap_or(0)
     }
 }
 
@@ -155,12 +291,19 @@ mod tests {
     use layout::{GIB, MIB};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
 
+    fn spec(backing: Backing, shard_bytes: Option<u64>) -> MemorySpec {
+        MemorySpec {
+            backing,
+            shard_bytes,
+        }
+    }
+
     #[test]
     fn every_backing_that_needs_no_reservation_maps_and_is_usable() {
         for backing in [Backing::Anon, Backing::Thp, Backing::Memfd] {
             // RAM on both sides of the 32-bit hole.
             let layout = MemoryLayout::new(3 * GIB + 4 * MIB).unwrap();
-            let m = GuestMemory::new(backing, layout.ram()).unwrap();
+            let m = GuestMemory::new(MemorySpec::new(backing), layout.ram()).unwrap();
             assert_eq!(m.size(), 3 * GIB + 4 * MIB);
             m.mem
                 .write_obj(0xdead_beef_u32, GuestAddress((1 << 32) + 16))
@@ -170,12 +313,99 @@ mod tests {
                 0xdead_beef
             );
             assert_eq!(m.ram.size(), 3 * GIB + 4 * MIB);
+            // One vm-memory region (so one KVM slot) per RAM range, whatever the shards.
             assert_eq!(m.mem.iter().count(), 2);
-            assert_eq!(m.files().count(), usize::from(backing.shareable()) * 2);
+            // Shareable: 1 GiB shards, the last of the high range 4 MiB.
+            let shards = if backing.shareable() { 4 } else { 0 };
+            assert_eq!(m.files().count(), shards);
+            assert_eq!(m.ram.regions().len(), shards.max(2));
             for r in m.ram.regions() {
                 assert_eq!(r.host_addr % backing.page_size(), 0);
             }
         }
+    }
+
+    #[test]
+    fn shards_lie_back_to_back_in_one_host_range_per_ram_range() {
+        let layout = MemoryLayout::new(6 * GIB).unwrap();
+        let m = GuestMemory::new(spec(Backing::Memfd, Some(512 * MIB)), layout.ram()).unwrap();
+        assert_eq!(m.files().count(), 12);
+        assert_eq!(m.shard_bytes(), 512 * MIB);
+        let regions = m.ram.regions();
+        assert_eq!(regions.len(), 12);
+        for w in regions.windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            assert_eq!(a.size, 512 * MIB);
+            if a.guest_addr + a.size == b.guest_addr {
+                // Same RAM range: contiguous on the host too, each its own file at offset 0.
+                assert_eq!(a.host_addr + a.size, b.host_addr);
+            } else {
+                assert_eq!((a.guest_addr + a.size, b.guest_addr), (3 * GIB, 4 * GIB));
+            }
+            assert_ne!(a.file.unwrap().0, b.file.unwrap().0);
+            assert_eq!(b.file.unwrap().1, 0);
+        }
+        // An access across a shard boundary reaches both files, as one contiguous range.
+        let at = GuestAddress(512 * MIB - 2);
+        m.mem.write_obj(0x1122_3344_u32, at).unwrap();
+        assert_eq!(m.mem.read_obj::<u32>(at).unwrap(), 0x1122_3344);
+        let second = &regions[1];
+        // SAFETY: a live, populated mapping of this test's guest memory.
+        let byte = unsafe { *(second.host_addr as *const u8) };
+        assert_eq!(byte, 0x22);
+    }
+
+    #[test]
+    fn the_default_shard_is_a_gib_clamped_to_small_guests() {
+        let ram = |size| MemoryLayout::new(size).unwrap().ram().to_vec();
+        let memfd = MemorySpec::new(Backing::Memfd);
+        assert_eq!(memfd.shard_bytes(&ram(256 * MIB)), 256 * MIB);
+        assert_eq!(memfd.shards(&ram(256 * MIB)), 1);
+        assert_eq!(memfd.shard_bytes(&ram(6 * GIB)), GIB);
+        assert_eq!(memfd.shards(&ram(6 * GIB)), 6);
+        // The 3 GiB below the hole and 2 MiB above it.
+        assert_eq!(memfd.shards(&ram(3 * GIB + 2 * MIB)), 4);
+        assert_eq!(MemorySpec::new(Backing::Anon).shards(&ram(6 * GIB)), 0);
+    }
+
+    #[test]
+    fn bad_shards_and_forbidden_huge_pages_are_refused_before_mapping() {
+        let ram = MemoryLayout::new(6 * GIB).unwrap().ram().to_vec();
+        let thp = ThpPolicy::read(Path::new("/nonexistent"));
+        let check = |s: MemorySpec| s.check_with(&ram, &thp, 1024).err().unwrap();
+        assert!(matches!(
+            check(spec(Backing::Memfd, Some(3 * GIB))),
+            MemoryError::ShardNotPowerOfTwo(_)
+        ));
+        assert!(matches!(
+            check(spec(Backing::Memfd, Some(2048))),
+            MemoryError::ShardBelowPage { .. }
+        ));
+        assert!(matches!(
+            check(spec(Backing::Hugetlb, Some(MIB))),
+            MemoryError::ShardBelowPage { .. }
+        ));
+        let e = check(spec(Backing::Memfd, Some(4 * GIB)));
+        assert!(e.to_string().contains("give 3 GiB or less"), "{e}");
+        assert!(matches!(
+            check(spec(Backing::Anon, Some(GIB))),
+            MemoryError::ShardNotShareable { .. }
+        ));
+        let e = spec(Backing::Memfd, Some(4 * MIB))
+            .check_with(&ram, &thp, 1024)
+            .err()
+            .unwrap();
+        assert!(
+            matches!(e, MemoryError::TooManyShards { shards: 1536, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("ulimit -n"), "{e}");
+        let e = check(MemorySpec::new(Backing::MemfdThp));
+        assert!(e.to_string().contains("shmem_enabled"), "{e}");
+        assert_eq!(pinning::Classify::class(&e), ErrorClass::User);
+        assert!(MemorySpec::new(Backing::Memfd)
+            .check_with(&ram, &thp, 1024)
+            .is_ok());
     }
 
     #[test]
@@ -186,24 +416,30 @@ mod tests {
                 .and_then(|s| s.trim().parse().ok())
                 .unwrap_or(0);
         let want = ((free + 1) * 2 * MIB).max(64 * MIB);
-        let e = GuestMemory::new(Backing::Hugetlb, MemoryLayout::new(want).unwrap().ram())
-            .err()
-            .expect("more than is free");
+        let e = GuestMemory::new(
+            MemorySpec::new(Backing::Hugetlb),
+            MemoryLayout::new(want).unwrap().ram(),
+        )
+        .err()
+        .expect("more than is free");
         assert!(e.to_string().contains("nr_hugepages"), "{e}");
     }
 
     #[test]
     fn sizes_that_split_a_page_or_exceed_the_host_are_refused() {
         let e = GuestMemory::new(
-            Backing::Thp,
+            MemorySpec::new(Backing::Thp),
             MemoryLayout::new(64 * MIB + 4096).unwrap().ram(),
         )
         .err()
         .unwrap();
         assert!(matches!(e, MemoryError::NotPageMultiple { .. }), "{e}");
-        let e = GuestMemory::new(Backing::Anon, MemoryLayout::new(1 << 50).unwrap().ram())
-            .err()
-            .unwrap();
+        let e = GuestMemory::new(
+            MemorySpec::new(Backing::Anon),
+            MemoryLayout::new(1 << 50).unwrap().ram(),
+        )
+        .err()
+        .unwrap();
         assert!(matches!(e, MemoryError::MoreThanHost { .. }), "{e}");
     }
 }

@@ -16,7 +16,7 @@ use crate::builder::{self, VmConfig};
 use crate::loader::tests::{tiny_bzimage, tiny_elf};
 use crate::loader::{BootProtocol, BootSetup, ImageSource, KernelFormat};
 use crate::memory::layout::MIB;
-use crate::memory::{Backing, GuestMemory, MemoryLayout};
+use crate::memory::{Backing, GuestMemory, MemoryLayout, MemorySpec};
 use crate::passthrough::Failure;
 use crate::pin::PinChoice;
 use crate::platform::{Platform, SerialIn, SerialOut};
@@ -82,7 +82,8 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
     VmConfig {
         layout: MemoryLayout::new(64 * MIB).unwrap(),
         cpus,
-        backing: Backing::Anon,
+        memory: MemorySpec::new(Backing::Anon),
+        backing_reason: "test".into(),
         kernel: ImageSource::Bytes {
             name: "test guest".into(),
             data: Cow::Owned(kernel),
@@ -137,7 +138,7 @@ impl TestVm {
 /// Stages `kvm`, `memory` and `devices` (no passthrough device asked for).
 fn platform(cfg: &VmConfig, marks: &Arc<GuestMarks>) -> (Vm, GuestMemory, Platform) {
     let vm = Vm::new(cfg.cpus).unwrap();
-    let memory = builder::memory(&vm, &cfg.layout, cfg.backing).unwrap();
+    let memory = builder::memory(&vm, &cfg.layout, cfg.memory).unwrap();
     let (platform, passthrough) = builder::devices(&vm, cfg, marks, &Failure::default()).unwrap();
     assert!(passthrough.names.is_empty());
     (vm, memory, platform)
