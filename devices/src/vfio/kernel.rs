@@ -273,9 +273,9 @@ impl KernelVfio {
         // attach_ioas = true: the device joins the IOAS now, before any RAM is mapped.
         let device = VfioDevice::new(&pre.sysfs, context.ops.clone(), true)
             .map_err(|e| open_error(&name, "opening the device", &node, e))?;
-        let query = |step, source| KernelVfioError::Query {
+        let query = |op: &str, source| KernelVfioError::Request {
             device: name.clone(),
-            step,
+            op: op.to_string(),
             source,
         };
         let info = get_device_info(&device).map_err(|e| query("VFIO_DEVICE_GET_INFO", e))?;
@@ -328,11 +328,11 @@ impl KernelVfio {
     }
 
     fn io_err(&self, op: String, source: io::Error) -> VfioBackendError {
-        VfioBackendError::Io {
+        VfioBackendError::Kernel(KernelVfioError::Request {
             device: self.name.clone(),
             op,
             source,
-        }
+        })
     }
 
     fn region(&self, index: u32, op: &str) -> Result<&RegionInfo, VfioBackendError> {

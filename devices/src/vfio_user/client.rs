@@ -11,6 +11,7 @@
 //! remaining request (an undo after a failed pin job would otherwise wait N times).
 
 use std::collections::HashMap;
+use std::io;
 use std::net::Shutdown;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -23,9 +24,93 @@ use super::wire::{
     self, cmd, flags, Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header, IrqInfoMsg, IrqSet,
     Message, RecvError, RegionAccess, RegionInfoMsg, Version,
 };
-use super::VfioUserError;
 use crate::vfio::backend::region;
 use crate::vfio::{IrqInfo, MmapArea, RegionInfo};
+
+/// What went wrong talking to a vfio-user server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{device}: cannot connect: {source}; is a vfio-user server listening on it?")]
+    Connect {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: setting up the connection: {step}: {source}")]
+    Setup {
+        device: String,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: {op}: sending the request: {source}")]
+    Send {
+        device: String,
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The connection is then considered dead: the stream may still carry the late reply.
+    #[error("{device}: {op}: no reply within {timeout:?}; is the device server alive?")]
+    Timeout {
+        device: String,
+        op: String,
+        timeout: Duration,
+    },
+    #[error("{device}: {op}: the server refused: {}", errno_text(*.errno))]
+    Refused {
+        device: String,
+        op: String,
+        /// 0 when the server gave none.
+        errno: i32,
+    },
+    #[error("{device}: {op}: malformed reply: {what}")]
+    Malformed {
+        device: String,
+        op: String,
+        what: String,
+    },
+    #[error("{device}: {op}: connection lost: {reason}")]
+    Disconnected {
+        device: String,
+        op: String,
+        reason: String,
+    },
+    /// Nothing was sent: a request after a failure would wait for a reply that cannot come.
+    #[error("{device}: {op}: the connection is unusable after an earlier failure: {reason}")]
+    Broken {
+        device: String,
+        op: String,
+        reason: String,
+    },
+    /// A request the protocol cannot carry (a bug of the caller); nothing was sent.
+    #[error("{device}: {op}: {what}")]
+    Invalid {
+        device: String,
+        op: String,
+        what: String,
+    },
+    #[error("{device}: version negotiation: {what}")]
+    Version { device: String, what: String },
+}
+
+fn errno_text(errno: i32) -> String {
+    if errno == 0 {
+        "error reply without an errno".to_string()
+    } else {
+        format!("{} (errno {errno})", io::Error::from_raw_os_error(errno))
+    }
+}
+
+impl ClientError {
+    /// The errno of an error reply, if this is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            ClientError::Refused { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
 
 /// Why the connection can no longer be used.
 #[derive(Clone, Debug)]
@@ -147,9 +232,9 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connects to the server at `path` and negotiates the protocol version; every request,
     /// this one included, waits at most `timeout` for its reply.
-    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, VfioUserError> {
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
         let name = path.display().to_string();
-        let stream = UnixStream::connect(path).map_err(|source| VfioUserError::Connect {
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
             device: name.clone(),
             source,
         })?;
@@ -162,10 +247,10 @@ impl Client {
         stream: UnixStream,
         name: String,
         timeout: Duration,
-    ) -> Result<Client, VfioUserError> {
-        let io_err = |op: &str, source| VfioUserError::Io {
+    ) -> Result<Client, ClientError> {
+        let io_err = |step: &'static str, source| ClientError::Setup {
             device: name.clone(),
-            op: op.to_string(),
+            step,
             source,
         };
         // A peer that stops reading must not block a sender forever either; a send that
@@ -209,14 +294,14 @@ impl Client {
         &self.shared.name
     }
 
-    fn negotiate(&self) -> Result<Capabilities, VfioUserError> {
+    fn negotiate(&self) -> Result<Capabilities, ClientError> {
         let ours = Version {
             major: wire::VERSION_MAJOR,
             minor: wire::VERSION_MINOR,
             json: Capabilities::ours().to_json(),
         };
         let reply = self.request("VERSION".into(), cmd::VERSION, &ours.encode(), &[])?;
-        let version_err = |what: String| VfioUserError::Version {
+        let version_err = |what: String| ClientError::Version {
             device: self.shared.name.clone(),
             what,
         };
@@ -240,20 +325,20 @@ impl Client {
     }
 
     /// Sends one command and waits for its reply. An error reply becomes
-    /// [`VfioUserError::Refused`].
+    /// [`ClientError::Refused`].
     fn request(
         &self,
         op: String,
         command: u16,
         payload: &[u8],
         fds: &[RawFd],
-    ) -> Result<Message, VfioUserError> {
+    ) -> Result<Message, ClientError> {
         let sh = &*self.shared;
         let device = || sh.name.clone();
         let id = {
             let mut st = sh.state();
             if let Some(fatal) = &st.broken {
-                return Err(VfioUserError::Broken {
+                return Err(ClientError::Broken {
                     device: device(),
                     op,
                     reason: fatal.reason(),
@@ -263,7 +348,7 @@ impl Client {
                 .map(|i| st.next_id.wrapping_add(i))
                 .find(|id| !st.pending.contains_key(id))
             else {
-                return Err(VfioUserError::Invalid {
+                return Err(ClientError::Invalid {
                     device: device(),
                     op,
                     what: "65536 requests are already in flight".to_string(),
@@ -296,7 +381,7 @@ impl Client {
                     Fatal::Disconnected(format!("sending {op} failed: {source}")),
                 );
             }
-            return Err(VfioUserError::Send {
+            return Err(ClientError::Send {
                 device: device(),
                 op,
                 source,
@@ -308,7 +393,7 @@ impl Client {
             let Some(pending) = st.pending.get_mut(&id) else {
                 // Only this function removes its own entry; treat a vanished one as a bug
                 // in the reader, reported rather than panicking.
-                return Err(VfioUserError::Malformed {
+                return Err(ClientError::Malformed {
                     device: device(),
                     op,
                     what: "the request's reply slot vanished".to_string(),
@@ -318,7 +403,7 @@ impl Client {
                 st.pending.remove(&id);
                 drop(st);
                 return match reply {
-                    Ok(msg) if msg.header.is_error() => Err(VfioUserError::Refused {
+                    Ok(msg) if msg.header.is_error() => Err(ClientError::Refused {
                         device: device(),
                         op,
                         errno: msg.header.error as i32,
@@ -336,7 +421,7 @@ impl Client {
                 st.pending.remove(&id);
                 let what = format!("{op}: no reply within {:?}", sh.timeout);
                 sh.break_with(&mut st, Fatal::Timeout(what));
-                return Err(VfioUserError::Timeout {
+                return Err(ClientError::Timeout {
                     device: device(),
                     op,
                     timeout: sh.timeout,
@@ -351,20 +436,20 @@ impl Client {
     }
 
     /// The error for the request whose own reply was bad.
-    fn fatal_error(&self, fatal: Fatal, op: String) -> VfioUserError {
+    fn fatal_error(&self, fatal: Fatal, op: String) -> ClientError {
         let device = self.shared.name.clone();
         match fatal {
-            Fatal::Malformed(what) => VfioUserError::Malformed { device, op, what },
+            Fatal::Malformed(what) => ClientError::Malformed { device, op, what },
             other => self.fatal_error_other(other, op),
         }
     }
 
     /// The error for a request in flight when the connection broke for another reason.
-    fn fatal_error_other(&self, fatal: Fatal, op: String) -> VfioUserError {
+    fn fatal_error_other(&self, fatal: Fatal, op: String) -> ClientError {
         let device = self.shared.name.clone();
         match fatal {
-            Fatal::Disconnected(reason) => VfioUserError::Disconnected { device, op, reason },
-            other => VfioUserError::Broken {
+            Fatal::Disconnected(reason) => ClientError::Disconnected { device, op, reason },
+            other => ClientError::Broken {
                 device,
                 op,
                 reason: other.reason(),
@@ -374,19 +459,19 @@ impl Client {
 
     /// A reply whose payload does not decode: the server is not speaking the protocol, so
     /// the connection is marked broken too.
-    fn malformed(&self, op: String, what: String) -> VfioUserError {
+    fn malformed(&self, op: String, what: String) -> ClientError {
         let mut st = self.shared.state();
         self.shared
             .break_with(&mut st, Fatal::Malformed(format!("{op}: {what}")));
-        VfioUserError::Malformed {
+        ClientError::Malformed {
             device: self.shared.name.clone(),
             op,
             what,
         }
     }
 
-    fn invalid(&self, op: String, what: String) -> VfioUserError {
-        VfioUserError::Invalid {
+    fn invalid(&self, op: String, what: String) -> ClientError {
+        ClientError::Invalid {
             device: self.shared.name.clone(),
             op,
             what,
@@ -394,7 +479,7 @@ impl Client {
     }
 
     /// Device flags (`VFIO_DEVICE_FLAGS_*`), number of regions, number of interrupt indices.
-    pub fn device_info(&self) -> Result<(u32, u32, u32), VfioUserError> {
+    pub fn device_info(&self) -> Result<(u32, u32, u32), ClientError> {
         let op = "DEVICE_GET_INFO".to_string();
         let reply = self.request(
             op.clone(),
@@ -409,7 +494,7 @@ impl Client {
 
     /// Region `index`. A file descriptor the server sends for mmap is kept by the client (so
     /// the `RawFd` in [`RegionInfo::mmap_fd`] stays valid while it lives).
-    pub fn region_info(&self, index: u32) -> Result<RegionInfo, VfioUserError> {
+    pub fn region_info(&self, index: u32) -> Result<RegionInfo, ClientError> {
         let op = format!("DEVICE_GET_REGION_INFO {index}");
         // Room for a sparse-mmap capability with dozens of areas; a server that needs more
         // says so in argsz and is asked once more.
@@ -507,12 +592,7 @@ impl Client {
 
     /// Reads `buf.len()` bytes at `offset` of region `index` (in pieces of the server's
     /// `max_data_xfer_size`).
-    pub fn region_read(
-        &self,
-        index: u32,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<(), VfioUserError> {
+    pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
         let chunk = self.xfer_chunk();
         let mut done = 0;
         while done < buf.len() {
@@ -547,7 +627,7 @@ impl Client {
     }
 
     /// Writes `data` at `offset` of region `index`.
-    pub fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioUserError> {
+    pub fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
         let chunk = self.xfer_chunk();
         let mut done = 0;
         while done < data.len() {
@@ -582,7 +662,7 @@ impl Client {
     }
 
     /// Interrupt index `index`.
-    pub fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioUserError> {
+    pub fn irq_info(&self, index: u32) -> Result<IrqInfo, ClientError> {
         let op = format!("DEVICE_GET_IRQ_INFO {index}");
         let req = IrqInfoMsg {
             index,
@@ -611,7 +691,7 @@ impl Client {
         start: u32,
         count: u32,
         fds: &[RawFd],
-    ) -> Result<(), VfioUserError> {
+    ) -> Result<(), ClientError> {
         let op = |s: u32, c: u32| format!("DEVICE_SET_IRQS index {index} vectors {s}+{c}");
         let max = (self.peer.max_msg_fds as usize).min(wire::MAX_FDS);
         if fds.len() <= max {
@@ -643,7 +723,7 @@ impl Client {
         start: u32,
         count: u32,
         fds: &[RawFd],
-    ) -> Result<(), VfioUserError> {
+    ) -> Result<(), ClientError> {
         let req = IrqSet {
             flags,
             index,
@@ -665,7 +745,7 @@ impl Client {
         fd_offset: u64,
         readable: bool,
         writable: bool,
-    ) -> Result<(), VfioUserError> {
+    ) -> Result<(), ClientError> {
         let op = format!("DMA_MAP iova {iova:#x} size {size:#x}");
         let mut f = 0;
         if readable {
@@ -685,7 +765,7 @@ impl Client {
     }
 
     /// Withdraws the mapping made at exactly `[iova, iova + size)`.
-    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), VfioUserError> {
+    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), ClientError> {
         let op = format!("DMA_UNMAP iova {iova:#x} size {size:#x}");
         let req = DmaUnmap {
             flags: 0,
@@ -698,7 +778,7 @@ impl Client {
     }
 
     /// Function-level reset.
-    pub fn reset(&self) -> Result<(), VfioUserError> {
+    pub fn reset(&self) -> Result<(), ClientError> {
         self.request("DEVICE_RESET".into(), cmd::DEVICE_RESET, &[], &[])?;
         Ok(())
     }

@@ -18,10 +18,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::server::{self, UserDevice};
+use super::server::{self, ServerError, UserDevice};
 use super::wire::{irq_info_flags, irq_set};
-use super::VfioUserError;
-use crate::epf::{EpfConfig, EpfIrq, EpfTest, REG_BAR, REG_BAR_SIZE};
+use crate::epf::{EpfConfig, EpfError, EpfIrq, EpfTest, REG_BAR, REG_BAR_SIZE};
 use crate::pci::config::CONFIG_SPACE_SIZE;
 use crate::pci::device::PciDevice;
 use crate::pci::dma::MappedRegions;
@@ -82,7 +81,7 @@ impl std::fmt::Debug for EpfUserDevice {
 impl EpfUserDevice {
     /// A device offering `cfg`'s vectors that does all DMA through `regions` (give the same
     /// object to [`server::serve`]).
-    pub fn new(cfg: EpfConfig, regions: Arc<MappedRegions>) -> Result<Self, VfioUserError> {
+    pub fn new(cfg: EpfConfig, regions: Arc<MappedRegions>) -> Result<Self, EpfError> {
         let irqs: Arc<Mutex<IrqFds>> = Arc::default();
         let dev = Self::build(cfg, &regions, &irqs)?;
         let mut me = EpfUserDevice {
@@ -99,7 +98,7 @@ impl EpfUserDevice {
         cfg: EpfConfig,
         regions: &Arc<MappedRegions>,
         irqs: &Arc<Mutex<IrqFds>>,
-    ) -> Result<EpfTest, VfioUserError> {
+    ) -> Result<EpfTest, EpfError> {
         let sink_irqs = irqs.clone();
         let sink = move |irq: EpfIrq| {
             let fds = sink_irqs.lock().unwrap_or_else(PoisonError::into_inner);
@@ -113,7 +112,7 @@ impl EpfUserDevice {
                 None => tracing::debug!("pci-epf-test: {irq:?} has no eventfd, dropped"),
             }
         };
-        Ok(EpfTest::new(cfg, regions.clone(), Box::new(sink))?)
+        EpfTest::new(cfg, regions.clone(), Box::new(sink))
     }
 
     fn size_irq_tables(&mut self) {
@@ -328,6 +327,37 @@ impl UserDevice for EpfUserDevice {
     }
 }
 
+/// Why `vmm device epf --socket PATH` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum EpfServerError {
+    #[error("{}: {what}", .path.display())]
+    SocketPath { path: PathBuf, what: String },
+    #[error("{}: cannot listen on it: {source}; check that its directory exists and is writable", .socket.display())]
+    Bind {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The stop eventfd and the signal handlers are process-wide, so one server at a time.
+    #[error("{}: another vfio-user epf server already runs in this process", .socket.display())]
+    AlreadyRunning { socket: PathBuf },
+    #[error("{}: {op}: {source}", .socket.display())]
+    Io {
+        socket: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: building the pci-epf-test device: {source}", .socket.display())]
+    Model {
+        socket: PathBuf,
+        #[source]
+        source: EpfError,
+    },
+    #[error(transparent)]
+    Serve(#[from] ServerError),
+}
+
 /// The eventfd the signal handler writes; -1 when no server runs.
 static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -349,10 +379,10 @@ struct StopSignals {
 }
 
 impl StopSignals {
-    fn install(socket: &Path) -> Result<Self, VfioUserError> {
-        let io_err = |op: &str, source| VfioUserError::Io {
-            device: socket.display().to_string(),
-            op: op.to_string(),
+    fn install(socket: &Path) -> Result<Self, EpfServerError> {
+        let io_err = |op: &'static str, source| EpfServerError::Io {
+            socket: socket.to_path_buf(),
+            op,
             source,
         };
         let stop =
@@ -361,9 +391,8 @@ impl StopSignals {
             .compare_exchange(-1, stop.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
-            return Err(VfioUserError::SocketPath {
-                path: socket.to_path_buf(),
-                what: "another vfio-user epf server already runs in this process".to_string(),
+            return Err(EpfServerError::AlreadyRunning {
+                socket: socket.to_path_buf(),
             });
         }
         let mut me = StopSignals {
@@ -420,8 +449,8 @@ impl Drop for RemoveSocket {
 
 /// Makes `socket` free to bind: refuses anything that is not a socket and a socket someone
 /// listens on; removes a stale socket file.
-fn clear_stale_socket(socket: &Path) -> Result<(), VfioUserError> {
-    let refuse = |what: String| VfioUserError::SocketPath {
+fn clear_stale_socket(socket: &Path) -> Result<(), EpfServerError> {
+    let refuse = |what: String| EpfServerError::SocketPath {
         path: socket.to_path_buf(),
         what,
     };
@@ -452,21 +481,29 @@ fn clear_stale_socket(socket: &Path) -> Result<(), VfioUserError> {
 /// Serves a pci-epf-test device on `socket` to ONE client, until it disconnects or the
 /// process gets SIGTERM/SIGINT; the socket file is removed on every way out. Prints one
 /// line to stderr once it listens, nothing on stdout.
-pub fn run_epf_server(socket: &Path) -> Result<(), VfioUserError> {
-    let device_name = socket.display().to_string();
-    let io_err = |op: &str, source| VfioUserError::Io {
-        device: device_name.clone(),
-        op: op.to_string(),
+pub fn run_epf_server(socket: &Path) -> Result<(), EpfServerError> {
+    let io_err = |op: &'static str, source| EpfServerError::Io {
+        socket: socket.to_path_buf(),
+        op,
         source,
     };
     let signals = StopSignals::install(socket)?;
     clear_stale_socket(socket)?;
-    let listener = UnixListener::bind(socket).map_err(|e| io_err("binding", e))?;
+    let listener = UnixListener::bind(socket).map_err(|source| EpfServerError::Bind {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
     let _remove = RemoveSocket(socket.to_path_buf());
     tracing::info!("vfio-user epf server listening on {}", socket.display());
 
     let regions = Arc::new(MappedRegions::new());
-    let mut device = EpfUserDevice::new(EpfConfig::default(), regions.clone())?;
+    let mut device =
+        EpfUserDevice::new(EpfConfig::default(), regions.clone()).map_err(|source| {
+            EpfServerError::Model {
+                socket: socket.to_path_buf(),
+                source,
+            }
+        })?;
 
     // Accept, unless asked to stop first.
     let mut pfd = [
@@ -503,5 +540,5 @@ pub fn run_epf_server(socket: &Path) -> Result<(), VfioUserError> {
     let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(signals.stop.as_raw_fd()) };
     let result = server::serve_until(stream, &mut device, regions, Some(stop));
     tracing::info!("vfio-user epf server: done ({result:?})");
-    result
+    Ok(result?)
 }

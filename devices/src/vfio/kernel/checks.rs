@@ -123,11 +123,12 @@ pub enum KernelVfioError {
         source: vfio_ioctls::VfioError,
     },
 
-    /// A device query right after opening it failed.
-    #[error("{device}: {step}: {source}")]
-    Query {
+    /// A request on the open device fd failed (a query while attaching it, or a region
+    /// access, interrupt or reset while it runs).
+    #[error("{device}: {op}: {source}")]
+    Request {
         device: String,
-        step: &'static str,
+        op: String,
         #[source]
         source: io::Error,
     },
@@ -169,7 +170,7 @@ impl KernelVfioError {
             KernelVfioError::MissingNode { .. } | KernelVfioError::NoSuchDevice { .. } => {
                 Some(libc::ENOENT)
             }
-            KernelVfioError::Sysfs { source, .. } | KernelVfioError::Query { source, .. } => {
+            KernelVfioError::Sysfs { source, .. } | KernelVfioError::Request { source, .. } => {
                 source.raw_os_error()
             }
             KernelVfioError::Open { source, .. } => super::vfio_errno(source),

@@ -14,6 +14,7 @@ use super::*;
 use crate::epf::{self, EpfConfig, EpfIrq, EpfTest};
 use crate::pci::dma::IommuDma;
 use crate::vfio::backend::{IrqInfo, RegionInfo};
+use crate::vfio::kernel::KernelVfioError;
 
 type Fds = Arc<Mutex<Vec<(u32, Vec<EventFd>)>>>;
 
@@ -333,11 +334,12 @@ impl VfioBackend for IntxOnlyBackend {
         if index == region::CONFIG {
             // As kernel VFIO does past a region's end.
             if off + data.len() as u64 > 256 {
-                return Err(VfioBackendError::Io {
+                return Err(KernelVfioError::Request {
                     device: "intx-only".into(),
                     op: "config read".into(),
                     source: std::io::Error::from_raw_os_error(libc::EINVAL),
-                });
+                }
+                .into());
             }
             self.config.lock().unwrap().read(off as usize, data);
         }
