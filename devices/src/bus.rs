@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use pinning::class::{Classify, ErrorClass};
+
 /// A device model reachable through a [`Bus`]. `offset` is relative to the base the device was
 /// inserted at.
 pub trait BusDevice {
@@ -73,6 +75,13 @@ pub enum BusError {
         /// Requested length.
         len: u64,
     },
+}
+
+impl Classify for BusError {
+    fn class(&self) -> ErrorClass {
+        // The VMM lays out the buses, so a refused range is its own bug.
+        ErrorClass::Internal
+    }
 }
 
 /// How many distinct unknown addresses are remembered for log de-duplication. A guest probing

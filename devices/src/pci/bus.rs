@@ -11,6 +11,8 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use pinning::class::{Classify, ErrorClass};
+
 use super::config::{Bar, ConfigSpace, PciHeader};
 use super::device::{Effects, PciDevice};
 use crate::bus::BusDevice;
@@ -98,6 +100,17 @@ pub enum PciBusError {
     /// No slot is left.
     #[error("PCI bus 0 is full: all {NUM_SLOTS} slots are taken")]
     Full,
+}
+
+impl Classify for PciBusError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // One device too many on the command line.
+            PciBusError::Full => ErrorClass::User,
+            // The VMM chose the slot.
+            PciBusError::NoSuchSlot { .. } | PciBusError::SlotTaken { .. } => ErrorClass::Internal,
+        }
+    }
 }
 
 // A device that panicked poisons its lock; keep serving the bus rather than turning one

@@ -14,6 +14,8 @@
 
 use std::fmt;
 
+use pinning::class::{Classify, ErrorClass};
+
 /// Bytes of configuration space a device has (PCI Express extended space).
 pub const CONFIG_SPACE_SIZE: usize = 4096;
 /// Bytes of the conventional space reachable through I/O ports 0xCF8/0xCFC.
@@ -264,6 +266,14 @@ pub enum ConfigError {
         /// Length in bytes.
         len: usize,
     },
+}
+
+impl Classify for ConfigError {
+    fn class(&self) -> ErrorClass {
+        // The device models and the VMM's BAR placement choose every value checked here;
+        // a passthrough device's own BAR sizes come wrapped in `VfioPciError`.
+        ErrorClass::Internal
+    }
 }
 
 /// A type-0 configuration space with write masks.

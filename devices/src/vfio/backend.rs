@@ -7,6 +7,7 @@
 
 use std::os::fd::RawFd;
 
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::kernel::KernelVfioError;
@@ -82,6 +83,15 @@ pub enum VfioBackendError {
     Kernel(#[from] KernelVfioError),
     #[error(transparent)]
     User(#[from] ClientError),
+}
+
+impl Classify for VfioBackendError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            VfioBackendError::Kernel(e) => e.class(),
+            VfioBackendError::User(e) => e.class(),
+        }
+    }
 }
 
 /// The device side of a passthrough function.

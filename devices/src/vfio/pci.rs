@@ -18,6 +18,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{irq, region, RegionInfo, VfioBackend, VfioBackendError};
@@ -57,6 +58,18 @@ pub enum VfioPciError {
         size: u64,
         source: std::io::Error,
     },
+}
+
+impl Classify for VfioPciError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            VfioPciError::Backend(e) => e.class(),
+            VfioPciError::ConfigRegion { .. }
+            | VfioPciError::Bar { .. }
+            | VfioPciError::Mmap { .. } => ErrorClass::Device,
+            VfioPciError::EventFd { .. } => ErrorClass::Internal,
+        }
+    }
 }
 
 /// A BAR part mapped into this process.

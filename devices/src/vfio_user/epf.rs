@@ -16,6 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::server::{self, ServerError, UserDevice};
@@ -356,6 +357,18 @@ pub enum EpfServerError {
     },
     #[error(transparent)]
     Serve(#[from] ServerError),
+}
+
+impl Classify for EpfServerError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EpfServerError::SocketPath { .. } | EpfServerError::Bind { .. } => ErrorClass::User,
+            EpfServerError::AlreadyRunning { .. }
+            | EpfServerError::Io { .. }
+            | EpfServerError::Model { .. } => ErrorClass::Internal,
+            EpfServerError::Serve(e) => e.class(),
+        }
+    }
 }
 
 /// The eventfd the signal handler writes; -1 when no server runs.

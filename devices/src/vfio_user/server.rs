@@ -14,6 +14,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use pinning::class::{Classify, ErrorClass};
+
 use super::wire::{
     self, cmd, dma_flags, flags, irq_set, Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header,
     IrqInfoMsg, IrqSet, Message, RecvError, RegionAccess, RegionInfoMsg, Version,
@@ -71,6 +73,14 @@ pub enum ServerError {
     /// past it.
     #[error("vfio-user server: malformed request from the client: {what}")]
     MalformedRequest { what: String },
+}
+
+impl Classify for ServerError {
+    fn class(&self) -> ErrorClass {
+        // Neither is for the user to fix: the host refused a socket operation, or the client
+        // does not speak the protocol.
+        ErrorClass::Internal
+    }
 }
 
 /// Serves one client on `stream` until it disconnects (a clean EOF between messages is

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::server::{serve, UserDevice};
@@ -570,6 +571,7 @@ fn error_reply_then_silence_times_out_and_then_fails_fast() {
     let err = client.device_info().unwrap_err();
     let waited = t.elapsed();
     assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::Device);
     assert!(waited >= SHORT && waited < PROMPT, "waited {waited:?}");
     // The connection is now considered dead: the next call does not wait again.
     let t = Instant::now();
@@ -773,6 +775,7 @@ fn version_with_another_major_is_refused() {
     });
     let err = Client::from_stream(a, "v".into(), LONG).unwrap_err();
     assert!(matches!(err, ClientError::Version { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::Device);
     assert!(err.to_string().contains("1.0"), "{err}");
     fake.join().unwrap();
 }
@@ -854,6 +857,7 @@ fn backend_errors_are_the_client_errors_unchanged() {
     };
     let backend = VfioBackendError::from(refused());
     assert_eq!(backend.to_string(), refused().to_string());
+    assert_eq!(backend.class(), ErrorClass::Device);
     assert!(matches!(
         backend,
         VfioBackendError::User(ClientError::Refused {
@@ -861,6 +865,18 @@ fn backend_errors_are_the_client_errors_unchanged() {
             ..
         })
     ));
+}
+
+#[test]
+fn no_server_at_the_socket_is_the_user_s_to_fix() {
+    let path = socket_path("nobody");
+    let err = Client::connect(&path, SHORT).unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::User);
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 }
 
 /// `run_epf_server` owns the process's SIGTERM/SIGINT handlers: one at a time.
@@ -922,6 +938,7 @@ fn epf_server_refuses_paths_it_must_not_touch() {
     std::fs::write(&path, b"precious").unwrap();
     let err = run_epf_server(&path).unwrap_err();
     assert!(matches!(err, EpfServerError::SocketPath { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::User);
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     std::fs::remove_file(&path).unwrap();

@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use pinning::class::{Classify, ErrorClass};
+
 use super::IommuKind;
 
 /// Where the host's sysfs and device nodes are (`/sys` and `/dev`, except in tests).
@@ -159,6 +161,24 @@ fn list_others(others: &[(String, String)]) -> String {
         .map(|(addr, drv)| format!("{addr} (bound to {drv})"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+impl Classify for KernelVfioError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // Each says what the user changes: the address, the driver binding, the host's
+            // IOMMU and VFIO setup, the node permissions, the other process.
+            KernelVfioError::NoSuchDevice { .. }
+            | KernelVfioError::NotBound { .. }
+            | KernelVfioError::NoIommuGroup { .. }
+            | KernelVfioError::GroupNotViable { .. }
+            | KernelVfioError::MissingNode { .. }
+            | KernelVfioError::PermissionDenied { .. }
+            | KernelVfioError::Busy { .. } => ErrorClass::User,
+            KernelVfioError::Open { .. } | KernelVfioError::Request { .. } => ErrorClass::Device,
+            KernelVfioError::Sysfs { .. } => ErrorClass::Internal,
+        }
+    }
 }
 
 impl KernelVfioError {

@@ -434,3 +434,20 @@ fn bar_parts_around_the_msix_table_and_pba_pages_stay_mappable() {
         "unaligned edges shrink to whole pages"
     );
 }
+
+#[test]
+fn setup_errors_keep_the_backend_s_class() {
+    use pinning::class::{Classify, ErrorClass};
+    let not_bound = KernelVfioError::NotBound {
+        device: "0000:01:00.0".into(),
+        address: "0000:01:00.0".into(),
+        driver: Some("nvme".into()),
+    };
+    let e = VfioPciError::Backend(not_bound.into());
+    assert_eq!(e.class(), ErrorClass::User);
+    let small = VfioPciError::ConfigRegion {
+        device: "0000:01:00.0".into(),
+        size: 64,
+    };
+    assert_eq!(small.class(), ErrorClass::Device);
+}

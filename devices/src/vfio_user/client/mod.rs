@@ -14,6 +14,7 @@ use std::time::Duration;
 
 pub use connection::BrokenHandler;
 use connection::Connection;
+use pinning::class::{Classify, ErrorClass};
 
 use super::wire::Capabilities;
 
@@ -89,6 +90,23 @@ fn errno_text(errno: i32) -> String {
         "error reply without an errno".to_string()
     } else {
         format!("{} (errno {errno})", io::Error::from_raw_os_error(errno))
+    }
+}
+
+impl Classify for ClientError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // The socket path is the user's: no server there, or not theirs to reach.
+            ClientError::Connect { .. } => ErrorClass::User,
+            ClientError::Send { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Refused { .. }
+            | ClientError::Malformed { .. }
+            | ClientError::Disconnected { .. }
+            | ClientError::Broken { .. }
+            | ClientError::Version { .. } => ErrorClass::Device,
+            ClientError::Setup { .. } | ClientError::Invalid { .. } => ErrorClass::Internal,
+        }
     }
 }
 
