@@ -52,27 +52,19 @@ impl fmt::Display for BusRange {
     }
 }
 
-/// Errors from building a bus.
+/// Why a device could not be put on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    /// The new range shares addresses with a device already on the bus.
     #[error("{bus} bus: range {new} overlaps the device at {existing}")]
     Overlap {
-        /// Which bus.
         bus: &'static str,
-        /// The range being inserted.
         new: BusRange,
-        /// The range already present.
         existing: BusRange,
     },
-    /// A device must own at least one address, and the range must not wrap.
-    #[error("{bus} bus: invalid range at {base:#x} with length {len:#x}")]
+    #[error("{bus} bus: the range at {base:#x} with length {len:#x} is empty or wraps")]
     InvalidRange {
-        /// Which bus.
         bus: &'static str,
-        /// Requested base.
         base: u64,
-        /// Requested length.
         len: u64,
     },
 }

@@ -212,14 +212,11 @@ pub enum EpfError {
     /// The MSI-X table area in BAR0 is limited.
     #[error("pci-epf-test offers 1 to {MAX_MSIX_VECTORS} MSI-X vectors, not {0}")]
     MsixVectors(u16),
-    /// Building BAR0 failed.
-    #[error("building the pci-epf-test register BAR")]
+    #[error("building the pci-epf-test register BAR: {0}")]
     Config(#[from] ConfigError),
-    /// Building the MSI capability failed.
-    #[error("building the pci-epf-test MSI capability")]
+    #[error("building the pci-epf-test MSI capability: {0}")]
     Msi(#[from] MsiError),
-    /// Building the MSI-X capability failed.
-    #[error("building the pci-epf-test MSI-X capability")]
+    #[error("building the pci-epf-test MSI-X capability: {0}")]
     Msix(#[from] MsixError),
 }
 

@@ -85,20 +85,11 @@ impl fmt::Display for PciAddress {
 /// Why a device could not be added.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciBusError {
-    /// Device numbers are 0..32.
     #[error("PCI slot {slot} does not exist (bus 0 has slots 0..{NUM_SLOTS})")]
-    NoSuchSlot {
-        /// Requested slot.
-        slot: u8,
-    },
-    /// Another device is there.
+    NoSuchSlot { slot: u8 },
     #[error("PCI slot {slot} is already taken")]
-    SlotTaken {
-        /// Requested slot.
-        slot: u8,
-    },
-    /// No slot is left.
-    #[error("PCI bus 0 is full: all {NUM_SLOTS} slots are taken")]
+    SlotTaken { slot: u8 },
+    #[error("PCI bus 0 is full: all {NUM_SLOTS} slots are taken; pass fewer devices")]
     Full,
 }
 

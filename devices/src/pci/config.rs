@@ -189,83 +189,47 @@ pub struct BarChange {
     pub new: Option<u64>,
 }
 
-/// Why a BAR or capability could not be registered.
+/// Why a BAR or capability could not be registered or placed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// BARs are numbered 0..=5.
     #[error("BAR{index} does not exist (a type-0 header has BAR0..BAR5)")]
-    BarIndex {
-        /// Requested index.
-        index: usize,
-    },
-    /// A 64-bit BAR takes two registers; BAR5 has no partner.
+    BarIndex { index: usize },
     #[error("BAR{index}: a 64-bit BAR needs BAR{index} and the next register, BAR5 has none")]
-    Bar64AtEnd {
-        /// Requested index.
-        index: usize,
-    },
-    /// The register (or the upper half of a 64-bit BAR) is already in use.
+    Bar64AtEnd { index: usize },
     #[error("BAR{index} is already registered (or is the upper half of a 64-bit BAR)")]
-    BarInUse {
-        /// Requested index.
-        index: usize,
-    },
-    /// The size breaks the rules for its kind.
+    BarInUse { index: usize },
     #[error("BAR{index}: {kind} size {size:#x} is invalid: {reason}")]
     BarSize {
-        /// Requested index.
         index: usize,
-        /// Requested kind.
         kind: BarKind,
-        /// Requested size.
         size: u64,
-        /// Which rule.
         reason: &'static str,
     },
-    /// Only memory can be prefetchable.
     #[error("BAR{index}: an I/O BAR cannot be prefetchable")]
-    PrefetchableIo {
-        /// Requested index.
-        index: usize,
-    },
-    /// No BAR is registered at that index.
+    PrefetchableIo { index: usize },
     #[error("BAR{index} is not registered")]
-    BarNotRegistered {
-        /// Requested index.
-        index: usize,
-    },
-    /// The address is not aligned to the size, or out of reach for the BAR's kind.
-    #[error("BAR{index}: {kind} BAR of size {size:#x} cannot be placed at {addr:#x}")]
+    BarNotRegistered { index: usize },
+    #[error(
+        "BAR{index}: {kind} BAR of size {size:#x} cannot be placed at {addr:#x}: the address \
+         must be a multiple of the size and within the reach of its kind"
+    )]
     BarAddress {
-        /// BAR number.
         index: usize,
-        /// Its kind.
         kind: BarKind,
-        /// Its size.
         size: u64,
-        /// The refused address.
         addr: u64,
     },
-    /// The capability does not fit in the standard space that is left.
     #[error("capability {id:#04x} of {len} bytes does not fit: {free} bytes left below 0x100")]
     CapabilitySpace {
-        /// Capability ID.
         id: u8,
-        /// Its length including the 2-byte header.
+        /// Including the 2-byte ID/next header.
         len: usize,
-        /// Bytes left.
         free: usize,
     },
-    /// A mask or value does not fit in configuration space.
     #[error(
         "{len} bytes at config offset {offset:#x} run past the {CONFIG_SPACE_SIZE}-byte space"
     )]
-    OutOfRange {
-        /// Byte offset.
-        offset: usize,
-        /// Length in bytes.
-        len: usize,
-    },
+    OutOfRange { offset: usize, len: usize },
 }
 
 impl Classify for ConfigError {

@@ -38,15 +38,10 @@ impl fmt::Display for DmaDirection {
     "DMA {direction} of {len:#x} byte(s) at IOVA {iova:#x} faulted at {fault_iova:#x}: {reason}"
 )]
 pub struct DmaFault {
-    /// Direction of the access.
     pub direction: DmaDirection,
-    /// First IOVA of the access.
     pub iova: u64,
-    /// Its length.
     pub len: u64,
-    /// The first IOVA that could not be reached.
     pub fault_iova: u64,
-    /// Why.
     pub reason: &'static str,
 }
 
@@ -120,44 +115,23 @@ impl DmaProt {
 /// Why a region could not be mapped or unmapped.
 #[derive(Debug, thiserror::Error)]
 pub enum DmaMapError {
-    /// Zero-sized, or `iova + len` wraps.
     #[error("DMA region at IOVA {iova:#x} with length {len:#x} is empty or wraps")]
-    InvalidRange {
-        /// Requested IOVA.
-        iova: u64,
-        /// Requested length.
-        len: u64,
-    },
-    /// Shares IOVAs with a region already mapped.
+    InvalidRange { iova: u64, len: u64 },
     #[error(
         "DMA region {iova:#x}+{len:#x} overlaps the mapped region {existing:#x}+{existing_len:#x}"
     )]
     Overlap {
-        /// Requested IOVA.
         iova: u64,
-        /// Requested length.
         len: u64,
-        /// IOVA of the region in the way.
         existing: u64,
-        /// Its length.
         existing_len: u64,
     },
-    /// Unmap must name a mapped region exactly.
     #[error("no DMA region is mapped exactly at IOVA {iova:#x} with length {len:#x}")]
-    NotMapped {
-        /// Requested IOVA.
-        iova: u64,
-        /// Requested length.
-        len: u64,
-    },
-    /// mmap of the backing memory failed.
-    #[error("mmap of {len:#x} bytes for DMA region at IOVA {iova:#x}")]
+    NotMapped { iova: u64, len: u64 },
+    #[error("mmap of {len:#x} bytes for the DMA region at IOVA {iova:#x}: {source}")]
     Mmap {
-        /// Requested IOVA.
         iova: u64,
-        /// Requested length.
         len: u64,
-        /// The OS error.
         #[source]
         source: io::Error,
     },

@@ -41,23 +41,17 @@ pub struct MsixLocation {
 /// Why an MSI-X capability could not be added.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MsixError {
-    /// The table size field holds 1..=2048.
     #[error("MSI-X supports 1 to {MAX_VECTORS} vectors, not {0}")]
     Vectors(u16),
-    /// The table or PBA cannot be where it was asked to be.
     #[error("MSI-X {what} at BAR{bar} offset {offset:#x}: {reason}")]
     Placement {
         /// "table" or "PBA".
         what: &'static str,
-        /// Requested BAR.
         bar: usize,
-        /// Requested offset.
         offset: u64,
-        /// Which rule.
         reason: &'static str,
     },
-    /// The configuration space refused the capability.
-    #[error("adding the MSI-X capability")]
+    #[error("adding the MSI-X capability: {0}")]
     Config(#[from] ConfigError),
 }
 

@@ -29,27 +29,22 @@ use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, Ro
 /// Why a passthrough function could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioPciError {
-    /// The backend failed.
     #[error(transparent)]
     Backend(#[from] VfioBackendError),
-    /// The device's config region is too small to be PCI.
     #[error("{device}: config space region is {size} bytes, a PCI function has at least 256")]
     ConfigRegion { device: String, size: u64 },
-    /// A BAR could not be registered.
     #[error("{device}: BAR{index}: {source}")]
     Bar {
         device: String,
         index: usize,
         source: ConfigError,
     },
-    /// The device has no interrupt the model can route.
     #[error("{device}: creating an eventfd for interrupt vector {vector}: {source}")]
     EventFd {
         device: String,
         vector: usize,
         source: std::io::Error,
     },
-    /// Mapping a BAR part failed.
     #[error("{device}: mmap of BAR{bar} [{offset:#x}, +{size:#x}): {source}")]
     Mmap {
         device: String,

@@ -349,7 +349,7 @@ pub enum EpfServerError {
         #[source]
         source: io::Error,
     },
-    #[error("{}: building the pci-epf-test device: {source}", .socket.display())]
+    #[error("{}: {source}", .socket.display())]
     Model {
         socket: PathBuf,
         #[source]

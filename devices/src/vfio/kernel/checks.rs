@@ -42,8 +42,8 @@ pub enum Access {
     As { uid: u32, gids: Vec<u32> },
 }
 
-/// Why a host PCI function cannot be opened through kernel VFIO. Every variant names the
-/// device and says what to do.
+/// Why a host PCI function cannot be opened or driven through kernel VFIO. Every variant
+/// names the device; those the checks find also say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelVfioError {
     #[error(
