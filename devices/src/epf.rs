@@ -354,11 +354,6 @@ impl EpfTest {
         &self.config
     }
 
-    /// The configuration space, for the VMM acting as firmware (placing BARs).
-    pub fn config_mut(&mut self) -> &mut ConfigSpace {
-        &mut self.config
-    }
-
     /// MSI state (for the VMM to route vectors).
     pub fn msi(&self) -> &MsiCap {
         &self.msi

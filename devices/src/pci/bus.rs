@@ -85,10 +85,6 @@ impl fmt::Display for PciAddress {
 /// Why a device could not be added.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PciBusError {
-    #[error("PCI slot {slot} does not exist (bus 0 has slots 0..{NUM_SLOTS})")]
-    NoSuchSlot { slot: u8 },
-    #[error("PCI slot {slot} is already taken")]
-    SlotTaken { slot: u8 },
     #[error("PCI bus 0 is full: all {NUM_SLOTS} slots are taken; pass fewer devices")]
     Full,
 }
@@ -98,8 +94,6 @@ impl Classify for PciBusError {
         match self {
             // One device too many on the command line.
             PciBusError::Full => ErrorClass::User,
-            // The VMM chose the slot.
-            PciBusError::NoSuchSlot { .. } | PciBusError::SlotTaken { .. } => ErrorClass::Internal,
         }
     }
 }
@@ -198,23 +192,6 @@ impl PciBus {
         Ok(PciAddress::slot(slot as u8))
     }
 
-    /// Puts `device` in `slot`.
-    pub fn add_device_at(
-        &self,
-        slot: u8,
-        device: SharedPciDevice,
-    ) -> Result<PciAddress, PciBusError> {
-        let mut slots = self.slots.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = slots
-            .get_mut(usize::from(slot))
-            .ok_or(PciBusError::NoSuchSlot { slot })?;
-        if entry.is_some() {
-            return Err(PciBusError::SlotTaken { slot });
-        }
-        *entry = Some(device);
-        Ok(PciAddress::slot(slot))
-    }
-
     /// The device at `addr`; only function 0 of bus 0 exists.
     pub fn device(&self, addr: PciAddress) -> Option<SharedPciDevice> {
         if addr.bus != 0 || addr.function != 0 {
@@ -282,11 +259,6 @@ impl PciConfigIo {
     pub fn with_effects_handler(mut self, handler: EffectsHandler) -> Self {
         self.on_effects = Some(handler);
         self
-    }
-
-    /// The CONFIG_ADDRESS register.
-    pub fn address(&self) -> u32 {
-        self.address
     }
 
     /// The target of a CONFIG_DATA access at byte `offset` (0..=3) of `len` bytes, if the
@@ -491,7 +463,7 @@ mod tests {
         assert_eq!(u32::from_le_bytes(d), 0x8000_0000);
         // Reserved bits 30:24 and 1:0 do not stick.
         io.write(0, &u32::MAX.to_le_bytes());
-        assert_eq!(io.address(), 0x80ff_fffc);
+        assert_eq!(io.address, 0x80ff_fffc);
         // Narrow reads of 0xCF8..0xCFB are not CONFIG_ADDRESS.
         let mut b = [0u8; 2];
         io.read(0, &mut b);
@@ -581,18 +553,8 @@ mod tests {
     #[test]
     fn slots() {
         let bus = PciBus::new();
-        assert_eq!(
-            bus.add_device_at(0, MemDevice::shared()),
-            Err(PciBusError::SlotTaken { slot: 0 })
-        );
-        assert_eq!(
-            bus.add_device_at(32, MemDevice::shared()),
-            Err(PciBusError::NoSuchSlot { slot: 32 })
-        );
-        assert_eq!(
-            bus.add_device_at(5, MemDevice::shared()),
-            Ok(PciAddress::slot(5))
-        );
+        // The host bridge holds slot 0.
+        assert_eq!(bus.add_device(MemDevice::shared()), Ok(PciAddress::slot(1)));
         for _ in 0..30 {
             bus.add_device(MemDevice::shared()).unwrap();
         }

@@ -440,11 +440,6 @@ impl ConfigSpace {
         Self::set_mask(&mut self.writable, offset, mask, &mut self.w1c)
     }
 
-    /// Makes the bits set in `mask` write-1-to-clear (and not otherwise writable).
-    pub fn set_w1c(&mut self, offset: usize, mask: &[u8]) -> Result<(), ConfigError> {
-        Self::set_mask(&mut self.w1c, offset, mask, &mut self.writable)
-    }
-
     /// The COMMAND register.
     pub fn command(&self) -> u16 {
         self.read_u16(offset::COMMAND)
@@ -575,23 +570,9 @@ impl ConfigSpace {
         })
     }
 
-    /// The programmed base of BAR `index`, decoding or not.
-    pub fn bar_addr(&self, index: usize) -> Option<u64> {
-        self.bar(index).map(|b| b.addr)
-    }
-
     /// All registered BARs, in index order.
     pub fn bars(&self) -> impl Iterator<Item = Bar> + '_ {
         (0..NUM_BARS).filter_map(|i| self.bar(i))
-    }
-
-    /// The BAR that decodes `addr` in memory (`io == false`) or I/O space, with the offset of
-    /// `addr` inside it.
-    pub fn bar_at(&self, io: bool, addr: u64) -> Option<(usize, u64)> {
-        self.bars()
-            .filter(|b| b.decoding && b.spec.kind.is_memory() != io)
-            .find(|b| addr >= b.addr && addr - b.addr < b.spec.size)
-            .map(|b| (b.index, addr - b.addr))
     }
 
     fn decoded_bars(&self) -> [Option<u64>; NUM_BARS] {

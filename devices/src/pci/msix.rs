@@ -213,11 +213,6 @@ impl MsixCap {
         self.enabled
     }
 
-    /// Whether the guest masked the whole function.
-    pub fn function_masked(&self) -> bool {
-        self.function_masked
-    }
-
     /// Where the table is, and its length in bytes.
     pub fn table(&self) -> (MsixLocation, u64) {
         (self.table, u64::from(self.num_vectors()) * ENTRY_SIZE)
@@ -547,7 +542,7 @@ mod tests {
             set_ctrl(&mut cs, &mut m, CTRL_ENABLE | CTRL_FUNCTION_MASK),
             RoutingChange::All
         );
-        assert!(m.enabled() && m.function_masked());
+        assert!(m.enabled() && m.function_masked);
         assert!(m.vectors().all(|(_, msg)| msg.masked));
         assert_eq!(set_ctrl(&mut cs, &mut m, CTRL_ENABLE), RoutingChange::All);
         let v: Vec<_> = m.vectors().collect();

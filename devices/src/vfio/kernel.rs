@@ -32,10 +32,8 @@ use vmm_sys_util::eventfd::EventFd;
 use pinning::backend::{DmaMapper, IommufdBackend, Type1Backend, VfioDma};
 use pinning::PinBackend;
 
-pub use checks::{
-    check_bound, check_group_viable, check_node, iommu_group, is_vfio_driver, preflight,
-    rebind_commands, resolve_device, vfio_cdev_name, Access, HostPaths, KernelVfioError, Preflight,
-};
+pub use checks::KernelVfioError;
+use checks::{preflight, Access, HostPaths, Preflight};
 /// The KVM VFIO pseudo-device (`KVM_DEV_TYPE_VFIO`) the VMM may hand over; see
 /// [`IommuContext::new`].
 pub use vfio_ioctls::VfioDeviceFd;
@@ -96,15 +94,6 @@ pub(crate) fn vfio_errno(e: &VfioError) -> Option<i32> {
         cur = err.source();
     }
     None
-}
-
-/// A vfio-ioctls error as an `io::Error`: the errno where there is one (so callers can match
-/// on it), else the message.
-pub fn vfio_io_error(e: &VfioError) -> io::Error {
-    match vfio_errno(e) {
-        Some(n) => io::Error::from_raw_os_error(n),
-        None => io::Error::other(e.to_string()),
-    }
 }
 
 /// Turns a failed open of a node into the error that says what to do.
@@ -189,13 +178,8 @@ impl IommuContext {
         self.kind
     }
 
-    /// The container or IOAS as vfio-ioctls sees it.
-    pub fn dma_ops(&self) -> Arc<dyn VfioOps> {
-        self.ops.clone()
-    }
-
     /// The container or IOAS as the pinning engine's mapper.
-    pub fn dma_mapper(&self) -> Arc<dyn DmaMapper> {
+    fn dma_mapper(&self) -> Arc<dyn DmaMapper> {
         Arc::new(VfioDma(self.ops.clone()))
     }
 
@@ -230,7 +214,6 @@ fn check_ret(ret: i32) -> io::Result<()> {
 /// A host PCI function opened through kernel VFIO and attached to its IOMMU context.
 pub struct KernelVfio {
     name: String,
-    preflight: Preflight,
     // Dropped before `context`: closing the device puts the group / detaches from the IOAS.
     device: VfioDevice,
     context: IommuContext,
@@ -296,7 +279,6 @@ impl KernelVfio {
         );
         Ok(Self {
             name,
-            preflight: pre,
             device,
             context,
             num_regions: info.num_regions,
@@ -309,16 +291,6 @@ impl KernelVfio {
     /// The container or IOAS this device is attached to; map guest RAM through it.
     pub fn context(&self) -> &IommuContext {
         &self.context
-    }
-
-    /// Shorthand for `context().dma_ops()`.
-    pub fn dma_ops(&self) -> Arc<dyn VfioOps> {
-        self.context.dma_ops()
-    }
-
-    /// What the checks found (address, IOMMU group, nodes).
-    pub fn preflight(&self) -> &Preflight {
-        &self.preflight
     }
 
     /// The device fd as a `File` for pread/pwrite, without taking it over.

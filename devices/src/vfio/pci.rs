@@ -6,7 +6,7 @@
 //!   shadow [`ConfigSpace`] sized from the regions the backend reports;
 //! - the expansion ROM BAR reads 0 (not offered);
 //! - the MSI and MSI-X capabilities and the MSI-X table and PBA, which the VMM must turn into
-//!   KVM routes ([`super::irqs`]); writes to the capabilities also go through to the device;
+//!   KVM routes (the `irqs` module); writes to the capabilities also go through to the device;
 //! - everything else is read from and written to the device.
 //!
 //! BAR parts the backend can mmap are mapped into this process ([`VfioPciDevice::mmaps`]) so

@@ -11,13 +11,8 @@ use pinning::backend::FdDmaMapper;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
+use crate::vfio_user::wire::irq_set::{ACTION_TRIGGER, ACTION_UNMASK, DATA_EVENTFD, DATA_NONE};
 use crate::vfio_user::{Client, ClientError};
-
-/// VFIO_IRQ_SET_* flags, as SET_IRQS carries them.
-const IRQ_SET_DATA_NONE: u32 = 1 << 0;
-const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
 
 /// A device behind a vfio-user socket.
 pub struct UserBackend {
@@ -28,11 +23,6 @@ impl UserBackend {
     /// Uses `client` (already connected and past version negotiation).
     pub fn new(client: Arc<Client>) -> Self {
         UserBackend { client }
-    }
-
-    /// The shared client, for the pinning backend.
-    pub fn client(&self) -> &Arc<Client> {
-        &self.client
     }
 }
 
@@ -63,14 +53,14 @@ impl VfioBackend for UserBackend {
     }
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioBackendError> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
+        let flags = DATA_EVENTFD | ACTION_TRIGGER;
         Ok(self
             .client
             .set_irqs(index, flags, 0, raw.len() as u32, &raw)?)
     }
     fn enable_intx(&self, trigger: &EventFd, unmask: &EventFd) -> Result<(), VfioBackendError> {
-        let trigger_flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER;
-        let unmask_flags = IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK;
+        let trigger_flags = DATA_EVENTFD | ACTION_TRIGGER;
+        let unmask_flags = DATA_EVENTFD | ACTION_UNMASK;
         let intx = irq::INTX;
         self.client
             .set_irqs(intx, trigger_flags, 0, 1, &[trigger.as_raw_fd()])?;
@@ -79,7 +69,7 @@ impl VfioBackend for UserBackend {
         Ok(())
     }
     fn disable_irq(&self, index: u32) -> Result<(), VfioBackendError> {
-        let flags = IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER;
+        let flags = DATA_NONE | ACTION_TRIGGER;
         Ok(self.client.set_irqs(index, flags, 0, 0, &[])?)
     }
     fn reset(&self) -> Result<(), VfioBackendError> {

@@ -130,11 +130,6 @@ impl EpfUserDevice {
         }
     }
 
-    /// The model, for tests and diagnostics.
-    pub fn device(&self) -> &EpfTest {
-        &self.dev
-    }
-
     fn vectors(&self, index: u32) -> Option<u32> {
         match index {
             irq::INTX => Some(1),

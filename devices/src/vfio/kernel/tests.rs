@@ -67,7 +67,7 @@ fn errno_is_found_in_the_source_chain() {
     let e = VfioError::OpenGroup(io::Error::from_raw_os_error(libc::EBUSY), "7".into());
     assert_eq!(vfio_errno(&e), Some(libc::EBUSY));
     let e = VfioError::IommuDmaMap(vmm_sys_util::errno::Error::new(libc::ENOSPC));
-    assert_eq!(vfio_io_error(&e).raw_os_error(), Some(libc::ENOSPC));
+    assert_eq!(vfio_errno(&e), Some(libc::ENOSPC));
     let e = VfioError::NewVfioIommufd(iommufd_ioctls::IommufdError::IommuIoasAlloc(
         vmm_sys_util::errno::Error::new(libc::ENOMEM),
     ));
@@ -130,7 +130,7 @@ fn real_device_config_space_has_a_vendor_id() {
         vendor != 0xffff && vendor != 0,
         "vendor ID {vendor:#06x}: the device did not answer"
     );
-    let sysfs_vendor = std::fs::read_to_string(vfio.preflight().sysfs.join("vendor")).unwrap();
+    let sysfs_vendor = std::fs::read_to_string(Path::new(vfio.name()).join("vendor")).unwrap();
     assert_eq!(
         u16::from_str_radix(sysfs_vendor.trim().trim_start_matches("0x"), 16).unwrap(),
         vendor
