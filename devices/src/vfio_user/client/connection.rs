@@ -30,7 +30,7 @@ enum Fatal {
     Disconnected(String),
     /// A request timed out (the string names it).
     Timeout(String),
-    /// The client is being dropped.
+    /// Closed on purpose: dropped or shut down.
     Closed,
 }
 
