@@ -182,24 +182,6 @@ impl Classify for KernelVfioError {
     }
 }
 
-impl KernelVfioError {
-    /// The errno behind the failure, where there is one.
-    pub fn errno(&self) -> Option<i32> {
-        match self {
-            KernelVfioError::PermissionDenied { .. } => Some(libc::EACCES),
-            KernelVfioError::Busy { .. } => Some(libc::EBUSY),
-            KernelVfioError::MissingNode { .. } | KernelVfioError::NoSuchDevice { .. } => {
-                Some(libc::ENOENT)
-            }
-            KernelVfioError::Sysfs { source, .. } | KernelVfioError::Request { source, .. } => {
-                source.raw_os_error()
-            }
-            KernelVfioError::Open { source, .. } => super::vfio_errno(source),
-            _ => None,
-        }
-    }
-}
-
 /// What the checks found: enough to open the device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct Preflight {
