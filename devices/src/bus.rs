@@ -8,6 +8,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use pinning::class::{Classify, ErrorClass};
+
 /// A device model reachable through a [`Bus`]. `offset` is relative to the base the device was
 /// inserted at.
 pub trait BusDevice {
@@ -50,29 +52,28 @@ impl fmt::Display for BusRange {
     }
 }
 
-/// Errors from building a bus.
+/// Why a device could not be put on a bus.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    /// The new range shares addresses with a device already on the bus.
     #[error("{bus} bus: range {new} overlaps the device at {existing}")]
     Overlap {
-        /// Which bus.
         bus: &'static str,
-        /// The range being inserted.
         new: BusRange,
-        /// The range already present.
         existing: BusRange,
     },
-    /// A device must own at least one address, and the range must not wrap.
-    #[error("{bus} bus: invalid range at {base:#x} with length {len:#x}")]
+    #[error("{bus} bus: the range at {base:#x} with length {len:#x} is empty or wraps")]
     InvalidRange {
-        /// Which bus.
         bus: &'static str,
-        /// Requested base.
         base: u64,
-        /// Requested length.
         len: u64,
     },
+}
+
+impl Classify for BusError {
+    fn class(&self) -> ErrorClass {
+        // The VMM lays out the buses, so a refused range is its own bug.
+        ErrorClass::Internal
+    }
 }
 
 /// How many distinct unknown addresses are remembered for log de-duplication. A guest probing
@@ -218,11 +219,6 @@ impl Bus {
             "guest {kind} of {len} byte(s) at unknown address {addr:#x}"
         );
     }
-
-    /// How many distinct unknown addresses have been logged (bounded by an internal limit).
-    pub fn unknown_logged(&self) -> usize {
-        lock(&self.unknown).seen.len()
-    }
 }
 
 #[cfg(test)]
@@ -315,7 +311,7 @@ mod tests {
         assert!(!bus.write(0x3f7, &[1]));
         // Logged once per address.
         assert!(!bus.read(0x400, &mut data));
-        assert_eq!(bus.unknown_logged(), 2);
+        assert_eq!(lock(&bus.unknown).seen.len(), 2);
     }
 
     #[test]
@@ -325,6 +321,6 @@ mod tests {
         for addr in 0..(UNKNOWN_LOG_LIMIT as u64 * 4) {
             bus.read(addr, &mut data);
         }
-        assert_eq!(bus.unknown_logged(), UNKNOWN_LOG_LIMIT);
+        assert_eq!(lock(&bus.unknown).seen.len(), UNKNOWN_LOG_LIMIT);
     }
 }

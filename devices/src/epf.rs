@@ -106,14 +106,11 @@ pub enum EpfError {
     /// The MSI-X table area in BAR0 is limited.
     #[error("pci-epf-test offers 1 to {MAX_MSIX_VECTORS} MSI-X vectors, not {0}")]
     MsixVectors(u16),
-    /// Building BAR0 failed.
-    #[error("building the pci-epf-test register BAR")]
+    #[error("building the pci-epf-test register BAR: {0}")]
     Config(#[from] ConfigError),
-    /// Building the MSI capability failed.
-    #[error("building the pci-epf-test MSI capability")]
+    #[error("building the pci-epf-test MSI capability: {0}")]
     Msi(#[from] MsiError),
-    /// Building the MSI-X capability failed.
-    #[error("building the pci-epf-test MSI-X capability")]
+    #[error("building the pci-epf-test MSI-X capability: {0}")]
     Msix(#[from] MsixError),
 }
 
@@ -240,11 +237,6 @@ impl EpfTest {
     /// The configuration space (for the VMM to read BARs and identity).
     pub fn config(&self) -> &ConfigSpace {
         &self.config
-    }
-
-    /// The configuration space, for the VMM acting as firmware (placing BARs).
-    pub fn config_mut(&mut self) -> &mut ConfigSpace {
-        &mut self.config
     }
 
     /// MSI state (for the VMM to route vectors).

@@ -19,19 +19,14 @@ pub struct Mark {
     pub at: Duration,
 }
 
-#[derive(Debug, Default)]
-struct Others {
-    marks: Vec<Mark>,
-    dropped: u64,
-}
-
 /// Shared (in an `Arc`) between the devices that observe the guest and the VMM.
 #[derive(Debug)]
 pub struct GuestMarks {
     start: Instant,
     first_output: OnceLock<Duration>,
     ready: OnceLock<Duration>,
-    others: Mutex<Others>,
+    /// Marks other than ready; later ones are dropped once [`MAX_OTHER_MARKS`] are kept.
+    others: Mutex<Vec<Mark>>,
 }
 
 impl GuestMarks {
@@ -41,7 +36,7 @@ impl GuestMarks {
             start,
             first_output: OnceLock::new(),
             ready: OnceLock::new(),
-            others: Mutex::new(Others::default()),
+            others: Mutex::new(Vec::new()),
         }
     }
 
@@ -73,10 +68,8 @@ impl GuestMarks {
             return;
         }
         let mut others = self.others.lock().unwrap_or_else(PoisonError::into_inner);
-        if others.marks.len() < MAX_OTHER_MARKS {
-            others.marks.push(Mark { byte, at });
-        } else {
-            others.dropped += 1;
+        if others.len() < MAX_OTHER_MARKS {
+            others.push(Mark { byte, at });
         }
     }
 
@@ -95,16 +88,7 @@ impl GuestMarks {
         self.others
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .marks
             .clone()
-    }
-
-    /// How many other marks did not fit in the list.
-    pub fn dropped_marks(&self) -> u64 {
-        self.others
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .dropped
     }
 }
 
@@ -141,7 +125,6 @@ mod tests {
         let others = marks.other_marks();
         assert_eq!(others.len(), MAX_OTHER_MARKS);
         assert_eq!(others[0].byte, ENTRY);
-        assert_eq!(marks.dropped_marks(), 10);
         assert!(others.windows(2).all(|w| w[0].at <= w[1].at));
     }
 }

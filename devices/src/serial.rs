@@ -94,11 +94,6 @@ impl SerialDevice {
     pub fn fifo_capacity(&self) -> usize {
         self.uart.fifo_capacity()
     }
-
-    /// How many output bytes the writer refused.
-    pub fn tx_errors(&self) -> u64 {
-        self.tx_errors
-    }
 }
 
 impl BusDevice for SerialDevice {

@@ -29,6 +29,9 @@ pub mod cgroup;
 pub mod class;
 pub mod engine;
 pub mod limits;
+/// An IOMMU model with the kernel's type1 rules, for tests here and in `devices` (feature
+/// `test-util`); not part of the crate's API.
+#[cfg(any(test, feature = "test-util"))]
 pub mod model;
 pub mod pinner;
 pub mod prio;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
-use devices::vfio_user::{Client, VfioUserError};
+use devices::vfio_user::{Client, ClientError};
 use devices::ExitReason;
 use pinning::backend::{FdDmaMapper, VfioUserBackend};
 use pinning::{Classify, ErrorClass, PinBackend};
@@ -58,7 +58,7 @@ pub enum PassthroughError {
     #[error(transparent)]
     Kernel(#[from] devices::vfio::kernel::KernelVfioError),
     #[error(transparent)]
-    User(#[from] devices::vfio_user::VfioUserError),
+    User(#[from] devices::vfio_user::ClientError),
     #[error(transparent)]
     Model(#[from] devices::vfio::VfioPciError),
     #[error(transparent)]
@@ -392,7 +392,7 @@ impl EpfServer {
                         return Ok(c);
                     }
                     // Not listening yet: the socket file is created just before listen().
-                    Err(VfioUserError::Connect { source, .. })
+                    Err(ClientError::Connect { source, .. })
                         if source.kind() == std::io::ErrorKind::ConnectionRefused => {}
                     Err(e) => return Err(e.into()),
                 }

@@ -6,13 +6,15 @@
 //! cleared where a 1 is written, and every other bit stays. Device code updates read-only
 //! fields through the `set_*` helpers, which bypass the masks.
 //!
-//! BARs are ordinary registers whose writable bits are the address bits above the size: a
+//! BARs (the `bar` module) are ordinary registers whose writable bits are the address bits above the size: a
 //! guest that writes all ones reads back the size mask (BAR sizing) without any special case.
 //! A BAR decodes only while its space (I/O or memory) is enabled in the COMMAND register;
 //! [`ConfigSpace::write_reg`] reports every change of a BAR's decoded window so the VMM can
 //! move its MMIO/PIO registration.
 
 use std::fmt;
+
+use pinning::class::{Classify, ErrorClass};
 
 /// Bytes of configuration space a device has (PCI Express extended space).
 pub const CONFIG_SPACE_SIZE: usize = 4096;
@@ -122,148 +124,55 @@ pub struct PciHeader {
     pub interrupt_pin: u8,
 }
 
-/// What a BAR decodes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BarKind {
-    /// I/O ports.
-    Io,
-    /// Memory below 4 GiB (one register).
-    Memory32,
-    /// Memory anywhere (this register and the next one).
-    Memory64,
-}
-
-impl BarKind {
-    fn is_memory(self) -> bool {
-        !matches!(self, BarKind::Io)
-    }
-}
-
-impl fmt::Display for BarKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            BarKind::Io => "I/O",
-            BarKind::Memory32 => "32-bit memory",
-            BarKind::Memory64 => "64-bit memory",
-        })
-    }
-}
-
-/// A BAR to register: its kind and size (a power of two).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BarSpec {
-    /// I/O or memory, 32 or 64 bits.
-    pub kind: BarKind,
-    /// Bytes decoded; a power of two.
-    pub size: u64,
-    /// Memory may be prefetched (no read side effects). Memory BARs only.
-    pub prefetchable: bool,
-}
-
-/// A registered BAR and the address the guest (or VMM) last programmed into it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Bar {
-    /// BAR number (0..=5); a 64-bit BAR also uses `index + 1`.
-    pub index: usize,
-    /// Kind and size.
-    pub spec: BarSpec,
-    /// Programmed base address (flag bits stripped). During sizing this is the size mask.
-    pub addr: u64,
-    /// Whether the BAR decodes now (its space is enabled in COMMAND).
-    pub decoding: bool,
-}
-
-/// A BAR whose decoded window changed: it moved, or decoding was switched on or off.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BarChange {
-    /// BAR number.
-    pub index: usize,
-    /// Kind and size.
-    pub spec: BarSpec,
-    /// Base the BAR decoded at before the write, if it decoded.
-    pub old: Option<u64>,
-    /// Base it decodes at now, if it decodes. Guest-controlled: may be any aligned address,
-    /// including the sizing pattern, and may overlap other devices.
-    pub new: Option<u64>,
-}
-
-/// Why a BAR or capability could not be registered.
+/// Why a BAR or capability could not be registered or placed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
-    /// BARs are numbered 0..=5.
     #[error("BAR{index} does not exist (a type-0 header has BAR0..BAR5)")]
-    BarIndex {
-        /// Requested index.
-        index: usize,
-    },
-    /// A 64-bit BAR takes two registers; BAR5 has no partner.
+    BarIndex { index: usize },
     #[error("BAR{index}: a 64-bit BAR needs BAR{index} and the next register, BAR5 has none")]
-    Bar64AtEnd {
-        /// Requested index.
-        index: usize,
-    },
-    /// The register (or the upper half of a 64-bit BAR) is already in use.
+    Bar64AtEnd { index: usize },
     #[error("BAR{index} is already registered (or is the upper half of a 64-bit BAR)")]
-    BarInUse {
-        /// Requested index.
-        index: usize,
-    },
-    /// The size breaks the rules for its kind.
+    BarInUse { index: usize },
     #[error("BAR{index}: {kind} size {size:#x} is invalid: {reason}")]
     BarSize {
-        /// Requested index.
         index: usize,
-        /// Requested kind.
         kind: BarKind,
-        /// Requested size.
         size: u64,
-        /// Which rule.
         reason: &'static str,
     },
-    /// Only memory can be prefetchable.
     #[error("BAR{index}: an I/O BAR cannot be prefetchable")]
-    PrefetchableIo {
-        /// Requested index.
-        index: usize,
-    },
-    /// No BAR is registered at that index.
+    PrefetchableIo { index: usize },
     #[error("BAR{index} is not registered")]
-    BarNotRegistered {
-        /// Requested index.
-        index: usize,
-    },
-    /// The address is not aligned to the size, or out of reach for the BAR's kind.
-    #[error("BAR{index}: {kind} BAR of size {size:#x} cannot be placed at {addr:#x}")]
+    BarNotRegistered { index: usize },
+    #[error(
+        "BAR{index}: {kind} BAR of size {size:#x} cannot be placed at {addr:#x}: the address \
+         must be a multiple of the size and within the reach of its kind"
+    )]
     BarAddress {
-        /// BAR number.
         index: usize,
-        /// Its kind.
         kind: BarKind,
-        /// Its size.
         size: u64,
-        /// The refused address.
         addr: u64,
     },
-    /// The capability does not fit in the standard space that is left.
     #[error("capability {id:#04x} of {len} bytes does not fit: {free} bytes left below 0x100")]
     CapabilitySpace {
-        /// Capability ID.
         id: u8,
-        /// Its length including the 2-byte header.
+        /// Including the 2-byte ID/next header.
         len: usize,
-        /// Bytes left.
         free: usize,
     },
-    /// A mask or value does not fit in configuration space.
     #[error(
         "{len} bytes at config offset {offset:#x} run past the {CONFIG_SPACE_SIZE}-byte space"
     )]
-    OutOfRange {
-        /// Byte offset.
-        offset: usize,
-        /// Length in bytes.
-        len: usize,
-    },
+    OutOfRange { offset: usize, len: usize },
+}
+
+impl Classify for ConfigError {
+    fn class(&self) -> ErrorClass {
+        // The device models and the VMM's BAR placement choose every value checked here;
+        // a passthrough device's own BAR sizes come wrapped in `VfioPciError`.
+        ErrorClass::Internal
+    }
 }
 
 /// A type-0 configuration space with write masks.
@@ -466,11 +375,6 @@ impl ConfigSpace {
         Self::set_mask(&mut self.writable, offset, mask, &mut self.w1c)
     }
 
-    /// Makes the bits set in `mask` write-1-to-clear (and not otherwise writable).
-    pub fn set_w1c(&mut self, offset: usize, mask: &[u8]) -> Result<(), ConfigError> {
-        Self::set_mask(&mut self.w1c, offset, mask, &mut self.writable)
-    }
-
     /// The COMMAND register.
     pub fn command(&self) -> u16 {
         self.read_u16(offset::COMMAND)
@@ -484,161 +388,6 @@ impl ConfigSpace {
     /// Whether the function may master the bus (DMA, MSI writes).
     pub fn bus_master(&self) -> bool {
         self.command() & command::BUS_MASTER != 0
-    }
-
-    /// Registers BAR `index`. Its address starts at 0 and its writable bits become the
-    /// address bits above `spec.size`, so sizing works through ordinary writes.
-    pub fn add_bar(&mut self, index: usize, spec: BarSpec) -> Result<(), ConfigError> {
-        if index >= NUM_BARS {
-            return Err(ConfigError::BarIndex { index });
-        }
-        let wide = spec.kind == BarKind::Memory64;
-        if wide && index + 1 >= NUM_BARS {
-            return Err(ConfigError::Bar64AtEnd { index });
-        }
-        let taken = |i: usize| {
-            self.bars[i].is_some()
-                || (i > 0 && self.bars[i - 1].is_some_and(|b| b.kind == BarKind::Memory64))
-        };
-        if taken(index) || (wide && taken(index + 1)) {
-            return Err(ConfigError::BarInUse { index });
-        }
-        if spec.kind == BarKind::Io && spec.prefetchable {
-            return Err(ConfigError::PrefetchableIo { index });
-        }
-        let (min, max, what) = match spec.kind {
-            BarKind::Io => (4, 1 << 16, "I/O BARs span 4 bytes to 64 KiB"),
-            BarKind::Memory32 => (16, 1 << 31, "32-bit memory BARs span 16 bytes to 2 GiB"),
-            BarKind::Memory64 => (16, 1 << 63, "memory BARs span at least 16 bytes"),
-        };
-        let reason = if !spec.size.is_power_of_two() {
-            Some("not a power of two")
-        } else if spec.size < min || spec.size > max {
-            Some(what)
-        } else {
-            None
-        };
-        if let Some(reason) = reason {
-            return Err(ConfigError::BarSize {
-                index,
-                kind: spec.kind,
-                size: spec.size,
-                reason,
-            });
-        }
-
-        let addr_mask = !(spec.size - 1);
-        let reg = offset::BAR0 / 4 + index;
-        let (flags, low_mask) = match spec.kind {
-            BarKind::Io => (0x1, 0xffff_fffc),
-            BarKind::Memory32 => (0x0, 0xffff_fff0),
-            BarKind::Memory64 => (0x4, 0xffff_fff0),
-        };
-        let prefetch = if spec.prefetchable { 0x8 } else { 0 };
-        self.regs[reg] = flags | prefetch;
-        self.writable[reg] = addr_mask as u32 & low_mask;
-        if wide {
-            self.regs[reg + 1] = 0;
-            self.writable[reg + 1] = (addr_mask >> 32) as u32;
-        }
-        self.bars[index] = Some(spec);
-        Ok(())
-    }
-
-    /// Programs BAR `index` to `addr`, as firmware would (the guest can still move it).
-    pub fn set_bar_addr(&mut self, index: usize, addr: u64) -> Result<(), ConfigError> {
-        let spec = self
-            .bars
-            .get(index)
-            .copied()
-            .flatten()
-            .ok_or(ConfigError::BarNotRegistered { index })?;
-        let limit: u64 = match spec.kind {
-            BarKind::Io => 1 << 16,
-            BarKind::Memory32 => 1 << 32,
-            BarKind::Memory64 => u64::MAX,
-        };
-        let fits = addr
-            .checked_add(spec.size - 1)
-            .is_some_and(|last| last < limit || spec.kind == BarKind::Memory64);
-        if addr % spec.size != 0 || !fits {
-            return Err(ConfigError::BarAddress {
-                index,
-                kind: spec.kind,
-                size: spec.size,
-                addr,
-            });
-        }
-        let reg = offset::BAR0 / 4 + index;
-        let flag_bits = if spec.kind == BarKind::Io { 0x3 } else { 0xf };
-        self.regs[reg] = (self.regs[reg] & flag_bits) | (addr as u32 & !flag_bits);
-        if spec.kind == BarKind::Memory64 {
-            self.regs[reg + 1] = (addr >> 32) as u32;
-        }
-        Ok(())
-    }
-
-    /// BAR `index` if registered, with its programmed address.
-    pub fn bar(&self, index: usize) -> Option<Bar> {
-        let spec = self.bars.get(index).copied().flatten()?;
-        let reg = offset::BAR0 / 4 + index;
-        let low = self.regs[reg];
-        let addr = match spec.kind {
-            BarKind::Io => u64::from(low & !0x3),
-            BarKind::Memory32 => u64::from(low & !0xf),
-            BarKind::Memory64 => u64::from(self.regs[reg + 1]) << 32 | u64::from(low & !0xf),
-        };
-        let space = if spec.kind.is_memory() {
-            command::MEMORY_SPACE
-        } else {
-            command::IO_SPACE
-        };
-        Some(Bar {
-            index,
-            spec,
-            addr,
-            decoding: self.command() & space != 0,
-        })
-    }
-
-    /// The programmed base of BAR `index`, decoding or not.
-    pub fn bar_addr(&self, index: usize) -> Option<u64> {
-        self.bar(index).map(|b| b.addr)
-    }
-
-    /// All registered BARs, in index order.
-    pub fn bars(&self) -> impl Iterator<Item = Bar> + '_ {
-        (0..NUM_BARS).filter_map(|i| self.bar(i))
-    }
-
-    /// The BAR that decodes `addr` in memory (`io == false`) or I/O space, with the offset of
-    /// `addr` inside it.
-    pub fn bar_at(&self, io: bool, addr: u64) -> Option<(usize, u64)> {
-        self.bars()
-            .filter(|b| b.decoding && b.spec.kind.is_memory() != io)
-            .find(|b| addr >= b.addr && addr - b.addr < b.spec.size)
-            .map(|b| (b.index, addr - b.addr))
-    }
-
-    fn decoded_bars(&self) -> [Option<u64>; NUM_BARS] {
-        let mut out = [None; NUM_BARS];
-        for b in self.bars() {
-            out[b.index] = b.decoding.then_some(b.addr);
-        }
-        out
-    }
-
-    fn bar_changes(&self, before: &[Option<u64>; NUM_BARS]) -> Vec<BarChange> {
-        let after = self.decoded_bars();
-        self.bars()
-            .filter(|b| before[b.index] != after[b.index])
-            .map(|b| BarChange {
-                index: b.index,
-                spec: b.spec,
-                old: before[b.index],
-                new: after[b.index],
-            })
-            .collect()
     }
 
     /// Appends a capability with ID `id`; `body` is what follows the 2-byte ID/next header.
@@ -685,23 +434,11 @@ impl ConfigSpace {
     }
 }
 
-/// A space with `header`'s identity and one 32-bit memory BAR0 of `size` bytes: the
-/// smallest device the bus, ECAM and passthrough tests need.
+mod bar;
+
 #[cfg(test)]
-pub(crate) fn with_mem_bar0(header: &PciHeader, size: u64) -> ConfigSpace {
-    let mut config = ConfigSpace::new(header);
-    config
-        .add_bar(
-            0,
-            BarSpec {
-                kind: BarKind::Memory32,
-                size,
-                prefetchable: false,
-            },
-        )
-        .expect("a 32-bit memory BAR0 of a power-of-two size");
-    config
-}
+pub(crate) use bar::with_mem_bar0;
+pub use bar::{Bar, BarChange, BarKind, BarSpec};
 
 #[cfg(test)]
 mod tests;

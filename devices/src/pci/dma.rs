@@ -12,8 +12,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use pinning::model::IommuModel;
-
 /// Which way a DMA goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DmaDirection {
@@ -38,15 +36,10 @@ impl fmt::Display for DmaDirection {
     "DMA {direction} of {len:#x} byte(s) at IOVA {iova:#x} faulted at {fault_iova:#x}: {reason}"
 )]
 pub struct DmaFault {
-    /// Direction of the access.
     pub direction: DmaDirection,
-    /// First IOVA of the access.
     pub iova: u64,
-    /// Its length.
     pub len: u64,
-    /// The first IOVA that could not be reached.
     pub fault_iova: u64,
-    /// Why.
     pub reason: &'static str,
 }
 
@@ -120,67 +113,42 @@ impl DmaProt {
 /// Why a region could not be mapped or unmapped.
 #[derive(Debug, thiserror::Error)]
 pub enum DmaMapError {
-    /// Zero-sized, or `iova + len` wraps.
     #[error("DMA region at IOVA {iova:#x} with length {len:#x} is empty or wraps")]
-    InvalidRange {
-        /// Requested IOVA.
-        iova: u64,
-        /// Requested length.
-        len: u64,
-    },
-    /// Shares IOVAs with a region already mapped.
+    InvalidRange { iova: u64, len: u64 },
     #[error(
         "DMA region {iova:#x}+{len:#x} overlaps the mapped region {existing:#x}+{existing_len:#x}"
     )]
     Overlap {
-        /// Requested IOVA.
         iova: u64,
-        /// Requested length.
         len: u64,
-        /// IOVA of the region in the way.
         existing: u64,
-        /// Its length.
         existing_len: u64,
     },
-    /// Unmap must name a mapped region exactly.
     #[error("no DMA region is mapped exactly at IOVA {iova:#x} with length {len:#x}")]
-    NotMapped {
-        /// Requested IOVA.
-        iova: u64,
-        /// Requested length.
-        len: u64,
-    },
-    /// mmap of the backing memory failed.
-    #[error("mmap of {len:#x} bytes for DMA region at IOVA {iova:#x}")]
+    NotMapped { iova: u64, len: u64 },
+    #[error("mmap of {len:#x} bytes for the DMA region at IOVA {iova:#x}: {source}")]
     Mmap {
-        /// Requested IOVA.
         iova: u64,
-        /// Requested length.
         len: u64,
-        /// The OS error.
         #[source]
         source: io::Error,
     },
 }
 
-/// Memory behind a region: borrowed from its owner, or an mmap the region owns.
+/// Memory behind a region: an mmap the region owns.
 #[derive(Debug)]
 struct Region {
     len: u64,
     host: NonNull<u8>,
     prot: DmaProt,
-    /// Whether `host` is an mmap of `len` bytes to unmap on drop.
-    owned: bool,
 }
 
 impl Drop for Region {
     fn drop(&mut self) {
-        if self.owned {
-            // SAFETY: `host` came from a successful mmap of `len` bytes made by this region,
-            // and no access is in flight: accesses hold the map's read lock, removal and drop
-            // hold it for writing or own the map.
-            unsafe { libc::munmap(self.host.as_ptr().cast(), self.len as usize) };
-        }
+        // SAFETY: `host` came from a successful mmap of `len` bytes made by this region, and
+        // no access is in flight: accesses hold the map's read lock, removal and drop hold it
+        // for writing or own the map.
+        unsafe { libc::munmap(self.host.as_ptr().cast(), self.len as usize) };
     }
 }
 
@@ -191,9 +159,9 @@ pub struct MappedRegions {
     regions: RwLock<BTreeMap<u64, Region>>,
 }
 
-// SAFETY: the raw host pointers are only dereferenced under the map's lock, within the bounds
-// their mappers guaranteed (see `insert_raw`), and the memory they point to is shared memory
-// meant to be accessed from any thread.
+// SAFETY: the raw host pointers are only dereferenced under the map's lock, within the mmaps
+// the regions own, and the memory they point to is shared memory meant to be accessed from
+// any thread.
 unsafe impl Send for MappedRegions {}
 // SAFETY: as above; concurrent accessors copy through raw pointers, never through references.
 unsafe impl Sync for MappedRegions {}
@@ -222,31 +190,6 @@ impl MappedRegions {
         }
         map.insert(iova, region);
         Ok(())
-    }
-
-    /// Maps `[iova, iova + len)` to host memory at `host`.
-    ///
-    /// # Safety
-    ///
-    /// `host..host + len` must stay valid for reads (and writes, if `prot.write`) until the
-    /// region is removed or this list is dropped. Other parties (the guest) may access the
-    /// memory concurrently; this list only copies through raw pointers.
-    pub unsafe fn insert_raw(
-        &self,
-        iova: u64,
-        len: u64,
-        host: NonNull<u8>,
-        prot: DmaProt,
-    ) -> Result<(), DmaMapError> {
-        self.insert(
-            iova,
-            Region {
-                len,
-                host,
-                prot,
-                owned: false,
-            },
-        )
     }
 
     fn mmap(
@@ -288,12 +231,7 @@ impl MappedRegions {
             len,
             source: io::Error::from_raw_os_error(libc::EINVAL),
         })?;
-        Ok(Region {
-            len,
-            host,
-            prot,
-            owned: true,
-        })
+        Ok(Region { len, host, prot })
     }
 
     /// Maps `[iova, iova + len)` to `len` bytes of `fd` at `offset`, shared (as a vfio-user
@@ -311,9 +249,15 @@ impl MappedRegions {
         self.insert(iova, region)
     }
 
-    /// Maps `[iova, iova + len)` to fresh zeroed anonymous memory the list owns (for tests and
-    /// for devices that only need scratch memory).
-    pub fn insert_anonymous(&self, iova: u64, len: u64, prot: DmaProt) -> Result<(), DmaMapError> {
+    /// Maps `[iova, iova + len)` to fresh zeroed anonymous memory the list owns: guest RAM
+    /// for device models tested without a VMM.
+    #[cfg(test)]
+    pub(crate) fn insert_anonymous(
+        &self,
+        iova: u64,
+        len: u64,
+        prot: DmaProt,
+    ) -> Result<(), DmaMapError> {
         let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
         let region = Self::mmap(iova, len, prot, flags, -1, 0)?;
         self.insert(iova, region)
@@ -407,265 +351,10 @@ impl DmaSpace for MappedRegions {
     }
 }
 
-/// The IOMMU page size [`IommuModel`] enforces.
-const IOMMU_PAGE: u64 = 4096;
-
-/// DMA through the workspace's [`IommuModel`]: an access is translated page by page, as an
-/// IOMMU does, so it succeeds only if every page it touches is mapped.
-pub struct IommuDma {
-    model: Arc<IommuModel>,
-}
-
-impl fmt::Debug for IommuDma {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IommuDma").finish_non_exhaustive()
-    }
-}
-
-impl IommuDma {
-    /// DMA through `model`'s mappings.
-    ///
-    /// # Safety
-    ///
-    /// Every host address `model` maps, now or later, must be valid for reads and writes of
-    /// the mapping's size for as long as this adapter is used, even after it is unmapped
-    /// from the model (a translation may race with an unmap). Guest RAM that outlives the
-    /// device satisfies this.
-    pub unsafe fn new(model: Arc<IommuModel>) -> Self {
-        IommuDma { model }
-    }
-
-    fn pieces(
-        &self,
-        iova: u64,
-        len: u64,
-        direction: DmaDirection,
-    ) -> Result<Vec<(u64, usize)>, DmaFault> {
-        let access = Access {
-            direction,
-            iova,
-            len,
-        };
-        let fault = |at, reason| access.fault(at, reason);
-        // The model computes `iova + len` unchecked: refuse wrapping accesses first.
-        let end = access.end()?;
-        let mut pieces = Vec::new();
-        let mut at = iova;
-        while at < end {
-            let page_end = (at / IOMMU_PAGE + 1).saturating_mul(IOMMU_PAGE);
-            let n = page_end.min(end) - at;
-            let host = self
-                .model
-                .translate(at, n)
-                .ok_or_else(|| fault(at, "no IOMMU mapping"))?;
-            pieces.push((host, n as usize));
-            at += n;
-        }
-        Ok(pieces)
-    }
-}
-
-impl DmaSpace for IommuDma {
-    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
-        let mut done = 0;
-        for (host, n) in self.pieces(iova, buf.len() as u64, DmaDirection::Read)? {
-            // SAFETY: `new`'s contract makes every translated host range valid memory.
-            unsafe {
-                std::ptr::copy_nonoverlapping(host as *const u8, buf[done..].as_mut_ptr(), n)
-            };
-            done += n;
-        }
-        Ok(())
-    }
-
-    fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaFault> {
-        let mut done = 0;
-        for (host, n) in self.pieces(iova, buf.len() as u64, DmaDirection::Write)? {
-            // SAFETY: as in `read`.
-            unsafe { std::ptr::copy_nonoverlapping(buf[done..].as_ptr(), host as *mut u8, n) };
-            done += n;
-        }
-        Ok(())
-    }
-}
+#[cfg(test)]
+mod iommu_model;
+#[cfg(test)]
+pub(crate) use iommu_model::IommuDma;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use pinning::backend::DmaMapper;
-
-    #[test]
-    fn anonymous_regions_round_trip() {
-        let dma = MappedRegions::new();
-        dma.insert_anonymous(0x10000, 0x2000, DmaProt::READ_WRITE)
-            .unwrap();
-        dma.write(0x11ff0, &[7; 16]).unwrap();
-        let mut buf = [0u8; 20];
-        dma.read(0x11fec, &mut buf).unwrap();
-        assert_eq!(&buf[..4], &[0; 4]);
-        assert_eq!(&buf[4..], &[7; 16]);
-        assert_eq!(dma.regions(), [(0x10000, 0x2000)]);
-    }
-
-    #[test]
-    fn unmapped_and_straddling_accesses_fault_and_transfer_nothing() {
-        let dma = MappedRegions::new();
-        dma.insert_anonymous(0x10000, 0x1000, DmaProt::READ_WRITE)
-            .unwrap();
-        // Entirely outside.
-        let err = dma.write(0x20000, &[1; 4]).unwrap_err();
-        assert_eq!(err.fault_iova, 0x20000);
-        assert_eq!(err.direction, DmaDirection::Write);
-        // Before the start.
-        let mut buf = [0u8; 8];
-        assert_eq!(dma.read(0xfffc, &mut buf).unwrap_err().fault_iova, 0xfffc);
-        // Straddling the end: faults at the first unmapped byte and writes nothing.
-        let err = dma.write(0x10ffc, &[9; 8]).unwrap_err();
-        assert_eq!(err.fault_iova, 0x11000);
-        assert_eq!(
-            err.to_string(),
-            "DMA write of 0x8 byte(s) at IOVA 0x10ffc faulted at 0x11000: not mapped"
-        );
-        dma.read(0x10ff8, &mut buf).unwrap();
-        assert_eq!(buf, [0; 8]);
-        // Wrapping the address space.
-        let err = dma.read(u64::MAX - 2, &mut buf).unwrap_err();
-        assert_eq!(err.reason, "the access wraps the IOVA space");
-        // A zero-length access touches nothing and succeeds anywhere.
-        dma.read(0x90000, &mut []).unwrap();
-    }
-
-    #[test]
-    fn adjacent_regions_join_and_gaps_fault() {
-        let dma = MappedRegions::new();
-        dma.insert_anonymous(0x1000, 0x1000, DmaProt::READ_WRITE)
-            .unwrap();
-        dma.insert_anonymous(0x2000, 0x1000, DmaProt::READ_WRITE)
-            .unwrap();
-        dma.insert_anonymous(0x4000, 0x1000, DmaProt::READ_WRITE)
-            .unwrap();
-        let data: Vec<u8> = (0..32).collect();
-        dma.write(0x1ff0, &data).unwrap();
-        let mut back = vec![0u8; 32];
-        dma.read(0x1ff0, &mut back).unwrap();
-        assert_eq!(back, data);
-        // 0x3000..0x4000 is a hole.
-        let err = dma.write(0x2ff0, &data).unwrap_err();
-        assert_eq!(err.fault_iova, 0x3000);
-    }
-
-    #[test]
-    fn map_rules() {
-        let dma = MappedRegions::new();
-        dma.insert_anonymous(0x10000, 0x1000, DmaProt::READ_WRITE)
-            .unwrap();
-        assert!(matches!(
-            dma.insert_anonymous(0x10800, 0x1000, DmaProt::READ_WRITE),
-            Err(DmaMapError::Overlap {
-                existing: 0x10000,
-                ..
-            })
-        ));
-        assert!(matches!(
-            dma.insert_anonymous(0xf000, 0x1001, DmaProt::READ_WRITE),
-            Err(DmaMapError::Overlap { .. })
-        ));
-        assert!(matches!(
-            dma.insert_anonymous(0x20000, 0, DmaProt::READ_WRITE),
-            Err(DmaMapError::InvalidRange { .. })
-        ));
-        assert!(matches!(
-            dma.insert_anonymous(u64::MAX - 0xfff, 0x1000, DmaProt::READ_WRITE),
-            Err(DmaMapError::InvalidRange { .. })
-        ));
-        assert!(matches!(
-            dma.remove(0x10000, 0x800),
-            Err(DmaMapError::NotMapped { .. })
-        ));
-        dma.remove(0x10000, 0x1000).unwrap();
-        assert!(dma.regions().is_empty());
-        let mut b = [0u8; 1];
-        assert!(dma.read(0x10000, &mut b).is_err());
-    }
-
-    #[test]
-    fn read_only_regions_refuse_device_writes() {
-        let dma = MappedRegions::new();
-        dma.insert_anonymous(0x10000, 0x1000, DmaProt::READ_ONLY)
-            .unwrap();
-        let mut b = [0u8; 4];
-        dma.read(0x10000, &mut b).unwrap();
-        let err = dma.write(0x10000, &b).unwrap_err();
-        assert_eq!(err.reason, "the mapping does not allow it");
-    }
-
-    #[test]
-    fn memfd_regions_share_memory_with_their_owner() {
-        // SAFETY: a plain memfd_create call with a valid NUL-terminated name.
-        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), 0) };
-        assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-        // SAFETY: `fd` was just created and is owned by nobody else.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: `fd` is a valid memfd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x3000) }, 0);
-        let dma = MappedRegions::new();
-        // The second page of the memfd at IOVA 0x8000_0000.
-        use std::os::fd::AsFd;
-        dma.insert_fd(0x8000_0000, 0x1000, fd.as_fd(), 0x1000, DmaProt::READ_WRITE)
-            .unwrap();
-        dma.write(0x8000_0010, b"hello").unwrap();
-        let mut back = [0u8; 5];
-        // SAFETY: reading 5 bytes of the memfd at 0x1010 into our buffer.
-        let n =
-            unsafe { libc::pread(fd.as_raw_fd(), back.as_mut_ptr().cast(), back.len(), 0x1010) };
-        assert_eq!(n, 5);
-        assert_eq!(&back, b"hello");
-    }
-
-    #[test]
-    fn raw_regions_borrow_memory() {
-        let mut mem = vec![0u8; 0x100];
-        let dma = MappedRegions::new();
-        // SAFETY: `mem` outlives `dma` (dropped first below) and is not otherwise accessed
-        // while `dma` may write it.
-        unsafe {
-            dma.insert_raw(
-                0x5000,
-                0x100,
-                NonNull::new(mem.as_mut_ptr()).unwrap(),
-                DmaProt::READ_WRITE,
-            )
-        }
-        .unwrap();
-        dma.write(0x50fe, &[1, 2]).unwrap();
-        assert!(dma.write(0x50ff, &[1, 2]).is_err());
-        drop(dma);
-        assert_eq!(&mem[0xfe..], &[1, 2]);
-    }
-
-    #[test]
-    fn iommu_model_adapter_translates_per_page() {
-        let mut mem = vec![0u8; 0x4000];
-        // Page-align the host side as the model demands.
-        let base = (mem.as_mut_ptr() as u64 + 0xfff) & !0xfff;
-        let model = Arc::new(IommuModel::new(16, None));
-        model.map(0x10_0000, 0x1000, base).unwrap();
-        model.map(0x10_1000, 0x1000, base + 0x2000).unwrap();
-        // SAFETY: both mappings point into `mem`, which outlives `dma` and is only accessed
-        // through `dma` meanwhile.
-        let dma = unsafe { IommuDma::new(model.clone()) };
-        // Crosses from the first mapping into the second, whose host page is not adjacent.
-        dma.write(0x10_0ffe, &[1, 2, 3, 4]).unwrap();
-        let mut back = [0u8; 4];
-        dma.read(0x10_0ffe, &mut back).unwrap();
-        assert_eq!(back, [1, 2, 3, 4]);
-        let off = (base - mem.as_ptr() as u64) as usize;
-        assert_eq!(&mem[off + 0xffe..off + 0x1000], &[1, 2]);
-        assert_eq!(&mem[off + 0x2000..off + 0x2002], &[3, 4]);
-        // Past the second mapping, and wrapping.
-        let err = dma.write(0x10_1ffe, &[0; 4]).unwrap_err();
-        assert_eq!(err.fault_iova, 0x10_2000);
-        assert!(dma.read(u64::MAX - 1, &mut back).is_err());
-        assert!(dma.read(u64::MAX - 3, &mut back).is_err());
-    }
-}
+mod tests;

@@ -20,7 +20,7 @@ pub use bus::{
 };
 pub use config::{Bar, BarChange, BarKind, BarSpec, ConfigError, ConfigSpace, PciHeader};
 pub use device::{Effects, PciDevice};
-pub use dma::{DmaDirection, DmaFault, DmaMapError, DmaProt, DmaSpace, IommuDma, MappedRegions};
+pub use dma::{DmaDirection, DmaFault, DmaMapError, DmaProt, DmaSpace, MappedRegions};
 pub use ecam::{PciEcam, ECAM_BUS_SIZE};
 pub use msi::{MsiCap, MsiError, MsiMessage, RoutingChange};
 pub use msix::{Delivery, MsixCap, MsixError, MsixLocation};

@@ -65,11 +65,9 @@ const CTRL_PER_VECTOR_MASK: u16 = 1 << 8;
 /// Why an MSI capability could not be added.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum MsiError {
-    /// MSI counts vectors in powers of two up to 32.
     #[error("MSI supports 1, 2, 4, 8, 16 or 32 vectors, not {0}")]
     Vectors(u16),
-    /// The configuration space refused the capability.
-    #[error("adding the MSI capability")]
+    #[error("adding the MSI capability: {0}")]
     Config(#[from] ConfigError),
 }
 

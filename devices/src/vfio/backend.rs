@@ -5,11 +5,13 @@
 //! DMA mapping is not here: the pinning engine maps guest RAM through its own backends
 //! (`pinning::backend`), before the guest runs.
 
-use std::io;
 use std::os::fd::RawFd;
-use std::time::Duration;
 
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::EventFd;
+
+use super::kernel::KernelVfioError;
+use crate::vfio_user::ClientError;
 
 /// Region indices of a VFIO PCI device (`VFIO_PCI_*_REGION_INDEX`).
 pub mod region {
@@ -74,31 +76,22 @@ pub struct IrqInfo {
     pub count: u32,
 }
 
-/// Why a backend request failed. Every variant names the device.
+/// Why a backend request failed: the backend's own error, unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioBackendError {
-    /// The host (kernel or server) refused or the transport failed.
-    #[error("{device}: {op}: {source}")]
-    Io {
-        device: String,
-        op: String,
-        #[source]
-        source: io::Error,
-    },
-    /// No answer in time (vfio-user).
-    #[error("{device}: {op}: no reply within {timeout:?}; is the device server alive?")]
-    Timeout {
-        device: String,
-        op: String,
-        timeout: Duration,
-    },
-    /// The answer made no sense (short, oversized, wrong type).
-    #[error("{device}: {op}: malformed reply: {what}")]
-    Protocol {
-        device: String,
-        op: String,
-        what: String,
-    },
+    #[error(transparent)]
+    Kernel(#[from] KernelVfioError),
+    #[error(transparent)]
+    User(#[from] ClientError),
+}
+
+impl Classify for VfioBackendError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            VfioBackendError::Kernel(e) => e.class(),
+            VfioBackendError::User(e) => e.class(),
+        }
+    }
 }
 
 /// The device side of a passthrough function.

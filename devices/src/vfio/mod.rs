@@ -2,7 +2,7 @@
 //! and vfio-user both implement.
 
 pub mod backend;
-pub mod irqs;
+mod irqs;
 pub mod kernel;
 pub mod pci;
 pub mod user;

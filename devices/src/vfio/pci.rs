@@ -6,11 +6,12 @@
 //!   shadow [`ConfigSpace`] sized from the regions the backend reports;
 //! - the expansion ROM BAR reads 0 (not offered);
 //! - the MSI and MSI-X capabilities and the MSI-X table and PBA, which the VMM must turn into
-//!   KVM routes ([`super::irqs`]); writes to the capabilities also go through to the device;
+//!   KVM routes (the `irqs` module); writes to the capabilities also go through to the device;
 //! - everything else is read from and written to the device.
 //!
-//! BAR parts the backend can mmap are mapped into this process ([`VfioPciDevice::mmaps`]) so
-//! the VMM can give them to the guest as memory slots; the rest of each BAR traps here.
+//! BAR parts the backend can mmap are mapped into this process (the `mmap` module;
+//! [`VfioPciDevice::mmaps`]) so the VMM can give them to the guest as memory slots; the rest
+//! of each BAR traps here.
 //!
 //! Interrupts: one eventfd per vector (shared by MSI vector i and MSI-X vector i, as only one
 //! of them is enabled at a time); the backend signals them, the VMM wires them to KVM irqfds.
@@ -18,9 +19,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{irq, region, RegionInfo, VfioBackend, VfioBackendError};
+use super::backend::{irq, region, VfioBackend, VfioBackendError};
 use super::irqs::{MsiShadow, MsixShadow};
 use crate::pci::config::{cap_id, command, offset, BarKind, BarSpec, ConfigError};
 use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, RoutingChange};
@@ -28,27 +30,22 @@ use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, Ro
 /// Why a passthrough function could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum VfioPciError {
-    /// The backend failed.
     #[error(transparent)]
     Backend(#[from] VfioBackendError),
-    /// The device's config region is too small to be PCI.
     #[error("{device}: config space region is {size} bytes, a PCI function has at least 256")]
     ConfigRegion { device: String, size: u64 },
-    /// A BAR could not be registered.
     #[error("{device}: BAR{index}: {source}")]
     Bar {
         device: String,
         index: usize,
         source: ConfigError,
     },
-    /// The device has no interrupt the model can route.
     #[error("{device}: creating an eventfd for interrupt vector {vector}: {source}")]
     EventFd {
         device: String,
         vector: usize,
         source: std::io::Error,
     },
-    /// Mapping a BAR part failed.
     #[error("{device}: mmap of BAR{bar} [{offset:#x}, +{size:#x}): {source}")]
     Mmap {
         device: String,
@@ -59,28 +56,17 @@ pub enum VfioPciError {
     },
 }
 
-/// A BAR part mapped into this process.
-#[derive(Debug)]
-pub struct BarMmap {
-    /// BAR index.
-    pub bar: usize,
-    /// Offset inside the BAR.
-    pub offset: u64,
-    /// Length.
-    pub size: u64,
-    /// Where it is mapped here.
-    pub host_addr: u64,
-}
-
-impl Drop for BarMmap {
-    fn drop(&mut self) {
-        // SAFETY: host_addr/size is a mapping this struct created and alone owns.
-        unsafe { libc::munmap(self.host_addr as *mut libc::c_void, self.size as usize) };
+impl Classify for VfioPciError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            VfioPciError::Backend(e) => e.class(),
+            VfioPciError::ConfigRegion { .. }
+            | VfioPciError::Bar { .. }
+            | VfioPciError::Mmap { .. } => ErrorClass::Device,
+            VfioPciError::EventFd { .. } => ErrorClass::Internal,
+        }
     }
 }
-
-// SAFETY: the mapping is plain device memory; the struct only carries its address.
-unsafe impl Send for BarMmap {}
 
 /// An interrupt vector the VMM should route: its eventfd and, when it can fire, its message.
 #[derive(Clone, Debug)]
@@ -327,110 +313,6 @@ impl VfioPciDevice {
         Ok(self.shadow.bars().collect())
     }
 
-    /// Maps the mmap-able parts of the memory BARs, from the region infos `new` read.
-    fn map_bars(&mut self, bars: &[(usize, RegionInfo)]) -> Result<(), VfioPciError> {
-        for (index, info) in bars {
-            let Some((fd, file_offset)) =
-                info.mmap_fd.filter(|_| info.flags & region::FLAG_MMAP != 0)
-            else {
-                continue;
-            };
-            for area in &info.mmap_areas {
-                // The peer describes the areas: one that does not lie inside the region is
-                // refused, or it would become a memory slot reaching past the BAR.
-                let inside = area
-                    .offset
-                    .checked_add(area.size)
-                    .is_some_and(|end| end <= info.size);
-                let file_at = file_offset.checked_add(area.offset);
-                let (true, Some(_)) = (inside, file_at) else {
-                    tracing::warn!(
-                        "{}: BAR{} mmap area [{:#x}, +{:#x}) is outside the {:#x}-byte region; \
-                         it is trapped instead",
-                        self.backend.name(),
-                        *index,
-                        area.offset,
-                        area.size,
-                        info.size
-                    );
-                    continue;
-                };
-                for (offset, size) in self.mappable(*index, area.offset, area.size) {
-                    self.mmap_part(fd, file_offset, *index, offset, size)?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The page-aligned parts of `[offset, +size)` of BAR `bar` that do not touch the MSI-X
-    /// table or PBA pages (those must trap), so the rest of a BAR that shares them with, say,
-    /// doorbells is still mapped directly.
-    fn mappable(&self, bar: usize, offset: u64, size: u64) -> Vec<(u64, u64)> {
-        const PAGE: u64 = 4096;
-        let mut holes: Vec<(u64, u64)> = self
-            .msix
-            .iter()
-            .flat_map(|m| [m.table, m.pba])
-            .filter(|w| w.bar == bar && w.len > 0)
-            .map(|w| {
-                let start = w.offset / PAGE * PAGE;
-                (start, (w.offset + w.len).div_ceil(PAGE) * PAGE)
-            })
-            .collect();
-        holes.sort_unstable();
-        let (mut parts, mut at) = (Vec::new(), offset.div_ceil(PAGE) * PAGE);
-        let end = (offset + size) / PAGE * PAGE;
-        for (h0, h1) in holes {
-            if h0 > at && at < end {
-                parts.push((at, h0.min(end) - at));
-            }
-            at = at.max(h1);
-        }
-        if at < end {
-            parts.push((at, end - at));
-        }
-        parts
-    }
-
-    fn mmap_part(
-        &mut self,
-        fd: std::os::fd::RawFd,
-        file_offset: u64,
-        bar: usize,
-        offset: u64,
-        size: u64,
-    ) -> Result<(), VfioPciError> {
-        // SAFETY: a fresh shared mapping of the device's region at an address the kernel
-        // picks; nothing else refers to that address range.
-        let host = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                size as usize,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                (file_offset + offset) as libc::off_t,
-            )
-        };
-        if host == libc::MAP_FAILED {
-            return Err(VfioPciError::Mmap {
-                device: self.backend.name().to_string(),
-                bar,
-                offset,
-                size,
-                source: std::io::Error::last_os_error(),
-            });
-        }
-        self.mmaps.push(BarMmap {
-            bar,
-            offset,
-            size,
-            host_addr: host as u64,
-        });
-        Ok(())
-    }
-
     /// Reports the first backend failure; later ones are only logged at debug level.
     fn failed(&self, e: VfioBackendError) {
         if self.failed.swap(true, Ordering::AcqRel) {
@@ -608,6 +490,10 @@ impl Drop for VfioPciDevice {
         }
     }
 }
+
+mod mmap;
+
+pub use mmap::BarMmap;
 
 #[cfg(test)]
 mod tests;

@@ -11,13 +11,8 @@ use pinning::backend::FdDmaMapper;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
-use crate::vfio_user::{Client, VfioUserError};
-
-/// VFIO_IRQ_SET_* flags, as SET_IRQS carries them.
-const IRQ_SET_DATA_NONE: u32 = 1 << 0;
-const IRQ_SET_DATA_EVENTFD: u32 = 1 << 2;
-const IRQ_SET_ACTION_UNMASK: u32 = 1 << 4;
-const IRQ_SET_ACTION_TRIGGER: u32 = 1 << 5;
+use crate::vfio_user::wire::irq_set::{ACTION_TRIGGER, ACTION_UNMASK, DATA_EVENTFD, DATA_NONE};
+use crate::vfio_user::{Client, ClientError};
 
 /// A device behind a vfio-user socket.
 pub struct UserBackend {
@@ -29,15 +24,6 @@ impl UserBackend {
     pub fn new(client: Arc<Client>) -> Self {
         UserBackend { client }
     }
-
-    /// The shared client, for the pinning backend.
-    pub fn client(&self) -> &Arc<Client> {
-        &self.client
-    }
-}
-
-fn be(op: &str) -> impl FnOnce(VfioUserError) -> VfioBackendError + '_ {
-    move |e| e.into_backend(op)
 }
 
 impl VfioBackend for UserBackend {
@@ -45,13 +31,11 @@ impl VfioBackend for UserBackend {
         self.client.name()
     }
     fn counts(&self) -> Result<(u32, u32), VfioBackendError> {
-        let (_, regions, irqs) = self.client.device_info().map_err(be("DEVICE_GET_INFO"))?;
+        let (_, regions, irqs) = self.client.device_info()?;
         Ok((regions, irqs))
     }
     fn region_info(&self, index: u32) -> Result<RegionInfo, VfioBackendError> {
-        self.client
-            .region_info(index)
-            .map_err(be("DEVICE_GET_REGION_INFO"))
+        Ok(self.client.region_info(index)?)
     }
     fn region_read(
         &self,
@@ -59,63 +43,41 @@ impl VfioBackend for UserBackend {
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), VfioBackendError> {
-        self.client
-            .region_read(index, offset, data)
-            .map_err(be("REGION_READ"))
+        Ok(self.client.region_read(index, offset, data)?)
     }
     fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), VfioBackendError> {
-        self.client
-            .region_write(index, offset, data)
-            .map_err(be("REGION_WRITE"))
+        Ok(self.client.region_write(index, offset, data)?)
     }
     fn irq_info(&self, index: u32) -> Result<IrqInfo, VfioBackendError> {
-        self.client
-            .irq_info(index)
-            .map_err(be("DEVICE_GET_IRQ_INFO"))
+        Ok(self.client.irq_info(index)?)
     }
     fn enable_irq(&self, index: u32, fds: &[&EventFd]) -> Result<(), VfioBackendError> {
         let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        self.client
-            .set_irqs(
-                index,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                0,
-                raw.len() as u32,
-                &raw,
-            )
-            .map_err(be("DEVICE_SET_IRQS"))
+        let flags = DATA_EVENTFD | ACTION_TRIGGER;
+        Ok(self
+            .client
+            .set_irqs(index, flags, 0, raw.len() as u32, &raw)?)
     }
     fn enable_intx(&self, trigger: &EventFd, unmask: &EventFd) -> Result<(), VfioBackendError> {
+        let trigger_flags = DATA_EVENTFD | ACTION_TRIGGER;
+        let unmask_flags = DATA_EVENTFD | ACTION_UNMASK;
+        let intx = irq::INTX;
         self.client
-            .set_irqs(
-                irq::INTX,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_TRIGGER,
-                0,
-                1,
-                &[trigger.as_raw_fd()],
-            )
-            .map_err(be("DEVICE_SET_IRQS"))?;
+            .set_irqs(intx, trigger_flags, 0, 1, &[trigger.as_raw_fd()])?;
         self.client
-            .set_irqs(
-                irq::INTX,
-                IRQ_SET_DATA_EVENTFD | IRQ_SET_ACTION_UNMASK,
-                0,
-                1,
-                &[unmask.as_raw_fd()],
-            )
-            .map_err(be("DEVICE_SET_IRQS"))
+            .set_irqs(intx, unmask_flags, 0, 1, &[unmask.as_raw_fd()])?;
+        Ok(())
     }
     fn disable_irq(&self, index: u32) -> Result<(), VfioBackendError> {
-        self.client
-            .set_irqs(index, IRQ_SET_DATA_NONE | IRQ_SET_ACTION_TRIGGER, 0, 0, &[])
-            .map_err(be("DEVICE_SET_IRQS"))
+        let flags = DATA_NONE | ACTION_TRIGGER;
+        Ok(self.client.set_irqs(index, flags, 0, 0, &[])?)
     }
     fn reset(&self) -> Result<(), VfioBackendError> {
-        self.client.reset().map_err(be("DEVICE_RESET"))
+        Ok(self.client.reset()?)
     }
 }
 
-fn io_error(e: VfioUserError) -> io::Error {
+fn io_error(e: ClientError) -> io::Error {
     match e.errno() {
         Some(errno) if errno != 0 => io::Error::from_raw_os_error(errno),
         _ => io::Error::other(e.to_string()),

@@ -1,5 +1,5 @@
-//! The pci-epf-test model ([`EpfTest`]) as a vfio-user device, and the process entry point
-//! behind `vmm device epf --socket PATH`.
+//! The pci-epf-test model ([`EpfTest`]) as a vfio-user device; the process entry point
+//! behind `vmm device epf --socket PATH` is in the `process` module.
 //!
 //! Region 7 is configuration space and region 0 the register BAR, both through
 //! `PciDevice`; the client (the VMM's passthrough model) writes configuration space through,
@@ -7,27 +7,24 @@
 //! eventfds the client gave with SET_IRQS; the client traps the MSI-X table itself, so
 //! masking is its business and every raised vector is signalled.
 
+mod process;
+
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::FileTypeExt;
-use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use guest_abi::epf::REG_BAR;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+pub use process::{run_epf_server, EpfServerError};
 
-use super::server::{self, UserDevice};
+use super::server::UserDevice;
 use super::wire::{irq_info_flags, irq_set};
-use super::VfioUserError;
-use crate::epf::{EpfConfig, EpfIrq, EpfTest, REG_BAR_SIZE};
+use crate::epf::{EpfConfig, EpfError, EpfIrq, EpfTest, REG_BAR_SIZE};
 use crate::pci::config::CONFIG_SPACE_SIZE;
 use crate::pci::device::PciDevice;
 use crate::pci::dma::MappedRegions;
 use crate::vfio::backend::{irq, region};
 use crate::vfio::{IrqInfo, RegionInfo};
+use guest_abi::epf::REG_BAR;
 
 /// Regions of a VFIO PCI device: BAR0-5, ROM, config, VGA.
 const NUM_REGIONS: u32 = 9;
@@ -82,8 +79,8 @@ impl std::fmt::Debug for EpfUserDevice {
 
 impl EpfUserDevice {
     /// A device offering `cfg`'s vectors that does all DMA through `regions` (give the same
-    /// object to [`server::serve`]).
-    pub fn new(cfg: EpfConfig, regions: Arc<MappedRegions>) -> Result<Self, VfioUserError> {
+    /// object to [`super::serve`]).
+    pub fn new(cfg: EpfConfig, regions: Arc<MappedRegions>) -> Result<Self, EpfError> {
         let irqs: Arc<Mutex<IrqFds>> = Arc::default();
         let dev = Self::build(cfg, &regions, &irqs)?;
         let mut me = EpfUserDevice {
@@ -100,7 +97,7 @@ impl EpfUserDevice {
         cfg: EpfConfig,
         regions: &Arc<MappedRegions>,
         irqs: &Arc<Mutex<IrqFds>>,
-    ) -> Result<EpfTest, VfioUserError> {
+    ) -> Result<EpfTest, EpfError> {
         let sink_irqs = irqs.clone();
         let sink = move |irq: EpfIrq| {
             let fds = sink_irqs.lock().unwrap_or_else(PoisonError::into_inner);
@@ -114,7 +111,7 @@ impl EpfUserDevice {
                 None => tracing::debug!("pci-epf-test: {irq:?} has no eventfd, dropped"),
             }
         };
-        Ok(EpfTest::new(cfg, regions.clone(), Box::new(sink))?)
+        EpfTest::new(cfg, regions.clone(), Box::new(sink))
     }
 
     fn size_irq_tables(&mut self) {
@@ -129,11 +126,6 @@ impl EpfUserDevice {
                 slots.resize_with(n, || None);
             }
         }
-    }
-
-    /// The model, for tests and diagnostics.
-    pub fn device(&self) -> &EpfTest {
-        &self.dev
     }
 
     fn vectors(&self, index: u32) -> Option<u32> {
@@ -327,182 +319,4 @@ impl UserDevice for EpfUserDevice {
         })?;
         Ok(())
     }
-}
-
-/// The eventfd the signal handler writes; -1 when no server runs.
-static STOP_FD: AtomicI32 = AtomicI32::new(-1);
-
-extern "C" fn on_stop_signal(_: libc::c_int) {
-    let fd = STOP_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer. The result
-        // is ignored: a full counter already means "stop".
-        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
-    }
-}
-
-/// SIGTERM/SIGINT handlers that write the stop eventfd while installed; the previous
-/// handlers come back on drop.
-struct StopSignals {
-    stop: EventFd,
-    old: Vec<(libc::c_int, libc::sigaction)>,
-}
-
-impl StopSignals {
-    fn install(socket: &Path) -> Result<Self, VfioUserError> {
-        let io_err = |op: &str, source| VfioUserError::Io {
-            device: socket.display().to_string(),
-            op: op.to_string(),
-            source,
-        };
-        let stop =
-            EventFd::new(EFD_NONBLOCK).map_err(|e| io_err("creating the stop eventfd", e))?;
-        if STOP_FD
-            .compare_exchange(-1, stop.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return Err(VfioUserError::SocketPath {
-                path: socket.to_path_buf(),
-                what: "another vfio-user epf server already runs in this process".to_string(),
-            });
-        }
-        let mut me = StopSignals {
-            stop,
-            old: Vec::new(),
-        };
-        for sig in [libc::SIGTERM, libc::SIGINT] {
-            // SAFETY: zeroed sigaction structs are valid (empty mask, no flags); the handler
-            // only performs an async-signal-safe write; `old` receives the previous action.
-            let res = unsafe {
-                let mut act: libc::sigaction = std::mem::zeroed();
-                act.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
-                libc::sigemptyset(&mut act.sa_mask);
-                let mut old: libc::sigaction = std::mem::zeroed();
-                let r = libc::sigaction(sig, &act, &mut old);
-                if r == 0 {
-                    me.old.push((sig, old));
-                }
-                r
-            };
-            if res != 0 {
-                return Err(io_err(
-                    "installing the SIGTERM/SIGINT handlers",
-                    io::Error::last_os_error(),
-                ));
-            }
-        }
-        Ok(me)
-    }
-}
-
-impl Drop for StopSignals {
-    fn drop(&mut self) {
-        for (sig, old) in self.old.drain(..).rev() {
-            // SAFETY: restores the action saved by `install`.
-            unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
-        }
-        STOP_FD.store(-1, Ordering::SeqCst);
-    }
-}
-
-/// Removes the socket file when the server ends, however it ends (short of SIGKILL).
-struct RemoveSocket(PathBuf);
-
-impl Drop for RemoveSocket {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            if e.kind() != io::ErrorKind::NotFound {
-                tracing::warn!("removing {}: {e}", self.0.display());
-            }
-        }
-    }
-}
-
-/// Makes `socket` free to bind: refuses anything that is not a socket and a socket someone
-/// listens on; removes a stale socket file.
-fn clear_stale_socket(socket: &Path) -> Result<(), VfioUserError> {
-    let refuse = |what: String| VfioUserError::SocketPath {
-        path: socket.to_path_buf(),
-        what,
-    };
-    let meta = match std::fs::symlink_metadata(socket) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(refuse(format!("cannot inspect it: {e}"))),
-    };
-    if !meta.file_type().is_socket() {
-        return Err(refuse(
-            "exists and is not a socket; refusing to replace it (remove it or choose another path)"
-                .to_string(),
-        ));
-    }
-    match UnixStream::connect(socket) {
-        Ok(_) => Err(refuse(
-            "another server is listening on it; stop it or choose another path".to_string(),
-        )),
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
-            std::fs::remove_file(socket)
-                .map_err(|e| refuse(format!("removing the stale socket: {e}")))?;
-            Ok(())
-        }
-        Err(e) => Err(refuse(format!("probing the existing socket: {e}"))),
-    }
-}
-
-/// Serves a pci-epf-test device on `socket` to ONE client, until it disconnects or the
-/// process gets SIGTERM/SIGINT; the socket file is removed on every way out. Prints one
-/// line to stderr once it listens, nothing on stdout.
-pub fn run_epf_server(socket: &Path) -> Result<(), VfioUserError> {
-    let device_name = socket.display().to_string();
-    let io_err = |op: &str, source| VfioUserError::Io {
-        device: device_name.clone(),
-        op: op.to_string(),
-        source,
-    };
-    let signals = StopSignals::install(socket)?;
-    clear_stale_socket(socket)?;
-    let listener = UnixListener::bind(socket).map_err(|e| io_err("binding", e))?;
-    let _remove = RemoveSocket(socket.to_path_buf());
-    tracing::info!("vfio-user epf server listening on {}", socket.display());
-
-    let regions = Arc::new(MappedRegions::new());
-    let mut device = EpfUserDevice::new(EpfConfig::default(), regions.clone())?;
-
-    // Accept, unless asked to stop first.
-    let mut pfd = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: signals.stop.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        // SAFETY: `pfd` is a valid array of two pollfds for the duration of the call.
-        let n = unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, -1) };
-        if n >= 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(io_err("waiting for a client", e));
-        }
-    }
-    if pfd[1].revents != 0 {
-        tracing::info!("vfio-user epf server: stopped before a client connected");
-        return Ok(());
-    }
-    let (stream, _) = listener.accept().map_err(|e| io_err("accepting", e))?;
-    drop(listener);
-    tracing::info!("vfio-user epf server: client connected");
-    // SAFETY: the eventfd lives in `signals` until this function returns, past the borrow.
-    let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(signals.stop.as_raw_fd()) };
-    let result = server::serve_until(stream, &mut device, regions, Some(stop));
-    tracing::info!("vfio-user epf server: done ({result:?})");
-    result
 }

@@ -14,11 +14,12 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
+use pinning::class::{Classify, ErrorClass};
+
 use super::wire::{
     self, cmd, dma_flags, flags, irq_set, Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header,
     IrqInfoMsg, IrqSet, Message, RecvError, RegionAccess, RegionInfoMsg, Version,
 };
-use super::VfioUserError;
 use crate::pci::dma::{DmaMapError, DmaProt, MappedRegions};
 use crate::vfio::backend::region;
 use crate::vfio::{IrqInfo, RegionInfo};
@@ -59,13 +60,36 @@ pub trait UserDevice: Send {
 
 const NAME: &str = "vfio-user server";
 
+/// Why serving a client ended other than by its disconnecting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("vfio-user server: {op}: {source}")]
+    Io {
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message that cannot be framed ends the connection: the stream cannot be followed
+    /// past it.
+    #[error("vfio-user server: malformed request from the client: {what}")]
+    MalformedRequest { what: String },
+}
+
+impl Classify for ServerError {
+    fn class(&self) -> ErrorClass {
+        // Neither is for the user to fix: the host refused a socket operation, or the client
+        // does not speak the protocol.
+        ErrorClass::Internal
+    }
+}
+
 /// Serves one client on `stream` until it disconnects (a clean EOF between messages is
 /// `Ok`). DMA_MAP/UNMAP change `regions`, which should be the device's DMA space.
 pub fn serve(
     stream: UnixStream,
     device: &mut dyn UserDevice,
     regions: Arc<MappedRegions>,
-) -> Result<(), VfioUserError> {
+) -> Result<(), ServerError> {
     serve_until(stream, device, regions, None)
 }
 
@@ -76,17 +100,13 @@ pub fn serve_until(
     device: &mut dyn UserDevice,
     regions: Arc<MappedRegions>,
     stop: Option<BorrowedFd<'_>>,
-) -> Result<(), VfioUserError> {
+) -> Result<(), ServerError> {
     let mut server = Server {
         device,
         regions,
         negotiated: false,
     };
-    let io_err = |op: &str, source| VfioUserError::Io {
-        device: NAME.to_string(),
-        op: op.to_string(),
-        source,
-    };
+    let io_err = |op: &'static str, source| ServerError::Io { op, source };
     loop {
         if let Some(stop) = stop {
             if wait_readable(stream.as_fd(), stop).map_err(|e| io_err("polling", e))? {
@@ -99,8 +119,7 @@ pub fn serve_until(
             Err(RecvError::Closed) => return Ok(()),
             Err(RecvError::Io(e)) => return Err(io_err("receiving", e)),
             Err(e) => {
-                return Err(VfioUserError::MalformedRequest {
-                    device: NAME.to_string(),
+                return Err(ServerError::MalformedRequest {
                     what: e.to_string(),
                 })
             }

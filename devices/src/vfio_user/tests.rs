@@ -14,13 +14,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use guest_abi::epf::{command, irq_type, reg, status};
+use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::server::{serve, UserDevice};
 use super::wire::{
     self, cmd, flags, irq_set, Capabilities, Header, Message, RecvError, Version, MAX_MESSAGE,
 };
-use super::{run_epf_server, Client, EpfUserDevice, VfioUserError};
+use super::{run_epf_server, Client, ClientError, EpfServerError, EpfUserDevice, ServerError};
 use crate::epf::{self, fill_pattern, EpfConfig};
 use crate::pci::config::{cap_id, command as cmd_bits, offset as cfg_off};
 use crate::pci::dma::MappedRegions;
@@ -45,7 +46,7 @@ fn memfd(len: u64) -> File {
 /// An epf device served on one end of a socketpair, a client on the other.
 struct EpfRig {
     client: Client,
-    server: JoinHandle<Result<(), VfioUserError>>,
+    server: JoinHandle<Result<(), ServerError>>,
     regions: Arc<MappedRegions>,
 }
 
@@ -54,7 +55,8 @@ fn epf_rig() -> EpfRig {
     let regions = Arc::new(MappedRegions::new());
     let server_regions = regions.clone();
     let server = std::thread::spawn(move || {
-        let mut dev = EpfUserDevice::new(EpfConfig::default(), server_regions.clone())?;
+        let mut dev = EpfUserDevice::new(EpfConfig::default(), server_regions.clone())
+            .expect("the default pci-epf-test device");
         serve(b, &mut dev, server_regions)
     });
     let client = Client::from_stream(a, "epf-test-socket".into(), LONG).expect("client");
@@ -285,7 +287,8 @@ fn dma_map_without_an_fd_is_refused() {
     let (a, b) = UnixStream::pair().unwrap();
     let server_regions = regions.clone();
     let server = std::thread::spawn(move || {
-        let mut dev = EpfUserDevice::new(EpfConfig::default(), server_regions.clone())?;
+        let mut dev = EpfUserDevice::new(EpfConfig::default(), server_regions.clone())
+            .expect("the default pci-epf-test device");
         serve(b, &mut dev, server_regions)
     });
     let raw = RawPeer { s: a };
@@ -320,7 +323,7 @@ fn dma_map_without_an_fd_is_refused() {
     (&raw.s).write_all(&bad).unwrap();
     let served = server.join().unwrap();
     assert!(
-        matches!(served, Err(VfioUserError::MalformedRequest { .. })),
+        matches!(served, Err(ServerError::MalformedRequest { .. })),
         "{served:?}"
     );
 }
@@ -547,7 +550,7 @@ fn a_bad_fd_from_the_caller_does_not_break_the_connection() {
         p.wait_for_close();
     });
     let err = client.dma_map(0, 0x1000, -1, 0, true, true).unwrap_err();
-    assert!(matches!(err, VfioUserError::Send { .. }), "{err}");
+    assert!(matches!(err, ClientError::Send { .. }), "{err}");
     assert_eq!(client.device_info().unwrap(), (0, 0, 0));
     drop(client);
     fake.join().unwrap();
@@ -568,13 +571,14 @@ fn error_reply_then_silence_times_out_and_then_fails_fast() {
     let t = Instant::now();
     let err = client.device_info().unwrap_err();
     let waited = t.elapsed();
-    assert!(err.is_timeout(), "{err}");
+    assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::Device);
     assert!(waited >= SHORT && waited < PROMPT, "waited {waited:?}");
     // The connection is now considered dead: the next call does not wait again.
     let t = Instant::now();
     let err = client.dma_unmap(0, 0x1000).unwrap_err();
     assert!(t.elapsed() < SHORT / 2, "took {:?}", t.elapsed());
-    assert!(matches!(err, VfioUserError::Broken { .. }), "{err}");
+    assert!(matches!(err, ClientError::Broken { .. }), "{err}");
     assert!(err.to_string().contains("no reply"), "{err}");
     drop(client);
     fake.join().unwrap();
@@ -598,15 +602,15 @@ fn expect_malformed(
     let err = client.device_info().unwrap_err();
     assert!(t.elapsed() < PROMPT, "took {:?}", t.elapsed());
     if attributed {
-        assert!(matches!(err, VfioUserError::Malformed { .. }), "{err}");
+        assert!(matches!(err, ClientError::Malformed { .. }), "{err}");
     } else {
-        assert!(matches!(err, VfioUserError::Broken { .. }), "{err}");
+        assert!(matches!(err, ClientError::Broken { .. }), "{err}");
     }
     assert!(err.to_string().contains(expect), "{err}");
     let t = Instant::now();
     let later = client.reset().unwrap_err();
     assert!(t.elapsed() < PROMPT);
-    assert!(matches!(later, VfioUserError::Broken { .. }), "{later}");
+    assert!(matches!(later, ClientError::Broken { .. }), "{later}");
     drop(client);
     fake.join().unwrap();
 }
@@ -711,7 +715,7 @@ fn region_read_reply_with_too_little_data_is_malformed() {
     });
     let mut b = [0u8; 8];
     let err = client.region_read(0, 0, &mut b).unwrap_err();
-    assert!(matches!(err, VfioUserError::Malformed { .. }), "{err}");
+    assert!(matches!(err, ClientError::Malformed { .. }), "{err}");
     assert_eq!(b, [0; 8], "partial data leaked into the buffer");
     drop(client);
     fake.join().unwrap();
@@ -733,11 +737,11 @@ fn server_closing_mid_request_fails_quickly() {
     let t = Instant::now();
     let err = client.device_info().unwrap_err();
     assert!(t.elapsed() < PROMPT, "took {:?}", t.elapsed());
-    assert!(matches!(err, VfioUserError::Disconnected { .. }), "{err}");
+    assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
     let t = Instant::now();
     let err = client.device_info().unwrap_err();
     assert!(t.elapsed() < PROMPT);
-    assert!(matches!(err, VfioUserError::Broken { .. }), "{err}");
+    assert!(matches!(err, ClientError::Broken { .. }), "{err}");
     fake.join().unwrap();
 }
 
@@ -751,7 +755,7 @@ fn server_dying_before_version_reply_fails_connect() {
     let t = Instant::now();
     let err = Client::from_stream(a, "dead".into(), LONG).unwrap_err();
     assert!(t.elapsed() < PROMPT);
-    assert!(matches!(err, VfioUserError::Disconnected { .. }), "{err}");
+    assert!(matches!(err, ClientError::Disconnected { .. }), "{err}");
     fake.join().unwrap();
 }
 
@@ -771,7 +775,8 @@ fn version_with_another_major_is_refused() {
         p.wait_for_close();
     });
     let err = Client::from_stream(a, "v".into(), LONG).unwrap_err();
-    assert!(matches!(err, VfioUserError::Version { .. }), "{err}");
+    assert!(matches!(err, ClientError::Version { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::Device);
     assert!(err.to_string().contains("1.0"), "{err}");
     fake.join().unwrap();
 }
@@ -845,37 +850,34 @@ fn set_irqs_splits_fds_by_the_servers_limit() {
 }
 
 #[test]
-fn errors_map_to_backend_errors() {
-    let t = VfioUserError::Timeout {
-        device: "s".into(),
-        op: "DMA_MAP".into(),
-        timeout: SHORT,
-    };
-    assert!(matches!(
-        t.into_backend("map"),
-        VfioBackendError::Timeout { ref op, .. } if op == "map"
-    ));
-    let r = VfioUserError::Refused {
+fn backend_errors_are_the_client_errors_unchanged() {
+    let refused = || ClientError::Refused {
         device: "s".into(),
         op: "DMA_MAP".into(),
         errno: libc::EEXIST,
     };
-    match VfioBackendError::from(r) {
-        VfioBackendError::Io { source, op, .. } => {
-            assert_eq!(source.raw_os_error(), Some(libc::EEXIST));
-            assert_eq!(op, "DMA_MAP");
-        }
-        other => panic!("{other}"),
-    }
-    let m = VfioUserError::Malformed {
-        device: "s".into(),
-        op: "x".into(),
-        what: "short".into(),
-    };
+    let backend = VfioBackendError::from(refused());
+    assert_eq!(backend.to_string(), refused().to_string());
+    assert_eq!(backend.class(), ErrorClass::Device);
     assert!(matches!(
-        m.into_backend("read"),
-        VfioBackendError::Protocol { ref what, .. } if what == "short"
+        backend,
+        VfioBackendError::User(ClientError::Refused {
+            errno: libc::EEXIST,
+            ..
+        })
     ));
+}
+
+#[test]
+fn no_server_at_the_socket_is_the_user_s_to_fix() {
+    let path = socket_path("nobody");
+    let err = Client::connect(&path, SHORT).unwrap_err();
+    assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::User);
+    assert!(
+        err.to_string().contains(&path.display().to_string()),
+        "{err}"
+    );
 }
 
 /// `run_epf_server` owns the process's SIGTERM/SIGINT handlers: one at a time.
@@ -898,7 +900,7 @@ fn wait_for_path(path: &Path) {
     }
 }
 
-fn spawn_server(path: &Path) -> JoinHandle<Result<(), VfioUserError>> {
+fn spawn_server(path: &Path) -> JoinHandle<Result<(), EpfServerError>> {
     let p = path.to_path_buf();
     std::thread::spawn(move || run_epf_server(&p))
 }
@@ -936,7 +938,8 @@ fn epf_server_refuses_paths_it_must_not_touch() {
     let path = socket_path("file");
     std::fs::write(&path, b"precious").unwrap();
     let err = run_epf_server(&path).unwrap_err();
-    assert!(matches!(err, VfioUserError::SocketPath { .. }), "{err}");
+    assert!(matches!(err, EpfServerError::SocketPath { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::User);
     assert!(err.to_string().contains("not a socket"), "{err}");
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
     std::fs::remove_file(&path).unwrap();

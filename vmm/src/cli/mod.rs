@@ -210,7 +210,7 @@ pub fn device(cmd: &DeviceCommand) -> Status {
     let DeviceCommand::Epf { socket } = cmd;
     devices::vfio_user::run_epf_server(socket).map_err(|e| Failure {
         message: format!("device epf: {e}"),
-        class: ErrorClass::User,
+        class: e.class(),
     })?;
     Ok(0)
 }

@@ -10,11 +10,13 @@ use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use pinning::class::{Classify, ErrorClass};
+
 use super::IommuKind;
 
 /// Where the host's sysfs and device nodes are (`/sys` and `/dev`, except in tests).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HostPaths {
+pub(super) struct HostPaths {
     pub sysfs_root: PathBuf,
     pub dev_root: PathBuf,
 }
@@ -31,17 +33,18 @@ impl HostPaths {
 
 /// Whose access to the device nodes is checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Access {
+pub(super) enum Access {
     /// This process, as the kernel sees it (`faccessat(AT_EACCESS)`: effective ids, capabilities,
     /// ACLs such as logind's `uaccess`).
     Effective,
-    /// A user with these ids, judged by the mode bits alone (what the tests use, since they may
-    /// run as root).
+    /// A user with these ids, judged by the mode bits alone: the tests may run as root, whom
+    /// the kernel lets open anything.
+    #[cfg(test)]
     As { uid: u32, gids: Vec<u32> },
 }
 
-/// Why a host PCI function cannot be opened through kernel VFIO. Every variant names the
-/// device and says what to do.
+/// Why a host PCI function cannot be opened or driven through kernel VFIO. Every variant
+/// names the device; those the checks find also say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelVfioError {
     #[error(
@@ -123,11 +126,12 @@ pub enum KernelVfioError {
         source: vfio_ioctls::VfioError,
     },
 
-    /// A device query right after opening it failed.
-    #[error("{device}: {step}: {source}")]
-    Query {
+    /// A request on the open device fd failed (a query while attaching it, or a region
+    /// access, interrupt or reset while it runs).
+    #[error("{device}: {op}: {source}")]
+    Request {
         device: String,
-        step: &'static str,
+        op: String,
         #[source]
         source: io::Error,
     },
@@ -141,7 +145,7 @@ fn bound_to(driver: &Option<String>) -> String {
 }
 
 /// The commands that rebind `address` to vfio-pci.
-pub fn rebind_commands(address: &str, has_driver: bool) -> String {
+fn rebind_commands(address: &str, has_driver: bool) -> String {
     let dev = format!("/sys/bus/pci/devices/{address}");
     let mut cmds = Vec::new();
     if has_driver {
@@ -160,27 +164,27 @@ fn list_others(others: &[(String, String)]) -> String {
         .join(", ")
 }
 
-impl KernelVfioError {
-    /// The errno behind the failure, where there is one.
-    pub fn errno(&self) -> Option<i32> {
+impl Classify for KernelVfioError {
+    fn class(&self) -> ErrorClass {
         match self {
-            KernelVfioError::PermissionDenied { .. } => Some(libc::EACCES),
-            KernelVfioError::Busy { .. } => Some(libc::EBUSY),
-            KernelVfioError::MissingNode { .. } | KernelVfioError::NoSuchDevice { .. } => {
-                Some(libc::ENOENT)
-            }
-            KernelVfioError::Sysfs { source, .. } | KernelVfioError::Query { source, .. } => {
-                source.raw_os_error()
-            }
-            KernelVfioError::Open { source, .. } => super::vfio_errno(source),
-            _ => None,
+            // Each says what the user changes: the address, the driver binding, the host's
+            // IOMMU and VFIO setup, the node permissions, the other process.
+            KernelVfioError::NoSuchDevice { .. }
+            | KernelVfioError::NotBound { .. }
+            | KernelVfioError::NoIommuGroup { .. }
+            | KernelVfioError::GroupNotViable { .. }
+            | KernelVfioError::MissingNode { .. }
+            | KernelVfioError::PermissionDenied { .. }
+            | KernelVfioError::Busy { .. } => ErrorClass::User,
+            KernelVfioError::Open { .. } | KernelVfioError::Request { .. } => ErrorClass::Device,
+            KernelVfioError::Sysfs { .. } => ErrorClass::Internal,
         }
     }
 }
 
 /// What the checks found: enough to open the device.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Preflight {
+pub(super) struct Preflight {
     /// The device's sysfs directory.
     pub sysfs: PathBuf,
     /// `DDDD:BB:DD.F`.
@@ -192,7 +196,7 @@ pub struct Preflight {
 
 /// The sysfs directory of `device`: a path as given, or a PCI address (`0000:01:00.0`, or
 /// `01:00.0` for domain 0) under `<sysfs_root>/bus/pci/devices/`.
-pub fn resolve_device(sysfs_root: &Path, device: &Path) -> PathBuf {
+fn resolve_device(sysfs_root: &Path, device: &Path) -> PathBuf {
     let s = device.to_string_lossy();
     if s.contains('/') {
         return device.to_path_buf();
@@ -212,7 +216,7 @@ fn driver_of(dev: &Path) -> Option<String> {
 }
 
 /// vfio-pci itself, or a vendor variant of it (`mlx5_vfio_pci`, `nvgrace_gpu_vfio_pci`, ...).
-pub fn is_vfio_driver(driver: &str) -> bool {
+fn is_vfio_driver(driver: &str) -> bool {
     driver == "vfio-pci" || driver.ends_with("_vfio_pci") || driver.ends_with("-vfio-pci")
 }
 
@@ -223,7 +227,7 @@ fn allowed_in_group(driver: &str) -> bool {
 }
 
 /// The device exists and is bound to vfio-pci.
-pub fn check_bound(sysfs_root: &Path, device: &Path) -> Result<PathBuf, KernelVfioError> {
+fn check_bound(sysfs_root: &Path, device: &Path) -> Result<PathBuf, KernelVfioError> {
     let dir = resolve_device(sysfs_root, device);
     if !dir.is_dir() {
         return Err(KernelVfioError::NoSuchDevice { path: dir });
@@ -246,7 +250,7 @@ fn address_of(dir: &Path) -> String {
 }
 
 /// The device's IOMMU group number.
-pub fn iommu_group(dev: &Path) -> Result<u32, KernelVfioError> {
+fn iommu_group(dev: &Path) -> Result<u32, KernelVfioError> {
     let no_group = || KernelVfioError::NoIommuGroup {
         device: dev.display().to_string(),
     };
@@ -259,7 +263,7 @@ pub fn iommu_group(dev: &Path) -> Result<u32, KernelVfioError> {
 
 /// Every other device in the group is bound to vfio-pci, a driver the kernel allows alongside
 /// it, or nothing.
-pub fn check_group_viable(dev: &Path, group: u32) -> Result<(), KernelVfioError> {
+fn check_group_viable(dev: &Path, group: u32) -> Result<(), KernelVfioError> {
     let devices = dev.join("iommu_group/devices");
     let entries = fs::read_dir(&devices).map_err(|source| KernelVfioError::Sysfs {
         device: dev.display().to_string(),
@@ -336,7 +340,7 @@ fn nodes_for(
 }
 
 /// `vfioN` from `<dev>/vfio-dev/vfioN`: the device's VFIO character device (Linux 6.6+).
-pub fn vfio_cdev_name(dev: &Path) -> Result<String, KernelVfioError> {
+fn vfio_cdev_name(dev: &Path) -> Result<String, KernelVfioError> {
     let dir = dev.join("vfio-dev");
     let missing = || KernelVfioError::MissingNode {
         device: dev.display().to_string(),
@@ -367,7 +371,7 @@ fn udev_rule_for(path: &Path) -> &'static str {
 }
 
 /// `path` exists and `who` may open it for reading and writing.
-pub fn check_node(
+pub(super) fn check_node(
     device: &str,
     path: &Path,
     fix: &str,
@@ -392,6 +396,7 @@ pub fn check_node(
     };
     let allowed = match who {
         Access::Effective => effective_rw(path),
+        #[cfg(test)]
         Access::As { uid, gids } => mode_allows_rw(meta.mode(), meta.uid(), meta.gid(), *uid, gids),
     };
     if allowed {
@@ -427,7 +432,8 @@ fn effective_rw(path: &Path) -> bool {
 
 /// The classic permission check: owner bits if the user owns the file, else group bits if one
 /// of its groups does, else the other bits.
-pub fn mode_allows_rw(mode: u32, owner: u32, group: u32, uid: u32, gids: &[u32]) -> bool {
+#[cfg(test)]
+fn mode_allows_rw(mode: u32, owner: u32, group: u32, uid: u32, gids: &[u32]) -> bool {
     let rw = if uid == owner {
         mode >> 6
     } else if gids.contains(&group) {
@@ -440,7 +446,7 @@ pub fn mode_allows_rw(mode: u32, owner: u32, group: u32, uid: u32, gids: &[u32])
 
 /// All checks, in the order a user fixes them: device exists, bound to vfio-pci, has an IOMMU
 /// group, the group is viable, the nodes `iommu` needs exist and are accessible.
-pub fn preflight(
+pub(super) fn preflight(
     paths: &HostPaths,
     device: &Path,
     iommu: IommuKind,

@@ -15,6 +15,7 @@ use super::*;
 use crate::epf::{self, EpfConfig, EpfIrq, EpfTest};
 use crate::pci::dma::IommuDma;
 use crate::vfio::backend::{IrqInfo, RegionInfo};
+use crate::vfio::kernel::KernelVfioError;
 
 type Fds = Arc<Mutex<Vec<(u32, Vec<EventFd>)>>>;
 
@@ -341,11 +342,12 @@ impl VfioBackend for IntxOnlyBackend {
         if index == region::CONFIG {
             // As kernel VFIO does past a region's end.
             if off + data.len() as u64 > 256 {
-                return Err(VfioBackendError::Io {
+                return Err(KernelVfioError::Request {
                     device: "intx-only".into(),
                     op: "config read".into(),
                     source: std::io::Error::from_raw_os_error(libc::EINVAL),
-                });
+                }
+                .into());
             }
             self.config.lock().unwrap().read(off as usize, data);
         }
@@ -439,4 +441,21 @@ fn bar_parts_around_the_msix_table_and_pba_pages_stay_mappable() {
         [(0x1000, 0x1000)],
         "unaligned edges shrink to whole pages"
     );
+}
+
+#[test]
+fn setup_errors_keep_the_backend_s_class() {
+    use pinning::class::{Classify, ErrorClass};
+    let not_bound = KernelVfioError::NotBound {
+        device: "0000:01:00.0".into(),
+        address: "0000:01:00.0".into(),
+        driver: Some("nvme".into()),
+    };
+    let e = VfioPciError::Backend(not_bound.into());
+    assert_eq!(e.class(), ErrorClass::User);
+    let small = VfioPciError::ConfigRegion {
+        device: "0000:01:00.0".into(),
+        size: 64,
+    };
+    assert_eq!(small.class(), ErrorClass::Device);
 }

@@ -151,7 +151,6 @@ pub const CAP_SPARSE_MMAP: u16 = 1;
 /// Why bytes could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    /// The payload ends before a field.
     #[error("{what}: {need} bytes needed at offset {at}, the payload has {have}")]
     Short {
         what: &'static str,
@@ -159,7 +158,6 @@ pub enum WireError {
         need: usize,
         have: usize,
     },
-    /// A field holds a value that cannot be right.
     #[error("{0}")]
     Invalid(String),
 }

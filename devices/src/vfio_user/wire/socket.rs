@@ -23,13 +23,11 @@ pub struct Message {
 /// Why a message could not be received.
 #[derive(Debug, thiserror::Error)]
 pub enum RecvError {
-    /// The peer closed the connection between messages.
+    /// Between messages: the normal end of a connection.
     #[error("the peer closed the connection")]
     Closed,
-    /// The peer closed the connection in the middle of a message.
     #[error("the peer closed the connection in the middle of a message ({got} of {want} bytes)")]
     Truncated { got: usize, want: usize },
-    /// recvmsg failed.
     #[error("receiving: {0}")]
     Io(#[source] io::Error),
     /// The header announces an impossible size; the stream cannot be followed any further.

@@ -141,6 +141,7 @@ fn missing_device_says_check_the_address() {
     )
     .unwrap_err();
     assert!(matches!(err, KernelVfioError::NoSuchDevice { .. }), "{err}");
+    assert_eq!(err.class(), ErrorClass::User);
     let msg = err.to_string();
     assert!(msg.contains("bus/pci/devices/0000:05:00.0"), "{msg}");
     assert!(msg.contains("check the address"), "{msg}");
@@ -330,7 +331,7 @@ fn group_node_without_permission_names_the_file_and_the_fix() {
         }
         e => panic!("wrong error: {e}"),
     }
-    assert_eq!(err.errno(), Some(libc::EACCES));
+    assert_eq!(err.class(), ErrorClass::User);
     assert!(msg.contains(&group.display().to_string()), "{msg}");
     assert!(msg.contains("run vmm as root"), "{msg}");
     assert!(msg.contains("SUBSYSTEM==\\\"vfio\\\"") || msg.contains("SUBSYSTEM==\"vfio\""));
@@ -370,4 +371,21 @@ fn effective_access_allows_a_file_everyone_may_write() {
         &Access::Effective,
     )
     .unwrap();
+}
+
+#[test]
+fn failures_after_the_checks_are_the_device_s_or_the_host_s() {
+    let io = || io::Error::from_raw_os_error(libc::EIO);
+    let request = KernelVfioError::Request {
+        device: ADDR.into(),
+        op: "VFIO_DEVICE_RESET".into(),
+        source: io(),
+    };
+    assert_eq!(request.class(), ErrorClass::Device);
+    let sysfs = KernelVfioError::Sysfs {
+        device: ADDR.into(),
+        path: "/sys/x".into(),
+        source: io(),
+    };
+    assert_eq!(sysfs.class(), ErrorClass::Internal);
 }

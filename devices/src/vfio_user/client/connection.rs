@@ -1,0 +1,460 @@
+//! The connection layer: one socket, one reader thread, and pipelined requests.
+//!
+//! The pinning engine sends DMA_MAP from several threads at once, so a sender takes a short
+//! lock to write its whole message, then waits on a condition variable for its reply; the
+//! reader thread receives every message and hands each reply to the waiter with its message
+//! id. Nothing ever waits without a deadline.
+//!
+//! Failures that leave the stream's state unknown (a timeout, a lost connection, a malformed
+//! reply) mark the connection broken: every request in flight fails, and later requests fail
+//! at once without touching the socket. That turns "server died" into one timeout, not one
+//! per remaining request (an undo after a failed pin job would otherwise wait N times).
+
+use std::collections::HashMap;
+use std::net::Shutdown;
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::ClientError;
+use crate::vfio_user::wire::{self, cmd, flags, Header, Message, RecvError};
+
+/// Why the connection can no longer be used.
+#[derive(Clone, Debug)]
+enum Fatal {
+    /// A reply broke the protocol.
+    Malformed(String),
+    /// The socket closed or failed.
+    Disconnected(String),
+    /// A request timed out (the string names it).
+    Timeout(String),
+    /// Closed on purpose: dropped or shut down.
+    Closed,
+}
+
+impl Fatal {
+    fn reason(&self) -> String {
+        match self {
+            Fatal::Malformed(what) => format!("malformed reply: {what}"),
+            Fatal::Disconnected(why) => format!("connection lost: {why}"),
+            Fatal::Timeout(what) => what.clone(),
+            Fatal::Closed => "the client was closed".to_string(),
+        }
+    }
+}
+
+/// A request waiting for its reply.
+struct Pending {
+    command: u16,
+    reply: Option<Result<Message, Fatal>>,
+}
+
+struct State {
+    next_id: u16,
+    pending: HashMap<u16, Pending>,
+    broken: Option<Fatal>,
+}
+
+struct Shared {
+    name: String,
+    timeout: Duration,
+    /// Writes happen under `send_lock` so messages never interleave; reads only in the reader
+    /// thread (through a clone of the same socket).
+    stream: UnixStream,
+    send_lock: Mutex<()>,
+    state: Mutex<State>,
+    replied: Condvar,
+    /// Told once why the connection broke (not when it is closed on purpose), so the VMM
+    /// can stop a guest whose device server went away even while nothing is in flight.
+    on_broken: Mutex<Option<BrokenHandler>>,
+}
+
+/// See [`super::Client::set_on_broken`].
+pub type BrokenHandler = Box<dyn Fn(&str) + Send>;
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Marks the connection dead (the first reason wins), wakes every waiter and shuts the
+    /// socket so the server sees it too.
+    fn break_with(&self, state: &mut State, fatal: Fatal) {
+        if state.broken.is_none() {
+            // Closing is the normal end; anything else is worth a warning.
+            if matches!(fatal, Fatal::Closed) {
+                tracing::debug!("vfio-user {}: {}", self.name, fatal.reason());
+            } else {
+                tracing::warn!("vfio-user {}: {}", self.name, fatal.reason());
+                let handler = self
+                    .on_broken
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take();
+                if let Some(h) = handler {
+                    h(&format!("{}: {}", self.name, fatal.reason()));
+                }
+            }
+            state.broken = Some(fatal);
+        }
+        self.replied.notify_all();
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn send(&self, header: &Header, payload: &[u8], fds: &[RawFd]) -> std::io::Result<()> {
+        let _guard = self
+            .send_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        wire::send_message(&self.stream, header, payload, fds)
+    }
+}
+
+/// The socket and the reader thread serving it; dropping it closes the connection.
+pub(super) struct Connection {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+}
+
+impl Connection {
+    /// Starts the reader thread on `stream`; every request waits at most `timeout`.
+    pub(super) fn new(
+        stream: UnixStream,
+        name: String,
+        timeout: Duration,
+    ) -> Result<Self, ClientError> {
+        let io_err = |step: &'static str, source| ClientError::Setup {
+            device: name.clone(),
+            step,
+            source,
+        };
+        // A peer that stops reading must not block a sender forever either; a send that
+        // times out breaks the connection like any other send failure.
+        stream
+            .set_write_timeout(Some(timeout.max(Duration::from_millis(1))))
+            .map_err(|e| io_err("setting the send timeout", e))?;
+        let reader_stream = stream
+            .try_clone()
+            .map_err(|e| io_err("cloning the socket", e))?;
+        let shared = Arc::new(Shared {
+            name: name.clone(),
+            timeout,
+            stream,
+            send_lock: Mutex::new(()),
+            state: Mutex::new(State {
+                next_id: 0,
+                pending: HashMap::new(),
+                broken: None,
+            }),
+            replied: Condvar::new(),
+            on_broken: Mutex::new(None),
+        });
+        let for_reader = shared.clone();
+        let reader = std::thread::Builder::new()
+            .name("vfio-user-rx".to_string())
+            .spawn(move || reader_loop(&for_reader, &reader_stream))
+            .map_err(|e| io_err("starting the reply reader thread", e))?;
+        Ok(Connection {
+            shared,
+            reader: Some(reader),
+        })
+    }
+
+    pub(super) fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.shared.timeout
+    }
+
+    /// Sends one command and waits for its reply. An error reply becomes
+    /// [`ClientError::Refused`].
+    pub(super) fn request(
+        &self,
+        op: String,
+        command: u16,
+        payload: &[u8],
+        fds: &[RawFd],
+    ) -> Result<Message, ClientError> {
+        let sh = &*self.shared;
+        let device = || sh.name.clone();
+        let id = {
+            let mut st = sh.state();
+            if let Some(fatal) = &st.broken {
+                return Err(ClientError::Broken {
+                    device: device(),
+                    op,
+                    reason: fatal.reason(),
+                });
+            }
+            let Some(id) = (0..=u16::MAX)
+                .map(|i| st.next_id.wrapping_add(i))
+                .find(|id| !st.pending.contains_key(id))
+            else {
+                return Err(ClientError::Invalid {
+                    device: device(),
+                    op,
+                    what: "65536 requests are already in flight".to_string(),
+                });
+            };
+            st.next_id = id.wrapping_add(1);
+            st.pending.insert(
+                id,
+                Pending {
+                    command,
+                    reply: None,
+                },
+            );
+            id
+        };
+        let header = Header::command(id, command, payload.len());
+        if let Err(source) = sh.send(&header, payload, fds) {
+            let mut st = sh.state();
+            st.pending.remove(&id);
+            // These come from the first sendmsg, before any byte went out (a bad fd from
+            // the caller, too many fds): the stream is intact and the connection stays up.
+            // Anything else may have left half a message behind.
+            let caller_error = matches!(
+                source.raw_os_error(),
+                Some(libc::EBADF | libc::EINVAL | libc::ETOOMANYREFS | libc::EMSGSIZE)
+            );
+            if !caller_error {
+                sh.break_with(
+                    &mut st,
+                    Fatal::Disconnected(format!("sending {op} failed: {source}")),
+                );
+            }
+            return Err(ClientError::Send {
+                device: device(),
+                op,
+                source,
+            });
+        }
+        let deadline = Instant::now() + sh.timeout;
+        let mut st = sh.state();
+        loop {
+            let Some(pending) = st.pending.get_mut(&id) else {
+                // Only this function removes its own entry; treat a vanished one as a bug
+                // in the reader, reported rather than panicking.
+                return Err(ClientError::Malformed {
+                    device: device(),
+                    op,
+                    what: "the request's reply slot vanished".to_string(),
+                });
+            };
+            if let Some(reply) = pending.reply.take() {
+                st.pending.remove(&id);
+                drop(st);
+                return match reply {
+                    Ok(msg) if msg.header.is_error() => Err(ClientError::Refused {
+                        device: device(),
+                        op,
+                        errno: msg.header.error as i32,
+                    }),
+                    Ok(msg) => Ok(msg),
+                    Err(fatal) => Err(self.fatal_error(fatal, op)),
+                };
+            }
+            if let Some(fatal) = st.broken.clone() {
+                st.pending.remove(&id);
+                return Err(self.fatal_error_other(fatal, op));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                st.pending.remove(&id);
+                let what = format!("{op}: no reply within {:?}", sh.timeout);
+                sh.break_with(&mut st, Fatal::Timeout(what));
+                return Err(ClientError::Timeout {
+                    device: device(),
+                    op,
+                    timeout: sh.timeout,
+                });
+            }
+            st = sh
+                .replied
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// The error for the request whose own reply was bad.
+    fn fatal_error(&self, fatal: Fatal, op: String) -> ClientError {
+        let device = self.shared.name.clone();
+        match fatal {
+            Fatal::Malformed(what) => ClientError::Malformed { device, op, what },
+            other => self.fatal_error_other(other, op),
+        }
+    }
+
+    /// The error for a request in flight when the connection broke for another reason.
+    fn fatal_error_other(&self, fatal: Fatal, op: String) -> ClientError {
+        let device = self.shared.name.clone();
+        match fatal {
+            Fatal::Disconnected(reason) => ClientError::Disconnected { device, op, reason },
+            other => ClientError::Broken {
+                device,
+                op,
+                reason: other.reason(),
+            },
+        }
+    }
+
+    /// A reply whose payload does not decode: the server is not speaking the protocol, so
+    /// the connection is marked broken too.
+    pub(super) fn malformed(&self, op: String, what: String) -> ClientError {
+        let mut st = self.shared.state();
+        self.shared
+            .break_with(&mut st, Fatal::Malformed(format!("{op}: {what}")));
+        ClientError::Malformed {
+            device: self.shared.name.clone(),
+            op,
+            what,
+        }
+    }
+
+    pub(super) fn invalid(&self, op: String, what: String) -> ClientError {
+        ClientError::Invalid {
+            device: self.shared.name.clone(),
+            op,
+            what,
+        }
+    }
+
+    /// See [`super::Client::set_on_broken`].
+    pub(super) fn set_on_broken(&self, handler: BrokenHandler) {
+        *self
+            .shared
+            .on_broken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(handler);
+    }
+
+    /// Breaks the connection on purpose: later requests fail at once, and the on-broken
+    /// hook is not called.
+    pub(super) fn shutdown(&self) {
+        let mut st = self.shared.state();
+        self.shared.break_with(&mut st, Fatal::Closed);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        {
+            let mut st = self.shared.state();
+            self.shared.break_with(&mut st, Fatal::Closed);
+        }
+        if let Some(reader) = self.reader.take() {
+            // The shutdown in `break_with` ends the reader's recvmsg with EOF.
+            if reader.join().is_err() {
+                tracing::warn!("vfio-user {}: the reply reader panicked", self.shared.name);
+            }
+        }
+    }
+}
+
+/// Receives until the connection breaks; hands replies to their waiters and refuses
+/// server-initiated commands (this client shares memory by fd only).
+fn reader_loop(sh: &Shared, stream: &UnixStream) {
+    loop {
+        let msg = match wire::recv_message(stream, wire::MAX_MESSAGE) {
+            Ok(msg) => msg,
+            Err(e) => {
+                let mut st = sh.state();
+                let fatal = match e {
+                    RecvError::Closed => {
+                        Fatal::Disconnected("the server closed the connection".into())
+                    }
+                    RecvError::BadHeader { header, error } => {
+                        let what = error.to_string();
+                        // Blame the request the header names, if it is one of ours.
+                        if header.kind() == flags::TYPE_REPLY {
+                            if let Some(p) = st.pending.get_mut(&header.msg_id) {
+                                p.reply.get_or_insert(Err(Fatal::Malformed(what.clone())));
+                            }
+                        }
+                        Fatal::Malformed(format!("message {}: {what}", header.msg_id))
+                    }
+                    e => Fatal::Disconnected(e.to_string()),
+                };
+                sh.break_with(&mut st, fatal);
+                return;
+            }
+        };
+        let h = msg.header;
+        match h.kind() {
+            flags::TYPE_REPLY => {
+                let mut st = sh.state();
+                let problem = match st.pending.get_mut(&h.msg_id) {
+                    None => Some(format!(
+                        "reply {} ({}) answers no request in flight",
+                        h.msg_id,
+                        cmd::name(h.command)
+                    )),
+                    Some(p) if p.reply.is_some() => {
+                        Some(format!("second reply to request {}", h.msg_id))
+                    }
+                    Some(p) if p.command != h.command => {
+                        let what = format!(
+                            "reply {} is for {} but the request was {}",
+                            h.msg_id,
+                            cmd::name(h.command),
+                            cmd::name(p.command)
+                        );
+                        p.reply = Some(Err(Fatal::Malformed(what.clone())));
+                        Some(what)
+                    }
+                    Some(p) => {
+                        p.reply = Some(Ok(msg));
+                        None
+                    }
+                };
+                match problem {
+                    None => sh.replied.notify_all(),
+                    Some(what) => {
+                        sh.break_with(&mut st, Fatal::Malformed(what));
+                        return;
+                    }
+                }
+            }
+            flags::TYPE_COMMAND => {
+                tracing::debug!(
+                    "vfio-user {}: refusing server command {} ({})",
+                    sh.name,
+                    h.command,
+                    cmd::name(h.command)
+                );
+                if h.flags & flags::NO_REPLY == 0 {
+                    if let Err(e) = sh.send(&Header::error_reply(&h, libc::ENOTSUP), &[], &[]) {
+                        let mut st = sh.state();
+                        sh.break_with(
+                            &mut st,
+                            Fatal::Disconnected(format!(
+                                "answering server command {}: {e}",
+                                cmd::name(h.command)
+                            )),
+                        );
+                        return;
+                    }
+                }
+            }
+            other => {
+                let mut st = sh.state();
+                if let Some(p) = st.pending.get_mut(&h.msg_id) {
+                    p.reply.get_or_insert(Err(Fatal::Malformed(format!(
+                        "reply {} has unknown type {other}",
+                        h.msg_id
+                    ))));
+                }
+                sh.break_with(
+                    &mut st,
+                    Fatal::Malformed(format!("message {} has unknown type {other}", h.msg_id)),
+                );
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,195 @@
+//! The VMM side of vfio-user: [`Client`], split into the connection layer (`connection`:
+//! socket, reader thread, pipelining, per-request timeout, the broken state and its hook) and
+//! the typed requests (`protocol`).
+
+mod connection;
+mod protocol;
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+pub use connection::BrokenHandler;
+use connection::Connection;
+use pinning::class::{Classify, ErrorClass};
+
+use super::wire::Capabilities;
+
+/// What went wrong talking to a vfio-user server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{device}: cannot connect: {source}; is a vfio-user server listening on it?")]
+    Connect {
+        device: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: setting up the connection: {step}: {source}")]
+    Setup {
+        device: String,
+        step: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{device}: {op}: sending the request: {source}")]
+    Send {
+        device: String,
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    /// The connection is then considered dead: the stream may still carry the late reply.
+    #[error("{device}: {op}: no reply within {timeout:?}; is the device server alive?")]
+    Timeout {
+        device: String,
+        op: String,
+        timeout: Duration,
+    },
+    #[error("{device}: {op}: the server refused: {}", errno_text(*.errno))]
+    Refused {
+        device: String,
+        op: String,
+        /// 0 when the server gave none.
+        errno: i32,
+    },
+    #[error("{device}: {op}: malformed reply: {what}")]
+    Malformed {
+        device: String,
+        op: String,
+        what: String,
+    },
+    #[error("{device}: {op}: connection lost: {reason}")]
+    Disconnected {
+        device: String,
+        op: String,
+        reason: String,
+    },
+    /// Nothing was sent: a request after a failure would wait for a reply that cannot come.
+    #[error("{device}: {op}: the connection is unusable after an earlier failure: {reason}")]
+    Broken {
+        device: String,
+        op: String,
+        reason: String,
+    },
+    /// A request the protocol cannot carry (a bug of the caller); nothing was sent.
+    #[error("{device}: {op}: {what}")]
+    Invalid {
+        device: String,
+        op: String,
+        what: String,
+    },
+    #[error("{device}: version negotiation: {what}")]
+    Version { device: String, what: String },
+}
+
+fn errno_text(errno: i32) -> String {
+    if errno == 0 {
+        "error reply without an errno".to_string()
+    } else {
+        format!("{} (errno {errno})", io::Error::from_raw_os_error(errno))
+    }
+}
+
+impl Classify for ClientError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // The socket path is the user's: no server there, or not theirs to reach.
+            ClientError::Connect { .. } => ErrorClass::User,
+            ClientError::Send { .. }
+            | ClientError::Timeout { .. }
+            | ClientError::Refused { .. }
+            | ClientError::Malformed { .. }
+            | ClientError::Disconnected { .. }
+            | ClientError::Broken { .. }
+            | ClientError::Version { .. } => ErrorClass::Device,
+            ClientError::Setup { .. } | ClientError::Invalid { .. } => ErrorClass::Internal,
+        }
+    }
+}
+
+impl ClientError {
+    /// The errno of an error reply, if this is one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            ClientError::Refused { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+}
+
+/// A connection to a vfio-user server. `Send + Sync`: share it by reference or `Arc`.
+pub struct Client {
+    // Dropped first: closes the connection and joins the reader before the fds below close.
+    conn: Connection,
+    peer: Capabilities,
+    /// Region fds the server sent; kept open while the client lives so the `RawFd`s handed
+    /// out in [`crate::vfio::RegionInfo::mmap_fd`] stay valid.
+    region_fds: Mutex<Vec<OwnedFd>>,
+}
+
+// The pinning engine shares one client between its threads.
+const _: () = {
+    const fn send_sync<T: Send + Sync>() {}
+    send_sync::<Client>();
+};
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("name", &self.conn.name())
+            .field("timeout", &self.conn.timeout())
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects to the server at `path` and negotiates the protocol version; every request,
+    /// this one included, waits at most `timeout` for its reply.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
+        let name = path.display().to_string();
+        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
+            device: name.clone(),
+            source,
+        })?;
+        Self::from_stream(stream, name, timeout)
+    }
+
+    /// A client over an already connected socket (a socketpair in tests); `name` names the
+    /// device in errors.
+    pub fn from_stream(
+        stream: UnixStream,
+        name: String,
+        timeout: Duration,
+    ) -> Result<Client, ClientError> {
+        let mut client = Client {
+            conn: Connection::new(stream, name, timeout)?,
+            peer: Capabilities::default(),
+            region_fds: Mutex::new(Vec::new()),
+        };
+        client.peer = client.negotiate()?;
+        Ok(client)
+    }
+
+    /// The socket path (or the name given to [`Client::from_stream`]), for messages.
+    pub fn name(&self) -> &str {
+        self.conn.name()
+    }
+
+    /// Calls `handler` once if the connection breaks (the server died, timed out or sent
+    /// garbage) rather than being closed by [`Client::shutdown`] or drop. It runs on whichever
+    /// thread noticed, with the client's state locked: it must not call back into the client.
+    pub fn set_on_broken(&self, handler: BrokenHandler) {
+        self.conn.set_on_broken(handler);
+    }
+
+    /// Closes the connection now, while other owners may still hold the client: later
+    /// requests fail at once. For teardown, before the server is stopped, so its going away
+    /// is not reported as a lost connection.
+    pub fn shutdown(&self) {
+        self.conn.shutdown();
+    }
+}

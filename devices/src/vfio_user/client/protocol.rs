@@ -1,0 +1,365 @@
+//! The typed requests: version negotiation, device and region info, region reads and
+//! writes, interrupts, DMA_MAP/UNMAP and reset. Each names itself (`op`) in its errors and
+//! checks that the reply answers it; a reply that does not decode breaks the connection.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::PoisonError;
+
+use super::{Client, ClientError};
+use crate::vfio::backend::region;
+use crate::vfio::{IrqInfo, MmapArea, RegionInfo};
+use crate::vfio_user::wire::{
+    self, cmd, Capabilities, DeviceInfo, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, RegionAccess,
+    RegionInfoMsg, Version,
+};
+
+impl Client {
+    /// Agrees on the protocol version and learns the server's limits.
+    pub(super) fn negotiate(&self) -> Result<Capabilities, ClientError> {
+        let ours = Version {
+            major: wire::VERSION_MAJOR,
+            minor: wire::VERSION_MINOR,
+            json: Capabilities::ours().to_json(),
+        };
+        let reply = self
+            .conn
+            .request("VERSION".into(), cmd::VERSION, &ours.encode(), &[])?;
+        let version_err = |what: String| ClientError::Version {
+            device: self.conn.name().to_string(),
+            what,
+        };
+        let theirs = Version::decode(&reply.payload).map_err(|e| version_err(e.to_string()))?;
+        if theirs.major != wire::VERSION_MAJOR || theirs.minor > wire::VERSION_MINOR {
+            return Err(version_err(format!(
+                "the server answered version {}.{} to our {}.{}",
+                theirs.major,
+                theirs.minor,
+                wire::VERSION_MAJOR,
+                wire::VERSION_MINOR
+            )));
+        }
+        let caps = Capabilities::from_json(&theirs.json).map_err(|e| version_err(e.to_string()))?;
+        if caps.max_msg_fds == 0 || caps.max_data_xfer_size == 0 {
+            return Err(version_err(format!(
+                "the server's capabilities are unusable: {caps:?}"
+            )));
+        }
+        Ok(caps)
+    }
+
+    /// Device flags (`VFIO_DEVICE_FLAGS_*`), number of regions, number of interrupt indices.
+    pub fn device_info(&self) -> Result<(u32, u32, u32), ClientError> {
+        let op = "DEVICE_GET_INFO".to_string();
+        let reply = self.conn.request(
+            op.clone(),
+            cmd::DEVICE_GET_INFO,
+            &DeviceInfo::default().encode(),
+            &[],
+        )?;
+        let info = DeviceInfo::decode(&reply.payload)
+            .map_err(|e| self.conn.malformed(op, e.to_string()))?;
+        Ok((info.flags, info.num_regions, info.num_irqs))
+    }
+
+    /// Region `index`. A file descriptor the server sends for mmap is kept by the client (so
+    /// the `RawFd` in [`RegionInfo::mmap_fd`] stays valid while it lives).
+    pub fn region_info(&self, index: u32) -> Result<RegionInfo, ClientError> {
+        let op = format!("DEVICE_GET_REGION_INFO {index}");
+        // Room for a sparse-mmap capability with dozens of areas; a server that needs more
+        // says so in argsz and is asked once more.
+        let mut argsz = (RegionInfoMsg::SIZE + 1024) as u32;
+        let (info, reply) = loop {
+            let req = RegionInfoMsg {
+                argsz,
+                index,
+                ..RegionInfoMsg::default()
+            };
+            let reply =
+                self.conn
+                    .request(op.clone(), cmd::DEVICE_GET_REGION_INFO, &req.encode(), &[])?;
+            let info = RegionInfoMsg::decode(&reply.payload)
+                .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
+            if info.flags & wire::REGION_FLAG_CAPS != 0 && info.argsz as usize > reply.payload.len()
+            {
+                let limit = wire::MAX_MESSAGE - wire::HEADER_SIZE;
+                if argsz as usize >= info.argsz as usize || info.argsz as usize > limit {
+                    return Err(self.conn.malformed(
+                        op,
+                        format!(
+                            "the server needs {} bytes for the region info but sent {}",
+                            info.argsz,
+                            reply.payload.len()
+                        ),
+                    ));
+                }
+                argsz = info.argsz;
+                continue;
+            }
+            break (info, reply);
+        };
+        if info.index != index {
+            return Err(self
+                .conn
+                .malformed(op, format!("the reply describes region {}", info.index)));
+        }
+        let mut flags = info.flags & !wire::REGION_FLAG_CAPS;
+        let sparse = if info.flags & wire::REGION_FLAG_CAPS != 0 {
+            wire::find_sparse_mmap(&reply.payload, info.cap_offset)
+                .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?
+        } else {
+            None
+        };
+        let mut fds = reply.fds;
+        let mmap_fd = if flags & region::FLAG_MMAP != 0 {
+            match fds.is_empty() {
+                true => {
+                    tracing::debug!(
+                        "vfio-user {}: region {index} is mappable but came without an fd; using \
+                         region reads and writes",
+                        self.conn.name()
+                    );
+                    flags &= !region::FLAG_MMAP;
+                    None
+                }
+                false => {
+                    let fd = fds.swap_remove(0);
+                    let raw = fd.as_raw_fd();
+                    self.region_fds
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(fd);
+                    Some((raw, info.offset))
+                }
+            }
+        } else {
+            None
+        };
+        let mmap_areas = if flags & region::FLAG_MMAP == 0 {
+            Vec::new()
+        } else {
+            match sparse {
+                Some(areas) => areas
+                    .into_iter()
+                    .map(|(offset, size)| MmapArea { offset, size })
+                    .collect(),
+                None => vec![MmapArea {
+                    offset: 0,
+                    size: info.size,
+                }],
+            }
+        };
+        Ok(RegionInfo {
+            index,
+            flags,
+            size: info.size,
+            mmap_areas,
+            mmap_fd,
+        })
+    }
+
+    /// The largest REGION_READ/WRITE the server accepts, within our own limit.
+    fn xfer_chunk(&self) -> usize {
+        (self.peer.max_data_xfer_size as usize).clamp(1, wire::MAX_DATA_XFER)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` of region `index` (in pieces of the server's
+    /// `max_data_xfer_size`).
+    pub fn region_read(&self, index: u32, offset: u64, buf: &mut [u8]) -> Result<(), ClientError> {
+        let chunk = self.xfer_chunk();
+        let mut done = 0;
+        while done < buf.len() {
+            let n = (buf.len() - done).min(chunk);
+            let at = offset.checked_add(done as u64);
+            let op = format!("REGION_READ region {index} offset {offset:#x}+{done:#x} ({n} bytes)");
+            let Some(at) = at else {
+                return Err(self.conn.invalid(op, "the offset wraps".to_string()));
+            };
+            let req = RegionAccess {
+                offset: at,
+                region: index,
+                count: n as u32,
+            };
+            let reply = self
+                .conn
+                .request(op.clone(), cmd::REGION_READ, &req.encode(&[]), &[])?;
+            let (echo, data) = RegionAccess::decode(&reply.payload, "REGION_READ reply")
+                .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
+            if echo.count as usize != n || data.len() < n {
+                return Err(self.conn.malformed(
+                    op,
+                    format!(
+                        "asked for {n} bytes, the reply says {} and carries {}",
+                        echo.count,
+                        data.len()
+                    ),
+                ));
+            }
+            buf[done..done + n].copy_from_slice(&data[..n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` of region `index`.
+    pub fn region_write(&self, index: u32, offset: u64, data: &[u8]) -> Result<(), ClientError> {
+        let chunk = self.xfer_chunk();
+        let mut done = 0;
+        while done < data.len() {
+            let n = (data.len() - done).min(chunk);
+            let op =
+                format!("REGION_WRITE region {index} offset {offset:#x}+{done:#x} ({n} bytes)");
+            let Some(at) = offset.checked_add(done as u64) else {
+                return Err(self.conn.invalid(op, "the offset wraps".to_string()));
+            };
+            let req = RegionAccess {
+                offset: at,
+                region: index,
+                count: n as u32,
+            };
+            let reply = self.conn.request(
+                op.clone(),
+                cmd::REGION_WRITE,
+                &req.encode(&data[done..done + n]),
+                &[],
+            )?;
+            let (echo, _) = RegionAccess::decode(&reply.payload, "REGION_WRITE reply")
+                .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
+            if echo.count as usize != n {
+                return Err(self.conn.malformed(
+                    op,
+                    format!("wrote {n} bytes, the reply says {}", echo.count),
+                ));
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Interrupt index `index`.
+    pub fn irq_info(&self, index: u32) -> Result<IrqInfo, ClientError> {
+        let op = format!("DEVICE_GET_IRQ_INFO {index}");
+        let req = IrqInfoMsg {
+            index,
+            ..IrqInfoMsg::default()
+        };
+        let reply = self
+            .conn
+            .request(op.clone(), cmd::DEVICE_GET_IRQ_INFO, &req.encode(), &[])?;
+        let info = IrqInfoMsg::decode(&reply.payload)
+            .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
+        if info.index != index {
+            return Err(self
+                .conn
+                .malformed(op, format!("the reply describes index {}", info.index)));
+        }
+        Ok(IrqInfo {
+            index,
+            flags: info.flags,
+            count: info.count,
+        })
+    }
+
+    /// DEVICE_SET_IRQS with `flags` (`wire::irq_set`) for vectors `start..start + count`,
+    /// with `fds` as SCM_RIGHTS data. One eventfd per vector (`fds.len() == count`) is split
+    /// into several messages if the server takes fewer fds per message.
+    pub fn set_irqs(
+        &self,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: &[RawFd],
+    ) -> Result<(), ClientError> {
+        let op = |s: u32, c: u32| format!("DEVICE_SET_IRQS index {index} vectors {s}+{c}");
+        let max = (self.peer.max_msg_fds as usize).min(wire::MAX_FDS);
+        if fds.len() <= max {
+            return self.set_irqs_one(op(start, count), index, flags, start, count, fds);
+        }
+        if fds.len() != count as usize {
+            return Err(self.conn.invalid(
+                op(start, count),
+                format!(
+                    "{} fds for {count} vectors, and the server takes at most {max} per message",
+                    fds.len()
+                ),
+            ));
+        }
+        let mut s = start;
+        for part in fds.chunks(max) {
+            let c = part.len() as u32;
+            self.set_irqs_one(op(s, c), index, flags, s, c, part)?;
+            s += c;
+        }
+        Ok(())
+    }
+
+    fn set_irqs_one(
+        &self,
+        op: String,
+        index: u32,
+        flags: u32,
+        start: u32,
+        count: u32,
+        fds: &[RawFd],
+    ) -> Result<(), ClientError> {
+        let req = IrqSet {
+            flags,
+            index,
+            start,
+            count,
+            data: Vec::new(),
+        };
+        self.conn
+            .request(op, cmd::DEVICE_SET_IRQS, &req.encode(), fds)?;
+        Ok(())
+    }
+
+    /// Lets the server reach `[iova, iova + size)`, backed by `fd` at `fd_offset` (mmap'ed
+    /// shared by the server).
+    pub fn dma_map(
+        &self,
+        iova: u64,
+        size: u64,
+        fd: RawFd,
+        fd_offset: u64,
+        readable: bool,
+        writable: bool,
+    ) -> Result<(), ClientError> {
+        let op = format!("DMA_MAP iova {iova:#x} size {size:#x}");
+        let mut f = 0;
+        if readable {
+            f |= wire::dma_flags::READ;
+        }
+        if writable {
+            f |= wire::dma_flags::WRITE;
+        }
+        let req = DmaMap {
+            flags: f,
+            offset: fd_offset,
+            address: iova,
+            size,
+        };
+        self.conn.request(op, cmd::DMA_MAP, &req.encode(), &[fd])?;
+        Ok(())
+    }
+
+    /// Withdraws the mapping made at exactly `[iova, iova + size)`.
+    pub fn dma_unmap(&self, iova: u64, size: u64) -> Result<(), ClientError> {
+        let op = format!("DMA_UNMAP iova {iova:#x} size {size:#x}");
+        let req = DmaUnmap {
+            flags: 0,
+            address: iova,
+            size,
+        };
+        // The reply echoes the request; its content tells nothing new, so it is not checked.
+        self.conn.request(op, cmd::DMA_UNMAP, &req.encode(), &[])?;
+        Ok(())
+    }
+
+    /// Function-level reset.
+    pub fn reset(&self) -> Result<(), ClientError> {
+        self.conn
+            .request("DEVICE_RESET".into(), cmd::DEVICE_RESET, &[], &[])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! The process entry point behind `vmm device epf --socket PATH`: one pci-epf-test device
+//! served to one client, stopped cleanly by SIGTERM/SIGINT, leaving no socket file behind.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
+
+use pinning::class::{Classify, ErrorClass};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::EpfUserDevice;
+use crate::epf::{EpfConfig, EpfError};
+use crate::pci::dma::MappedRegions;
+use crate::vfio_user::server::{self, ServerError};
+
+/// Why `vmm device epf --socket PATH` stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum EpfServerError {
+    #[error("{}: {what}", .path.display())]
+    SocketPath { path: PathBuf, what: String },
+    #[error("{}: cannot listen on it: {source}; check that its directory exists and is writable", .socket.display())]
+    Bind {
+        socket: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The stop eventfd and the signal handlers are process-wide, so one server at a time.
+    #[error("{}: another vfio-user epf server already runs in this process", .socket.display())]
+    AlreadyRunning { socket: PathBuf },
+    #[error("{}: {op}: {source}", .socket.display())]
+    Io {
+        socket: PathBuf,
+        op: &'static str,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{}: {source}", .socket.display())]
+    Model {
+        socket: PathBuf,
+        #[source]
+        source: EpfError,
+    },
+    #[error(transparent)]
+    Serve(#[from] ServerError),
+}
+
+impl Classify for EpfServerError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EpfServerError::SocketPath { .. } | EpfServerError::Bind { .. } => ErrorClass::User,
+            EpfServerError::AlreadyRunning { .. }
+            | EpfServerError::Io { .. }
+            | EpfServerError::Model { .. } => ErrorClass::Internal,
+            EpfServerError::Serve(e) => e.class(),
+        }
+    }
+}
+
+/// The eventfd the signal handler writes; -1 when no server runs.
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer. The result
+        // is ignored: a full counter already means "stop".
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+/// SIGTERM/SIGINT handlers that write the stop eventfd while installed; the previous
+/// handlers come back on drop.
+struct StopSignals {
+    stop: EventFd,
+    old: Vec<(libc::c_int, libc::sigaction)>,
+}
+
+impl StopSignals {
+    fn install(socket: &Path) -> Result<Self, EpfServerError> {
+        let io_err = |op: &'static str, source| EpfServerError::Io {
+            socket: socket.to_path_buf(),
+            op,
+            source,
+        };
+        let stop =
+            EventFd::new(EFD_NONBLOCK).map_err(|e| io_err("creating the stop eventfd", e))?;
+        if STOP_FD
+            .compare_exchange(-1, stop.as_raw_fd(), Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(EpfServerError::AlreadyRunning {
+                socket: socket.to_path_buf(),
+            });
+        }
+        let mut me = StopSignals {
+            stop,
+            old: Vec::new(),
+        };
+        for sig in [libc::SIGTERM, libc::SIGINT] {
+            // SAFETY: zeroed sigaction structs are valid (empty mask, no flags); the handler
+            // only performs an async-signal-safe write; `old` receives the previous action.
+            let res = unsafe {
+                let mut act: libc::sigaction = std::mem::zeroed();
+                act.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+                libc::sigemptyset(&mut act.sa_mask);
+                let mut old: libc::sigaction = std::mem::zeroed();
+                let r = libc::sigaction(sig, &act, &mut old);
+                if r == 0 {
+                    me.old.push((sig, old));
+                }
+                r
+            };
+            if res != 0 {
+                return Err(io_err(
+                    "installing the SIGTERM/SIGINT handlers",
+                    io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(me)
+    }
+}
+
+impl Drop for StopSignals {
+    fn drop(&mut self) {
+        for (sig, old) in self.old.drain(..).rev() {
+            // SAFETY: restores the action saved by `install`.
+            unsafe { libc::sigaction(sig, &old, std::ptr::null_mut()) };
+        }
+        STOP_FD.store(-1, Ordering::SeqCst);
+    }
+}
+
+/// Removes the socket file when the server ends, however it ends (short of SIGKILL).
+struct RemoveSocket(PathBuf);
+
+impl Drop for RemoveSocket {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!("removing {}: {e}", self.0.display());
+            }
+        }
+    }
+}
+
+/// Makes `socket` free to bind: refuses anything that is not a socket and a socket someone
+/// listens on; removes a stale socket file.
+fn clear_stale_socket(socket: &Path) -> Result<(), EpfServerError> {
+    let refuse = |what: String| EpfServerError::SocketPath {
+        path: socket.to_path_buf(),
+        what,
+    };
+    let meta = match std::fs::symlink_metadata(socket) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(refuse(format!("cannot inspect it: {e}"))),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(refuse(
+            "exists and is not a socket; refusing to replace it (remove it or choose another path)"
+                .to_string(),
+        ));
+    }
+    match UnixStream::connect(socket) {
+        Ok(_) => Err(refuse(
+            "another server is listening on it; stop it or choose another path".to_string(),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            std::fs::remove_file(socket)
+                .map_err(|e| refuse(format!("removing the stale socket: {e}")))?;
+            Ok(())
+        }
+        Err(e) => Err(refuse(format!("probing the existing socket: {e}"))),
+    }
+}
+
+/// Serves a pci-epf-test device on `socket` to ONE client, until it disconnects or the
+/// process gets SIGTERM/SIGINT; the socket file is removed on every way out. Prints one
+/// line to stderr once it listens, nothing on stdout.
+pub fn run_epf_server(socket: &Path) -> Result<(), EpfServerError> {
+    let io_err = |op: &'static str, source| EpfServerError::Io {
+        socket: socket.to_path_buf(),
+        op,
+        source,
+    };
+    let signals = StopSignals::install(socket)?;
+    clear_stale_socket(socket)?;
+    let listener = UnixListener::bind(socket).map_err(|source| EpfServerError::Bind {
+        socket: socket.to_path_buf(),
+        source,
+    })?;
+    let _remove = RemoveSocket(socket.to_path_buf());
+    tracing::info!("vfio-user epf server listening on {}", socket.display());
+
+    let regions = Arc::new(MappedRegions::new());
+    let mut device =
+        EpfUserDevice::new(EpfConfig::default(), regions.clone()).map_err(|source| {
+            EpfServerError::Model {
+                socket: socket.to_path_buf(),
+                source,
+            }
+        })?;
+
+    // Accept, unless asked to stop first.
+    let mut pfd = [
+        libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: signals.stop.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `pfd` is a valid array of two pollfds for the duration of the call.
+        let n = unsafe { libc::poll(pfd.as_mut_ptr(), pfd.len() as libc::nfds_t, -1) };
+        if n >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(io_err("waiting for a client", e));
+        }
+    }
+    if pfd[1].revents != 0 {
+        tracing::info!("vfio-user epf server: stopped before a client connected");
+        return Ok(());
+    }
+    let (stream, _) = listener.accept().map_err(|e| io_err("accepting", e))?;
+    drop(listener);
+    tracing::info!("vfio-user epf server: client connected");
+    // SAFETY: the eventfd lives in `signals` until this function returns, past the borrow.
+    let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(signals.stop.as_raw_fd()) };
+    let result = server::serve_until(stream, &mut device, regions, Some(stop));
+    tracing::info!("vfio-user epf server: done ({result:?})");
+    Ok(result?)
+}
