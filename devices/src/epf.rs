@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use guest_abi::epf::{
     caps, command, irq_type, pattern, reg, status, CHECKSUM_SEED, CLASS_OTHERS, CRC32_POLY,
-    DEVICE_ID_TI_DRA74X, REG_BAR, VENDOR_ID_TI,
+    CRC32_TABLE, DEVICE_ID_TI_DRA74X, REG_BAR, VENDOR_ID_TI,
 };
 
 use crate::pci::config::{
@@ -114,11 +114,11 @@ pub enum EpfError {
     Msix(#[from] MsixError),
 }
 
-/// Linux's `crc32_le(seed, data)`: the reflected CRC-32 ([`CRC32_POLY`]) without pre- or
+/// Linux's `crc32_le(seed, data)`: the reflected CRC-32 (`guest_abi::epf::CRC32_POLY`) without pre- or
 /// post-inversion.
 pub fn crc32_le(seed: u32, data: &[u8]) -> u32 {
     data.iter().fold(seed, |crc, &b| {
-        CRC_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
+        CRC32_TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
     })
 }
 
@@ -126,26 +126,6 @@ pub fn crc32_le(seed: u32, data: &[u8]) -> u32 {
 pub fn checksum(data: &[u8]) -> u32 {
     crc32_le(CHECKSUM_SEED, data)
 }
-
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                CRC32_POLY ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
 
 /// Fills `buf` with bytes `offset..offset + buf.len()` of the pattern WRITE sends to `base`:
 /// byte `p` is byte `p % 8` (little-endian) of [`pattern::word`]`(base, p / 8)`.

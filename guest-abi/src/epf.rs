@@ -129,6 +129,28 @@ pub const CRC32_POLY: u32 = 0xedb8_8320;
 /// The CRC's initial value: pci-epf-test and `pci_endpoint_test` both start from `~0`.
 pub const CHECKSUM_SEED: u32 = !0;
 
+/// The byte-at-a-time table of the [`CRC32_POLY`] CRC: entry `i` is the CRC of byte `i`.
+/// Both sides build from it (the probe derives its slice-by-8 tables), so they cannot differ.
+pub const CRC32_TABLE: [u32; 256] = {
+    let mut table = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                CRC32_POLY ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        table[i] = c;
+        i += 1;
+    }
+    table
+};
+
 pub mod pattern {
     //! What a WRITE stores in the VMM's model: the real function writes random bytes, the model
     //! a pattern seeded from the destination address, so runs are reproducible and the guest

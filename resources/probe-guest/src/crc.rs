@@ -1,7 +1,7 @@
 //! pci-epf-test's checksum and data pattern (`guest_abi::epf`), as the device model computes
 //! them (devices/src/epf.rs `crc32_le`, `fill_pattern`).
 //!
-//! CRC: Linux `crc32_le(CHECKSUM_SEED, data)`, the reflected CRC-32 with [`CRC32_POLY`] and no
+//! CRC: Linux `crc32_le(CHECKSUM_SEED, data)`, the reflected CRC-32 with `guest_abi::epf::CRC32_POLY` and no
 //! final inversion; here eight bytes at a time (slicing-by-8, tables built at compile time).
 //!
 //! Guest instructions are expensive here (a few million a second under the emulated KVM), so
@@ -12,25 +12,11 @@
 use core::arch::asm;
 
 use guest_abi::epf::pattern::{self, MIX1, MIX2, PHI};
-use guest_abi::epf::{CHECKSUM_SEED, CRC32_POLY};
+use guest_abi::epf::{CHECKSUM_SEED, CRC32_TABLE};
 
 const TABLES: [[u32; 256]; 8] = {
     let mut t = [[0u32; 256]; 8];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                CRC32_POLY ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        t[0][i] = c;
-        i += 1;
-    }
+    t[0] = CRC32_TABLE;
     let mut s = 1;
     while s < 8 {
         let mut i = 0;
