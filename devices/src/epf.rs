@@ -23,8 +23,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use guest_abi::epf::{
-    caps, command, irq_type, pattern, reg, status, CHECKSUM_SEED, CLASS_OTHERS, CRC32_POLY,
-    CRC32_TABLE, DEVICE_ID_TI_DRA74X, REG_BAR, VENDOR_ID_TI,
+    caps, command, irq_type, pattern, reg, status, CHECKSUM_SEED, CLASS_OTHERS, CRC32_TABLE,
+    DEVICE_ID_TI_DRA74X, REG_BAR, VENDOR_ID_TI,
 };
 
 use crate::pci::config::{
