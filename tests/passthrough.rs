@@ -152,9 +152,15 @@ fn dma_ok_across_all_ram(memory: &str, bytes: u64, regions: usize) -> String {
     assert!(pin["threads"].as_u64().unwrap() >= 1);
     assert!(pin["chunks"].as_u64().unwrap() >= 1);
     assert!(pin["decided_by"].is_string());
+    let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    let thp = ["[always]", "[within_size]", "[advise]", "[force]"]
+        .iter()
+        .any(|p| shmem.contains(p));
     assert_eq!(
-        r["vm"]["backing"], "memfd",
-        "--backing auto picks memfd: {r}"
+        r["vm"]["backing"],
+        if thp { "memfd-thp" } else { "memfd" },
+        "--backing auto picks shareable RAM, with huge pages where the host allows: {r}"
     );
     assert_eq!(r["vm"]["devices"].as_array().unwrap().len(), 1, "{r}");
     serial

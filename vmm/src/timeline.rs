@@ -104,7 +104,19 @@ pub struct Report {
     /// How the VM ended, in words.
     pub outcome: String,
     pub pin: Option<PinStats>,
+    pub teardown: Teardown,
     pub vm: VmSummary,
+}
+
+/// The `exit` phase in parts: undoing the DMA mappings, freeing guest RAM, and the rest
+/// (device models, KVM, device servers), with the threads each parallel part used.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Teardown {
+    pub unpin_ms: f64,
+    pub unpin_threads: usize,
+    pub free_ms: f64,
+    pub free_threads: usize,
+    pub other_ms: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -165,6 +177,11 @@ impl Report {
                 p.backend, p.bytes, p.threads, p.decided_by, p.chunks, p.elapsed_ms, p.gibps
             ));
         }
+        let t = &self.teardown;
+        out.push_str(&format!(
+            "  exit          unpin {:.1} ms ({} threads), free {:.1} ms ({} threads), other {:.1} ms\n",
+            t.unpin_ms, t.unpin_threads, t.free_ms, t.free_threads, t.other_ms
+        ));
         out.push_str(&format!(
             "  total         {:.1} ms, {}\n",
             self.total_ms, self.outcome

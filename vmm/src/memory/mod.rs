@@ -29,6 +29,9 @@ use crate::size::human;
 /// range smaller than this is one shard).
 pub const DEFAULT_SHARD_BYTES: u64 = layout::GIB;
 
+/// Private memory is released in pieces this large, so teardown has work to share.
+const RELEASE_PIECE: u64 = layout::GIB;
+
 /// File descriptors kept free for everything else the VMM opens (KVM, devices, sockets).
 const FD_HEADROOM: u64 = 256;
 
@@ -273,6 +276,52 @@ impl GuestMemory {
         self.ranges
             .iter()
             .flat_map(|r| r.shards.iter().map(|s| &s.file))
+    }
+
+    /// Frees guest RAM on up to `threads` threads (the pinning engine's helpers, at nice 19),
+    /// then unmaps it: each shard's pages are punched out of its memfd, and private memory
+    /// is dropped a gigabyte at a time with MADV_DONTNEED, in parallel; the unmap and the
+    /// closes that follow find little left to free. Returns the threads that took part.
+    pub fn release(self, threads: usize) -> usize {
+        let mut pieces: Vec<(u64, u64, Option<&File>)> = Vec::new();
+        for r in &self.ranges {
+            if r.shards.is_empty() {
+                pieces.extend((0..r.len).step_by(RELEASE_PIECE as usize).map(|off| {
+                    (r.addr + off, RELEASE_PIECE.min(r.len - off), None)
+                }));
+            }
+            for s in &r.shards {
+                pieces.push((r.addr + s.offset, s.len, Some(&s.file)));
+            }
+        }
+        let used = pinning::engine::parallel_for(&pieces, threads, "free-ram", |&(addr, len, file)| {
+            let freed = match file {
+                // SAFETY: punching a hole in our own memfd; every mapping of it (ours, and a
+                // device server's, which has been told to unmap) sees zeroes afterwards.
+                Some(f) => unsafe {
+                    libc::fallocate(
+                        f.as_raw_fd(),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        0,
+                        len as libc::off_t,
+                    )
+                },
+                // SAFETY: advice on private memory this GuestMemory owns and nothing uses any
+                // more (the VM and every device are gone); it only drops the contents.
+                None => unsafe {
+                    libc::madvise(addr as *mut libc::c_void, len as usize, libc::MADV_DONTNEED)
+                },
+            };
+            if freed != 0 {
+                // Not fatal: the unmap and close below free the memory all the same, later.
+                tracing::debug!(
+                    "freeing guest RAM at {addr:#x}+{len:#x}: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        });
+        drop(self);
+        used
     }
 
     /// The shard size in effect (0 for private memory).

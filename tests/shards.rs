@@ -1,0 +1,233 @@
+//! Shareable guest RAM made of memfd shards, through the real binary: the probe's DMA checks
+//! pass in every GiB of a guest whose RAM spans shards on both sides of the 32-bit hole, the
+//! device server maps one file per shard, nothing stays mapped or open after a run or a
+//! Ctrl-C, huge pages are chosen where the host allows them, and bad shard options are refused
+//! before any memory is touched.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{run_with_report, stderr, stdout, vmm};
+use guest_abi::probe::DMA_OK_PREFIX;
+
+/// `vmm device epf --socket SOCKET` logging at info, once it listens; its stderr is piped.
+fn epf_server(socket: &Path) -> Child {
+    let server = vmm()
+        .args(["device", "epf", "--socket"])
+        .arg(socket)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "server never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server
+}
+
+/// The server's last words: how much its client mapped, and what it left mapped.
+fn server_end(mut server: Child) -> String {
+    let status = server.wait().unwrap();
+    let mut err = String::new();
+    server.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    err.lines()
+        .find(|l| l.contains("DMA_MAP requests from"))
+        .unwrap_or_else(|| panic!("the server did not report its mappings:\n{err}"))
+        .to_string()
+}
+
+/// Boots `memory` with the epf server at a socket of its own and extra `args`; returns the
+/// report and the server's last line.
+fn boot_with_server(memory: &str, args: &[&str]) -> (serde_json::Value, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("epf.sock");
+    let server = epf_server(&socket);
+    let mut all = vec!["--memory", memory, "--user-device", socket.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (out, r) = run_with_report(&all);
+    let serial = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{serial}\n{}", stderr(&out));
+    let dma = serial
+        .lines()
+        .find(|l| l.starts_with(DMA_OK_PREFIX))
+        .unwrap_or_else(|| panic!("no dma ok line:\n{serial}"));
+    assert!(dma.ends_with("irq ok"), "{dma}");
+    (r.unwrap(), server_end(server))
+}
+
+#[test]
+fn a_6g_guest_on_gib_shards_passes_dma_in_every_gib_and_the_server_maps_one_file_each() {
+    let (r, end) = boot_with_server("6G", &["--backing", "memfd"]);
+    assert_eq!(r["pin"]["bytes"].as_u64(), Some(6 << 30), "{r}");
+    assert_eq!(r["pin"]["backend"], "vfio-user");
+    assert_eq!(r["vm"]["memory_bytes"].as_u64(), Some(6 << 30));
+    assert_eq!(r["vm"]["memory_shards"].as_u64(), Some(6), "{r}");
+    assert_eq!(r["vm"]["shard_bytes"].as_u64(), Some(1 << 30), "{r}");
+    assert!(end.contains("from 6 files, 0 regions still mapped"), "{end}");
+}
+
+#[test]
+fn smaller_shards_are_more_files_and_chunks_never_straddle_them() {
+    let (r, end) = boot_with_server("2G", &["--backing", "memfd", "--memory-shard", "256M"]);
+    assert_eq!(r["vm"]["memory_shards"].as_u64(), Some(8), "{r}");
+    assert_eq!(r["vm"]["shard_bytes"].as_u64(), Some(256 << 20), "{r}");
+    assert!(end.contains("from 8 files, 0 regions still mapped"), "{end}");
+    // One DMA_MAP per chunk piece, and no piece spans two files: at least one per shard.
+    let maps: u64 = end
+        .split_whitespace()
+        .find_map(|w| w.parse().ok())
+        .expect("a DMA_MAP count");
+    assert!(maps >= 8, "{end}");
+}
+
+/// The memfds of guest RAM `pid` holds open.
+fn guest_ram_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().contains("memfd:vmm-guest-ram"))
+        .count()
+}
+
+/// `vmm run ARGS` with the probe hanging after its checks; returns once it hangs.
+fn paused_run(args: &[&str]) -> Child {
+    let mut child = vmm()
+        .args(["run", "--quiet", "--cmdline", "probe.hang probe.expect_dma=1"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (mut serial, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&serial).contains("hanging (probe.hang)") {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "vmm ended early:\n{}", String::from_utf8_lossy(&serial));
+        serial.extend_from_slice(&buf[..n]);
+    }
+    child
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+#[test]
+fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_frees_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("epf.sock");
+    let server = epf_server(&socket);
+    let mut child = paused_run(&[
+        "--memory",
+        "1G",
+        "--memory-shard",
+        "128M",
+        "--user-device",
+        socket.to_str().unwrap(),
+    ]);
+    assert_eq!(guest_ram_fds(child.id()), 8);
+    // SIGTERM stops the guest; a SIGINT while it tears down must not cut teardown short.
+    signal(&child, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(20));
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{status}");
+    let end = server_end(server);
+    assert!(end.contains("from 8 files, 0 regions still mapped"), "{end}");
+}
+
+#[test]
+fn ctrl_c_while_pinning_sharded_ram_leaves_nothing_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("epf.sock");
+    let server = epf_server(&socket);
+    let mut child = vmm()
+        .args(["run", "--quiet", "--memory", "8G", "--pin-threads", "1"])
+        .args(["--user-device", socket.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Every shard is open before pinning starts; give the job a moment to map some.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while guest_ram_fds(child.id()) < 8 {
+        assert!(Instant::now() < deadline, "shards never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    signal(&child, libc::SIGINT);
+    let status = child.wait().unwrap();
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert_eq!(status.code(), Some(130), "{err}");
+    assert!(err.contains("nothing is left pinned"), "{err}");
+    let end = server_end(server);
+    assert!(end.contains(", 0 regions still mapped"), "{end}");
+}
+
+#[test]
+fn auto_picks_huge_pages_for_private_ram_where_the_host_allows_them_and_says_why() {
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .unwrap_or_default();
+    let allowed = thp.contains("[always]") || thp.contains("[madvise]");
+    let (out, r) = run_with_report(&["--memory", "1G", "--user-device", "none", "--pin", "populate"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let vm = &r.unwrap()["vm"];
+    let reason = vm["backing_reason"].as_str().unwrap();
+    assert!(reason.starts_with("auto: "), "{vm}");
+    assert!(reason.contains("transparent_hugepage/enabled is ["), "{vm}");
+    assert_eq!(vm["backing"], if allowed { "thp" } else { "anon" }, "{vm}");
+    assert_eq!(vm["memory_shards"].as_u64(), Some(0));
+    // What the kernel gave is reported, not what was asked: with THP allowed and 1 GiB
+    // populated, some of it is in huge pages (unless the host is too fragmented to give any).
+    assert!(vm["huge_bytes"].is_u64(), "{vm}");
+}
+
+#[test]
+fn bad_shards_and_forbidden_huge_pages_are_refused_before_any_memory_is_touched() {
+    let shmem = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/shmem_enabled")
+        .unwrap_or_default();
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--memory-shard", "3G"], "not a power of two"),
+        (vec!["--memory-shard", "2K"], "smaller than the 4 KiB page size"),
+        (vec!["--memory", "6G", "--memory-shard", "4G"], "give 3 GiB or less"),
+        (
+            vec!["--backing", "anon", "--user-device", "none", "--memory-shard", "1G"],
+            "only shareable RAM is made of shards",
+        ),
+    ];
+    if shmem.contains("[never]") || shmem.contains("[deny]") {
+        cases.push((vec!["--backing", "memfd-thp"], "shmem_enabled"));
+    }
+    for (args, needle) in cases {
+        let out = vmm().args(["run", "--quiet"]).args(&args).output().unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(stdout(&out).is_empty(), "the guest never ran: {args:?}");
+    }
+}
+
+#[test]
+fn more_shards_than_the_fd_limit_allows_is_refused_with_the_fix() {
+    let exe = env!("CARGO_BIN_EXE_vmm");
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 300 && exec {exe} run --quiet --memory 8G --memory-shard 64M"
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("128 shards") && err.contains("ulimit -n"), "{err}");
+}
