@@ -296,14 +296,15 @@ impl Pinner {
             align: ram.page_size(),
             min_chunk: self.options.min_chunk,
             max_threads,
+            cuts: ram.region_cuts(),
         }
     }
 
     /// The serial map phase of type1: large chunks, few mappings, below the entry limit.
     fn serial_map_spec(&self, ram: &GuestRam) -> JobSpec {
         let budget = self.backend.max_mappings().unwrap_or(u64::MAX);
-        // Each chunk can become one mapping per region it touches; keep half the budget
-        // for other users of the container.
+        // Each chunk is one mapping, and each region boundary can split one chunk in two;
+        // keep half the budget for other users of the container.
         let per = (budget / 2)
             .saturating_sub(ram.regions().len() as u64)
             .max(1);
@@ -313,6 +314,7 @@ impl Pinner {
             align: ram.page_size(),
             min_chunk: GIB.max(ram.size().div_ceil(per)),
             max_threads: 1,
+            cuts: ram.region_cuts(),
         }
     }
 

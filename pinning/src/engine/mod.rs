@@ -1,14 +1,15 @@
 //! The multithreaded job engine, after Linux's `padata_do_multithreaded`.
 //!
 //! A job covers `[start, start + size)`. It is cut into chunks that never split a backing
-//! page (`align`) and are pulled from a shared cursor by the calling thread and its helpers,
+//! page (`align`) nor cross one of the job's `cuts` (where one memory file ends and the next
+//! begins), and that are pulled from a shared cursor by the calling thread and its helpers,
 //! so fast threads take more chunks and nobody waits on a fixed partition. The first error
 //! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
 //! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
 //! address order, before the error is returned. Cancellation works the same way.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -40,6 +41,11 @@ pub struct JobSpec {
     pub min_chunk: u64,
     /// Upper bound from the work itself (1 for work the kernel serialises anyway).
     pub max_threads: usize,
+    /// Sorted positions strictly inside the job (same space as `start`) where a chunk must
+    /// end, such as where one memory file ends and the next begins: a chunk then never spans
+    /// two files. Each segment between cuts is cut on its own, from its own start; empty
+    /// means one segment.
+    pub cuts: Vec<u64>,
 }
 
 /// Default smallest chunk: below this, starting a thread costs more than it saves.
@@ -96,8 +102,12 @@ pub struct ThreadCaps {
 pub struct Plan {
     pub threads: usize,
     pub decided_by: DecidedBy,
+    /// The largest chunk; a segment's last chunk, or one that ends at a cut, may be smaller.
     pub chunk_size: u64,
+    /// How many chunks `ranges` holds.
     pub chunks: u64,
+    /// The chunks, in address order: the work loop hands out the next one.
+    ranges: Vec<Range<u64>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -112,6 +122,8 @@ pub(crate) enum SpecError {
     Overflow { start: u64, size: u64 },
     #[error("the pinning job allows no thread to run on (max_threads is 0)")]
     NoThreads,
+    #[error("the pinning job's chunk cut at {cut:#x} is not after the previous cut and strictly inside the job {start:#x}+{size:#x}")]
+    Cut { cut: u64, start: u64, size: u64 },
 }
 
 fn round_up(value: u64, align: u64) -> u64 {
@@ -137,6 +149,17 @@ impl JobSpec {
         }
         if self.max_threads == 0 {
             return Err(SpecError::NoThreads);
+        }
+        let mut after = self.start;
+        for &cut in &self.cuts {
+            if cut <= after || cut >= self.start + self.size {
+                return Err(SpecError::Cut {
+                    cut,
+                    start: self.start,
+                    size: self.size,
+                });
+            }
+            after = cut;
         }
         Ok(())
     }
@@ -167,12 +190,35 @@ impl JobSpec {
             });
         let share = self.size / (threads as u64 * 4);
         let chunk_size = round_up(share.max(min_chunk), self.align);
+        let ranges = self.chunk_ranges(chunk_size);
         Plan {
             threads,
             decided_by,
             chunk_size,
-            chunks: self.size.div_ceil(chunk_size),
+            chunks: ranges.len() as u64,
+            ranges,
         }
+    }
+
+    /// Cuts every segment (the job split at `cuts`) every `chunk_size` from the segment's
+    /// own start, so a cut never shifts the chunks of the segments after it off their page
+    /// boundaries. Cuts out of order or outside the job are skipped here; `validate` refuses
+    /// them before any work.
+    fn chunk_ranges(&self, chunk_size: u64) -> Vec<Range<u64>> {
+        let end = self.start.saturating_add(self.size);
+        let mut ranges = Vec::new();
+        let mut segment = self.start;
+        for segment_end in self.cuts.iter().copied().chain([end]) {
+            if segment_end <= segment || segment_end > end {
+                continue;
+            }
+            while segment < segment_end {
+                let chunk_end = segment.saturating_add(chunk_size).min(segment_end);
+                ranges.push(segment..chunk_end);
+                segment = chunk_end;
+            }
+        }
+        ranges
     }
 }
 
@@ -213,11 +259,10 @@ pub(crate) struct Completed {
 
 /// Shared state of one running job.
 struct Shared<'a, W: ChunkWork> {
-    spec: &'a JobSpec,
     plan: &'a Plan,
     work: &'a W,
     cancel: &'a CancelToken,
-    next_chunk: AtomicU64,
+    next_chunk: AtomicUsize,
     stop: AtomicBool,
     failure: Mutex<Option<(Range<u64>, W::Error)>>,
     completed: Mutex<Vec<Range<u64>>>,
@@ -227,28 +272,25 @@ struct Shared<'a, W: ChunkWork> {
 impl<W: ChunkWork> Shared<'_, W> {
     /// Pulls chunks until none are left, one fails, or the job is cancelled.
     fn work_loop(&self) {
-        let end = self.spec.start + self.spec.size;
         loop {
             if self.stop.load(Ordering::Acquire) || self.cancel.is_cancelled() {
                 return;
             }
             let index = self.next_chunk.fetch_add(1, Ordering::AcqRel);
-            if index >= self.plan.chunks {
+            let Some(chunk) = self.plan.ranges.get(index) else {
                 return;
-            }
-            let start = self.spec.start + index * self.plan.chunk_size;
-            let chunk = start..(start + self.plan.chunk_size).min(end);
+            };
             match self.work.run(chunk.clone()) {
                 Ok(()) => {
                     self.progress
                         .fetch_add(chunk.end - chunk.start, Ordering::Relaxed);
-                    self.completed.lock().unwrap().push(chunk);
+                    self.completed.lock().unwrap().push(chunk.clone());
                 }
                 Err(error) => {
                     self.stop.store(true, Ordering::Release);
                     let mut failure = self.failure.lock().unwrap();
                     if failure.is_none() {
-                        *failure = Some((chunk, error));
+                        *failure = Some((chunk.clone(), error));
                     }
                     return;
                 }
@@ -270,11 +312,10 @@ pub(crate) fn run_job<W: ChunkWork>(
     spec.validate()?;
     let started = Instant::now();
     let shared = Shared {
-        spec,
         plan,
         work,
         cancel,
-        next_chunk: AtomicU64::new(0),
+        next_chunk: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
         completed: Mutex::new(Vec::new()),

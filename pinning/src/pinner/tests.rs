@@ -1,14 +1,14 @@
-//! The pinner over real memory with the populate/mlock backends and over the IOMMU model
-//! with the VFIO backends.
+//! The pinner over real memory with the populate/mlock backends, over the IOMMU model with
+//! the VFIO backends, and over unbacked addresses with a backend that only records.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::backend::{IommufdBackend, MlockBackend, NoneBackend, PopulateBackend, Type1Backend};
 use crate::limits::Memlock;
 use crate::model::IommuModel;
 use crate::procfs::ProcStatus;
-use crate::region::Region;
+use crate::region::{Piece, Region};
 use crate::sys::AnonMapping;
 use crate::MIB;
 
@@ -271,4 +271,74 @@ fn a_signal_classifies_a_cancelled_pin_as_interrupted() {
     };
     assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGTERM));
     assert_eq!(err.class().exit_status(), 143);
+}
+
+/// A backend that touches no memory and records how the pinner drives it.
+#[derive(Default)]
+struct Recorder {
+    maps: Mutex<Vec<Piece>>,
+}
+
+impl PinBackend for Recorder {
+    fn kind(&self) -> BackendKind {
+        BackendKind::None
+    }
+    fn locks_memory(&self) -> bool {
+        false
+    }
+    fn populates(&self) -> bool {
+        false
+    }
+    fn map(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
+        self.maps.lock().unwrap().push(piece.clone());
+        Ok(())
+    }
+    fn unmap(&self, _piece: &Piece) {}
+}
+
+/// Guest RAM made of `GIB`-sized shards, like memfd-per-GiB RAM: `low` below 4 GiB, `high`
+/// from 4 GiB up, at addresses nothing maps.
+fn sharded_ram(low: u64, high: u64, shard: u64) -> Arc<GuestRam> {
+    let guest = (0..low)
+        .map(|i| i * shard)
+        .chain((0..high).map(|i| (1 << 32) + i * shard));
+    let regions = guest
+        .enumerate()
+        .map(|(i, guest_addr)| Region {
+            host_addr: 0x100_0000_0000 + i as u64 * 2 * shard,
+            guest_addr,
+            size: shard,
+            page_size: 4096,
+            file: Some((100 + i as i32, 0)),
+        })
+        .collect();
+    // SAFETY: only the Recorder backend sees these regions, and it never dereferences them.
+    Arc::new(unsafe { GuestRam::new(regions) }.unwrap())
+}
+
+#[test]
+fn every_chunk_lies_in_one_shard() {
+    let ram = sharded_ram(3, 3, GIB);
+    for threads in [1, 2, 3, 8] {
+        for min_chunk in [4 * MIB, DEFAULT_MIN_CHUNK, 5 * GIB] {
+            let backend = Arc::new(Recorder::default());
+            let options = PinOptions {
+                min_chunk,
+                ..options(threads)
+            };
+            let pinner = Pinner::new(backend.clone(), limits(), options);
+            let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+            for chunk in &pinned.chunks {
+                assert_eq!(
+                    ram.pieces(chunk.clone()).count(),
+                    1,
+                    "chunk {chunk:x?} spans shards ({threads} threads, min_chunk {min_chunk:#x})"
+                );
+            }
+            // One map call per chunk, and together they cover every shard exactly.
+            let maps = backend.maps.lock().unwrap();
+            assert_eq!(maps.len(), pinned.chunks.len());
+            assert_eq!(maps.iter().map(|p| p.len).sum::<u64>(), 6 * GIB);
+        }
+    }
 }
