@@ -42,7 +42,7 @@ pub use admission::AdmissionError;
 pub use backend::{BackendKind, PinBackend};
 pub use cancel::{CancelToken, SignalGuard};
 pub use class::{Classify, ErrorClass};
-pub use engine::{DecidedBy, JobSpec};
+pub use engine::{parallel_for, DecidedBy, JobSpec};
 pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
 pub use region::{GuestRam, Region};

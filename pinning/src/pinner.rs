@@ -15,7 +15,7 @@ use crate::engine::{self, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAU
 use crate::limits::Limits;
 use crate::progress::Progress;
 use crate::region::{GuestRam, Piece};
-use crate::stats::{gibps, JobStats};
+use crate::stats::{as_millis, gibps, JobStats};
 use crate::GIB;
 
 /// How many threads the user wants.
@@ -134,22 +134,37 @@ pub struct PinStats {
     pub map: JobStats,
 }
 
+/// What undoing a pin did.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct UnpinStats {
+    pub undone: Undone,
+    pub threads: usize,
+    #[serde(rename = "elapsed_ms", serialize_with = "as_millis")]
+    pub elapsed: Duration,
+}
+
 /// Guest RAM pinned through a backend; dropping it undoes everything.
 pub struct Pinned {
     backend: Arc<dyn PinBackend>,
     ram: Arc<GuestRam>,
     chunks: Vec<Range<u64>>,
+    /// The undo's thread count, fixed at pin time: see `Pinner::pin`.
+    undo_threads: usize,
     pub stats: PinStats,
 }
 
 impl Pinned {
-    /// Undoes the pinning now (also done on drop) and says how much was undone.
-    pub fn unpin(mut self) -> Undone {
+    /// Undoes the pinning now (also done on drop) and says how it went.
+    pub fn unpin(mut self) -> UnpinStats {
         self.undo()
     }
 
-    fn undo(&mut self) -> Undone {
+    /// Undoes every chunk, in parallel. Not cancellable: nothing here looks at a signal, so
+    /// a Ctrl-C during teardown cannot leave memory pinned.
+    fn undo(&mut self) -> UnpinStats {
+        let started = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
+        let bytes = chunks.iter().map(|c| c.end - c.start).sum();
         let never = CancelToken::new();
         let work = MapWork {
             backend: self.backend.as_ref(),
@@ -157,9 +172,20 @@ impl Pinned {
             cancel: &never,
             populate: false,
         };
-        let undone = engine::undo_all(&work, &chunks);
+        let threads = engine::parallel_for(&chunks, self.undo_threads, "unpin", |chunk| {
+            work.undo(chunk.clone())
+        });
         self.backend.end(&self.ram);
-        undone
+        let stats = UnpinStats {
+            undone: Undone {
+                chunks: chunks.len() as u64,
+                bytes,
+            },
+            threads,
+            elapsed: started.elapsed(),
+        };
+        tracing::debug!(?stats, "guest RAM unpinned");
+        stats
     }
 }
 
@@ -382,6 +408,11 @@ impl Pinner {
         drop(progress);
         let elapsed = started.elapsed();
         let headline = populate_stats.as_ref().unwrap_or(&done.stats);
+        // Undo is the map run backwards: as many threads as the pin used and no more than
+        // the backend's map allows (type1 unmaps as serially as it maps).
+        let undo_threads = headline
+            .threads
+            .min(backend.map_threads().unwrap_or(usize::MAX));
         let stats = PinStats {
             backend: backend.kind(),
             threads: headline.threads,
@@ -397,6 +428,7 @@ impl Pinner {
             backend: self.backend.clone(),
             ram,
             chunks: done.chunks,
+            undo_threads,
             stats,
         })
     }

@@ -7,6 +7,9 @@
 //! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
 //! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
 //! address order, before the error is returned. Cancellation works the same way.
+//!
+//! [`parallel_for`] runs teardown on the same kind of crew (the caller plus helpers at nice
+//! 19), with no cancellation: teardown always finishes.
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -321,41 +324,24 @@ pub(crate) fn run_job<W: ChunkWork>(
         completed: Mutex::new(Vec::new()),
         progress,
     };
-    let helpers = plan.threads.saturating_sub(1);
-    let board = HelperBoard::new(helpers);
-    let lending = std::thread::scope(|scope| -> Result<Lending, std::io::Error> {
-        for index in 0..helpers {
-            let (shared, board) = (&shared, &board);
-            let spawned = std::thread::Builder::new()
-                .name(format!("pin-helper-{index}"))
-                .spawn_scoped(scope, move || {
-                    board.register(index);
-                    prio::become_background();
-                    board.wait_for_start();
-                    shared.work_loop();
-                    board.finish(index);
-                });
-            if let Err(e) = spawned {
-                // The helpers already spawned are parked at the start gate: let them go with
-                // the job stopped, so they return at once and the scope can join them.
-                shared.stop.store(true, Ordering::Release);
-                board.start();
-                return Err(e);
-            }
-        }
-        // Every thread is created before any starts: thread stacks are mmaps, and mmap
-        // contends with page faults on the mm lock, so spawning while others fault is slow.
-        board.start();
-        shared.work_loop();
-        Ok(board.lend_until_done())
+    // A job short of a helper would report a thread count it did not have: stop it before
+    // anyone starts and say so.
+    let crew = crew(plan.threads, "pin-helper", &|| shared.work_loop(), || {
+        shared.stop.store(true, Ordering::Release)
     });
-    let lending = lending.map_err(JobError::Spawn)?;
+    if let Some(e) = crew.spawn_error {
+        return Err(JobError::Spawn(e));
+    }
+    let lending = crew.lending;
     let elapsed = started.elapsed();
 
     let mut completed = shared.completed.into_inner().unwrap();
     completed.sort_by_key(|c| c.start);
     let failure = shared.failure.into_inner().unwrap();
     let done_bytes: u64 = completed.iter().map(|c| c.end - c.start).sum();
+    // The failure path undoes on this thread alone, in address order: it is rare, and a fixed
+    // order keeps what happens after an error reproducible. Undoing a pin that succeeded, the
+    // common and large case, is parallel (`parallel_for`).
     if let Some((chunk, error)) = failure {
         let undone = undo_all(work, &completed);
         tracing::debug!(?chunk, ?undone, "job failed and was undone");
@@ -385,10 +371,8 @@ pub(crate) fn run_job<W: ChunkWork>(
     })
 }
 
-/// Undoes completed chunks one by one in address order. Single-threaded on purpose: undo
-/// (munlock, unmap) mostly serialises in the kernel, and a predictable order is easier to
-/// reason about when something is already going wrong.
-pub(crate) fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
+/// Undoes completed chunks one by one in address order.
+fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
     let mut undone = Undone::default();
     for chunk in completed {
         work.undo(chunk.clone());
@@ -396,6 +380,103 @@ pub(crate) fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undo
         undone.bytes += chunk.end - chunk.start;
     }
     undone
+}
+
+/// Runs `f` on every item once, on up to `threads` threads: the caller and helpers at nice
+/// 19 (named `{label}-N`), each pulling the next item from a shared cursor. For teardown
+/// (unpinning, closing memory files, unmapping), so it cannot be cancelled, and a helper
+/// that cannot be started only means fewer hands. Returns how many threads took part: at
+/// most `threads`, at most one per item, 0 for no items.
+pub fn parallel_for<T: Sync>(
+    items: &[T],
+    threads: usize,
+    label: &'static str,
+    f: impl Fn(&T) + Sync,
+) -> usize {
+    if items.is_empty() {
+        return 0;
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            f(item);
+        }
+    };
+    let crew = crew(threads.clamp(1, items.len()), label, &work, || {});
+    if let Some(e) = crew.spawn_error {
+        tracing::warn!(
+            "could not start every {label} thread ({e}); {} threads do the work",
+            crew.threads
+        );
+    }
+    crew.threads
+}
+
+/// The threads that ran a piece of work, and how the caller's priority was lent to them.
+struct Crew {
+    threads: usize,
+    lending: Lending,
+    /// Set when a helper could not be started; the crew ran without it and the rest.
+    spawn_error: Option<std::io::Error>,
+}
+
+/// Runs `work` on the caller and on `threads - 1` helpers at nice 19, and returns once all
+/// have returned. `work` pulls its own items, so it is the same closure everywhere. If a
+/// helper cannot be started, `short_handed` runs before anyone starts and the crew goes on
+/// without it.
+fn crew(threads: usize, name: &str, work: &(dyn Fn() + Sync), short_handed: impl FnOnce()) -> Crew {
+    let helpers = threads.saturating_sub(1);
+    let board = HelperBoard::new(helpers);
+    std::thread::scope(|scope| {
+        let mut spawned = 0;
+        let mut spawn_error = None;
+        for index in 0..helpers {
+            let board = &board;
+            let started = std::thread::Builder::new()
+                .name(format!("{name}-{index}"))
+                .spawn_scoped(scope, move || {
+                    // Counted as finished even if `work` panics, or the caller waits forever.
+                    let _finished = Finished { board, index };
+                    board.register(index);
+                    prio::become_background();
+                    board.wait_for_start();
+                    work();
+                });
+            match started {
+                Ok(_) => spawned += 1,
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if spawn_error.is_some() {
+            for index in spawned..helpers {
+                board.finish(index);
+            }
+            short_handed();
+        }
+        // Every thread is created before any starts: thread stacks are mmaps, and mmap
+        // contends with page faults on the mm lock, so spawning while others fault is slow.
+        board.start();
+        work();
+        Crew {
+            threads: spawned + 1,
+            lending: board.lend_until_done(),
+            spawn_error,
+        }
+    })
+}
+
+struct Finished<'a> {
+    board: &'a HelperBoard,
+    index: usize,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.board.finish(self.index);
+    }
 }
 
 #[cfg(test)]

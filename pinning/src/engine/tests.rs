@@ -343,6 +343,16 @@ proptest! {
             prop_assert!(done.chunks.iter().any(|c| c.end == *cut), "no chunk ends at {cut:#x}");
         }
     }
+
+    #[test]
+    fn parallel_for_runs_every_item_exactly_once(len in 0usize..40, threads in 1usize..9) {
+        let counts: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
+        let used = parallel_for(&counts, threads, "test", |c| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        prop_assert!(counts.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+        prop_assert_eq!(used, threads.min(len));
+    }
 }
 
 #[test]
@@ -394,4 +404,31 @@ fn cuts_out_of_order_or_outside_the_job_are_refused() {
         );
     }
     assert_eq!(work.runs.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn parallel_for_helpers_run_at_nice_19_beside_the_caller() {
+    let caller_tid = crate::sys::gettid();
+    let caller_nice = crate::sys::thread_nice(0).unwrap();
+    let seen = Mutex::new(Vec::new());
+    let items: Vec<u32> = (0..24).collect();
+    let used = parallel_for(&items, 3, "test", |_| {
+        let tid = crate::sys::gettid();
+        seen.lock()
+            .unwrap()
+            .push((tid, crate::sys::thread_nice(0).unwrap()));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    });
+    assert_eq!(used, 3);
+    let seen = seen.into_inner().unwrap();
+    let tids: std::collections::HashSet<i32> = seen.iter().map(|(tid, _)| *tid).collect();
+    assert!(tids.len() > 1, "no helper took an item");
+    assert!(tids.len() <= 3, "more threads than asked for");
+    assert!(tids.contains(&caller_tid), "the caller did not work");
+    for (tid, nice) in seen {
+        if tid != caller_tid {
+            // A helper lent the caller's priority may briefly show the caller's nice.
+            assert!(nice == crate::prio::HELPER_NICE || nice == caller_nice);
+        }
+    }
 }

@@ -276,7 +276,13 @@ fn a_signal_classifies_a_cancelled_pin_as_interrupted() {
 /// A backend that touches no memory and records how the pinner drives it.
 #[derive(Default)]
 struct Recorder {
+    /// Report a serial map, as type1 does.
+    serial: bool,
     maps: Mutex<Vec<Piece>>,
+    /// Each unmap, with the thread and nice value it ran on.
+    unmaps: Mutex<Vec<(Piece, i32, i32)>>,
+    /// Runs in the first unmap.
+    on_first_unmap: Option<fn()>,
 }
 
 impl PinBackend for Recorder {
@@ -289,11 +295,26 @@ impl PinBackend for Recorder {
     fn populates(&self) -> bool {
         false
     }
+    fn map_threads(&self) -> Option<usize> {
+        self.serial.then_some(1)
+    }
     fn map(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
         self.maps.lock().unwrap().push(piece.clone());
         Ok(())
     }
-    fn unmap(&self, _piece: &Piece) {}
+    fn unmap(&self, piece: &Piece) {
+        let first = {
+            let mut unmaps = self.unmaps.lock().unwrap();
+            let me = (crate::sys::gettid(), crate::sys::thread_nice(0).unwrap());
+            unmaps.push((piece.clone(), me.0, me.1));
+            unmaps.len() == 1
+        };
+        if let (true, Some(f)) = (first, self.on_first_unmap) {
+            f();
+        }
+        // Long enough that every thread of the undo gets some chunks.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
 }
 
 /// Guest RAM made of `GIB`-sized shards, like memfd-per-GiB RAM: `low` below 4 GiB, `high`
@@ -341,4 +362,92 @@ fn every_chunk_lies_in_one_shard() {
             assert_eq!(maps.iter().map(|p| p.len).sum::<u64>(), 6 * GIB);
         }
     }
+}
+
+#[test]
+fn unpin_undoes_on_as_many_threads_as_the_pin_used() {
+    let ram = sharded_ram(2, 2, 64 * MIB);
+    let backend = Arc::new(Recorder::default());
+    let pinner = Pinner::new(backend.clone(), limits(), options(4));
+    let pinned = pinner.pin(ram, &CancelToken::new()).unwrap();
+    let (pin_threads, chunks) = (pinned.stats.threads, pinned.chunks.len() as u64);
+    let caller_tid = crate::sys::gettid();
+    let caller_nice = crate::sys::thread_nice(0).unwrap();
+    let unpinned = pinned.unpin();
+    assert_eq!(unpinned.threads, pin_threads);
+    assert_eq!(unpinned.undone.chunks, chunks);
+    assert_eq!(unpinned.undone.bytes, 256 * MIB);
+    assert!(unpinned.elapsed > std::time::Duration::ZERO);
+    let unmaps = backend.unmaps.lock().unwrap();
+    assert_eq!(unmaps.len() as u64, chunks);
+    let tids: std::collections::HashSet<i32> = unmaps.iter().map(|u| u.1).collect();
+    assert!(
+        tids.len() <= pin_threads,
+        "undo used more threads than the pin"
+    );
+    if pin_threads > 1 {
+        assert!(tids.len() > 1, "undo ran on one thread of {pin_threads}");
+    }
+    for (_, tid, nice) in unmaps.iter() {
+        if *tid != caller_tid {
+            assert!(*nice == crate::prio::HELPER_NICE || *nice == caller_nice);
+        }
+    }
+}
+
+#[test]
+fn a_serial_map_is_undone_serially() {
+    let backend = Arc::new(Recorder {
+        serial: true,
+        ..Recorder::default()
+    });
+    let pinner = Pinner::new(backend.clone(), limits(), options(4));
+    let sharded = sharded_ram(2, 2, 64 * MIB);
+    let unpinned = pinner.pin(sharded, &CancelToken::new()).unwrap().unpin();
+    assert_eq!(unpinned.threads, 1);
+    let unmaps = backend.unmaps.lock().unwrap();
+    assert_eq!(unmaps.len() as u64, unpinned.undone.chunks);
+
+    // type1 itself: the populate phase ran on every thread, the undo on one.
+    let (low, high) = (
+        AnonMapping::new(16 * MIB).unwrap(),
+        AnonMapping::new(8 * MIB).unwrap(),
+    );
+    let model = Arc::new(IommuModel::new(65535, None));
+    let pinner = Pinner::new(
+        Arc::new(Type1Backend::new(model.clone(), 65535)),
+        limits(),
+        options(2),
+    );
+    let unpinned = pinner
+        .pin(ram(&low, &high), &CancelToken::new())
+        .unwrap()
+        .unpin();
+    assert_eq!(unpinned.threads, 1);
+    assert!(model.mappings().is_empty());
+}
+
+#[test]
+fn a_sigint_during_teardown_does_not_stop_it() {
+    let guard = crate::cancel::SignalGuard::install(None).unwrap();
+    let ram = sharded_ram(2, 2, 64 * MIB);
+    let backend = Arc::new(Recorder {
+        on_first_unmap: Some(|| {
+            // SAFETY: raise(3) with a valid signal number; the guard's handler only stores it.
+            unsafe { libc::raise(libc::SIGINT) };
+        }),
+        ..Recorder::default()
+    });
+    let pinner = Pinner::new(backend.clone(), limits(), options(4));
+    let pinned = pinner.pin(ram, &CancelToken::with_signals()).unwrap();
+    let chunks = pinned.chunks.len() as u64;
+    let unpinned = pinned.unpin();
+    assert_eq!(
+        crate::cancel::pending_signal(),
+        Some(libc::SIGINT),
+        "the signal was not raised during teardown"
+    );
+    drop(guard);
+    assert_eq!(unpinned.undone.chunks, chunks);
+    assert_eq!(backend.unmaps.lock().unwrap().len() as u64, chunks);
 }
