@@ -150,6 +150,7 @@ pub struct Pinned {
     chunks: Vec<Range<u64>>,
     /// The undo's thread count, fixed at pin time: see `Pinner::pin`.
     undo_threads: usize,
+    progress: bool,
     pub stats: PinStats,
 }
 
@@ -165,16 +166,20 @@ impl Pinned {
         let started = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
         let bytes = chunks.iter().map(|c| c.end - c.start).sum();
+        let progress = Progress::start("releasing guest RAM", bytes, self.progress);
         let never = CancelToken::new();
         let work = MapWork {
             backend: self.backend.as_ref(),
             ram: &self.ram,
             cancel: &never,
             populate: false,
+            progress: &|_| {},
         };
         let threads = engine::parallel_for(&chunks, self.undo_threads, "unpin", |chunk| {
-            work.undo(chunk.clone())
+            work.undo(chunk.clone());
+            progress.add(chunk.end - chunk.start);
         });
+        drop(progress);
         self.backend.end(&self.ram);
         let stats = UnpinStats {
             undone: Undone {
@@ -209,7 +214,14 @@ enum WorkError {
 /// Ctrl-C takes effect within a fraction of a second even with gigabyte chunks.
 const POPULATE_STEP: u64 = 64 * crate::MIB;
 
-fn populate_in_steps(piece: &Piece, cancel: &CancelToken) -> Result<(), WorkError> {
+/// Where work reports the bytes it has just finished: the progress bar's counter.
+type Report<'a> = &'a (dyn Fn(u64) + Sync);
+
+fn populate_in_steps(
+    piece: &Piece,
+    cancel: &CancelToken,
+    progress: Report,
+) -> Result<(), WorkError> {
     let mut done = 0;
     while done < piece.len {
         if cancel.is_cancelled() {
@@ -223,18 +235,21 @@ fn populate_in_steps(piece: &Piece, cancel: &CancelToken) -> Result<(), WorkErro
             file: piece.file.map(|(fd, off)| (fd, off + done)),
         };
         populate_range(&step).map_err(WorkError::Backend)?;
+        progress(len);
         done += len;
     }
     Ok(())
 }
 
 /// One chunk: fault its pieces in (unless already done, or the backend doesn't), then hand
-/// them to the backend.
+/// them to the backend. Progress counts populate steps, or mapped pieces when there is no
+/// populating here, so each byte is counted once.
 struct MapWork<'a> {
     backend: &'a dyn PinBackend,
     ram: &'a GuestRam,
     cancel: &'a CancelToken,
     populate: bool,
+    progress: Report<'a>,
 }
 
 impl ChunkWork for MapWork<'_> {
@@ -244,7 +259,7 @@ impl ChunkWork for MapWork<'_> {
         let pieces: Vec<_> = self.ram.pieces(chunk).collect();
         for (i, piece) in pieces.iter().enumerate() {
             let result = if self.populate {
-                populate_in_steps(piece, self.cancel)
+                populate_in_steps(piece, self.cancel, self.progress)
             } else {
                 Ok(())
             };
@@ -256,6 +271,9 @@ impl ChunkWork for MapWork<'_> {
                     self.backend.unmap(done);
                 }
                 return Err(e);
+            }
+            if !self.populate {
+                (self.progress)(piece.len);
             }
         }
         Ok(())
@@ -272,6 +290,7 @@ impl ChunkWork for MapWork<'_> {
 struct PopulateWork<'a> {
     ram: &'a GuestRam,
     cancel: &'a CancelToken,
+    progress: Report<'a>,
 }
 
 impl ChunkWork for PopulateWork<'_> {
@@ -279,7 +298,7 @@ impl ChunkWork for PopulateWork<'_> {
     fn run(&self, chunk: Range<u64>) -> Result<(), WorkError> {
         self.ram
             .pieces(chunk)
-            .try_for_each(|p| populate_in_steps(&p, self.cancel))
+            .try_for_each(|p| populate_in_steps(&p, self.cancel, self.progress))
     }
     /// Faulted-in memory is not a resource to give back; it goes with the mapping.
     fn undo(&self, _chunk: Range<u64>) {}
@@ -359,20 +378,17 @@ impl Pinner {
             backend: backend.kind(),
             source,
         })?;
-        let progress = Progress::start("pinning guest RAM", size, self.options.progress);
-
         let mut populate_stats = None;
         if backend.populate_first() {
             let spec = self.parallel_spec(&ram);
             let plan = spec.plan(&caps);
-            let done = engine::run_job(
-                &spec,
-                &plan,
-                &PopulateWork { ram: &ram, cancel },
+            let progress = Progress::start("populating guest RAM", size, self.options.progress);
+            let work = PopulateWork {
+                ram: &ram,
                 cancel,
-                progress.counter(),
-            );
-            match done {
+                progress: &|bytes| progress.add(bytes),
+            };
+            match engine::run_job(&spec, &plan, &work, cancel) {
                 Ok(done) => populate_stats = Some(done.stats),
                 Err(e) => {
                     backend.end(&ram);
@@ -386,19 +402,16 @@ impl Pinner {
             self.parallel_spec(&ram)
         };
         let plan = spec.plan(&caps);
-        let map_progress = if backend.populate_first() {
-            &std::sync::atomic::AtomicU64::new(0)
-        } else {
-            progress.counter()
-        };
+        let progress = Progress::start("pinning guest RAM", size, self.options.progress);
         let populate = backend.populates() && !backend.populate_first();
         let work = MapWork {
             backend,
             ram: &ram,
             cancel,
             populate,
+            progress: &|bytes| progress.add(bytes),
         };
-        let done = match engine::run_job(&spec, &plan, &work, cancel, map_progress) {
+        let done = match engine::run_job(&spec, &plan, &work, cancel) {
             Ok(done) => done,
             Err(e) => {
                 backend.end(&ram);
@@ -429,6 +442,7 @@ impl Pinner {
             ram,
             chunks: done.chunks,
             undo_threads,
+            progress: self.options.progress,
             stats,
         })
     }

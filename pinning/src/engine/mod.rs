@@ -12,7 +12,7 @@
 //! 19), with no cancellation: teardown always finishes.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -269,7 +269,6 @@ struct Shared<'a, W: ChunkWork> {
     stop: AtomicBool,
     failure: Mutex<Option<(Range<u64>, W::Error)>>,
     completed: Mutex<Vec<Range<u64>>>,
-    progress: &'a AtomicU64,
 }
 
 impl<W: ChunkWork> Shared<'_, W> {
@@ -284,11 +283,7 @@ impl<W: ChunkWork> Shared<'_, W> {
                 return;
             };
             match self.work.run(chunk.clone()) {
-                Ok(()) => {
-                    self.progress
-                        .fetch_add(chunk.end - chunk.start, Ordering::Relaxed);
-                    self.completed.lock().unwrap().push(chunk.clone());
-                }
+                Ok(()) => self.completed.lock().unwrap().push(chunk.clone()),
                 Err(error) => {
                     self.stop.store(true, Ordering::Release);
                     let mut failure = self.failure.lock().unwrap();
@@ -304,13 +299,12 @@ impl<W: ChunkWork> Shared<'_, W> {
 
 /// Runs `work` over the job with `plan.threads` threads (the caller is one of them).
 ///
-/// `progress` receives the bytes of each completed chunk as it completes.
+/// Progress is the work's to report: it knows finer steps than whole chunks.
 pub(crate) fn run_job<W: ChunkWork>(
     spec: &JobSpec,
     plan: &Plan,
     work: &W,
     cancel: &CancelToken,
-    progress: &AtomicU64,
 ) -> Result<Completed, JobError<W::Error>> {
     spec.validate()?;
     let started = Instant::now();
@@ -322,7 +316,6 @@ pub(crate) fn run_job<W: ChunkWork>(
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
         completed: Mutex::new(Vec::new()),
-        progress,
     };
     // A job short of a helper would report a thread count it did not have: stop it before
     // anyone starts and say so.

@@ -1,7 +1,7 @@
 //! Engine properties: coverage, undo, first error, cancellation, thread-count independence.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use proptest::prelude::*;
 
@@ -103,7 +103,7 @@ fn run(
     cancel: &CancelToken,
 ) -> Result<Completed, JobError<String>> {
     let plan = spec.plan(&requested(threads));
-    run_job(spec, &plan, work, cancel, &AtomicU64::new(0))
+    run_job(spec, &plan, work, cancel)
 }
 
 proptest! {
@@ -287,7 +287,7 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
         seen: Mutex::new(Vec::new()),
     };
     let plan = job.plan(&requested(3));
-    run_job(&job, &plan, &probe, &CancelToken::new(), &AtomicU64::new(0)).unwrap();
+    run_job(&job, &plan, &probe, &CancelToken::new()).unwrap();
     let seen = probe.seen.into_inner().unwrap();
     let helpers: Vec<_> = seen.iter().filter(|(tid, ..)| *tid != caller_tid).collect();
     assert!(!helpers.is_empty(), "no helper ran a chunk");
@@ -321,7 +321,7 @@ proptest! {
         spec.cuts = units.iter().map(|u| spec.start + u * 4096).collect();
         let plan = spec.plan(&requested(threads));
         let work = Ledger::new(&spec, 4096);
-        let done = run_job(&spec, &plan, &work, &CancelToken::new(), &AtomicU64::new(0)).unwrap();
+        let done = run_job(&spec, &plan, &work, &CancelToken::new()).unwrap();
         prop_assert!(work.snapshot().iter().all(|&c| c == 1));
         prop_assert_eq!(done.chunks.len() as u64, plan.chunks);
         let mut at = spec.start;

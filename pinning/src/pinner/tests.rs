@@ -451,3 +451,86 @@ fn a_sigint_during_teardown_does_not_stop_it() {
     assert_eq!(unpinned.undone.chunks, chunks);
     assert_eq!(backend.unmaps.lock().unwrap().len() as u64, chunks);
 }
+
+/// Collects every report, to check what the bar would be told.
+#[derive(Default)]
+struct Reports(Mutex<Vec<u64>>);
+
+impl Reports {
+    fn add(&self, bytes: u64) {
+        self.0.lock().unwrap().push(bytes);
+    }
+
+    /// Checks that the counter ends at exactly `total` without passing it, and returns how
+    /// many reports there were.
+    fn check(&self, total: u64) -> usize {
+        let reports = self.0.lock().unwrap();
+        let mut sum = 0;
+        for &r in reports.iter() {
+            sum += r;
+            assert!(sum <= total, "progress passed the job's size");
+        }
+        assert_eq!(sum, total);
+        reports.len()
+    }
+}
+
+#[test]
+fn progress_follows_populate_steps_and_ends_at_the_job_size() {
+    let (low, high) = (
+        AnonMapping::new(96 * MIB).unwrap(),
+        AnonMapping::new(64 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let size = ram.size();
+    let cancel = CancelToken::new();
+    for threads in [1, 3] {
+        let spec = JobSpec {
+            start: 0,
+            size,
+            align: 4096,
+            min_chunk: 128 * MIB,
+            max_threads: usize::MAX,
+            cuts: ram.region_cuts(),
+        };
+        let plan = spec.plan(&limits().thread_caps(Some(threads)));
+        // Chunks of 96 and 64 MiB: reports of at most a populate step each.
+        assert_eq!(plan.chunks, 2);
+
+        let reports = Reports::default();
+        let work = PopulateWork {
+            ram: &ram,
+            cancel: &cancel,
+            progress: &|bytes| reports.add(bytes),
+        };
+        engine::run_job(&spec, &plan, &work, &cancel).unwrap();
+        assert_eq!(reports.check(size), 3);
+        assert!(reports
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&r| r <= POPULATE_STEP));
+
+        let reports = Reports::default();
+        let work = MapWork {
+            backend: &NoneBackend,
+            ram: &ram,
+            cancel: &cancel,
+            populate: true,
+            progress: &|bytes| reports.add(bytes),
+        };
+        engine::run_job(&spec, &plan, &work, &cancel).unwrap();
+        assert_eq!(reports.check(size), 3);
+
+        // Without populating, each mapped piece counts once.
+        let reports = Reports::default();
+        let work = MapWork {
+            populate: false,
+            progress: &|bytes| reports.add(bytes),
+            ..work
+        };
+        engine::run_job(&spec, &plan, &work, &cancel).unwrap();
+        assert_eq!(reports.check(size), 2);
+    }
+}
