@@ -9,10 +9,11 @@
 //!   CPU quota of its cgroup and every ancestor, read by [`cgroup`] from the files
 //!   [`procfs`] reads) and how much it may lock.
 //! - [`admission`] refuses a job that would certainly fail, before any work.
-//! - [`engine`] splits a job into chunks pulled from a shared cursor by helper threads at
-//!   nice 19 (the caller works too and lends its priority while it waits, see [`prio`]);
-//!   the first error wins and everything done is undone, as is a job cancelled by
-//!   SIGINT/SIGTERM ([`cancel`]).
+//! - [`engine`] splits a job into chunks, none across a region boundary, pulled from a
+//!   shared cursor by helper threads at nice 19 (the caller works too and lends its priority
+//!   while it waits, see [`prio`]); the first error wins and everything done is undone, as
+//!   is a job cancelled by SIGINT/SIGTERM ([`cancel`]). [`parallel_for`] runs teardown on
+//!   the same threads, uncancellable.
 //! - [`backend`] holds the ways of preparing memory behind one [`backend::PinBackend`] trait:
 //!   `populate`, `mlock`, `none`, kernel VFIO `type1` / `iommufd` on vfio-ioctls, and
 //!   `vfio-user`.
@@ -45,7 +46,7 @@ pub use admission::AdmissionError;
 pub use backend::{BackendKind, PinBackend};
 pub use cancel::{CancelToken, SignalGuard};
 pub use class::{Classify, ErrorClass};
-pub use engine::{DecidedBy, JobSpec};
+pub use engine::{parallel_for, DecidedBy, JobSpec};
 pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
 pub use region::{GuestRam, Region};

@@ -15,7 +15,7 @@ use crate::engine::{self, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAU
 use crate::limits::Limits;
 use crate::progress::Progress;
 use crate::region::{GuestRam, Piece};
-use crate::stats::{gibps, JobStats};
+use crate::stats::{as_millis, gibps, JobStats};
 use crate::GIB;
 
 /// How many threads the user wants.
@@ -134,32 +134,63 @@ pub struct PinStats {
     pub map: JobStats,
 }
 
+/// What undoing a pin did.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct UnpinStats {
+    pub undone: Undone,
+    pub threads: usize,
+    #[serde(rename = "elapsed_ms", serialize_with = "as_millis")]
+    pub elapsed: Duration,
+}
+
 /// Guest RAM pinned through a backend; dropping it undoes everything.
 pub struct Pinned {
     backend: Arc<dyn PinBackend>,
     ram: Arc<GuestRam>,
     chunks: Vec<Range<u64>>,
+    /// The undo's thread count, fixed at pin time: see `Pinner::pin`.
+    undo_threads: usize,
+    progress: bool,
     pub stats: PinStats,
 }
 
 impl Pinned {
-    /// Undoes the pinning now (also done on drop) and says how much was undone.
-    pub fn unpin(mut self) -> Undone {
+    /// Undoes the pinning now (also done on drop) and says how it went.
+    pub fn unpin(mut self) -> UnpinStats {
         self.undo()
     }
 
-    fn undo(&mut self) -> Undone {
+    /// Undoes every chunk, in parallel. Not cancellable: nothing here looks at a signal, so
+    /// a Ctrl-C during teardown cannot leave memory pinned.
+    fn undo(&mut self) -> UnpinStats {
+        let started = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
+        let bytes = chunks.iter().map(|c| c.end - c.start).sum();
+        let progress = Progress::start("releasing guest RAM", bytes, self.progress);
         let never = CancelToken::new();
         let work = MapWork {
             backend: self.backend.as_ref(),
             ram: &self.ram,
             cancel: &never,
             populate: false,
+            progress: &|_| {},
         };
-        let undone = engine::undo_all(&work, &chunks);
+        let threads = engine::parallel_for(&chunks, self.undo_threads, "unpin", |chunk| {
+            work.undo(chunk.clone());
+            progress.add(chunk.end - chunk.start);
+        });
+        drop(progress);
         self.backend.end(&self.ram);
-        undone
+        let stats = UnpinStats {
+            undone: Undone {
+                chunks: chunks.len() as u64,
+                bytes,
+            },
+            threads,
+            elapsed: started.elapsed(),
+        };
+        tracing::debug!(?stats, "guest RAM unpinned");
+        stats
     }
 }
 
@@ -183,7 +214,14 @@ enum WorkError {
 /// Ctrl-C takes effect within a fraction of a second even with gigabyte chunks.
 const POPULATE_STEP: u64 = 64 * crate::MIB;
 
-fn populate_in_steps(piece: &Piece, cancel: &CancelToken) -> Result<(), WorkError> {
+/// Where work reports the bytes it has just finished: the progress bar's counter.
+type Report<'a> = &'a (dyn Fn(u64) + Sync);
+
+fn populate_in_steps(
+    piece: &Piece,
+    cancel: &CancelToken,
+    progress: Report,
+) -> Result<(), WorkError> {
     let mut done = 0;
     while done < piece.len {
         if cancel.is_cancelled() {
@@ -197,18 +235,21 @@ fn populate_in_steps(piece: &Piece, cancel: &CancelToken) -> Result<(), WorkErro
             file: piece.file.map(|(fd, off)| (fd, off + done)),
         };
         populate_range(&step).map_err(WorkError::Backend)?;
+        progress(len);
         done += len;
     }
     Ok(())
 }
 
 /// One chunk: fault its pieces in (unless already done, or the backend doesn't), then hand
-/// them to the backend.
+/// them to the backend. Progress counts populate steps, or mapped pieces when there is no
+/// populating here, so each byte is counted once.
 struct MapWork<'a> {
     backend: &'a dyn PinBackend,
     ram: &'a GuestRam,
     cancel: &'a CancelToken,
     populate: bool,
+    progress: Report<'a>,
 }
 
 impl ChunkWork for MapWork<'_> {
@@ -218,7 +259,7 @@ impl ChunkWork for MapWork<'_> {
         let pieces: Vec<_> = self.ram.pieces(chunk).collect();
         for (i, piece) in pieces.iter().enumerate() {
             let result = if self.populate {
-                populate_in_steps(piece, self.cancel)
+                populate_in_steps(piece, self.cancel, self.progress)
             } else {
                 Ok(())
             };
@@ -230,6 +271,9 @@ impl ChunkWork for MapWork<'_> {
                     self.backend.unmap(done);
                 }
                 return Err(e);
+            }
+            if !self.populate {
+                (self.progress)(piece.len);
             }
         }
         Ok(())
@@ -246,6 +290,7 @@ impl ChunkWork for MapWork<'_> {
 struct PopulateWork<'a> {
     ram: &'a GuestRam,
     cancel: &'a CancelToken,
+    progress: Report<'a>,
 }
 
 impl ChunkWork for PopulateWork<'_> {
@@ -253,7 +298,7 @@ impl ChunkWork for PopulateWork<'_> {
     fn run(&self, chunk: Range<u64>) -> Result<(), WorkError> {
         self.ram
             .pieces(chunk)
-            .try_for_each(|p| populate_in_steps(&p, self.cancel))
+            .try_for_each(|p| populate_in_steps(&p, self.cancel, self.progress))
     }
     /// Faulted-in memory is not a resource to give back; it goes with the mapping.
     fn undo(&self, _chunk: Range<u64>) {}
@@ -296,14 +341,15 @@ impl Pinner {
             align: ram.page_size(),
             min_chunk: self.options.min_chunk,
             max_threads,
+            cuts: ram.region_cuts(),
         }
     }
 
     /// The serial map phase of type1: large chunks, few mappings, below the entry limit.
     fn serial_map_spec(&self, ram: &GuestRam) -> JobSpec {
         let budget = self.backend.max_mappings().unwrap_or(u64::MAX);
-        // Each chunk can become one mapping per region it touches; keep half the budget
-        // for other users of the container.
+        // Each chunk is one mapping, and each region boundary can split one chunk in two;
+        // keep half the budget for other users of the container.
         let per = (budget / 2)
             .saturating_sub(ram.regions().len() as u64)
             .max(1);
@@ -313,6 +359,7 @@ impl Pinner {
             align: ram.page_size(),
             min_chunk: GIB.max(ram.size().div_ceil(per)),
             max_threads: 1,
+            cuts: ram.region_cuts(),
         }
     }
 
@@ -331,20 +378,17 @@ impl Pinner {
             backend: backend.kind(),
             source,
         })?;
-        let progress = Progress::start("pinning guest RAM", size, self.options.progress);
-
         let mut populate_stats = None;
         if backend.populate_first() {
             let spec = self.parallel_spec(&ram);
             let plan = spec.plan(&caps);
-            let done = engine::run_job(
-                &spec,
-                &plan,
-                &PopulateWork { ram: &ram, cancel },
+            let progress = Progress::start("populating guest RAM", size, self.options.progress);
+            let work = PopulateWork {
+                ram: &ram,
                 cancel,
-                progress.counter(),
-            );
-            match done {
+                progress: &|bytes| progress.add(bytes),
+            };
+            match engine::run_job(&spec, &plan, &work, cancel) {
                 Ok(done) => populate_stats = Some(done.stats),
                 Err(e) => {
                     backend.end(&ram);
@@ -358,19 +402,16 @@ impl Pinner {
             self.parallel_spec(&ram)
         };
         let plan = spec.plan(&caps);
-        let map_progress = if backend.populate_first() {
-            &std::sync::atomic::AtomicU64::new(0)
-        } else {
-            progress.counter()
-        };
+        let progress = Progress::start("pinning guest RAM", size, self.options.progress);
         let populate = backend.populates() && !backend.populate_first();
         let work = MapWork {
             backend,
             ram: &ram,
             cancel,
             populate,
+            progress: &|bytes| progress.add(bytes),
         };
-        let done = match engine::run_job(&spec, &plan, &work, cancel, map_progress) {
+        let done = match engine::run_job(&spec, &plan, &work, cancel) {
             Ok(done) => done,
             Err(e) => {
                 backend.end(&ram);
@@ -380,6 +421,11 @@ impl Pinner {
         drop(progress);
         let elapsed = started.elapsed();
         let headline = populate_stats.as_ref().unwrap_or(&done.stats);
+        // Undo is the map run backwards: as many threads as the pin used and no more than
+        // the backend's map allows (type1 unmaps as serially as it maps).
+        let undo_threads = headline
+            .threads
+            .min(backend.map_threads().unwrap_or(usize::MAX));
         let stats = PinStats {
             backend: backend.kind(),
             threads: headline.threads,
@@ -395,6 +441,8 @@ impl Pinner {
             backend: self.backend.clone(),
             ram,
             chunks: done.chunks,
+            undo_threads,
+            progress: self.options.progress,
             stats,
         })
     }

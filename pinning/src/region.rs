@@ -96,14 +96,28 @@ impl GuestRam {
         &self.regions
     }
 
-    /// The largest backing page size: chunk cuts on it never split any backing page, as
-    /// every region's size is a multiple of its own page size and offsets add up in order.
+    /// The largest backing page size: chunks cut at multiples of it from each region's start
+    /// (see [`GuestRam::region_cuts`]) never split any region's backing page.
     pub fn page_size(&self) -> u64 {
         self.regions
             .iter()
             .map(|r| r.page_size)
             .max()
             .unwrap_or(4096)
+    }
+
+    /// Where one region ends and the next begins, as linear offsets strictly inside RAM and
+    /// each once: cut there, no chunk of a job over RAM spans two regions (two memory files).
+    pub fn region_cuts(&self) -> Vec<u64> {
+        let mut cuts: Vec<u64> = self
+            .offsets
+            .iter()
+            .copied()
+            .filter(|&o| o > 0 && o < self.size)
+            .collect();
+        // An empty region starts where the next one does.
+        cuts.dedup();
+        cuts
     }
 
     /// The pieces that make up the linear range `range`, in order.
@@ -164,6 +178,27 @@ mod tests {
         assert_eq!(pieces[1].host_addr, 0x10_0000_0000);
         assert_eq!(pieces[1].file, Some((7, 3 << 30)));
         assert_eq!(pieces[1].len, 8192);
+    }
+
+    #[test]
+    fn region_cuts_are_the_inner_region_starts_once_each() {
+        assert_eq!(ram().region_cuts(), [3 << 30]);
+        let shard = |guest_addr, size| Region {
+            host_addr: 0x10_0000_0000 + guest_addr,
+            guest_addr,
+            size,
+            page_size: 4096,
+            file: None,
+        };
+        let regions = vec![
+            shard(0, 1 << 30),
+            shard(1 << 30, 0),
+            shard(1 << 30, 1 << 30),
+            shard(2 << 30, 4096),
+        ];
+        // SAFETY: never dereferenced.
+        let ram = unsafe { GuestRam::new(regions) }.unwrap();
+        assert_eq!(ram.region_cuts(), [1 << 30, 2 << 30]);
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! The multithreaded job engine, after Linux's `padata_do_multithreaded`.
 //!
 //! A job covers `[start, start + size)`. It is cut into chunks that never split a backing
-//! page (`align`) and are pulled from a shared cursor by the calling thread and its helpers,
+//! page (`align`) nor cross one of the job's `cuts` (where one memory file ends and the next
+//! begins), and that are pulled from a shared cursor by the calling thread and its helpers,
 //! so fast threads take more chunks and nobody waits on a fixed partition. The first error
 //! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
 //! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
 //! address order, before the error is returned. Cancellation works the same way.
+//!
+//! [`parallel_for`] runs teardown on the same kind of crew (the caller plus helpers at nice
+//! 19), with no cancellation: teardown always finishes.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -40,6 +44,11 @@ pub struct JobSpec {
     pub min_chunk: u64,
     /// Upper bound from the work itself (1 for work the kernel serialises anyway).
     pub max_threads: usize,
+    /// Sorted positions strictly inside the job (same space as `start`) where a chunk must
+    /// end, such as where one memory file ends and the next begins: a chunk then never spans
+    /// two files. Each segment between cuts is cut on its own, from its own start; empty
+    /// means one segment.
+    pub cuts: Vec<u64>,
 }
 
 /// Default smallest chunk: below this, starting a thread costs more than it saves.
@@ -96,8 +105,12 @@ pub struct ThreadCaps {
 pub struct Plan {
     pub threads: usize,
     pub decided_by: DecidedBy,
+    /// The largest chunk; a segment's last chunk, or one that ends at a cut, may be smaller.
     pub chunk_size: u64,
+    /// How many chunks `ranges` holds.
     pub chunks: u64,
+    /// The chunks, in address order: the work loop hands out the next one.
+    ranges: Vec<Range<u64>>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -112,6 +125,8 @@ pub(crate) enum SpecError {
     Overflow { start: u64, size: u64 },
     #[error("the pinning job allows no thread to run on (max_threads is 0)")]
     NoThreads,
+    #[error("the pinning job's chunk cut at {cut:#x} is not after the previous cut and strictly inside the job {start:#x}+{size:#x}")]
+    Cut { cut: u64, start: u64, size: u64 },
 }
 
 fn round_up(value: u64, align: u64) -> u64 {
@@ -137,6 +152,17 @@ impl JobSpec {
         }
         if self.max_threads == 0 {
             return Err(SpecError::NoThreads);
+        }
+        let mut after = self.start;
+        for &cut in &self.cuts {
+            if cut <= after || cut >= self.start + self.size {
+                return Err(SpecError::Cut {
+                    cut,
+                    start: self.start,
+                    size: self.size,
+                });
+            }
+            after = cut;
         }
         Ok(())
     }
@@ -167,12 +193,35 @@ impl JobSpec {
             });
         let share = self.size / (threads as u64 * 4);
         let chunk_size = round_up(share.max(min_chunk), self.align);
+        let ranges = self.chunk_ranges(chunk_size);
         Plan {
             threads,
             decided_by,
             chunk_size,
-            chunks: self.size.div_ceil(chunk_size),
+            chunks: ranges.len() as u64,
+            ranges,
         }
+    }
+
+    /// Cuts every segment (the job split at `cuts`) every `chunk_size` from the segment's
+    /// own start, so a cut never shifts the chunks of the segments after it off their page
+    /// boundaries. Cuts out of order or outside the job are skipped here; `validate` refuses
+    /// them before any work.
+    fn chunk_ranges(&self, chunk_size: u64) -> Vec<Range<u64>> {
+        let end = self.start.saturating_add(self.size);
+        let mut ranges = Vec::new();
+        let mut segment = self.start;
+        for segment_end in self.cuts.iter().copied().chain([end]) {
+            if segment_end <= segment || segment_end > end {
+                continue;
+            }
+            while segment < segment_end {
+                let chunk_end = segment.saturating_add(chunk_size).min(segment_end);
+                ranges.push(segment..chunk_end);
+                segment = chunk_end;
+            }
+        }
+        ranges
     }
 }
 
@@ -213,42 +262,33 @@ pub(crate) struct Completed {
 
 /// Shared state of one running job.
 struct Shared<'a, W: ChunkWork> {
-    spec: &'a JobSpec,
     plan: &'a Plan,
     work: &'a W,
     cancel: &'a CancelToken,
-    next_chunk: AtomicU64,
+    next_chunk: AtomicUsize,
     stop: AtomicBool,
     failure: Mutex<Option<(Range<u64>, W::Error)>>,
     completed: Mutex<Vec<Range<u64>>>,
-    progress: &'a AtomicU64,
 }
 
 impl<W: ChunkWork> Shared<'_, W> {
     /// Pulls chunks until none are left, one fails, or the job is cancelled.
     fn work_loop(&self) {
-        let end = self.spec.start + self.spec.size;
         loop {
             if self.stop.load(Ordering::Acquire) || self.cancel.is_cancelled() {
                 return;
             }
             let index = self.next_chunk.fetch_add(1, Ordering::AcqRel);
-            if index >= self.plan.chunks {
+            let Some(chunk) = self.plan.ranges.get(index) else {
                 return;
-            }
-            let start = self.spec.start + index * self.plan.chunk_size;
-            let chunk = start..(start + self.plan.chunk_size).min(end);
+            };
             match self.work.run(chunk.clone()) {
-                Ok(()) => {
-                    self.progress
-                        .fetch_add(chunk.end - chunk.start, Ordering::Relaxed);
-                    self.completed.lock().unwrap().push(chunk);
-                }
+                Ok(()) => self.completed.lock().unwrap().push(chunk.clone()),
                 Err(error) => {
                     self.stop.store(true, Ordering::Release);
                     let mut failure = self.failure.lock().unwrap();
                     if failure.is_none() {
-                        *failure = Some((chunk, error));
+                        *failure = Some((chunk.clone(), error));
                     }
                     return;
                 }
@@ -259,62 +299,42 @@ impl<W: ChunkWork> Shared<'_, W> {
 
 /// Runs `work` over the job with `plan.threads` threads (the caller is one of them).
 ///
-/// `progress` receives the bytes of each completed chunk as it completes.
+/// Progress is the work's to report: it knows finer steps than whole chunks.
 pub(crate) fn run_job<W: ChunkWork>(
     spec: &JobSpec,
     plan: &Plan,
     work: &W,
     cancel: &CancelToken,
-    progress: &AtomicU64,
 ) -> Result<Completed, JobError<W::Error>> {
     spec.validate()?;
     let started = Instant::now();
     let shared = Shared {
-        spec,
         plan,
         work,
         cancel,
-        next_chunk: AtomicU64::new(0),
+        next_chunk: AtomicUsize::new(0),
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
         completed: Mutex::new(Vec::new()),
-        progress,
     };
-    let helpers = plan.threads.saturating_sub(1);
-    let board = HelperBoard::new(helpers);
-    let lending = std::thread::scope(|scope| -> Result<Lending, std::io::Error> {
-        for index in 0..helpers {
-            let (shared, board) = (&shared, &board);
-            let spawned = std::thread::Builder::new()
-                .name(format!("pin-helper-{index}"))
-                .spawn_scoped(scope, move || {
-                    board.register(index);
-                    prio::become_background();
-                    board.wait_for_start();
-                    shared.work_loop();
-                    board.finish(index);
-                });
-            if let Err(e) = spawned {
-                // The helpers already spawned are parked at the start gate: let them go with
-                // the job stopped, so they return at once and the scope can join them.
-                shared.stop.store(true, Ordering::Release);
-                board.start();
-                return Err(e);
-            }
-        }
-        // Every thread is created before any starts: thread stacks are mmaps, and mmap
-        // contends with page faults on the mm lock, so spawning while others fault is slow.
-        board.start();
-        shared.work_loop();
-        Ok(board.lend_until_done())
+    // A job short of a helper would report a thread count it did not have: stop it before
+    // anyone starts and say so.
+    let crew = crew(plan.threads, "pin-helper", &|| shared.work_loop(), || {
+        shared.stop.store(true, Ordering::Release)
     });
-    let lending = lending.map_err(JobError::Spawn)?;
+    if let Some(e) = crew.spawn_error {
+        return Err(JobError::Spawn(e));
+    }
+    let lending = crew.lending;
     let elapsed = started.elapsed();
 
     let mut completed = shared.completed.into_inner().unwrap();
     completed.sort_by_key(|c| c.start);
     let failure = shared.failure.into_inner().unwrap();
     let done_bytes: u64 = completed.iter().map(|c| c.end - c.start).sum();
+    // The failure path undoes on this thread alone, in address order: it is rare, and a fixed
+    // order keeps what happens after an error reproducible. Undoing a pin that succeeded, the
+    // common and large case, is parallel (`parallel_for`).
     if let Some((chunk, error)) = failure {
         let undone = undo_all(work, &completed);
         tracing::debug!(?chunk, ?undone, "job failed and was undone");
@@ -344,10 +364,8 @@ pub(crate) fn run_job<W: ChunkWork>(
     })
 }
 
-/// Undoes completed chunks one by one in address order. Single-threaded on purpose: undo
-/// (munlock, unmap) mostly serialises in the kernel, and a predictable order is easier to
-/// reason about when something is already going wrong.
-pub(crate) fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
+/// Undoes completed chunks one by one in address order.
+fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
     let mut undone = Undone::default();
     for chunk in completed {
         work.undo(chunk.clone());
@@ -355,6 +373,103 @@ pub(crate) fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undo
         undone.bytes += chunk.end - chunk.start;
     }
     undone
+}
+
+/// Runs `f` on every item once, on up to `threads` threads: the caller and helpers at nice
+/// 19 (named `{label}-N`), each pulling the next item from a shared cursor. For teardown
+/// (unpinning, closing memory files, unmapping), so it cannot be cancelled, and a helper
+/// that cannot be started only means fewer hands. Returns how many threads took part: at
+/// most `threads`, at most one per item, 0 for no items.
+pub fn parallel_for<T: Sync>(
+    items: &[T],
+    threads: usize,
+    label: &'static str,
+    f: impl Fn(&T) + Sync,
+) -> usize {
+    if items.is_empty() {
+        return 0;
+    }
+    let next = AtomicUsize::new(0);
+    let work = || {
+        while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
+            f(item);
+        }
+    };
+    let crew = crew(threads.clamp(1, items.len()), label, &work, || {});
+    if let Some(e) = crew.spawn_error {
+        tracing::warn!(
+            "could not start every {label} thread ({e}); {} threads do the work",
+            crew.threads
+        );
+    }
+    crew.threads
+}
+
+/// The threads that ran a piece of work, and how the caller's priority was lent to them.
+struct Crew {
+    threads: usize,
+    lending: Lending,
+    /// Set when a helper could not be started; the crew ran without it and the rest.
+    spawn_error: Option<std::io::Error>,
+}
+
+/// Runs `work` on the caller and on `threads - 1` helpers at nice 19, and returns once all
+/// have returned. `work` pulls its own items, so it is the same closure everywhere. If a
+/// helper cannot be started, `short_handed` runs before anyone starts and the crew goes on
+/// without it.
+fn crew(threads: usize, name: &str, work: &(dyn Fn() + Sync), short_handed: impl FnOnce()) -> Crew {
+    let helpers = threads.saturating_sub(1);
+    let board = HelperBoard::new(helpers);
+    std::thread::scope(|scope| {
+        let mut spawned = 0;
+        let mut spawn_error = None;
+        for index in 0..helpers {
+            let board = &board;
+            let started = std::thread::Builder::new()
+                .name(format!("{name}-{index}"))
+                .spawn_scoped(scope, move || {
+                    // Counted as finished even if `work` panics, or the caller waits forever.
+                    let _finished = Finished { board, index };
+                    board.register(index);
+                    prio::become_background();
+                    board.wait_for_start();
+                    work();
+                });
+            match started {
+                Ok(_) => spawned += 1,
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if spawn_error.is_some() {
+            for index in spawned..helpers {
+                board.finish(index);
+            }
+            short_handed();
+        }
+        // Every thread is created before any starts: thread stacks are mmaps, and mmap
+        // contends with page faults on the mm lock, so spawning while others fault is slow.
+        board.start();
+        work();
+        Crew {
+            threads: spawned + 1,
+            lending: board.lend_until_done(),
+            spawn_error,
+        }
+    })
+}
+
+struct Finished<'a> {
+    board: &'a HelperBoard,
+    index: usize,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        self.board.finish(self.index);
+    }
 }
 
 #[cfg(test)]

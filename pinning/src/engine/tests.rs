@@ -1,7 +1,7 @@
 //! Engine properties: coverage, undo, first error, cancellation, thread-count independence.
 
 use std::ops::Range;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 
 use proptest::prelude::*;
 
@@ -82,6 +82,7 @@ fn spec(size_units: u64, align: u64, min_chunk_units: u64, max_threads: usize) -
         align,
         min_chunk: min_chunk_units * 4096,
         max_threads,
+        cuts: Vec::new(),
     }
 }
 
@@ -102,7 +103,7 @@ fn run(
     cancel: &CancelToken,
 ) -> Result<Completed, JobError<String>> {
     let plan = spec.plan(&requested(threads));
-    run_job(spec, &plan, work, cancel, &AtomicU64::new(0))
+    run_job(spec, &plan, work, cancel)
 }
 
 proptest! {
@@ -196,6 +197,7 @@ fn plan_takes_the_tightest_cap_and_names_it() {
         align: 4096,
         min_chunk: DEFAULT_MIN_CHUNK,
         max_threads: 64,
+        cuts: Vec::new(),
     };
     let caps = |requested, cgroup, affinity, online| ThreadCaps {
         requested,
@@ -236,6 +238,7 @@ fn huge_pages_are_never_split() {
         align: crate::GIB,
         min_chunk: DEFAULT_MIN_CHUNK,
         max_threads: 64,
+        cuts: Vec::new(),
     };
     let p = job.plan(&requested(16));
     assert_eq!(p.chunk_size % crate::GIB, 0);
@@ -284,7 +287,7 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
         seen: Mutex::new(Vec::new()),
     };
     let plan = job.plan(&requested(3));
-    run_job(&job, &plan, &probe, &CancelToken::new(), &AtomicU64::new(0)).unwrap();
+    run_job(&job, &plan, &probe, &CancelToken::new()).unwrap();
     let seen = probe.seen.into_inner().unwrap();
     let helpers: Vec<_> = seen.iter().filter(|(tid, ..)| *tid != caller_tid).collect();
     assert!(!helpers.is_empty(), "no helper ran a chunk");
@@ -296,5 +299,136 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
             cpus, &caller_cpus,
             "a helper's affinity differs from the caller's"
         );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn chunks_never_cross_a_cut_and_cover_every_byte_once(
+        size in 1u64..600,
+        align_shift in 0u32..4,
+        min_chunk in 1u64..64,
+        threads in 1usize..9,
+        cut_units in proptest::collection::vec(1u64..600, 0..8),
+    ) {
+        let align = 4096u64 << align_shift;
+        let mut spec = spec(size, align, min_chunk, 64);
+        let mut units: Vec<u64> = cut_units.into_iter().filter(|&u| u < size).collect();
+        units.sort_unstable();
+        units.dedup();
+        spec.cuts = units.iter().map(|u| spec.start + u * 4096).collect();
+        let plan = spec.plan(&requested(threads));
+        let work = Ledger::new(&spec, 4096);
+        let done = run_job(&spec, &plan, &work, &CancelToken::new()).unwrap();
+        prop_assert!(work.snapshot().iter().all(|&c| c == 1));
+        prop_assert_eq!(done.chunks.len() as u64, plan.chunks);
+        let mut at = spec.start;
+        for c in &done.chunks {
+            prop_assert_eq!(c.start, at);
+            prop_assert!(c.end - c.start <= plan.chunk_size);
+            prop_assert!(
+                !spec.cuts.iter().any(|&cut| c.start < cut && cut < c.end),
+                "chunk {:x?} crosses a cut of {:x?}", c, spec.cuts
+            );
+            // Each segment is cut from its own start, so its pages stay whole.
+            let segment = spec.cuts.iter().copied().filter(|&cut| cut <= c.start).max();
+            let segment = segment.unwrap_or(spec.start);
+            prop_assert_eq!((c.start - segment) % plan.chunk_size, 0);
+            at = c.end;
+        }
+        prop_assert_eq!(at, spec.start + spec.size);
+        for cut in &spec.cuts {
+            prop_assert!(done.chunks.iter().any(|c| c.end == *cut), "no chunk ends at {cut:#x}");
+        }
+    }
+
+    #[test]
+    fn parallel_for_runs_every_item_exactly_once(len in 0usize..40, threads in 1usize..9) {
+        let counts: Vec<AtomicUsize> = (0..len).map(|_| AtomicUsize::new(0)).collect();
+        let used = parallel_for(&counts, threads, "test", |c| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        prop_assert!(counts.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+        prop_assert_eq!(used, threads.min(len));
+    }
+}
+
+#[test]
+fn each_segment_is_cut_from_its_own_start() {
+    let gib = crate::GIB;
+    let mut job = JobSpec {
+        start: 0,
+        size: 8 * gib,
+        align: 4096,
+        min_chunk: DEFAULT_MIN_CHUNK,
+        max_threads: 64,
+        cuts: (1..8).map(|i| i * gib).collect(),
+    };
+    // One thread on 8 GiB: 2 GiB chunks, but 1 GiB files, so eight chunks of 1 GiB.
+    let p = job.plan(&requested(1));
+    assert_eq!((p.chunk_size, p.chunks), (2 * gib, 8));
+    assert!(p.ranges.iter().all(|c| c.end - c.start == gib));
+    job.size = 4 * gib;
+    job.cuts = vec![gib + 4096];
+    let p = job.plan(&requested(1));
+    let starts: Vec<u64> = p.ranges.iter().map(|c| c.start).collect();
+    assert_eq!(p.chunk_size, gib);
+    assert_eq!(starts, [0, gib, gib + 4096, 2 * gib + 4096, 3 * gib + 4096]);
+    assert_eq!(p.chunks, 5);
+}
+
+#[test]
+fn cuts_out_of_order_or_outside_the_job_are_refused() {
+    let job = spec(64, 4096, 1, 4);
+    let work = Ledger::new(&job, 4096);
+    let (start, end) = (job.start, job.start + job.size);
+    for cuts in [
+        vec![start],
+        vec![end],
+        vec![end + 4096],
+        vec![start + 8192, start + 4096],
+        vec![start + 4096, start + 4096],
+    ] {
+        let bad = JobSpec {
+            cuts: cuts.clone(),
+            ..job.clone()
+        };
+        assert!(
+            matches!(
+                run(&bad, 2, &work, &CancelToken::new()),
+                Err(JobError::Spec(SpecError::Cut { .. }))
+            ),
+            "{cuts:x?} was accepted"
+        );
+    }
+    assert_eq!(work.runs.load(Ordering::SeqCst), 0);
+}
+
+#[test]
+fn parallel_for_helpers_run_at_nice_19_beside_the_caller() {
+    let caller_tid = crate::sys::gettid();
+    let caller_nice = crate::sys::thread_nice(0).unwrap();
+    let seen = Mutex::new(Vec::new());
+    let items: Vec<u32> = (0..24).collect();
+    let used = parallel_for(&items, 3, "test", |_| {
+        let tid = crate::sys::gettid();
+        seen.lock()
+            .unwrap()
+            .push((tid, crate::sys::thread_nice(0).unwrap()));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    });
+    assert_eq!(used, 3);
+    let seen = seen.into_inner().unwrap();
+    let tids: std::collections::HashSet<i32> = seen.iter().map(|(tid, _)| *tid).collect();
+    assert!(tids.len() > 1, "no helper took an item");
+    assert!(tids.len() <= 3, "more threads than asked for");
+    assert!(tids.contains(&caller_tid), "the caller did not work");
+    for (tid, nice) in seen {
+        if tid != caller_tid {
+            // A helper lent the caller's priority may briefly show the caller's nice.
+            assert!(nice == crate::prio::HELPER_NICE || nice == caller_nice);
+        }
     }
 }

@@ -1,14 +1,14 @@
-//! The pinner over real memory with the populate/mlock backends and over the IOMMU model
-//! with the VFIO backends.
+//! The pinner over real memory with the populate/mlock backends, over the IOMMU model with
+//! the VFIO backends, and over unbacked addresses with a backend that only records.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::backend::{IommufdBackend, MlockBackend, NoneBackend, PopulateBackend, Type1Backend};
 use crate::limits::Memlock;
 use crate::model::IommuModel;
 use crate::procfs::ProcStatus;
-use crate::region::Region;
+use crate::region::{Piece, Region};
 use crate::sys::AnonMapping;
 use crate::MIB;
 
@@ -271,4 +271,266 @@ fn a_signal_classifies_a_cancelled_pin_as_interrupted() {
     };
     assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGTERM));
     assert_eq!(err.class().exit_status(), 143);
+}
+
+/// A backend that touches no memory and records how the pinner drives it.
+#[derive(Default)]
+struct Recorder {
+    /// Report a serial map, as type1 does.
+    serial: bool,
+    maps: Mutex<Vec<Piece>>,
+    /// Each unmap, with the thread and nice value it ran on.
+    unmaps: Mutex<Vec<(Piece, i32, i32)>>,
+    /// Runs in the first unmap.
+    on_first_unmap: Option<fn()>,
+}
+
+impl PinBackend for Recorder {
+    fn kind(&self) -> BackendKind {
+        BackendKind::None
+    }
+    fn locks_memory(&self) -> bool {
+        false
+    }
+    fn populates(&self) -> bool {
+        false
+    }
+    fn map_threads(&self) -> Option<usize> {
+        self.serial.then_some(1)
+    }
+    fn map(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
+        self.maps.lock().unwrap().push(piece.clone());
+        Ok(())
+    }
+    fn unmap(&self, piece: &Piece) {
+        let first = {
+            let mut unmaps = self.unmaps.lock().unwrap();
+            let me = (crate::sys::gettid(), crate::sys::thread_nice(0).unwrap());
+            unmaps.push((piece.clone(), me.0, me.1));
+            unmaps.len() == 1
+        };
+        if let (true, Some(f)) = (first, self.on_first_unmap) {
+            f();
+        }
+        // Long enough that every thread of the undo gets some chunks.
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+/// Guest RAM made of `GIB`-sized shards, like memfd-per-GiB RAM: `low` below 4 GiB, `high`
+/// from 4 GiB up, at addresses nothing maps.
+fn sharded_ram(low: u64, high: u64, shard: u64) -> Arc<GuestRam> {
+    let guest = (0..low)
+        .map(|i| i * shard)
+        .chain((0..high).map(|i| (1 << 32) + i * shard));
+    let regions = guest
+        .enumerate()
+        .map(|(i, guest_addr)| Region {
+            host_addr: 0x100_0000_0000 + i as u64 * 2 * shard,
+            guest_addr,
+            size: shard,
+            page_size: 4096,
+            file: Some((100 + i as i32, 0)),
+        })
+        .collect();
+    // SAFETY: only the Recorder backend sees these regions, and it never dereferences them.
+    Arc::new(unsafe { GuestRam::new(regions) }.unwrap())
+}
+
+#[test]
+fn every_chunk_lies_in_one_shard() {
+    let ram = sharded_ram(3, 3, GIB);
+    for threads in [1, 2, 3, 8] {
+        for min_chunk in [4 * MIB, DEFAULT_MIN_CHUNK, 5 * GIB] {
+            let backend = Arc::new(Recorder::default());
+            let options = PinOptions {
+                min_chunk,
+                ..options(threads)
+            };
+            let pinner = Pinner::new(backend.clone(), limits(), options);
+            let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+            for chunk in &pinned.chunks {
+                assert_eq!(
+                    ram.pieces(chunk.clone()).count(),
+                    1,
+                    "chunk {chunk:x?} spans shards ({threads} threads, min_chunk {min_chunk:#x})"
+                );
+            }
+            // One map call per chunk, and together they cover every shard exactly.
+            let maps = backend.maps.lock().unwrap();
+            assert_eq!(maps.len(), pinned.chunks.len());
+            assert_eq!(maps.iter().map(|p| p.len).sum::<u64>(), 6 * GIB);
+        }
+    }
+}
+
+#[test]
+fn unpin_undoes_on_as_many_threads_as_the_pin_used() {
+    let ram = sharded_ram(2, 2, 64 * MIB);
+    let backend = Arc::new(Recorder::default());
+    let pinner = Pinner::new(backend.clone(), limits(), options(4));
+    let pinned = pinner.pin(ram, &CancelToken::new()).unwrap();
+    let (pin_threads, chunks) = (pinned.stats.threads, pinned.chunks.len() as u64);
+    let caller_tid = crate::sys::gettid();
+    let caller_nice = crate::sys::thread_nice(0).unwrap();
+    let unpinned = pinned.unpin();
+    assert_eq!(unpinned.threads, pin_threads);
+    assert_eq!(unpinned.undone.chunks, chunks);
+    assert_eq!(unpinned.undone.bytes, 256 * MIB);
+    assert!(unpinned.elapsed > std::time::Duration::ZERO);
+    let unmaps = backend.unmaps.lock().unwrap();
+    assert_eq!(unmaps.len() as u64, chunks);
+    let tids: std::collections::HashSet<i32> = unmaps.iter().map(|u| u.1).collect();
+    assert!(
+        tids.len() <= pin_threads,
+        "undo used more threads than the pin"
+    );
+    if pin_threads > 1 {
+        assert!(tids.len() > 1, "undo ran on one thread of {pin_threads}");
+    }
+    for (_, tid, nice) in unmaps.iter() {
+        if *tid != caller_tid {
+            assert!(*nice == crate::prio::HELPER_NICE || *nice == caller_nice);
+        }
+    }
+}
+
+#[test]
+fn a_serial_map_is_undone_serially() {
+    let backend = Arc::new(Recorder {
+        serial: true,
+        ..Recorder::default()
+    });
+    let pinner = Pinner::new(backend.clone(), limits(), options(4));
+    let sharded = sharded_ram(2, 2, 64 * MIB);
+    let unpinned = pinner.pin(sharded, &CancelToken::new()).unwrap().unpin();
+    assert_eq!(unpinned.threads, 1);
+    let unmaps = backend.unmaps.lock().unwrap();
+    assert_eq!(unmaps.len() as u64, unpinned.undone.chunks);
+
+    // type1 itself: the populate phase ran on every thread, the undo on one.
+    let (low, high) = (
+        AnonMapping::new(16 * MIB).unwrap(),
+        AnonMapping::new(8 * MIB).unwrap(),
+    );
+    let model = Arc::new(IommuModel::new(65535, None));
+    let pinner = Pinner::new(
+        Arc::new(Type1Backend::new(model.clone(), 65535)),
+        limits(),
+        options(2),
+    );
+    let unpinned = pinner
+        .pin(ram(&low, &high), &CancelToken::new())
+        .unwrap()
+        .unpin();
+    assert_eq!(unpinned.threads, 1);
+    assert!(model.mappings().is_empty());
+}
+
+#[test]
+fn a_sigint_during_teardown_does_not_stop_it() {
+    let guard = crate::cancel::SignalGuard::install(None).unwrap();
+    let ram = sharded_ram(2, 2, 64 * MIB);
+    let backend = Arc::new(Recorder {
+        on_first_unmap: Some(|| {
+            // SAFETY: raise(3) with a valid signal number; the guard's handler only stores it.
+            unsafe { libc::raise(libc::SIGINT) };
+        }),
+        ..Recorder::default()
+    });
+    let pinner = Pinner::new(backend.clone(), limits(), options(4));
+    let pinned = pinner.pin(ram, &CancelToken::with_signals()).unwrap();
+    let chunks = pinned.chunks.len() as u64;
+    let unpinned = pinned.unpin();
+    assert_eq!(
+        crate::cancel::pending_signal(),
+        Some(libc::SIGINT),
+        "the signal was not raised during teardown"
+    );
+    drop(guard);
+    assert_eq!(unpinned.undone.chunks, chunks);
+    assert_eq!(backend.unmaps.lock().unwrap().len() as u64, chunks);
+}
+
+/// Collects every report, to check what the bar would be told.
+#[derive(Default)]
+struct Reports(Mutex<Vec<u64>>);
+
+impl Reports {
+    fn add(&self, bytes: u64) {
+        self.0.lock().unwrap().push(bytes);
+    }
+
+    /// Checks that the counter ends at exactly `total` without passing it, and returns how
+    /// many reports there were.
+    fn check(&self, total: u64) -> usize {
+        let reports = self.0.lock().unwrap();
+        let mut sum = 0;
+        for &r in reports.iter() {
+            sum += r;
+            assert!(sum <= total, "progress passed the job's size");
+        }
+        assert_eq!(sum, total);
+        reports.len()
+    }
+}
+
+#[test]
+fn progress_follows_populate_steps_and_ends_at_the_job_size() {
+    let (low, high) = (
+        AnonMapping::new(96 * MIB).unwrap(),
+        AnonMapping::new(64 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    let size = ram.size();
+    let cancel = CancelToken::new();
+    for threads in [1, 3] {
+        let spec = JobSpec {
+            start: 0,
+            size,
+            align: 4096,
+            min_chunk: 128 * MIB,
+            max_threads: usize::MAX,
+            cuts: ram.region_cuts(),
+        };
+        let plan = spec.plan(&limits().thread_caps(Some(threads)));
+        // Chunks of 96 and 64 MiB: reports of at most a populate step each.
+        assert_eq!(plan.chunks, 2);
+
+        let reports = Reports::default();
+        let work = PopulateWork {
+            ram: &ram,
+            cancel: &cancel,
+            progress: &|bytes| reports.add(bytes),
+        };
+        engine::run_job(&spec, &plan, &work, &cancel).unwrap();
+        assert_eq!(reports.check(size), 3);
+        assert!(reports
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&r| r <= POPULATE_STEP));
+
+        let reports = Reports::default();
+        let work = MapWork {
+            backend: &NoneBackend,
+            ram: &ram,
+            cancel: &cancel,
+            populate: true,
+            progress: &|bytes| reports.add(bytes),
+        };
+        engine::run_job(&spec, &plan, &work, &cancel).unwrap();
+        assert_eq!(reports.check(size), 3);
+
+        // Without populating, each mapped piece counts once.
+        let reports = Reports::default();
+        let work = MapWork {
+            populate: false,
+            progress: &|bytes| reports.add(bytes),
+            ..work
+        };
+        engine::run_job(&spec, &plan, &work, &cancel).unwrap();
+        assert_eq!(reports.check(size), 2);
+    }
 }

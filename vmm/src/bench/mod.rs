@@ -222,6 +222,7 @@ fn predicted_threads(
         align: backing.page_size(),
         min_chunk: PinOptions::default().min_chunk,
         max_threads: usize::MAX,
+        cuts: Vec::new(),
     }
     .plan(&limits.thread_caps(requested))
     .threads
