@@ -34,7 +34,12 @@ fn epf_server(socket: &Path) -> Child {
 fn server_end(mut server: Child) -> String {
     let status = server.wait().unwrap();
     let mut err = String::new();
-    server.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(status.success(), "{status}: {err}");
     err.lines()
         .find(|l| l.contains("DMA_MAP requests from"))
@@ -48,7 +53,12 @@ fn boot_with_server(memory: &str, args: &[&str]) -> (serde_json::Value, String) 
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("epf.sock");
     let server = epf_server(&socket);
-    let mut all = vec!["--memory", memory, "--user-device", socket.to_str().unwrap()];
+    let mut all = vec![
+        "--memory",
+        memory,
+        "--user-device",
+        socket.to_str().unwrap(),
+    ];
     all.extend_from_slice(args);
     let (out, r) = run_with_report(&all);
     let serial = stdout(&out);
@@ -69,7 +79,10 @@ fn a_6g_guest_on_gib_shards_passes_dma_in_every_gib_and_the_server_maps_one_file
     assert_eq!(r["vm"]["memory_bytes"].as_u64(), Some(6 << 30));
     assert_eq!(r["vm"]["memory_shards"].as_u64(), Some(6), "{r}");
     assert_eq!(r["vm"]["shard_bytes"].as_u64(), Some(1 << 30), "{r}");
-    assert!(end.contains("from 6 files, 0 regions still mapped"), "{end}");
+    assert!(
+        end.contains("from 6 files, 0 regions still mapped"),
+        "{end}"
+    );
 }
 
 #[test]
@@ -77,7 +90,10 @@ fn smaller_shards_are_more_files_and_chunks_never_straddle_them() {
     let (r, end) = boot_with_server("2G", &["--backing", "memfd", "--memory-shard", "256M"]);
     assert_eq!(r["vm"]["memory_shards"].as_u64(), Some(8), "{r}");
     assert_eq!(r["vm"]["shard_bytes"].as_u64(), Some(256 << 20), "{r}");
-    assert!(end.contains("from 8 files, 0 regions still mapped"), "{end}");
+    assert!(
+        end.contains("from 8 files, 0 regions still mapped"),
+        "{end}"
+    );
     // One DMA_MAP per chunk piece, and no piece spans two files: at least one per shard.
     let maps: u64 = end
         .split_whitespace()
@@ -98,7 +114,12 @@ fn guest_ram_fds(pid: u32) -> usize {
 /// `vmm run ARGS` with the probe hanging after its checks; returns once it hangs.
 fn paused_run(args: &[&str]) -> Child {
     let mut child = vmm()
-        .args(["run", "--quiet", "--cmdline", "probe.hang probe.expect_dma=1"])
+        .args([
+            "run",
+            "--quiet",
+            "--cmdline",
+            "probe.hang probe.expect_dma=1",
+        ])
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -108,7 +129,11 @@ fn paused_run(args: &[&str]) -> Child {
     let (mut serial, mut buf) = (Vec::new(), [0u8; 4096]);
     while !String::from_utf8_lossy(&serial).contains("hanging (probe.hang)") {
         let n = stdout.read(&mut buf).unwrap();
-        assert!(n > 0, "vmm ended early:\n{}", String::from_utf8_lossy(&serial));
+        assert!(
+            n > 0,
+            "vmm ended early:\n{}",
+            String::from_utf8_lossy(&serial)
+        );
         serial.extend_from_slice(&buf[..n]);
     }
     child
@@ -140,7 +165,10 @@ fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_f
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(143), "{status}");
     let end = server_end(server);
-    assert!(end.contains("from 8 files, 0 regions still mapped"), "{end}");
+    assert!(
+        end.contains("from 8 files, 0 regions still mapped"),
+        "{end}"
+    );
 }
 
 #[test]
@@ -165,7 +193,12 @@ fn ctrl_c_while_pinning_sharded_ram_leaves_nothing_mapped() {
     signal(&child, libc::SIGINT);
     let status = child.wait().unwrap();
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert_eq!(status.code(), Some(130), "{err}");
     assert!(err.contains("nothing is left pinned"), "{err}");
     let end = server_end(server);
@@ -174,10 +207,17 @@ fn ctrl_c_while_pinning_sharded_ram_leaves_nothing_mapped() {
 
 #[test]
 fn auto_picks_huge_pages_for_private_ram_where_the_host_allows_them_and_says_why() {
-    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
-        .unwrap_or_default();
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
     let allowed = thp.contains("[always]") || thp.contains("[madvise]");
-    let (out, r) = run_with_report(&["--memory", "1G", "--user-device", "none", "--pin", "populate"]);
+    let (out, r) = run_with_report(&[
+        "--memory",
+        "1G",
+        "--user-device",
+        "none",
+        "--pin",
+        "populate",
+    ]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let vm = &r.unwrap()["vm"];
     let reason = vm["backing_reason"].as_str().unwrap();
@@ -196,10 +236,23 @@ fn bad_shards_and_forbidden_huge_pages_are_refused_before_any_memory_is_touched(
         .unwrap_or_default();
     let mut cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--memory-shard", "3G"], "not a power of two"),
-        (vec!["--memory-shard", "2K"], "smaller than the 4 KiB page size"),
-        (vec!["--memory", "6G", "--memory-shard", "4G"], "give 3 GiB or less"),
         (
-            vec!["--backing", "anon", "--user-device", "none", "--memory-shard", "1G"],
+            vec!["--memory-shard", "2K"],
+            "smaller than the 4 KiB page size",
+        ),
+        (
+            vec!["--memory", "6G", "--memory-shard", "4G"],
+            "give 3 GiB or less",
+        ),
+        (
+            vec![
+                "--backing",
+                "anon",
+                "--user-device",
+                "none",
+                "--memory-shard",
+                "1G",
+            ],
             "only shareable RAM is made of shards",
         ),
     ];
@@ -229,5 +282,8 @@ fn more_shards_than_the_fd_limit_allows_is_refused_with_the_fix() {
         .unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("128 shards") && err.contains("ulimit -n"), "{err}");
+    assert!(
+        err.contains("128 shards") && err.contains("ulimit -n"),
+        "{err}"
+    );
 }

@@ -286,15 +286,17 @@ impl GuestMemory {
         let mut pieces: Vec<(u64, u64, Option<&File>)> = Vec::new();
         for r in &self.ranges {
             if r.shards.is_empty() {
-                pieces.extend((0..r.len).step_by(RELEASE_PIECE as usize).map(|off| {
-                    (r.addr + off, RELEASE_PIECE.min(r.len - off), None)
-                }));
+                pieces.extend(
+                    (0..r.len)
+                        .step_by(RELEASE_PIECE as usize)
+                        .map(|off| (r.addr + off, RELEASE_PIECE.min(r.len - off), None)),
+                );
             }
             for s in &r.shards {
                 pieces.push((r.addr + s.offset, s.len, Some(&s.file)));
             }
         }
-        let used = pinning::engine::parallel_for(&pieces, threads, "free-ram", |&(addr, len, file)| {
+        let used = pinning::parallel_for(&pieces, threads, "free-ram", |&(addr, len, file)| {
             let freed = match file {
                 // SAFETY: punching a hole in our own memfd; every mapping of it (ours, and a
                 // device server's, which has been told to unmap) sees zeroes afterwards.
