@@ -160,7 +160,8 @@ impl Report {
         ));
         let v = &self.vm;
         let shards = if v.memory_shards > 0 {
-            format!(" in {} shards of {}", v.memory_shards, human(v.shard_bytes))
+            let s = if v.memory_shards == 1 { "" } else { "s" };
+            format!(" in {} shard{s} of {}", v.memory_shards, human(v.shard_bytes))
         } else {
             String::new()
         };
@@ -179,7 +180,7 @@ impl Report {
         }
         let t = &self.teardown;
         out.push_str(&format!(
-            "  exit          unpin {:.1} ms ({} threads), free {:.1} ms ({} threads), other {:.1} ms\n",
+            "  exit          unpin {:.1} ms ({} thr), free {:.1} ms ({} thr), other {:.1} ms\n",
             t.unpin_ms, t.unpin_threads, t.free_ms, t.free_threads, t.other_ms
         ));
         out.push_str(&format!(
