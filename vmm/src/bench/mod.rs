@@ -48,10 +48,12 @@ For every combination of --memory, --backing and --pin-threads, boots the probe 
 as a child `vmm run --report` (after --warmup discarded rounds; runs interleaved round-robin, the \
 order reversed every other round), and \
 records every phase of its timeline, its time to the guest's ready mark, and its wall time from \
-spawn. memfd RAM is booted with the pci-epf-test device over vfio-user when `vmm run` has \
+spawn, and its teardown (the report's exit phase). memfd and memfd-thp RAM (memfd-thp in the default list only where \
+shmem_enabled allows it) is booted with the pci-epf-test device over vfio-user when `vmm run` has \
 --user-device; anon and thp RAM with --pin populate. QEMU (qemu-system-x86_64 on PATH, or --qemu) \
 boots the same ELF with the same RAM as a preallocated memfd, with 1 and with vmm's `auto` thread \
-count as prealloc threads.\n\nWrites a table to stdout and startup.json, startup.svg and every run's \
+count as prealloc threads; with two sizes or more, the slope in ms per GiB between the smallest \
+and largest size compares what vmm and QEMU add per GiB of RAM, apart from QEMU's firmware.\n\nWrites a table to stdout and startup.json, startup.svg and every run's \
 report under --out.\n\nExample: vmm bench startup --memory 1G,4G --backing anon --pin-threads 1,2,auto --runs 3")]
     Startup(StartupArgs),
 }
