@@ -12,6 +12,10 @@ pub struct Machine {
     pub vmx_or_svm: bool,
     /// This OS itself runs under a hypervisor (the `hypervisor` flag).
     pub hypervisor: bool,
+    /// The selected word of THP's `enabled` and `shmem_enabled`: whether thp and memfd-thp
+    /// could get huge pages at all.
+    pub thp_enabled: Option<String>,
+    pub thp_shmem_enabled: Option<String>,
     /// UTC, `YYYY-MM-DD HH:MM:SSZ`.
     pub date: String,
 }
@@ -30,6 +34,7 @@ impl Machine {
         let has = |f: &str| flags.split_whitespace().any(|x| x == f);
         // SAFETY: sysconf has no preconditions.
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let thp = crate::memory::ThpPolicy::host();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -40,6 +45,8 @@ impl Machine {
             kernel: kernel_release(),
             vmx_or_svm: has("vmx") || has("svm"),
             hypervisor: has("hypervisor"),
+            thp_enabled: thp.anon,
+            thp_shmem_enabled: thp.shmem,
             date: utc_date(now),
         }
     }
@@ -47,7 +54,7 @@ impl Machine {
     /// One line for the table and the SVG.
     pub fn describe(&self) -> String {
         format!(
-            "{}, {} cores online, {} GiB, Linux {}, {}, {}",
+            "{}, {} cores online, {} GiB, Linux {}, {}, THP {}/shmem {}, {}",
             self.cpu_model,
             self.cores_online,
             self.memory_bytes >> 30,
@@ -58,6 +65,8 @@ impl Machine {
                 (false, true) => "no vmx/svm flag (nested KVM without it), under a hypervisor",
                 (false, false) => "no vmx/svm flag",
             },
+            self.thp_enabled.as_deref().unwrap_or("-"),
+            self.thp_shmem_enabled.as_deref().unwrap_or("-"),
             self.date
         )
     }

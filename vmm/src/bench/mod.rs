@@ -8,6 +8,7 @@
 //! costs several times more on a lazily backed host).
 
 pub mod args;
+pub mod compare;
 pub mod machine;
 pub mod pin;
 pub mod qemu;
@@ -25,11 +26,12 @@ use serde::Serialize;
 
 pub use args::StartupArgs;
 use args::{configs, Config};
+use compare::{ParallelRatio, QemuRatio, QemuSlope, RamSlope};
 use machine::Machine;
 use qemu::{ProbeElf, QemuChoice, QemuConfig, QemuSample};
 use run::{RunFailure, VmmSample};
 
-use crate::memory::{Backing, GuestMemory, MemorySpec, RamRange};
+use crate::memory::{Backing, GuestMemory, MemoryError, MemorySpec, RamRange, ThpPolicy};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
@@ -46,10 +48,12 @@ For every combination of --memory, --backing and --pin-threads, boots the probe 
 as a child `vmm run --report` (after --warmup discarded rounds; runs interleaved round-robin, the \
 order reversed every other round), and \
 records every phase of its timeline, its time to the guest's ready mark, and its wall time from \
-spawn. memfd RAM is booted with the pci-epf-test device over vfio-user when `vmm run` has \
+spawn, and its teardown (the report's exit phase). memfd and memfd-thp RAM (memfd-thp in the default list only where \
+shmem_enabled allows it) is booted with the pci-epf-test device over vfio-user when `vmm run` has \
 --user-device; anon and thp RAM with --pin populate. QEMU (qemu-system-x86_64 on PATH, or --qemu) \
 boots the same ELF with the same RAM as a preallocated memfd, with 1 and with vmm's `auto` thread \
-count as prealloc threads.\n\nWrites a table to stdout and startup.json, startup.svg and every run's \
+count as prealloc threads; with two sizes or more, the slope in ms per GiB between the smallest \
+and largest size compares what vmm and QEMU add per GiB of RAM, apart from QEMU's firmware.\n\nWrites a table to stdout and startup.json, startup.svg and every run's \
 report under --out.\n\nExample: vmm bench startup --memory 1G,4G --backing anon --pin-threads 1,2,auto --runs 3")]
     Startup(StartupArgs),
 }
@@ -90,8 +94,14 @@ pub struct ConfigResult {
     /// Threads the pin job used, and the limit that decided.
     pub threads_used: Option<u64>,
     pub decided_by: Option<String>,
+    /// memfds backing guest RAM and the size of each, as the reports give them (none for
+    /// private memory).
+    pub memory_shards: Option<u64>,
+    pub shard_bytes: Option<u64>,
     /// From vmm's start to the guest's ready mark (the report's `guest.ready_ms`).
     pub ready_ms: Option<Stats>,
+    /// The report's `exit` phase: teardown, after the guest has stopped.
+    pub teardown_ms: Option<Stats>,
     /// From spawn to the probe's result line on the serial pipe.
     pub spawn_ready_ms: Option<Stats>,
     pub wall_ms: Option<Stats>,
@@ -121,30 +131,8 @@ pub struct QemuSection {
     pub skipped: Option<String>,
     pub command: Option<String>,
     pub results: Vec<QemuResult>,
-}
-
-/// parallel/serial for one memory size and backing: median time to ready, and pin phase.
-#[derive(Debug, Serialize)]
-pub struct ParallelRatio {
-    pub memory_bytes: u64,
-    pub backing: Backing,
-    pub parallel: String,
-    pub parallel_threads: Option<u64>,
-    pub serial_ready_ms: f64,
-    pub parallel_ready_ms: f64,
-    pub ready_ratio: f64,
-    pub pin_ratio: Option<f64>,
-}
-
-/// vmm/QEMU with equal prealloc threads, both from spawn to the probe's result line.
-#[derive(Debug, Serialize)]
-pub struct QemuRatio {
-    pub memory_bytes: u64,
-    pub backing: Backing,
-    pub threads: usize,
-    pub vmm_ready_ms: f64,
-    pub qemu_ready_ms: f64,
-    pub ratio: f64,
+    /// QEMU's RAM-dependent part on its own, per prealloc thread count.
+    pub slopes: Vec<QemuSlope>,
 }
 
 #[derive(Debug, Serialize)]
@@ -155,6 +143,10 @@ pub struct StartupReport {
     pub warmup: u32,
     /// Whether `vmm run` has `--user-device` (memfd then boots with the epf device).
     pub user_device: bool,
+    /// The backings measured: those asked for, or the default for this host.
+    pub backings: Vec<Backing>,
+    /// `--memory-shard`, passed to `vmm run` for shareable backings.
+    pub memory_shard: Option<u64>,
     /// memset over resident memory in the bench process, GiB/s: the bandwidth ceiling.
     pub memset_gibps: Option<f64>,
     pub notes: Vec<String>,
@@ -162,6 +154,8 @@ pub struct StartupReport {
     pub qemu: QemuSection,
     pub parallel_vs_serial: Vec<ParallelRatio>,
     pub vmm_vs_qemu: Vec<QemuRatio>,
+    /// The RAM-dependent part of time to ready, vmm's and QEMU's, per backing and threads.
+    pub ram_slopes: Vec<RamSlope>,
     pub failures: Vec<RunFailure>,
     pub elapsed_s: f64,
 }
@@ -172,6 +166,8 @@ pub enum BenchError {
     Qemu(String),
     #[error(transparent)]
     Limits(#[from] pinning::limits::LimitsError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -186,6 +182,7 @@ impl Classify for BenchError {
         match self {
             BenchError::Qemu(_) => ErrorClass::User,
             BenchError::Limits(e) => e.class(),
+            BenchError::Memory(e) => e.class(),
             BenchError::Io { .. } => ErrorClass::Internal,
             BenchError::Cancelled(r) => r.class(),
         }
@@ -255,22 +252,31 @@ pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport
     let started = Instant::now();
     let exe = std::env::current_exe().map_err(io("finding the vmm binary"))?;
     let qemu_choice = qemu::choose(args.qemu.as_deref()).map_err(BenchError::Qemu)?;
+    // What every boot of a configuration would refuse is refused here, before any boots.
+    let thp = ThpPolicy::host();
+    let (backings, left_out) = args::backings(&args.backing, &thp)?;
+    let user_device = has_user_device(&exe);
+    let configs = configs(args, &backings, user_device);
+    args::check_shards(&configs, &thp)?;
     let runs_dir = args.out.join("runs");
     std::fs::create_dir_all(&runs_dir).map_err(io(format!("creating {}", runs_dir.display())))?;
     let limits = Limits::detect()?;
     let machine = Machine::detect();
     log(format!("machine: {}", machine.describe()));
-    let mut notes = Vec::new();
-
-    let user_device = has_user_device(&exe);
-    if !user_device && args.backing.iter().any(|b| b.shareable()) {
-        let n = "`vmm run` has no --user-device yet: shareable RAM (memfd) is booted with \
+    let mut notes: Vec<String> = left_out.into_iter().collect();
+    if !user_device && backings.iter().any(|b| b.shareable()) {
+        notes.push(
+            "`vmm run` has no --user-device yet: shareable RAM (memfd) is booted with \
 --pin populate and no device, like anon"
-            .to_string();
-        log(&n);
-        notes.push(n);
+                .into(),
+        );
     }
-    let configs = configs(args, user_device);
+    if args.memory_shard.is_some() && !backings.iter().any(|b| b.shareable()) {
+        notes.push("--memory-shard: no shareable backing measured, so it was not used".into());
+    }
+    for n in &notes {
+        log(n);
+    }
 
     // QEMU's prealloc threads: what vmm uses for each requested count, per memory size.
     let (qemu_path, skipped) = match &qemu_choice {
@@ -425,14 +431,17 @@ pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport
             samples,
         })
         .collect();
-    let parallel_vs_serial = parallel_ratios(&configs);
-    let vmm_vs_qemu = qemu_ratios(&configs, &qemu_results);
+    let parallel_vs_serial = compare::parallel_ratios(&configs);
+    let vmm_vs_qemu = compare::qemu_ratios(&configs, &qemu_results);
+    let ram_slopes = compare::ram_slopes(&configs, &qemu_results);
     let report = StartupReport {
         machine,
         command: std::env::args().collect(),
         runs: args.runs,
         warmup: args.warmup,
         user_device,
+        backings,
+        memory_shard: args.memory_shard,
         memset_gibps: memset,
         notes,
         configs,
@@ -450,10 +459,12 @@ pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport
             }),
             path: qemu_path,
             skipped,
+            slopes: compare::qemu_slopes(&qemu_results),
             results: qemu_results,
         },
         parallel_vs_serial,
         vmm_vs_qemu,
+        ram_slopes,
         failures,
         elapsed_s: (started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
     };
@@ -477,7 +488,10 @@ fn config_result(c: &Config, samples: Vec<VmmSample>, failed: bool) -> ConfigRes
         pin_backend: last.map(|s| s.pin.backend.clone()),
         threads_used: last.and_then(|s| s.pin.threads),
         decided_by: last.and_then(|s| s.pin.decided_by.clone()),
+        memory_shards: last.map(|s| s.memory_shards).filter(|&n| n > 0),
+        shard_bytes: last.map(|s| s.shard_bytes).filter(|&n| n > 0),
         ready_ms: Stats::of(samples.iter().map(|s| s.ready_ms)),
+        teardown_ms: Stats::of(samples.iter().map(|s| s.teardown_ms)),
         spawn_ready_ms: Stats::of(samples.iter().filter_map(|s| s.spawn_ready_ms)),
         wall_ms: Stats::of(samples.iter().map(|s| s.wall_ms)),
         pin_ms: Stats::of(samples.iter().map(|s| s.pin_ms)),
@@ -486,71 +500,6 @@ fn config_result(c: &Config, samples: Vec<VmmSample>, failed: bool) -> ConfigRes
         failed,
         samples,
     }
-}
-
-/// For each memory size and backing with a `1` configuration: every other thread count
-/// against it.
-fn parallel_ratios(configs: &[ConfigResult]) -> Vec<ParallelRatio> {
-    let mut out = Vec::new();
-    for serial in configs.iter().filter(|c| c.pin_threads == "1") {
-        let Some(s) = serial.ready_ms else { continue };
-        for p in configs.iter().filter(|c| {
-            c.memory_bytes == serial.memory_bytes
-                && c.backing == serial.backing
-                && c.pin_threads != "1"
-        }) {
-            let Some(pr) = p.ready_ms else { continue };
-            out.push(ParallelRatio {
-                memory_bytes: p.memory_bytes,
-                backing: p.backing,
-                parallel: p.pin_threads.clone(),
-                parallel_threads: p.threads_used,
-                serial_ready_ms: s.median,
-                parallel_ready_ms: pr.median,
-                ready_ratio: ratio(pr.median, s.median),
-                pin_ratio: match (p.pin_ms, serial.pin_ms) {
-                    (Some(a), Some(b)) if b.median > 0.0 => Some(ratio(a.median, b.median)),
-                    _ => None,
-                },
-            });
-        }
-    }
-    out
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    (a / b * 1000.0).round() / 1000.0
-}
-
-/// Each vmm configuration against the QEMU run of the same size whose prealloc threads equal
-/// the pin threads vmm used; both timed from spawn to the probe's result line.
-fn qemu_ratios(configs: &[ConfigResult], qemu: &[QemuResult]) -> Vec<QemuRatio> {
-    let mut out = Vec::new();
-    for q in qemu {
-        let Some(qr) = q.ready_ms else { continue };
-        for c in configs.iter().filter(|c| {
-            c.memory_bytes == q.memory_bytes && c.threads_used == Some(q.prealloc_threads as u64)
-        }) {
-            // Two requests (`2` and `auto`) can use the same count: compare each backing once.
-            if out.iter().any(|r: &QemuRatio| {
-                r.memory_bytes == c.memory_bytes
-                    && r.backing == c.backing
-                    && r.threads == q.prealloc_threads
-            }) {
-                continue;
-            }
-            let Some(v) = c.spawn_ready_ms else { continue };
-            out.push(QemuRatio {
-                memory_bytes: q.memory_bytes,
-                backing: c.backing,
-                threads: q.prealloc_threads,
-                vmm_ready_ms: v.median,
-                qemu_ready_ms: qr.median,
-                ratio: ratio(v.median, qr.median),
-            });
-        }
-    }
-    out
 }
 
 /// The order configurations run in during `round`: forward, then backward, alternately.

@@ -220,9 +220,18 @@ pub struct VmmSample {
     pub total_ms: f64,
     /// The `pin` phase.
     pub pin_ms: f64,
+    /// The `exit` phase: stopping the guest and its devices, undoing the pinning, unmapping
+    /// and freeing guest RAM. Not in time to ready, but a host that starts VMs back to back
+    /// pays it too (freeing a memfd of many GiB takes seconds).
+    pub teardown_ms: f64,
     /// vmm's own set-up outside pinning: kvm + memory + devices + load + vcpus.
     pub overhead_ms: f64,
     pub pin: PinSummary,
+    /// From the report's `vm`: memfds backing guest RAM (0 for private memory), the size of
+    /// each, and the huge pages the kernel gave.
+    pub memory_shards: u64,
+    pub shard_bytes: u64,
+    pub huge_bytes: u64,
     pub phases: Vec<PhaseMs>,
     pub exit_status: Option<i64>,
     pub report: PathBuf,
@@ -296,8 +305,12 @@ pub fn parse_report(
         entry_ms: json["guest"]["entry_ms"].as_f64(),
         total_ms: json["total_ms"].as_f64().unwrap_or(0.0),
         pin_ms: phase("pin"),
+        teardown_ms: phase("exit"),
         overhead_ms: ((OVERHEAD_PHASES.iter().map(|n| phase(n)).sum::<f64>()) * 1e3).round() / 1e3,
         pin: pin_summary(&json["pin"]),
+        memory_shards: json["vm"]["memory_shards"].as_u64().unwrap_or(0),
+        shard_bytes: json["vm"]["shard_bytes"].as_u64().unwrap_or(0),
+        huge_bytes: json["vm"]["huge_bytes"].as_u64().unwrap_or(0),
         phases,
         exit_status: json["exit_status"].as_i64(),
         report: path.to_path_buf(),
@@ -330,8 +343,11 @@ pub fn boot(
         .arg(short_size(config.memory))
         .args(["--backing", config.backing.name()])
         .args(["--pin-threads", &config.threads.to_string()])
-        .args(&config.plan.args)
-        .arg("--report")
+        .args(&config.plan.args);
+    if let Some(shard) = config.shard {
+        cmd.args(["--memory-shard", &short_size(shard)]);
+    }
+    cmd.arg("--report")
         .arg(report)
         .arg("--quiet")
         .arg("--timeout")
@@ -414,6 +430,33 @@ mod tests {
         .unwrap();
         assert!(matches!(t.ended, Ended::TimedOut));
         assert!(t.first_output_ms.is_none());
+    }
+
+    #[test]
+    fn teardown_is_the_exit_phase_and_shards_come_from_vm() {
+        use std::os::unix::process::ExitStatusExt;
+        let phase = |name: &str, s: f64, e: f64| serde_json::json!({"name": name, "start_ms": s, "end_ms": e});
+        let json = serde_json::json!({
+            "total_ms": 3400.0,
+            "phases": [phase("memory", 1.0, 2.0), phase("pin", 2.0, 302.0),
+                       phase("run", 302.0, 400.0), phase("exit", 400.0, 3400.0)],
+            "guest": {"ready_ms": 390.0},
+            "pin": {"backend": "vfio-user", "threads": 2},
+            "vm": {"memory_shards": 4, "shard_bytes": 1u64 << 30, "huge_bytes": 2u64 << 20},
+        });
+        let t = Timed {
+            ended: Ended::Exited(ExitStatus::from_raw(0)),
+            wall_ms: 3500.0,
+            first_output_ms: Some(350.0),
+            ready_line_ms: Some(395.0),
+            stdout: String::new(),
+            stderr: String::new(),
+        };
+        let s = parse_report(&json, 1, &t, Path::new("r.json")).unwrap();
+        assert_eq!(s.teardown_ms, 3000.0);
+        assert_eq!(s.pin_ms, 300.0);
+        assert_eq!((s.memory_shards, s.shard_bytes), (4, 1 << 30));
+        assert_eq!(s.huge_bytes, 2 << 20);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::args::short_size;
 use super::svg::{self, Series};
 use super::{StartupReport, Stats};
 use crate::size::human;
@@ -10,6 +11,22 @@ fn s3(s: Option<Stats>) -> String {
     match s {
         Some(s) => format!("{:>9.1} {:>9.1} {:>9.1}", s.median, s.min, s.max),
         None => format!("{:>9} {:>9} {:>9}", "-", "-", "-"),
+    }
+}
+
+/// Median and min: teardown is shown beside time to ready, and its max says little more.
+fn s2(s: Option<Stats>) -> String {
+    match s {
+        Some(s) => format!("{:>9.1} {:>9.1}", s.median, s.min),
+        None => format!("{:>9} {:>9}", "-", "-"),
+    }
+}
+
+/// `4x1G` for four memfds of 1 GiB; `-` for private memory.
+fn shards(shards: Option<u64>, bytes: Option<u64>) -> String {
+    match (shards, bytes) {
+        (Some(n), Some(b)) => format!("{n}x{}", short_size(b)),
+        _ => "-".into(),
     }
 }
 
@@ -36,12 +53,14 @@ pub fn table(r: &StartupReport) -> String {
     }
     let _ = writeln!(
         o,
-        "\n{:<18} {:<15} {:<10} {:>7}  {:^29}  {:^29}  {:>9}  {:>11}",
+        "\n{:<22} {:<15} {:<10} {:>7} {:>7}  {:^29}  {:^19}  {:^29}  {:>9}  {:>11}",
         "config",
         "mode",
         "backend",
         "threads",
+        "shards",
         "ready: median   min   max",
+        "teardown: med  min",
         "pin: median    min    max",
         "pin GiB/s",
         "overhead ms"
@@ -49,12 +68,14 @@ pub fn table(r: &StartupReport) -> String {
     for c in &r.configs {
         let _ = writeln!(
             o,
-            "{:<18} {:<15} {:<10} {:>7}  {}  {}  {:>9}  {:>11}{}",
+            "{:<22} {:<15} {:<10} {:>7} {:>7}  {}  {}  {}  {:>9}  {:>11}{}",
             c.id,
             c.mode,
             c.pin_backend.as_deref().unwrap_or("-"),
             opt(c.threads_used),
+            shards(c.memory_shards, c.shard_bytes),
             s3(c.ready_ms),
+            s2(c.teardown_ms),
             s3(c.pin_ms),
             c.pin_gibps
                 .map_or("-".into(), |g| format!("{:.2}", g.median)),
@@ -90,17 +111,28 @@ pub fn table(r: &StartupReport) -> String {
         None => {
             let _ = writeln!(
                 o,
-                "\nQEMU (memfd, prealloc, mem-lock; from spawn):\n{:<18} {:^29}  {:^29}",
+                "\nQEMU (memfd, prealloc, mem-lock; from spawn):\n{:<22} {:^29}  {:^29}",
                 "config", "first output: med  min  max", "ready: median   min   max"
             );
             for q in &r.qemu.results {
                 let _ = writeln!(
                     o,
-                    "{:<18} {}  {}{}",
+                    "{:<22} {}  {}{}",
                     q.id,
                     s3(q.first_output_ms),
                     s3(q.ready_ms),
                     if q.failed { "  FAILED" } else { "" }
+                );
+            }
+            for q in &r.qemu.slopes {
+                let _ = writeln!(
+                    o,
+                    "QEMU's RAM-dependent part, {} prealloc thread(s), {} to {}: {:.1} ms per GiB; fixed part (at 0 GiB) {:.1} ms",
+                    q.prealloc_threads,
+                    human(q.from_memory_bytes),
+                    human(q.to_memory_bytes),
+                    q.ms_per_gib,
+                    q.fixed_ms
                 );
             }
             let _ = writeln!(
@@ -122,7 +154,54 @@ pub fn table(r: &StartupReport) -> String {
             }
         }
     }
+    slopes(&mut o, r);
     o
+}
+
+/// vmm's and QEMU's RAM-dependent part side by side: what each adds per GiB of guest RAM,
+/// whatever QEMU's emulated firmware costs at any size.
+fn slopes(o: &mut String, r: &StartupReport) {
+    if r.ram_slopes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nRAM-dependent part: median time from spawn to ready, slope between the smallest and largest size (ms per GiB), and the fixed part left at 0 GiB (ms):\n{:<10} {:<10} {:>7} {:>11} {:>10} {:>8} {:>11} {:>10} {:>7}",
+        "sizes",
+        "backing",
+        "threads",
+        "vmm ms/GiB",
+        "vmm fixed",
+        "QEMU p",
+        "QEMU ms/GiB",
+        "QEMU fixed",
+        "ratio"
+    );
+    let f1 = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1}"));
+    for s in &r.ram_slopes {
+        let _ = writeln!(
+            o,
+            "{:<10} {:<10} {:>7} {:>11.1} {:>10.1} {:>8} {:>11} {:>10} {:>7}",
+            format!(
+                "{}-{}",
+                short_size(s.from_memory_bytes),
+                short_size(s.to_memory_bytes)
+            ),
+            s.backing.name(),
+            s.pin_threads,
+            s.vmm_ms_per_gib,
+            s.vmm_fixed_ms,
+            s.qemu_prealloc_threads
+                .map_or("-".into(), |[a, b]| if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }),
+            f1(s.qemu_ms_per_gib),
+            f1(s.qemu_fixed_ms),
+            s.ratio.map_or("-".into(), |x| format!("{x:.3}"))
+        );
+    }
 }
 
 /// The chart: median time from spawn to the probe's result line against guest RAM, one line
@@ -169,4 +248,114 @@ pub fn svg(r: &StartupReport) -> String {
         "time from spawn to guest ready (ms)",
         &series,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::compare::{QemuSlope, RamSlope};
+    use crate::bench::machine::Machine;
+    use crate::bench::{ConfigResult, QemuSection};
+    use crate::memory::Backing;
+
+    fn stats(median: f64, min: f64) -> Option<Stats> {
+        Some(Stats {
+            median,
+            min,
+            max: median * 2.0,
+        })
+    }
+
+    fn report() -> StartupReport {
+        let config = ConfigResult {
+            id: "8G-memfd-t1".into(),
+            memory_bytes: 8 << 30,
+            backing: Backing::Memfd,
+            pin_threads: "1".into(),
+            mode: "user-device epf".into(),
+            pin_backend: Some("vfio-user".into()),
+            threads_used: Some(1),
+            decided_by: None,
+            memory_shards: Some(9),
+            shard_bytes: Some(1 << 30),
+            ready_ms: stats(6186.5, 5704.2),
+            teardown_ms: stats(1234.5, 987.6),
+            spawn_ready_ms: None,
+            wall_ms: None,
+            pin_ms: None,
+            pin_gibps: None,
+            overhead_ms: None,
+            failed: false,
+            samples: Vec::new(),
+        };
+        StartupReport {
+            machine: Machine::detect(),
+            command: Vec::new(),
+            runs: 3,
+            warmup: 1,
+            user_device: true,
+            backings: vec![Backing::Memfd],
+            memory_shard: None,
+            memset_gibps: None,
+            notes: Vec::new(),
+            configs: vec![config],
+            qemu: QemuSection {
+                path: None,
+                skipped: None,
+                command: None,
+                results: Vec::new(),
+                slopes: vec![QemuSlope {
+                    prealloc_threads: 1,
+                    from_memory_bytes: 1 << 30,
+                    to_memory_bytes: 8 << 30,
+                    ms_per_gib: 1137.343,
+                    fixed_ms: 2401.057,
+                }],
+            },
+            parallel_vs_serial: Vec::new(),
+            vmm_vs_qemu: Vec::new(),
+            ram_slopes: vec![RamSlope {
+                backing: Backing::Memfd,
+                pin_threads: "auto".into(),
+                from_memory_bytes: 1 << 30,
+                to_memory_bytes: 8 << 30,
+                vmm_ms_per_gib: 496.0,
+                vmm_fixed_ms: 218.1,
+                qemu_prealloc_threads: Some([2, 4]),
+                qemu_ms_per_gib: Some(607.5),
+                qemu_fixed_ms: Some(2632.3),
+                ratio: Some(0.816),
+            }],
+            failures: Vec::new(),
+            elapsed_s: 1.0,
+        }
+    }
+
+    #[test]
+    fn rows_show_shards_and_teardown_beside_time_to_ready() {
+        let t = table(&report());
+        let row = t.lines().find(|l| l.starts_with("8G-memfd-t1")).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        // config, mode (2 words), backend, threads, shards, ready x3, teardown median and min.
+        assert_eq!(cols[5], "9x1G", "{row}");
+        assert_eq!(
+            &cols[6..11],
+            ["6186.5", "5704.2", "12373.0", "1234.5", "987.6"]
+        );
+    }
+
+    #[test]
+    fn the_ram_dependent_part_is_shown_for_qemu_alone_and_beside_vmm() {
+        let t = table(&report());
+        assert!(
+            t.contains("QEMU's RAM-dependent part, 1 prealloc thread(s), 1 GiB to 8 GiB: 1137.3 ms per GiB; fixed part (at 0 GiB) 2401.1 ms"),
+            "{t}"
+        );
+        let row = t.lines().find(|l| l.starts_with("1G-8G")).unwrap();
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(
+            cols,
+            ["1G-8G", "memfd", "auto", "496.0", "218.1", "2-4", "607.5", "2632.3", "0.816"]
+        );
+    }
 }
