@@ -87,20 +87,20 @@ pub enum PinError {
         backend: BackendKind,
         #[source]
         source: BackendError,
-        undone: Undone,
+        undone: Box<Undone>,
     },
-    #[error("pinning guest RAM with the {backend} backend stopped: a pinning thread panicked on guest RAM {:#x}..{:#x} ({message}); {undone}", chunk.start, chunk.end)]
+    #[error("pinning guest RAM with the {backend} backend stopped: a pinning thread panicked on bytes {:#x}..{:#x} of guest RAM ({message}); {undone}", chunk.start, chunk.end)]
     Panicked {
         backend: BackendKind,
         /// The chunk, as offsets into guest RAM (not guest addresses).
         chunk: Range<u64>,
         message: String,
-        undone: Undone,
+        undone: Box<Undone>,
     },
     #[error("pinning cancelled by {reason}; {undone}")]
     Cancelled {
         reason: CancelReason,
-        undone: Undone,
+        undone: Box<Undone>,
     },
     /// A `JobError` the pinner has no variant for (a bad spec, a helper that would not
     /// start), already a full message.
@@ -137,7 +137,7 @@ impl PinError {
         match self {
             PinError::Failed { undone, .. }
             | PinError::Panicked { undone, .. }
-            | PinError::Cancelled { undone, .. } => Some(undone),
+            | PinError::Cancelled { undone, .. } => Some(undone.as_ref()),
             _ => None,
         }
     }
@@ -146,7 +146,7 @@ impl PinError {
         match self {
             PinError::Failed { undone, .. }
             | PinError::Panicked { undone, .. }
-            | PinError::Cancelled { undone, .. } => Some(undone),
+            | PinError::Cancelled { undone, .. } => Some(undone.as_mut()),
             _ => None,
         }
     }
@@ -558,7 +558,7 @@ impl Pinner {
             } => PinError::Failed {
                 backend,
                 source,
-                undone,
+                undone: Box::new(undone),
             },
             JobError::Failed {
                 error: WorkError::Cancelled,
@@ -566,7 +566,7 @@ impl Pinner {
                 ..
             } => PinError::Cancelled {
                 reason: cancel.reason().unwrap_or(CancelReason::Requested),
-                undone,
+                undone: Box::new(undone),
             },
             JobError::Panicked {
                 chunk,
@@ -576,9 +576,12 @@ impl Pinner {
                 backend,
                 chunk,
                 message,
-                undone,
+                undone: Box::new(undone),
             },
-            JobError::Cancelled { reason, undone } => PinError::Cancelled { reason, undone },
+            JobError::Cancelled { reason, undone } => PinError::Cancelled {
+                reason,
+                undone: Box::new(undone),
+            },
             other => PinError::Engine(other.to_string()),
         };
         let mut left = rollbacks;

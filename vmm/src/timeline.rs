@@ -114,6 +114,8 @@ pub struct Report {
 pub struct Teardown {
     pub unpin_ms: f64,
     pub unpin_threads: usize,
+    /// What undoing the DMA mappings and locks did, and the undo calls that failed.
+    pub unpin: pinning::Undone,
     pub free_ms: f64,
     pub free_threads: usize,
     pub other_ms: f64,

@@ -261,7 +261,7 @@ impl Undone {
 
     /// Counts one failed undo call over `bytes`.
     pub(crate) fn fail(&mut self, bytes: u64, what: impl fmt::Display) {
-        tracing::warn!("undoing {bytes:#x} bytes of pinned guest RAM failed: {what}");
+        tracing::warn!("undoing a pin of guest RAM: {what}");
         self.failed += 1;
         self.failed_bytes += bytes;
         if self.first_failure.is_none() {

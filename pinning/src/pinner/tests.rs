@@ -274,7 +274,7 @@ fn populate_and_none_report_their_plan() {
 fn a_signal_classifies_a_cancelled_pin_as_interrupted() {
     let err = PinError::Cancelled {
         reason: CancelReason::Signal(libc::SIGTERM),
-        undone: Undone::default(),
+        undone: Box::default(),
     };
     assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGTERM));
     assert_eq!(err.class().exit_status(), 143);
@@ -716,7 +716,7 @@ fn undo_failures_are_counted_and_reported_never_as_nothing_left_pinned() {
     assert!(err.to_string().contains("munlock of"), "{err}");
     let cancelled = PinError::Cancelled {
         reason: CancelReason::Signal(libc::SIGINT),
-        undone: err.undone().unwrap().clone(),
+        undone: Box::new(err.undone().unwrap().clone()),
     };
     assert_eq!(cancelled.class(), ErrorClass::Internal);
 }

@@ -94,6 +94,10 @@ pub struct RunArgs {
     /// Testing only: leave the 4 KiB page at this guest address out of the vfio-user DMA map.
     #[arg(long, hide = true, value_parser = parse_addr)]
     pub test_dma_hole: Option<u64>,
+    /// Testing only: inject a fault into the pin backend, `panic-on-map=N` (the Nth map call
+    /// panics) or `fail-unmap` (every unmap fails, undoing nothing). Repeatable.
+    #[arg(long, hide = true)]
+    pub test_fault: Vec<crate::pin::TestFault>,
     /// Threads for pinning: `auto` (all the limits allow) or a number.
     #[arg(long, default_value = "auto")]
     pub pin_threads: ThreadRequest,
@@ -289,6 +293,7 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             dma_hole: args.test_dma_hole,
         },
         pin: args.pin,
+        test_faults: args.test_fault.clone(),
         pin_options: PinOptions {
             threads: args.pin_threads,
             ..PinOptions::default()
