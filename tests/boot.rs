@@ -377,7 +377,11 @@ fn bad_input_is_one_clear_line_and_status_2() {
         (vec!["--memory", "4Q"], "not a size"),
         (vec!["--cmdline", &long], "command line"),
         (vec!["--cpus", "0"], "--cpus"),
+        (vec!["--cpus", "255"], "--cpus"),
         (vec!["--timeout", "0"], "--timeout"),
+        (vec!["--timeout", "1e19"], "at most 31536000 (one year)"),
+        (vec!["--timeout", "NaN"], "--timeout"),
+        (vec!["--pin-threads", "5000"], "from 1 to 4096"),
         (
             vec!["--backing", "thp", "--memory", "257M"],
             "not a multiple",
@@ -389,6 +393,60 @@ fn bad_input_is_one_clear_line_and_status_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Every input is checked before guest RAM is touched: with 8 GiB faulted in by
+/// `--pin populate`, a bad input used to cost the whole populate (seconds) before the kernel
+/// or initrd was even opened.
+#[test]
+fn bad_input_with_8g_is_refused_before_any_memory_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a kernel at all").unwrap();
+    // Sparse: more than the RAM below the 32-bit hole, costing no disk.
+    let huge_initrd = dir.path().join("initrd");
+    std::fs::File::create(&huge_initrd)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let long = "a".repeat(5000);
+    let report = dir.path().join("no/such/folder/report.json");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--kernel", "/nonexistent"], "cannot open /nonexistent"),
+        (
+            vec!["--kernel", junk.to_str().unwrap()],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            vec!["--initrd", huge_initrd.to_str().unwrap()],
+            "does not fit in guest memory",
+        ),
+        (vec!["--cmdline", &long], "shorten --cmdline"),
+        (vec!["--timeout", "1e19"], "--timeout 10000000000000000000"),
+        (
+            vec!["--report", report.to_str().unwrap()],
+            "its folder does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        let started = Instant::now();
+        let out = vmm()
+            .args(["run", "--memory", "8G", "--user-device", "none"])
+            .args(["--pin", "populate"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        let err = stderr(&out);
+        let what: String = format!("{args:?}").chars().take(60).collect();
+        eprintln!("{what}: exit {:?} in {took:?}", out.status.code());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{args:?} took {took:?}: {err}"
+        );
     }
 }
 

@@ -219,6 +219,11 @@ fn bad_input_is_exit_status_2_with_the_reason() {
             vec!["--memory", "1G", "--threads", "x"],
             "not a thread count",
         ),
+        (
+            vec!["--memory", "1G", "--threads", "1,4097"],
+            "from 1 to 4096",
+        ),
+        (vec!["--memory", "1G", "--warmup", "101"], "101"),
     ] {
         let out = vmm().arg("pin-bench").args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);

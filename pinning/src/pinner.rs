@@ -30,6 +30,12 @@ pub enum ThreadRequest {
     AtMost(usize),
 }
 
+impl ThreadRequest {
+    /// The most threads one may ask for: far above any host's CPU count, far below what
+    /// would exhaust the process's threads or stacks.
+    pub const MAX: usize = 4096;
+}
+
 impl std::str::FromStr for ThreadRequest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -37,9 +43,10 @@ impl std::str::FromStr for ThreadRequest {
             return Ok(ThreadRequest::Auto);
         }
         match s.parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(ThreadRequest::AtMost(n)),
+            Ok(n) if (1..=Self::MAX).contains(&n) => Ok(ThreadRequest::AtMost(n)),
             _ => Err(format!(
-                "`{s}` is not a thread count: use `auto` or a number from 1 up"
+                "`{s}` is not a thread count: use `auto` or a number from 1 to {}",
+                Self::MAX
             )),
         }
     }

@@ -748,3 +748,13 @@ fn teardown_counts_the_undo_calls_that_failed() {
     assert!(!u.to_string().contains("nothing is left pinned"), "{u}");
     assert_eq!(faulty.ends(), 1);
 }
+
+#[test]
+fn thread_requests_are_bounded() {
+    assert_eq!("auto".parse(), Ok(ThreadRequest::Auto));
+    assert_eq!("4096".parse(), Ok(ThreadRequest::AtMost(4096)));
+    for bad in ["0", "4097", "18446744073709551616", "-1", "x"] {
+        let e = bad.parse::<ThreadRequest>().unwrap_err();
+        assert!(e.contains("from 1 to 4096"), "{bad}: {e}");
+    }
+}
