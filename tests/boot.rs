@@ -1,12 +1,16 @@
 //! `vmm run` through the real binary with the probe guest: it boots, checks itself and
 //! reports; the exit status, timeline report, signals and bad input behave as documented.
 
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{run_with_report, stderr, stdout, vmm, wait_for_locked_memory};
+use common::{
+    epf_server, run_with_report, server_counts, server_end, stderr, stdout, vmm,
+    wait_for_guest_ram_mapped_by, wait_for_locked_memory,
+};
 use guest_abi::exit;
 use guest_abi::probe::{RESULT_FAIL_PREFIX, RESULT_OK_LINE};
 
@@ -148,19 +152,28 @@ fn the_guest_exit_status_passes_through() {
 
 #[test]
 fn sigint_stops_a_running_guest_with_status_130() {
-    let child = vmm()
+    let mut child = vmm()
         .args(["run", "--cmdline", "probe.hang"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The probe reaches `hanging` within milliseconds; give it ample time on a busy machine.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Signal once the probe says it hangs (a fixed wait is too short on a busy machine).
+    let mut serial = child.stdout.take().unwrap();
+    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&seen).contains("probe: hanging (probe.hang)") {
+        let n = serial.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "vmm ended early:\n{}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
     // SAFETY: a pid we spawned and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(stdout(&out).contains("probe: hanging (probe.hang)"));
     assert!(
         stderr(&out).contains("stopped by signal 2"),
         "{}",
@@ -181,11 +194,144 @@ fn sigterm_during_pinning_undoes_it_with_status_143() {
     // SAFETY: a pid we spawned and have not reaped.
     unsafe { libc::kill(pid as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("pinning cancelled by SIGTERM"), "{err}");
+    assert!(err.contains("nothing is left pinned"), "{err}");
+    // Read while guest RAM was still mapped: only the undo (munlock) can have brought VmLck to
+    // zero, not the unmap that follows.
     assert!(
-        stderr(&out).contains("pinning cancelled by SIGTERM"),
-        "{}",
-        stderr(&out)
+        err.contains("VmLck was 0 kB right after the undo, with guest RAM still mapped"),
+        "{err}"
+    );
+}
+
+#[test]
+fn sigterm_during_a_vfio_user_pin_leaves_the_server_nothing_mapped() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("epf.sock");
+    let server = epf_server(&socket);
+    let child = vmm()
+        .args(["run", "--quiet", "--memory", "8G", "--pin-threads", "1"])
+        .args(["--user-device", socket.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Pinning is under way with something to undo once the server has mapped guest RAM.
+    wait_for_guest_ram_mapped_by(server.id());
+    // SAFETY: a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = child.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(143), "{err}");
+    assert!(err.contains("pinning cancelled by SIGTERM"), "{err}");
+    assert!(err.contains("nothing is left pinned"), "{err}");
+    let end = server_end(server);
+    let (maps, _, still_mapped) = server_counts(&end);
+    assert!(maps >= 1, "nothing was mapped before the signal: {end}");
+    assert_eq!(still_mapped, 0, "{end}");
+}
+
+/// The vmm error line: the last line of stderr, after the panic message Rust prints.
+fn last_line(err: &str) -> &str {
+    err.lines().last().unwrap_or("")
+}
+
+#[test]
+fn a_panic_while_pinning_is_undone_and_exits_1_naming_it() {
+    // Locked memory: VmLck, read right after the undo, shows the munlock (the backend's end)
+    // ran after the panic.
+    let out = vmm()
+        .args(["run", "--quiet", "--user-device", "none", "--memory", "1G"])
+        .args(["--pin", "mlock", "--pin-threads", "2"])
+        .args(["--test-fault", "panic-on-map=3"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = last_line(&err);
+    assert!(line.starts_with("vmm: "), "{err}");
+    assert!(
+        line.contains("a pinning thread panicked")
+            && line.contains("injected by --test-fault panic-on-map=3")
+            && line.contains("nothing is left pinned")
+            && line.contains("VmLck was 0 kB right after the undo"),
+        "{err}"
+    );
+
+    // DMA-mapped memory: the device server is left nothing mapped.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("epf.sock");
+    let server = epf_server(&socket);
+    let out = vmm()
+        .args(["run", "--quiet", "--memory", "2G", "--memory-shard", "256M"])
+        .args(["--user-device", socket.to_str().unwrap()])
+        .args(["--test-fault", "panic-on-map=4"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        last_line(&err).contains("injected by --test-fault panic-on-map=4"),
+        "{err}"
+    );
+    let end = server_end(server);
+    let (maps, _, still_mapped) = server_counts(&end);
+    assert!(maps >= 4, "{end}");
+    assert_eq!(still_mapped, 0, "{end}");
+}
+
+#[test]
+fn undo_calls_that_fail_are_reported_with_status_1_never_as_nothing_left_pinned() {
+    // At teardown: the guest passed, but the unmaps failed.
+    let (out, report) = run_with_report(&[
+        "--quiet",
+        "--user-device",
+        "none",
+        "--pin",
+        "populate",
+        "--memory",
+        "512M",
+        "--test-fault",
+        "fail-unmap",
+    ]);
+    let err = stderr(&out);
+    assert!(stdout(&out).contains(RESULT_OK_LINE), "{}", stdout(&out));
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = last_line(&err);
+    assert!(
+        line.starts_with("vmm: tearing the VM down: undoing"),
+        "{err}"
+    );
+    assert!(
+        line.contains("(the first: unmap (--test-fault fail-unmap) of")
+            && line.contains("so up to 536870912 bytes may remain mapped or locked"),
+        "{err}"
+    );
+    let unpin = &report.expect("a report")["teardown"]["unpin"];
+    assert_eq!(unpin["failed_bytes"], 512u64 << 20, "{unpin}");
+    assert_eq!(unpin["failed"], unpin["chunks"], "{unpin}");
+
+    // After a failed pin: the error says what may remain instead of "nothing is left pinned".
+    let out = vmm()
+        .args(["run", "--quiet", "--user-device", "none", "--memory", "1G"])
+        .args(["--pin", "populate", "--pin-threads", "1"])
+        .args([
+            "--test-fault",
+            "panic-on-map=2",
+            "--test-fault",
+            "fail-unmap",
+        ])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = last_line(&err);
+    assert!(!line.contains("nothing is left pinned"), "{err}");
+    assert!(
+        line.contains("2 undo calls failed") && line.contains("may remain mapped or locked"),
+        "{err}"
     );
 }
 
@@ -231,7 +377,11 @@ fn bad_input_is_one_clear_line_and_status_2() {
         (vec!["--memory", "4Q"], "not a size"),
         (vec!["--cmdline", &long], "command line"),
         (vec!["--cpus", "0"], "--cpus"),
+        (vec!["--cpus", "255"], "--cpus"),
         (vec!["--timeout", "0"], "--timeout"),
+        (vec!["--timeout", "1e19"], "at most 31536000 (one year)"),
+        (vec!["--timeout", "NaN"], "--timeout"),
+        (vec!["--pin-threads", "5000"], "from 1 to 4096"),
         (
             vec!["--backing", "thp", "--memory", "257M"],
             "not a multiple",
@@ -243,6 +393,60 @@ fn bad_input_is_one_clear_line_and_status_2() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// Every input is checked before guest RAM is touched: with 8 GiB faulted in by
+/// `--pin populate`, a bad input used to cost the whole populate (seconds) before the kernel
+/// or initrd was even opened.
+#[test]
+fn bad_input_with_8g_is_refused_before_any_memory_is_touched() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::write(&junk, b"not a kernel at all").unwrap();
+    // Sparse: more than the RAM below the 32-bit hole, costing no disk.
+    let huge_initrd = dir.path().join("initrd");
+    std::fs::File::create(&huge_initrd)
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    let long = "a".repeat(5000);
+    let report = dir.path().join("no/such/folder/report.json");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--kernel", "/nonexistent"], "cannot open /nonexistent"),
+        (
+            vec!["--kernel", junk.to_str().unwrap()],
+            "neither an ELF vmlinux nor a bzImage",
+        ),
+        (
+            vec!["--initrd", huge_initrd.to_str().unwrap()],
+            "does not fit in guest memory",
+        ),
+        (vec!["--cmdline", &long], "shorten --cmdline"),
+        (vec!["--timeout", "1e19"], "--timeout 10000000000000000000"),
+        (
+            vec!["--report", report.to_str().unwrap()],
+            "its folder does not exist",
+        ),
+    ];
+    for (args, needle) in cases {
+        let started = Instant::now();
+        let out = vmm()
+            .args(["run", "--memory", "8G", "--user-device", "none"])
+            .args(["--pin", "populate"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let took = started.elapsed();
+        let err = stderr(&out);
+        let what: String = format!("{args:?}").chars().take(60).collect();
+        eprintln!("{what}: exit {:?} in {took:?}", out.status.code());
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            took < Duration::from_secs(2),
+            "{args:?} took {took:?}: {err}"
+        );
     }
 }
 

@@ -12,8 +12,9 @@
 //! - [`engine`] splits a job into chunks, none across a region boundary, pulled from a
 //!   shared cursor by helper threads at nice 19 (the caller works too and lends its priority
 //!   while it waits, see [`prio`]); the first error wins and everything done is undone, as
-//!   is a job cancelled by SIGINT/SIGTERM ([`cancel`]). [`parallel_for`] runs teardown on
-//!   the same threads, uncancellable.
+//!   is a job cancelled by SIGINT/SIGTERM ([`cancel`]) or one whose work panicked (the panic
+//!   becomes the error). Undo calls that fail are counted ([`engine::Undone`]), never only
+//!   logged. [`parallel_for`] runs teardown on the same threads, uncancellable.
 //! - [`backend`] holds the ways of preparing memory behind one [`backend::PinBackend`] trait:
 //!   `populate`, `mlock`, `none`, kernel VFIO `type1` / `iommufd` on vfio-ioctls, and
 //!   `vfio-user`.
@@ -46,7 +47,7 @@ pub use admission::AdmissionError;
 pub use backend::{BackendKind, PinBackend};
 pub use cancel::{CancelToken, SignalGuard};
 pub use class::{Classify, ErrorClass};
-pub use engine::{parallel_for, DecidedBy, JobSpec};
+pub use engine::{parallel_for, DecidedBy, JobSpec, Undone};
 pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
 pub use region::{GuestRam, Region};

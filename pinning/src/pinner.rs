@@ -2,7 +2,7 @@
 //! guard that undoes it all when dropped.
 
 use std::ops::Range;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -11,8 +11,11 @@ use crate::admission::{self, AdmissionError};
 use crate::backend::{populate_range, BackendError, BackendKind, PinBackend};
 use crate::cancel::{CancelReason, CancelToken};
 use crate::class::{Classify, ErrorClass};
-use crate::engine::{self, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAULT_MIN_CHUNK};
+use crate::engine::{
+    self, lock, ChunkWork, DecidedBy, JobError, JobSpec, Undone, DEFAULT_MIN_CHUNK,
+};
 use crate::limits::Limits;
+use crate::procfs::ProcStatus;
 use crate::progress::Progress;
 use crate::region::{GuestRam, Piece};
 use crate::stats::{as_millis, gibps, JobStats};
@@ -27,6 +30,12 @@ pub enum ThreadRequest {
     AtMost(usize),
 }
 
+impl ThreadRequest {
+    /// The most threads one may ask for: far above any host's CPU count, far below what
+    /// would exhaust the process's threads or stacks.
+    pub const MAX: usize = 4096;
+}
+
 impl std::str::FromStr for ThreadRequest {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -34,9 +43,10 @@ impl std::str::FromStr for ThreadRequest {
             return Ok(ThreadRequest::Auto);
         }
         match s.parse::<usize>() {
-            Ok(n) if n >= 1 => Ok(ThreadRequest::AtMost(n)),
+            Ok(n) if (1..=Self::MAX).contains(&n) => Ok(ThreadRequest::AtMost(n)),
             _ => Err(format!(
-                "`{s}` is not a thread count: use `auto` or a number from 1 up"
+                "`{s}` is not a thread count: use `auto` or a number from 1 to {}",
+                Self::MAX
             )),
         }
     }
@@ -79,17 +89,25 @@ pub enum PinError {
         #[source]
         source: BackendError,
     },
-    #[error("the {backend} backend failed to pin guest RAM: {source}; undid {} chunks ({} bytes), so nothing is left pinned", undone.chunks, undone.bytes)]
+    #[error("the {backend} backend failed to pin guest RAM: {source}; {undone}")]
     Failed {
         backend: BackendKind,
         #[source]
         source: BackendError,
-        undone: Undone,
+        undone: Box<Undone>,
     },
-    #[error("pinning cancelled by {reason}; undid {} chunks ({} bytes), so nothing is left pinned", undone.chunks, undone.bytes)]
+    #[error("pinning guest RAM with the {backend} backend stopped: a pinning thread panicked on bytes {:#x}..{:#x} of guest RAM ({message}); {undone}", chunk.start, chunk.end)]
+    Panicked {
+        backend: BackendKind,
+        /// The chunk, as offsets into guest RAM (not guest addresses).
+        chunk: Range<u64>,
+        message: String,
+        undone: Box<Undone>,
+    },
+    #[error("pinning cancelled by {reason}; {undone}")]
     Cancelled {
         reason: CancelReason,
-        undone: Undone,
+        undone: Box<Undone>,
     },
     /// A `JobError` the pinner has no variant for (a bad spec, a helper that would not
     /// start), already a full message.
@@ -98,14 +116,17 @@ pub enum PinError {
 }
 
 impl Classify for PinError {
-    /// A backend that fails after admission is the host refusing what should have worked.
+    /// A backend that fails after admission is the host refusing what should have worked; a
+    /// panic is a bug; a cancellation is the signal's, unless its undo left something behind.
     fn class(&self) -> ErrorClass {
         match self {
             PinError::Admission(e) => e.class(),
-            PinError::Cancelled { reason, .. } => reason.class(),
-            PinError::Begin { .. } | PinError::Failed { .. } | PinError::Engine(_) => {
-                ErrorClass::Internal
-            }
+            PinError::Cancelled { reason, undone } if undone.is_clean() => reason.class(),
+            PinError::Cancelled { .. }
+            | PinError::Begin { .. }
+            | PinError::Failed { .. }
+            | PinError::Panicked { .. }
+            | PinError::Engine(_) => ErrorClass::Internal,
         }
     }
 }
@@ -116,6 +137,31 @@ impl PinError {
             PinError::Cancelled { reason, .. } => Some(*reason),
             _ => None,
         }
+    }
+
+    /// What was undone, for an error that stopped a job under way.
+    pub fn undone(&self) -> Option<&Undone> {
+        match self {
+            PinError::Failed { undone, .. }
+            | PinError::Panicked { undone, .. }
+            | PinError::Cancelled { undone, .. } => Some(undone.as_ref()),
+            _ => None,
+        }
+    }
+
+    fn undone_mut(&mut self) -> Option<&mut Undone> {
+        match self {
+            PinError::Failed { undone, .. }
+            | PinError::Panicked { undone, .. }
+            | PinError::Cancelled { undone, .. } => Some(undone.as_mut()),
+            _ => None,
+        }
+    }
+
+    /// Whether the job's undo left something mapped or locked (which makes it the VMM's
+    /// problem, whatever stopped the job).
+    pub fn left_something_behind(&self) -> bool {
+        self.undone().is_some_and(|u| !u.is_clean())
     }
 }
 
@@ -134,8 +180,8 @@ pub struct PinStats {
     pub map: JobStats,
 }
 
-/// What undoing a pin did.
-#[derive(Clone, Copy, Debug, Serialize)]
+/// What undoing a pin did; `undone` counts the undo calls that failed.
+#[derive(Clone, Debug, Serialize)]
 pub struct UnpinStats {
     pub undone: Undone,
     pub threads: usize,
@@ -155,37 +201,47 @@ pub struct Pinned {
 }
 
 impl Pinned {
-    /// Undoes the pinning now (also done on drop) and says how it went.
+    /// Undoes the pinning now (also done on drop) and says how it went: `undone.failed`
+    /// counts the undo calls that failed, whose memory may remain mapped or locked.
     pub fn unpin(mut self) -> UnpinStats {
         self.undo()
     }
 
-    /// Undoes every chunk, in parallel. Not cancellable: nothing here looks at a signal, so
-    /// a Ctrl-C during teardown cannot leave memory pinned.
+    /// Undoes every chunk, in parallel, then the backend's whole-RAM step. Not cancellable:
+    /// nothing here looks at a signal, so a Ctrl-C during teardown cannot leave memory pinned;
+    /// a failing or panicking undo call is counted and the rest go on.
     fn undo(&mut self) -> UnpinStats {
         let started = Instant::now();
         let chunks = std::mem::take(&mut self.chunks);
         let bytes = chunks.iter().map(|c| c.end - c.start).sum();
         let progress = Progress::start("releasing guest RAM", bytes, self.progress);
         let never = CancelToken::new();
+        let rollbacks = Mutex::new(Undone::default());
         let work = MapWork {
             backend: self.backend.as_ref(),
             ram: &self.ram,
             cancel: &never,
             populate: false,
             progress: &|_| {},
+            rollbacks: &rollbacks,
         };
+        let undone = Mutex::new(Undone {
+            chunks: chunks.len() as u64,
+            bytes,
+            ..Undone::default()
+        });
         let threads = engine::parallel_for(&chunks, self.undo_threads, "unpin", |chunk| {
-            work.undo(chunk.clone());
-            progress.add(chunk.end - chunk.start);
+            let len = chunk.end - chunk.start;
+            if let Err(e) = engine::undo_chunk(&work, chunk) {
+                lock(&undone).fail(len, e);
+            }
+            progress.add(len);
         });
         drop(progress);
-        self.backend.end(&self.ram);
+        let mut undone = undone.into_inner().unwrap_or_else(|e| e.into_inner());
+        end(self.backend.as_ref(), &self.ram, &mut undone);
         let stats = UnpinStats {
-            undone: Undone {
-                chunks: chunks.len() as u64,
-                bytes,
-            },
+            undone,
             threads,
             elapsed: started.elapsed(),
         };
@@ -197,16 +253,43 @@ impl Pinned {
 impl Drop for Pinned {
     fn drop(&mut self) {
         if !self.chunks.is_empty() {
-            self.undo();
+            // Only a failed start drops a pin unreleased; `unpin` reports, this can only log.
+            let stats = self.undo();
+            if !stats.undone.is_clean() {
+                tracing::error!("releasing guest RAM: {}", stats.undone);
+            }
         }
     }
 }
 
+/// The backend's whole-RAM undo (munlock for mlock), after every chunk's: its failures are
+/// counted in `undone` with the rest.
+fn end(backend: &dyn PinBackend, ram: &GuestRam, undone: &mut Undone) {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.end(ram)));
+    match result {
+        Ok(failures) => {
+            for e in failures {
+                undone.fail(e.len, e);
+            }
+        }
+        Err(payload) => undone.fail(
+            ram.size(),
+            format_args!(
+                "the {} backend's end panicked: {}",
+                backend.kind(),
+                engine::panic_message(payload.as_ref())
+            ),
+        ),
+    }
+}
+
 /// Why a chunk stopped.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum WorkError {
+    #[error(transparent)]
     Backend(BackendError),
     /// Cancelled between two populate steps of a chunk.
+    #[error("cancelled")]
     Cancelled,
 }
 
@@ -250,6 +333,9 @@ struct MapWork<'a> {
     cancel: &'a CancelToken,
     populate: bool,
     progress: Report<'a>,
+    /// Unmaps that failed while a failing chunk took its earlier pieces back: the engine
+    /// never undoes that chunk, so they are counted here.
+    rollbacks: &'a Mutex<Undone>,
 }
 
 impl ChunkWork for MapWork<'_> {
@@ -268,7 +354,9 @@ impl ChunkWork for MapWork<'_> {
             {
                 // Leave nothing of this chunk behind: the engine only undoes whole chunks.
                 for done in pieces[..i].iter().rev() {
-                    self.backend.unmap(done);
+                    if let Err(failed) = self.backend.unmap(done) {
+                        lock(self.rollbacks).fail(done.len, failed);
+                    }
                 }
                 return Err(e);
             }
@@ -279,10 +367,19 @@ impl ChunkWork for MapWork<'_> {
         Ok(())
     }
 
-    fn undo(&self, chunk: Range<u64>) {
+    /// Unmaps every piece, even after one fails; the first failure is the chunk's.
+    fn undo(&self, chunk: Range<u64>) -> Result<(), WorkError> {
+        let mut first = Ok(());
         for piece in self.ram.pieces(chunk).rev() {
-            self.backend.unmap(&piece);
+            if let Err(e) = self.backend.unmap(&piece) {
+                if first.is_ok() {
+                    first = Err(WorkError::Backend(e));
+                } else {
+                    tracing::warn!("{e}");
+                }
+            }
         }
+        first
     }
 }
 
@@ -301,7 +398,9 @@ impl ChunkWork for PopulateWork<'_> {
             .try_for_each(|p| populate_in_steps(&p, self.cancel, self.progress))
     }
     /// Faulted-in memory is not a resource to give back; it goes with the mapping.
-    fn undo(&self, _chunk: Range<u64>) {}
+    fn undo(&self, _chunk: Range<u64>) -> Result<(), WorkError> {
+        Ok(())
+    }
 }
 
 pub struct Pinner {
@@ -390,10 +489,7 @@ impl Pinner {
             };
             match engine::run_job(&spec, &plan, &work, cancel) {
                 Ok(done) => populate_stats = Some(done.stats),
-                Err(e) => {
-                    backend.end(&ram);
-                    return Err(self.job_error(e, cancel));
-                }
+                Err(e) => return Err(self.job_error(e, &ram, Undone::default(), cancel)),
             }
         }
         let spec = if backend.populate_first() {
@@ -404,18 +500,21 @@ impl Pinner {
         let plan = spec.plan(&caps);
         let progress = Progress::start("pinning guest RAM", size, self.options.progress);
         let populate = backend.populates() && !backend.populate_first();
+        let rollbacks = Mutex::new(Undone::default());
         let work = MapWork {
             backend,
             ram: &ram,
             cancel,
             populate,
             progress: &|bytes| progress.add(bytes),
+            rollbacks: &rollbacks,
         };
         let done = match engine::run_job(&spec, &plan, &work, cancel) {
             Ok(done) => done,
             Err(e) => {
-                backend.end(&ram);
-                return Err(self.job_error(e, cancel));
+                drop(progress);
+                let rollbacks = rollbacks.into_inner().unwrap_or_else(|e| e.into_inner());
+                return Err(self.job_error(e, &ram, rollbacks, cancel));
             }
         };
         drop(progress);
@@ -447,9 +546,18 @@ impl Pinner {
         })
     }
 
-    fn job_error(&self, e: JobError<WorkError>, cancel: &CancelToken) -> PinError {
+    /// The error a failed job ends the pin with, once the backend's whole-RAM step has been
+    /// undone too: every undo failure counted (the engine's, `rollbacks` and `end`'s), and
+    /// VmLck read while guest RAM is still mapped, for a backend that locks it.
+    fn job_error(
+        &self,
+        e: JobError<WorkError>,
+        ram: &GuestRam,
+        rollbacks: Undone,
+        cancel: &CancelToken,
+    ) -> PinError {
         let backend = self.backend.kind();
-        match e {
+        let mut error = match e {
             JobError::Failed {
                 error: WorkError::Backend(source),
                 undone,
@@ -457,7 +565,7 @@ impl Pinner {
             } => PinError::Failed {
                 backend,
                 source,
-                undone,
+                undone: Box::new(undone),
             },
             JobError::Failed {
                 error: WorkError::Cancelled,
@@ -465,11 +573,37 @@ impl Pinner {
                 ..
             } => PinError::Cancelled {
                 reason: cancel.reason().unwrap_or(CancelReason::Requested),
-                undone,
+                undone: Box::new(undone),
             },
-            JobError::Cancelled { reason, undone } => PinError::Cancelled { reason, undone },
+            JobError::Panicked {
+                chunk,
+                message,
+                undone,
+            } => PinError::Panicked {
+                backend,
+                chunk,
+                message,
+                undone: Box::new(undone),
+            },
+            JobError::Cancelled { reason, undone } => PinError::Cancelled {
+                reason,
+                undone: Box::new(undone),
+            },
             other => PinError::Engine(other.to_string()),
+        };
+        let mut left = rollbacks;
+        end(self.backend.as_ref(), ram, &mut left);
+        if let Some(undone) = error.undone_mut() {
+            undone.add_failures(left);
+            if self.backend.locks_memory() {
+                undone.locked_after = ProcStatus::read(std::path::Path::new("/"))
+                    .ok()
+                    .map(|s| s.locked);
+            }
+        } else if !left.is_clean() {
+            tracing::error!("after the pinning job failed: {left}");
         }
+        error
     }
 }
 

@@ -2,7 +2,9 @@
 // Each test file uses a subset of these helpers.
 #![allow(dead_code)]
 
-use std::process::{Command, Stdio};
+use std::io::Read;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The `vmm` binary, with no stdin (the guest console must not wait on the test's terminal).
@@ -55,4 +57,67 @@ pub fn stdout(o: &std::process::Output) -> String {
 /// A finished command's stderr, as text.
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// `vmm device epf --socket SOCKET` logging at info, once it listens; its stderr is piped.
+pub fn epf_server(socket: &Path) -> Child {
+    let server = vmm()
+        .args(["device", "epf", "--socket"])
+        .arg(socket)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "server never listened");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    server
+}
+
+/// The server's last words: how much its client mapped, and what it left mapped.
+pub fn server_end(mut server: Child) -> String {
+    let status = server.wait().unwrap();
+    let mut err = String::new();
+    server
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    err.lines()
+        .find(|l| l.contains("DMA_MAP requests from"))
+        .unwrap_or_else(|| panic!("the server did not report its mappings:\n{err}"))
+        .to_string()
+}
+
+/// What the server's last line counts: (DMA_MAP requests, files, regions still mapped), from
+/// "...: N DMA_MAP requests from F files, R regions still mapped".
+pub fn server_counts(end: &str) -> (u64, u64, u64) {
+    let numbers: Vec<u64> = end
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    match numbers[..] {
+        [.., maps, files, regions] => (maps, files, regions),
+        _ => panic!("no counts in {end:?}"),
+    }
+}
+
+/// Waits until process `pid` (a device server) has guest RAM mapped: it has served a DMA_MAP.
+pub fn wait_for_guest_ram_mapped_by(pid: u32) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        if maps.contains("memfd:vmm-guest-ram") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} never mapped guest RAM"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }

@@ -27,13 +27,14 @@ use std::time::{Duration, Instant};
 use devices::{ExitReason, GuestMarks};
 use pinning::{
     CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, SignalGuard,
+    Undone,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
-use crate::pin::{PinChoice, PinChoiceError};
+use crate::pin::{PinChoice, PinChoiceError, TestFault};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
 use crate::timeline::{GuestTimes, Report, Teardown, Timeline, VmSummary};
 use crate::vstate::run::{self, RunError, VmExit};
@@ -57,6 +58,8 @@ pub struct VmConfig {
     pub devices: DeviceRequest,
     pub pin: PinChoice,
     pub pin_options: PinOptions,
+    /// Faults to inject into the pin backend: for tests only (`--test-fault`).
+    pub test_faults: Vec<TestFault>,
     /// Stop the guest after this long.
     pub timeout: Option<Duration>,
 }
@@ -100,6 +103,14 @@ impl Classify for StartError {
             StartError::Platform(e) => e.class(),
             StartError::Passthrough(e) => e.class(),
             StartError::PinChoice(e) => e.class(),
+            // A device that would not map is the device's to fix; a panic, or an undo that
+            // left something mapped or locked, is ours.
+            StartError::Map { source, .. }
+                if matches!(source, PinError::Panicked { .. })
+                    || source.left_something_behind() =>
+            {
+                ErrorClass::Internal
+            }
             StartError::Map { .. } => ErrorClass::Device,
             StartError::Pin(e) => e.class(),
             StartError::Load(e) => e.class(),
@@ -115,6 +126,22 @@ pub struct Outcome {
     pub exit: VmExit,
     /// Why a passthrough device stopped the guest, if one did.
     pub device_failure: Option<String>,
+    /// Set when teardown could not undo every DMA mapping or lock of guest RAM.
+    pub left_behind: Option<LeftBehind>,
+}
+
+/// Teardown could not undo every DMA mapping or lock of guest RAM: what may still be mapped
+/// for a device or locked is the VMM's failure, whatever the guest did.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "tearing the VM down: {0} until this process exits (the warnings above name each failed call)"
+)]
+pub struct LeftBehind(pub Undone);
+
+impl Classify for LeftBehind {
+    fn class(&self) -> ErrorClass {
+        ErrorClass::Internal
+    }
 }
 
 impl Outcome {
@@ -163,6 +190,7 @@ impl Machine {
         Teardown {
             unpin_ms: ms(unpin.elapsed),
             unpin_threads: unpin.threads,
+            unpin: unpin.undone,
             free_ms: ms(free),
             free_threads,
             other_ms: ms(total.saturating_sub(unpin.elapsed + free)),
@@ -203,12 +231,14 @@ pub fn devices(
 pub fn pin(
     choice: PinChoice,
     options: PinOptions,
+    faults: &[TestFault],
     limits: Limits,
     passthrough: &mut Passthrough,
     memory: &GuestMemory,
     cancel: &CancelToken,
 ) -> Result<Pinned, StartError> {
     let backend = choice.backend(std::mem::take(&mut passthrough.dma))?;
+    let backend = TestFault::wrap(faults, backend);
     Pinner::new(backend, limits, options)
         .pin(memory.ram.clone(), cancel)
         .map_err(|e| match e {
@@ -297,6 +327,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
         pin(
             config.pin,
             config.pin_options.clone(),
+            &config.test_faults,
             limits,
             &mut passthrough,
             &memory,
@@ -343,6 +374,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
     };
     let teardown = machine.teardown(pin_stats.threads.max(1));
     timeline.record("exit", teardown_start, start.elapsed());
+    let left_behind = (!teardown.unpin.is_clean()).then(|| LeftBehind(teardown.unpin.clone()));
 
     let report = Report {
         total_ms: timeline.now_ms(),
@@ -369,5 +401,6 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
         report,
         exit,
         device_failure,
+        left_behind,
     })
 }

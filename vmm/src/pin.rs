@@ -2,9 +2,11 @@
 //! that choice and the devices attached into the backend the pin stage runs.
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use pinning::backend::{MlockBackend, NoneBackend, PopulateBackend, SeveralBackend};
+use pinning::backend::{BackendError, MlockBackend, NoneBackend, PopulateBackend, SeveralBackend};
+use pinning::region::{GuestRam, Piece};
 use pinning::{BackendKind, Classify, ErrorClass, PinBackend};
 
 /// What `--pin` asked for.
@@ -105,6 +107,104 @@ impl PinChoice {
     }
 }
 
+/// A fault injected into the pin backend, for tests of what `vmm run` does when pinning code
+/// panics or an undo fails (`--test-fault`, hidden: never for real use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TestFault {
+    /// `panic-on-map=N`: the map call with this index (0-based, counted over all threads)
+    /// panics.
+    PanicOnMap(u64),
+    /// `fail-unmap`: every unmap call fails with EIO and undoes nothing.
+    FailUnmap,
+}
+
+impl FromStr for TestFault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "fail-unmap" {
+            return Ok(TestFault::FailUnmap);
+        }
+        s.strip_prefix("panic-on-map=")
+            .and_then(|n| n.parse().ok())
+            .map(TestFault::PanicOnMap)
+            .ok_or_else(|| format!("`{s}`: use panic-on-map=N or fail-unmap"))
+    }
+}
+
+impl TestFault {
+    /// `backend` with `faults` injected, or as it is when there are none.
+    pub fn wrap(faults: &[TestFault], backend: Arc<dyn PinBackend>) -> Arc<dyn PinBackend> {
+        if faults.is_empty() {
+            return backend;
+        }
+        Arc::new(Faulty {
+            inner: backend,
+            panic_on_map: faults.iter().find_map(|f| match f {
+                TestFault::PanicOnMap(n) => Some(*n),
+                TestFault::FailUnmap => None,
+            }),
+            fail_unmap: faults.contains(&TestFault::FailUnmap),
+            maps: AtomicU64::new(0),
+        })
+    }
+}
+
+/// A backend with [`TestFault`]s injected; everything else is the inner backend's.
+struct Faulty {
+    inner: Arc<dyn PinBackend>,
+    panic_on_map: Option<u64>,
+    fail_unmap: bool,
+    maps: AtomicU64,
+}
+
+impl PinBackend for Faulty {
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn kinds(&self) -> Vec<BackendKind> {
+        self.inner.kinds()
+    }
+    fn locks_memory(&self) -> bool {
+        self.inner.locks_memory()
+    }
+    fn populates(&self) -> bool {
+        self.inner.populates()
+    }
+    fn map_threads(&self) -> Option<usize> {
+        self.inner.map_threads()
+    }
+    fn populate_first(&self) -> bool {
+        self.inner.populate_first()
+    }
+    fn max_mappings(&self) -> Option<u64> {
+        self.inner.max_mappings()
+    }
+    fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {
+        self.inner.begin(ram)
+    }
+    fn end(&self, ram: &GuestRam) -> Vec<BackendError> {
+        self.inner.end(ram)
+    }
+    fn map(&self, piece: &Piece) -> Result<(), BackendError> {
+        let n = self.maps.fetch_add(1, Ordering::SeqCst);
+        if self.panic_on_map == Some(n) {
+            panic!("injected by --test-fault panic-on-map={n}");
+        }
+        self.inner.map(piece)
+    }
+    fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        if self.fail_unmap {
+            let e = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(BackendError::new(
+                "unmap (--test-fault fail-unmap)",
+                piece,
+                e,
+            ));
+        }
+        self.inner.unmap(piece)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +243,12 @@ mod tests {
             .err()
             .unwrap();
         assert_eq!(e, PinChoiceError::NoSuchDevice(BackendKind::Type1));
+    }
+
+    #[test]
+    fn test_faults_parse() {
+        assert_eq!("fail-unmap".parse(), Ok(TestFault::FailUnmap));
+        assert_eq!("panic-on-map=3".parse(), Ok(TestFault::PanicOnMap(3)));
+        assert!("panic-on-map=x".parse::<TestFault>().is_err());
     }
 }

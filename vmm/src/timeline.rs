@@ -114,6 +114,8 @@ pub struct Report {
 pub struct Teardown {
     pub unpin_ms: f64,
     pub unpin_threads: usize,
+    /// What undoing the DMA mappings and locks did, and the undo calls that failed.
+    pub unpin: pinning::Undone,
     pub free_ms: f64,
     pub free_threads: usize,
     pub other_ms: f64,
@@ -161,7 +163,11 @@ impl Report {
         let v = &self.vm;
         let shards = if v.memory_shards > 0 {
             let s = if v.memory_shards == 1 { "" } else { "s" };
-            format!(" in {} shard{s} of {}", v.memory_shards, human(v.shard_bytes))
+            format!(
+                " in {} shard{s} of {}",
+                v.memory_shards,
+                human(v.shard_bytes)
+            )
         } else {
             String::new()
         };

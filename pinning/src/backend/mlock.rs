@@ -3,7 +3,7 @@
 //! `mlock` per chunk.
 
 use super::{BackendError, BackendKind, PinBackend};
-use crate::region::{GuestRam, Piece};
+use crate::region::{GuestRam, Piece, Region};
 use crate::sys;
 
 pub struct MlockBackend;
@@ -20,27 +20,17 @@ impl PinBackend for MlockBackend {
     fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {
         for (i, r) in ram.regions().iter().enumerate() {
             if let Err(e) = sys::mlock2(r.host_addr, r.size, sys::MLOCK_ONFAULT) {
-                for done in &ram.regions()[..i] {
-                    let _ = sys::munlock(done.host_addr, done.size);
+                for failed in munlock_all(&ram.regions()[..i]) {
+                    tracing::error!("{failed}");
                 }
-                let piece = Piece {
-                    host_addr: r.host_addr,
-                    guest_addr: r.guest_addr,
-                    len: r.size,
-                    file: None,
-                };
-                return Err(BackendError::new("mlock2(MLOCK_ONFAULT)", &piece, e));
+                return Err(BackendError::new("mlock2(MLOCK_ONFAULT)", &whole(r), e));
             }
         }
         Ok(())
     }
 
-    fn end(&self, ram: &GuestRam) {
-        for r in ram.regions() {
-            if let Err(e) = sys::munlock(r.host_addr, r.size) {
-                tracing::warn!("munlock of guest RAM at host {:#x}: {e}", r.host_addr);
-            }
-        }
+    fn end(&self, ram: &GuestRam) -> Vec<BackendError> {
+        munlock_all(ram.regions())
     }
 
     /// The pinner faulted the piece in inside the MLOCK_ONFAULT range: it is locked.
@@ -50,5 +40,29 @@ impl PinBackend for MlockBackend {
 
     /// Unlocking is done once for the whole range in `end`: munlock per chunk and then again
     /// for the whole would walk the pages twice.
-    fn unmap(&self, _piece: &Piece) {}
+    fn unmap(&self, _piece: &Piece) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+/// A whole region as a piece, for errors about it.
+fn whole(r: &Region) -> Piece {
+    Piece {
+        host_addr: r.host_addr,
+        guest_addr: r.guest_addr,
+        len: r.size,
+        file: None,
+    }
+}
+
+/// munlock of every region, even past a failure; returns the failures.
+fn munlock_all(regions: &[Region]) -> Vec<BackendError> {
+    regions
+        .iter()
+        .filter_map(|r| {
+            sys::munlock(r.host_addr, r.size)
+                .err()
+                .map(|e| BackendError::new("munlock", &whole(r), e))
+        })
+        .collect()
 }

@@ -100,8 +100,9 @@ impl BackendError {
 }
 
 /// One way of preparing guest RAM. `map` runs on memory already faulted in (see
-/// [`PinBackend::populates`]) and must leave nothing behind when it fails; `unmap`
-/// cannot fail (it logs): teardown always finishes.
+/// [`PinBackend::populates`]) and must leave nothing behind when it fails. `unmap` and `end`
+/// say when they fail (what they covered may then remain mapped or locked); the pinner counts
+/// each failure, goes on with the rest, and reports them: teardown always finishes.
 pub trait PinBackend: Send + Sync {
     fn kind(&self) -> BackendKind;
 
@@ -139,12 +140,17 @@ pub trait PinBackend: Send + Sync {
         Ok(())
     }
 
-    /// Undoes `begin`, after every chunk has been unmapped.
-    fn end(&self, _ram: &GuestRam) {}
+    /// Undoes `begin`, after every chunk has been unmapped: all of it, even past a failure.
+    /// Returns every failure (none when all went well), and anything else the backend could
+    /// not undo since `begin` (see [`SeveralBackend`]).
+    fn end(&self, _ram: &GuestRam) -> Vec<BackendError> {
+        Vec::new()
+    }
 
     fn map(&self, piece: &Piece) -> Result<(), BackendError>;
 
-    fn unmap(&self, piece: &Piece);
+    /// Undoes `map` of exactly this piece.
+    fn unmap(&self, piece: &Piece) -> Result<(), BackendError>;
 }
 
 /// Does nothing: for guests without DMA-capable devices, and as a baseline.
@@ -163,5 +169,7 @@ impl PinBackend for NoneBackend {
     fn map(&self, _piece: &Piece) -> Result<(), BackendError> {
         Ok(())
     }
-    fn unmap(&self, _piece: &Piece) {}
+    fn unmap(&self, _piece: &Piece) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

@@ -70,7 +70,9 @@ impl PinBackend for PopulateBackend {
         Ok(())
     }
     /// Populated memory is simply resident: it is freed with the mapping, not before.
-    fn unmap(&self, _piece: &Piece) {}
+    fn unmap(&self, _piece: &Piece) -> Result<(), BackendError> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! next chunk starts, so the engine's guarantees (first error wins, undo of exactly the
 //! completed work, cancellation) hold for all of them at once.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{BackendError, BackendKind, PinBackend};
 use crate::region::{GuestRam, Piece};
@@ -10,12 +10,22 @@ use crate::region::{GuestRam, Piece};
 /// The backends of several DMA-capable devices as one.
 pub struct SeveralBackend {
     parts: Vec<Arc<dyn PinBackend>>,
+    /// Unmaps that failed while a failed `map` took a piece back from the parts before the
+    /// failing one: nobody undoes that piece again, so `end` reports them.
+    stuck: Mutex<Vec<BackendError>>,
 }
 
 impl SeveralBackend {
     /// `parts` in the order chunks are mapped (and the reverse of the order they are undone).
     pub fn new(parts: Vec<Arc<dyn PinBackend>>) -> Self {
-        Self { parts }
+        Self {
+            parts,
+            stuck: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn stuck(&self) -> std::sync::MutexGuard<'_, Vec<BackendError>> {
+        self.stuck.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -46,27 +56,47 @@ impl PinBackend for SeveralBackend {
     fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {
         for (i, p) in self.parts.iter().enumerate() {
             if let Err(e) = p.begin(ram) {
-                self.parts[..i].iter().rev().for_each(|q| q.end(ram));
+                for failed in self.parts[..i].iter().rev().flat_map(|q| q.end(ram)) {
+                    tracing::error!("{failed}");
+                }
                 return Err(e);
             }
         }
         Ok(())
     }
-    fn end(&self, ram: &GuestRam) {
-        self.parts.iter().rev().for_each(|p| p.end(ram));
+    fn end(&self, ram: &GuestRam) -> Vec<BackendError> {
+        let mut failed = std::mem::take(&mut *self.stuck());
+        failed.extend(self.parts.iter().rev().flat_map(|p| p.end(ram)));
+        failed
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         for (i, p) in self.parts.iter().enumerate() {
             if let Err(e) = p.map(piece) {
                 // Leave nothing behind: the devices already mapped give the piece back.
-                self.parts[..i].iter().rev().for_each(|q| q.unmap(piece));
+                for q in self.parts[..i].iter().rev() {
+                    if let Err(failed) = q.unmap(piece) {
+                        self.stuck().push(failed);
+                    }
+                }
                 return Err(e);
             }
         }
         Ok(())
     }
-    fn unmap(&self, piece: &Piece) {
-        self.parts.iter().rev().for_each(|p| p.unmap(piece));
+    /// Every device gives the piece back, even after one fails; the first failure is the
+    /// piece's (the bytes are the same whichever device keeps them).
+    fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        let mut first = Ok(());
+        for p in self.parts.iter().rev() {
+            if let Err(e) = p.unmap(piece) {
+                if first.is_ok() {
+                    first = Err(e);
+                } else {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        first
     }
 }
 
@@ -106,7 +136,44 @@ mod tests {
             (1, 1),
             "the failed piece was taken back from the first device"
         );
-        several.unmap(&piece(0));
+        several.unmap(&piece(0)).unwrap();
         assert!(a.mappings().is_empty() && b.mappings().is_empty());
+    }
+
+    /// Refuses every unmap.
+    struct Sticky;
+
+    impl crate::backend::DmaMapper for Sticky {
+        fn map(&self, _iova: u64, _size: u64, _host_addr: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, _iova: u64, _size: u64) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(libc::EBUSY))
+        }
+    }
+
+    #[test]
+    fn a_piece_a_device_would_not_give_back_is_reported_at_end() {
+        let refusing = Arc::new(IommuModel::new(65535, None).failing_call(0));
+        let several = SeveralBackend::new(vec![
+            Arc::new(IommufdBackend::new(Arc::new(Sticky))),
+            Arc::new(IommufdBackend::new(refusing)),
+        ]);
+        assert!(several.map(&piece(0)).is_err());
+        let region = crate::region::Region {
+            host_addr: 0x7f00_0000_0000,
+            guest_addr: 0,
+            size: 0x20_0000,
+            page_size: 4096,
+            file: None,
+        };
+        // SAFETY: nothing dereferences the region: both parts are models.
+        let ram = unsafe { GuestRam::new(vec![region]) }.unwrap();
+        let stuck = several.end(&ram);
+        assert_eq!(stuck.len(), 1);
+        assert_eq!((stuck[0].op, stuck[0].len), ("IOMMU_IOAS_UNMAP", 0x20_0000));
+        assert_eq!(stuck[0].errno(), Some(libc::EBUSY));
+        assert!(several.end(&ram).is_empty(), "reported once");
+        assert!(several.unmap(&piece(0)).is_err());
     }
 }

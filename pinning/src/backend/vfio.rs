@@ -64,14 +64,14 @@ fn map_piece(mapper: &dyn DmaMapper, op: &'static str, piece: &Piece) -> Result<
         .map_err(|e| BackendError::new(op, piece, e))
 }
 
-fn unmap_piece(mapper: &dyn DmaMapper, piece: &Piece) {
-    if let Err(e) = mapper.unmap(piece.guest_addr, piece.len) {
-        tracing::warn!(
-            "DMA unmap of {:#x} bytes at IOVA {:#x}: {e}",
-            piece.len,
-            piece.guest_addr
-        );
-    }
+fn unmap_piece(
+    mapper: &dyn DmaMapper,
+    op: &'static str,
+    piece: &Piece,
+) -> Result<(), BackendError> {
+    mapper
+        .unmap(piece.guest_addr, piece.len)
+        .map_err(|e| BackendError::new(op, piece, e))
 }
 
 /// VFIO type1 container.
@@ -116,8 +116,8 @@ impl PinBackend for Type1Backend {
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         map_piece(self.mapper.as_ref(), "VFIO_IOMMU_MAP_DMA", piece)
     }
-    fn unmap(&self, piece: &Piece) {
-        unmap_piece(self.mapper.as_ref(), piece)
+    fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        unmap_piece(self.mapper.as_ref(), "VFIO_IOMMU_UNMAP_DMA", piece)
     }
 }
 
@@ -144,7 +144,7 @@ impl PinBackend for IommufdBackend {
         // through GUP one at a time.
         map_piece(self.mapper.as_ref(), "IOMMU_IOAS_MAP", piece)
     }
-    fn unmap(&self, piece: &Piece) {
-        unmap_piece(self.mapper.as_ref(), piece)
+    fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        unmap_piece(self.mapper.as_ref(), "IOMMU_IOAS_UNMAP", piece)
     }
 }

@@ -52,14 +52,10 @@ impl PinBackend for VfioUserBackend {
             .map_fd(piece.guest_addr, piece.len, fd, offset)
             .map_err(|e| BackendError::new("VFIO_USER_DMA_MAP", piece, e))
     }
-    fn unmap(&self, piece: &Piece) {
-        if let Err(e) = self.mapper.unmap(piece.guest_addr, piece.len) {
-            tracing::warn!(
-                "VFIO_USER_DMA_UNMAP of {:#x} bytes at IOVA {:#x}: {e}",
-                piece.len,
-                piece.guest_addr
-            );
-        }
+    fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        self.mapper
+            .unmap(piece.guest_addr, piece.len)
+            .map_err(|e| BackendError::new("VFIO_USER_DMA_UNMAP", piece, e))
     }
 }
 
@@ -112,7 +108,7 @@ mod tests {
         assert!(e.to_string().contains("--backing memfd"), "{e}");
         let e = b.map(&piece(0xdead_0000, Some((7, 0)))).unwrap_err();
         assert_eq!(e.errno(), Some(libc::ENOSPC));
-        b.unmap(&piece(0x1_0000_0000, Some((7, 0))));
+        b.unmap(&piece(0x1_0000_0000, Some((7, 0)))).unwrap();
         assert_eq!(rec.unmaps.lock().unwrap()[..], [(0x1_0000_0000, 0x20_0000)]);
         assert!(!b.locks_memory());
     }

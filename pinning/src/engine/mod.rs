@@ -6,14 +6,21 @@
 //! so fast threads take more chunks and nobody waits on a fixed partition. The first error
 //! wins: no new chunk starts, the failing chunk has already undone its own partial work (the
 //! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
-//! address order, before the error is returned. Cancellation works the same way.
+//! address order, before the error is returned. Cancellation works the same way, and so does
+//! a panic in the work: it is caught on the thread that ran the chunk and becomes the job's
+//! error, so a panicking helper can neither skip the undo nor take the process down.
+//! Every undo call that fails (or panics) is counted in [`Undone`], which says what may
+//! remain mapped or locked.
 //!
 //! [`parallel_for`] runs teardown on the same kind of crew (the caller plus helpers at nice
-//! 19), with no cancellation: teardown always finishes.
+//! 19), with no cancellation: teardown always finishes, even past a panicking item.
 
+use std::any::Any;
+use std::fmt;
 use std::ops::Range;
+use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Instant;
 
 use serde::Serialize;
@@ -25,12 +32,13 @@ use crate::stats::JobStats;
 /// Work done on one chunk.
 ///
 /// `run` either completes the whole chunk or, on error, leaves nothing of it behind: the
-/// engine only ever undoes chunks whose `run` returned `Ok`. `undo` cannot fail: teardown
-/// must always make progress.
+/// engine only ever undoes chunks whose `run` returned `Ok`. `undo` does all it can and says
+/// whether it all worked: an error means part of the chunk may remain done (mapped, locked),
+/// and the engine counts it rather than stopping, so teardown always makes progress.
 pub(crate) trait ChunkWork: Sync {
-    type Error: Send;
+    type Error: Send + fmt::Display;
     fn run(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
-    fn undo(&self, chunk: Range<u64>);
+    fn undo(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
 }
 
 /// What to do: a range, its backing page size, and how finely it may be cut.
@@ -225,25 +233,127 @@ impl JobSpec {
     }
 }
 
-/// How much was undone after a failure or cancellation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+/// How much was undone after a failure, a cancellation or at teardown, and what could not be.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Undone {
+    /// Chunks undone (or tried: the failures below are among them).
     pub chunks: u64,
     pub bytes: u64,
+    /// Undo calls that failed or panicked (an unmap, a DMA_UNMAP, a munlock): whatever each
+    /// covered may remain mapped or locked.
+    pub failed: u64,
+    /// The bytes those calls covered.
+    pub failed_bytes: u64,
+    /// What the first failure said (each one is logged as a warning when it happens).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub first_failure: Option<String>,
+    /// VmLck measured right after the undo, while guest RAM was still mapped (so munlock,
+    /// not the unmap, is what brought it down), for backends that lock memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_after: Option<u64>,
+}
+
+impl Undone {
+    /// Whether every undo call succeeded.
+    pub fn is_clean(&self) -> bool {
+        self.failed == 0
+    }
+
+    /// Counts one failed undo call over `bytes`.
+    pub(crate) fn fail(&mut self, bytes: u64, what: impl fmt::Display) {
+        tracing::warn!("undoing a pin of guest RAM: {what}");
+        self.failed += 1;
+        self.failed_bytes += bytes;
+        if self.first_failure.is_none() {
+            self.first_failure = Some(what.to_string());
+        }
+    }
+
+    /// Adds the failures counted in `other` (its chunks were counted here already).
+    pub(crate) fn add_failures(&mut self, other: Undone) {
+        self.failed += other.failed;
+        self.failed_bytes += other.failed_bytes;
+        if self.first_failure.is_none() {
+            self.first_failure = other.first_failure;
+        }
+    }
+}
+
+impl fmt::Display for Undone {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (chunks, bytes) = (self.chunks, self.bytes);
+        if self.is_clean() {
+            write!(
+                f,
+                "undid {chunks} chunks ({bytes} bytes), so nothing is left pinned"
+            )?;
+        } else {
+            write!(
+                f,
+                "undoing {chunks} chunks ({bytes} bytes) left something behind: {} undo calls failed (the first: {}), so up to {} bytes may remain mapped or locked",
+                self.failed,
+                self.first_failure.as_deref().unwrap_or("no reason given"),
+                self.failed_bytes
+            )?;
+        }
+        if let Some(locked) = self.locked_after {
+            write!(
+                f,
+                "; VmLck was {} kB right after the undo, with guest RAM still mapped",
+                locked / 1024
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The text of a panic's payload (what `panic!` was given), for the error that reports it.
+pub(crate) fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic with no message".to_string()
+    }
+}
+
+/// Undoes one chunk, catching a panic: `Err` says why some of it may remain.
+pub(crate) fn undo_chunk<W: ChunkWork>(work: &W, chunk: &Range<u64>) -> Result<(), String> {
+    match panic::catch_unwind(AssertUnwindSafe(|| work.undo(chunk.clone()))) {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(payload) => Err(format!(
+            "the undo panicked: {}",
+            panic_message(payload.as_ref())
+        )),
+    }
+}
+
+/// Locks a mutex even if a thread panicked while holding it: the engine's state stays
+/// meaningful (each update is one push or one assignment), and teardown must go on.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JobError<E> {
     #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("chunk {:#x}..{:#x} of the pinning job failed; undid {} completed chunks ({} bytes)", chunk.start, chunk.end, undone.chunks, undone.bytes)]
+    #[error("chunk {:#x}..{:#x} of the pinning job failed; {undone}", chunk.start, chunk.end)]
     Failed {
         chunk: Range<u64>,
         #[source]
         error: E,
         undone: Undone,
     },
-    #[error("the pinning job was cancelled by {reason}; undid {} completed chunks ({} bytes)", undone.chunks, undone.bytes)]
+    #[error("a pinning thread panicked on chunk {:#x}..{:#x}: {message}; {undone}", chunk.start, chunk.end)]
+    Panicked {
+        chunk: Range<u64>,
+        message: String,
+        undone: Undone,
+    },
+    #[error("the pinning job was cancelled by {reason}; {undone}")]
     Cancelled {
         reason: CancelReason,
         undone: Undone,
@@ -260,6 +370,19 @@ pub(crate) struct Completed {
     pub(crate) chunks: Vec<Range<u64>>,
 }
 
+/// Why a chunk did not complete.
+enum Why<E> {
+    Error(E),
+    /// The work panicked; the message of the panic.
+    Panic(String),
+}
+
+/// The chunk that stopped the job, and why.
+struct ChunkFailure<E> {
+    chunk: Range<u64>,
+    why: Why<E>,
+}
+
 /// Shared state of one running job.
 struct Shared<'a, W: ChunkWork> {
     plan: &'a Plan,
@@ -267,12 +390,13 @@ struct Shared<'a, W: ChunkWork> {
     cancel: &'a CancelToken,
     next_chunk: AtomicUsize,
     stop: AtomicBool,
-    failure: Mutex<Option<(Range<u64>, W::Error)>>,
+    failure: Mutex<Option<ChunkFailure<W::Error>>>,
     completed: Mutex<Vec<Range<u64>>>,
 }
 
 impl<W: ChunkWork> Shared<'_, W> {
-    /// Pulls chunks until none are left, one fails, or the job is cancelled.
+    /// Pulls chunks until none are left, one fails or panics, or the job is cancelled. A
+    /// panic is caught here, on the thread that ran the chunk, and stops the job like an error.
     fn work_loop(&self) {
         loop {
             if self.stop.load(Ordering::Acquire) || self.cancel.is_cancelled() {
@@ -282,17 +406,22 @@ impl<W: ChunkWork> Shared<'_, W> {
             let Some(chunk) = self.plan.ranges.get(index) else {
                 return;
             };
-            match self.work.run(chunk.clone()) {
-                Ok(()) => self.completed.lock().unwrap().push(chunk.clone()),
-                Err(error) => {
-                    self.stop.store(true, Ordering::Release);
-                    let mut failure = self.failure.lock().unwrap();
-                    if failure.is_none() {
-                        *failure = Some((chunk.clone(), error));
-                    }
-                    return;
+            let run = panic::catch_unwind(AssertUnwindSafe(|| self.work.run(chunk.clone())));
+            let why = match run {
+                Ok(Ok(())) => {
+                    lock(&self.completed).push(chunk.clone());
+                    continue;
                 }
+                Ok(Err(error)) => Why::Error(error),
+                Err(payload) => Why::Panic(panic_message(payload.as_ref())),
+            };
+            self.stop.store(true, Ordering::Release);
+            let mut first = lock(&self.failure);
+            if first.is_none() {
+                let chunk = chunk.clone();
+                *first = Some(ChunkFailure { chunk, why });
             }
+            return;
         }
     }
 }
@@ -328,20 +457,35 @@ pub(crate) fn run_job<W: ChunkWork>(
     let lending = crew.lending;
     let elapsed = started.elapsed();
 
-    let mut completed = shared.completed.into_inner().unwrap();
+    let mut completed = shared
+        .completed
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
     completed.sort_by_key(|c| c.start);
-    let failure = shared.failure.into_inner().unwrap();
+    let failure = shared
+        .failure
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
     let done_bytes: u64 = completed.iter().map(|c| c.end - c.start).sum();
     // The failure path undoes on this thread alone, in address order: it is rare, and a fixed
     // order keeps what happens after an error reproducible. Undoing a pin that succeeded, the
     // common and large case, is parallel (`parallel_for`).
-    if let Some((chunk, error)) = failure {
+    // A panicked chunk is treated like a failed one: whatever it did before panicking is
+    // unknown, and only the backend's whole-RAM `end` can cover it.
+    if let Some(ChunkFailure { chunk, why }) = failure {
         let undone = undo_all(work, &completed);
         tracing::debug!(?chunk, ?undone, "job failed and was undone");
-        return Err(JobError::Failed {
-            chunk,
-            error,
-            undone,
+        return Err(match why {
+            Why::Error(error) => JobError::Failed {
+                chunk,
+                error,
+                undone,
+            },
+            Why::Panic(message) => JobError::Panicked {
+                chunk,
+                message,
+                undone,
+            },
         });
     }
     if done_bytes < spec.size {
@@ -364,22 +508,26 @@ pub(crate) fn run_job<W: ChunkWork>(
     })
 }
 
-/// Undoes completed chunks one by one in address order.
+/// Undoes completed chunks one by one in address order, every one even if some fail.
 fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
     let mut undone = Undone::default();
     for chunk in completed {
-        work.undo(chunk.clone());
+        let len = chunk.end - chunk.start;
+        if let Err(e) = undo_chunk(work, chunk) {
+            undone.fail(len, e);
+        }
         undone.chunks += 1;
-        undone.bytes += chunk.end - chunk.start;
+        undone.bytes += len;
     }
     undone
 }
 
 /// Runs `f` on every item once, on up to `threads` threads: the caller and helpers at nice
 /// 19 (named `{label}-N`), each pulling the next item from a shared cursor. For teardown
-/// (unpinning, closing memory files, unmapping), so it cannot be cancelled, and a helper
-/// that cannot be started only means fewer hands. Returns how many threads took part: at
-/// most `threads`, at most one per item, 0 for no items.
+/// (unpinning, closing memory files, unmapping), so it cannot be cancelled, a helper that
+/// cannot be started only means fewer hands, and an item whose `f` panics is logged and
+/// skipped while the rest go on (an `f` that must know catches its own panics). Returns how
+/// many threads took part: at most `threads`, at most one per item, 0 for no items.
 pub fn parallel_for<T: Sync>(
     items: &[T],
     threads: usize,
@@ -392,7 +540,12 @@ pub fn parallel_for<T: Sync>(
     let next = AtomicUsize::new(0);
     let work = || {
         while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
-            f(item);
+            if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(|| f(item))) {
+                tracing::error!(
+                    "a {label} item panicked and was skipped: {}",
+                    panic_message(payload.as_ref())
+                );
+            }
         }
     };
     let crew = crew(threads.clamp(1, items.len()), label, &work, || {});

@@ -15,6 +15,10 @@ struct Ledger {
     counts: Vec<AtomicI64>,
     runs: AtomicUsize,
     fail_at: Option<u64>,
+    /// Panic (instead of failing) in the chunk that holds this position.
+    panic_at: Option<u64>,
+    /// The undo of the chunk that holds this position fails, undoing nothing.
+    undo_fails_at: Option<u64>,
     cancel_after: Option<(usize, CancelToken)>,
     undone_order: Mutex<Vec<u64>>,
 }
@@ -28,6 +32,8 @@ impl Ledger {
             counts: (0..units).map(|_| AtomicI64::new(0)).collect(),
             runs: AtomicUsize::new(0),
             fail_at: None,
+            panic_at: None,
+            undo_fails_at: None,
             cancel_after: None,
             undone_order: Mutex::new(Vec::new()),
         }
@@ -61,17 +67,24 @@ impl ChunkWork for Ledger {
             // Partial work, then self-undo, as the contract asks.
             return Err(format!("injected at {:#x}", chunk.start));
         }
+        if self.panic_at.is_some_and(|at| chunk.contains(&at)) {
+            panic!("injected panic at {:#x}", chunk.start);
+        }
         for u in self.units(&chunk) {
             self.counts[u].fetch_add(1, Ordering::SeqCst);
         }
         Ok(())
     }
 
-    fn undo(&self, chunk: Range<u64>) {
+    fn undo(&self, chunk: Range<u64>) -> Result<(), String> {
         self.undone_order.lock().unwrap().push(chunk.start);
+        if self.undo_fails_at.is_some_and(|at| chunk.contains(&at)) {
+            return Err(format!("undo refused at {:#x}", chunk.start));
+        }
         for u in self.units(&chunk) {
             self.counts[u].fetch_sub(1, Ordering::SeqCst);
         }
+        Ok(())
     }
 }
 
@@ -168,6 +181,106 @@ proptest! {
             }
         }
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Without the catch, the panic would leave the scope (re-raised by `thread::scope`)
+    /// before any undo, and this test would die of it.
+    #[test]
+    fn a_panic_on_any_thread_is_the_error_and_the_completed_work_is_undone(
+        size in 2u64..600, min_chunk in 1u64..32, threads in 1usize..9, at_frac in 0.0f64..1.0,
+    ) {
+        let spec = spec(size, 4096, min_chunk, 64);
+        let mut work = Ledger::new(&spec, 4096);
+        let panic_at = spec.start + ((spec.size as f64 * at_frac) as u64).min(spec.size - 1);
+        work.panic_at = Some(panic_at);
+        let err = run(&spec, threads, &work, &CancelToken::new()).unwrap_err();
+        match &err {
+            JobError::Panicked { chunk, message, undone } => {
+                prop_assert!(chunk.contains(&panic_at));
+                prop_assert_eq!(message, &format!("injected panic at {:#x}", chunk.start));
+                prop_assert!(undone.is_clean());
+                let order = work.undone_order.lock().unwrap().clone();
+                prop_assert_eq!(undone.chunks as usize, order.len());
+            }
+            other => prop_assert!(false, "unexpected {other:?}"),
+        }
+        prop_assert!(err.to_string().contains("nothing is left pinned"), "{}", err);
+        prop_assert!(work.snapshot().iter().all(|&c| c == 0));
+    }
+}
+
+#[test]
+fn an_undo_that_fails_is_counted_and_every_other_chunk_is_still_undone() {
+    let spec = spec(64, 4096, 4, 64);
+    let mut work = Ledger::new(&spec, 4096);
+    // One thread: four chunks of 16 units, in order. The job fails in the last, and the
+    // undo of the second fails.
+    work.fail_at = Some(spec.start + 63 * 4096);
+    work.undo_fails_at = Some(spec.start + 20 * 4096);
+    let err = run(&spec, 1, &work, &CancelToken::new()).unwrap_err();
+    let JobError::Failed { undone, .. } = &err else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!((undone.chunks, undone.bytes), (3, 3 * 16 * 4096));
+    assert_eq!((undone.failed, undone.failed_bytes), (1, 16 * 4096));
+    let text = err.to_string();
+    assert!(!text.contains("nothing is left pinned"), "{text}");
+    assert!(
+        text.contains("1 undo calls failed (the first: undo refused at")
+            && text.contains("up to 65536 bytes may remain mapped or locked"),
+        "{text}"
+    );
+    // The chunk whose undo failed is still done; every other one is undone.
+    let counts = work.snapshot();
+    assert!(counts[16..32].iter().all(|&c| c == 1));
+    assert!(counts[..16].iter().chain(&counts[32..]).all(|&c| c == 0));
+}
+
+#[test]
+fn a_panicking_undo_is_a_failure_and_the_rest_goes_on() {
+    struct PanickyUndo(AtomicUsize);
+    impl ChunkWork for PanickyUndo {
+        type Error = String;
+        fn run(&self, chunk: Range<u64>) -> Result<(), String> {
+            if chunk.start == 0 {
+                return Ok(());
+            }
+            Err("stop".into())
+        }
+        fn undo(&self, _chunk: Range<u64>) -> Result<(), String> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("undo blew up");
+        }
+    }
+    let job = JobSpec {
+        start: 0,
+        ..spec(8, 4096, 1, 64)
+    };
+    let work = PanickyUndo(AtomicUsize::new(0));
+    let err = run_job(&job, &job.plan(&requested(1)), &work, &CancelToken::new()).unwrap_err();
+    let JobError::Failed { undone, .. } = err else {
+        panic!("unexpected {err:?}");
+    };
+    assert_eq!((undone.chunks, undone.failed), (1, 1));
+    assert_eq!(
+        undone.first_failure.as_deref(),
+        Some("the undo panicked: undo blew up")
+    );
+}
+
+#[test]
+fn parallel_for_goes_on_past_a_panicking_item() {
+    let done: Vec<AtomicUsize> = (0..20).map(|_| AtomicUsize::new(0)).collect();
+    parallel_for(&done, 3, "test", |c| {
+        c.fetch_add(1, Ordering::SeqCst);
+        if std::ptr::eq(c, &done[7]) {
+            panic!("item 7");
+        }
+    });
+    assert!(done.iter().all(|c| c.load(Ordering::SeqCst) == 1));
 }
 
 #[test]
@@ -269,8 +382,8 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
         seen: Mutex<Vec<(i32, i32, Vec<usize>)>>,
     }
     impl ChunkWork for Probe {
-        type Error = ();
-        fn run(&self, _chunk: Range<u64>) -> Result<(), ()> {
+        type Error = String;
+        fn run(&self, _chunk: Range<u64>) -> Result<(), String> {
             let tid = crate::sys::gettid();
             let nice = crate::sys::thread_nice(0).unwrap();
             let cpus = crate::sys::affinity_cpus().unwrap();
@@ -278,7 +391,9 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
             std::thread::sleep(std::time::Duration::from_millis(5));
             Ok(())
         }
-        fn undo(&self, _chunk: Range<u64>) {}
+        fn undo(&self, _chunk: Range<u64>) -> Result<(), String> {
+            Ok(())
+        }
     }
     let caller_tid = crate::sys::gettid();
     let caller_cpus = crate::sys::affinity_cpus().unwrap();

@@ -243,6 +243,13 @@ fn cancelled_mlock_job_leaves_nothing_locked() {
     assert_eq!(err.cancel_reason(), Some(CancelReason::Requested));
     assert_eq!(err.class(), ErrorClass::Internal);
     assert_eq!(locked_now(), before);
+    // Measured by the pinner itself right after the undo, with the RAM still mapped.
+    assert_eq!(err.undone().unwrap().locked_after, Some(before));
+    assert!(
+        err.to_string()
+            .ends_with("right after the undo, with guest RAM still mapped"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -267,7 +274,7 @@ fn populate_and_none_report_their_plan() {
 fn a_signal_classifies_a_cancelled_pin_as_interrupted() {
     let err = PinError::Cancelled {
         reason: CancelReason::Signal(libc::SIGTERM),
-        undone: Undone::default(),
+        undone: Box::default(),
     };
     assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGTERM));
     assert_eq!(err.class().exit_status(), 143);
@@ -302,7 +309,7 @@ impl PinBackend for Recorder {
         self.maps.lock().unwrap().push(piece.clone());
         Ok(())
     }
-    fn unmap(&self, piece: &Piece) {
+    fn unmap(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
         let first = {
             let mut unmaps = self.unmaps.lock().unwrap();
             let me = (crate::sys::gettid(), crate::sys::thread_nice(0).unwrap());
@@ -314,6 +321,7 @@ impl PinBackend for Recorder {
         }
         // Long enough that every thread of the undo gets some chunks.
         std::thread::sleep(std::time::Duration::from_millis(2));
+        Ok(())
     }
 }
 
@@ -513,12 +521,14 @@ fn progress_follows_populate_steps_and_ends_at_the_job_size() {
             .all(|&r| r <= POPULATE_STEP));
 
         let reports = Reports::default();
+        let rollbacks = Mutex::new(Undone::default());
         let work = MapWork {
             backend: &NoneBackend,
             ram: &ram,
             cancel: &cancel,
             populate: true,
             progress: &|bytes| reports.add(bytes),
+            rollbacks: &rollbacks,
         };
         engine::run_job(&spec, &plan, &work, &cancel).unwrap();
         assert_eq!(reports.check(size), 3);
@@ -532,5 +542,219 @@ fn progress_follows_populate_steps_and_ends_at_the_job_size() {
         };
         engine::run_job(&spec, &plan, &work, &cancel).unwrap();
         assert_eq!(reports.check(size), 2);
+    }
+}
+
+/// Wraps a backend to inject what no real backend does on demand: a panic in the map call
+/// with this index, unmaps that fail (undoing nothing), an `end` that fails.
+struct Faulty {
+    inner: Arc<dyn PinBackend>,
+    panic_on_map: Option<usize>,
+    fail_unmap: bool,
+    fail_end: bool,
+    maps: std::sync::atomic::AtomicUsize,
+    ends: std::sync::atomic::AtomicUsize,
+}
+
+impl Faulty {
+    fn new(inner: Arc<dyn PinBackend>) -> Self {
+        Self {
+            inner,
+            panic_on_map: None,
+            fail_unmap: false,
+            fail_end: false,
+            maps: Default::default(),
+            ends: Default::default(),
+        }
+    }
+
+    fn ends(&self) -> usize {
+        self.ends.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl PinBackend for Faulty {
+    fn kind(&self) -> BackendKind {
+        self.inner.kind()
+    }
+    fn locks_memory(&self) -> bool {
+        self.inner.locks_memory()
+    }
+    fn populates(&self) -> bool {
+        self.inner.populates()
+    }
+    fn map_threads(&self) -> Option<usize> {
+        self.inner.map_threads()
+    }
+    fn populate_first(&self) -> bool {
+        self.inner.populate_first()
+    }
+    fn begin(&self, ram: &GuestRam) -> Result<(), crate::backend::BackendError> {
+        self.inner.begin(ram)
+    }
+    fn end(&self, ram: &GuestRam) -> Vec<crate::backend::BackendError> {
+        self.ends.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut failed = self.inner.end(ram);
+        if self.fail_end {
+            let r = &ram.regions()[0];
+            let piece = Piece {
+                host_addr: r.host_addr,
+                guest_addr: r.guest_addr,
+                len: r.size,
+                file: None,
+            };
+            let e = std::io::Error::from_raw_os_error(libc::ENOMEM);
+            failed.push(crate::backend::BackendError::new("munlock", &piece, e));
+        }
+        failed
+    }
+    fn map(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
+        let n = self.maps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if self.panic_on_map == Some(n) {
+            panic!("injected panic in map call {n}");
+        }
+        self.inner.map(piece)
+    }
+    fn unmap(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
+        if self.fail_unmap {
+            let e = std::io::Error::from_raw_os_error(libc::EIO);
+            return Err(crate::backend::BackendError::new(
+                "IOMMU_IOAS_UNMAP",
+                piece,
+                e,
+            ));
+        }
+        self.inner.unmap(piece)
+    }
+}
+
+/// Before the engine caught panics, `thread::scope` re-raised this one out of `pin` with the
+/// completed chunks still mapped and the backend's `end` never run.
+#[test]
+fn a_panicking_map_stops_the_job_undoes_the_chunks_and_runs_end() {
+    let (low, high) = (
+        AnonMapping::new(64 * MIB).unwrap(),
+        AnonMapping::new(16 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    for threads in [1, 4] {
+        let model = Arc::new(IommuModel::new(65535, None));
+        let faulty = Arc::new(Faulty {
+            panic_on_map: Some(3),
+            ..Faulty::new(Arc::new(IommufdBackend::new(model.clone())))
+        });
+        let pinner = Pinner::new(faulty.clone(), limits(), options(threads));
+        let err = pinner
+            .pin(ram.clone(), &CancelToken::new())
+            .err()
+            .expect("the panic is the job's error");
+        let PinError::Panicked {
+            message, undone, ..
+        } = &err
+        else {
+            panic!("unexpected {err}");
+        };
+        assert_eq!(message, "injected panic in map call 3");
+        assert!(undone.chunks >= 3 || threads > 1, "{err}");
+        assert!(undone.is_clean());
+        assert_eq!(err.class(), ErrorClass::Internal);
+        assert!(
+            err.to_string().contains("injected panic in map call 3")
+                && err.to_string().contains("nothing is left pinned"),
+            "{err}"
+        );
+        assert!(model.mappings().is_empty(), "completed chunks left mapped");
+        assert_eq!(faulty.ends(), 1, "the backend's end did not run");
+    }
+}
+
+#[test]
+fn undo_failures_are_counted_and_reported_never_as_nothing_left_pinned() {
+    let (low, high) = (
+        AnonMapping::new(64 * MIB).unwrap(),
+        AnonMapping::new(16 * MIB).unwrap(),
+    );
+    let ram = ram(&low, &high);
+    // A job that fails, whose undo fails too: an internal error whatever stopped it.
+    let model = Arc::new(IommuModel::new(65535, None).failing_call(4));
+    let faulty = Arc::new(Faulty {
+        fail_unmap: true,
+        ..Faulty::new(Arc::new(IommufdBackend::new(model.clone())))
+    });
+    let pinner = Pinner::new(faulty, limits(), options(1));
+    let err = pinner.pin(ram.clone(), &CancelToken::new()).err().unwrap();
+    let undone = err.undone().unwrap();
+    assert_eq!((undone.chunks, undone.failed), (4, 4), "{err}");
+    assert_eq!(undone.failed_bytes, undone.bytes);
+    assert_eq!(model.mappings().len(), 4, "the model still holds them");
+    assert!(err.left_something_behind());
+    let text = err.to_string();
+    assert!(!text.contains("nothing is left pinned"), "{text}");
+    assert!(
+        text.contains("4 undo calls failed (the first: IOMMU_IOAS_UNMAP of"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "up to {} bytes may remain mapped or locked",
+            undone.bytes
+        )),
+        "{text}"
+    );
+
+    // Cancelled by a signal with a failed `end`: exit 1 (internal), not 130.
+    let faulty = Arc::new(Faulty {
+        fail_end: true,
+        ..Faulty::new(Arc::new(MlockBackend))
+    });
+    let token = CancelToken::new();
+    token.cancel();
+    let pinner = Pinner::new(faulty, limits(), options(2));
+    let err = pinner.pin(ram.clone(), &token).err().unwrap();
+    assert_eq!(err.cancel_reason(), Some(CancelReason::Requested));
+    assert_eq!(err.undone().unwrap().failed, 1);
+    assert!(err.to_string().contains("munlock of"), "{err}");
+    let cancelled = PinError::Cancelled {
+        reason: CancelReason::Signal(libc::SIGINT),
+        undone: Box::new(err.undone().unwrap().clone()),
+    };
+    assert_eq!(cancelled.class(), ErrorClass::Internal);
+}
+
+#[test]
+fn teardown_counts_the_undo_calls_that_failed() {
+    let ram = sharded_ram(2, 2, 64 * MIB);
+    let faulty = Arc::new(Faulty::new(Arc::new(Recorder::default())));
+    let pinner = Pinner::new(faulty.clone(), limits(), options(2));
+    let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
+    let chunks = pinned.chunks.len() as u64;
+    let clean = pinned.unpin();
+    assert!(clean.undone.is_clean());
+    assert_eq!(
+        clean.undone.to_string(),
+        format!("undid {chunks} chunks (268435456 bytes), so nothing is left pinned")
+    );
+
+    let faulty = Arc::new(Faulty {
+        fail_unmap: true,
+        fail_end: true,
+        ..Faulty::new(Arc::new(Recorder::default()))
+    });
+    let pinner = Pinner::new(faulty.clone(), limits(), options(2));
+    let unpinned = pinner.pin(ram, &CancelToken::new()).unwrap().unpin();
+    let u = &unpinned.undone;
+    assert_eq!((u.chunks, u.failed), (chunks, chunks + 1), "{u}");
+    assert_eq!(u.failed_bytes, 256 * MIB + 64 * MIB);
+    assert!(!u.to_string().contains("nothing is left pinned"), "{u}");
+    assert_eq!(faulty.ends(), 1);
+}
+
+#[test]
+fn thread_requests_are_bounded() {
+    assert_eq!("auto".parse(), Ok(ThreadRequest::Auto));
+    assert_eq!("4096".parse(), Ok(ThreadRequest::AtMost(4096)));
+    for bad in ["0", "4097", "18446744073709551616", "-1", "x"] {
+        let e = bad.parse::<ThreadRequest>().unwrap_err();
+        assert!(e.contains("from 1 to 4096"), "{bad}: {e}");
     }
 }

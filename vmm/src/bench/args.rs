@@ -7,6 +7,7 @@ use std::path::PathBuf;
 
 use pinning::ThreadRequest;
 
+use crate::cli::run::MAX_TIMEOUT_SECS;
 use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
 use crate::size::parse_size;
 
@@ -23,7 +24,8 @@ pub struct StartupArgs {
     /// memfd-thp): one memfd per shard. Default: vmm run's own (1G).
     #[arg(long, value_parser = parse_size)]
     pub memory_shard: Option<u64>,
-    /// Comma-separated pin thread counts, each a number or `auto` (1,2,4,8,16,auto).
+    /// Comma-separated pin thread counts, each a number from 1 to 4096 or `auto`
+    /// (1,2,4,8,16,auto).
     #[arg(long, default_value = "1,auto", value_delimiter = ',', value_parser = parse_threads)]
     pub pin_threads: Vec<ThreadRequest>,
     /// Measured boots per configuration.
@@ -38,15 +40,26 @@ pub struct StartupArgs {
     /// Where startup.json, startup.svg and every run's report go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Seconds one boot may take before it is stopped and counted as failed.
-    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Seconds one boot may take before it is stopped and counted as failed: at most 31536000
+    /// (one year, as `vmm run --timeout`).
+    #[arg(long, default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_SECS))]
     pub timeout: u64,
 }
 
-/// A guest RAM size `vmm run` accepts.
+/// A guest RAM size `vmm run` accepts: one it can lay out, and no more than the host has.
 pub fn parse_memory(text: &str) -> Result<u64, String> {
     let size = parse_size(text)?;
     MemoryLayout::new(size).map_err(|e| format!("`{text}`: {e}"))?;
+    if let Ok(host) = pinning::procfs::mem_total(std::path::Path::new("/")) {
+        if size > host {
+            let e = MemoryError::MoreThanHost {
+                requested: size,
+                host,
+            };
+            return Err(format!("`{text}`: {e}"));
+        }
+    }
     Ok(size)
 }
 
@@ -303,6 +316,9 @@ mod tests {
             (["--pin-threads", "1,x"], "`x`"),
             (["--memory", "1G,4Q"], "`4Q`"),
             (["--memory", "1G,1M"], "`1M`"),
+            (["--memory", "1G,100T"], "more than this host's RAM"),
+            (["--pin-threads", "1,4097"], "from 1 to 4096"),
+            (["--timeout", "31536001"], "31536001"),
             (["--backing", "anon,foo"], "foo"),
         ] {
             let e = parse(&args).err().unwrap();

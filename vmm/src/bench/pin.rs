@@ -64,14 +64,15 @@ pub struct PinBenchArgs {
     /// How to prepare it.
     #[arg(long, value_enum, default_value = "populate")]
     pub pin: BenchPin,
-    /// Comma-separated thread counts to compare, each a number or `auto` (all the limits allow).
+    /// Comma-separated thread counts to compare, each a number from 1 to 4096 or `auto` (all
+    /// the limits allow).
     #[arg(long, default_value = "1,auto", value_delimiter = ',', value_parser = parse_threads)]
     pub threads: Vec<ThreadRequest>,
     /// Measured runs per thread count.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub runs: u32,
-    /// Discarded warm-up rounds before measuring.
-    #[arg(long, default_value_t = 1)]
+    /// Discarded warm-up rounds before measuring (at most 100).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub warmup: u32,
     /// Smallest chunk a thread takes.
     #[arg(long, value_parser = parse_size, default_value = "128M")]

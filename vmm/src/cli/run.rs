@@ -9,7 +9,7 @@ use devices::vfio::kernel::IommuKind;
 use pinning::{Classify, ErrorClass, PinOptions, ThreadRequest};
 
 use crate::builder::VmConfig;
-use crate::loader::{BootProtocol, ImageSource};
+use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::layout::LayoutError;
 use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
 use crate::passthrough::{DeviceRequest, UserDevice};
@@ -94,7 +94,11 @@ pub struct RunArgs {
     /// Testing only: leave the 4 KiB page at this guest address out of the vfio-user DMA map.
     #[arg(long, hide = true, value_parser = parse_addr)]
     pub test_dma_hole: Option<u64>,
-    /// Threads for pinning: `auto` (all the limits allow) or a number.
+    /// Testing only: inject a fault into the pin backend, `panic-on-map=N` (the Nth map call
+    /// panics) or `fail-unmap` (every unmap fails, undoing nothing). Repeatable.
+    #[arg(long, hide = true)]
+    pub test_fault: Vec<crate::pin::TestFault>,
+    /// Threads for pinning: `auto` (all the limits allow) or a number from 1 to 4096.
     #[arg(long, default_value = "auto")]
     pub pin_threads: ThreadRequest,
     /// Entry protocol: auto (PVH if the ELF has the note), linux64, pvh.
@@ -109,16 +113,26 @@ pub struct RunArgs {
     /// Don't print the timeline summary on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// Stop the guest after this many seconds (exit status 124).
+    /// Stop the guest after this many seconds (exit status 124): more than 0, at most
+    /// 31536000 (one year).
     #[arg(long)]
     pub timeout: Option<f64>,
 }
 
+/// The longest `--timeout`: one year, in seconds.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
+
 /// Why a `vmm run` command line cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("--timeout {0}: give a positive number of seconds")]
+    #[error(
+        "--timeout {0}: give a number of seconds above 0 and at most {MAX_TIMEOUT_SECS} (one year)"
+    )]
     Timeout(f64),
+    #[error("--report {}: {reason}; give a file in a folder that exists and that you may write to", path.display())]
+    Report { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error("--user-device {arg:?}: {reason}")]
@@ -135,6 +149,7 @@ impl Classify for ConfigError {
     fn class(&self) -> ErrorClass {
         match self {
             ConfigError::Memory(e) => e.class(),
+            ConfigError::Load(e) => e.class(),
             _ => ErrorClass::User,
         }
     }
@@ -236,13 +251,47 @@ fn backing(
     }
 }
 
-/// Resolves and checks `args` before anything is opened, mapped or started.
+/// Refuses a `--report` path that cannot be written, without creating anything: the report
+/// is written at the very end, after the guest ran.
+fn check_report_path(path: &std::path::Path) -> Result<(), ConfigError> {
+    let refuse = |reason: &str| ConfigError::Report {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
+    if path.is_dir() {
+        return Err(refuse("that is a folder"));
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => std::path::Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(refuse("its folder does not exist"));
+    }
+    let c_folder = std::ffi::CString::new(folder.as_os_str().as_encoded_bytes())
+        .map_err(|_| refuse("the path has a NUL byte in it"))?;
+    // SAFETY: access(2) reads the NUL-terminated path, which outlives the call.
+    if unsafe { libc::access(c_folder.as_ptr(), libc::W_OK) } != 0 {
+        return Err(refuse("its folder is not writable"));
+    }
+    Ok(())
+}
+
+/// Resolves and checks `args` before anything is opened, mapped or started: everything a
+/// later stage would refuse about the input (sizes, the kernel and initrd and whether they fit
+/// the guest, the command line, the report's folder) is refused here, so a bad input costs
+/// milliseconds even for a guest of many gigabytes.
 pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     let timeout = match args.timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(t) if t.is_finite() && t > 0.0 && t <= MAX_TIMEOUT_SECS as f64 => {
+            Some(Duration::from_secs_f64(t))
+        }
         Some(t) => return Err(ConfigError::Timeout(t)),
         None => None,
     };
+    if let Some(path) = &args.report {
+        check_report_path(path)?;
+    }
     let layout = MemoryLayout::new(args.memory)?;
     let user = user_devices(args)?;
     let thp = ThpPolicy::host();
@@ -268,14 +317,29 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             probe_cmdline(&layout, args.cpus, dma),
         ),
     };
+    let cmdline = args.cmdline.clone().unwrap_or(cmdline);
+    let initrd = args.initrd.clone().map(ImageSource::Path);
+    // The images' headers against this guest's RAM: what the load stage would refuse, refused
+    // before any memory is mapped or touched.
+    loader::check(
+        &layout,
+        &LoadRequest {
+            kernel: &kernel,
+            initrd: initrd.as_ref(),
+            cmdline: &cmdline,
+            protocol: args.boot_protocol,
+            cpus: args.cpus,
+            pci_intx: &[],
+        },
+    )?;
     Ok(VmConfig {
-        cmdline: args.cmdline.clone().unwrap_or(cmdline),
+        cmdline,
         layout,
         cpus: args.cpus,
         memory,
         backing_reason,
         kernel,
-        initrd: args.initrd.clone().map(ImageSource::Path),
+        initrd,
         boot_protocol: args.boot_protocol,
         serial_out: args
             .serial_log
@@ -289,6 +353,7 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             dma_hole: args.test_dma_hole,
         },
         pin: args.pin,
+        test_faults: args.test_fault.clone(),
         pin_options: PinOptions {
             threads: args.pin_threads,
             ..PinOptions::default()

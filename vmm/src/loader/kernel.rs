@@ -32,6 +32,59 @@ pub(super) struct LoadedKernel {
     pub(super) initrd_addr_max: u64,
 }
 
+/// What a kernel's headers say, read and checked against guest RAM before anything is
+/// loaded: by `load_kernel`, and by `loader::check` before any guest memory exists.
+pub(super) struct KernelInfo {
+    pub(super) format: KernelFormat,
+    /// One past the highest byte the kernel needs (its segments, or a bzImage's init_size).
+    pub(super) end: u64,
+    /// The command line's limit, with its NUL.
+    pub(super) cmdline_limit: usize,
+    pub(super) initrd_addr_max: u64,
+}
+
+/// Opens the kernel, reads its headers and checks that it fits below `low_end`, without
+/// loading it.
+pub(super) fn inspect_kernel(
+    src: &ImageSource,
+    protocol: BootProtocol,
+    low_end: u64,
+) -> Result<KernelInfo, LoadError> {
+    let mut file = src.open()?;
+    inspect(&mut file, &src.name(), protocol, low_end)
+}
+
+fn inspect(
+    file: &mut Image<'_>,
+    image: &str,
+    protocol: BootProtocol,
+    low_end: u64,
+) -> Result<KernelInfo, LoadError> {
+    let read_err = |source| LoadError::Read {
+        image: image.to_string(),
+        source,
+    };
+    let mut magic = [0u8; 4];
+    let n = file.read_at(0, &mut magic).map_err(read_err)?;
+    if n == 4 && &magic == ELF_MAGIC {
+        return Ok(KernelInfo {
+            format: KernelFormat::Elf,
+            end: check_elf(file, image, low_end)?,
+            cmdline_limit: CMDLINE_MAX_SIZE,
+            initrd_addr_max: u64::from(u32::MAX),
+        });
+    }
+    let n = file
+        .read_at(BZIMAGE_MAGIC_OFFSET, &mut magic)
+        .map_err(read_err)?;
+    if n == 4 && &magic == BZIMAGE_MAGIC {
+        return check_bzimage(file, image, protocol, low_end);
+    }
+    Err(LoadError::NotAKernel {
+        image: image.to_string(),
+    })
+}
+
 pub(super) fn load_kernel(
     mem: &GuestMemoryMmap,
     src: &ImageSource,
@@ -40,22 +93,11 @@ pub(super) fn load_kernel(
 ) -> Result<LoadedKernel, LoadError> {
     let image = src.name();
     let mut file = src.open()?;
-    let read_err = |source| LoadError::Read {
-        image: image.clone(),
-        source,
-    };
-    let mut magic = [0u8; 4];
-    let n = file.read_at(0, &mut magic).map_err(read_err)?;
-    if n == 4 && &magic == ELF_MAGIC {
-        return load_elf(mem, &mut file, image, protocol, low_end);
+    let info = inspect(&mut file, &image, protocol, low_end)?;
+    match info.format {
+        KernelFormat::Elf => load_elf(mem, &mut file, image, protocol, info),
+        KernelFormat::BzImage => load_bzimage(mem, &mut file, image, info),
     }
-    let n = file
-        .read_at(BZIMAGE_MAGIC_OFFSET, &mut magic)
-        .map_err(read_err)?;
-    if n == 4 && &magic == BZIMAGE_MAGIC {
-        return load_bzimage(mem, &mut file, image, protocol, low_end);
-    }
-    Err(LoadError::NotAKernel { image })
 }
 
 fn le_u16(b: &[u8], at: usize) -> u16 {
@@ -129,9 +171,8 @@ fn load_elf(
     file: &mut Image<'_>,
     image: String,
     protocol: BootProtocol,
-    low_end: u64,
+    info: KernelInfo,
 ) -> Result<LoadedKernel, LoadError> {
-    let end = check_elf(file, &image, low_end)?;
     let result = Elf::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
         LoadError::Kernel {
             image: image.clone(),
@@ -156,10 +197,81 @@ fn load_elf(
         format: KernelFormat::Elf,
         mode,
         entry,
-        kernel_end: end.max(result.kernel_end),
+        kernel_end: info.end.max(result.kernel_end),
         header: None,
-        cmdline_limit: CMDLINE_MAX_SIZE,
-        initrd_addr_max: u64::from(u32::MAX),
+        cmdline_limit: info.cmdline_limit,
+        initrd_addr_max: info.initrd_addr_max,
+    })
+}
+
+/// A bzImage's setup header, read raw (setup_sects 0x1f1, version 0x206, initrd_addr_max
+/// 0x22c, code32_start 0x214, xloadflags 0x236, cmdline_size 0x238, init_size 0x260), and
+/// checked: a 64-bit entry, no PVH asked for, and room below `low_end` for the kernel and
+/// the memory it decompresses into.
+fn check_bzimage(
+    file: &mut Image<'_>,
+    image: &str,
+    protocol: BootProtocol,
+    low_end: u64,
+) -> Result<KernelInfo, LoadError> {
+    if protocol == BootProtocol::Pvh {
+        return Err(LoadError::PvhUnavailable {
+            image: image.to_string(),
+            reason: "a bzImage has no PVH entry point (use the vmlinux ELF)",
+        });
+    }
+    let unsupported = |reason: String| LoadError::UnsupportedBzImage {
+        image: image.to_string(),
+        reason,
+    };
+    let read_err = |source| LoadError::Read {
+        image: image.to_string(),
+        source,
+    };
+    let mut head = [0u8; 0x268];
+    if file.read_at(0, &mut head).map_err(read_err)? < head.len() {
+        return Err(unsupported("truncated setup header".into()));
+    }
+    let file_len = file.len().map_err(read_err)?;
+    let setup_sects = match head[0x1f1] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let version = le_u16(&head, 0x206);
+    if version >= 0x020c && le_u16(&head, 0x236) & XLF_KERNEL_64 == 0 {
+        return Err(unsupported(
+            "the kernel has no 64-bit entry point (XLF_KERNEL_64 clear)".into(),
+        ));
+    }
+    let payload = file_len.saturating_sub((setup_sects + 1) * 512);
+    let code32_start = u64::from(le_u32(&head, 0x214));
+    let init_size = u64::from(le_u32(&head, 0x260));
+    let end = code32_start.saturating_add(payload.max(init_size));
+    if end > low_end {
+        return Err(LoadError::KernelTooBig {
+            image: image.to_string(),
+            start: code32_start,
+            end,
+            limit: low_end,
+        });
+    }
+    let cmdline_limit = if version >= 0x0206 {
+        (le_u32(&head, 0x238) as usize)
+            .saturating_add(1)
+            .min(CMDLINE_MAX_SIZE)
+    } else {
+        OLD_CMDLINE_MAX
+    };
+    let initrd_addr_max = if version >= 0x0203 {
+        u64::from(le_u32(&head, 0x22c))
+    } else {
+        DEFAULT_INITRD_ADDR_MAX
+    };
+    Ok(KernelInfo {
+        format: KernelFormat::BzImage,
+        end,
+        cmdline_limit,
+        initrd_addr_max,
     })
 }
 
@@ -167,52 +279,8 @@ fn load_bzimage(
     mem: &GuestMemoryMmap,
     file: &mut Image<'_>,
     image: String,
-    protocol: BootProtocol,
-    low_end: u64,
+    info: KernelInfo,
 ) -> Result<LoadedKernel, LoadError> {
-    if protocol == BootProtocol::Pvh {
-        return Err(LoadError::PvhUnavailable {
-            image,
-            reason: "a bzImage has no PVH entry point (use the vmlinux ELF)",
-        });
-    }
-    let unsupported = |reason: String| LoadError::UnsupportedBzImage {
-        image: image.clone(),
-        reason,
-    };
-    // The header fields needed before loading: setup_sects (0x1f1), version (0x206),
-    // code32_start (0x214), init_size (0x260).
-    let mut head = [0u8; 0x268];
-    let n = file
-        .read_at(0, &mut head)
-        .map_err(|source| LoadError::Read {
-            image: image.clone(),
-            source,
-        })?;
-    if n < head.len() {
-        return Err(unsupported("truncated setup header".into()));
-    }
-    let file_len = file.len().map_err(|source| LoadError::Read {
-        image: image.clone(),
-        source,
-    })?;
-    let setup_sects = match head[0x1f1] {
-        0 => 4,
-        n => u64::from(n),
-    };
-    let payload = file_len.saturating_sub((setup_sects + 1) * 512);
-    let code32_start = u64::from(le_u32(&head, 0x214));
-    let init_size = u64::from(le_u32(&head, 0x260));
-    let need_end = code32_start.saturating_add(payload.max(init_size));
-    if need_end > low_end {
-        return Err(LoadError::KernelTooBig {
-            image,
-            start: code32_start,
-            end: need_end,
-            limit: low_end,
-        });
-    }
-
     let result =
         BzImage::load(mem, None, file, Some(GuestAddress(HIMEM_START))).map_err(|source| {
             LoadError::Kernel {
@@ -222,33 +290,17 @@ fn load_bzimage(
         })?;
     let hdr = result
         .setup_header
-        .ok_or_else(|| unsupported("linux-loader returned no setup header".into()))?;
-    let version = hdr.version;
-    let xloadflags = hdr.xloadflags;
-    if version >= 0x020c && xloadflags & XLF_KERNEL_64 == 0 {
-        return Err(unsupported(
-            "the kernel has no 64-bit entry point (XLF_KERNEL_64 clear)".into(),
-        ));
-    }
-    let cmdline_limit = if version >= 0x0206 {
-        (hdr.cmdline_size as usize)
-            .saturating_add(1)
-            .min(CMDLINE_MAX_SIZE)
-    } else {
-        OLD_CMDLINE_MAX
-    };
-    let initrd_addr_max = if version >= 0x0203 {
-        u64::from(hdr.initrd_addr_max)
-    } else {
-        DEFAULT_INITRD_ADDR_MAX
-    };
+        .ok_or_else(|| LoadError::UnsupportedBzImage {
+            image,
+            reason: "linux-loader returned no setup header".into(),
+        })?;
     Ok(LoadedKernel {
         format: KernelFormat::BzImage,
         mode: EntryMode::Linux64,
         entry: GuestAddress(result.kernel_load.0 + BZIMAGE_ENTRY64_OFFSET),
-        kernel_end: result.kernel_end.max(need_end),
+        kernel_end: result.kernel_end.max(info.end),
         header: Some(hdr),
-        cmdline_limit,
-        initrd_addr_max,
+        cmdline_limit: info.cmdline_limit,
+        initrd_addr_max: info.initrd_addr_max,
     })
 }

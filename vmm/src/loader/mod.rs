@@ -3,14 +3,16 @@
 //! (GDT, identity page tables, MP table, ACPI tables).
 //!
 //! Every error names the image (its path, or the name given to in-memory bytes) and the reason.
+//! [`check`] refuses, from the images' headers alone, what [`load`] would refuse, so that
+//! `vmm run` can say so before any guest memory exists; both run the same checks.
 
 mod image;
 mod kernel;
 
 pub use image::ImageSource;
-use kernel::load_kernel;
 #[cfg(test)]
 use kernel::*;
+use kernel::{inspect_kernel, load_kernel};
 
 use std::fmt;
 use std::io;
@@ -177,6 +179,26 @@ pub struct LoadRequest<'a> {
     pub pci_intx: &'a [mptable::PciIntx],
 }
 
+/// Checks, without loading anything, what `load` would refuse about the images and the
+/// command line: the kernel and initrd open, the kernel's headers read and its extent
+/// checked against RAM below the 32-bit hole, the command line against the kernel's limit,
+/// and the initrd's size against the room left above the kernel. Reads a few KiB of headers;
+/// `req.cpus` and `req.pci_intx` are not looked at.
+pub fn check(layout: &MemoryLayout, req: &LoadRequest<'_>) -> Result<(), LoadError> {
+    let low_end = layout.low_ram_end();
+    let kernel = inspect_kernel(req.kernel, req.protocol, low_end)?;
+    check_cmdline(req.cmdline, kernel.cmdline_limit)?;
+    if let Some(src) = req.initrd {
+        let size = src.open()?.len().map_err(|source| LoadError::Read {
+            image: src.name(),
+            source,
+        })?;
+        let top = initrd_top(low_end, kernel.initrd_addr_max);
+        place_initrd(src, size, kernel.end, top)?;
+    }
+    Ok(())
+}
+
 /// Loads everything into `mem`, laid out as `layout` says, and returns where to start.
 pub fn load(
     mem: &GuestMemoryMmap,
@@ -193,7 +215,7 @@ pub fn load(
             mem,
             src,
             loaded.kernel_end,
-            low_end.min(loaded.initrd_addr_max.saturating_add(1)),
+            initrd_top(low_end, loaded.initrd_addr_max),
         )?),
         None => None,
     };
@@ -228,8 +250,8 @@ pub fn load(
     })
 }
 
-/// Validates and writes the command line; returns its length without the NUL.
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, limit: usize) -> Result<usize, LoadError> {
+/// Refuses a command line with a NUL in it or longer than `limit` with its NUL.
+fn check_cmdline(cmdline: &str, limit: usize) -> Result<(), LoadError> {
     if let Some(i) = cmdline.bytes().position(|b| b == 0) {
         return Err(LoadError::CmdlineNul(i));
     }
@@ -237,6 +259,12 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, limit: usize) -> Result<u
     if len > limit {
         return Err(LoadError::CmdlineTooLong { len, limit });
     }
+    Ok(())
+}
+
+/// Validates and writes the command line; returns its length without the NUL.
+fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, limit: usize) -> Result<usize, LoadError> {
+    check_cmdline(cmdline, limit)?;
     let cl = Cmdline::try_from(cmdline, limit).map_err(|e| LoadError::Cmdline(e.to_string()))?;
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cl)
         .map_err(|e| LoadError::Cmdline(e.to_string()))?;
@@ -246,7 +274,29 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, limit: usize) -> Result<u
     Ok(written.as_bytes().len())
 }
 
-/// Places the initrd page-aligned as high as possible below `top`, above the kernel.
+/// One past the highest address the initrd may reach: the end of RAM below the 32-bit hole,
+/// or lower if the kernel says so.
+fn initrd_top(low_end: u64, initrd_addr_max: u64) -> u64 {
+    low_end.min(initrd_addr_max.saturating_add(1))
+}
+
+/// Where an initrd of `size` bytes goes: page-aligned, as high as possible below `top`,
+/// above the kernel.
+fn place_initrd(src: &ImageSource, size: u64, kernel_end: u64, top: u64) -> Result<u64, LoadError> {
+    let floor = kernel_end.next_multiple_of(PAGE_SIZE);
+    top.checked_sub(size)
+        .map(|a| a / PAGE_SIZE * PAGE_SIZE)
+        .filter(|&a| a >= floor)
+        .ok_or_else(|| LoadError::InitrdTooBig {
+            image: src.name(),
+            size,
+            available: top.saturating_sub(floor),
+            kernel_end,
+            top,
+        })
+}
+
+/// Places the initrd (see [`place_initrd`]) and copies it in.
 fn load_initrd(
     mem: &GuestMemoryMmap,
     src: &ImageSource,
@@ -259,20 +309,7 @@ fn load_initrd(
         image: image.clone(),
         source,
     })?;
-    let floor = kernel_end.next_multiple_of(PAGE_SIZE);
-    let addr = top
-        .checked_sub(size)
-        .map(|a| a / PAGE_SIZE * PAGE_SIZE)
-        .filter(|&a| a >= floor);
-    let Some(addr) = addr else {
-        return Err(LoadError::InitrdTooBig {
-            image,
-            size,
-            available: top.saturating_sub(floor),
-            kernel_end,
-            top,
-        });
-    };
+    let addr = place_initrd(src, size, kernel_end, top)?;
     let len = usize::try_from(size).unwrap_or(usize::MAX);
     mem.read_exact_volatile_from(GuestAddress(addr), &mut file, len)
         .map_err(|source| LoadError::InitrdCopy {

@@ -314,3 +314,86 @@ fn boot_protocol_parses() {
     assert_eq!("auto".parse::<BootProtocol>(), Ok(BootProtocol::Auto));
     assert!("efi".parse::<BootProtocol>().is_err());
 }
+
+/// `check` refuses, from headers alone, exactly what `load` refuses about the images and the
+/// command line, and accepts what it loads.
+#[test]
+fn check_refuses_what_load_refuses_without_guest_memory() {
+    let mem = guest_mem(64 * MIB);
+    let layout = layout_of(&mem);
+    let dir = std::env::temp_dir().join(format!("vmm-loader-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sparse = dir.join("sparse-initrd");
+    std::fs::File::create(&sparse)
+        .unwrap()
+        .set_len(70 * MIB)
+        .unwrap();
+    let mut no_64bit = tiny_bzimage(&[0xf4], 255);
+    no_64bit[0x236..0x238].copy_from_slice(&0u16.to_le_bytes());
+    let elf = bytes("elf", tiny_elf(&[0xf4], 0x10_0000, None));
+    let bz = bytes("bz", tiny_bzimage(&[0xf4], 255));
+    let cases: Vec<(ImageSource, Option<ImageSource>, String, BootProtocol)> = vec![
+        (
+            elf.clone(),
+            None,
+            "console=ttyS0".into(),
+            BootProtocol::Auto,
+        ),
+        (bz.clone(), None, "quiet".into(), BootProtocol::Auto),
+        (
+            elf.clone(),
+            Some(bytes("initrd", vec![1; 5000])),
+            String::new(),
+            BootProtocol::Auto,
+        ),
+        (
+            ImageSource::Path("/nonexistent/vmlinux".into()),
+            None,
+            String::new(),
+            BootProtocol::Auto,
+        ),
+        (
+            bytes("junk", b"not a kernel".to_vec()),
+            None,
+            String::new(),
+            BootProtocol::Auto,
+        ),
+        (
+            bytes("big", tiny_elf(&[0xf4; 0x200], 64 * MIB - 0x100, None)),
+            None,
+            String::new(),
+            BootProtocol::Auto,
+        ),
+        (bz.clone(), None, String::new(), BootProtocol::Pvh),
+        (
+            bytes("old", no_64bit),
+            None,
+            String::new(),
+            BootProtocol::Auto,
+        ),
+        (bz.clone(), None, "x".repeat(300), BootProtocol::Auto),
+        (elf.clone(), None, "a\0b".into(), BootProtocol::Auto),
+        (
+            elf.clone(),
+            Some(ImageSource::Path(sparse.clone())),
+            String::new(),
+            BootProtocol::Auto,
+        ),
+        (
+            elf.clone(),
+            Some(ImageSource::Path("/nonexistent/initrd".into())),
+            String::new(),
+            BootProtocol::Auto,
+        ),
+    ];
+    for (kernel, initrd, cmdline, protocol) in &cases {
+        let mut r = req(kernel, cmdline, *protocol);
+        r.initrd = initrd.as_ref();
+        let checked = check(&layout, &r).map_err(|e| e.to_string());
+        let loaded = load(&mem, &layout, &r)
+            .map(|_| ())
+            .map_err(|e| e.to_string());
+        assert_eq!(checked, loaded, "{} {cmdline:?} {protocol}", kernel.name());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -96,6 +96,7 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
         devices: Default::default(),
         pin: PinChoice::Auto,
         pin_options: Default::default(),
+        test_faults: Vec::new(),
         timeout: None,
     }
 }
