@@ -319,4 +319,4 @@ impl Header {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
