@@ -221,3 +221,53 @@ fn an_oversized_message_gets_an_error_reply_and_ends_the_connection() {
         "{result:?}"
     );
 }
+
+#[test]
+fn a_4_gib_epf_transfer_does_not_hold_region_write() {
+    use crate::pci::dma::DmaProt;
+    const BIG: u64 = 0x1_0000_0000;
+    // Guest memory the server maps itself (anonymous, never touched: reading it maps the zero
+    // page, so the transfer costs time, not memory).
+    let regions = Arc::new(MappedRegions::new());
+    regions
+        .insert_anonymous(BIG, 1 << 32, DmaProt::READ_ONLY)
+        .unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let server_regions = regions.clone();
+    let server = std::thread::spawn(move || {
+        let mut dev = EpfUserDevice::new(EpfConfig::default(), server_regions.clone()).unwrap();
+        serve(b, &mut dev, server_regions)
+    });
+    let rig = EpfRig {
+        client: Client::from_stream(a, "epf-big".into(), LONG).unwrap(),
+        server,
+        regions,
+    };
+    let on = cmd_bits::MEMORY_SPACE | cmd_bits::BUS_MASTER;
+    rig.cfg_write(cfg_off::COMMAND as u64, &on.to_le_bytes());
+    rig.bar_write(reg::SRC_ADDR_LO, BIG as u32);
+    rig.bar_write(reg::SRC_ADDR_HI, (BIG >> 32) as u32);
+    rig.bar_write(reg::SIZE, u32::MAX);
+    rig.bar_write(reg::IRQ_TYPE, irq_type::MSI);
+    rig.bar_write(reg::IRQ_NUMBER, 1);
+    let t = Instant::now();
+    rig.bar_write(reg::COMMAND, command::READ);
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_millis(500),
+        "REGION_WRITE took {took:?}"
+    );
+    // The server answers while the transfer runs: it is not done yet.
+    let t = Instant::now();
+    assert_eq!(rig.bar_read(reg::STATUS), 0);
+    assert!(t.elapsed() < Duration::from_millis(500));
+    // A reset stops it promptly.
+    let t = Instant::now();
+    rig.client.reset().unwrap();
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "reset took {:?}",
+        t.elapsed()
+    );
+    rig.finish();
+}
