@@ -755,12 +755,9 @@ fn a_guest_flooding_dma_faults_gets_a_bounded_number_of_log_lines() {
     }
     assert_eq!(r.irqs().len() as u64, COMMANDS);
     let lines = capture::lines_with(&format!("at IOVA {HOLE:#x} "));
-    // One window of the limit, or two if the loop straddled a window's end.
+    // One window of the limit (other tests share it), or two if the loop straddled a
+    // window's end; not one line per fault.
     let most = 2 * u64::from(DEFAULT_BURST);
-    assert!(
-        !lines.is_empty() && lines.len() as u64 <= most,
-        "{} lines",
-        lines.len()
-    );
+    assert!(lines.len() as u64 <= most, "{} lines", lines.len());
     assert!(DMA_FAULTS.suppressed() - suppressed >= COMMANDS - most);
 }

@@ -56,7 +56,7 @@ fn signal(f: &File) {
     let mut f = f;
     if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
         if e.kind() != io::ErrorKind::WouldBlock {
-            tracing::warn!("pci-epf-test: signalling an interrupt eventfd: {e}");
+            crate::warn_limited!("pci-epf-test: signalling an interrupt eventfd: {e}");
         }
     }
 }
