@@ -18,6 +18,7 @@ pub mod exit;
 pub mod i8042;
 pub mod marks;
 pub mod pci;
+pub mod ratelimit;
 pub mod serial;
 pub mod terminal;
 pub mod vfio;

@@ -1,4 +1,5 @@
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use guest_abi::epf::flags;
 use guest_abi::epf::pattern::splitmix64;
@@ -617,4 +618,146 @@ fn arbitrary_guest_accesses_do_not_panic() {
             }
         }
     }
+}
+
+/// Guest memory of 4 GiB, never touched: reading it maps the zero page, so a 4 GiB READ
+/// costs time but no memory.
+const BIG: u64 = 0x1_0000_0000;
+const BIG_LEN: u64 = 1 << 32;
+/// Far longer than any transfer here needs.
+const LONG: Duration = Duration::from_secs(60);
+/// Well under a second, far above what the inline part of a transfer takes.
+const PROMPT: Duration = Duration::from_millis(500);
+
+/// A rig with [`BIG`] mapped read-only, and a READ of SIZE 4 GiB - 1 from it started.
+fn big_read() -> (Rig, Duration) {
+    let mut r = rig();
+    r.mem
+        .insert_anonymous(BIG, BIG_LEN, DmaProt::READ_ONLY)
+        .unwrap();
+    r.write(reg::IRQ_NUMBER, 1);
+    r.write(reg::IRQ_TYPE, irq_type::MSI);
+    r.write(reg::SRC_ADDR_LO, BIG as u32);
+    r.write(reg::SRC_ADDR_HI, (BIG >> 32) as u32);
+    r.write(reg::SIZE, u32::MAX);
+    r.write(reg::STATUS, 0);
+    let t = Instant::now();
+    r.write(reg::COMMAND, command::READ);
+    (r, t.elapsed())
+}
+
+#[test]
+fn a_4_gib_transfer_returns_from_the_command_write_at_once() {
+    let (mut r, took) = big_read();
+    assert!(took < PROMPT, "the COMMAND write took {took:?}");
+    assert!(r.dev.busy());
+    assert_eq!(r.read(reg::STATUS), 0, "done already?");
+    assert!(r.irqs().is_empty());
+    // A command written meanwhile waits in COMMAND, as on the real endpoint.
+    r.write(reg::COMMAND, command::RAISE_MSI_IRQ);
+    assert_eq!(r.read(reg::COMMAND), command::RAISE_MSI_IRQ);
+    assert!(r.irqs().is_empty());
+    // Unmapping the memory under the transfer fails it at its next chunk; then the waiting
+    // command runs (clearing STATUS, as the real command handler does).
+    r.mem.remove(BIG, BIG_LEN).unwrap();
+    assert!(r.dev.wait_idle(LONG), "the transfer never finished");
+    let fault = r.dev.last_fault().expect("no DMA fault");
+    assert!(fault.fault_iova >= BIG + INLINE_BYTES, "{fault}");
+    assert_eq!(
+        r.irqs(),
+        [EpfIrq::Msi { vector: 0 }, EpfIrq::Msi { vector: 0 }]
+    );
+    assert_eq!(r.read(reg::COMMAND), 0);
+    assert_eq!(r.read(reg::STATUS), status::IRQ_RAISED);
+}
+
+#[test]
+fn turning_bus_mastering_off_fails_a_running_transfer() {
+    let (mut r, _) = big_read();
+    r.cfg_write16(offset::COMMAND, cmd_bits::MEMORY_SPACE);
+    assert!(r.dev.wait_idle(LONG), "the transfer never finished");
+    assert_eq!(
+        r.read(reg::STATUS),
+        status::SRC_ADDR_INVALID | status::READ_FAIL | status::IRQ_RAISED
+    );
+    assert_eq!(
+        r.dev.last_fault().unwrap().reason,
+        "bus mastering is disabled in COMMAND"
+    );
+    assert_eq!(r.irqs(), [EpfIrq::Msi { vector: 0 }]);
+}
+
+#[test]
+fn dropping_the_device_stops_a_running_transfer_without_an_interrupt() {
+    let (r, _) = big_read();
+    let Rig { dev, irqs, .. } = r;
+    let t = Instant::now();
+    drop(dev);
+    assert!(t.elapsed() < PROMPT, "stopping took {:?}", t.elapsed());
+    assert!(irqs.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_large_transfer_completes_on_the_dma_thread() {
+    const AT: u64 = 0x2000_0000;
+    const LEN: u64 = 32 << 20;
+    let mut r = rig();
+    r.mem
+        .insert_anonymous(AT, LEN, DmaProt::READ_WRITE)
+        .unwrap();
+    r.write(reg::IRQ_NUMBER, 2);
+    r.write(reg::IRQ_TYPE, irq_type::MSI);
+    let size = 8 * INLINE_BYTES as u32 + 123;
+    r.transfer(command::WRITE, 0, AT, size);
+    assert!(r.dev.wait_idle(LONG));
+    assert_eq!(
+        r.read(reg::STATUS),
+        status::WRITE_SUCCESS | status::IRQ_RAISED
+    );
+    let crc = r.read(reg::CHECKSUM);
+    assert_eq!(crc, checksum(&r.mem_read(AT, size as usize)));
+    assert_eq!(r.irqs(), [EpfIrq::Msi { vector: 1 }]);
+    r.write(reg::CHECKSUM, crc);
+    r.transfer(command::READ, AT, 0, size);
+    assert!(r.dev.wait_idle(LONG));
+    assert_eq!(
+        r.read(reg::STATUS),
+        status::READ_SUCCESS | status::IRQ_RAISED
+    );
+    r.transfer(command::COPY, AT, AT + LEN / 2, size);
+    assert!(r.dev.wait_idle(LONG));
+    assert_eq!(
+        r.read(reg::STATUS),
+        status::COPY_SUCCESS | status::IRQ_RAISED
+    );
+    assert_eq!(checksum(&r.mem_read(AT + LEN / 2, size as usize)), crc);
+    assert_eq!(r.irqs().len(), 2);
+}
+
+#[test]
+fn a_guest_flooding_dma_faults_gets_a_bounded_number_of_log_lines() {
+    use crate::ratelimit::{capture, DEFAULT_BURST};
+    capture::install();
+    // An address no other test uses, to tell this test's lines from theirs.
+    const HOLE: u64 = 0x7777_0000_0000;
+    const COMMANDS: u64 = 2000;
+    let mut r = rig();
+    r.write(reg::IRQ_NUMBER, 1);
+    r.write(reg::IRQ_TYPE, irq_type::MSI);
+    let suppressed = DMA_FAULTS.suppressed();
+    for _ in 0..COMMANDS {
+        // Every command still fails visibly to the guest; only the log is limited.
+        let st = r.transfer(command::WRITE, 0, HOLE, 64);
+        assert_eq!(
+            st,
+            status::DST_ADDR_INVALID | status::WRITE_FAIL | status::IRQ_RAISED
+        );
+    }
+    assert_eq!(r.irqs().len() as u64, COMMANDS);
+    let lines = capture::lines_with(&format!("at IOVA {HOLE:#x} "));
+    // One window of the limit (other tests share it), or two if the loop straddled a
+    // window's end; not one line per fault.
+    let most = 2 * u64::from(DEFAULT_BURST);
+    assert!(lines.len() as u64 <= most, "{} lines", lines.len());
+    assert!(DMA_FAULTS.suppressed() - suppressed >= COMMANDS - most);
 }

@@ -260,11 +260,10 @@ impl ConfigSpace {
     /// the space. Returns the BARs whose decoded window changed.
     pub fn write_reg(&mut self, reg: usize, offset: u64, data: &[u8]) -> Vec<BarChange> {
         let Some((value, lanes)) = lanes(offset, data) else {
-            tracing::debug!(
-                reg,
-                offset,
-                len = data.len(),
-                "ignoring malformed config space write"
+            crate::debug_limited!(
+                "ignoring a malformed config space write of {} byte(s) at register {reg} \
+                 offset {offset}",
+                data.len()
             );
             return Vec::new();
         };

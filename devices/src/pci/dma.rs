@@ -275,6 +275,19 @@ impl MappedRegions {
         }
     }
 
+    /// How many regions are mapped.
+    pub fn len(&self) -> usize {
+        self.regions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no region is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// The mapped regions as (IOVA, length).
     pub fn regions(&self) -> Vec<(u64, u64)> {
         let map = self.regions.read().unwrap_or_else(PoisonError::into_inner);

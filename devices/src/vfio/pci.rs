@@ -313,10 +313,11 @@ impl VfioPciDevice {
         Ok(self.shadow.bars().collect())
     }
 
-    /// Reports the first backend failure; later ones are only logged at debug level.
+    /// Reports the first backend failure; later ones (one per guest access to a broken
+    /// device) are only logged at debug level, rate-limited.
     fn failed(&self, e: VfioBackendError) {
         if self.failed.swap(true, Ordering::AcqRel) {
-            tracing::debug!("{e}");
+            crate::debug_limited!("{}: {e}", self.backend.name());
             return;
         }
         tracing::error!("passthrough device failed: {e}");

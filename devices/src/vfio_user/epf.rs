@@ -56,7 +56,7 @@ fn signal(f: &File) {
     let mut f = f;
     if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
         if e.kind() != io::ErrorKind::WouldBlock {
-            tracing::warn!("pci-epf-test: signalling an interrupt eventfd: {e}");
+            crate::warn_limited!("pci-epf-test: signalling an interrupt eventfd: {e}");
         }
     }
 }
@@ -227,7 +227,8 @@ impl UserDevice for EpfUserDevice {
             }
             i if i == REG_BAR as u32 => {
                 Self::check(REG_BAR_SIZE, offset, data.len())?;
-                // A command runs inside this write; its interrupt goes to the eventfds.
+                // A command starts inside this write and raises its interrupt on the
+                // eventfds when done: here, or later from the model's DMA thread.
                 let _ = self.dev.bar_write(REG_BAR, offset, data);
             }
             _ => Self::check(0, offset, data.len())?,

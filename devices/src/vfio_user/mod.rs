@@ -29,4 +29,4 @@ mod tests;
 
 pub use client::{Client, ClientError};
 pub use epf::{run_epf_server, EpfServerError, EpfUserDevice};
-pub use server::{serve, ServerError, UserDevice};
+pub use server::{serve, serve_with, ServerError, ServerLimits, UserDevice};

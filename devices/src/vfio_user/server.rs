@@ -7,22 +7,36 @@
 //!
 //! A request that is well framed but wrong (short, unknown region, refused by the device)
 //! gets an error reply with an errno and the connection goes on; a message that cannot be
-//! framed (size below the header or above [`wire::MAX_MESSAGE`]) ends it, since the stream
-//! cannot be followed past it.
+//! framed (size below the header or above [`wire::MAX_MESSAGE`]) gets an error reply and ends
+//! it, since the stream cannot be followed past it.
+//!
+//! The client is another process and is not trusted to be well behaved; what it can make the
+//! server hold is bounded ([`ServerLimits`]):
+//! - a message must be whole within [`MESSAGE_TIMEOUT`] of its first byte, or the client is
+//!   dropped (idle between messages is fine, for as long as it likes);
+//! - at most [`MAX_DMA_REGIONS`] regions are mapped at once: DMA_MAP beyond is ENOSPC;
+//! - a message carries at most the fds its kind allows (DMA_MAP one, SET_IRQS one per
+//!   vector, up to [`wire::MAX_FDS`]; anything else none): beyond is EINVAL, and every fd
+//!   that came with it is closed;
+//! - a message is at most [`wire::MAX_MESSAGE`] bytes.
+//!
+//! Each refusal is logged, rate-limited ([`crate::ratelimit`]) where the client can repeat it.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pinning::class::{Classify, ErrorClass};
 
 use super::wire::{
     self, cmd, dma_flags, flags, irq_set, Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header,
-    IrqInfoMsg, IrqSet, Message, RecvError, RegionAccess, RegionInfoMsg, Version,
+    IrqInfoMsg, IrqSet, Message, RecvError, RecvLimits, RegionAccess, RegionInfoMsg, Version,
 };
 use crate::pci::dma::{DmaMapError, DmaProt, MappedRegions};
 use crate::vfio::backend::region;
 use crate::vfio::{IrqInfo, RegionInfo};
+use crate::{debug_limited, warn_limited};
 
 /// What the server needs from a device. Errors are errnos, sent back in the error reply.
 /// Every argument comes from the client: implementations must check ranges, never panic.
@@ -60,6 +74,33 @@ pub trait UserDevice: Send {
 
 const NAME: &str = "vfio-user server";
 
+/// How long a client may take to send the rest of a message once its first byte arrived.
+/// Generous: a whole message is at most [`wire::MAX_MESSAGE`] bytes over a local socket, and
+/// the VMM gives up on a request after the same time.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most DMA regions mapped at once. Each is an mmap of the server's; the VMM maps guest RAM
+/// in chunks of 128 MiB or more, so this covers 8 TiB. The kernel's `vm.max_map_count`
+/// (65530 by default) may refuse a little earlier, with ENOMEM.
+pub const MAX_DMA_REGIONS: usize = 65536;
+
+/// What one client may make the server hold or wait for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// See [`MESSAGE_TIMEOUT`].
+    pub message_timeout: Duration,
+    /// See [`MAX_DMA_REGIONS`].
+    pub max_dma_regions: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            message_timeout: MESSAGE_TIMEOUT,
+            max_dma_regions: MAX_DMA_REGIONS,
+        }
+    }
+}
+
 /// Why serving a client ended other than by its disconnecting.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -73,6 +114,9 @@ pub enum ServerError {
     /// past it.
     #[error("vfio-user server: malformed request from the client: {what}")]
     MalformedRequest { what: String },
+    /// The client started a message and did not finish it within the message timeout.
+    #[error("vfio-user server: the client was dropped: {0}")]
+    Stalled(#[source] RecvError),
 }
 
 impl Classify for ServerError {
@@ -101,14 +145,30 @@ pub fn serve_until(
     regions: Arc<MappedRegions>,
     stop: Option<BorrowedFd<'_>>,
 ) -> Result<(), ServerError> {
+    serve_with(stream, device, regions, stop, ServerLimits::default())
+}
+
+/// [`serve_until`] with limits other than the defaults.
+pub fn serve_with(
+    stream: UnixStream,
+    device: &mut dyn UserDevice,
+    regions: Arc<MappedRegions>,
+    stop: Option<BorrowedFd<'_>>,
+    limits: ServerLimits,
+) -> Result<(), ServerError> {
     let mut server = Server {
         device,
         regions,
+        limits,
         negotiated: false,
         maps: 0,
         files: Default::default(),
     };
     let io_err = |op: &'static str, source| ServerError::Io { op, source };
+    let recv_limits = RecvLimits {
+        max_size: wire::MAX_MESSAGE,
+        message_timeout: Some(limits.message_timeout),
+    };
     loop {
         if let Some(stop) = stop {
             if wait_readable(stream.as_fd(), stop).map_err(|e| io_err("polling", e))? {
@@ -116,31 +176,49 @@ pub fn serve_until(
                 return Ok(());
             }
         }
-        let msg = match wire::recv_message(&stream, wire::MAX_MESSAGE) {
-            Ok(m) => m,
+        let (h, result) = match wire::recv_message_with(&stream, recv_limits) {
+            Ok(msg) => {
+                let h = msg.header;
+                if h.kind() != flags::TYPE_COMMAND {
+                    // We never send commands, so no reply can be expected; skip it.
+                    warn_limited!(
+                        "{NAME}: ignoring message {} of type {} ({})",
+                        h.msg_id,
+                        h.kind(),
+                        cmd::name(h.command)
+                    );
+                    continue;
+                }
+                (h, server.handle(msg))
+            }
             Err(RecvError::Closed) => {
                 server.log_end("client disconnected");
                 return Ok(());
             }
             Err(RecvError::Io(e)) => return Err(io_err("receiving", e)),
+            Err(e @ RecvError::TooManyFds { header }) => {
+                // The message is whole and the stream still in step: refuse it, go on.
+                warn_limited!("{NAME}: refusing a request: {e}");
+                (header, Err(libc::EINVAL))
+            }
+            Err(e @ RecvError::Stalled { .. }) => {
+                server.log_end(&format!("dropping the client: {e}"));
+                return Err(ServerError::Stalled(e));
+            }
             Err(e) => {
+                if let RecvError::BadHeader { header, .. } = &e {
+                    // Say why before hanging up, if the client wants to hear it.
+                    if header.flags & flags::NO_REPLY == 0 {
+                        let reply = Header::error_reply(header, libc::E2BIG);
+                        let _ = wire::send_message(&stream, &reply, &[], &[]);
+                    }
+                }
+                server.log_end(&format!("dropping the client: {e}"));
                 return Err(ServerError::MalformedRequest {
                     what: e.to_string(),
-                })
+                });
             }
         };
-        let h = msg.header;
-        if h.kind() != flags::TYPE_COMMAND {
-            // We never send commands, so no reply can be expected; skip it.
-            tracing::warn!(
-                "{NAME}: ignoring message {} of type {} ({})",
-                h.msg_id,
-                h.kind(),
-                cmd::name(h.command)
-            );
-            continue;
-        }
-        let result = server.handle(msg);
         if h.flags & flags::NO_REPLY != 0 {
             continue;
         }
@@ -149,7 +227,7 @@ pub fn serve_until(
                 wire::send_message(&stream, &Header::reply(&h, payload.len()), payload, fds)
             }
             Err(errno) => {
-                tracing::debug!(
+                debug_limited!(
                     "{NAME}: {} {} failed: {}",
                     cmd::name(h.command),
                     h.msg_id,
@@ -201,6 +279,7 @@ type Reply = Result<(Vec<u8>, Vec<RawFd>), i32>;
 struct Server<'a> {
     device: &'a mut dyn UserDevice,
     regions: Arc<MappedRegions>,
+    limits: ServerLimits,
     negotiated: bool,
     /// What the client mapped over the connection, said when it ends.
     maps: u64,
@@ -247,6 +326,23 @@ impl Server<'_> {
             payload,
             fds,
         } = msg;
+        let allowed = match header.command {
+            cmd::DMA_MAP => 1,
+            // One per vector; `set_irqs` checks the number against the request.
+            cmd::DEVICE_SET_IRQS => wire::MAX_FDS,
+            _ => 0,
+        };
+        if fds.len() > allowed {
+            warn_limited!(
+                "{NAME}: refusing {} {}: it came with {} file descriptors, more than the {} \
+                 it may carry; they were closed",
+                cmd::name(header.command),
+                header.msg_id,
+                fds.len(),
+                allowed
+            );
+            return Err(libc::EINVAL);
+        }
         if header.command == cmd::VERSION {
             return self.version(&payload);
         }
@@ -326,6 +422,16 @@ impl Server<'_> {
             [] => return Err(libc::ENOTSUP),
             _ => return Err(libc::EINVAL),
         };
+        if self.regions.len() >= self.limits.max_dma_regions {
+            warn_limited!(
+                "{NAME}: refusing DMA_MAP of {:#x}+{:#x}: {} regions are mapped already, the \
+                 most one client may map",
+                req.address,
+                req.size,
+                self.limits.max_dma_regions
+            );
+            return Err(libc::ENOSPC);
+        }
         let prot = DmaProt {
             read: req.flags & dma_flags::READ != 0,
             write: req.flags & dma_flags::WRITE != 0,
@@ -333,7 +439,7 @@ impl Server<'_> {
         self.regions
             .insert_fd(req.address, req.size, fd.as_fd(), req.offset, prot)
             .map_err(|e| {
-                tracing::debug!("{NAME}: DMA_MAP: {e}");
+                debug_limited!("{NAME}: DMA_MAP: {e}");
                 map_errno(&e)
             })?;
         self.maps += 1;

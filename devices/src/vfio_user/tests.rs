@@ -28,6 +28,8 @@ use crate::pci::dma::MappedRegions;
 use crate::vfio::backend::{irq, region};
 use crate::vfio::{IrqInfo, MmapArea, RegionInfo, VfioBackendError};
 
+mod limits;
+
 const LONG: Duration = Duration::from_secs(10);
 const SHORT: Duration = Duration::from_millis(200);
 /// Far above SHORT, far below LONG: "quickly" and "within about the timeout".

@@ -14,7 +14,7 @@ mod socket;
 
 pub use messages::{Capabilities, DeviceInfo, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, Version};
 pub use region::{encode_sparse_mmap, find_sparse_mmap, RegionAccess, RegionInfoMsg};
-pub use socket::{recv_message, send_message, Message, RecvError};
+pub use socket::{recv_message, recv_message_with, send_message, Message, RecvError, RecvLimits};
 
 /// Bytes in a message header.
 pub const HEADER_SIZE: usize = 16;
@@ -319,4 +319,4 @@ impl Header {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
