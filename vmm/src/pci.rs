@@ -389,7 +389,7 @@ impl Wiring {
             for s in dev.slots.iter_mut().filter(|s| s.bar == index) {
                 if s.gpa.take().is_some() {
                     if let Err(e) = set_slot(&self.vm_fd, s.slot, 0, 0, 0) {
-                        tracing::warn!("{}: removing BAR{index} slot: {e}", dev.name);
+                        devices::warn_limited!("{}: removing BAR{index} slot: {e}", dev.name);
                     }
                 }
             }
@@ -404,7 +404,7 @@ impl Wiring {
             }
             // The guest may program any address, even over other devices: it then simply
             // does not reach this BAR there, as on a real bus with a conflict.
-            Err(e) => tracing::warn!("{}: BAR{index} at {base:#x}: {e}", dev.name),
+            Err(e) => devices::warn_limited!("{}: BAR{index} at {base:#x}: {e}", dev.name),
         }
         for s in dev.slots.iter_mut().filter(|s| s.bar == index) {
             // Guest-chosen base: an area that would wrap is left trapped.
@@ -413,7 +413,9 @@ impl Wiring {
             };
             match set_slot(&self.vm_fd, s.slot, gpa, s.size, s.host_addr) {
                 Ok(()) => s.gpa = Some(gpa),
-                Err(e) => tracing::warn!("{}: mapping BAR{index} at {gpa:#x}: {e}", dev.name),
+                Err(e) => {
+                    devices::warn_limited!("{}: mapping BAR{index} at {gpa:#x}: {e}", dev.name)
+                }
             }
         }
     }
