@@ -37,12 +37,19 @@ impl ImageSource {
     pub(super) fn open(&self) -> Result<Image<'_>, LoadError> {
         match self {
             ImageSource::Path(p) => {
-                File::open(p)
-                    .map(Image::File)
-                    .map_err(|source| LoadError::Open {
-                        image: self.name(),
-                        source,
-                    })
+                let open_error = |source| LoadError::Open {
+                    image: self.name(),
+                    source,
+                };
+                let file = File::open(p).map_err(open_error)?;
+                // A folder opens fine and reads as an error or a huge size; say what it is.
+                match file.metadata() {
+                    Ok(m) if !m.is_file() => Err(open_error(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "not a regular file",
+                    ))),
+                    _ => Ok(Image::File(file)),
+                }
             }
             ImageSource::Bytes { data, .. } => Ok(Image::Bytes(Cursor::new(data.as_ref()))),
         }
