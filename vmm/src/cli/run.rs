@@ -112,6 +112,8 @@ pub struct RunArgs {
     /// Stop the guest after this many seconds (exit status 124).
     #[arg(long)]
     pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub seccomp: crate::seccomp::SeccompArgs,
 }
 
 /// Why a `vmm run` command line cannot be built.
@@ -294,5 +296,6 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             ..PinOptions::default()
         },
         timeout,
+        seccomp: args.seccomp.clone(),
     })
 }

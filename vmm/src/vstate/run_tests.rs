@@ -97,6 +97,7 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
         pin: PinChoice::Auto,
         pin_options: Default::default(),
         timeout: None,
+        seccomp: Default::default(),
     }
 }
 
@@ -131,7 +132,7 @@ impl TestVm {
             vm,
             ..
         } = self;
-        run_until_exit(vcpus, &mut platform, vm.exit(), deadline).unwrap()
+        run_until_exit(vcpus, &mut platform, vm.exit(), deadline, None).unwrap()
     }
 }
 
