@@ -23,6 +23,8 @@
 //! - [`class`] says who must act on an error; the errors that reach `vmm` implement
 //!   [`class::Classify`], and `vmm` turns the class into the exit status.
 //! - [`sys`] holds the crate's system-call wrappers; [`model`] is an IOMMU model for tests.
+//! - [`thread_hook`] runs the embedder's code on every helper thread as it starts (the VMM
+//!   installs its seccomp filter there).
 
 pub mod admission;
 pub mod backend;
@@ -42,6 +44,7 @@ mod progress;
 pub mod region;
 pub mod stats;
 pub mod sys;
+pub mod thread_hook;
 
 pub use admission::AdmissionError;
 pub use backend::{BackendKind, PinBackend};
@@ -52,6 +55,7 @@ pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
 pub use region::{GuestRam, Region};
 pub use stats::JobStats;
+pub use thread_hook::set_helper_start_hook;
 
 /// Bytes in a KiB, MiB, GiB: named because sizes are everywhere here.
 pub const KIB: u64 = 1 << 10;

@@ -36,6 +36,7 @@ use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
 use crate::pin::{PinChoice, PinChoiceError, TestFault};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
+use crate::seccomp::{self, Filters, SeccompArgs, SeccompError};
 use crate::timeline::{GuestTimes, Report, Teardown, Timeline, VmSummary};
 use crate::vstate::run::{self, RunError, VmExit};
 use crate::vstate::vcpu::{self, VcpuError};
@@ -62,6 +63,8 @@ pub struct VmConfig {
     pub test_faults: Vec<TestFault>,
     /// Stop the guest after this long.
     pub timeout: Option<Duration>,
+    /// System-call filters per thread kind.
+    pub seccomp: SeccompArgs,
 }
 
 /// Why a VM could not be built or run; the variant names the stage.
@@ -91,6 +94,8 @@ pub enum StartError {
     Vcpus(#[from] VcpuError),
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 impl Classify for StartError {
@@ -116,6 +121,7 @@ impl Classify for StartError {
             StartError::Load(e) => e.class(),
             StartError::Vcpus(e) => e.class(),
             StartError::Run(e) => e.class(),
+            StartError::Seccomp(e) => e.class(),
         }
     }
 }
@@ -280,7 +286,9 @@ struct SignalForwarder {
 impl SignalForwarder {
     fn start(wake: Arc<EventFd>, stop: StopHandle) -> Self {
         let w = wake.clone();
-        let thread = std::thread::spawn(move || {
+        // Named, so that a seccomp report can say which thread it was.
+        let thread = std::thread::Builder::new().name("vmm-signals".into());
+        let thread = thread.spawn(move || {
             // Woken either by a signal or by `drop` (no signal pending then).
             if w.read().is_ok() {
                 if let Some(sig) = pinning::cancel::pending_signal() {
@@ -288,6 +296,7 @@ impl SignalForwarder {
                 }
             }
         });
+        let thread = thread.expect("failed to spawn the signal forwarder thread");
         Self {
             wake,
             thread: Some(thread),
@@ -306,7 +315,19 @@ impl Drop for SignalForwarder {
 
 /// Builds the VM stage by stage, runs it until it stops, tears it down and reports. `start`
 /// is when the process started (timeline zero).
+///
+/// A forbidden system call (`--seccomp on`) is the error, whatever else went wrong after
+/// it: a call refused with EPERM may have made a stage fail for what looks like another
+/// reason.
 pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
+    let result = build_and_run(config, start);
+    match seccomp::violation() {
+        Some(v) => Err(SeccompError::Violation(v).into()),
+        None => result,
+    }
+}
+
+fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
     let wake = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(StartError::Signals)?);
     // Signals are caught from here on, so Ctrl-C during pinning undoes it, and during the
     // run stops the VM cleanly.
@@ -319,6 +340,8 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
     let failure = Failure::default();
 
     let vm = timeline.phase("kvm", || Vm::new(config.cpus))?;
+    // From here on pinning helpers filter themselves as they start.
+    let filters = Filters::new(&config.seccomp, vm.stop_handle())?;
     let huge_before = thp::huge_bytes_in_use();
     let memory = timeline.phase("memory", || memory(&vm, &config.layout, config.memory))?;
     let (platform, mut passthrough) =
@@ -334,6 +357,9 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
             &cancel,
         )
     })?;
+    if let Some(f) = &filters {
+        f.helper_failure()?;
+    }
     let boot = timeline.phase("load", || load(config, &memory, &platform))?;
     let vcpus = timeline.phase("vcpus", || vcpu::create_all(&vm, config.cpus, &boot))?;
     let mut machine = Machine {
@@ -354,7 +380,13 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
         return Err(PassthroughError::FailedEarly(what).into());
     }
     let exit = timeline.phase("run", || {
-        run::run_until_exit(vcpus, &mut machine.platform, machine.vm.exit(), deadline)
+        run::run_until_exit(
+            vcpus,
+            &mut machine.platform,
+            machine.vm.exit(),
+            deadline,
+            filters.as_ref(),
+        )
     })?;
     let device_failure = failure.finish();
     drop(forwarder);
@@ -374,6 +406,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
     };
     let teardown = machine.teardown(pin_stats.threads.max(1));
     timeline.record("exit", teardown_start, start.elapsed());
+    if let Some(f) = &filters {
+        // A teardown helper that could not add its filter still ran under the main one.
+        f.helper_failure()?;
+    }
     let left_behind = (!teardown.unpin.is_clean()).then(|| LeftBehind(teardown.unpin.clone()));
 
     let report = Report {

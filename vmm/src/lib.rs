@@ -5,7 +5,8 @@
 //! `vmm run` is [`builder`]: stages that each take what they need and return what they built
 //! ([`vstate`] for KVM and the vCPUs, [`memory`] for guest RAM and its layout, [`platform`] and
 //! [`pci`] for what the guest sees, [`passthrough`] for the devices, [`pin`] for how RAM is
-//! prepared, [`loader`] and [`arch`] for booting).
+//! prepared, [`loader`] and [`arch`] for booting), and [`seccomp`] for the system-call
+//! filters every thread runs under once the guest does.
 
 pub mod allocator;
 pub mod arch;
@@ -18,6 +19,7 @@ pub mod passthrough;
 pub mod pci;
 pub mod pin;
 pub mod platform;
+pub mod seccomp;
 pub mod size;
 pub mod timeline;
 pub mod vstate;

@@ -334,6 +334,7 @@ impl EpfServer {
         let mut cmd = Command::new(&exe);
         cmd.args(["device", "epf", "--socket"])
             .arg(&socket)
+            .args(crate::seccomp::epf_child_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             // Its own process group: a Ctrl-C at the terminal is ours to handle (undo the
@@ -422,7 +423,9 @@ impl EpfServer {
             self.stop.clone(),
             self.failure.clone(),
         );
-        self.watcher = Some(std::thread::spawn(move || {
+        // Named, so that a seccomp report can say which thread it was.
+        let watcher = std::thread::Builder::new().name("epf-watcher".into());
+        let watcher = watcher.spawn(move || {
             // WNOWAIT: notice the exit without reaping; Drop reaps.
             // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -443,7 +446,8 @@ impl EpfServer {
                     format!("the pci-epf-test server (pid {pid}) {how} while the guest ran"),
                 );
             }
-        }));
+        });
+        self.watcher = Some(watcher.expect("failed to spawn the epf watcher thread"));
     }
 }
 

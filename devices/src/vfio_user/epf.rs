@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
-pub use process::{run_epf_server, EpfServerError};
+pub use process::{on_listening, run_epf_server, EpfServerError};
 
 use super::server::UserDevice;
 use super::wire::{irq_info_flags, irq_set};

@@ -583,6 +583,7 @@ fn crew(threads: usize, name: &str, work: &(dyn Fn() + Sync), short_handed: impl
                 .spawn_scoped(scope, move || {
                     // Counted as finished even if `work` panics, or the caller waits forever.
                     let _finished = Finished { board, index };
+                    crate::thread_hook::helper_started();
                     board.register(index);
                     prio::become_background();
                     board.wait_for_start();

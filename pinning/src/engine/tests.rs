@@ -547,3 +547,36 @@ fn parallel_for_helpers_run_at_nice_19_beside_the_caller() {
         }
     }
 }
+
+#[test]
+fn every_helper_runs_the_start_hook_with_its_name_before_working() {
+    use std::sync::Mutex;
+    // The hook is process-wide: other tests' helpers may call it too, so keep only ours.
+    static STARTED: Mutex<Vec<(String, i32)>> = Mutex::new(Vec::new());
+    fn hook(name: &str) {
+        if name.starts_with("hooktest-") {
+            STARTED
+                .lock()
+                .unwrap()
+                .push((name.to_string(), crate::sys::gettid()));
+        }
+    }
+    crate::thread_hook::set_helper_start_hook(Some(hook));
+    let items: Vec<usize> = (0..6).collect();
+    let worked = Mutex::new(Vec::new());
+    let used = parallel_for(&items, 3, "hooktest", |_| {
+        worked.lock().unwrap().push(crate::sys::gettid());
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    });
+    crate::thread_hook::set_helper_start_hook(None);
+    assert_eq!(used, 3);
+    let mut started = STARTED.lock().unwrap().clone();
+    started.sort();
+    let names: Vec<&str> = started.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["hooktest-0", "hooktest-1"]);
+    // Every thread that worked, except the caller (which starts no hook), ran the hook.
+    let caller = crate::sys::gettid();
+    for tid in worked.into_inner().unwrap() {
+        assert!(tid == caller || started.iter().any(|(_, t)| *t == tid));
+    }
+}

@@ -111,6 +111,11 @@ through the regions the client mapped with DMA_MAP, so an unmapped address fails
         /// Where to listen (created; removed at exit).
         #[arg(long)]
         socket: std::path::PathBuf,
+        /// The server's system-call filter, installed once it listens: `on` (a forbidden
+        /// call ends it with status 1 and one line naming the call), `log` (the kernel logs
+        /// it) or `off`. `vmm run` passes its own --seccomp.
+        #[arg(long, value_enum, default_value_t = crate::seccomp::SeccompLevel::On)]
+        seccomp: crate::seccomp::SeccompLevel,
     },
 }
 
@@ -201,7 +206,8 @@ pub fn bench(args: &bench::BenchArgs) -> Status {
 
 /// `vmm device epf`: serves until the client disconnects or a signal.
 pub fn device(cmd: &DeviceCommand) -> Status {
-    let DeviceCommand::Epf { socket } = cmd;
+    let DeviceCommand::Epf { socket, seccomp } = cmd;
+    crate::seccomp::prepare_epf_server(*seccomp)?;
     devices::vfio_user::run_epf_server(socket).map_err(|e| Failure {
         message: format!("device epf: {e}"),
         class: e.class(),

@@ -117,6 +117,8 @@ pub struct RunArgs {
     /// 31536000 (one year).
     #[arg(long)]
     pub timeout: Option<f64>,
+    #[command(flatten)]
+    pub seccomp: crate::seccomp::SeccompArgs,
 }
 
 /// The longest `--timeout`: one year, in seconds.
@@ -359,5 +361,6 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             ..PinOptions::default()
         },
         timeout,
+        seccomp: args.seccomp.clone(),
     })
 }

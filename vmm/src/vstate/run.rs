@@ -12,6 +12,7 @@ use pinning::{Classify, ErrorClass};
 
 use super::vcpu::{self, Rip, Vcpu, VcpuContext, VcpuFault, VcpuHandle};
 use crate::platform::{Platform, Subscriber};
+use crate::seccomp::{Filters, SeccompError, VcpuGate};
 
 /// How often the boot vCPU is asked whether it sits in HLT with interrupts off. With the
 /// in-kernel LAPIC such a HLT never leaves KVM, so this is the only way to notice a guest that
@@ -51,6 +52,8 @@ pub enum RunError {
     Spawn { index: u32, source: io::Error },
     #[error("the event loop failed: {0:?}")]
     EventLoop(event_manager::Error),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
 }
 
 impl Classify for RunError {
@@ -61,16 +64,23 @@ impl Classify for RunError {
 
 /// Runs the guest on `vcpus` until it exits, faults, is stopped through `exit`, or `deadline`
 /// passes; every vCPU thread has been joined when it returns.
+///
+/// With `seccomp` filters, each vCPU thread installs its own before its first KVM_RUN and
+/// waits until this thread has filtered every other thread and itself: from the guest's
+/// first instruction on, every thread of the process is filtered.
 pub fn run_until_exit(
     vcpus: Vec<Vcpu>,
     platform: &mut Platform,
     exit: &Arc<ExitNotifier>,
     deadline: Option<Instant>,
+    seccomp: Option<&Arc<Filters>>,
 ) -> Result<VmExit, RunError> {
+    let gate = seccomp.map(|f| Arc::new(VcpuGate::new(f.clone())));
     let ctx = VcpuContext {
         pio: platform.pio.clone(),
         mmio: platform.mmio.clone(),
         exit: exit.clone(),
+        seccomp: gate.clone(),
     };
     let mut running = Vec::with_capacity(vcpus.len());
     for v in vcpus {
@@ -78,9 +88,18 @@ pub fn run_until_exit(
         match vcpu::spawn(v, ctx.clone()) {
             Ok(h) => running.push(h),
             Err(source) => {
+                if let Some(g) = &gate {
+                    g.abandon();
+                }
                 stop_vcpus(running);
                 return Err(RunError::Spawn { index, source });
             }
+        }
+    }
+    if let Some(g) = &gate {
+        if let Err(e) = g.open(running.len()) {
+            stop_vcpus(running);
+            return Err(e.into());
         }
     }
     let raw_terminal = if platform.stdin_attached {

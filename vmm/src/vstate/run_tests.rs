@@ -98,6 +98,7 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
         pin_options: Default::default(),
         test_faults: Vec::new(),
         timeout: None,
+        seccomp: Default::default(),
     }
 }
 
@@ -132,7 +133,7 @@ impl TestVm {
             vm,
             ..
         } = self;
-        run_until_exit(vcpus, &mut platform, vm.exit(), deadline).unwrap()
+        run_until_exit(vcpus, &mut platform, vm.exit(), deadline, None).unwrap()
     }
 }
 

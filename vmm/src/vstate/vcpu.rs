@@ -283,6 +283,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where to report that the VM must stop.
     pub exit: Arc<ExitNotifier>,
+    /// With seccomp filters: where the thread installs its own and waits for the others.
+    pub seccomp: Option<Arc<crate::seccomp::VcpuGate>>,
 }
 
 /// A running vCPU thread.
@@ -368,6 +370,12 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext, control: &VcpuControl) -> Result<(), V
     // A spawning thread that blocks signals (a signalfd user) would otherwise make us unkickable.
     if let Err(e) = unblock_signal(SIGRTMIN()) {
         tracing::warn!("vCPU {}: cannot unblock SIGRTMIN: {e}", vcpu.index);
+    }
+    if let Some(gate) = &ctx.seccomp {
+        if !gate.enter_vcpu(vcpu.index) {
+            // A filter could not be installed; the VMM says which.
+            return Ok(());
+        }
     }
     KVM_RUN_PTR.with(|p| p.set(vcpu.fd.get_kvm_run()));
     let result = run_loop(&mut vcpu, ctx, control);

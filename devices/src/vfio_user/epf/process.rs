@@ -7,7 +7,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -58,6 +58,15 @@ impl Classify for EpfServerError {
             EpfServerError::Serve(e) => e.class(),
         }
     }
+}
+
+/// Runs once the server listens, before it accepts (see [`on_listening`]).
+static ON_LISTENING: OnceLock<fn() -> io::Result<()>> = OnceLock::new();
+
+/// Sets what [`run_epf_server`] runs once it listens and before it accepts a client (the
+/// VMM installs the server's seccomp filter there); an error ends the server. Set once.
+pub fn on_listening(hook: fn() -> io::Result<()>) {
+    let _ = ON_LISTENING.set(hook);
 }
 
 /// The eventfd the signal handler writes; -1 when no server runs.
@@ -197,6 +206,9 @@ pub fn run_epf_server(socket: &Path) -> Result<(), EpfServerError> {
     })?;
     let _remove = RemoveSocket(socket.to_path_buf());
     tracing::info!("vfio-user epf server listening on {}", socket.display());
+    if let Some(hook) = ON_LISTENING.get() {
+        hook().map_err(|e| io_err("running the listening hook", e))?;
+    }
 
     let regions = Arc::new(MappedRegions::new());
     let mut device =

@@ -1,0 +1,227 @@
+//! System-call filters (`vmm run --seccomp`), through the real binary: every thread of a
+//! running VM is filtered (vCPUs, the main thread and the rest, pinning helpers, the epf
+//! server process), and a forbidden call stops the VM with one line naming the thread and
+//! the call, and status 1.
+
+use std::io::Read;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{stderr, stdout, vmm};
+use guest_abi::probe::RESULT_OK_LINE;
+
+const VIOLATION_LINE: &str = "vmm: seccomp: thread vcpu0 made forbidden system call 110 (getppid)";
+
+/// PF_USER_WORKER: a kernel worker in the VM's thread group (KVM's NX huge page recovery
+/// thread on Linux 6.13+), which runs no user code.
+const PF_USER_WORKER: u64 = 0x4000;
+
+/// A thread of `pid`: its name, its `Seccomp:` mode, and whether it is a kernel worker.
+struct Thread {
+    name: String,
+    seccomp: u32,
+    user_worker: bool,
+}
+
+fn threads(pid: u32) -> Vec<Thread> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        let status = std::fs::read_to_string(path.join("status")).ok()?;
+        let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+        };
+        let flags: u64 = stat[stat.rfind(')')? + 1..]
+            .split_whitespace()
+            .nth(6)?
+            .parse()
+            .ok()?;
+        Some(Thread {
+            name: field("Name:")?,
+            seccomp: field("Seccomp:")?.parse().ok()?,
+            user_worker: flags & PF_USER_WORKER != 0,
+        })
+    })
+    .collect()
+}
+
+fn describe(threads: &[Thread]) -> String {
+    threads
+        .iter()
+        .map(|t| format!("{} (Seccomp: {})", t.name, t.seccomp))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `vmm run ARGS` with the probe hanging once its checks (DMA included) passed; returns
+/// once it hangs.
+fn paused_run(args: &[&str]) -> Child {
+    let mut child = vmm()
+        .args([
+            "run",
+            "--quiet",
+            "--cmdline",
+            "probe.hang probe.expect_dma=1 probe.expect_cpus=2",
+            "--cpus",
+            "2",
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = child.stdout.take().unwrap();
+    let (mut serial, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&serial).contains("hanging (probe.hang)") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "vmm ended early:\n{}",
+            String::from_utf8_lossy(&serial)
+        );
+        serial.extend_from_slice(&buf[..n]);
+    }
+    child
+}
+
+/// The epf server child of `pid`.
+fn epf_child(pid: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    let child = children
+        .split_whitespace()
+        .next()
+        .expect("vmm has no child")
+        .parse()
+        .unwrap();
+    let cmdline = std::fs::read_to_string(format!("/proc/{child}/cmdline")).unwrap();
+    assert!(cmdline.contains("epf"), "{cmdline:?}");
+    child
+}
+
+fn stop(mut child: Child) {
+    // SAFETY: signalling our own child, not yet reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(143), "{status}");
+}
+
+#[test]
+fn every_thread_of_a_paused_run_and_its_device_server_is_filtered() {
+    let child = paused_run(&[]);
+    let pid = child.id();
+    let all = threads(pid);
+    let user: Vec<&Thread> = all.iter().filter(|t| !t.user_worker).collect();
+    for name in [
+        "vcpu0",
+        "vcpu1",
+        "vmm",
+        "vmm-signals",
+        "epf-watcher",
+        "vfio-user-rx",
+    ] {
+        assert!(
+            user.iter().any(|t| t.name == name),
+            "no thread {name}: {}",
+            describe(&all)
+        );
+    }
+    assert!(
+        user.iter().all(|t| t.seccomp == 2),
+        "not every thread is filtered: {}",
+        describe(&all)
+    );
+    let server = epf_child(pid);
+    assert_eq!(
+        threads(server)
+            .iter()
+            .map(|t| t.seccomp)
+            .collect::<Vec<_>>(),
+        [2],
+        "the epf server"
+    );
+    stop(child);
+}
+
+#[test]
+fn with_seccomp_off_no_thread_is_filtered() {
+    let child = paused_run(&["--seccomp", "off"]);
+    let pid = child.id();
+    let all = threads(pid);
+    assert!(all.iter().all(|t| t.seccomp == 0), "{}", describe(&all));
+    assert_eq!(threads(epf_child(pid))[0].seccomp, 0);
+    stop(child);
+}
+
+#[test]
+fn pinning_helpers_filter_themselves_before_they_work() {
+    let child = vmm()
+        .args(["run", "--quiet", "--user-device", "none", "--memory", "3G"])
+        .args(["--pin", "populate", "--pin-threads", "2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    // A helper is named before it runs the engine's start hook, so one just started may
+    // still show 0; a filtered one shows 2 for the rest of its life.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    while Instant::now() < deadline {
+        let all = threads(pid);
+        if all.is_empty() {
+            break;
+        }
+        seen.extend(
+            all.into_iter()
+                .filter(|t| t.name.starts_with("pin-helper-"))
+                .map(|t| t.seccomp),
+        );
+        if seen.contains(&2) {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(
+        seen.contains(&2),
+        "no pinning helper seen filtered (Seccomp modes seen: {seen:?})"
+    );
+}
+
+#[test]
+fn a_forbidden_call_on_a_vcpu_stops_the_vm_with_one_line_and_status_1() {
+    let out = vmm()
+        .args(["run", "--quiet", "--test-seccomp-violation"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end(), VIOLATION_LINE, "{err}");
+}
+
+#[test]
+fn without_the_filter_the_same_call_is_harmless() {
+    // The test hook alone changes nothing: it is the filter that stops the VM.
+    for level in ["off", "log"] {
+        let out = vmm()
+            .args([
+                "run",
+                "--quiet",
+                "--test-seccomp-violation",
+                "--seccomp",
+                level,
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{level}: {}", stderr(&out));
+        assert!(stdout(&out).contains(RESULT_OK_LINE), "{}", stdout(&out));
+    }
+}

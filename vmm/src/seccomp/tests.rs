@@ -1,0 +1,160 @@
+//! The allow-lists: each kind allows what its threads were seen to need and not what they
+//! never need.
+
+use super::rules::ioctl;
+use super::*;
+
+fn args(a: &[u64]) -> [u64; 6] {
+    let mut all = [0u64; 6];
+    all[..a.len()].copy_from_slice(a);
+    all
+}
+
+#[test]
+fn every_kind_compiles_for_on_and_log() {
+    for kind in ThreadKind::ALL {
+        for level in [SeccompLevel::On, SeccompLevel::Log] {
+            let program = kind.compile(level).unwrap();
+            assert!(!program.is_empty(), "{kind:?}");
+            // The kernel takes at most 4096 instructions per filter.
+            assert!(program.len() < 4096, "{kind:?}: {}", program.len());
+        }
+    }
+}
+
+#[test]
+fn vcpus_run_the_guest_and_nothing_else_of_kvm() {
+    let l = ThreadKind::Vcpu.allow_list();
+    let ioctl = |req: u64| l.allows(libc::SYS_ioctl, &args(&[5, req]));
+    assert!(ioctl(ioctl::KVM_RUN.number));
+    assert!(ioctl(ioctl::KVM_GET_REGS.number));
+    assert!(ioctl(ioctl::KVM_SET_GSI_ROUTING.number));
+    // Creating vCPUs or VMs, or mapping DMA, is set-up's business, not a running vCPU's.
+    assert!(!ioctl(0xae41)); // KVM_CREATE_VCPU
+    assert!(!ioctl(0xae01)); // KVM_CREATE_VM
+    assert!(!ioctl(ioctl::VFIO_IOMMU_MAP_DMA.number));
+    for call in [
+        libc::SYS_getppid,
+        libc::SYS_openat,
+        libc::SYS_execve,
+        libc::SYS_clone3,
+        libc::SYS_socket,
+        libc::SYS_seccomp,
+        libc::SYS_prctl,
+    ] {
+        assert!(!l.allows(call, &args(&[])), "{}", syscall_name(call));
+    }
+    assert!(l.allows(libc::SYS_sendmsg, &args(&[])));
+    assert!(l.allows(libc::SYS_pwrite64, &args(&[])));
+}
+
+#[test]
+fn the_main_thread_may_kick_vcpus_but_not_signal_at_large() {
+    let l = ThreadKind::Vmm.allow_list();
+    let rtmin = libc::SIGRTMIN() as u64;
+    assert!(l.allows(libc::SYS_tgkill, &args(&[1, 2, rtmin])));
+    assert!(!l.allows(libc::SYS_tgkill, &args(&[1, 2, libc::SIGKILL as u64])));
+    assert!(l.allows(libc::SYS_kill, &args(&[9, libc::SIGTERM as u64])));
+    assert!(!l.allows(libc::SYS_kill, &args(&[9, libc::SIGSTOP as u64])));
+    // Threads only: a fork (clone without CLONE_THREAD) is refused.
+    let thread = (libc::CLONE_VM | libc::CLONE_THREAD | libc::CLONE_SIGHAND) as u64;
+    assert!(l.allows(libc::SYS_clone, &args(&[thread])));
+    assert!(!l.allows(libc::SYS_clone, &args(&[libc::SIGCHLD as u64])));
+    // A teardown helper may add its own filter; nothing may loosen or replace one.
+    assert!(l.allows(
+        libc::SYS_seccomp,
+        &args(&[libc::SECCOMP_SET_MODE_FILTER as u64, 0])
+    ));
+    assert!(!l.allows(
+        libc::SYS_seccomp,
+        &args(&[
+            libc::SECCOMP_SET_MODE_FILTER as u64,
+            libc::SECCOMP_FILTER_FLAG_TSYNC
+        ])
+    ));
+    assert!(!l.allows(libc::SYS_execve, &args(&[])));
+    assert!(!l.allows(libc::SYS_ioctl, &args(&[5, ioctl::KVM_RUN.number])));
+}
+
+#[test]
+fn helpers_pin_and_unpin_but_do_not_run_the_guest() {
+    let l = ThreadKind::Helper.allow_list();
+    assert!(l.allows(libc::SYS_madvise, &args(&[0, 4096, 23])));
+    assert!(l.allows(
+        libc::SYS_mlock2,
+        &args(&[0, 4096, libc::MLOCK_ONFAULT as u64])
+    ));
+    assert!(l.allows(libc::SYS_ioctl, &args(&[5, ioctl::IOMMU_IOAS_MAP.number])));
+    let pid = u64::from(std::process::id());
+    assert!(l.allows(libc::SYS_process_vm_readv, &args(&[pid])));
+    assert!(!l.allows(libc::SYS_process_vm_readv, &args(&[pid + 1])));
+    assert!(!l.allows(libc::SYS_ioctl, &args(&[5, ioctl::KVM_RUN.number])));
+    assert!(!l.allows(libc::SYS_clone3, &args(&[])));
+}
+
+/// A teardown helper runs under the main thread's filter and its own: whatever it does must
+/// pass both.
+#[test]
+fn the_main_list_allows_what_teardown_helpers_do() {
+    let main = ThreadKind::Vmm.allow_list();
+    let helper = ThreadKind::Helper.allow_list();
+    let teardown: [(i64, &[u64]); 7] = [
+        (libc::SYS_munlock, &[]),
+        (libc::SYS_madvise, &[0, 4096, libc::MADV_DONTNEED as u64]),
+        (
+            libc::SYS_fallocate,
+            &[
+                3,
+                (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u64,
+            ],
+        ),
+        (libc::SYS_ioctl, &[5, ioctl::VFIO_IOMMU_UNMAP_DMA.number]),
+        (libc::SYS_ioctl, &[5, ioctl::IOMMU_IOAS_UNMAP.number]),
+        (libc::SYS_sendmsg, &[]),
+        (libc::SYS_setpriority, &[libc::PRIO_PROCESS as u64, 7, 19]),
+    ];
+    for (call, a) in teardown {
+        let a = args(a);
+        assert!(helper.allows(call, &a), "helper: {}", syscall_name(call));
+        assert!(main.allows(call, &a), "main: {}", syscall_name(call));
+    }
+}
+
+#[test]
+fn the_epf_server_neither_listens_again_nor_starts_anything() {
+    let l = ThreadKind::Epf.allow_list();
+    assert!(l.allows(libc::SYS_accept4, &args(&[])));
+    assert!(l.allows(libc::SYS_recvmsg, &args(&[])));
+    for call in [
+        libc::SYS_socket,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_connect,
+        libc::SYS_openat,
+        libc::SYS_ioctl,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_execve,
+    ] {
+        assert!(!l.allows(call, &args(&[])), "{}", syscall_name(call));
+    }
+}
+
+#[test]
+fn system_call_names_come_from_the_table() {
+    assert_eq!(syscall_name(0), "read");
+    assert_eq!(syscall_name(libc::SYS_getppid), "getppid");
+    assert_eq!(syscall_name(libc::SYS_ioctl), "ioctl");
+    assert_eq!(syscall_name(libc::SYS_clone3), "clone3");
+    assert_eq!(syscall_name(-1), "unknown");
+    assert_eq!(syscall_name(100_000), "unknown");
+}
+
+#[test]
+fn the_summary_counts_every_kind() {
+    let summary = summary();
+    assert_eq!(summary.len(), 4);
+    for (kind, calls, _ioctls) in summary {
+        assert!(calls > 10, "{kind:?}: {calls}");
+    }
+}
