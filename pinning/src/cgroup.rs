@@ -110,7 +110,14 @@ impl Cgroups {
     /// any cgroup mount (some containers) simply gets no hierarchies.
     pub(crate) fn read(root: &Path) -> io::Result<Self> {
         let membership = procfs::read(&under(root, "/proc/self/cgroup"))?;
-        let mounts = parse_mountinfo(&procfs::read(&under(root, "/proc/self/mountinfo"))?);
+        let mountinfo = procfs::read(&under(root, "/proc/self/mountinfo"))?;
+        Ok(Self::parse(root, &membership, &mountinfo))
+    }
+
+    /// The hierarchies that `membership` (`/proc/self/cgroup`) and `mountinfo`
+    /// (`/proc/self/mountinfo`) describe, with their directories under `root`.
+    pub(crate) fn parse(root: &Path, membership: &str, mountinfo: &str) -> Self {
+        let mounts = parse_mountinfo(mountinfo);
         let mut cgroups = Cgroups::default();
         for line in membership.lines() {
             let mut parts = line.splitn(3, ':');
@@ -140,7 +147,7 @@ impl Cgroups {
                 }
             }
         }
-        Ok(cgroups)
+        cgroups
     }
 
     /// Every value `read` finds in the cgroup directories of `hierarchies` (innermost first,
@@ -211,18 +218,30 @@ fn quota(quota: i64, period: i64, file: PathBuf) -> Option<CpuQuota> {
 
 fn read_v1_quota(dir: &Path) -> Option<CpuQuota> {
     let file = dir.join("cpu.cfs_quota_us");
-    let q: i64 = std::fs::read_to_string(&file).ok()?.trim().parse().ok()?;
-    let p: i64 = std::fs::read_to_string(dir.join("cpu.cfs_period_us"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let q = std::fs::read_to_string(&file).ok()?;
+    let p = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).ok()?;
+    parse_v1_quota(&q, &p, file)
+}
+
+/// A v1 limit from the texts of `cpu.cfs_quota_us` and `cpu.cfs_period_us`.
+pub(crate) fn parse_v1_quota(
+    quota_text: &str,
+    period_text: &str,
+    file: PathBuf,
+) -> Option<CpuQuota> {
+    let q: i64 = quota_text.trim().parse().ok()?;
+    let p: i64 = period_text.trim().parse().ok()?;
     quota(q, p, file)
 }
 
 fn read_v2_quota(dir: &Path) -> Option<CpuQuota> {
     let file = dir.join("cpu.max");
     let text = std::fs::read_to_string(&file).ok()?;
+    parse_v2_quota(&text, file)
+}
+
+/// A v2 limit from the text of `cpu.max` ("max" or "QUOTA [PERIOD]").
+pub(crate) fn parse_v2_quota(text: &str, file: PathBuf) -> Option<CpuQuota> {
     let mut it = text.split_whitespace();
     let q = it.next()?;
     if q == "max" {
@@ -261,14 +280,21 @@ fn read_v2_memory(dir: &Path) -> Option<MemoryLimit> {
 fn read_memory(dir: &Path, limit_file: &str, usage_file: &str) -> Option<MemoryLimit> {
     let file = dir.join(limit_file);
     let text = std::fs::read_to_string(&file).ok()?;
-    let limit: u64 = text.trim().parse().ok()?; // "max" fails to parse: no limit
+    let usage = std::fs::read_to_string(dir.join(usage_file)).ok();
+    parse_memory(&text, usage.as_deref(), file)
+}
+
+/// A memory limit from the texts of its limit file and (if readable) its usage file.
+pub(crate) fn parse_memory(
+    limit_text: &str,
+    usage_text: Option<&str>,
+    file: PathBuf,
+) -> Option<MemoryLimit> {
+    let limit: u64 = limit_text.trim().parse().ok()?; // "max" fails to parse: no limit
     if limit >= NO_LIMIT {
         return None;
     }
-    let usage = std::fs::read_to_string(dir.join(usage_file))
-        .ok()
-        .and_then(|u| u.trim().parse().ok())
-        .unwrap_or(0);
+    let usage = usage_text.and_then(|u| u.trim().parse().ok()).unwrap_or(0);
     Some(MemoryLimit { limit, usage, file })
 }
 
