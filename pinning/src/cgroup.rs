@@ -6,7 +6,7 @@
 //! all its ancestors, in every hierarchy that has the controller, and the tightest wins.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::procfs::{self, under};
 
@@ -89,20 +89,32 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
         .collect()
 }
 
-/// The directory of cgroup `path` inside a mount whose own root is `mount.root`.
-fn locate(root: &Path, mount: &Mount, path: &str) -> Hierarchy {
+/// The directory of cgroup `path` inside a mount whose own root is `mount.root`, if the
+/// mount shows it. In a cgroup namespace a process whose cgroup lies outside the namespace
+/// sees a path such as `/../sibling`: joined to the mount, that names a directory outside
+/// the cgroup file system (and `lineage` would not notice, since `Path::starts_with` does
+/// not resolve `..`), so such a cgroup, or a mount point with `..`, yields none.
+fn locate(root: &Path, mount: &Mount, path: &str) -> Option<Hierarchy> {
     // In a cgroup namespace or a bind mount the mount's root is a sub-tree: strip it.
     let rel = if mount.root == "/" {
         path
     } else {
         path.strip_prefix(mount.root.as_str()).unwrap_or(path)
     };
+    let up = |p: &str| Path::new(p).components().any(|c| c == Component::ParentDir);
+    if up(rel) || up(&mount.point) {
+        tracing::debug!(
+            "cgroup {path:?} is outside what the mount at {:?} shows; ignoring it",
+            mount.point
+        );
+        return None;
+    }
     let mount_dir = under(root, &mount.point);
     let dir = under(&mount_dir, rel);
-    Hierarchy {
+    Some(Hierarchy {
         dir,
         mount: mount_dir,
-    }
+    })
 }
 
 impl Cgroups {
@@ -128,7 +140,7 @@ impl Cgroups {
             };
             if id == "0" && controllers.is_empty() {
                 if let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") {
-                    cgroups.v2 = Some(locate(root, m, path));
+                    cgroups.v2 = locate(root, m, path);
                 }
                 continue;
             }
@@ -143,7 +155,7 @@ impl Cgroups {
                     .iter()
                     .find(|m| m.fstype == "cgroup" && m.super_opts.iter().any(|o| o == controller));
                 if let Some(m) = mount {
-                    *slot = Some(locate(root, m, path));
+                    *slot = locate(root, m, path);
                 }
             }
         }
