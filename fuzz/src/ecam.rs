@@ -36,7 +36,7 @@ fn decode(offset: u64, len: usize) -> Option<(PciAddress, usize, u64)> {
 
 /// The accesses a `len`-byte access at `offset` is made of.
 fn parts(offset: u64, len: usize) -> Vec<(u64, std::ops::Range<usize>)> {
-    if len == 8 && offset % 8 == 0 {
+    if len == 8 && offset.is_multiple_of(8) {
         vec![(offset, 0..4), (offset + 4, 4..8)]
     } else {
         vec![(offset, 0..len)]

@@ -189,7 +189,7 @@ fn region(input: &mut Input<'_>) -> Region {
         0 => u64::from(input.u8() % 16 + 1) << 12,
         _ => u64::from(input.u16()) + 1,
     };
-    let off = (u64::from(input.u8()) << 12) % (MEM as u64 - len + 1) & !0xfff;
+    let off = ((u64::from(input.u8()) << 12) % (MEM as u64 - len + 1)) & !0xfff;
     let prot = match input.u8() % 4 {
         0 => DmaProt::READ_ONLY,
         1 => DmaProt {
@@ -589,7 +589,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let mut out = Vec::new();
     // One read-write region of 64 KiB at IOVA 0x10_0000, memfd offset 0.
     let header = |s: &mut Seed, regions: u8| {
-        s.u8(regions);
+        s.u8(regions - 1);
         s.u8(0).u16(0x100).u8(0).u8(15).u8(0).u8(3);
         if regions > 1 {
             // A read-only 16 KiB region right after it, at memfd offset 64 KiB.

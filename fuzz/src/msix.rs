@@ -233,9 +233,10 @@ pub fn run(data: &[u8]) {
             4 => {
                 let v = input.u16();
                 let (reg, shift_off, data) = if input.bool() {
-                    ((cap + 2) / 4, (cap + 2) % 4, v.to_le_bytes().to_vec())
+                    // The capability is dword aligned: message control is bytes 2..4.
+                    (cap / 4, 2, v.to_le_bytes().to_vec())
                 } else {
-                    ((cap + 3) / 4, (cap + 3) % 4, vec![(v >> 8) as u8])
+                    (cap / 4, 3, vec![(v >> 8) as u8])
                 };
                 cs.write_reg(reg, shift_off as u64, &data);
                 let (enabled, fmask) = (v & 0x8000 != 0, v & 0x4000 != 0);

@@ -146,13 +146,19 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
         });
         wire::send_message(&sock, &header, payload, &fds).is_ok()
     };
+    let mut pending: Option<wire::Message> = None;
     'messages: loop {
-        let req = match wire::recv_message(&sock, MAX_MESSAGE) {
+        let msg = match wire::recv_message(&sock, MAX_MESSAGE) {
             Ok(m) => m,
             Err(_) => return,
         };
-        // A request, or the client's answer to a server command (the request before it
-        // still waits). Steps for this message until one leaves the client something to answer or a
+        // A request, or the client's answer to a server command: then the request before
+        // it still waits, and replies are built for it.
+        if msg.header.kind() == flags::TYPE_COMMAND || pending.is_none() {
+            pending = Some(msg);
+        }
+        let req = pending.as_ref().expect("a request");
+        // Steps for this message until one leaves the client something to answer or a
         // reply to deliver.
         for _ in 0..8 {
             if s.is_empty() {
@@ -181,7 +187,7 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
                     let payload = if action & 0x40 != 0 {
                         s.long_bytes(4096).to_vec()
                     } else {
-                        structured(&mut s, &req)
+                        structured(&mut s, req)
                     };
                     let header = Header {
                         msg_id: id,
@@ -228,7 +234,7 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
                 }
                 6 => {
                     // A reply and the same reply again.
-                    let payload = structured(&mut s, &req);
+                    let payload = structured(&mut s, req);
                     let header = Header::reply(&req.header, payload.len());
                     for _ in 0..2 {
                         if !send(header, &payload, fd_sel) {
