@@ -6,7 +6,7 @@
 //! all its ancestors, in every hierarchy that has the controller, and the tightest wins.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::procfs::{self, under};
 
@@ -89,20 +89,32 @@ fn parse_mountinfo(text: &str) -> Vec<Mount> {
         .collect()
 }
 
-/// The directory of cgroup `path` inside a mount whose own root is `mount.root`.
-fn locate(root: &Path, mount: &Mount, path: &str) -> Hierarchy {
+/// The directory of cgroup `path` inside a mount whose own root is `mount.root`, if the
+/// mount shows it. In a cgroup namespace a process whose cgroup lies outside the namespace
+/// sees a path such as `/../sibling`: joined to the mount, that names a directory outside
+/// the cgroup file system (and `lineage` would not notice, since `Path::starts_with` does
+/// not resolve `..`), so such a cgroup, or a mount point with `..`, yields none.
+fn locate(root: &Path, mount: &Mount, path: &str) -> Option<Hierarchy> {
     // In a cgroup namespace or a bind mount the mount's root is a sub-tree: strip it.
     let rel = if mount.root == "/" {
         path
     } else {
         path.strip_prefix(mount.root.as_str()).unwrap_or(path)
     };
+    let up = |p: &str| Path::new(p).components().any(|c| c == Component::ParentDir);
+    if up(rel) || up(&mount.point) {
+        tracing::debug!(
+            "cgroup {path:?} is outside what the mount at {:?} shows; ignoring it",
+            mount.point
+        );
+        return None;
+    }
     let mount_dir = under(root, &mount.point);
     let dir = under(&mount_dir, rel);
-    Hierarchy {
+    Some(Hierarchy {
         dir,
         mount: mount_dir,
-    }
+    })
 }
 
 impl Cgroups {
@@ -110,7 +122,14 @@ impl Cgroups {
     /// any cgroup mount (some containers) simply gets no hierarchies.
     pub(crate) fn read(root: &Path) -> io::Result<Self> {
         let membership = procfs::read(&under(root, "/proc/self/cgroup"))?;
-        let mounts = parse_mountinfo(&procfs::read(&under(root, "/proc/self/mountinfo"))?);
+        let mountinfo = procfs::read(&under(root, "/proc/self/mountinfo"))?;
+        Ok(Self::parse(root, &membership, &mountinfo))
+    }
+
+    /// The hierarchies that `membership` (`/proc/self/cgroup`) and `mountinfo`
+    /// (`/proc/self/mountinfo`) describe, with their directories under `root`.
+    pub(crate) fn parse(root: &Path, membership: &str, mountinfo: &str) -> Self {
+        let mounts = parse_mountinfo(mountinfo);
         let mut cgroups = Cgroups::default();
         for line in membership.lines() {
             let mut parts = line.splitn(3, ':');
@@ -121,7 +140,7 @@ impl Cgroups {
             };
             if id == "0" && controllers.is_empty() {
                 if let Some(m) = mounts.iter().find(|m| m.fstype == "cgroup2") {
-                    cgroups.v2 = Some(locate(root, m, path));
+                    cgroups.v2 = locate(root, m, path);
                 }
                 continue;
             }
@@ -136,11 +155,11 @@ impl Cgroups {
                     .iter()
                     .find(|m| m.fstype == "cgroup" && m.super_opts.iter().any(|o| o == controller));
                 if let Some(m) = mount {
-                    *slot = Some(locate(root, m, path));
+                    *slot = locate(root, m, path);
                 }
             }
         }
-        Ok(cgroups)
+        cgroups
     }
 
     /// Every value `read` finds in the cgroup directories of `hierarchies` (innermost first,
@@ -211,18 +230,30 @@ fn quota(quota: i64, period: i64, file: PathBuf) -> Option<CpuQuota> {
 
 fn read_v1_quota(dir: &Path) -> Option<CpuQuota> {
     let file = dir.join("cpu.cfs_quota_us");
-    let q: i64 = std::fs::read_to_string(&file).ok()?.trim().parse().ok()?;
-    let p: i64 = std::fs::read_to_string(dir.join("cpu.cfs_period_us"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()?;
+    let q = std::fs::read_to_string(&file).ok()?;
+    let p = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).ok()?;
+    parse_v1_quota(&q, &p, file)
+}
+
+/// A v1 limit from the texts of `cpu.cfs_quota_us` and `cpu.cfs_period_us`.
+pub(crate) fn parse_v1_quota(
+    quota_text: &str,
+    period_text: &str,
+    file: PathBuf,
+) -> Option<CpuQuota> {
+    let q: i64 = quota_text.trim().parse().ok()?;
+    let p: i64 = period_text.trim().parse().ok()?;
     quota(q, p, file)
 }
 
 fn read_v2_quota(dir: &Path) -> Option<CpuQuota> {
     let file = dir.join("cpu.max");
     let text = std::fs::read_to_string(&file).ok()?;
+    parse_v2_quota(&text, file)
+}
+
+/// A v2 limit from the text of `cpu.max` ("max" or "QUOTA [PERIOD]").
+pub(crate) fn parse_v2_quota(text: &str, file: PathBuf) -> Option<CpuQuota> {
     let mut it = text.split_whitespace();
     let q = it.next()?;
     if q == "max" {
@@ -261,14 +292,21 @@ fn read_v2_memory(dir: &Path) -> Option<MemoryLimit> {
 fn read_memory(dir: &Path, limit_file: &str, usage_file: &str) -> Option<MemoryLimit> {
     let file = dir.join(limit_file);
     let text = std::fs::read_to_string(&file).ok()?;
-    let limit: u64 = text.trim().parse().ok()?; // "max" fails to parse: no limit
+    let usage = std::fs::read_to_string(dir.join(usage_file)).ok();
+    parse_memory(&text, usage.as_deref(), file)
+}
+
+/// A memory limit from the texts of its limit file and (if readable) its usage file.
+pub(crate) fn parse_memory(
+    limit_text: &str,
+    usage_text: Option<&str>,
+    file: PathBuf,
+) -> Option<MemoryLimit> {
+    let limit: u64 = limit_text.trim().parse().ok()?; // "max" fails to parse: no limit
     if limit >= NO_LIMIT {
         return None;
     }
-    let usage = std::fs::read_to_string(dir.join(usage_file))
-        .ok()
-        .and_then(|u| u.trim().parse().ok())
-        .unwrap_or(0);
+    let usage = usage_text.and_then(|u| u.trim().parse().ok()).unwrap_or(0);
     Some(MemoryLimit { limit, usage, file })
 }
 

@@ -32,6 +32,9 @@ pub mod cancel;
 pub mod cgroup;
 pub mod class;
 pub mod engine;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 /// An IOMMU model with the kernel's type1 rules, for tests here and in `devices` (feature
 /// `test-util`); not part of the crate's API.

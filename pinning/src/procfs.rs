@@ -27,11 +27,11 @@ pub(crate) fn field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
     })
 }
 
-/// A "123 kB" value in bytes.
+/// A "123 kB" value in bytes; `None` if it is not a number or the bytes overflow a u64.
 pub fn kb_field(text: &str, key: &str) -> Option<u64> {
     let v = field(text, key)?;
     let n: u64 = v.trim_end_matches("kB").trim().parse().ok()?;
-    Some(n * 1024)
+    n.checked_mul(1024)
 }
 
 /// What /proc/self/status says about locking and capabilities.
@@ -66,19 +66,28 @@ impl ProcStatus {
     }
 }
 
+/// CPU numbers at or above this are not real (Linux's NR_CPUS tops out at 8192); a list
+/// that names one is refused rather than expanded into memory.
+pub(crate) const MAX_CPUS: usize = 1 << 16;
+
 /// Parses a kernel CPU list such as `0-3,8,10-11` into its members.
 pub(crate) fn parse_cpu_list(text: &str) -> Option<Vec<usize>> {
     let mut cpus = Vec::new();
+    let cpu = |s: &str| s.parse::<usize>().ok().filter(|&c| c < MAX_CPUS);
     for part in text.trim().split(',').filter(|p| !p.is_empty()) {
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse().ok()?, b.parse().ok()?);
+                let (a, b) = (cpu(a)?, cpu(b)?);
                 if b < a {
                     return None;
                 }
                 cpus.extend(a..=b);
             }
-            None => cpus.push(part.parse().ok()?),
+            None => cpus.push(cpu(part)?),
+        }
+        // Repeated ranges could still add up.
+        if cpus.len() > MAX_CPUS {
+            return None;
         }
     }
     Some(cpus)
@@ -104,6 +113,40 @@ mod tests {
         assert_eq!(parse_cpu_list("0"), Some(vec![0]));
         assert_eq!(parse_cpu_list("3-1"), None);
         assert_eq!(parse_cpu_list("x"), None);
+    }
+
+    /// Found by the `cgroup` fuzz target: `10-73741824` expanded into a 73-million-entry
+    /// vector (and `0-18446744073709551615` would never finish).
+    #[test]
+    fn cpu_lists_past_any_real_cpu_are_refused() {
+        assert_eq!(parse_cpu_list("2-3,8,10-73741824\n"), None);
+        assert_eq!(parse_cpu_list("0-18446744073709551615"), None);
+        assert_eq!(parse_cpu_list("65536"), None);
+        let last = MAX_CPUS - 1;
+        assert_eq!(parse_cpu_list(&format!("{last}")), Some(vec![last]));
+        assert_eq!(
+            parse_cpu_list(&format!("0-{last}")).map(|c| c.len()),
+            Some(MAX_CPUS)
+        );
+        let repeated = vec![format!("0-{last}"); 3].join(",");
+        assert_eq!(parse_cpu_list(&repeated), None);
+    }
+
+    /// Found by the `cgroup` fuzz target: a kB value above 2^54 overflowed the conversion
+    /// to bytes (a panic with overflow checks on, a wrong value without).
+    #[test]
+    fn kb_fields_too_large_for_bytes_are_refused() {
+        let max_kb = u64::MAX / 1024;
+        assert_eq!(
+            kb_field(&format!("VmLck:\t{max_kb} kB\n"), "VmLck"),
+            Some(max_kb * 1024)
+        );
+        assert_eq!(
+            kb_field(&format!("VmLck:\t{} kB\n", max_kb + 1), "VmLck"),
+            None
+        );
+        assert_eq!(kb_field("VmLck: 99999999999999999999 kB", "VmLck"), None);
+        assert_eq!(ProcStatus::parse("VmLck: 18014398509481984 kB\n").locked, 0);
     }
 
     #[test]

@@ -126,6 +126,16 @@ pub enum DmaMapError {
     },
     #[error("no DMA region is mapped exactly at IOVA {iova:#x} with length {len:#x}")]
     NotMapped { iova: u64, len: u64 },
+    #[error(
+        "DMA region at IOVA {iova:#x} with length {len:#x} at file offset {offset:#x} runs past \
+         the end of its {file_len:#x}-byte file"
+    )]
+    PastEnd {
+        iova: u64,
+        len: u64,
+        offset: u64,
+        file_len: u64,
+    },
     #[error("mmap of {len:#x} bytes for the DMA region at IOVA {iova:#x}: {source}")]
     Mmap {
         iova: u64,
@@ -237,6 +247,10 @@ impl MappedRegions {
     /// Maps `[iova, iova + len)` to `len` bytes of `fd` at `offset`, shared (as a vfio-user
     /// server maps the memfd pieces a DMA_MAP message carries). The mapping is owned by the
     /// list and unmapped when the region is removed.
+    ///
+    /// For a regular file (a memfd, a hugetlbfs or tmpfs file) the range must lie inside the
+    /// file: a mapping past its end maps, but the first DMA there is a SIGBUS that kills the
+    /// process. A file shrunk after mapping can still do that; its owner must not.
     pub fn insert_fd(
         &self,
         iova: u64,
@@ -245,6 +259,26 @@ impl MappedRegions {
         offset: u64,
         prot: DmaProt,
     ) -> Result<(), DmaMapError> {
+        // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat writes only into `st`, which we own; `fd` is open for the call.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(DmaMapError::Mmap {
+                iova,
+                len,
+                source: io::Error::last_os_error(),
+            });
+        }
+        let file_len = u64::try_from(st.st_size).unwrap_or(0);
+        let inside = offset.checked_add(len).is_some_and(|end| end <= file_len);
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG && !inside {
+            return Err(DmaMapError::PastEnd {
+                iova,
+                len,
+                offset,
+                file_len,
+            });
+        }
         let region = Self::mmap(iova, len, prot, libc::MAP_SHARED, fd.as_raw_fd(), offset)?;
         self.insert(iova, region)
     }

@@ -312,7 +312,7 @@ fn einval<T>(_: T) -> i32 {
 
 fn map_errno(e: &DmaMapError) -> i32 {
     match e {
-        DmaMapError::InvalidRange { .. } => libc::EINVAL,
+        DmaMapError::InvalidRange { .. } | DmaMapError::PastEnd { .. } => libc::EINVAL,
         DmaMapError::Overlap { .. } => libc::EEXIST,
         DmaMapError::NotMapped { .. } => libc::ENOENT,
         DmaMapError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::ENOMEM),

@@ -212,6 +212,45 @@ fn container_mount_root_is_stripped() {
     assert_eq!(cg.cpu_quota().unwrap().whole(), 2);
 }
 
+/// Found by the `cgroup` fuzz target: a cgroup path with `..` (what a process in a cgroup
+/// outside its cgroup namespace sees) made the limits be read from outside the cgroup mount.
+#[test]
+fn cgroups_outside_the_mount_are_ignored() {
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        "/proc/self/mountinfo",
+        "40 30 0:38 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n\
+         41 30 0:39 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n\
+         42 30 0:40 / /mnt/../sys/fs/memory rw - cgroup cgroup rw,memory\n",
+    );
+    write(
+        t.path(),
+        "/proc/self/cgroup",
+        "0::/../../etc\n2:cpu:/ok\n3:memory:/\n",
+    );
+    // What a path joined without care would read.
+    write(t.path(), "/etc/cpu.max", "100000 100000\n");
+    write(
+        t.path(),
+        "/sys/fs/cgroup/cpu/ok/cpu.cfs_quota_us",
+        "200000\n",
+    );
+    write(
+        t.path(),
+        "/sys/fs/cgroup/cpu/ok/cpu.cfs_period_us",
+        "100000\n",
+    );
+    let cg = Cgroups::read(t.path()).unwrap();
+    assert_eq!(cg.v2, None);
+    assert_eq!(cg.v1_memory, None);
+    assert_eq!(
+        cg.cpu_quota().unwrap().whole(),
+        2,
+        "the v1 limit, not /etc/cpu.max"
+    );
+}
+
 #[test]
 fn escaped_mount_points_are_decoded() {
     assert_eq!(unescape(r"/mnt/with\040space"), "/mnt/with space");

@@ -151,7 +151,16 @@ fn check_elf(file: &mut Image<'_>, image: &str, low_end: u64) -> Result<u64, Loa
             continue;
         }
         let paddr = le_u64(&ph, 0x18);
+        let filesz = le_u64(&ph, 0x20);
         let memsz = le_u64(&ph, 0x28);
+        // linux-loader copies p_filesz bytes but reports the end from p_memsz: a segment
+        // whose file part is larger (the ELF spec forbids it) would spill past the kernel end
+        // we tell the guest and place the initrd after.
+        if filesz > memsz {
+            return Err(unsupported(format!(
+                "program header {i}: its file size {filesz:#x} exceeds its memory size {memsz:#x}"
+            )));
+        }
         let seg_end = paddr.saturating_add(memsz);
         if paddr < HIMEM_START || seg_end > low_end {
             return Err(LoadError::KernelTooBig {

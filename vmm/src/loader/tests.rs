@@ -279,6 +279,25 @@ fn kernel_past_ram_is_refused_with_addresses() {
     );
 }
 
+/// Found by the `loader` fuzz target: a PT_LOAD whose p_filesz exceeds its p_memsz was
+/// copied in full while the kernel end came from p_memsz, so bytes landed past the end the
+/// guest is told about (where the initrd goes).
+#[test]
+fn segment_with_more_file_than_memory_is_refused() {
+    let mem = guest_mem(64 * MIB);
+    let mut elf = tiny_elf(&[0xf4; 0x40], 0x10_0000, None);
+    // p_memsz of the only program header (at 64): smaller than its p_filesz of 0x40.
+    elf[64 + 0x28..64 + 0x30].copy_from_slice(&0x10u64.to_le_bytes());
+    let k = bytes("spill", elf);
+    let err = load(&mem, &layout_of(&mem), &req(&k, "", BootProtocol::Auto)).unwrap_err();
+    assert!(
+        matches!(&err, LoadError::UnsupportedElf { reason, .. } if reason.contains("exceeds its memory size")),
+        "{err}"
+    );
+    let b: u8 = mem.read_obj(GuestAddress(0x10_0010)).unwrap();
+    assert_eq!(b, 0, "nothing was loaded");
+}
+
 #[test]
 fn initrd_goes_to_top_of_low_ram_page_aligned() {
     let mem = guest_mem(128 * MIB);

@@ -132,6 +132,44 @@ fn memfd_regions_share_memory_with_their_owner() {
     assert_eq!(&back, b"hello");
 }
 
+/// Found by the `vfio_user_server` fuzz target: a DMA_MAP whose range ran past the end of
+/// its memfd was mapped, and the epf device's next DMA there killed the server with SIGBUS.
+#[test]
+fn regions_past_the_end_of_their_file_are_refused() {
+    // SAFETY: a plain memfd_create call with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `fd` is a valid memfd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x2000) }, 0);
+    use std::os::fd::AsFd;
+    let dma = MappedRegions::new();
+    for (len, offset) in [(0x2000, 0x1000), (0x3000, 0), (0x1000, u64::MAX - 0xfff)] {
+        let err = dma
+            .insert_fd(0x10_0000, len, fd.as_fd(), offset, DmaProt::READ_WRITE)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DmaMapError::PastEnd {
+                    file_len: 0x2000,
+                    ..
+                }
+            ),
+            "{len:#x} at {offset:#x}: {err}"
+        );
+    }
+    assert!(dma.regions().is_empty());
+    // All of the file, or its last page, is fine; so is DMA to its last byte.
+    dma.insert_fd(0x10_0000, 0x2000, fd.as_fd(), 0, DmaProt::READ_WRITE)
+        .unwrap();
+    dma.insert_fd(0x20_0000, 0x1000, fd.as_fd(), 0x1000, DmaProt::READ_WRITE)
+        .unwrap();
+    dma.write(0x10_1fff, &[1]).unwrap();
+    dma.write(0x20_0fff, &[2]).unwrap();
+}
+
 #[test]
 fn iommu_model_adapter_translates_per_page() {
     let mut mem = vec![0u8; 0x4000];
