@@ -3,9 +3,12 @@
 //! files of DMA_MAP, which it maps shared and never executable, checks the size of and
 //! unmaps again), raise interrupts by writing eventfds, and at the end remove its socket
 //! file and put its SIGTERM/SIGINT handlers back. The device model itself (BARs, DMA,
-//! CRC32) is plain computation on mapped memory.
+//! CRC32) is plain computation on mapped memory, on this thread or the model's DMA thread.
 
-use super::rules::{base, AllowList};
+use super::rules::{base, AllowList, Check};
+
+/// glibc's internal signal for set*id calls across threads (kernel number 33).
+const GLIBC_SIGSETXID: u64 = 33;
 
 pub(super) fn allow_list() -> AllowList {
     use libc::*;
@@ -24,6 +27,28 @@ pub(super) fn allow_list() -> AllowList {
         SYS_statx,
         SYS_unlink,
     ]);
-    l.allow_values(SYS_rt_sigaction, 0, &[SIGINT as u64, SIGTERM as u64]);
+    // A transfer longer than the inline part runs on the model's DMA thread: created
+    // (clone3, or clone for a thread only) and named; std looks up the SIGSEGV/SIGBUS
+    // handlers for its stack-overflow guard as a thread starts, and glibc installs its
+    // set-id signal (SIGRTMIN+1 in kernel numbering, 33) at the first thread it creates.
+    l.allow(&[
+        SYS_clone3,
+        SYS_set_robust_list,
+        SYS_rseq,
+        SYS_sched_getaffinity,
+    ]);
+    l.allow_when(SYS_clone, &[Check::all_of(0, CLONE_THREAD as u64)]);
+    l.allow_values(SYS_prctl, 0, &[PR_SET_NAME as u64]);
+    l.allow_values(
+        SYS_rt_sigaction,
+        0,
+        &[
+            SIGINT as u64,
+            SIGTERM as u64,
+            SIGSEGV as u64,
+            SIGBUS as u64,
+            GLIBC_SIGSETXID,
+        ],
+    );
     l
 }
