@@ -393,9 +393,8 @@ fn unpin_undoes_on_as_many_threads_as_the_pin_used() {
         tids.len() <= pin_threads,
         "undo used more threads than the pin"
     );
-    if pin_threads > 1 {
-        assert!(tids.len() > 1, "undo ran on one thread of {pin_threads}");
-    }
+    // Which threads got items is up to the scheduler (on a loaded host the caller can take
+    // them all before a helper runs), so the crew's size is what is checked, above.
     for (_, tid, nice) in unmaps.iter() {
         if *tid != caller_tid {
             assert!(*nice == crate::prio::HELPER_NICE || *nice == caller_nice);

@@ -3,20 +3,20 @@
 //!
 //! | kind | list | installed by | when |
 //! |---|---|---|---|
-//! | vCPU | [`vcpu`] | each vCPU thread itself | before its first KVM_RUN; the vCPUs wait until every other thread is filtered too |
-//! | main/event | [`vmm`] | the main thread, for itself and for every other thread not yet filtered (the SIGINT/SIGTERM forwarder, the epf watcher, vfio-user reply readers) | once every vCPU thread has its filter, before the guest runs |
-//! | pin helper | [`helper`] | each pinning-engine helper, through the engine's start hook | as it starts: while pinning (before the guest) and in teardown |
-//! | epf server | [`epf`] | `vmm device epf` | once it listens, before it accepts |
+//! | vCPU | `vcpu.rs` | each vCPU thread itself | before its first KVM_RUN; the vCPUs wait until every other thread is filtered too |
+//! | main/event | `vmm.rs` | the main thread, for itself and for every other thread not yet filtered (the SIGINT/SIGTERM forwarder, the epf watcher, vfio-user reply readers) | once every vCPU thread has its filter, before the guest runs |
+//! | pin helper | `helper.rs` | each pinning-engine helper, through the engine's start hook | as it starts: while pinning (before the guest) and in teardown |
+//! | epf server | `epf.rs` | `vmm device epf` | once it listens, before it accepts |
 //!
 //! A filter is per thread and inherited by the threads that thread creates, and it can only
 //! be narrowed. So the main thread's list covers teardown too (it runs on that thread after
 //! the guest), and a teardown helper, started by the filtered main thread, adds its own
 //! filter to the inherited one: it may do what both allow (the main list allows what the
 //! helpers do, since the caller of a teardown job works on it too). The threads the main
-//! thread filters are not its children: each is asked with a signal ([`threads`]) to install
+//! thread filters are not its children: each is asked with a signal (`threads.rs`) to install
 //! the list on itself, the way glibc makes every thread change its user id.
 //!
-//! `--seccomp on` (the default) makes a forbidden call raise SIGSYS ([`trap`]): the call
+//! `--seccomp on` (the default) makes a forbidden call raise SIGSYS (`trap.rs`): the call
 //! fails with EPERM, the VM stops, and `vmm run` ends with "seccomp: thread vcpu0 made
 //! forbidden system call 110 (getppid)" and status 1 (the epf server prints its line and
 //! exits 1, which stops the VM as a device failure). `--seccomp log` allows the call and has
