@@ -233,6 +233,7 @@ impl Filters {
         if args.seccomp == SeccompLevel::Off {
             return Ok(None);
         }
+        filtered_panics();
         let filters = Filters {
             vcpu: ThreadKind::Vcpu.compile(args.seccomp)?,
             vmm: ThreadKind::Vmm.compile(args.seccomp)?,
@@ -386,12 +387,35 @@ pub fn prepare_epf_server(level: SeccompLevel) -> Result<(), SeccompError> {
         return Ok(());
     }
     let program = ThreadKind::Epf.compile(level)?;
+    filtered_panics();
     if level == SeccompLevel::On {
         trap::install_handler(None, true).map_err(SeccompError::Handler)?;
     }
     *EPF.lock().unwrap_or_else(PoisonError::into_inner) = Some(program);
     devices::vfio_user::epf::on_listening(enter_epf_server);
     Ok(())
+}
+
+/// A panic message that a filtered thread can print: the thread, the place and the message,
+/// written to stderr. The default hook may capture a backtrace (RUST_BACKTRACE), which reads
+/// the working directory and the executable, calls no filter allows; the panic itself is
+/// what must be reported (pinning turns a helper's into the job's error).
+fn filtered_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("<unnamed>");
+        let msg = info
+            .payload()
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("thread '{name}' panicked{at}: {msg}");
+    }));
 }
 
 /// The epf server's listening hook: it installs its filter.
