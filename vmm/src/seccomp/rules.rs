@@ -323,6 +323,10 @@ pub(super) fn base() -> AllowList {
     l.allow_when(SYS_mprotect, &[no_exec]);
     // malloc gives memory back, a finished thread's stack is dropped.
     l.allow_values(SYS_madvise, 2, &[MADV_DONTNEED as u64]);
+    // A real fault must end the process: std's stack-overflow handler puts the default
+    // SIGSEGV/SIGBUS action back and returns, so the fault repeats and kills. Refused, it
+    // would trap, return and fault again, forever.
+    l.allow_values(SYS_rt_sigaction, 0, &[SIGSEGV as u64, SIGBUS as u64]);
     l
 }
 
