@@ -1,7 +1,6 @@
 //! `vmm run` through the real binary with the probe guest: it boots, checks itself and
 //! reports; the exit status, timeline report, signals and bad input behave as documented.
 
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -9,7 +8,7 @@ use std::time::{Duration, Instant};
 mod common;
 use common::{
     epf_server, run_with_report, server_counts, server_end, stderr, stdout, vmm,
-    wait_for_guest_ram_mapped_by, wait_for_locked_memory,
+    wait_for_guest_ram_mapped_by, wait_for_locked_memory, wait_until_hanging,
 };
 use guest_abi::exit;
 use guest_abi::probe::{RESULT_FAIL_PREFIX, RESULT_OK_LINE};
@@ -159,17 +158,7 @@ fn sigint_stops_a_running_guest_with_status_130() {
         .spawn()
         .unwrap();
     // Signal once the probe says it hangs (a fixed wait is too short on a busy machine).
-    let mut serial = child.stdout.take().unwrap();
-    let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
-    while !String::from_utf8_lossy(&seen).contains("probe: hanging (probe.hang)") {
-        let n = serial.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "vmm ended early:\n{}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
+    wait_until_hanging(&mut child);
     // SAFETY: a pid we spawned and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let out = child.wait_with_output().unwrap();

@@ -3,12 +3,11 @@
 //! server process), and a forbidden call stops the VM with one line naming the thread and
 //! the call, and status 1.
 
-use std::io::Read;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{stderr, stdout, vmm};
+use common::{stderr, stdout, vmm, wait_until_hanging};
 use guest_abi::probe::RESULT_OK_LINE;
 
 const VIOLATION_LINE: &str = "vmm: seccomp: thread vcpu0 made forbidden system call 110 (getppid)";
@@ -77,17 +76,7 @@ fn paused_run(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut out = child.stdout.take().unwrap();
-    let (mut serial, mut buf) = (Vec::new(), [0u8; 4096]);
-    while !String::from_utf8_lossy(&serial).contains("hanging (probe.hang)") {
-        let n = out.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "vmm ended early:\n{}",
-            String::from_utf8_lossy(&serial)
-        );
-        serial.extend_from_slice(&buf[..n]);
-    }
+    wait_until_hanging(&mut child);
     child
 }
 

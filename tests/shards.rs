@@ -11,7 +11,7 @@ use std::time::Duration;
 mod common;
 use common::{
     epf_server, run_with_report, server_counts, server_end, stderr, stdout, vmm,
-    wait_for_guest_ram_mapped_by,
+    wait_for_guest_ram_mapped_by, wait_until_hanging,
 };
 use guest_abi::probe::DMA_OK_PREFIX;
 
@@ -93,17 +93,7 @@ fn paused_run(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let (mut serial, mut buf) = (Vec::new(), [0u8; 4096]);
-    while !String::from_utf8_lossy(&serial).contains("hanging (probe.hang)") {
-        let n = stdout.read(&mut buf).unwrap();
-        assert!(
-            n > 0,
-            "vmm ended early:\n{}",
-            String::from_utf8_lossy(&serial)
-        );
-        serial.extend_from_slice(&buf[..n]);
-    }
+    wait_until_hanging(&mut child);
     child
 }
 

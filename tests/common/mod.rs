@@ -121,3 +121,20 @@ pub fn wait_for_guest_ram_mapped_by(pid: u32) {
         std::thread::sleep(Duration::from_millis(2));
     }
 }
+
+/// Reads `child`'s stdout until the probe says it hangs (`probe.hang`), so the guest has run
+/// every check before the test goes on; panics with what it printed if vmm ends first.
+pub fn wait_until_hanging(child: &mut std::process::Child) {
+    use std::io::Read;
+    let mut out = child.stdout.take().expect("stdout piped");
+    let (mut serial, mut buf) = (Vec::new(), [0u8; 4096]);
+    while !String::from_utf8_lossy(&serial).contains("hanging (probe.hang)") {
+        let n = out.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "vmm ended early:\n{}",
+            String::from_utf8_lossy(&serial)
+        );
+        serial.extend_from_slice(&buf[..n]);
+    }
+}
