@@ -7,7 +7,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{stderr, stdout, vmm, wait_until_hanging};
+use common::{stderr, stdout, vmm};
 use guest_abi::probe::RESULT_OK_LINE;
 
 const VIOLATION_LINE: &str = "vmm: seccomp: thread vcpu0 made forbidden system call 110 (getppid)";
@@ -59,25 +59,11 @@ fn describe(threads: &[Thread]) -> String {
         .join(", ")
 }
 
-/// `vmm run ARGS` with the probe hanging once its checks (DMA included) passed; returns
-/// once it hangs.
+/// `vmm run ARGS` on two vCPUs with the probe hanging once its checks (DMA included) passed.
 fn paused_run(args: &[&str]) -> Child {
-    let mut child = vmm()
-        .args([
-            "run",
-            "--quiet",
-            "--cmdline",
-            "probe.hang probe.expect_dma=1 probe.expect_cpus=2",
-            "--cpus",
-            "2",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until_hanging(&mut child);
-    child
+    let mut all = vec!["--cpus", "2"];
+    all.extend_from_slice(args);
+    common::paused_run("probe.hang probe.expect_dma=1 probe.expect_cpus=2", &all)
 }
 
 /// The epf server child of `pid`.

@@ -11,7 +11,7 @@ use std::time::Duration;
 mod common;
 use common::{
     epf_server, run_with_report, server_counts, server_end, stderr, stdout, vmm,
-    wait_for_guest_ram_mapped_by, wait_until_hanging,
+    wait_for_guest_ram_mapped_by,
 };
 use guest_abi::probe::DMA_OK_PREFIX;
 
@@ -79,22 +79,9 @@ fn guest_ram_fds(pid: u32) -> usize {
         .count()
 }
 
-/// `vmm run ARGS` with the probe hanging after its checks; returns once it hangs.
+/// `vmm run ARGS` with the probe hanging after its checks.
 fn paused_run(args: &[&str]) -> Child {
-    let mut child = vmm()
-        .args([
-            "run",
-            "--quiet",
-            "--cmdline",
-            "probe.hang probe.expect_dma=1",
-        ])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_until_hanging(&mut child);
-    child
+    common::paused_run("probe.hang probe.expect_dma=1", args)
 }
 
 fn signal(child: &Child, sig: i32) {

@@ -138,3 +138,17 @@ pub fn wait_until_hanging(child: &mut std::process::Child) {
         serial.extend_from_slice(&buf[..n]);
     }
 }
+
+/// `vmm run --quiet --cmdline CMDLINE ARGS`, where the command line has the probe hang once
+/// its checks passed (`probe.hang`); returns once it hangs, stdout and stderr piped.
+pub fn paused_run(cmdline: &str, args: &[&str]) -> Child {
+    let mut child = vmm()
+        .args(["run", "--quiet", "--cmdline", cmdline])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until_hanging(&mut child);
+    child
+}
