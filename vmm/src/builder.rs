@@ -37,7 +37,7 @@ use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughE
 use crate::pin::{PinChoice, PinChoiceError, TestFault};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
 use crate::seccomp::{self, Filters, SeccompArgs, SeccompError};
-use crate::timeline::{GuestTimes, Report, Teardown, Timeline, VmSummary};
+use crate::timeline::{ms, GuestTimes, Report, Teardown, Timeline, VmSummary};
 use crate::vstate::run::{self, RunError, VmExit};
 use crate::vstate::vcpu::{self, VcpuError};
 use crate::vstate::vm::{KvmError, StopHandle, Vm};
@@ -202,10 +202,6 @@ impl Machine {
             other_ms: ms(total.saturating_sub(unpin.elapsed + free)),
         }
     }
-}
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
 /// Stage `memory`: maps guest RAM as `layout` says and registers it with KVM.

@@ -8,7 +8,8 @@ use serde::Serialize;
 
 use crate::size::human;
 
-fn ms(d: Duration) -> f64 {
+/// A duration in milliseconds, rounded to the microsecond, as every report writes it.
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

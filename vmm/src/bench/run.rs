@@ -15,14 +15,11 @@ use pinning::CancelToken;
 use serde::Serialize;
 
 use super::args::{short_size, Config};
+use crate::timeline::ms;
 
 /// The start of the probe's last line (`probe: result ok` or `... FAIL: ...`), printed right
 /// after it writes the ready mark: the ready mark as seen from outside the VMM.
 pub const RESULT_LINE: &str = guest_abi::probe::RESULT_PREFIX;
-
-fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
 
 /// A child that is stopped and reaped when dropped. `grace` gives it that long to stop on
 /// SIGTERM first (`vmm` then undoes its pinning and stops its device process itself).
