@@ -239,7 +239,7 @@ fn backing(
         BackingArg::Auto if shared => Ok((
             Backing::Memfd,
             format!(
-                "auto: a vfio-user device needs shareable RAM, and {} forbids huge pages there",
+                "auto: a vfio-user device needs shareable RAM, and {}, which forbids huge pages there",
                 thp.describe_shmem()
             ),
         )),
@@ -248,7 +248,7 @@ fn backing(
         }
         BackingArg::Auto => Ok((
             Backing::Anon,
-            format!("auto: {} forbids huge pages", thp.describe_anon()),
+            format!("auto: {}, which forbids huge pages", thp.describe_anon()),
         )),
     }
 }
