@@ -36,15 +36,16 @@ const FIRST_DWORD: u32 = 0xb0a7_d00d;
 const NUM_REGIONS: u32 = 9;
 const NUM_IRQS: u32 = 5;
 
-/// A function with one I/O BAR0 of 32 registers, no interrupts, counting BAR0 reads.
+/// A function with one I/O BAR0 (of [`IO_BAR_SIZE`] ports unless told otherwise), no
+/// interrupts, counting BAR0 reads.
 struct IoBarFunction {
     config: ConfigSpace,
-    regs: [u8; IO_BAR_SIZE as usize],
+    regs: Vec<u8>,
     bar_reads: Arc<AtomicUsize>,
 }
 
 impl IoBarFunction {
-    fn new(bar_reads: Arc<AtomicUsize>) -> Self {
+    fn new(size: u64, bar_reads: Arc<AtomicUsize>) -> Self {
         let mut config = ConfigSpace::new(&PciHeader {
             vendor_id: VENDOR,
             device_id: DEVICE,
@@ -53,11 +54,11 @@ impl IoBarFunction {
         });
         let io = BarSpec {
             kind: BarKind::Io,
-            size: IO_BAR_SIZE,
+            size,
             prefetchable: false,
         };
         config.add_bar(0, io).unwrap();
-        let mut regs = [0u8; IO_BAR_SIZE as usize];
+        let mut regs = vec![0u8; size as usize];
         regs[..4].copy_from_slice(&FIRST_DWORD.to_le_bytes());
         IoBarFunction {
             config,
@@ -83,7 +84,7 @@ impl UserDevice for IoBarFunction {
     fn region_info(&self, index: u32) -> Result<RegionInfo, i32> {
         let size = match index {
             region::CONFIG => 256,
-            0 => IO_BAR_SIZE,
+            0 => self.regs.len() as u64,
             i if i < NUM_REGIONS => 0,
             _ => return Err(libc::EINVAL),
         };
@@ -108,7 +109,7 @@ impl UserDevice for IoBarFunction {
                 self.config.read(offset as usize, data);
             }
             0 => {
-                let r = Self::range(IO_BAR_SIZE, offset, data.len())?;
+                let r = Self::range(self.regs.len() as u64, offset, data.len())?;
                 data.copy_from_slice(&self.regs[r]);
                 self.bar_reads.fetch_add(1, Ordering::SeqCst);
             }
@@ -125,7 +126,7 @@ impl UserDevice for IoBarFunction {
                 self.config.write_reg(offset as usize / 4, offset % 4, data);
             }
             0 => {
-                let r = Self::range(IO_BAR_SIZE, offset, data.len())?;
+                let r = Self::range(self.regs.len() as u64, offset, data.len())?;
                 self.regs[r].copy_from_slice(data);
             }
             _ => return Err(libc::EINVAL),
@@ -159,14 +160,15 @@ impl UserDevice for IoBarFunction {
     }
 }
 
-/// Listens on `socket` and serves one [`IoBarFunction`] client from a thread; the thread
-/// ends when the client disconnects.
+/// Listens on `socket` and serves one [`IoBarFunction`] with a BAR0 of `size` ports to one
+/// client from a thread; the thread ends when the client disconnects.
 fn serve_io_bar_function(
     socket: &std::path::Path,
+    size: u64,
 ) -> (std::thread::JoinHandle<()>, Arc<AtomicUsize>) {
     let listener = UnixListener::bind(socket).unwrap();
     let reads = Arc::new(AtomicUsize::new(0));
-    let mut dev = IoBarFunction::new(reads.clone());
+    let mut dev = IoBarFunction::new(size, reads.clone());
     let server = std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
         serve(stream, &mut dev, Arc::new(MappedRegions::new())).unwrap();
@@ -178,7 +180,7 @@ fn serve_io_bar_function(
 fn the_guest_reads_a_value_through_an_io_only_function_over_vfio_user() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("io-bar.sock");
-    let (server, reads) = serve_io_bar_function(&socket);
+    let (server, reads) = serve_io_bar_function(&socket, IO_BAR_SIZE);
     let expect = format!("{OPT_EXPECT_PCI}={VENDOR:04x}:{DEVICE:04x}");
     let out = vmm()
         .args(["run", "--quiet", "--memory", "256M", "--cmdline", &expect])
@@ -211,7 +213,7 @@ fn the_guest_reads_a_value_through_an_io_only_function_over_vfio_user() {
 fn the_default_command_line_asks_no_dma_checks_of_a_function_that_is_not_a_pci_epf_test() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("io-bar.sock");
-    let (server, _) = serve_io_bar_function(&socket);
+    let (server, _) = serve_io_bar_function(&socket, IO_BAR_SIZE);
     let out = vmm()
         .args(["run", "--quiet", "--memory", "256M", "--user-device"])
         .arg(&socket)
@@ -240,4 +242,26 @@ fn a_function_the_guest_expects_but_does_not_find_fails_the_run_naming_it() {
         "{RESULT_FAIL_PREFIX}no pci function {VENDOR:04x}:{DEVICE:04x} on bus 0 ({OPT_EXPECT_PCI})"
     );
     assert!(serial.lines().any(|l| l == line), "{serial}");
+}
+
+#[test]
+fn an_io_bar_larger_than_the_port_window_is_refused_naming_the_device_and_bar() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("io-bar.sock");
+    // 64 KiB: a valid I/O BAR, but the window holds 16 KiB of ports.
+    let (server, _) = serve_io_bar_function(&socket, 0x1_0000);
+    let out = vmm()
+        .args(["run", "--quiet", "--memory", "256M", "--user-device"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    let log = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{log}");
+    server.join().unwrap();
+    let want = format!(
+        "vmm: {}: BAR0 (0x10000 bytes of I/O space) is larger than the whole pci-io window \
+         0xc000..0x10000, so this VMM cannot place it: leave the device out",
+        socket.display()
+    );
+    assert!(log.lines().any(|l| l == want), "{log}");
 }

@@ -45,6 +45,16 @@ pub enum ResourceError {
         start: u64,
         end: u64,
     },
+    #[error("{device}: BAR{index} ({size:#x} bytes of {kind} space) is larger than the whole {pool} window {start:#x}..{end:#x}, so this VMM cannot place it: leave the device out")]
+    BarLargerThanWindow {
+        device: String,
+        index: usize,
+        kind: BarKind,
+        size: u64,
+        pool: &'static str,
+        start: u64,
+        end: u64,
+    },
     #[error("{pool}: {addr:#x} was not allocated")]
     NotAllocated { pool: &'static str, addr: u64 },
     #[error("legacy GSI {0} is out of range (0..24) or already in use")]
@@ -241,15 +251,28 @@ impl ResourceAllocator {
             BarKind::Memory32 => (&mut self.mmio32, spec.size.max(layout::PAGE_SIZE)),
             BarKind::Memory64 => (&mut self.mmio64, spec.size.max(layout::PAGE_SIZE)),
         };
-        pool.allocate(spec.size, align).map_err(|e| match e {
+        let (device, kind, size) = (device.to_string(), spec.kind, spec.size);
+        let (pool_name, start, end) = (pool.name, pool.start, pool.end);
+        pool.allocate(size, align).map_err(|e| match e {
+            ResourceError::Exhausted { .. } if size > end - start => {
+                ResourceError::BarLargerThanWindow {
+                    device,
+                    index,
+                    kind,
+                    size,
+                    pool: pool_name,
+                    start,
+                    end,
+                }
+            }
             ResourceError::Exhausted { .. } => ResourceError::NoRoomForBar {
-                device: device.to_string(),
+                device,
                 index,
-                kind: spec.kind,
-                size: spec.size,
-                pool: pool.name,
-                start: pool.start,
-                end: pool.end,
+                kind,
+                size,
+                pool: pool_name,
+                start,
+                end,
             },
             other => other,
         })
@@ -377,7 +400,11 @@ mod tests {
         let window = layout::PCI_IO_END - layout::PCI_IO_START;
         // A 64 KiB BAR is valid PCI but larger than the window.
         let err = r.allocate_bar("gpio.sock", 2, io(0x1_0000)).unwrap_err();
-        assert!(matches!(err, ResourceError::NoRoomForBar { index: 2, .. }));
+        assert_eq!(
+            err.to_string(),
+            "gpio.sock: BAR2 (0x10000 bytes of I/O space) is larger than the whole pci-io \
+             window 0xc000..0x10000, so this VMM cannot place it: leave the device out"
+        );
         assert_eq!(r.allocate_bar("x", 0, io(window / 2)), Ok(0xc000));
         assert_eq!(r.allocate_bar("x", 1, io(window / 2)), Ok(0xe000));
         let err = r.allocate_bar("gpio.sock", 2, io(4)).unwrap_err();
