@@ -58,6 +58,18 @@ probe_line! {
     "dma skipped: no pci-epf-test device" => DMA_SKIPPED, DMA_SKIPPED_LINE
 }
 
+probe_line! {
+    /// Starts the line listing one function on bus 0: `00:dd.f VVVV:DDDD class CCCCCC`, then
+    /// each BAR as `barN KIND ADDRESS size SIZE`, KIND being `io`, `mem32` or `mem64`.
+    "pci " => PCI_FUNCTION, PCI_FUNCTION_PREFIX
+}
+probe_line! {
+    /// Starts the line with the first dword of one BAR of a function other than a
+    /// pci-epf-test one: `00:dd.f barN KIND ADDRESS: VALUE`, or instead of the value why it
+    /// was not read (`not placed`, `decoding off`, `not mapped`).
+    "bar read " => BAR_READ, BAR_READ_PREFIX
+}
+
 const fn starts_with(s: &str, prefix: &str) -> bool {
     let (s, prefix) = (s.as_bytes(), prefix.as_bytes());
     if s.len() < prefix.len() {
@@ -84,8 +96,12 @@ pub const OPT_EXPECT_MEM: &str = "probe.expect_mem";
 /// `probe.expect_cpus=<N>`: the MP table's enabled processors must equal it.
 pub const OPT_EXPECT_CPUS: &str = "probe.expect_cpus";
 /// `probe.expect_dma=1` makes a missing pci-epf-test device a failure (`=0`, the default:
-/// `dma skipped`). The VMM passes `=1` when it attaches one.
+/// `dma skipped`). The VMM passes `=1` when it attaches its own (`--user-device epf`). A
+/// pci-epf-test function found on bus 0 gets the DMA checks either way.
 pub const OPT_EXPECT_DMA: &str = "probe.expect_dma";
+/// `probe.expect_pci=VVVV:DDDD` (vendor and device ID, four hex digits each): a function with
+/// these IDs must be on bus 0. May be given more than once.
+pub const OPT_EXPECT_PCI: &str = "probe.expect_pci";
 /// `probe.dma_irq=msi` or `=msix` (the default): the interrupt the pci-epf-test device is set
 /// up with (MSI is also used when the device has no MSI-X).
 pub const OPT_DMA_IRQ: &str = "probe.dma_irq";

@@ -47,6 +47,10 @@
 //! probe: initrd 0x<addr> <size> bytes, sum 0x<32-bit sum of the bytes>   or: initrd none
 //! probe: pci <00:dd.f> <vvvv:dddd> class <cccccc>[ bar<i> <io|mem32|mem64>[ pref] 0x<addr> size 0x<size>]...
 //!                                                    per function on bus 0, or: pci none
+//! probe: bar read <00:dd.f> bar<i> <kind> 0x<addr>: 0x<first dword>
+//!                                                    per BAR of a function that is not a
+//!                                                    pci-epf-test; instead of the value:
+//!                                                    not placed | decoding off | not mapped
 //! probe: ecam 0x<base> buses <a>-<b> (mcfg)          or: ecam none (no mcfg) | (no rsdp)
 //! probe: memtest ok: <N> pages
 //! probe: epf <00:dd.f> bar0 0x<addr> <msix|msi> vector 0x30 apic <id>   with a pci-epf-test
@@ -80,8 +84,10 @@
 //! mapped memory, or a function whose vendor/device dword read through it differs from the
 //! 0xcf8 value; and, when given on the command line,
 //! `probe.expect_mem=<MiB>` (must equal `N MiB`) and `probe.expect_cpus=<N>` (must equal the MP
-//! table's count), and `probe.expect_dma=1` (a pci-epf-test device must be on bus 0; without
-//! it, or with `probe.expect_dma=0`, a missing device is `dma skipped`). Any `dma FAIL` fails
+//! table's count), `probe.expect_pci=<vvvv:dddd>` (a function with these IDs must be on bus
+//! 0; may be repeated), and `probe.expect_dma=1` (a pci-epf-test device must be on bus 0;
+//! without it, or with `probe.expect_dma=0`, a missing device is `dma skipped`; `vmm run`
+//! passes it only with its own `--user-device epf`). Any `dma FAIL` fails
 //! the run. `probe.fault` makes the probe read an unmapped address after the memory test,
 //! to exercise the exception report and exit status [`exit::EXCEPTION`]. The option names are
 //! in [`probe`].

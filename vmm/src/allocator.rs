@@ -1,8 +1,10 @@
-//! The one owner of guest resources that devices need: 32-bit and 64-bit MMIO address space
-//! and interrupt lines (GSIs). Handing both out from one place is what keeps two devices from
-//! ever being given the same BAR address or the same GSI.
+//! The one owner of guest resources that devices need: 32-bit and 64-bit MMIO address space,
+//! the PCI port I/O window and interrupt lines (GSIs). Handing them out from one place is what
+//! keeps two devices from ever being given the same BAR address or the same GSI.
 
 use std::collections::BTreeMap;
+
+use devices::pci::{BarKind, BarSpec};
 
 use crate::memory::layout::{self, MemoryLayout};
 
@@ -32,6 +34,26 @@ pub enum ResourceError {
         pool: &'static str,
         size: u64,
         align: u64,
+    },
+    #[error("{device}: no room for BAR{index} ({size:#x} bytes of {kind} space) in the {pool} window {start:#x}..{end:#x}: the BARs placed before it fill it; attach fewer devices")]
+    NoRoomForBar {
+        device: String,
+        index: usize,
+        kind: BarKind,
+        size: u64,
+        pool: &'static str,
+        start: u64,
+        end: u64,
+    },
+    #[error("{device}: BAR{index} ({size:#x} bytes of {kind} space) is larger than the whole {pool} window {start:#x}..{end:#x}, so this VMM cannot place it: leave the device out")]
+    BarLargerThanWindow {
+        device: String,
+        index: usize,
+        kind: BarKind,
+        size: u64,
+        pool: &'static str,
+        start: u64,
+        end: u64,
     },
     #[error("{pool}: {addr:#x} was not allocated")]
     NotAllocated { pool: &'static str, addr: u64 },
@@ -197,6 +219,8 @@ pub struct ResourceAllocator {
     pub mmio32: AddressAllocator,
     /// 64-bit MMIO window above RAM.
     pub mmio64: AddressAllocator,
+    /// The PCI port I/O window (I/O BARs).
+    pub pio: AddressAllocator,
     /// Interrupt lines.
     pub gsi: GsiAllocator,
 }
@@ -208,8 +232,50 @@ impl ResourceAllocator {
         ResourceAllocator {
             mmio32: AddressAllocator::new("mmio32", layout::MMIO32_START, layout::MMIO32_ALLOC_END),
             mmio64: AddressAllocator::new("mmio64", mmio64.start.0, mmio64.end()),
+            pio: AddressAllocator::new("pci-io", layout::PCI_IO_START, layout::PCI_IO_END),
             gsi: GsiAllocator::default(),
         }
+    }
+
+    /// A base for BAR `index` of `device`, from the window its kind decodes in, aligned to
+    /// its size as PCI requires. Memory BARs get at least a page each, so that mmap-able BAR
+    /// parts can become memory slots and no two devices share a page.
+    pub fn allocate_bar(
+        &mut self,
+        device: &str,
+        index: usize,
+        spec: BarSpec,
+    ) -> Result<u64, ResourceError> {
+        let (pool, align) = match spec.kind {
+            BarKind::Io => (&mut self.pio, spec.size),
+            BarKind::Memory32 => (&mut self.mmio32, spec.size.max(layout::PAGE_SIZE)),
+            BarKind::Memory64 => (&mut self.mmio64, spec.size.max(layout::PAGE_SIZE)),
+        };
+        let (device, kind, size) = (device.to_string(), spec.kind, spec.size);
+        let (pool_name, start, end) = (pool.name, pool.start, pool.end);
+        pool.allocate(size, align).map_err(|e| match e {
+            ResourceError::Exhausted { .. } if size > end - start => {
+                ResourceError::BarLargerThanWindow {
+                    device,
+                    index,
+                    kind,
+                    size,
+                    pool: pool_name,
+                    start,
+                    end,
+                }
+            }
+            ResourceError::Exhausted { .. } => ResourceError::NoRoomForBar {
+                device,
+                index,
+                kind,
+                size,
+                pool: pool_name,
+                start,
+                end,
+            },
+            other => other,
+        })
     }
 }
 
@@ -296,6 +362,57 @@ mod tests {
             g.allocate_msi().unwrap();
         }
         assert_eq!(g.allocate_msi(), Err(ResourceError::GsiExhausted));
+    }
+
+    fn io(size: u64) -> BarSpec {
+        BarSpec {
+            kind: BarKind::Io,
+            size,
+            prefetchable: false,
+        }
+    }
+
+    #[test]
+    fn io_bars_fill_the_pio_window_aligned_to_their_size_up_to_its_last_port() {
+        let mut r = ResourceAllocator::new(&MemoryLayout::new(64 * layout::MIB).unwrap());
+        assert_eq!(r.pio.bounds(), (layout::PCI_IO_START, layout::PCI_IO_END));
+        // The first BAR sits at the window's first port.
+        assert_eq!(r.allocate_bar("a", 0, io(0x20)), Ok(0xc000));
+        // A bigger one is aligned to its own size, past the first.
+        assert_eq!(r.allocate_bar("a", 1, io(0x100)), Ok(0xc100));
+        // A small one fills the gap the alignment left.
+        assert_eq!(r.allocate_bar("a", 2, io(4)), Ok(0xc020));
+        // One that ends exactly at the last port fits ...
+        assert_eq!(r.allocate_bar("b", 0, io(0x2000)), Ok(0xe000));
+        assert_eq!(r.allocate_bar("b", 1, io(0x1000)), Ok(0xd000));
+        // ... and memory BARs come from their own windows, untouched by I/O ones.
+        let mem = BarSpec {
+            kind: BarKind::Memory32,
+            size: 16,
+            prefetchable: false,
+        };
+        assert_eq!(r.allocate_bar("b", 2, mem), Ok(layout::MMIO32_START));
+    }
+
+    #[test]
+    fn a_full_pio_window_names_the_device_and_bar_it_refused() {
+        let mut r = ResourceAllocator::new(&MemoryLayout::new(64 * layout::MIB).unwrap());
+        let window = layout::PCI_IO_END - layout::PCI_IO_START;
+        // A 64 KiB BAR is valid PCI but larger than the window.
+        let err = r.allocate_bar("gpio.sock", 2, io(0x1_0000)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "gpio.sock: BAR2 (0x10000 bytes of I/O space) is larger than the whole pci-io \
+             window 0xc000..0x10000, so this VMM cannot place it: leave the device out"
+        );
+        assert_eq!(r.allocate_bar("x", 0, io(window / 2)), Ok(0xc000));
+        assert_eq!(r.allocate_bar("x", 1, io(window / 2)), Ok(0xe000));
+        let err = r.allocate_bar("gpio.sock", 2, io(4)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "gpio.sock: no room for BAR2 (0x4 bytes of I/O space) in the pci-io window \
+             0xc000..0x10000: the BARs placed before it fill it; attach fewer devices"
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! PCI inside the VM: bus 0 behind ports 0xCF8..0xCFF and the ECAM window at
 //! [`layout::PCI_ECAM_START`] (which the ACPI MCFG table describes), passthrough functions
-//! with their BARs on the MMIO bus (mmap-able parts as KVM memory slots, so the guest reaches
-//! them without exits), and MSI/MSI-X vectors as KVM GSI routes fed by irqfds.
+//! with their memory BARs on the MMIO bus (mmap-able parts as KVM memory slots, so the guest
+//! reaches them without exits) and their I/O BARs on the port I/O bus (in the window at
+//! [`layout::PCI_IO_START`]), and MSI/MSI-X vectors as KVM GSI routes fed by irqfds.
 //!
 //! The devices crate knows nothing of KVM: a guest write returns [`Effects`] (a BAR moved, a
 //! vector changed), and `Wiring::apply` turns them into bus registrations, memory slots and
@@ -11,8 +12,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use devices::pci::bus::{CONFIG_IO_BASE, CONFIG_IO_LEN};
 use devices::pci::{
-    BarKind, EffectsHandler, MsiMessage, PciAddress, PciBarRegion, PciBus, PciBusError,
+    BarKind, BarSpec, EffectsHandler, MsiMessage, PciAddress, PciBarRegion, PciBus, PciBusError,
     PciConfigIo, PciEcam, SharedPciDevice,
 };
 use devices::pci::{Effects, PciDevice};
@@ -44,6 +46,9 @@ pub enum PciError {
         device: String,
         source: ResourceError,
     },
+    /// The allocator's error names the device and the BAR already.
+    #[error(transparent)]
+    BarSpace(ResourceError),
     #[error("{device}: placing BAR{index} at {addr:#x}: {source}")]
     Bar {
         device: String,
@@ -103,7 +108,7 @@ struct Attached {
     intx: Option<Intx>,
     dev: Arc<Mutex<VfioPciDevice>>,
     shared: SharedPciDevice,
-    /// Where each BAR is registered on the MMIO bus now.
+    /// Where each BAR is registered now, on the MMIO bus or (I/O BARs) the PIO bus.
     bars: HashMap<usize, u64>,
     slots: Vec<Slot>,
     vectors: Vec<Vector>,
@@ -117,9 +122,10 @@ struct State {
     next_slot: u32,
 }
 
-/// What guest writes change, applied to KVM and the MMIO bus.
+/// What guest writes change, applied to KVM and the buses.
 pub struct Wiring {
     vm_fd: Arc<VmFd>,
+    pio: Arc<Bus>,
     mmio: Arc<Bus>,
     state: Mutex<State>,
 }
@@ -132,11 +138,13 @@ pub struct PciSystem {
 
 impl PciSystem {
     /// Bus 0 (with its host bridge at 00:00.0), its configuration ports on `pio` and its
-    /// ECAM window on `mmio`; writes through either reach the same effects handler.
-    pub fn new(vm_fd: Arc<VmFd>, pio: &Bus, mmio: Arc<Bus>) -> Result<Self, PciError> {
+    /// ECAM window on `mmio`; writes through either reach the same effects handler. BARs go
+    /// on the same two buses.
+    pub fn new(vm_fd: Arc<VmFd>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Self, PciError> {
         let bus = Arc::new(PciBus::new());
         let wiring = Arc::new(Wiring {
             vm_fd,
+            pio,
             mmio,
             state: Mutex::new(State {
                 next_slot: FIRST_BAR_SLOT,
@@ -144,7 +152,13 @@ impl PciSystem {
             }),
         });
         let io = PciConfigIo::new(bus.clone()).with_effects_handler(wiring.handler());
-        pio.insert(Arc::new(Mutex::new(io)), 0xcf8, 8)
+        wiring
+            .pio
+            .insert(
+                Arc::new(Mutex::new(io)),
+                CONFIG_IO_BASE.into(),
+                CONFIG_IO_LEN.into(),
+            )
             .map_err(PciError::ConfigPorts)?;
         let ecam = PciEcam::new(bus.clone()).with_effects_handler(wiring.handler());
         wiring
@@ -171,20 +185,9 @@ impl PciSystem {
         {
             let mut d = lock(&dev);
             for bar in d.bars() {
-                if bar.spec.kind == BarKind::Io {
-                    tracing::warn!("{name}: BAR{} is an I/O BAR, left unplaced", bar.index);
-                    continue;
-                }
-                let pool = match bar.spec.kind {
-                    BarKind::Memory64 => &mut resources.mmio64,
-                    _ => &mut resources.mmio32,
-                };
-                let addr = pool
-                    .allocate(bar.spec.size, bar.spec.size.max(4096))
-                    .map_err(|source| PciError::Resource {
-                        device: name.clone(),
-                        source,
-                    })?;
+                let addr = resources
+                    .allocate_bar(&name, bar.index, bar.spec)
+                    .map_err(PciError::BarSpace)?;
                 d.place_bar(bar.index, addr)
                     .map_err(|source| PciError::Bar {
                         device: name.clone(),
@@ -192,7 +195,13 @@ impl PciSystem {
                         addr,
                         source,
                     })?;
-                placed.push((bar.index, bar.spec.size, addr));
+                tracing::debug!(
+                    "{name}: BAR{} ({}, {:#x} bytes) at {addr:#x}",
+                    bar.index,
+                    bar.spec.kind,
+                    bar.spec.size
+                );
+                placed.push((bar.index, bar.spec, addr));
             }
         }
         let mut vectors = Vec::new();
@@ -245,8 +254,8 @@ impl PciSystem {
             },
         );
         drop(state);
-        for (index, size, addr) in placed {
-            self.wiring.move_bar(address, index, size, None, Some(addr));
+        for (index, spec, addr) in placed {
+            self.wiring.move_bar(address, index, spec, None, Some(addr));
         }
         tracing::info!("{name}: attached at {address}");
         Ok(address)
@@ -360,31 +369,35 @@ impl Wiring {
 
     /// Applies what a guest write changed.
     fn apply(self: &Arc<Self>, addr: PciAddress, effects: Effects) {
-        // I/O BARs are not placed (the VMM has no PIO window for them); only memory BARs
-        // live on the MMIO bus.
-        for change in effects.bars.iter().filter(|c| c.spec.kind != BarKind::Io) {
-            self.move_bar(addr, change.index, change.spec.size, change.old, change.new);
+        for change in &effects.bars {
+            self.move_bar(addr, change.index, change.spec, change.old, change.new);
         }
         if effects.msi.is_changed() || effects.msix.is_changed() {
             self.refresh_vectors(addr);
         }
     }
 
+    /// Moves BAR `index` from `old` to `new` (either `None`: it did not or does not decode)
+    /// on the bus its kind decodes on.
     fn move_bar(
         self: &Arc<Self>,
         addr: PciAddress,
         index: usize,
-        size: u64,
+        spec: BarSpec,
         old: Option<u64>,
         new: Option<u64>,
     ) {
+        let bus = match spec.kind {
+            BarKind::Io => &self.pio,
+            BarKind::Memory32 | BarKind::Memory64 => &self.mmio,
+        };
         let mut state = lock(&self.state);
         let Some(dev) = state.devices.get_mut(&addr) else {
             return;
         };
         if old.is_some() {
             if let Some(base) = dev.bars.remove(&index) {
-                self.mmio.remove(base);
+                bus.remove(base);
             }
             for s in dev.slots.iter_mut().filter(|s| s.bar == index) {
                 if s.gpa.take().is_some() {
@@ -398,7 +411,7 @@ impl Wiring {
             return;
         };
         let region = PciBarRegion::new(addr, dev.shared.clone(), index, Some(self.handler()));
-        match self.mmio.insert(Arc::new(Mutex::new(region)), base, size) {
+        match bus.insert(Arc::new(Mutex::new(region)), base, spec.size) {
             Ok(()) => {
                 dev.bars.insert(index, base);
             }

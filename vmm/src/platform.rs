@@ -159,7 +159,7 @@ impl Platform {
         if stdin_attached {
             event_manager.add_subscriber(Box::new(SerialInput::new(StdinFd, serial)));
         }
-        let pci = PciSystem::new(vm.fd().clone(), &pio, mmio.clone())?;
+        let pci = PciSystem::new(vm.fd().clone(), pio.clone(), mmio.clone())?;
         Ok(Platform {
             pio,
             mmio,

@@ -37,7 +37,7 @@ use console::Line;
 use guest_abi::ports::BOOT_MARKS;
 use guest_abi::probe::{
     DMA_FAIL, DMA_OK, DMA_SKIPPED, OPT_DMA_IRQ, OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM,
-    OPT_FAULT, OPT_HANG, RESULT_FAIL, RESULT_OK,
+    OPT_EXPECT_PCI, OPT_FAULT, OPT_HANG, RESULT_FAIL, RESULT_OK,
 };
 use guest_abi::{exit, marks};
 use io::{outb, phys};
@@ -85,6 +85,8 @@ enum Failure {
     BadOption(&'static str),
     ExpectMem { want: u64, got: u64 },
     ExpectCpus { want: u64, got: Option<u64> },
+    /// [`OPT_EXPECT_PCI`]: no function with this vendor (low half) and device ID.
+    ExpectPci(u32),
     Dma(dma::Error),
     Ecam(acpi::Error),
 }
@@ -136,6 +138,12 @@ impl Failure {
             Failure::ExpectCpus { want, got: None } => {
                 line.s("expected ").dec(want).s(" cpus, found no MP table")
             }
+            Failure::ExpectPci(id) => line
+                .s("no pci function ")
+                .hexw(id.into(), 4)
+                .s(":")
+                .hexw((id >> 16).into(), 4)
+                .s(text!(" on bus 0 (", OPT_EXPECT_PCI, ")")),
             Failure::Dma(e) => e.describe(line.s("dma: ")),
             Failure::Ecam(e) => e.describe(line),
         }
@@ -251,7 +259,7 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
 
     initrd(info, mapped, &mut checks);
 
-    let bus = pci::enumerate_bus0();
+    let bus = pci::enumerate_bus0(mapped);
     if bus.functions == 0 {
         Line::new().s("pci none").end();
     }
@@ -265,7 +273,7 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
     let cmdline_area = (info.cmdline, info.cmdline + cmdline.len() as u64 + 1);
     dma_check(&bus, info, cmdline_area, mapped, dma_opts, &mut checks);
 
-    expectations(cmdline, ram / MIB, cpus, &mut checks);
+    expectations(cmdline, ram / MIB, cpus, &bus, &mut checks);
     checks.finish()
 }
 
@@ -580,11 +588,18 @@ fn dma_check(
     }
 }
 
-/// [`OPT_EXPECT_MEM`], [`OPT_EXPECT_CPUS`], [`OPT_FAULT`] (a deliberate page fault, to test
-/// how the VMM reports an exception) and [`OPT_HANG`].
-fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Checks) {
+/// [`OPT_EXPECT_MEM`], [`OPT_EXPECT_CPUS`], [`OPT_EXPECT_PCI`], [`OPT_FAULT`] (a deliberate
+/// page fault, to test how the VMM reports an exception) and [`OPT_HANG`].
+fn expectations(
+    cmdline: &[u8],
+    ram_mib: u64,
+    cpus: Option<u64>,
+    bus: &pci::Bus,
+    checks: &mut Checks,
+) {
     const MEM: &[u8] = text!(OPT_EXPECT_MEM, "=").as_bytes();
     const CPUS: &[u8] = text!(OPT_EXPECT_CPUS, "=").as_bytes();
+    const PCI: &[u8] = text!(OPT_EXPECT_PCI, "=").as_bytes();
     const FAULT: &[u8] = OPT_FAULT.as_bytes();
     const HANG: &[u8; OPT_HANG.len()] = &text::join(&[OPT_HANG]);
     for word in cmdline.split(|&b| b == b' ') {
@@ -609,8 +624,39 @@ fn expectations(cmdline: &[u8], ram_mib: u64, cpus: Option<u64>, checks: &mut Ch
                 Some(_) => {}
                 None => checks.fail(Failure::BadOption(OPT_EXPECT_CPUS)),
             }
+        } else if let Some(value) = word.strip_prefix(PCI) {
+            match parse_pci_id(value) {
+                Some(id) if !bus.listed().iter().any(|&(_, got)| got == id) => {
+                    checks.fail(Failure::ExpectPci(id))
+                }
+                Some(_) => {}
+                None => checks.fail(Failure::BadOption(OPT_EXPECT_PCI)),
+            }
         }
     }
+}
+
+/// `VVVV:DDDD` as the vendor/device dword of configuration space (vendor in the low half).
+fn parse_pci_id(s: &[u8]) -> Option<u32> {
+    let (vendor, device) = (s.get(..4)?, s.get(5..)?);
+    if s.get(4) != Some(&b':') || device.len() != 4 {
+        return None;
+    }
+    Some(parse_hex(vendor)? | parse_hex(device)? << 16)
+}
+
+fn parse_hex(s: &[u8]) -> Option<u32> {
+    let mut v = 0u32;
+    for &b in s {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        v = v << 4 | u32::from(digit);
+    }
+    Some(v)
 }
 
 fn parse_dec(s: &[u8]) -> Option<u64> {

@@ -1,10 +1,12 @@
 //! PCI bus 0 through configuration mechanism 1 (ports 0xcf8 / 0xcfc): enumeration with BAR
-//! sizing, capability lookup.
+//! sizing, a first read of each BAR of functions the probe has no driver for, capability
+//! lookup.
 
 use guest_abi::epf::{DEVICE_ID_TI_DRA74X, VENDOR_ID_TI};
+use guest_abi::probe::{BAR_READ, PCI_FUNCTION};
 
 use crate::console::Line;
-use crate::io::{inl, inw, outl, outw};
+use crate::io::{inl, inw, outl, outw, phys};
 
 const CONFIG_ADDRESS: u16 = 0xcf8;
 const CONFIG_DATA: u16 = 0xcfc;
@@ -176,7 +178,9 @@ impl Bus {
 }
 
 /// Prints one line per function on bus 0 (identity, class, BARs) and returns what it found.
-pub fn enumerate_bus0() -> Bus {
+/// Functions other than a pci-epf-test one (which the DMA checks drive) get the first dword
+/// of each BAR read and printed; `mapped` is where the identity map ends.
+pub fn enumerate_bus0(mapped: u64) -> Bus {
     let mut bus = Bus {
         functions: 0,
         listed: [(Bdf { dev: 0, func: 0 }, 0); MAX_LISTED],
@@ -213,8 +217,10 @@ pub fn enumerate_bus0() -> Bus {
             for bar in f.bars.iter().flatten() {
                 bus.note_range(bar);
             }
-            if bus.epf.is_none() && f.vendor == VENDOR_ID_TI && f.device == DEVICE_ID_TI_DRA74X {
-                bus.epf = Some(f);
+            if f.vendor == VENDOR_ID_TI && f.device == DEVICE_ID_TI_DRA74X {
+                bus.epf = bus.epf.or(Some(f));
+            } else {
+                read_bars(&f, mapped);
             }
             if let Some(slot) = bus.listed.get_mut(bus.nlisted) {
                 *slot = (bdf, id);
@@ -226,10 +232,18 @@ pub fn enumerate_bus0() -> Bus {
     bus
 }
 
+fn kind_name(kind: BarKind) -> &'static str {
+    match kind {
+        BarKind::Io => " io ",
+        BarKind::Mem32 => " mem32 ",
+        BarKind::Mem64 => " mem64 ",
+    }
+}
+
 fn print(f: &Function) {
     let mut line = f
         .bdf
-        .print(Line::new().s("pci "))
+        .print(Line::new().s(PCI_FUNCTION))
         .s(" ")
         .hexw(f.vendor as u64, 4)
         .s(":")
@@ -238,17 +252,46 @@ fn print(f: &Function) {
         .hexw(f.class as u64, 6);
     for (i, bar) in f.bars.iter().enumerate() {
         let Some(bar) = bar else { continue };
-        line = line.s(" bar").dec(i as u64).s(match bar.kind {
-            BarKind::Io => " io",
-            BarKind::Mem32 => " mem32",
-            BarKind::Mem64 => " mem64",
-        });
+        line = line.s(" bar").dec(i as u64).s(kind_name(bar.kind));
         if bar.prefetchable {
-            line = line.s(" pref");
+            line = line.s("pref ");
         }
-        line = line.s(" ").hex(bar.addr).s(" size ").hex(bar.size);
+        line = line.hex(bar.addr).s(" size ").hex(bar.size);
     }
     line.end()
+}
+
+/// One line per BAR of `f` with the dword at its start, as a driver's first register read
+/// sees it, or why it was not read.
+fn read_bars(f: &Function, mapped: u64) {
+    let command = f.bdf.read16(cfg::COMMAND);
+    for (i, bar) in f.bars.iter().enumerate() {
+        let Some(bar) = bar else { continue };
+        let line = f
+            .bdf
+            .print(Line::new().s(BAR_READ))
+            .s(" bar")
+            .dec(i as u64)
+            .s(kind_name(bar.kind))
+            .hex(bar.addr);
+        let (decode, limit) = match bar.kind {
+            BarKind::Io => (cfg::CMD_IO, 1 << 16),
+            BarKind::Mem32 | BarKind::Mem64 => (cfg::CMD_MEMORY, mapped),
+        };
+        if bar.addr == 0 {
+            line.s(": not placed").end();
+        } else if command & decode == 0 {
+            line.s(": decoding off").end();
+        } else if bar.addr.saturating_add(4) > limit {
+            line.s(": not mapped").end();
+        } else {
+            let value = match bar.kind {
+                BarKind::Io => inl(bar.addr as u16),
+                BarKind::Mem32 | BarKind::Mem64 => phys::read32(bar.addr),
+            };
+            line.s(": ").hex(value.into()).end();
+        }
+    }
 }
 
 /// Sizes the BARs the standard way (all ones, read back, restore) with decoding off.

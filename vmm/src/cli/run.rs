@@ -158,11 +158,13 @@ impl Classify for ConfigError {
 }
 
 /// The command line the probe guest checks itself against: the RAM the E820 map describes
-/// (in whole MiB, as the probe counts) and the vCPU count.
-fn probe_cmdline(layout: &MemoryLayout, cpus: u8, dma: bool) -> String {
+/// (in whole MiB, as the probe counts), the vCPU count and, when `epf` (the VMM starts its
+/// own pci-epf-test server), the DMA checks. Other devices are whatever their server or host
+/// makes them: the probe lists them and runs the DMA checks only on a pci-epf-test function.
+fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool) -> String {
     use guest_abi::probe::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
     let mib = layout.e820_ram_bytes() >> 20;
-    let dma = if dma {
+    let dma = if epf {
         format!(" {OPT_EXPECT_DMA}=1")
     } else {
         String::new()
@@ -316,7 +318,7 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
                 name: "built-in probe guest".into(),
                 data: vmm_resources::PROBE_GUEST.into(),
             },
-            probe_cmdline(&layout, args.cpus, dma),
+            probe_cmdline(&layout, args.cpus, user.contains(&UserDevice::Epf)),
         ),
     };
     let cmdline = args.cmdline.clone().unwrap_or(cmdline);

@@ -20,6 +20,10 @@
 //! end of RAM rounded up to 1 GiB: 64-bit MMIO window (64 GiB)
 //! ```
 //!
+//! Port I/O has one window of its own: PCI I/O BARs are placed in
+//! [`PCI_IO_START`]..[`PCI_IO_END`], above every legacy port the VMM decodes (COM1, i8042,
+//! debug exit, boot marks, the 0xCF8 configuration ports).
+//!
 //! All the low fixed structures sit below 1 MiB so they never collide with the kernel, and the
 //! hole at 3 GiB keeps 32-bit BARs and the APICs below 4 GiB as x86 guests expect.
 
@@ -107,6 +111,12 @@ pub const MMIO32_ALLOC_END: u64 = PCI_ECAM_START;
 pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// KVM's identity-map page (`KVM_SET_IDENTITY_MAP_ADDR`), just below the TSS.
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+/// First port of the PCI I/O window, where I/O BARs are placed: the upper quarter of the
+/// 64 KiB port space, as PC firmware does, far from the legacy ISA ports below 0x1000.
+pub const PCI_IO_START: u64 = 0xc000;
+/// End (exclusive) of the PCI I/O window: the end of port space.
+pub const PCI_IO_END: u64 = 0x1_0000;
 
 /// Where RAM that does not fit below the hole continues.
 pub const RAM_ABOVE_4G_START: u64 = MMIO32_END;
@@ -403,6 +413,20 @@ mod tests {
     fn exactly_three_gib_stays_in_one_range() {
         assert_eq!(layout(3 * GIB).ram(), [range(0, 3 * GIB)]);
         assert_eq!(layout(3 * GIB).e820().len(), 5);
+    }
+
+    #[test]
+    fn pci_io_window_lies_above_every_legacy_port() {
+        use devices::pci::bus::{CONFIG_IO_BASE, CONFIG_IO_LEN};
+        use guest_abi::ports;
+        const {
+            assert!(PCI_IO_START < PCI_IO_END && PCI_IO_END <= 1 << 16);
+            assert!((ports::SERIAL_COM1 + ports::SERIAL_LEN) as u64 <= PCI_IO_START);
+            assert!((ports::I8042_BASE + ports::I8042_LEN) as u64 <= PCI_IO_START);
+            assert!((ports::BOOT_MARKS as u64) < PCI_IO_START);
+            assert!((ports::DEBUG_EXIT as u64) < PCI_IO_START);
+            assert!((CONFIG_IO_BASE + CONFIG_IO_LEN) as u64 <= PCI_IO_START);
+        };
     }
 
     #[test]

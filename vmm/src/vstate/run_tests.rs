@@ -362,12 +362,40 @@ fn linux_bzimage_reaches_its_banner() {
     assert!(text.contains("Command line: console=ttyS0"), "{text}");
 }
 
-/// A passthrough function in this process: a config space with one 4 KiB memory BAR and
-/// INTA only (no MSI/MSI-X), recording BAR accesses and the INTx fds it was given.
+/// A passthrough function in this process: a config space with one BAR0 (4 KiB of memory
+/// unless built [`LegacyFunction::with_bar0`]) and INTA only (no MSI/MSI-X), recording BAR
+/// accesses and the INTx fds it was given.
 struct LegacyFunction {
     config: std::sync::Mutex<devices::pci::ConfigSpace>,
+    bar0_size: u64,
     bar_reads: std::sync::atomic::AtomicUsize,
+    /// (region, offset, bytes) of every BAR write.
+    bar_writes: std::sync::Mutex<Vec<(u32, u64, Vec<u8>)>>,
     intx: std::sync::Mutex<Option<(EventFd, EventFd)>>,
+}
+
+impl LegacyFunction {
+    fn with_bar0(spec: devices::pci::BarSpec) -> Arc<Self> {
+        use devices::pci::{ConfigSpace, PciHeader};
+        let mut space = ConfigSpace::new(&PciHeader {
+            vendor_id: 0x1234,
+            device_id: 0x5678,
+            interrupt_pin: 1,
+            ..PciHeader::default()
+        });
+        space.add_bar(0, spec).unwrap();
+        Arc::new(LegacyFunction {
+            config: std::sync::Mutex::new(space),
+            bar0_size: spec.size,
+            bar_reads: Default::default(),
+            bar_writes: Default::default(),
+            intx: Default::default(),
+        })
+    }
+
+    fn reads(&self) -> usize {
+        self.bar_reads.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl devices::vfio::VfioBackend for LegacyFunction {
@@ -386,7 +414,7 @@ impl devices::vfio::VfioBackend for LegacyFunction {
             flags: 3,
             size: match index {
                 7 => 256,
-                0 => 4096,
+                0 => self.bar0_size,
                 _ => 0,
             },
             mmap_areas: Vec::new(),
@@ -417,6 +445,9 @@ impl devices::vfio::VfioBackend for LegacyFunction {
         if index == 7 {
             let mut c = self.config.lock().unwrap();
             c.write_reg((offset / 4) as usize, offset % 4, data);
+        } else {
+            let write = (index, offset, data.to_vec());
+            self.bar_writes.lock().unwrap().push(write);
         }
         Ok(())
     }
@@ -452,27 +483,11 @@ impl devices::vfio::VfioBackend for LegacyFunction {
 
 #[test]
 fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx_line() {
-    use devices::pci::{BarKind, BarSpec, ConfigSpace, PciHeader};
-    let mut space = ConfigSpace::new(&PciHeader {
-        vendor_id: 0x1234,
-        device_id: 0x5678,
-        interrupt_pin: 1,
-        ..PciHeader::default()
-    });
-    space
-        .add_bar(
-            0,
-            BarSpec {
-                kind: BarKind::Memory32,
-                size: 4096,
-                prefetchable: false,
-            },
-        )
-        .unwrap();
-    let function = Arc::new(LegacyFunction {
-        config: std::sync::Mutex::new(space),
-        bar_reads: Default::default(),
-        intx: Default::default(),
+    use devices::pci::{BarKind, BarSpec};
+    let function = LegacyFunction::with_bar0(BarSpec {
+        kind: BarKind::Memory32,
+        size: 4096,
+        prefetchable: false,
     });
     let out = SharedBuffer::new();
     let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
@@ -499,10 +514,7 @@ fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx
         .mmio
         .read(crate::memory::layout::MMIO32_START, &mut b));
     assert_eq!(b, [0x5a; 4]);
-    assert_eq!(
-        function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
-        1
-    );
+    assert_eq!(function.reads(), 1);
     // The guest moves the BAR through the 0xCF8/0xCFC ports: decoding off, new base,
     // decoding on. The MMIO bus follows: the old window is gone, the new one reaches BAR0.
     let cfg_write = |reg: u32, value: u32| {
@@ -520,9 +532,65 @@ fn a_legacy_passthrough_function_gets_a_bar_on_the_mmio_bus_and_a_resampled_intx
     assert_eq!(b, [0xff; 4], "the old window no longer decodes");
     assert!(platform.mmio.read(0xc010_0000, &mut b));
     assert_eq!(b, [0x5a; 4]);
-    assert_eq!(
-        function.bar_reads.load(std::sync::atomic::Ordering::SeqCst),
-        2
-    );
+    assert_eq!(function.reads(), 2);
     builder::load(&cfg, &memory, &platform).unwrap();
+}
+
+#[test]
+fn an_io_bar_is_placed_in_the_pio_window_follows_the_io_decode_bit_and_moves() {
+    use crate::memory::layout::PCI_IO_START;
+    use devices::pci::{BarKind, BarSpec};
+    let function = LegacyFunction::with_bar0(BarSpec {
+        kind: BarKind::Io,
+        size: 0x20,
+        prefetchable: false,
+    });
+    let out = SharedBuffer::new();
+    let cfg = config(dual_entry_elf(), BootProtocol::Auto, 1, &out);
+    let marks = Arc::new(GuestMarks::new(Instant::now()));
+    let (_vm, _memory, mut platform) = platform(&cfg, &marks);
+    let model = devices::vfio::VfioPciDevice::new(function.clone()).unwrap();
+    let addr = platform.attach_vfio(model).unwrap();
+    let pio = platform.pio.clone();
+    let cfg_write = |reg: u32, value: u32| {
+        let address = 0x8000_0000 | u32::from(addr.device) << 11 | reg;
+        assert!(pio.write(0xcf8, &address.to_le_bytes()));
+        assert!(pio.write(0xcfc, &value.to_le_bytes()));
+    };
+    let cfg_read = |reg: u32| {
+        let address = 0x8000_0000 | u32::from(addr.device) << 11 | reg;
+        assert!(pio.write(0xcf8, &address.to_le_bytes()));
+        let mut b = [0u8; 4];
+        assert!(pio.read(0xcfc, &mut b));
+        u32::from_le_bytes(b)
+    };
+    // Placed at the window's first port, I/O decoding on, the register says I/O.
+    assert_eq!(cfg_read(0x10), PCI_IO_START as u32 | 1);
+    assert_eq!(cfg_read(0x04) & 1, 1);
+    // Reads and writes anywhere in it reach the device's region 0 at the offset.
+    let mut b = [0u8; 4];
+    assert!(pio.read(PCI_IO_START + 0x1c, &mut b));
+    assert_eq!((b, function.reads()), ([0x5a; 4], 1));
+    assert!(pio.write(PCI_IO_START + 0x10, &[0xab, 0xcd]));
+    assert_eq!(
+        function.bar_writes.lock().unwrap().as_slice(),
+        [(0, 0x10, vec![0xab, 0xcd])]
+    );
+    assert!(!pio.read(PCI_IO_START + 0x20, &mut b), "past its end");
+    // I/O decoding off (memory decoding left on): the ports are gone.
+    cfg_write(0x04, 2);
+    assert!(!pio.read(PCI_IO_START, &mut b));
+    // Moved while off, then on again: only the new base decodes.
+    cfg_write(0x10, 0xd000);
+    assert!(!pio.read(0xd000, &mut b), "not while I/O decoding is off");
+    cfg_write(0x04, 3);
+    assert!(!pio.read(PCI_IO_START, &mut b));
+    assert!(pio.read(0xd004, &mut b));
+    // Moved while decoding: the bus follows at once.
+    cfg_write(0x10, 0xe000);
+    assert!(!pio.read(0xd004, &mut b));
+    assert!(pio.read(0xe01c, &mut b));
+    assert_eq!(function.reads(), 3);
+    // Nothing of it reached the MMIO bus.
+    assert!(!platform.mmio.read(PCI_IO_START, &mut b));
 }

@@ -22,7 +22,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 use super::mptable::{PciIntx, MAX_CPUS};
 use crate::memory::layout::{
     ACPI_END, ACPI_RSDP_ADDR, ACPI_START, IOAPIC_ADDR, LAPIC_ADDR, MMIO32_ALLOC_END, MMIO32_START,
-    PCI_ECAM_SIZE, PCI_ECAM_START,
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_END, PCI_IO_START,
 };
 use crate::memory::MemoryLayout;
 
@@ -339,8 +339,11 @@ fn dsdt(layout: &MemoryLayout, intx: &[PciIntx]) -> Vec<u8> {
     let crs = res::template(&[
         res::bus_numbers(ECAM_BUSES.0, ECAM_BUSES.1),
         res::io(0xcf8, 1, 8),
+        // All of port space but the configuration ports, as a PC host bridge decodes it; the
+        // window I/O BARs are placed in is a range of its own, so the guest sees where.
         res::word(1, 0, 0xcf7),
-        res::word(1, 0xd00, 0xffff),
+        res::word(1, 0xd00, PCI_IO_START as u16 - 1),
+        res::word(1, PCI_IO_START as u16, (PCI_IO_END - 1) as u16),
         res::dword_memory(MMIO32_START as u32, (MMIO32_ALLOC_END - 1) as u32),
         res::qword_memory(mmio64.0, mmio64.0 + mmio64_size - 1),
     ]);

@@ -165,6 +165,11 @@ fn dsdt_declares_the_pci_host_bridge_and_com1() {
     let mut qword = vec![0u8; 8];
     qword.extend_from_slice(&(7 * GIB).to_le_bytes());
     assert!(has(&qword));
+    // WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange) over the PCI I/O
+    // window 0xc000..=0xffff, where I/O BARs are placed.
+    assert!(has(&[
+        0x88, 13, 0, 1, 0x0c, 3, 0, 0, 0x00, 0xc0, 0xff, 0xff, 0, 0, 0x00, 0x40
+    ]));
     // _PRT: Package(4) { 0x1ffff, Zero, Zero, 10 }.
     assert!(has(&[
         0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 0x0a
