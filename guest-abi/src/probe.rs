@@ -58,6 +58,17 @@ probe_line! {
     "dma skipped: no pci-epf-test device" => DMA_SKIPPED, DMA_SKIPPED_LINE
 }
 
+probe_line! {
+    /// The MSI-X pending-bit check passed: with the pci-epf-test device on MSI-X, a vector
+    /// raised while masked (by its entry, then by the function mask) set its PBA bit and
+    /// arrived once, when unmasked.
+    "msix pba ok" => MSIX_PBA_OK, MSIX_PBA_OK_LINE
+}
+probe_line! {
+    /// Starts the MSI-X pending-bit result line when that check failed (the run fails too).
+    "msix pba FAIL: " => MSIX_PBA_FAIL, MSIX_PBA_FAIL_PREFIX
+}
+
 const fn starts_with(s: &str, prefix: &str) -> bool {
     let (s, prefix) = (s.as_bytes(), prefix.as_bytes());
     if s.len() < prefix.len() {

@@ -27,6 +27,7 @@ mod epf;
 mod io;
 mod mem;
 mod mp;
+mod msix_pba;
 mod paging;
 mod pci;
 
@@ -86,6 +87,7 @@ enum Failure {
     ExpectMem { want: u64, got: u64 },
     ExpectCpus { want: u64, got: Option<u64> },
     Dma(dma::Error),
+    MsixPba(msix_pba::Error),
     Ecam(acpi::Error),
 }
 
@@ -137,6 +139,7 @@ impl Failure {
                 line.s("expected ").dec(want).s(" cpus, found no MP table")
             }
             Failure::Dma(e) => e.describe(line.s("dma: ")),
+            Failure::MsixPba(e) => e.describe(line.s("msix pba: ")),
             Failure::Ecam(e) => e.describe(line),
         }
     }
@@ -563,16 +566,24 @@ fn dma_check(
             cpu::enable_interrupts();
             let result = dma::run(&epf, &regions);
             cpu::disable_interrupts();
-            result
+            result.map(|report| (report, epf))
         });
     match result {
-        Ok(report) => Line::new()
-            .s(DMA_OK)
-            .dec(report.regions)
-            .s(" regions, ")
-            .dec(report.bytes)
-            .s(" bytes, irq ok")
-            .end(),
+        Ok((report, epf)) => {
+            Line::new()
+                .s(DMA_OK)
+                .dec(report.regions)
+                .s(" regions, ")
+                .dec(report.bytes)
+                .s(" bytes, irq ok")
+                .end();
+            cpu::enable_interrupts();
+            let pba = msix_pba::check(&epf);
+            cpu::disable_interrupts();
+            if let Some(e) = pba {
+                checks.record(Failure::MsixPba(e));
+            }
+        }
         Err(e) => {
             e.describe(Line::new().s(DMA_FAIL)).end();
             checks.record(Failure::Dma(e));
