@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::{run_with_report, vmm};
-use guest_abi::probe::{DMA_FAIL_PREFIX, DMA_OK_PREFIX, RESULT_FAIL_PREFIX};
+use guest_abi::probe::{DMA_FAIL_PREFIX, DMA_OK_PREFIX, MSIX_PBA_OK_LINE, RESULT_FAIL_PREFIX};
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -181,6 +181,20 @@ fn epf_dma_reaches_ram_above_4g_in_a_6g_guest() {
         serial.contains("0x1bffff000"),
         "the last page of RAM (above 4 GiB) is one of the DMA targets:\n{serial}"
     );
+}
+
+/// The probe masks MSI-X vector 0 (its entry's mask, then the function mask), has the device
+/// raise it, and wants PBA bit 0 set and no interrupt, then one interrupt and the bit clear
+/// once unmasked (resources/probe-guest/src/msix_pba.rs).
+#[test]
+fn a_vector_raised_while_masked_is_pending_and_arrives_once_unmasked() {
+    let (out, _) = run_with_report(&["--quiet"]);
+    let (serial, err) = (text(&out.stdout), text(&out.stderr));
+    assert!(
+        serial.lines().any(|l| l == MSIX_PBA_OK_LINE),
+        "{serial}\n{err}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{serial}\n{err}");
 }
 
 #[test]

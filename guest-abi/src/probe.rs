@@ -69,6 +69,16 @@ probe_line! {
     /// was not read (`not placed`, `decoding off`, `not mapped`).
     "bar read " => BAR_READ, BAR_READ_PREFIX
 }
+probe_line! {
+    /// The MSI-X pending-bit check passed: with the pci-epf-test device on MSI-X, a vector
+    /// raised while masked (by its entry, then by the function mask) set its PBA bit and
+    /// arrived once, when unmasked.
+    "msix pba ok" => MSIX_PBA_OK, MSIX_PBA_OK_LINE
+}
+probe_line! {
+    /// Starts the MSI-X pending-bit result line when that check failed (the run fails too).
+    "msix pba FAIL: " => MSIX_PBA_FAIL, MSIX_PBA_FAIL_PREFIX
+}
 
 const fn starts_with(s: &str, prefix: &str) -> bool {
     let (s, prefix) = (s.as_bytes(), prefix.as_bytes());

@@ -57,6 +57,8 @@
 //! probe: dma pages 0x<page> 0x<page> ...             (the pages DMA is tested on)
 //! probe: dma ok: <N> regions, <M> bytes, irq ok      or: probe: dma FAIL: <reason>
 //!                                                    or: probe: dma skipped: no pci-epf-test device
+//! probe: msix pba ok                                 or: probe: msix pba FAIL: <reason>
+//!                                                    (after dma ok, with the device on MSI-X)
 //! probe: result ok                                   or: probe: result FAIL: <reason>
 //! ```
 //!
@@ -111,7 +113,10 @@
 //! device's pattern and CHECKSUM their CRC. On the last page the probe also fills the page and
 //! has the device READ it, with the right CHECKSUM (must succeed) and a wrong one (must fail).
 //! Each command must raise exactly one interrupt, waited for with a bounded spin. `<M> bytes`
-//! counts every byte the device moved (WRITEs and READs).
+//! counts every byte the device moved (WRITEs and READs). On MSI-X the probe then masks entry
+//! 0, and next sets the function mask, each time has the device raise vector 0: no interrupt
+//! may arrive and PBA bit 0 must be set; once unmasked, exactly one interrupt must arrive and
+//! the bit must be clear (`msix pba FAIL` fails the run).
 //!
 //! It executes about 55 000 instructions for a small guest, plus about 2 000 per GiB of RAM
 //! mapped above 4 GiB and 1.1 per initrd byte (QEMU TCG single-step counts); with a

@@ -6,7 +6,8 @@
 //!
 //! The devices crate knows nothing of KVM: a guest write returns [`Effects`] (a BAR moved, a
 //! vector changed), and `Wiring::apply` turns them into bus registrations, memory slots and
-//! routes. KVM_SET_GSI_ROUTING replaces the whole table, so the table is rebuilt from the
+//! routes. Only live (enabled, unmasked) vectors get an irqfd; the device model turns what a
+//! masked vector's eventfd collects into its pending bit and re-sends it once it is live. KVM_SET_GSI_ROUTING replaces the whole table, so the table is rebuilt from the
 //! legacy routes plus every live vector each time.
 
 use std::collections::{BTreeMap, HashMap};
@@ -464,8 +465,9 @@ impl Wiring {
             tracing::error!("{}: KVM_SET_GSI_ROUTING: {e}", dev.name);
             return;
         }
-        // irqfds only for vectors that can fire: a masked vector's signal is dropped (its
-        // pending bit is not emulated).
+        // irqfds only for vectors that can fire: a masked vector's signals wait in its
+        // eventfd, where the device model finds them and sets the vector's pending bit
+        // (see the module doc of devices::vfio::pci).
         for v in dev.vectors.iter_mut() {
             let want = routes.contains_key(&v.gsi);
             let result = match (want, v.irqfd) {
@@ -478,6 +480,9 @@ impl Wiring {
                 Err(e) => tracing::error!("{}: irqfd for GSI {}: {e}", dev.name, v.gsi),
             }
         }
+        // Now that the unmasked vectors have their irqfds, what fired while they were masked
+        // goes out through them, once.
+        lock(&dev.dev).release_pending();
     }
 }
 

@@ -8,6 +8,10 @@
 use super::config::{cap_id, BarKind, ConfigError, ConfigSpace};
 use super::msi::{MsiMessage, RoutingChange};
 
+mod pba;
+
+pub use pba::Pba;
+
 /// Most vectors an MSI-X table can have (11-bit table size field).
 pub const MAX_VECTORS: u16 = 2048;
 /// Bytes per table entry.
@@ -91,7 +95,7 @@ pub struct MsixCap {
     table: MsixLocation,
     pba: MsixLocation,
     entries: Vec<Entry>,
-    pending: Vec<u64>,
+    pending: Pba,
     enabled: bool,
     function_masked: bool,
 }
@@ -136,7 +140,7 @@ impl MsixCap {
             return Err(MsixError::Vectors(vectors));
         }
         let table_len = u64::from(vectors) * ENTRY_SIZE;
-        let pba_len = Self::pba_len_for(vectors);
+        let pba_len = Pba::len_for(usize::from(vectors));
         check_location(config, "table", table, table_len)?;
         check_location(config, "PBA", pba, pba_len)?;
         if table.bar == pba.bar
@@ -166,14 +170,10 @@ impl MsixCap {
             table,
             pba,
             entries: vec![Entry::RESET; usize::from(vectors)],
-            pending: vec![0; usize::from(vectors).div_ceil(64)],
+            pending: Pba::new(usize::from(vectors)),
             enabled: false,
             function_masked: false,
         })
-    }
-
-    fn pba_len_for(vectors: u16) -> u64 {
-        u64::from(vectors).div_ceil(64) * 8
     }
 
     /// Offset of the capability in configuration space.
@@ -220,7 +220,7 @@ impl MsixCap {
 
     /// Where the PBA is, and its length in bytes.
     pub fn pba(&self) -> (MsixLocation, u64) {
-        (self.pba, Self::pba_len_for(self.num_vectors()))
+        (self.pba, Pba::len_for(usize::from(self.num_vectors())))
     }
 
     /// Offset inside the table of an access at `offset` of BAR `bar`, if it starts there.
@@ -282,32 +282,12 @@ impl MsixCap {
 
     /// A guest read of the PBA at `offset` (relative to the PBA). The PBA is read-only.
     pub fn pba_read(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            let at = offset.saturating_add(i as u64);
-            *b = usize::try_from(at / 8)
-                .ok()
-                .and_then(|q| self.pending.get(q))
-                .map_or(0, |q| (q >> (at % 8 * 8)) as u8);
-        }
+        self.pending.read(offset, data)
     }
 
     /// Whether `vector` is pending.
     pub fn is_pending(&self, vector: u16) -> bool {
-        let v = usize::from(vector);
-        self.pending
-            .get(v / 64)
-            .is_some_and(|q| q & (1 << (v % 64)) != 0)
-    }
-
-    fn set_pending(&mut self, vector: u16, pending: bool) {
-        let v = usize::from(vector);
-        if let Some(q) = self.pending.get_mut(v / 64) {
-            if pending {
-                *q |= 1 << (v % 64);
-            } else {
-                *q &= !(1 << (v % 64));
-            }
-        }
+        self.pending.is_set(usize::from(vector))
     }
 
     /// `vector`'s message, with `masked` covering the function mask too.
@@ -332,7 +312,7 @@ impl MsixCap {
             return Delivery::Disabled;
         }
         if msg.masked {
-            self.set_pending(vector, true);
+            self.pending.set(usize::from(vector), true);
             return Delivery::Pending;
         }
         Delivery::Send(msg)
@@ -344,13 +324,14 @@ impl MsixCap {
         if !self.enabled {
             return Vec::new();
         }
-        let ready: Vec<(u16, MsiMessage)> = (0..self.num_vectors())
-            .filter(|&v| self.is_pending(v))
-            .filter_map(|v| self.message(v).map(|m| (v, m)))
+        let ready: Vec<(u16, MsiMessage)> = self
+            .pending
+            .iter()
+            .filter_map(|v| self.message(v as u16).map(|m| (v as u16, m)))
             .filter(|(_, m)| !m.masked)
             .collect();
         for &(v, _) in &ready {
-            self.set_pending(v, false);
+            self.pending.set(usize::from(v), false);
         }
         ready
     }

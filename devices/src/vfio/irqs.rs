@@ -6,6 +6,7 @@
 //! (and written through, so a device that looks at its own enable bits sees them).
 
 use crate::pci::config::lanes;
+use crate::pci::msix::Pba;
 use crate::pci::MsiMessage;
 
 /// MSI-X Message Control: enable and function mask.
@@ -17,6 +18,28 @@ const MSI_64BIT: u16 = 1 << 7;
 const MSI_PER_VECTOR_MASK: u16 = 1 << 8;
 /// Vector Control bit 0 of an MSI-X table entry.
 const ENTRY_MASKED: u32 = 1;
+
+/// Whether a vector can fire now, which decides what becomes of its eventfd's signals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VectorState {
+    /// Enabled and unmasked: KVM delivers this message.
+    Live(MsiMessage),
+    /// Enabled but masked (its own mask bit, or the MSI-X function mask): a signal is held as
+    /// pending and sent once unmasked.
+    Masked,
+    /// Disabled, or no such vector: a signal is dropped.
+    Off,
+}
+
+impl VectorState {
+    /// The message, if the vector is live.
+    pub fn live(self) -> Option<MsiMessage> {
+        match self {
+            VectorState::Live(m) => Some(m),
+            _ => None,
+        }
+    }
+}
 
 /// Where a table or PBA lives: BAR and offset (from the capability's BIR/offset dword).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,7 +91,7 @@ impl MsixShadow {
             pba: BarWindow {
                 bar: (pba & 7) as usize,
                 offset: u64::from(pba & !7),
-                len: count.div_ceil(64) as u64 * 8,
+                len: Pba::len_for(count),
             },
             control: control & !(MSIX_ENABLE | MSIX_FUNCTION_MASK),
             entries,
@@ -146,13 +169,15 @@ impl MsixShadow {
         *entry != old
     }
 
-    /// Vector `i`'s message, or `None` when it cannot fire (disabled, function-masked or
-    /// masked vector).
-    pub fn message(&self, i: usize) -> Option<MsiMessage> {
-        let e = self.entries.get(i)?;
-        let live =
-            self.enabled() && self.control & MSIX_FUNCTION_MASK == 0 && e[3] & ENTRY_MASKED == 0;
-        live.then(|| MsiMessage {
+    /// Whether vector `i` is live, masked (by its entry or the function mask) or off.
+    pub fn state(&self, i: usize) -> VectorState {
+        let Some(e) = self.entries.get(i).filter(|_| self.enabled()) else {
+            return VectorState::Off;
+        };
+        if self.control & MSIX_FUNCTION_MASK != 0 || e[3] & ENTRY_MASKED != 0 {
+            return VectorState::Masked;
+        }
+        VectorState::Live(MsiMessage {
             addr: u64::from(e[1]) << 32 | u64::from(e[0]),
             data: e[2],
             masked: false,
@@ -256,17 +281,25 @@ impl MsiShadow {
         self.regs != old
     }
 
-    /// Vector `i`'s message, or `None` when it cannot fire.
-    pub fn message(&self, i: usize) -> Option<MsiMessage> {
+    /// The dword index (in config space) of the Pending Bits register, if the capability has
+    /// per-vector masking.
+    pub fn pending_reg(&self) -> Option<usize> {
+        (self.control() & MSI_PER_VECTOR_MASK != 0).then(|| self.cap / 4 + self.dwords() - 1)
+    }
+
+    /// Whether vector `i` is live, masked or off.
+    pub fn state(&self, i: usize) -> VectorState {
         if i >= self.enabled_vectors() {
-            return None;
+            return VectorState::Off;
         }
-        let masked = self.control() & MSI_PER_VECTOR_MASK != 0 && self.regs[4] >> i & 1 != 0;
+        if self.control() & MSI_PER_VECTOR_MASK != 0 && self.regs[4] >> i & 1 != 0 {
+            return VectorState::Masked;
+        }
         let hi = if self.is_64() { self.regs[2] } else { 0 };
         // Multiple-message MSI: vector i sends data with its low bits replaced by i.
         let width = self.enabled_vectors().trailing_zeros();
         let low = (1u32 << width) - 1;
-        (!masked).then(|| MsiMessage {
+        VectorState::Live(MsiMessage {
             addr: u64::from(hi) << 32 | u64::from(self.regs[1]),
             data: (self.regs[3] & 0xffff & !low) | (i as u32 & low),
             masked: false,
@@ -288,14 +321,15 @@ mod tests {
         assert_eq!(m.table.inner(0, 0x43c, 8), None, "past the table");
         assert!(m.table_write(0x10, &0xfee0_0000u32.to_le_bytes()));
         assert!(m.table_write(0x18, &0x41u32.to_le_bytes()));
-        assert_eq!(m.message(1), None, "masked at reset");
+        assert_eq!(m.state(1), VectorState::Off, "MSI-X is off");
         assert!(m.table_write(0x1c, &0u32.to_le_bytes()));
-        assert_eq!(m.message(1), None, "MSI-X not enabled yet");
+        assert_eq!(m.state(1), VectorState::Off, "MSI-X not enabled yet");
         assert!(m.write_control(2, &0x8000u16.to_le_bytes()));
-        let msg = m.message(1).unwrap();
+        let msg = m.state(1).live().unwrap();
+        assert_eq!(m.state(2), VectorState::Masked, "masked at reset");
         assert_eq!((msg.addr, msg.data), (0xfee0_0000, 0x41));
         assert!(m.write_control(2, &0xc000u16.to_le_bytes()));
-        assert_eq!(m.message(1), None, "function mask");
+        assert_eq!(m.state(1), VectorState::Masked, "function mask");
         let mut b = [0u8; 4];
         m.table_read(0x18, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0x41);
@@ -324,13 +358,14 @@ mod tests {
         assert!(m.contains(0x50 / 4 + 5) && !m.contains(0x50 / 4 + 6));
         m.write(0x14 + 1, 0, &0xfee0_0000u32.to_le_bytes());
         m.write(0x14 + 3, 0, &0x60u32.to_le_bytes());
-        assert_eq!(m.message(0), None, "disabled");
+        assert_eq!(m.state(0), VectorState::Off, "disabled");
         // Enable with MME = 2 (4 vectors).
         assert!(m.write(0x14, 2, &(1u16 | 2 << 4).to_le_bytes()));
         assert_eq!(m.enabled_vectors(), 4);
-        assert_eq!(m.message(3).unwrap().data, 0x63);
+        assert_eq!(m.state(3).live().unwrap().data, 0x63);
         m.write(0x14 + 4, 0, &0b1000u32.to_le_bytes());
-        assert_eq!(m.message(3), None, "vector 3 masked");
+        assert_eq!(m.state(3), VectorState::Masked, "vector 3 masked");
+        assert_eq!(m.pending_reg(), Some(0x14 + 5));
         assert_eq!(m.read(0x14 + 3, 0), 0x60);
         assert_eq!(m.read(0x14, 0xabcd) & 0xffff, 0xabcd);
     }

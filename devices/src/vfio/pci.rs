@@ -15,6 +15,15 @@
 //!
 //! Interrupts: one eventfd per vector (shared by MSI vector i and MSI-X vector i, as only one
 //! of them is enabled at a time); the backend signals them, the VMM wires them to KVM irqfds.
+//!
+//! Masking is ours too (the device never sees the guest's table), and so are pending bits:
+//! the VMM keeps an irqfd only on a live vector, so a masked vector's signals wait in its
+//! eventfd's counter. That counter is read, and turned into the vector's pending bit, when
+//! it matters: when the guest reads the PBA (or MSI's Pending Bits) and just before a write
+//! that may unmask the vector. Once the VMM has routed the unmasked vector again, it calls
+//! [`VfioPciDevice::release_pending`], which signals each pending live vector once. No
+//! thread watches masked vectors: nothing can observe a pending bit before one of those
+//! moments.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,8 +32,9 @@ use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::backend::{irq, region, VfioBackend, VfioBackendError};
-use super::irqs::{MsiShadow, MsixShadow};
+use super::irqs::{MsiShadow, MsixShadow, VectorState};
 use crate::pci::config::{cap_id, command, offset, BarKind, BarSpec, ConfigError};
+use crate::pci::msix::Pba;
 use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, RoutingChange};
 
 /// Why a passthrough function could not be set up.
@@ -93,6 +103,8 @@ pub struct VfioPciDevice {
     /// Which interrupt index the backend is signalling now, and how many vectors.
     active: Option<(u32, usize)>,
     fds: Vec<Arc<EventFd>>,
+    /// Vectors (of the active index) that fired while masked.
+    pending: Pba,
     mmaps: Vec<BarMmap>,
     failed: AtomicBool,
     on_failure: Option<FailureHandler>,
@@ -230,6 +242,7 @@ impl VfioPciDevice {
             msix,
             msi,
             active: None,
+            pending: Pba::new(fds.len()),
             fds,
             mmaps: Vec::new(),
             failed: AtomicBool::new(false),
@@ -263,13 +276,50 @@ impl VfioPciDevice {
             .map(|(vector, fd)| IrqVector {
                 vector,
                 fd: fd.clone(),
-                message: match self.active {
-                    Some((irq::MSIX, _)) => self.msix.as_ref().and_then(|m| m.message(vector)),
-                    Some((irq::MSI, _)) => self.msi.as_ref().and_then(|m| m.message(vector)),
-                    _ => None,
-                },
+                message: self.state(vector).live(),
             })
             .collect()
+    }
+
+    fn state(&self, vector: usize) -> VectorState {
+        let state = match self.active {
+            Some((irq::MSIX, _)) => self.msix.as_ref().map(|m| m.state(vector)),
+            Some((irq::MSI, _)) => self.msi.as_ref().map(|m| m.state(vector)),
+            _ => None,
+        };
+        state.unwrap_or(VectorState::Off)
+    }
+
+    /// Reads the eventfd counters of the masked and disabled vectors in `vectors`: a masked
+    /// one that was signalled becomes pending; a disabled one's signals are dropped. Live
+    /// vectors are left alone: their counters belong to KVM's irqfds.
+    fn collect_fired(&mut self, vectors: std::ops::Range<usize>) {
+        for v in vectors {
+            let state = self.state(v);
+            let Some(fd) = self.fds.get(v).filter(|_| state.live().is_none()) else {
+                continue;
+            };
+            // Non-blocking: an unsignalled counter is an error (EAGAIN), i.e. nothing fired.
+            if fd.read().is_ok() && state == VectorState::Masked {
+                self.pending.set(v, true);
+            }
+        }
+    }
+
+    /// Signals once each pending vector that is live now, and clears its bit. The VMM calls
+    /// this after routing the live vectors, so that KVM delivers what fired while masked.
+    pub fn release_pending(&mut self) {
+        let live: Vec<usize> = self
+            .pending
+            .iter()
+            .filter(|&v| self.state(v).live().is_some())
+            .collect();
+        for v in live {
+            self.pending.set(v, false);
+            if let Err(e) = self.fds[v].write(1) {
+                crate::warn_limited!("{}: re-sending vector {v}: {e}", self.backend.name());
+            }
+        }
     }
 
     /// The INTx pin (1 = INTA .. 4 = INTD) of a device that offers neither MSI nor MSI-X:
@@ -366,6 +416,8 @@ impl VfioPciDevice {
         if want == self.active {
             return;
         }
+        // Pending bits are per vector of one interrupt kind; they go with it.
+        self.pending.clear();
         if let Some((index, _)) = self.active.take() {
             if let Err(e) = self.backend.disable_irq(index) {
                 self.failed(e);
@@ -392,7 +444,17 @@ impl PciDevice for VfioPciDevice {
             }
             r if self.msi.as_ref().is_some_and(|m| m.contains(r)) => {
                 let dev = self.device_config(r);
-                self.msi.as_ref().map_or(dev, |m| m.read(r, dev))
+                let Some(m) = self.msi.as_ref() else {
+                    return dev;
+                };
+                let value = m.read(r, dev);
+                if m.pending_reg() != Some(r) {
+                    return value;
+                }
+                self.collect_fired(0..self.fds.len().min(32));
+                let mut ours = [0u8; 4];
+                self.pending.read(0, &mut ours);
+                value | dword(ours)
             }
             r => self.device_config(r),
         }
@@ -410,6 +472,12 @@ impl PciDevice for VfioPciDevice {
         }
         if reg == offset::COMMAND / 4 {
             effects.bars = self.shadow.write_reg(reg, offset, data);
+        }
+        let irq_reg = self.msix.as_ref().is_some_and(|m| m.is_control_reg(reg))
+            || self.msi.as_ref().is_some_and(|m| m.contains(reg));
+        if irq_reg {
+            // Under the old masks: what fired while masked is pending before it may unmask.
+            self.collect_fired(0..self.fds.len());
         }
         if let Some(m) = self.msix.as_mut().filter(|m| m.is_control_reg(reg)) {
             if m.write_control(offset, data) {
@@ -437,6 +505,16 @@ impl PciDevice for VfioPciDevice {
             if let Some(at) = m.table.inner(bar, offset, data.len()) {
                 return m.table_read(at, data);
             }
+            // The device's own PBA knows nothing of our masks: the guest reads ours.
+            if let Some(at) = m.pba.inner(bar, offset, data.len()) {
+                if self.active.is_some_and(|(index, _)| index == irq::MSIX) {
+                    self.collect_fired(self.pending.vectors_read(at, data.len()));
+                    self.pending.read(at, data);
+                } else {
+                    data.fill(0);
+                }
+                return;
+            }
         }
         if let Err(e) = self
             .backend
@@ -448,22 +526,30 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) -> Effects {
-        if let Some(m) = self.msix.as_mut() {
-            if let Some(at) = m.table.inner(bar, offset, data.len()) {
-                let changed = m.table_write(at, data);
-                return Effects {
-                    msix: if changed {
-                        RoutingChange::Vector((at / 16) as u16)
-                    } else {
-                        RoutingChange::Unchanged
-                    },
-                    ..Effects::default()
-                };
-            }
-            if m.pba.inner(bar, offset, data.len()).is_some() {
-                // The PBA is read-only.
-                return Effects::default();
-            }
+        let (table, pba) = match &self.msix {
+            Some(m) => (
+                m.table.inner(bar, offset, data.len()),
+                m.pba.inner(bar, offset, data.len()),
+            ),
+            None => (None, None),
+        };
+        if let Some(at) = table {
+            let vectors = (at / 16) as usize..(at + data.len() as u64).div_ceil(16) as usize;
+            // Under the old mask: what fired while masked is pending before it may unmask.
+            self.collect_fired(vectors);
+            let changed = self.msix.as_mut().is_some_and(|m| m.table_write(at, data));
+            return Effects {
+                msix: if changed {
+                    RoutingChange::Vector((at / 16) as u16)
+                } else {
+                    RoutingChange::Unchanged
+                },
+                ..Effects::default()
+            };
+        }
+        if pba.is_some() {
+            // The PBA is read-only.
+            return Effects::default();
         }
         if let Err(e) = self
             .backend

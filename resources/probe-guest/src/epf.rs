@@ -3,13 +3,13 @@
 //! interrupt set-up (MSI-X, or MSI), and one transfer at a time, each ended by the device's
 //! interrupt.
 
-use guest_abi::epf::{irq_type, reg, REG_BAR};
+use guest_abi::epf::{command, irq_type, reg, REG_BAR};
 
 use crate::apic::{self, Lapic, DEVICE_VECTOR};
 use crate::console::Line;
 use crate::dma::Error;
 use crate::io::phys;
-use crate::pci::{cfg, Bar, BarKind, Bus, Function};
+use crate::pci::{cfg, Bar, BarKind, Bdf, Bus, Function};
 
 const CAP_MSI: u8 = 0x05;
 const CAP_MSIX: u8 = 0x11;
@@ -18,7 +18,7 @@ const MSI_MME: u16 = 7 << 4;
 const MSI_64BIT: u16 = 1 << 7;
 const MSI_PER_VECTOR_MASK: u16 = 1 << 8;
 const MSIX_ENABLE: u16 = 1 << 15;
-const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
 
 /// Where the probe puts BAR0 when firmware left it at 0 (a free spot in the 32-bit hole, below
 /// the IOAPIC).
@@ -38,6 +38,19 @@ pub enum IrqMode {
 /// A set-up device: decoding and bus mastering on, interrupt programmed.
 pub struct Epf {
     regs: u64,
+    msix: Option<Msix>,
+}
+
+/// Where the MSI-X state of a device set up with MSI-X is.
+#[derive(Clone, Copy)]
+pub struct Msix {
+    pub bdf: Bdf,
+    /// The capability's offset in config space.
+    pub cap: u8,
+    /// Table entry 0.
+    pub entry: u64,
+    /// The Pending Bit Array.
+    pub pba: u64,
 }
 
 /// Turns on memory decoding and bus mastering (INTx off), checks that BAR0 answers, and
@@ -94,16 +107,16 @@ pub fn setup(
 
     let msix = bdf.find_capability(CAP_MSIX);
     let msi = bdf.find_capability(CAP_MSI);
-    let (mode, irq_type) = match (msix, msi) {
+    let (mode, irq_type, msix) = match (msix, msi) {
         (Some(cap), None) => {
-            enable_msix(f, &bars, cap, lapic, mapped)?;
-            (IrqMode::Msix, irq_type::MSIX)
+            let msix = enable_msix(f, &bars, cap, lapic, mapped)?;
+            (IrqMode::Msix, irq_type::MSIX, Some(msix))
         }
         (Some(cap), Some(msi)) if !prefer_msi => {
             let ctl = bdf.read16(msi + 2);
             bdf.write16(msi + 2, ctl & !MSI_ENABLE);
-            enable_msix(f, &bars, cap, lapic, mapped)?;
-            (IrqMode::Msix, irq_type::MSIX)
+            let msix = enable_msix(f, &bars, cap, lapic, mapped)?;
+            (IrqMode::Msix, irq_type::MSIX, Some(msix))
         }
         (msix, Some(cap)) => {
             if let Some(msix) = msix {
@@ -111,11 +124,11 @@ pub fn setup(
                 bdf.write16(msix + 2, ctl & !MSIX_ENABLE);
             }
             enable_msi(f, cap, lapic);
-            (IrqMode::Msi, irq_type::MSI)
+            (IrqMode::Msi, irq_type::MSI, None)
         }
         (None, None) => return Err(Error::NoIrqCapability),
     };
-    let epf = Epf { regs };
+    let epf = Epf { regs, msix };
     epf.write(reg::IRQ_TYPE, irq_type);
     epf.write(reg::IRQ_NUMBER, 1);
     bdf.print(Line::new().s("epf "))
@@ -133,6 +146,30 @@ pub fn setup(
     Ok(epf)
 }
 
+/// Where the capability dword at `cap + at` (table or PBA: BIR and offset) points.
+fn msix_place(
+    f: &Function,
+    bars: &[Option<Bar>; 6],
+    cap: u8,
+    at: u8,
+    what: &'static str,
+    mapped: u64,
+) -> Result<u64, Error> {
+    let place = f.bdf.read32(cap + at);
+    let bir = (place & 7) as u8;
+    let bar = bars
+        .get(bir as usize)
+        .copied()
+        .flatten()
+        .filter(Bar::is_memory)
+        .ok_or(Error::MsixBar(bir))?;
+    let addr = bar.addr + (place & !7) as u64;
+    if addr.saturating_add(16) > mapped {
+        return Err(Error::Unmapped(what, addr));
+    }
+    Ok(addr)
+}
+
 /// Entry 0 of the table: the LAPIC's address, data = vector (fixed, edge), unmasked; enabled
 /// under the function mask, which is then lifted.
 fn enable_msix(
@@ -141,21 +178,11 @@ fn enable_msix(
     cap: u8,
     lapic: &Lapic,
     mapped: u64,
-) -> Result<(), Error> {
+) -> Result<Msix, Error> {
     let bdf = f.bdf;
     let ctl = bdf.read16(cap + 2);
-    let table = bdf.read32(cap + 4);
-    let bir = (table & 7) as u8;
-    let bar = bars
-        .get(bir as usize)
-        .copied()
-        .flatten()
-        .filter(Bar::is_memory)
-        .ok_or(Error::MsixBar(bir))?;
-    let entry = bar.addr + (table & !7) as u64;
-    if entry.saturating_add(16) > mapped {
-        return Err(Error::Unmapped("MSI-X table", entry));
-    }
+    let entry = msix_place(f, bars, cap, 4, "MSI-X table", mapped)?;
+    let pba = msix_place(f, bars, cap, 8, "MSI-X PBA", mapped)?;
     bdf.write16(cap + 2, ctl | MSIX_ENABLE | MSIX_FUNCTION_MASK);
     let addr = lapic.msi_address();
     phys::write32(entry, addr as u32);
@@ -163,7 +190,12 @@ fn enable_msix(
     phys::write32(entry + 8, DEVICE_VECTOR as u32);
     phys::write32(entry + 12, 0);
     bdf.write16(cap + 2, (ctl | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
-    Ok(())
+    Ok(Msix {
+        bdf,
+        cap,
+        entry,
+        pba,
+    })
 }
 
 /// One vector (MME 0) to the LAPIC, unmasked.
@@ -192,6 +224,23 @@ impl Epf {
 
     fn read(&self, r: u64) -> u32 {
         phys::read32(self.regs + r)
+    }
+
+    /// Where its MSI-X state is, if it was set up with MSI-X.
+    pub fn msix(&self) -> Option<Msix> {
+        self.msix
+    }
+
+    /// Has the device raise its interrupt (MSI-X/MSI number 1) with no transfer; returns
+    /// STATUS, which has IRQ_RAISED once the device sent it.
+    pub fn raise(&self) -> u32 {
+        self.write(reg::STATUS, 0);
+        let cmd = match self.msix {
+            Some(_) => command::RAISE_MSIX_IRQ,
+            None => command::RAISE_MSI_IRQ,
+        };
+        self.write(reg::COMMAND, cmd);
+        self.read(reg::STATUS)
     }
 
     /// The CHECKSUM register (WRITE's result).

@@ -27,6 +27,7 @@ mod epf;
 mod io;
 mod mem;
 mod mp;
+mod msix_pba;
 mod paging;
 mod pci;
 
@@ -88,6 +89,7 @@ enum Failure {
     /// [`OPT_EXPECT_PCI`]: no function with this vendor (low half) and device ID.
     ExpectPci(u32),
     Dma(dma::Error),
+    MsixPba(msix_pba::Error),
     Ecam(acpi::Error),
 }
 
@@ -145,6 +147,7 @@ impl Failure {
                 .hexw((id >> 16).into(), 4)
                 .s(text!(" on bus 0 (", OPT_EXPECT_PCI, ")")),
             Failure::Dma(e) => e.describe(line.s("dma: ")),
+            Failure::MsixPba(e) => e.describe(line.s("msix pba: ")),
             Failure::Ecam(e) => e.describe(line),
         }
     }
@@ -571,16 +574,24 @@ fn dma_check(
             cpu::enable_interrupts();
             let result = dma::run(&epf, &regions);
             cpu::disable_interrupts();
-            result
+            result.map(|report| (report, epf))
         });
     match result {
-        Ok(report) => Line::new()
-            .s(DMA_OK)
-            .dec(report.regions)
-            .s(" regions, ")
-            .dec(report.bytes)
-            .s(" bytes, irq ok")
-            .end(),
+        Ok((report, epf)) => {
+            Line::new()
+                .s(DMA_OK)
+                .dec(report.regions)
+                .s(" regions, ")
+                .dec(report.bytes)
+                .s(" bytes, irq ok")
+                .end();
+            cpu::enable_interrupts();
+            let pba = msix_pba::check(&epf);
+            cpu::disable_interrupts();
+            if let Some(e) = pba {
+                checks.record(Failure::MsixPba(e));
+            }
+        }
         Err(e) => {
             e.describe(Line::new().s(DMA_FAIL)).end();
             checks.record(Failure::Dma(e));

@@ -5,7 +5,8 @@
 //! with pread/pwrite, and send vfio-user requests (the replies come in on the connection's
 //! reader thread). A guest that enables, moves or masks what a passthrough function offers
 //! makes the PCI layer update KVM's GSI routes, irqfds and BAR memory slots and the
-//! device's interrupt eventfds (VFIO_DEVICE_SET_IRQS, or a vfio-user message).
+//! device's interrupt eventfds (VFIO_DEVICE_SET_IRQS, or a vfio-user message), and reads
+//! the eventfds of masked vectors into their pending bits.
 
 use super::rules::{base, ioctl, AllowList};
 
@@ -22,6 +23,8 @@ pub(super) fn allow_list() -> AllowList {
         ioctl::VFIO_DEVICE_SET_IRQS,
     ]);
     l.allow(&[
+        // A masked vector's interrupt eventfd, whose count becomes its pending bit.
+        SYS_read,
         // A kernel VFIO function's config space and trapped BAR parts.
         SYS_pread64,
         SYS_pwrite64,

@@ -236,6 +236,114 @@ fn msix_is_routed_through_the_shadow_table_and_eventfds() {
     assert!(backend.fds.lock().unwrap().is_empty());
 }
 
+/// The device set up as a driver does: BAR0 placed, bus mastering on, MSI-X entry 0 aimed
+/// at 0xfee0_0000 with data 0x45 (left masked), MSI-X enabled, the model told to raise
+/// MSI-X number 1 (vector 0). Returns the MSI-X capability offset.
+fn msix_device() -> (Arc<LocalBackend>, VfioPciDevice, usize) {
+    let (backend, mut d) = scratch_device();
+    d.place_bar(0, 0xc000_0000).unwrap();
+    let cap = find_cap(&mut d, cap_id::MSIX);
+    d.bar_write(0, epf::MSIX_TABLE_OFFSET, &0xfee0_0000u32.to_le_bytes());
+    d.bar_write(0, epf::MSIX_TABLE_OFFSET + 8, &0x45u32.to_le_bytes());
+    cfg16(&mut d, cap + 2, 0x8000);
+    cfg16(
+        &mut d,
+        offset::COMMAND,
+        command::MEMORY_SPACE | command::BUS_MASTER,
+    );
+    reg_write(&mut d, epf_abi::reg::IRQ_TYPE, epf_abi::irq_type::MSIX);
+    reg_write(&mut d, epf_abi::reg::IRQ_NUMBER, 1);
+    (backend, d, cap)
+}
+
+fn raise(d: &mut VfioPciDevice) {
+    reg_write(d, epf_abi::reg::COMMAND, epf_abi::command::RAISE_MSIX_IRQ);
+}
+
+fn pba(d: &mut VfioPciDevice) -> u64 {
+    let mut b = [0u8; 8];
+    d.bar_read(0, epf::MSIX_PBA_OFFSET, &mut b);
+    u64::from_le_bytes(b)
+}
+
+/// What KVM's irqfd would take from vector 0's eventfd: the signals waiting there.
+fn signals(d: &VfioPciDevice) -> u64 {
+    d.irq_vectors()[0].fd.read().unwrap_or(0)
+}
+
+fn set_entry0_mask(d: &mut VfioPciDevice, masked: bool) -> Effects {
+    d.bar_write(
+        0,
+        epf::MSIX_TABLE_OFFSET + 12,
+        &u32::from(masked).to_le_bytes(),
+    )
+}
+
+#[test]
+fn a_vector_fired_while_masked_is_pending_and_sent_once_when_unmasked() {
+    let (_backend, mut d, _) = msix_device();
+    raise(&mut d);
+    assert_eq!(pba(&mut d), 1, "entry 0 is masked: the signal is pending");
+    assert_eq!(pba(&mut d), 1, "reading the PBA does not clear it");
+    raise(&mut d);
+    d.release_pending();
+    assert_eq!(pba(&mut d), 1, "still masked: nothing is released");
+    let e = set_entry0_mask(&mut d, false);
+    assert_eq!(e.msix, RoutingChange::Vector(0));
+    assert_eq!(
+        signals(&d),
+        0,
+        "nothing is sent before the VMM has routed the vector"
+    );
+    d.release_pending();
+    assert_eq!(
+        signals(&d),
+        1,
+        "two signals while masked are one message, sent once"
+    );
+    assert_eq!(pba(&mut d), 0);
+    d.release_pending();
+    assert_eq!(signals(&d), 0, "sent only once");
+}
+
+#[test]
+fn the_function_mask_holds_every_vector_and_lifting_it_sends_them() {
+    let (_backend, mut d, cap) = msix_device();
+    set_entry0_mask(&mut d, false);
+    let e = cfg16(&mut d, cap + 2, 0xc000);
+    assert_eq!(e.msix, RoutingChange::All);
+    raise(&mut d);
+    assert_eq!(pba(&mut d), 1);
+    assert_eq!(d.config_read(cap / 4) >> 16 & 0xc000, 0xc000);
+    cfg16(&mut d, cap + 2, 0x8000);
+    d.release_pending();
+    assert_eq!(signals(&d), 1);
+    assert_eq!(pba(&mut d), 0);
+}
+
+#[test]
+fn a_live_vector_s_signal_is_kvm_s_and_sets_no_pending_bit() {
+    let (_backend, mut d, cap) = msix_device();
+    set_entry0_mask(&mut d, false);
+    raise(&mut d);
+    assert_eq!(
+        pba(&mut d),
+        0,
+        "unmasked: the signal is delivered, not pending"
+    );
+    assert_eq!(
+        signals(&d),
+        1,
+        "a live vector's counter is left to KVM's irqfd"
+    );
+    // A signal while MSI-X is off is dropped, not pending once it is enabled.
+    cfg16(&mut d, cap + 2, 0);
+    set_entry0_mask(&mut d, true);
+    d.irq_vectors()[0].fd.write(1).unwrap();
+    cfg16(&mut d, cap + 2, 0x8000);
+    assert_eq!(pba(&mut d), 0, "a signal while MSI-X was off is dropped");
+}
+
 #[test]
 fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
     let low = AnonMapping::new(32 * MIB).unwrap();
