@@ -488,10 +488,9 @@ mv "$OUT_DIR/initramfs.cpio.tmp" "$OUT_DIR/initramfs.cpio"
 # rdinit=/init             run the initramfs' /init (the default, spelled out)
 # Deliberately NOT acpi=off: Debian's cloud kernel is built without CONFIG_X86_MPPARSE, and with
 # acpi=off such a kernel clears the CPU's APIC feature ("MPS support code is not built-in") and
-# runs without a local APIC, so PCI MSI/MSI-X cannot work. Without acpi=off it looks for an RSDP,
-# finds none ("A valid RSDP was not found": harmless), keeps the local APIC in virtual-wire mode
-# and MSI works. It still ignores the VMM's MP table: one CPU, no IO-APIC (INTx and legacy IRQs go
-# through the PIC). The generic kernel (KERNEL_META=linux-image-amd64) reads the MP table.
+# runs without a local APIC, so PCI MSI/MSI-X cannot work. Without acpi=off it takes the CPUs and
+# the IO-APIC from the VMM's ACPI MADT. It never reads the VMM's MP table; the generic kernel
+# (KERNEL_META=linux-image-amd64) can.
 CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=conf1 8250.nr_uarts=1"
 CMDLINE+=" i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rdinit=/init"
 printf '%s\n' "$CMDLINE" >"$OUT_DIR/cmdline"
