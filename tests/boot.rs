@@ -80,6 +80,12 @@ fn probe_boots_with_two_cpus_and_4g_with_ram_above_4g() {
         "{serial}"
     );
     assert_eq!(r["vm"]["cpus"], 2);
+    // The report gives the map the guest got (tests/linux.rs compares Linux's with it).
+    let above_4g = serde_json::json!({"addr": 1u64 << 32, "size": 1u64 << 30, "kind": "ram"});
+    assert!(
+        r["vm"]["e820"].as_array().unwrap().contains(&above_4g),
+        "{r}"
+    );
 }
 
 #[test]

@@ -2,6 +2,8 @@
 # Builds the Linux test guest for the VMM from Debian packages only:
 #
 #   OUT_DIR/vmlinuz         bzImage of Debian's cloud kernel (linux-image-<ver>-cloud-amd64)
+#   OUT_DIR/vmlinux         the ELF kernel inside that bzImage, for the PVH entry (no decompressor
+#                           to run: minutes saved under emulated KVM)
 #   OUT_DIR/initramfs.cpio  uncompressed newc cpio: static busybox, a tiny port-write helper, /init
 #   OUT_DIR/cmdline         the recommended kernel command line for the VMM
 #   OUT_DIR/packages.txt    what was fetched (package, version, sha256 of the .deb)
@@ -23,6 +25,9 @@
 # missing). Downloads are kept in OUT_DIR/debs and not fetched again; the outputs are rebuilt on
 # every run (a few seconds).
 set -euo pipefail
+# Without this, bash clears -e inside $(...): a function that dies in a command substitution
+# would end only that subshell and the script would go on with an empty result.
+shopt -s inherit_errexit
 
 say() { printf 'make-guest: %s\n' "$*"; }
 die() { printf 'make-guest: error: %s\n' "$*" >&2; exit 1; }
@@ -111,6 +116,83 @@ MODULES_DIR=$WORK/kernel/lib/modules/$KVER
 cp "${images[0]}" "$OUT_DIR/vmlinuz.tmp"
 mv "$OUT_DIR/vmlinuz.tmp" "$OUT_DIR/vmlinuz"
 
+# --- vmlinux: the ELF inside the bzImage ---------------------------------------------------------
+# Unsigned little-endian integer of WIDTH (1, 2, 4 or 8) bytes at OFFSET in FILE; empty past its end.
+le() { od -An -v -tu"$3" -j "$2" -N "$3" "$1" | tr -d ' \n'; }
+# WIDTH bytes at OFFSET in FILE, as lower-case hex.
+hexat() { od -An -v -tx1 -j "$2" -N "$3" "$1" | tr -d ' \n'; }
+
+# Succeeds when ELF FILE has a PT_NOTE holding the note Linux's PVH entry is found by: owner
+# "Xen", type 18 (XEN_ELFNOTE_PHYS32_ENTRY, the 32-bit physical entry point).
+has_pvh_note() {
+    local f=$1 size phoff phentsize phnum i ph pos end namesz descsz
+    size=$(stat -c %s "$f")
+    [ "$size" -ge 64 ] && [ "$(hexat "$f" 0 5)" = 7f454c4602 ] || return 1 # a 64-bit ELF header
+    phoff=$(le "$f" 32 8) phentsize=$(le "$f" 54 2) phnum=$(le "$f" 56 2)
+    [ "$phentsize" -ge 56 ] && [ $((phoff + phnum * phentsize)) -le "$size" ] || return 1
+    for ((i = 0; i < phnum; i++)); do
+        ph=$((phoff + i * phentsize))
+        [ "$(le "$f" "$ph" 4)" = 4 ] || continue # PT_NOTE
+        pos=$(le "$f" $((ph + 8)) 8)
+        end=$((pos + $(le "$f" $((ph + 32)) 8)))
+        [ "$end" -le "$size" ] || return 1
+        # Each note: namesz, descsz, type (4 bytes each), then name and desc, each padded to 4.
+        while [ $((pos + 12)) -le "$end" ]; do
+            namesz=$(le "$f" "$pos" 4) descsz=$(le "$f" $((pos + 4)) 4)
+            if [ "$(le "$f" $((pos + 8)) 4)" = 18 ] && [ "$namesz" = 4 ] &&
+                [ "$(hexat "$f" $((pos + 12)) 4)" = 58656e00 ]; then
+                return 0
+            fi
+            pos=$((pos + 12 + (namesz + 3) / 4 * 4 + (descsz + 3) / 4 * 4))
+        done
+    done
+    return 1
+}
+
+# Writes the ELF kernel inside bzImage $1 to $2. The setup header (boot protocol 2.08+) says
+# where the compressed payload is; its first bytes, the compressor's magic, say which tool
+# undoes it. Its last 4 bytes are the uncompressed size (appended by the kernel's build, or
+# gzip's own ISIZE trailer), which the result must match.
+extract_vmlinux() {
+    local bz=$1 out=$2 setup_sects version offset length start magic tool pkg body expected
+    [ "$(hexat "$bz" $((0x202)) 4)" = 48647253 ] || die "$bz is not a bzImage (no HdrS at 0x202)"
+    version=$(le "$bz" $((0x206)) 2)
+    [ "$version" -ge $((0x208)) ] ||
+        die "$bz: boot protocol $(printf %#x "$version") has no payload fields (2.08+ needed)"
+    setup_sects=$(le "$bz" $((0x1f1)) 1)
+    [ "$setup_sects" -ne 0 ] || setup_sects=4 # what 0 meant to old loaders
+    offset=$(le "$bz" $((0x248)) 4) length=$(le "$bz" $((0x24c)) 4)
+    start=$(((setup_sects + 1) * 512 + offset))
+    [ "$length" -gt 4 ] && [ $((start + length)) -le "$(stat -c %s "$bz")" ] ||
+        die "$bz: payload ($length bytes at $start) lies outside the file"
+    magic=$(hexat "$bz" "$start" 6)
+    body=$((length - 4)) # without the appended size, which the decompressors take for garbage
+    case "$magic" in
+    1f8b08*) tool=(gzip -dc) pkg=gzip body=$length ;;
+    fd377a585a00) tool=(xz -dc) pkg=xz-utils ;;
+    5d0000*) tool=(xz --format=lzma -dc) pkg=xz-utils ;;
+    425a68*) tool=(bzip2 -dc) pkg=bzip2 ;;
+    02214c18*) tool=(lz4 -dc) pkg=lz4 ;;
+    28b52ffd*) tool=(zstd -qdc) pkg=zstd ;;
+    894c5a4f*) tool=(lzop -dc) pkg=lzop ;;
+    *) die "$bz: unknown compression magic '$magic' at the payload (offset $start)" ;;
+    esac
+    command -v "${tool[0]}" >/dev/null ||
+        die "$bz is compressed with ${tool[0]}, which is missing: apt-get install $pkg"
+    expected=$(le "$bz" $((start + length - 4)) 4)
+    dd if="$bz" iflag=skip_bytes,count_bytes skip="$start" count="$body" bs=1M status=none |
+        "${tool[@]}" >"$out.tmp" ||
+        die "${tool[*]} failed on the payload of $bz"
+    [ "$(stat -c %s "$out.tmp")" = "$expected" ] ||
+        die "$bz: the payload decompressed to $(stat -c %s "$out.tmp") bytes, its trailer says $expected"
+    [ "$(hexat "$out.tmp" 0 5)" = 7f454c4602 ] || die "$bz: the payload is not a 64-bit ELF"
+    has_pvh_note "$out.tmp" ||
+        die "$bz: its vmlinux has no PVH note (Xen ELF note 18, XEN_ELFNOTE_PHYS32_ENTRY): this kernel cannot boot through PVH; boot the bzImage instead"
+    mv "$out.tmp" "$out"
+    say "vmlinux: $(stat -c %s "$out") bytes, ${tool[0]}-compressed in the bzImage, PVH note present"
+}
+extract_vmlinux "$OUT_DIR/vmlinuz" "$OUT_DIR/vmlinux"
+
 config=$WORK/kernel/boot/config-$KVER
 kconfig() { sed -n "s/^$1=//p" "$config" 2>/dev/null | head -n1; }
 for opt in CONFIG_X86_MPPARSE CONFIG_DEVPORT CONFIG_PCI_ENDPOINT_TEST; do
@@ -179,6 +261,20 @@ deb_line() {
         "$(sha256sum "$1" | cut -d' ' -f1)"
 }
 
+# Why a package the module build needs could not be downloaded, and what to do instead. The
+# mirror can list headers for a kernel ABI it does not serve yet (or any more): a 404.
+epf_download_hint() {
+    local older="an older ABI"
+    # 6.1.0-57-cloud-amd64 -> linux-image-6.1.0-56-cloud-amd64, as an example of the form.
+    if [[ $KVER =~ ^([0-9.]+)-([0-9]+)-(.+)$ ]] && [ "${BASH_REMATCH[2]}" -gt 0 ]; then
+        older="linux-image-${BASH_REMATCH[1]}-$((BASH_REMATCH[2] - 1))-${BASH_REMATCH[3]}"
+    fi
+    printf '%s' "downloading $1 failed, and BUILD_EPF_MODULE=1 needs it to build pci_endpoint_test" \
+        " for $KVER. If the mirror does not serve this kernel's headers, build for a kernel whose" \
+        " headers it has: KERNEL_PACKAGE=$older (check with 'apt-get download" \
+        " linux-headers-<that release>'), or give a module built elsewhere with EPF_MODULE=PATH."
+}
+
 # Builds pci_endpoint_test.ko for KVER from Debian's packaged source and headers into
 # OUT_DIR/epf (kept: a later run reuses it); prints its path.
 build_epf_module() {
@@ -197,9 +293,9 @@ build_epf_module() {
     source=linux-source-${kbuild#linux-kbuild-}
     local hdr=$WORK/headers
     command -v xz >/dev/null || die "xz not found: apt-get install xz-utils"
-    local provenance=()
-    for deb in "$headers" "$common" "$kbuild" "$source"; do
-        deb=$(fetch "$deb")
+    local provenance=() pkg
+    for pkg in "$headers" "$common" "$kbuild" "$source"; do
+        deb=$(fetch "$pkg") || die "$(epf_download_hint "$pkg")"
         provenance+=("$(deb_line "$deb")")
         [ "$(dpkg-deb -f "$deb" Version)" = "$(dpkg-deb -f "$kernel_deb" Version)" ] ||
             say "warning: $(basename "$deb") is not version $(dpkg-deb -f "$kernel_deb" Version) of the kernel" >&2
@@ -392,10 +488,9 @@ mv "$OUT_DIR/initramfs.cpio.tmp" "$OUT_DIR/initramfs.cpio"
 # rdinit=/init             run the initramfs' /init (the default, spelled out)
 # Deliberately NOT acpi=off: Debian's cloud kernel is built without CONFIG_X86_MPPARSE, and with
 # acpi=off such a kernel clears the CPU's APIC feature ("MPS support code is not built-in") and
-# runs without a local APIC, so PCI MSI/MSI-X cannot work. Without acpi=off it looks for an RSDP,
-# finds none ("A valid RSDP was not found": harmless), keeps the local APIC in virtual-wire mode
-# and MSI works. It still ignores the VMM's MP table: one CPU, no IO-APIC (INTx and legacy IRQs go
-# through the PIC). The generic kernel (KERNEL_META=linux-image-amd64) reads the MP table.
+# runs without a local APIC, so PCI MSI/MSI-X cannot work. Without acpi=off it takes the CPUs and
+# the IO-APIC from the VMM's ACPI MADT. It never reads the VMM's MP table; the generic kernel
+# (KERNEL_META=linux-image-amd64) can.
 CMDLINE="console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=conf1 8250.nr_uarts=1"
 CMDLINE+=" i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rdinit=/init"
 printf '%s\n' "$CMDLINE" >"$OUT_DIR/cmdline"
@@ -412,7 +507,8 @@ printf '%s\n' "$CMDLINE" >"$OUT_DIR/cmdline"
 } >"$OUT_DIR/packages.txt"
 
 say "done ($KERNEL_PACKAGE $(dpkg-deb -f "$kernel_deb" Version), $BUSYBOX_PACKAGE $(dpkg-deb -f "$busybox_deb" Version)):"
-for f in vmlinuz initramfs.cpio cmdline packages.txt; do
+for f in vmlinuz vmlinux initramfs.cpio cmdline packages.txt; do
     printf '  %-40s %10s bytes\n' "$OUT_DIR/$f" "$(stat -c %s "$OUT_DIR/$f")"
 done
 say "boot: vmm run --kernel $OUT_DIR/vmlinuz --initrd $OUT_DIR/initramfs.cpio --cmdline \"\$(cat $OUT_DIR/cmdline)\""
+say "  or: vmm run --kernel $OUT_DIR/vmlinux --boot-protocol pvh --initrd ... (same arguments; no decompressor to run)"

@@ -395,6 +395,7 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
         shard_bytes: machine.memory.shard_bytes(),
         huge_bytes: thp::huge_bytes_in_use().saturating_sub(huge_before),
         cpus: config.cpus,
+        e820: config.layout.e820().to_vec(),
         backing: config.memory.backing.name().into(),
         backing_reason: config.backing_reason.clone(),
         kernel: config.kernel.name(),

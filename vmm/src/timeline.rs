@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use pinning::pinner::PinStats;
 use serde::Serialize;
 
+use crate::memory::layout::E820Entry;
 use crate::size::human;
 
 /// A duration in milliseconds, rounded to the microsecond, as every report writes it.
@@ -133,6 +134,8 @@ pub struct VmSummary {
     /// the backing asked for.
     pub huge_bytes: u64,
     pub cpus: u8,
+    /// The memory map given to the guest (boot_params or the PVH memory map).
+    pub e820: Vec<E820Entry>,
     pub backing: String,
     /// Why this backing (what `--backing auto` weighed, or "--backing NAME").
     pub backing_reason: String,

@@ -169,7 +169,8 @@ impl RamRange {
 }
 
 /// E820 entry types used here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum E820Kind {
     /// Usable RAM (E820 type 1).
     Ram,
@@ -187,8 +188,8 @@ impl E820Kind {
     }
 }
 
-/// One E820 entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// One E820 entry (in the run report as `{"addr", "size", "kind": "ram"|"reserved"}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct E820Entry {
     pub addr: u64,
     pub size: u64,
