@@ -412,7 +412,9 @@ fn region_info_that_does_not_fit_is_asked_again_even_without_the_caps_flag() {
         p.wait_for_close();
     });
     let info = client.region_info(0).unwrap();
-    let (first, second) = rx.recv().unwrap();
+    let (first, second) = rx
+        .recv_timeout(PROMPT)
+        .expect("the client did not ask again");
     assert!(first < needed, "the first argsz {first} already fit");
     assert_eq!(second, needed);
     assert_eq!(info.mmap_areas.len(), 70);
