@@ -47,7 +47,7 @@ TOML
 : >"$TMP/fetch/src/lib.rs"
 say "fetching vfio_user $VERSION"
 (cd "$TMP/fetch" && cargo fetch -q) \
-    || die "cargo fetch of vfio_user $VERSION failed (is the crates.io registry or its mirror reachable?)"
+    || die "cargo fetch of vfio_user $VERSION failed (see cargo's output above: is that version published, and is the crates.io registry or its mirror reachable?)"
 
 # 2. Copy its source out of cargo's cache (the cache is read-only by convention).
 SRC=$(find "$CARGO_HOME/registry/src" -mindepth 2 -maxdepth 2 -type d -name "vfio_user-$VERSION" \
