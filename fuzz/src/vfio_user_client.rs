@@ -380,7 +380,12 @@ fn exercise(client: &Client, ops: &mut Input<'_>, sent: &Mutex<Vec<Sent>>) {
                     "op {op} timed out: {e}"
                 );
                 if broken {
-                    let invalid = matches!(e, ClientError::Invalid { .. });
+                    // Refused before anything is sent: a bad argument, or one the server's
+                    // capabilities or device flags rule out.
+                    let invalid = matches!(
+                        e,
+                        ClientError::Invalid { .. } | ClientError::Unsupported { .. }
+                    );
                     assert!(fatal(e) || invalid, "op {op} on a broken connection: {e}");
                 }
                 if let ClientError::Refused { errno, .. } = e {

@@ -11,6 +11,7 @@ use pinning::backend::FdDmaMapper;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
+use crate::vfio_user::wire::irq_info_flags;
 use crate::vfio_user::wire::irq_set::{ACTION_TRIGGER, ACTION_UNMASK, DATA_EVENTFD, DATA_NONE};
 use crate::vfio_user::{Client, ClientError};
 
@@ -59,13 +60,27 @@ impl VfioBackend for UserBackend {
             .set_irqs(index, flags, 0, raw.len() as u32, &raw)?)
     }
     fn enable_intx(&self, trigger: &EventFd, unmask: &EventFd) -> Result<(), VfioBackendError> {
-        let trigger_flags = DATA_EVENTFD | ACTION_TRIGGER;
-        let unmask_flags = DATA_EVENTFD | ACTION_UNMASK;
         let intx = irq::INTX;
-        self.client
-            .set_irqs(intx, trigger_flags, 0, 1, &[trigger.as_raw_fd()])?;
-        self.client
-            .set_irqs(intx, unmask_flags, 0, 1, &[unmask.as_raw_fd()])?;
+        // An unmask eventfd only means something to a server whose INTx is maskable (the
+        // spec ties the MASK/UNMASK actions to VFIO_IRQ_INFO_MASKABLE); one that is not
+        // re-arms by itself, and may not tell an unmask fd from a trigger fd.
+        let maskable = self.client.irq_info(intx)?.flags & irq_info_flags::MASKABLE != 0;
+        self.client.set_irqs(
+            intx,
+            DATA_EVENTFD | ACTION_TRIGGER,
+            0,
+            1,
+            &[trigger.as_raw_fd()],
+        )?;
+        if maskable {
+            self.client.set_irqs(
+                intx,
+                DATA_EVENTFD | ACTION_UNMASK,
+                0,
+                1,
+                &[unmask.as_raw_fd()],
+            )?;
+        }
         Ok(())
     }
     fn disable_irq(&self, index: u32) -> Result<(), VfioBackendError> {

@@ -27,6 +27,6 @@ pub mod wire;
 #[cfg(test)]
 mod tests;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, DmaMemory};
 pub use epf::{run_epf_server, EpfServerError, EpfUserDevice};
 pub use server::{serve, serve_with, ServerError, ServerLimits, UserDevice};

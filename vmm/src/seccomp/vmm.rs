@@ -24,8 +24,10 @@ pub(super) fn allow_list() -> AllowList {
     // The terminal: is it one, raw mode in and out.
     l.ioctls(&[ioctl::TCGETS, ioctl::TCSETS, ioctl::TCSETSW, ioctl::TCSETSF]);
     // vfio-user connections: requests (device reset, DMA_UNMAP at teardown), replies on the
-    // reader thread, shutdown when closed.
+    // reader thread, shutdown when closed; the reader serves the server's DMA_READ/DMA_WRITE
+    // from the memory files of the windows mapped with an fd.
     l.allow(&[SYS_sendmsg, SYS_sendto, SYS_recvmsg, SYS_shutdown]);
+    l.allow(&[SYS_pread64, SYS_pwrite64]);
     // Device models and KVM at teardown: interrupts off, BAR slots and irqfds removed, the
     // function reset, kernel VFIO groups and iommufd objects released.
     l.ioctls(&[

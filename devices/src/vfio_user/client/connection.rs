@@ -18,6 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::dma::DmaWindows;
 use super::ClientError;
 use crate::vfio_user::wire::{self, cmd, flags, Header, Message, RecvError};
 
@@ -119,11 +120,13 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    /// Starts the reader thread on `stream`; every request waits at most `timeout`.
+    /// Starts the reader thread on `stream`; every request waits at most `timeout`. The
+    /// server's own commands (DMA_READ/DMA_WRITE) are served from `dma`.
     pub(super) fn new(
         stream: UnixStream,
         name: String,
         timeout: Duration,
+        dma: Arc<DmaWindows>,
     ) -> Result<Self, ClientError> {
         let io_err = |step: &'static str, source| ClientError::Setup {
             device: name.clone(),
@@ -154,7 +157,7 @@ impl Connection {
         let for_reader = shared.clone();
         let reader = std::thread::Builder::new()
             .name("vfio-user-rx".to_string())
-            .spawn(move || reader_loop(&for_reader, &reader_stream))
+            .spawn(move || reader_loop(&for_reader, &reader_stream, &dma))
             .map_err(|e| io_err("starting the reply reader thread", e))?;
         Ok(Connection {
             shared,
@@ -356,9 +359,9 @@ impl Drop for Connection {
     }
 }
 
-/// Receives until the connection breaks; hands replies to their waiters and refuses
-/// server-initiated commands (this client shares memory by fd only).
-fn reader_loop(sh: &Shared, stream: &UnixStream) {
+/// Receives until the connection breaks; hands replies to their waiters and serves the
+/// server's commands.
+fn reader_loop(sh: &Shared, stream: &UnixStream, dma: &DmaWindows) {
     loop {
         let msg = match wire::recv_message(stream, wire::MAX_MESSAGE) {
             Ok(msg) => msg,
@@ -421,24 +424,8 @@ fn reader_loop(sh: &Shared, stream: &UnixStream) {
                 }
             }
             flags::TYPE_COMMAND => {
-                tracing::debug!(
-                    "vfio-user {}: refusing server command {} ({})",
-                    sh.name,
-                    h.command,
-                    cmd::name(h.command)
-                );
-                if h.flags & flags::NO_REPLY == 0 {
-                    if let Err(e) = sh.send(&Header::error_reply(&h, libc::ENOTSUP), &[], &[]) {
-                        let mut st = sh.state();
-                        sh.break_with(
-                            &mut st,
-                            Fatal::Disconnected(format!(
-                                "answering server command {}: {e}",
-                                cmd::name(h.command)
-                            )),
-                        );
-                        return;
-                    }
+                if !serve_command(sh, dma, &msg) {
+                    return;
                 }
             }
             other => {
@@ -457,4 +444,39 @@ fn reader_loop(sh: &Shared, stream: &UnixStream) {
             }
         }
     }
+}
+
+/// Answers one server-to-client command (DMA_READ/DMA_WRITE from the mapped windows; any other
+/// command is ENOTSUP), unless it asked for no reply. `false`: the answer could not be sent and
+/// the connection is broken.
+fn serve_command(sh: &Shared, dma: &DmaWindows, msg: &Message) -> bool {
+    let h = msg.header;
+    let result = dma.serve(h.command, &msg.payload);
+    if let Err(errno) = result {
+        crate::debug_limited!(
+            "vfio-user {}: refusing server command {} ({}): errno {errno}",
+            sh.name,
+            h.msg_id,
+            cmd::name(h.command)
+        );
+    }
+    if h.flags & flags::NO_REPLY != 0 {
+        return true;
+    }
+    let sent = match &result {
+        Ok(payload) => sh.send(&Header::reply(&h, payload.len()), payload, &[]),
+        Err(errno) => sh.send(&Header::error_reply(&h, *errno), &[], &[]),
+    };
+    if let Err(e) = sent {
+        let mut st = sh.state();
+        sh.break_with(
+            &mut st,
+            Fatal::Disconnected(format!(
+                "answering server command {}: {e}",
+                cmd::name(h.command)
+            )),
+        );
+        return false;
+    }
+    true
 }

@@ -1,19 +1,24 @@
 //! The VMM side of vfio-user: [`Client`], split into the connection layer (`connection`:
-//! socket, reader thread, pipelining, per-request timeout, the broken state and its hook) and
-//! the typed requests (`protocol`).
+//! socket, reader thread, pipelining, per-request timeout, the broken state and its hook), the
+//! typed requests (`protocol`) and the DMA windows the server may read and write by message
+//! (`dma`).
 
 mod connection;
+mod dma;
 mod protocol;
 
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub use connection::BrokenHandler;
 use connection::Connection;
+pub use dma::DmaMemory;
+use dma::DmaWindows;
 use pinning::class::{Classify, ErrorClass};
 
 use super::wire::Capabilities;
@@ -83,6 +88,13 @@ pub enum ClientError {
     },
     #[error("{device}: version negotiation: {what}")]
     Version { device: String, what: String },
+    /// The server said (in its device info or capabilities) that it does not do this.
+    #[error("{device}: {op}: {what}")]
+    Unsupported {
+        device: String,
+        op: String,
+        what: String,
+    },
 }
 
 fn errno_text(errno: i32) -> String {
@@ -104,7 +116,8 @@ impl Classify for ClientError {
             | ClientError::Malformed { .. }
             | ClientError::Disconnected { .. }
             | ClientError::Broken { .. }
-            | ClientError::Version { .. } => ErrorClass::Device,
+            | ClientError::Version { .. }
+            | ClientError::Unsupported { .. } => ErrorClass::Device,
             ClientError::Setup { .. } | ClientError::Invalid { .. } => ErrorClass::Internal,
         }
     }
@@ -125,6 +138,10 @@ pub struct Client {
     // Dropped first: closes the connection and joins the reader before the fds below close.
     conn: Connection,
     peer: Capabilities,
+    /// Windows the server may reach by DMA_READ/DMA_WRITE (every DMA_MAP made).
+    dma: Arc<DmaWindows>,
+    /// `VFIO_DEVICE_FLAGS_*` from the last DEVICE_GET_INFO (`u32::MAX`: not asked yet).
+    device_flags: AtomicU32,
     /// Region fds the server sent; kept open while the client lives so the `RawFd`s handed
     /// out in [`crate::vfio::RegionInfo::mmap_fd`] stay valid.
     region_fds: Mutex<Vec<OwnedFd>>,
@@ -165,13 +182,21 @@ impl Client {
         name: String,
         timeout: Duration,
     ) -> Result<Client, ClientError> {
+        let dma = Arc::new(DmaWindows::default());
         let mut client = Client {
-            conn: Connection::new(stream, name, timeout)?,
+            conn: Connection::new(stream, name, timeout, dma.clone())?,
             peer: Capabilities::default(),
+            dma,
+            device_flags: AtomicU32::new(u32::MAX),
             region_fds: Mutex::new(Vec::new()),
         };
         client.peer = client.negotiate()?;
         Ok(client)
+    }
+
+    /// The server's capabilities, as negotiated (the spec's defaults for what it left out).
+    pub fn peer(&self) -> Capabilities {
+        self.peer
     }
 
     /// The socket path (or the name given to [`Client::from_stream`]), for messages.

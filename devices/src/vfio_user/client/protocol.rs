@@ -3,9 +3,10 @@
 //! checks that the reply answers it; a reply that does not decode breaks the connection.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::PoisonError;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, PoisonError};
 
-use super::{Client, ClientError};
+use super::{Client, ClientError, DmaMemory};
 use crate::vfio::backend::region;
 use crate::vfio::{IrqInfo, MmapArea, RegionInfo};
 use crate::vfio_user::wire::{
@@ -39,11 +40,21 @@ impl Client {
             )));
         }
         let caps = Capabilities::from_json(&theirs.json).map_err(|e| version_err(e.to_string()))?;
-        if caps.max_msg_fds == 0 || caps.max_data_xfer_size == 0 {
+        if caps.max_msg_fds == 0
+            || caps.max_data_xfer_size == 0
+            || caps.max_dma_maps == 0
+            || caps.pgsizes == 0
+        {
             return Err(version_err(format!(
                 "the server's capabilities are unusable: {caps:?}"
             )));
         }
+        tracing::debug!(
+            "vfio-user {}: version {}.{}, server capabilities {caps:?}",
+            self.conn.name(),
+            theirs.major,
+            theirs.minor
+        );
         Ok(caps)
     }
 
@@ -58,6 +69,7 @@ impl Client {
         )?;
         let info = DeviceInfo::decode(&reply.payload)
             .map_err(|e| self.conn.malformed(op, e.to_string()))?;
+        self.device_flags.store(info.flags, Ordering::Relaxed);
         Ok((info.flags, info.num_regions, info.num_irqs))
     }
 
@@ -79,8 +91,10 @@ impl Client {
                     .request(op.clone(), cmd::DEVICE_GET_REGION_INFO, &req.encode(), &[])?;
             let info = RegionInfoMsg::decode(&reply.payload)
                 .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
-            if info.flags & wire::REGION_FLAG_CAPS != 0 && info.argsz as usize > reply.payload.len()
-            {
+            // A reply that did not fit says how much it needs in argsz; libvfio-user then
+            // leaves VFIO_REGION_INFO_FLAG_CAPS out, our own server sets it, so only argsz
+            // tells.
+            if info.argsz as usize > reply.payload.len() {
                 let limit = wire::MAX_MESSAGE - wire::HEADER_SIZE;
                 if argsz as usize >= info.argsz as usize || info.argsz as usize > limit {
                     return Err(self.conn.malformed(
@@ -148,6 +162,19 @@ impl Client {
                 }],
             }
         };
+        if let Some(a) = mmap_areas.iter().find(|a| {
+            a.offset
+                .checked_add(a.size)
+                .is_none_or(|end| end > info.size)
+        }) {
+            return Err(self.conn.malformed(
+                op,
+                format!(
+                    "sparse-mmap area [{:#x}, +{:#x}) reaches past the region's {:#x} bytes",
+                    a.offset, a.size, info.size
+                ),
+            ));
+        }
         Ok(RegionInfo {
             index,
             flags,
@@ -184,6 +211,15 @@ impl Client {
                 .request(op.clone(), cmd::REGION_READ, &req.encode(&[]), &[])?;
             let (echo, data) = RegionAccess::decode(&reply.payload, "REGION_READ reply")
                 .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
+            if echo.region != index || echo.offset != at {
+                return Err(self.conn.malformed(
+                    op,
+                    format!(
+                        "the reply is for region {} offset {:#x}",
+                        echo.region, echo.offset
+                    ),
+                ));
+            }
             if echo.count as usize != n || data.len() < n {
                 return Err(self.conn.malformed(
                     op,
@@ -224,6 +260,15 @@ impl Client {
             )?;
             let (echo, _) = RegionAccess::decode(&reply.payload, "REGION_WRITE reply")
                 .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
+            if echo.region != index || echo.offset != at {
+                return Err(self.conn.malformed(
+                    op,
+                    format!(
+                        "the reply is for region {} offset {:#x}",
+                        echo.region, echo.offset
+                    ),
+                ));
+            }
             if echo.count as usize != n {
                 return Err(self.conn.malformed(
                     op,
@@ -315,7 +360,9 @@ impl Client {
     }
 
     /// Lets the server reach `[iova, iova + size)`, backed by `fd` at `fd_offset` (mmap'ed
-    /// shared by the server).
+    /// shared by the server). The client keeps its own descriptor of the file while the
+    /// mapping lasts, to serve DMA_READ/DMA_WRITE for it too (the spec allows a server those
+    /// even for memory it could map).
     pub fn dma_map(
         &self,
         iova: u64,
@@ -326,6 +373,67 @@ impl Client {
         writable: bool,
     ) -> Result<(), ClientError> {
         let op = format!("DMA_MAP iova {iova:#x} size {size:#x}");
+        let memory = self.dma.file_memory(fd, fd_offset).map_err(|e| {
+            self.conn
+                .invalid(op.clone(), format!("the memory's fd {fd} is unusable: {e}"))
+        })?;
+        self.map_window(
+            op,
+            iova,
+            size,
+            readable,
+            writable,
+            memory,
+            Some((fd, fd_offset)),
+        )
+    }
+
+    /// Lets the server reach `[iova, iova + size)` by DMA_READ/DMA_WRITE messages only (no fd
+    /// is sent), served from `memory`: for memory that cannot be shared, or a server that
+    /// should not map it.
+    pub fn dma_map_in_band(
+        &self,
+        iova: u64,
+        size: u64,
+        memory: Arc<dyn DmaMemory>,
+        readable: bool,
+        writable: bool,
+    ) -> Result<(), ClientError> {
+        let op = format!("DMA_MAP iova {iova:#x} size {size:#x} (no fd)");
+        self.map_window(op, iova, size, readable, writable, memory, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn map_window(
+        &self,
+        op: String,
+        iova: u64,
+        size: u64,
+        readable: bool,
+        writable: bool,
+        memory: Arc<dyn DmaMemory>,
+        fd: Option<(RawFd, u64)>,
+    ) -> Result<(), ClientError> {
+        // The server's pgsizes is never 0 (negotiation refuses that).
+        let page = self.peer.min_pgsize().unwrap_or(4096);
+        if size == 0 || iova % page != 0 || size % page != 0 || iova.checked_add(size).is_none() {
+            return Err(self.conn.invalid(
+                op,
+                format!(
+                    "address and size must be non-zero multiples of the server's {page}-byte pages"
+                ),
+            ));
+        }
+        if self.dma.len() >= self.peer.max_dma_maps as usize {
+            return Err(ClientError::Unsupported {
+                device: self.conn.name().to_string(),
+                op,
+                what: format!(
+                    "the server keeps at most {} DMA mappings (max_dma_maps)",
+                    self.peer.max_dma_maps
+                ),
+            });
+        }
         let mut f = 0;
         if readable {
             f |= wire::dma_flags::READ;
@@ -333,14 +441,23 @@ impl Client {
         if writable {
             f |= wire::dma_flags::WRITE;
         }
+        let (fds, offset) = match fd {
+            Some((fd, offset)) => (vec![fd], offset),
+            None => (Vec::new(), 0),
+        };
         let req = DmaMap {
             flags: f,
-            offset: fd_offset,
+            offset,
             address: iova,
             size,
         };
-        self.conn.request(op, cmd::DMA_MAP, &req.encode(), &[fd])?;
-        Ok(())
+        // Registered first: the server may read or write it before its reply arrives.
+        let id = self.dma.add(iova, size, readable, writable, memory);
+        let result = self.conn.request(op, cmd::DMA_MAP, &req.encode(), &fds);
+        if result.is_err() {
+            self.dma.remove_id(id);
+        }
+        result.map(|_| ())
     }
 
     /// Withdraws the mapping made at exactly `[iova, iova + size)`.
@@ -352,14 +469,27 @@ impl Client {
             size,
         };
         // The reply echoes the request; its content tells nothing new, so it is not checked.
+        // The window stays until then: the server may finish DMA in flight before it replies.
         self.conn.request(op, cmd::DMA_UNMAP, &req.encode(), &[])?;
+        self.dma.remove(iova, size);
         Ok(())
     }
 
-    /// Function-level reset.
+    /// Function-level reset, if the device offers it (`VFIO_DEVICE_FLAGS_RESET`).
     pub fn reset(&self) -> Result<(), ClientError> {
-        self.conn
-            .request("DEVICE_RESET".into(), cmd::DEVICE_RESET, &[], &[])?;
+        let op = "DEVICE_RESET".to_string();
+        let mut flags = self.device_flags.load(Ordering::Relaxed);
+        if flags == u32::MAX {
+            flags = self.device_info()?.0;
+        }
+        if flags & wire::device_flags::RESET == 0 {
+            return Err(ClientError::Unsupported {
+                device: self.conn.name().to_string(),
+                op,
+                what: "the device does not support reset (no VFIO_DEVICE_FLAGS_RESET)".into(),
+            });
+        }
+        self.conn.request(op, cmd::DEVICE_RESET, &[], &[])?;
         Ok(())
     }
 }

@@ -1,5 +1,5 @@
 //! Message bodies: VERSION (with its capabilities), DMA_MAP, DMA_UNMAP, DEVICE_GET_INFO,
-//! DEVICE_GET_IRQ_INFO and DEVICE_SET_IRQS.
+//! DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS and the DMA_READ/DMA_WRITE header.
 
 use super::{Cursor, WireError, MAX_DATA_XFER, MAX_FDS};
 use crate::vfio_user::json;
@@ -16,15 +16,25 @@ pub struct Version {
 }
 
 /// Capabilities exchanged in VERSION (those this crate uses; the rest are ignored).
+///
+/// Never proposed, so never in use: `migration` (a server that offers it anyway has it
+/// ignored: the spec lets the client proceed without what it did not propose),
+/// `twin_socket` (server-to-client commands share the one socket) and `write_multiple`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capabilities {
     /// Most fds the sender accepts in one message (default 1).
     pub max_msg_fds: u32,
-    /// Largest REGION_READ/WRITE count the sender accepts (default 1 MiB).
+    /// Largest REGION_READ/WRITE and DMA_READ/WRITE count the sender accepts (default 1 MiB).
     pub max_data_xfer_size: u32,
-    /// DMA page sizes, or'ed (default 4 KiB).
+    /// Most DMA mappings the sender keeps at once (default 65535).
+    pub max_dma_maps: u32,
+    /// DMA page sizes, or'ed (default 4 KiB): every DMA_MAP address and size is a multiple
+    /// of the smallest.
     pub pgsizes: u64,
 }
+
+/// The spec's default for `max_dma_maps`.
+pub const DEFAULT_MAX_DMA_MAPS: u32 = 65535;
 
 impl Default for Capabilities {
     /// The spec's defaults for a peer that sends no capabilities.
@@ -32,6 +42,7 @@ impl Default for Capabilities {
         Capabilities {
             max_msg_fds: 1,
             max_data_xfer_size: MAX_DATA_XFER as u32,
+            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             pgsizes: 4096,
         }
     }
@@ -43,6 +54,7 @@ impl Capabilities {
         Capabilities {
             max_msg_fds: MAX_FDS as u32,
             max_data_xfer_size: MAX_DATA_XFER as u32,
+            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
             pgsizes: 4096,
         }
     }
@@ -50,9 +62,14 @@ impl Capabilities {
     /// The JSON the spec describes.
     pub fn to_json(self) -> String {
         format!(
-            r#"{{"capabilities":{{"max_msg_fds":{},"max_data_xfer_size":{},"pgsizes":{}}}}}"#,
-            self.max_msg_fds, self.max_data_xfer_size, self.pgsizes
+            r#"{{"capabilities":{{"max_msg_fds":{},"max_data_xfer_size":{},"max_dma_maps":{},"pgsizes":{}}}}}"#,
+            self.max_msg_fds, self.max_data_xfer_size, self.max_dma_maps, self.pgsizes
         )
+    }
+
+    /// The smallest DMA page size (`pgsizes` has at least one bit set).
+    pub fn min_pgsize(self) -> Option<u64> {
+        (self.pgsizes != 0).then(|| 1u64 << self.pgsizes.trailing_zeros())
     }
 
     /// Parses the peer's JSON; missing fields take the spec's defaults, unknown ones are
@@ -91,6 +108,9 @@ impl Capabilities {
         }
         if let Some(v) = number("max_data_xfer_size")? {
             caps.max_data_xfer_size = clamp32(v);
+        }
+        if let Some(v) = number("max_dma_maps")? {
+            caps.max_dma_maps = clamp32(v);
         }
         if let Some(v) = number("pgsizes")? {
             caps.pgsizes = v;
@@ -329,5 +349,42 @@ impl IrqSet {
             count: c.u32()?,
             data: c.rest().to_vec(),
         })
+    }
+}
+
+/// DMA_READ/DMA_WRITE header (16 bytes): data follows in a DMA_READ reply and a DMA_WRITE
+/// request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DmaAccess {
+    /// Client DMA address.
+    pub address: u64,
+    /// Bytes.
+    pub count: u64,
+}
+
+impl DmaAccess {
+    /// Encoded size.
+    pub const SIZE: usize = 16;
+
+    /// Encodes it followed by `data`.
+    pub fn encode(&self, data: &[u8]) -> Vec<u8> {
+        let mut b = Vec::with_capacity(Self::SIZE + data.len());
+        b.extend_from_slice(&self.address.to_le_bytes());
+        b.extend_from_slice(&self.count.to_le_bytes());
+        b.extend_from_slice(data);
+        b
+    }
+
+    /// Decodes it; returns the bytes after it too.
+    pub fn decode<'a>(
+        payload: &'a [u8],
+        what: &'static str,
+    ) -> Result<(Self, &'a [u8]), WireError> {
+        let mut c = Cursor::new(payload, what);
+        let access = DmaAccess {
+            address: c.u64()?,
+            count: c.u64()?,
+        };
+        Ok((access, c.rest()))
     }
 }

@@ -12,7 +12,10 @@ mod messages;
 mod region;
 mod socket;
 
-pub use messages::{Capabilities, DeviceInfo, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, Version};
+pub use messages::{
+    Capabilities, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, Version,
+    DEFAULT_MAX_DMA_MAPS,
+};
 pub use region::{encode_sparse_mmap, find_sparse_mmap, RegionAccess, RegionInfoMsg};
 pub use socket::{recv_message, recv_message_with, send_message, Message, RecvError, RecvLimits};
 
@@ -52,9 +55,11 @@ pub mod cmd {
     pub const REGION_READ: u16 = 9;
     /// Write a region.
     pub const REGION_WRITE: u16 = 10;
-    /// Server reads client memory (not supported here: memory is always shared by fd).
+    /// Region I/O fds (not used here).
+    pub const DEVICE_GET_REGION_IO_FDS: u16 = 6;
+    /// Server reads client memory (server to client).
     pub const DMA_READ: u16 = 11;
-    /// Server writes client memory (not supported here).
+    /// Server writes client memory (server to client).
     pub const DMA_WRITE: u16 = 12;
     /// Function-level reset.
     pub const DEVICE_RESET: u16 = 13;
@@ -67,6 +72,7 @@ pub mod cmd {
             DMA_UNMAP => "DMA_UNMAP",
             DEVICE_GET_INFO => "DEVICE_GET_INFO",
             DEVICE_GET_REGION_INFO => "DEVICE_GET_REGION_INFO",
+            DEVICE_GET_REGION_IO_FDS => "DEVICE_GET_REGION_IO_FDS",
             DEVICE_GET_IRQ_INFO => "DEVICE_GET_IRQ_INFO",
             DEVICE_SET_IRQS => "DEVICE_SET_IRQS",
             REGION_READ => "REGION_READ",
