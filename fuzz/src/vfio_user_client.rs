@@ -294,7 +294,7 @@ pub fn run(data: &[u8]) {
 }
 
 fn exercise(client: &Client, ops: &mut Input<'_>, sent: &Mutex<Vec<Sent>>) {
-    let memfd = memfd(1 << 16);
+    let memfd = Arc::new(std::fs::File::from(memfd(1 << 16)));
     let eventfds: Vec<EventFd> = (0..3)
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
         .collect();
@@ -366,7 +366,7 @@ fn exercise(client: &Client, ops: &mut Input<'_>, sent: &Mutex<Vec<Sent>>) {
                 let iova = ops.u64();
                 let size = ops.u64();
                 let off = ops.u64();
-                client.dma_map(iova, size, memfd.as_raw_fd(), off, ops.bool(), ops.bool())
+                client.dma_map(iova, size, &memfd, off, ops.bool(), ops.bool())
             }
             7 => client.dma_unmap(ops.u64(), ops.u64()),
             _ => client.reset(),

@@ -315,7 +315,7 @@ fn populate_in_steps(
             host_addr: piece.host_addr + done,
             guest_addr: piece.guest_addr + done,
             len,
-            file: piece.file.map(|(fd, off)| (fd, off + done)),
+            file: piece.file.as_ref().map(|(f, off)| (f.clone(), off + done)),
         };
         populate_range(&step).map_err(WorkError::Backend)?;
         progress(len);

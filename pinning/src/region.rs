@@ -2,8 +2,55 @@
 //! range of offsets, so one job covers all of RAM even when it has a hole (the 32-bit MMIO
 //! gap) in guest-physical space.
 
+use std::fmt;
+use std::fs::File;
 use std::ops::Range;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::Arc;
+
+/// The file behind shareable guest RAM (a memfd shard), shared by the memory that owns it and
+/// every DMA window mapped from it: a window keeps the file open by holding a reference, so
+/// no descriptor is duplicated (a guest with N shards holds N descriptors, whatever the
+/// device count). Two are equal when they are the same open file.
+#[derive(Clone)]
+pub struct RamFile(Arc<File>);
+
+impl RamFile {
+    pub fn new(file: File) -> Self {
+        Self(Arc::new(file))
+    }
+
+    /// The shared file, for a holder that must outlive this reference.
+    pub fn shared(&self) -> &Arc<File> {
+        &self.0
+    }
+}
+
+impl PartialEq for RamFile {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for RamFile {}
+
+impl fmt::Debug for RamFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RamFile(fd {})", self.0.as_raw_fd())
+    }
+}
+
+impl AsFd for RamFile {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+impl AsRawFd for RamFile {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
 
 /// One contiguous piece of guest RAM.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -17,7 +64,7 @@ pub struct Region {
     pub page_size: u64,
     /// The file behind it and the offset of `host_addr` in it (memfd RAM), so that another
     /// process (a vfio-user server) can map the same memory.
-    pub file: Option<(RawFd, u64)>,
+    pub file: Option<(RamFile, u64)>,
 }
 
 /// A part of one region, produced by cutting a linear range at region boundaries.
@@ -26,7 +73,7 @@ pub struct Piece {
     pub host_addr: u64,
     pub guest_addr: u64,
     pub len: u64,
-    pub file: Option<(RawFd, u64)>,
+    pub file: Option<(RamFile, u64)>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -134,7 +181,7 @@ impl GuestRam {
                         host_addr: r.host_addr + skip,
                         guest_addr: r.guest_addr + skip,
                         len: end - start,
-                        file: r.file.map(|(fd, o)| (fd, o + skip)),
+                        file: r.file.as_ref().map(|(f, o)| (f.clone(), o + skip)),
                     }
                 })
             })
@@ -145,30 +192,35 @@ impl GuestRam {
 mod tests {
     use super::*;
 
-    fn ram() -> GuestRam {
+    fn ram_with(file: &RamFile) -> GuestRam {
         let regions = vec![
             Region {
                 host_addr: 0x10_0000_0000,
                 guest_addr: 1 << 32,
                 size: 2 << 30,
                 page_size: 4096,
-                file: Some((7, 3 << 30)),
+                file: Some((file.clone(), 3 << 30)),
             },
             Region {
                 host_addr: 0x20_0000_0000,
                 guest_addr: 0,
                 size: 3 << 30,
                 page_size: 4096,
-                file: Some((7, 0)),
+                file: Some((file.clone(), 0)),
             },
         ];
         // SAFETY: the addresses are never dereferenced by these tests.
         unsafe { GuestRam::new(regions) }.unwrap()
     }
 
+    fn ram() -> GuestRam {
+        ram_with(&RamFile::new(File::open("/dev/null").unwrap()))
+    }
+
     #[test]
     fn a_range_across_the_hole_is_cut_at_the_region_boundary() {
-        let ram = ram();
+        let file = RamFile::new(File::open("/dev/null").unwrap());
+        let ram = ram_with(&file);
         assert_eq!(ram.size(), 5 << 30);
         let pieces: Vec<_> = ram.pieces((3 << 30) - 4096..(3 << 30) + 8192).collect();
         assert_eq!(pieces.len(), 2);
@@ -176,7 +228,7 @@ mod tests {
         assert_eq!(pieces[0].len, 4096);
         assert_eq!(pieces[1].guest_addr, 1 << 32);
         assert_eq!(pieces[1].host_addr, 0x10_0000_0000);
-        assert_eq!(pieces[1].file, Some((7, 3 << 30)));
+        assert_eq!(pieces[1].file, Some((file, 3 << 30)));
         assert_eq!(pieces[1].len, 8192);
     }
 

@@ -20,6 +20,7 @@ use devices::vfio::{VfioBackend, VfioPciDevice};
 use devices::vfio_user::{Client, ClientError};
 use devices::ExitReason;
 use pinning::backend::{FdDmaMapper, VfioUserBackend};
+use pinning::region::RamFile;
 use pinning::{Classify, ErrorClass, PinBackend};
 
 use crate::pci::PciError;
@@ -161,10 +162,10 @@ pub struct DmaHole {
 }
 
 impl FdDmaMapper for DmaHole {
-    fn map_fd(&self, iova: u64, size: u64, fd: i32, offset: u64) -> std::io::Result<()> {
+    fn map_fd(&self, iova: u64, size: u64, file: &RamFile, offset: u64) -> std::io::Result<()> {
         for (start, end) in self.split(iova, size) {
             self.inner
-                .map_fd(start, end - start, fd, offset + (start - iova))?;
+                .map_fd(start, end - start, file, offset + (start - iova))?;
         }
         Ok(())
     }

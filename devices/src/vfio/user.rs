@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use pinning::backend::FdDmaMapper;
+use pinning::region::RamFile;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
@@ -100,9 +101,9 @@ fn io_error(e: ClientError) -> io::Error {
 }
 
 impl FdDmaMapper for UserBackend {
-    fn map_fd(&self, iova: u64, size: u64, fd: RawFd, offset: u64) -> io::Result<()> {
+    fn map_fd(&self, iova: u64, size: u64, file: &RamFile, offset: u64) -> io::Result<()> {
         self.client
-            .dma_map(iova, size, fd, offset, true, true)
+            .dma_map(iova, size, file.shared(), offset, true, true)
             .map_err(io_error)
     }
     fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {

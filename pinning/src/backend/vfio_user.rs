@@ -4,16 +4,15 @@
 //! Messages go out from every pinning thread at once, so the client must pipeline them.
 
 use std::io;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use super::{BackendError, BackendKind, PinBackend};
-use crate::region::Piece;
+use crate::region::{Piece, RamFile};
 
 /// Something that maps guest RAM into a device by file descriptor (a vfio-user client).
 pub trait FdDmaMapper: Send + Sync {
-    /// Maps `[iova, iova + size)` to `size` bytes of `fd` at `offset`.
-    fn map_fd(&self, iova: u64, size: u64, fd: RawFd, offset: u64) -> io::Result<()>;
+    /// Maps `[iova, iova + size)` to `size` bytes of `file` at `offset`.
+    fn map_fd(&self, iova: u64, size: u64, file: &RamFile, offset: u64) -> io::Result<()>;
     /// Unmaps `[iova, iova + size)`, exactly as mapped.
     fn unmap(&self, iova: u64, size: u64) -> io::Result<()>;
 }
@@ -38,7 +37,7 @@ impl PinBackend for VfioUserBackend {
         false
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
-        let (fd, offset) = piece.file.ok_or_else(|| {
+        let (file, offset) = piece.file.as_ref().ok_or_else(|| {
             BackendError::new(
                 "VFIO_USER_DMA_MAP",
                 piece,
@@ -49,7 +48,7 @@ impl PinBackend for VfioUserBackend {
             )
         })?;
         self.mapper
-            .map_fd(piece.guest_addr, piece.len, fd, offset)
+            .map_fd(piece.guest_addr, piece.len, file, *offset)
             .map_err(|e| BackendError::new("VFIO_USER_DMA_MAP", piece, e))
     }
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
@@ -61,22 +60,26 @@ impl PinBackend for VfioUserBackend {
 
 #[cfg(test)]
 mod tests {
+    use std::fs::File;
     use std::sync::Mutex;
 
     use super::*;
 
     #[derive(Default)]
     struct Recorder {
-        maps: Mutex<Vec<(u64, u64, RawFd, u64)>>,
+        maps: Mutex<Vec<(u64, u64, RamFile, u64)>>,
         unmaps: Mutex<Vec<(u64, u64)>>,
     }
 
     impl FdDmaMapper for Recorder {
-        fn map_fd(&self, iova: u64, size: u64, fd: RawFd, offset: u64) -> io::Result<()> {
+        fn map_fd(&self, iova: u64, size: u64, file: &RamFile, offset: u64) -> io::Result<()> {
             if iova == 0xdead_0000 {
                 return Err(io::Error::from_raw_os_error(libc::ENOSPC));
             }
-            self.maps.lock().unwrap().push((iova, size, fd, offset));
+            self.maps
+                .lock()
+                .unwrap()
+                .push((iova, size, file.clone(), offset));
             Ok(())
         }
         fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {
@@ -85,7 +88,7 @@ mod tests {
         }
     }
 
-    fn piece(guest_addr: u64, file: Option<(RawFd, u64)>) -> Piece {
+    fn piece(guest_addr: u64, file: Option<(RamFile, u64)>) -> Piece {
         Piece {
             host_addr: 0x7f00_0000_0000 + guest_addr,
             guest_addr,
@@ -98,17 +101,21 @@ mod tests {
     fn maps_by_fd_and_offset_and_refuses_private_memory() {
         let rec = Arc::new(Recorder::default());
         let b = VfioUserBackend::new(rec.clone());
-        b.map(&piece(0x1_0000_0000, Some((7, 0xc000_0000))))
+        let file = RamFile::new(File::open("/dev/null").unwrap());
+        b.map(&piece(0x1_0000_0000, Some((file.clone(), 0xc000_0000))))
             .unwrap();
         assert_eq!(
             rec.maps.lock().unwrap()[..],
-            [(0x1_0000_0000, 0x20_0000, 7, 0xc000_0000)]
+            [(0x1_0000_0000, 0x20_0000, file.clone(), 0xc000_0000)]
         );
         let e = b.map(&piece(0, None)).unwrap_err();
         assert!(e.to_string().contains("--backing memfd"), "{e}");
-        let e = b.map(&piece(0xdead_0000, Some((7, 0)))).unwrap_err();
+        let e = b
+            .map(&piece(0xdead_0000, Some((file.clone(), 0))))
+            .unwrap_err();
         assert_eq!(e.errno(), Some(libc::ENOSPC));
-        b.unmap(&piece(0x1_0000_0000, Some((7, 0)))).unwrap();
+        b.unmap(&piece(0x1_0000_0000, Some((file.clone(), 0))))
+            .unwrap();
         assert_eq!(rec.unmaps.lock().unwrap()[..], [(0x1_0000_0000, 0x20_0000)]);
         assert!(!b.locks_memory());
     }

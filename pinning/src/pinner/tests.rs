@@ -8,7 +8,7 @@ use crate::backend::{IommufdBackend, MlockBackend, NoneBackend, PopulateBackend,
 use crate::limits::Memlock;
 use crate::model::IommuModel;
 use crate::procfs::ProcStatus;
-use crate::region::{Piece, Region};
+use crate::region::{Piece, RamFile, Region};
 use crate::sys::AnonMapping;
 use crate::MIB;
 
@@ -326,7 +326,7 @@ impl PinBackend for Recorder {
 }
 
 /// Guest RAM made of `GIB`-sized shards, like memfd-per-GiB RAM: `low` below 4 GiB, `high`
-/// from 4 GiB up, at addresses nothing maps.
+/// from 4 GiB up, at addresses nothing maps, each with a file of its own.
 fn sharded_ram(low: u64, high: u64, shard: u64) -> Arc<GuestRam> {
     let guest = (0..low)
         .map(|i| i * shard)
@@ -338,7 +338,7 @@ fn sharded_ram(low: u64, high: u64, shard: u64) -> Arc<GuestRam> {
             guest_addr,
             size: shard,
             page_size: 4096,
-            file: Some((100 + i as i32, 0)),
+            file: Some((RamFile::new(std::fs::File::open("/dev/null").unwrap()), 0)),
         })
         .collect();
     // SAFETY: only the Recorder backend sees these regions, and it never dereferences them.

@@ -11,6 +11,8 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
+use pinning::region::RamFile;
+
 use super::MemoryError;
 
 const PAGE_4K: u64 = 4 << 10;
@@ -69,11 +71,12 @@ impl Backing {
     }
 }
 
-/// One shard of shareable RAM: a memfd mapped at `offset` in its range.
+/// One shard of shareable RAM: a memfd mapped at `offset` in its range. The file is shared
+/// with the DMA windows mapped from it, so it closes when the last of them is gone too.
 pub(super) struct Shard {
     pub(super) offset: u64,
     pub(super) len: u64,
-    pub(super) file: File,
+    pub(super) file: RamFile,
 }
 
 /// The host mapping of one RAM range: private memory, or a reserved range with the shards
@@ -240,5 +243,9 @@ fn map_shard(backing: Backing, at: u64, offset: u64, len: u64) -> Result<Shard, 
     if ptr == libc::MAP_FAILED {
         return Err(err("mmap", std::io::Error::last_os_error()));
     }
-    Ok(Shard { offset, len, file })
+    Ok(Shard {
+        offset,
+        len,
+        file: RamFile::new(file),
+    })
 }

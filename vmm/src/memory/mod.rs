@@ -10,11 +10,11 @@ pub mod backing;
 pub mod layout;
 pub mod thp;
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use pinning::region::RamFile;
 use pinning::{ErrorClass, GuestRam, Region};
 use vm_memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -236,12 +236,12 @@ impl GuestMemory {
                 MemoryError::Layout(format!("region at {:#x} overflows", start.0))
             })?;
             vm_regions.push(region);
-            let region = |offset: u64, size: u64, file: Option<&File>| Region {
+            let region = |offset: u64, size: u64, file: Option<&RamFile>| Region {
                 host_addr: h.addr + offset,
                 guest_addr: start.0 + offset,
                 size,
                 page_size: backing.page_size(),
-                file: file.map(|f| (f.as_raw_fd(), 0)),
+                file: file.map(|f| (f.clone(), 0)),
             };
             if h.shards.is_empty() {
                 regions.push(region(0, size, None));
@@ -272,7 +272,7 @@ impl GuestMemory {
     }
 
     /// The memfds of shareable RAM, one per shard, in guest-address order.
-    pub fn files(&self) -> impl Iterator<Item = &File> {
+    pub fn files(&self) -> impl Iterator<Item = &RamFile> {
         self.ranges
             .iter()
             .flat_map(|r| r.shards.iter().map(|s| &s.file))
@@ -283,7 +283,7 @@ impl GuestMemory {
     /// is dropped a gigabyte at a time with MADV_DONTNEED, in parallel; the unmap and the
     /// closes that follow find little left to free. Returns the threads that took part.
     pub fn release(self, threads: usize) -> usize {
-        let mut pieces: Vec<(u64, u64, Option<&File>)> = Vec::new();
+        let mut pieces: Vec<(u64, u64, Option<&RamFile>)> = Vec::new();
         for r in &self.ranges {
             if r.shards.is_empty() {
                 pieces.extend(
@@ -393,8 +393,9 @@ mod tests {
             } else {
                 assert_eq!((a.guest_addr + a.size, b.guest_addr), (3 * GIB, 4 * GIB));
             }
-            assert_ne!(a.file.unwrap().0, b.file.unwrap().0);
-            assert_eq!(b.file.unwrap().1, 0);
+            let (a_file, b_file) = (a.file.as_ref().unwrap(), b.file.as_ref().unwrap());
+            assert_ne!(a_file.0, b_file.0);
+            assert_eq!(b_file.1, 0);
         }
         // An access across a shard boundary reaches both files, as one contiguous range.
         let at = GuestAddress(512 * MIB - 2);

@@ -1,7 +1,7 @@
 //! What a pinning-engine helper thread may do: its share of a pin job before the guest runs
 //! (fault RAM in with MADV_POPULATE_WRITE or by touching it through process_vm_readv/writev
 //! where the kernel lacks that, lock it with mlock2, DMA-map it with a VFIO type1 or iommufd
-//! ioctl or a vfio-user DMA_MAP message, keeping a descriptor of the memory file for it) and its share of teardown (the reverse: unmap,
+//! ioctl or a vfio-user DMA_MAP message) and its share of teardown (the reverse: unmap,
 //! munlock, and punching the memory files' pages out with fallocate or MADV_DONTNEED). It
 //! lowers its own priority, and the caller lends it its own while it waits.
 
@@ -23,10 +23,6 @@ pub(super) fn allow_list(pid: u32) -> AllowList {
         ioctl::IOMMU_IOAS_UNMAP,
     ]);
     l.allow(&[SYS_sendmsg, SYS_sendto, SYS_shutdown]);
-    // A vfio-user DMA_MAP keeps the client's own descriptor of the memory file (one per
-    // file, found by fstat), so it can serve the server's DMA_READ/DMA_WRITE for it.
-    l.allow(&[SYS_fstat, SYS_newfstatat]);
-    l.allow_values(SYS_fcntl, 1, &[F_DUPFD_CLOEXEC as u64]);
     l.allow_when(
         SYS_fallocate,
         &[Check::eq(

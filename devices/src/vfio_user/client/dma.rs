@@ -8,12 +8,10 @@
 //! checked against the windows (the whole range inside one window, read or write allowed) and
 //! against the largest transfer this client offered in VERSION before any byte is copied.
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::vfio_user::wire::{self, cmd, DmaAccess};
 
@@ -27,10 +25,11 @@ pub trait DmaMemory: Send + Sync {
     fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()>;
 }
 
-/// A window shared by fd, reached through the same file.
-struct FileMemory {
-    file: Arc<File>,
-    offset: u64,
+/// A window shared by fd, reached through the same file: the caller's, shared (not a
+/// duplicated descriptor), which stays open while the window lasts.
+pub(super) struct FileMemory {
+    pub(super) file: Arc<File>,
+    pub(super) offset: u64,
 }
 
 impl DmaMemory for FileMemory {
@@ -78,9 +77,6 @@ struct State {
     /// Unordered: mappings are few (at most the server's `max_dma_maps`), and a request that
     /// the server refuses leaves an overlapping window behind only until its reply.
     windows: Vec<Window>,
-    /// One open file per distinct file mapped (guest RAM is a handful of memfd shards mapped
-    /// in many chunks), shared by its windows and closed with the last of them.
-    files: HashMap<(u64, u64), Weak<File>>,
 }
 
 /// The windows of one client.
@@ -97,26 +93,6 @@ impl DmaWindows {
     /// How many windows are mapped or being mapped.
     pub(super) fn len(&self) -> usize {
         self.state().windows.len()
-    }
-
-    /// The memory behind `fd` from `offset`: our own descriptor of the same file (the
-    /// caller's may be closed once DMA_MAP is answered).
-    pub(super) fn file_memory(&self, fd: RawFd, offset: u64) -> io::Result<Arc<dyn DmaMemory>> {
-        let mut st = self.state();
-        let key = file_key(fd)?;
-        st.files.retain(|_, f| f.strong_count() > 0);
-        let file = match st.files.get(&key).and_then(Weak::upgrade) {
-            Some(file) => file,
-            None => {
-                // SAFETY: `fd` was just fstat'ed successfully, so it is open; the borrow
-                // only lasts for the duplication.
-                let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned()?;
-                let file = Arc::new(File::from(owned));
-                st.files.insert(key, Arc::downgrade(&file));
-                file
-            }
-        };
-        Ok(Arc::new(FileMemory { file, offset }))
     }
 
     /// Adds a window before its DMA_MAP is sent (the server may use it before it replies);
@@ -210,15 +186,4 @@ impl DmaWindows {
             Ok(req.encode(&buf))
         }
     }
-}
-
-/// Identifies the file behind `fd` (device and inode).
-fn file_key(fd: RawFd) -> io::Result<(u64, u64)> {
-    // SAFETY: an all-zero stat is a valid out-buffer for fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes only into `st`; a bad `fd` is an error, not undefined behaviour.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((st.st_dev, st.st_ino))
 }

@@ -2,10 +2,12 @@
 //! writes, interrupts, DMA_MAP/UNMAP and reset. Each names itself (`op`) in its errors and
 //! checks that the reply answers it; a reply that does not decode breaks the connection.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, PoisonError};
 
+use super::dma::FileMemory;
 use super::{Client, ClientError, DmaMemory};
 use crate::vfio::backend::region;
 use crate::vfio::{IrqInfo, MmapArea, RegionInfo};
@@ -359,24 +361,25 @@ impl Client {
         Ok(())
     }
 
-    /// Lets the server reach `[iova, iova + size)`, backed by `fd` at `fd_offset` (mmap'ed
-    /// shared by the server). The client keeps its own descriptor of the file while the
-    /// mapping lasts, to serve DMA_READ/DMA_WRITE for it too (the spec allows a server those
-    /// even for memory it could map).
+    /// Lets the server reach `[iova, iova + size)`, backed by `file` at `fd_offset` (mmap'ed
+    /// shared by the server). The client holds on to `file` while the mapping lasts, to serve
+    /// DMA_READ/DMA_WRITE for it too (the spec allows a server those even for memory it
+    /// could map).
     pub fn dma_map(
         &self,
         iova: u64,
         size: u64,
-        fd: RawFd,
+        file: &Arc<File>,
         fd_offset: u64,
         readable: bool,
         writable: bool,
     ) -> Result<(), ClientError> {
         let op = format!("DMA_MAP iova {iova:#x} size {size:#x}");
-        let memory = self.dma.file_memory(fd, fd_offset).map_err(|e| {
-            self.conn
-                .invalid(op.clone(), format!("the memory's fd {fd} is unusable: {e}"))
-        })?;
+        let fd = file.as_raw_fd();
+        let memory = Arc::new(FileMemory {
+            file: file.clone(),
+            offset: fd_offset,
+        });
         self.map_window(
             op,
             iova,

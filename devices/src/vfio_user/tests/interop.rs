@@ -251,13 +251,13 @@ fn the_client_serves_dma_read_and_write_from_its_windows_with_bounds_checks() {
         done_tx.send(()).unwrap();
         p.wait_for_close();
     });
-    let caller_fd = memfd(0x3000);
-    let ram = caller_fd.try_clone().unwrap();
+    let caller = Arc::new(memfd(0x3000));
+    let ram = caller.try_clone().unwrap();
     client
-        .dma_map(SHARED, 0x2000, caller_fd.as_raw_fd(), 0x1000, true, true)
+        .dma_map(SHARED, 0x2000, &caller, 0x1000, true, true)
         .unwrap();
-    // The caller's descriptor may go once the mapping is made.
-    drop(caller_fd);
+    // The caller's reference may go once the mapping is made: the window holds the file.
+    drop(caller);
     let bytes: Vec<u8> = (0..0x1000).map(|i| i as u8).collect();
     let in_band = Arc::new(TestRam(Mutex::new(bytes)));
     client
@@ -327,20 +327,20 @@ fn version_proposes_no_migration_and_the_servers_limits_bind_dma_map() {
     let peer = client.peer();
     assert_eq!((peer.max_msg_fds, peer.max_dma_maps), (1, 2));
     assert_eq!(peer.min_pgsize(), Some(0x2000));
-    let f = memfd(0x10000);
+    let f = Arc::new(memfd(0x10000));
     // Not a multiple of the server's smallest page (8 KiB): refused without a message.
     let err = client
-        .dma_map(0x1000, 0x2000, f.as_raw_fd(), 0, true, true)
+        .dma_map(0x1000, 0x2000, &f, 0, true, true)
         .unwrap_err();
     assert!(matches!(err, ClientError::Invalid { .. }), "{err}");
     assert!(err.to_string().contains("8192-byte pages"), "{err}");
     for i in 0..2 {
         client
-            .dma_map(i * 0x2000, 0x2000, f.as_raw_fd(), 0, true, true)
+            .dma_map(i * 0x2000, 0x2000, &f, 0, true, true)
             .unwrap();
     }
     let err = client
-        .dma_map(0x8000, 0x2000, f.as_raw_fd(), 0, true, true)
+        .dma_map(0x8000, 0x2000, &f, 0, true, true)
         .unwrap_err();
     assert!(matches!(err, ClientError::Unsupported { .. }), "{err}");
     assert!(err.to_string().contains("at most 2 DMA mappings"), "{err}");

@@ -108,21 +108,20 @@ fn dma_maps_beyond_the_cap_are_enospc() {
     };
     let (a, served) = limited_server(limits);
     let client = Client::from_stream(a, "capped".into(), LONG).unwrap();
-    let ram = memfd(0x10_0000);
-    let fd = ram.as_raw_fd();
+    let ram = Arc::new(memfd(0x10_0000));
     for i in 0..4u64 {
         client
-            .dma_map(i * 0x1_0000, 0x1000, fd, i * 0x1000, true, true)
+            .dma_map(i * 0x1_0000, 0x1000, &ram, i * 0x1000, true, true)
             .unwrap();
     }
     let err = client
-        .dma_map(0x10_0000, 0x1000, fd, 0, true, true)
+        .dma_map(0x10_0000, 0x1000, &ram, 0, true, true)
         .unwrap_err();
     assert_eq!(err.errno(), Some(libc::ENOSPC), "{err}");
     // Room again once one is unmapped; the connection went on.
     client.dma_unmap(0, 0x1000).unwrap();
     client
-        .dma_map(0x10_0000, 0x1000, fd, 0, true, true)
+        .dma_map(0x10_0000, 0x1000, &ram, 0, true, true)
         .unwrap();
     drop(client);
     served.recv_timeout(LONG).unwrap().unwrap();
@@ -147,7 +146,7 @@ fn fds_beyond_what_a_message_may_carry_are_refused_and_closed() {
     negotiate(&raw);
     let marked = named_memfd(name);
     let fd = marked.as_raw_fd();
-    let ram = some_memfd_fd();
+    let ram = some_memfd();
 
     // A command that takes no fd, with one.
     send_with(
