@@ -88,18 +88,7 @@ impl UserDevice for IoBarFunction {
             i if i < NUM_REGIONS => 0,
             _ => return Err(libc::EINVAL),
         };
-        let flags = if size > 0 {
-            region::FLAG_READ | region::FLAG_WRITE
-        } else {
-            0
-        };
-        Ok(RegionInfo {
-            index,
-            flags,
-            size,
-            mmap_areas: Vec::new(),
-            mmap_fd: None,
-        })
+        Ok(RegionInfo::trapped(index, size))
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), i32> {

@@ -65,6 +65,25 @@ pub struct RegionInfo {
     pub mmap_fd: Option<(RawFd, u64)>,
 }
 
+impl RegionInfo {
+    /// A region the device serves by read and write only (nothing to mmap): readable and
+    /// writable when `size` is not 0, absent when it is.
+    pub fn trapped(index: u32, size: u64) -> Self {
+        let flags = if size > 0 {
+            region::FLAG_READ | region::FLAG_WRITE
+        } else {
+            0
+        };
+        Self {
+            index,
+            flags,
+            size,
+            mmap_areas: Vec::new(),
+            mmap_fd: None,
+        }
+    }
+}
+
 /// One interrupt index as the device describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IrqInfo {

@@ -188,20 +188,13 @@ impl UserDevice for EpfUserDevice {
     }
 
     fn region_info(&self, index: u32) -> Result<RegionInfo, i32> {
-        let rw = region::FLAG_READ | region::FLAG_WRITE;
-        let (flags, size) = match index {
-            region::CONFIG => (rw, CONFIG_SPACE_SIZE as u64),
-            i if i == REG_BAR as u32 => (rw, REG_BAR_SIZE),
-            i if i < NUM_REGIONS => (0, 0),
+        let size = match index {
+            region::CONFIG => CONFIG_SPACE_SIZE as u64,
+            i if i == REG_BAR as u32 => REG_BAR_SIZE,
+            i if i < NUM_REGIONS => 0,
             _ => return Err(libc::EINVAL),
         };
-        Ok(RegionInfo {
-            index,
-            flags,
-            size,
-            mmap_areas: Vec::new(),
-            mmap_fd: None,
-        })
+        Ok(RegionInfo::trapped(index, size))
     }
 
     fn region_read(&mut self, index: u32, offset: u64, data: &mut [u8]) -> Result<(), i32> {

@@ -409,17 +409,12 @@ impl devices::vfio::VfioBackend for LegacyFunction {
         &self,
         index: u32,
     ) -> Result<devices::vfio::RegionInfo, devices::vfio::VfioBackendError> {
-        Ok(devices::vfio::RegionInfo {
-            index,
-            flags: 3,
-            size: match index {
-                7 => 256,
-                0 => self.bar0_size,
-                _ => 0,
-            },
-            mmap_areas: Vec::new(),
-            mmap_fd: None,
-        })
+        let size = match index {
+            7 => 256,
+            0 => self.bar0_size,
+            _ => 0,
+        };
+        Ok(devices::vfio::RegionInfo::trapped(index, size))
     }
     fn region_read(
         &self,

@@ -66,13 +66,7 @@ impl VfioBackend for LocalBackend {
             0 => epf::REG_BAR_SIZE,
             _ => 0,
         };
-        Ok(RegionInfo {
-            index,
-            flags: region::FLAG_READ | region::FLAG_WRITE,
-            size,
-            mmap_areas: Vec::new(),
-            mmap_fd: None,
-        })
+        Ok(RegionInfo::trapped(index, size))
     }
     fn region_read(
         &self,
@@ -434,17 +428,12 @@ impl VfioBackend for IntxOnlyBackend {
         Ok((9, 1))
     }
     fn region_info(&self, index: u32) -> Result<RegionInfo, VfioBackendError> {
-        Ok(RegionInfo {
-            index,
-            flags: region::FLAG_READ | region::FLAG_WRITE,
-            size: match index {
-                region::CONFIG => 256,
-                0 => 0x100,
-                _ => 0,
-            },
-            mmap_areas: Vec::new(),
-            mmap_fd: None,
-        })
+        let size = match index {
+            region::CONFIG => 256,
+            0 => 0x100,
+            _ => 0,
+        };
+        Ok(RegionInfo::trapped(index, size))
     }
     fn region_read(&self, index: u32, off: u64, data: &mut [u8]) -> Result<(), VfioBackendError> {
         if index == region::CONFIG {
