@@ -29,17 +29,30 @@ fn gpio_server() -> Option<PathBuf> {
     }
 }
 
+/// The running server: killed and reaped when dropped, so a failing assertion leaves no
+/// process behind.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the server on `socket`, once it listens; its log (env_logger, info) goes to `log`.
-fn start(server: &PathBuf, socket: &std::path::Path, log: &std::path::Path) -> Child {
-    let child = Command::new(server)
-        .arg("--socket-path")
-        .arg(socket)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap();
+fn start(server: &PathBuf, socket: &std::path::Path, log: &std::path::Path) -> Server {
+    let child = Server(
+        Command::new(server)
+            .arg("--socket-path")
+            .arg(socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
         assert!(Instant::now() < deadline, "the gpio server never listened");
@@ -49,15 +62,13 @@ fn start(server: &PathBuf, socket: &std::path::Path, log: &std::path::Path) -> C
 }
 
 /// Waits at most a few seconds for the server to leave (it serves one client).
-fn wait_exit(child: &mut Child) -> Option<std::process::ExitStatus> {
+fn wait_exit(server: &mut Server) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = server.0.try_wait().unwrap() {
             return Some(status);
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));

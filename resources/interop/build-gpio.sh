@@ -51,7 +51,7 @@ say "fetching vfio_user $VERSION"
 
 # 2. Copy its source out of cargo's cache (the cache is read-only by convention).
 SRC=$(find "$CARGO_HOME/registry/src" -mindepth 2 -maxdepth 2 -type d -name "vfio_user-$VERSION" \
-    2>/dev/null | head -n1)
+    2>/dev/null | head -n1 || true)
 [ -n "$SRC" ] || die "vfio_user-$VERSION was fetched but is not under $CARGO_HOME/registry/src"
 [ -f "$SRC/examples/gpio/main.rs" ] || die "$SRC has no examples/gpio/main.rs (package layout changed?)"
 cp -r "$SRC" "$TMP/vfio_user"

@@ -180,15 +180,19 @@ extract_vmlinux() {
     command -v "${tool[0]}" >/dev/null ||
         die "$bz is compressed with ${tool[0]}, which is missing: apt-get install $pkg"
     expected=$(le "$bz" $((start + length - 4)) 4)
+    # Unpacked in the work folder (removed on any exit), and no stale vmlinux left beside a
+    # new vmlinuz if this fails.
+    local tmp=$WORK/vmlinux
+    rm -f "$out"
     dd if="$bz" iflag=skip_bytes,count_bytes skip="$start" count="$body" bs=1M status=none |
-        "${tool[@]}" >"$out.tmp" ||
+        "${tool[@]}" >"$tmp" ||
         die "${tool[*]} failed on the payload of $bz"
-    [ "$(stat -c %s "$out.tmp")" = "$expected" ] ||
-        die "$bz: the payload decompressed to $(stat -c %s "$out.tmp") bytes, its trailer says $expected"
-    [ "$(hexat "$out.tmp" 0 5)" = 7f454c4602 ] || die "$bz: the payload is not a 64-bit ELF"
-    has_pvh_note "$out.tmp" ||
+    [ "$(stat -c %s "$tmp")" = "$expected" ] ||
+        die "$bz: the payload decompressed to $(stat -c %s "$tmp") bytes, its trailer says $expected"
+    [ "$(hexat "$tmp" 0 5)" = 7f454c4602 ] || die "$bz: the payload is not a 64-bit ELF"
+    has_pvh_note "$tmp" ||
         die "$bz: its vmlinux has no PVH note (Xen ELF note 18, XEN_ELFNOTE_PHYS32_ENTRY): this kernel cannot boot through PVH; boot the bzImage instead"
-    mv "$out.tmp" "$out"
+    mv "$tmp" "$out"
     say "vmlinux: $(stat -c %s "$out") bytes, ${tool[0]}-compressed in the bzImage, PVH note present"
 }
 extract_vmlinux "$OUT_DIR/vmlinuz" "$OUT_DIR/vmlinux"

@@ -454,10 +454,10 @@ fn serve_command(sh: &Shared, dma: &DmaWindows, msg: &Message) -> bool {
     let result = dma.serve(h.command, &msg.payload);
     if let Err(errno) = result {
         crate::debug_limited!(
-            "vfio-user {}: refusing server command {} ({}): errno {errno}",
+            "vfio-user {}: refusing server command {} (message {}): errno {errno}",
             sh.name,
-            h.msg_id,
-            cmd::name(h.command)
+            cmd::name(h.command),
+            h.msg_id
         );
     }
     if h.flags & flags::NO_REPLY != 0 {

@@ -90,13 +90,9 @@ impl DmaWindows {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// How many windows are mapped or being mapped.
-    pub(super) fn len(&self) -> usize {
-        self.state().windows.len()
-    }
-
     /// Adds a window before its DMA_MAP is sent (the server may use it before it replies);
-    /// returns its id for [`DmaWindows::remove_id`].
+    /// returns its id for [`DmaWindows::remove_id`], or None when `max` windows are there
+    /// already (checked and added under one lock: pinning threads map concurrently).
     pub(super) fn add(
         &self,
         iova: u64,
@@ -104,8 +100,12 @@ impl DmaWindows {
         readable: bool,
         writable: bool,
         memory: Arc<dyn DmaMemory>,
-    ) -> u64 {
+        max: usize,
+    ) -> Option<u64> {
         let mut st = self.state();
+        if st.windows.len() >= max {
+            return None;
+        }
         let id = st.next_id;
         st.next_id += 1;
         st.windows.push(Window {
@@ -116,7 +116,7 @@ impl DmaWindows {
             writable,
             memory,
         });
-        id
+        Some(id)
     }
 
     /// Drops the window `add` returned `id` for (its DMA_MAP was refused).
@@ -136,14 +136,16 @@ impl DmaWindows {
         }
     }
 
-    /// The memory under `[address, address + count)` and the offset of `address` in it, if
-    /// one window holds all of it and allows the access.
-    fn find(
+    /// Runs `copy` on the memory under `[address, address + count)` and the offset of
+    /// `address` in it, if one window holds all of it and allows the access. The lock is held
+    /// through the copy, so once [`DmaWindows::remove`] returns nothing touches that memory.
+    fn with_window<T>(
         &self,
         address: u64,
         count: u64,
         write: bool,
-    ) -> Result<(Arc<dyn DmaMemory>, u64), i32> {
+        copy: impl FnOnce(&dyn DmaMemory, u64) -> Result<T, i32>,
+    ) -> Result<T, i32> {
         let st = self.state();
         let Some(w) = st.windows.iter().find(|w| w.contains(address, count)) else {
             return Err(libc::EFAULT);
@@ -151,7 +153,7 @@ impl DmaWindows {
         if (write && !w.writable) || (!write && !w.readable) {
             return Err(libc::EPERM);
         }
-        Ok((w.memory.clone(), address - w.iova))
+        copy(w.memory.as_ref(), address - w.iova)
     }
 
     /// Serves one server-to-client command: the reply payload, or the errno of an error
@@ -175,15 +177,16 @@ impl DmaWindows {
         if count == 0 {
             return Ok(req.encode(&[]));
         }
-        let (memory, offset) = self.find(req.address, req.count, write)?;
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
-        if write {
-            memory.write_at(offset, data).map_err(errno)?;
-            Ok(req.encode(&[]))
-        } else {
-            let mut buf = vec![0u8; count];
-            memory.read_at(offset, &mut buf).map_err(errno)?;
-            Ok(req.encode(&buf))
-        }
+        self.with_window(req.address, req.count, write, |memory, offset| {
+            if write {
+                memory.write_at(offset, data).map_err(errno)?;
+                Ok(req.encode(&[]))
+            } else {
+                let mut buf = vec![0u8; count];
+                memory.read_at(offset, &mut buf).map_err(errno)?;
+                Ok(req.encode(&buf))
+            }
+        })
     }
 }

@@ -16,6 +16,7 @@
 //! (XSDT), 5.2.9 (FADT), 5.2.12 (MADT) and 19.6 / 20 (resource descriptors, AML); MCFG is
 //! from the PCI Firmware Specification 3.3, 4.1.2.
 
+use devices::pci::bus::{CONFIG_IO_BASE, CONFIG_IO_LEN};
 use guest_abi::ports;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
@@ -338,11 +339,11 @@ fn dsdt(layout: &MemoryLayout, intx: &[PciIntx]) -> Vec<u8> {
     let (mmio64, mmio64_size) = (window.start, window.size);
     let crs = res::template(&[
         res::bus_numbers(ECAM_BUSES.0, ECAM_BUSES.1),
-        res::io(0xcf8, 1, 8),
+        res::io(CONFIG_IO_BASE, 1, CONFIG_IO_LEN as u8),
         // All of port space but the configuration ports, as a PC host bridge decodes it; the
         // window I/O BARs are placed in is a range of its own, so the guest sees where.
-        res::word(1, 0, 0xcf7),
-        res::word(1, 0xd00, PCI_IO_START as u16 - 1),
+        res::word(1, 0, CONFIG_IO_BASE - 1),
+        res::word(1, CONFIG_IO_BASE + CONFIG_IO_LEN, PCI_IO_START as u16 - 1),
         res::word(1, PCI_IO_START as u16, (PCI_IO_END - 1) as u16),
         res::dword_memory(MMIO32_START as u32, (MMIO32_ALLOC_END - 1) as u32),
         res::qword_memory(mmio64.0, mmio64.0 + mmio64_size - 1),
