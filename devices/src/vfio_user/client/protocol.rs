@@ -192,25 +192,7 @@ impl Client {
             let Some(at) = at else {
                 return Err(self.conn.invalid(op, "the offset wraps".to_string()));
             };
-            let req = RegionAccess {
-                offset: at,
-                region: index,
-                count: n as u32,
-            };
-            let reply = self
-                .conn
-                .request(op.clone(), cmd::REGION_READ, &req.encode(&[]), &[])?;
-            let (echo, data) = RegionAccess::decode(&reply.payload, "REGION_READ reply")
-                .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
-            if echo.region != index || echo.offset != at {
-                return Err(self.conn.malformed(
-                    op,
-                    format!(
-                        "the reply is for region {} offset {:#x}",
-                        echo.region, echo.offset
-                    ),
-                ));
-            }
+            let (echo, data) = self.region_access(&op, cmd::REGION_READ, index, at, n, &[])?;
             if echo.count as usize != n || data.len() < n {
                 return Err(self.conn.malformed(
                     op,
@@ -238,28 +220,8 @@ impl Client {
             let Some(at) = offset.checked_add(done as u64) else {
                 return Err(self.conn.invalid(op, "the offset wraps".to_string()));
             };
-            let req = RegionAccess {
-                offset: at,
-                region: index,
-                count: n as u32,
-            };
-            let reply = self.conn.request(
-                op.clone(),
-                cmd::REGION_WRITE,
-                &req.encode(&data[done..done + n]),
-                &[],
-            )?;
-            let (echo, _) = RegionAccess::decode(&reply.payload, "REGION_WRITE reply")
-                .map_err(|e| self.conn.malformed(op.clone(), e.to_string()))?;
-            if echo.region != index || echo.offset != at {
-                return Err(self.conn.malformed(
-                    op,
-                    format!(
-                        "the reply is for region {} offset {:#x}",
-                        echo.region, echo.offset
-                    ),
-                ));
-            }
+            let piece = &data[done..done + n];
+            let (echo, _) = self.region_access(&op, cmd::REGION_WRITE, index, at, n, piece)?;
             if echo.count as usize != n {
                 return Err(self.conn.malformed(
                     op,
@@ -269,6 +231,39 @@ impl Client {
             done += n;
         }
         Ok(())
+    }
+
+    /// One REGION_READ or REGION_WRITE of `n` bytes at `at` (carrying `data` for a write):
+    /// the reply's header, checked to echo the region and offset, and the bytes after it.
+    fn region_access(
+        &self,
+        op: &str,
+        command: u16,
+        index: u32,
+        at: u64,
+        n: usize,
+        data: &[u8],
+    ) -> Result<(RegionAccess, Vec<u8>), ClientError> {
+        let req = RegionAccess {
+            offset: at,
+            region: index,
+            count: n as u32,
+        };
+        let reply = self
+            .conn
+            .request(op.to_string(), command, &req.encode(data), &[])?;
+        let (echo, bytes) = RegionAccess::decode(&reply.payload, cmd::name(command))
+            .map_err(|e| self.conn.malformed(op.to_string(), e.to_string()))?;
+        if echo.region != index || echo.offset != at {
+            return Err(self.conn.malformed(
+                op.to_string(),
+                format!(
+                    "the reply is for region {} offset {:#x}",
+                    echo.region, echo.offset
+                ),
+            ));
+        }
+        Ok((echo, bytes.to_vec()))
     }
 
     /// Interrupt index `index`.
