@@ -454,6 +454,16 @@ impl Wiring {
                 }
             }
         }
+        // A routing failure skips the irqfds but not the release: a pending vector's signal
+        // then waits in its eventfd, which KVM delivers once an irqfd is attached.
+        self.route_vectors(dev, routes);
+        // Now that the unmasked vectors have their irqfds, what fired while they were masked
+        // goes out through them, once.
+        lock(&dev.dev).release_pending();
+    }
+
+    /// Installs the routing table for `routes` and attaches or detaches each vector's irqfd.
+    fn route_vectors(&self, dev: &mut Attached, routes: &BTreeMap<u32, MsiMessage>) {
         let table = match routing_table(routes) {
             Ok(t) => t,
             Err(e) => {
@@ -480,9 +490,6 @@ impl Wiring {
                 Err(e) => tracing::error!("{}: irqfd for GSI {}: {e}", dev.name, v.gsi),
             }
         }
-        // Now that the unmasked vectors have their irqfds, what fired while they were masked
-        // goes out through them, once.
-        lock(&dev.dev).release_pending();
     }
 }
 
