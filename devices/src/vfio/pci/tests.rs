@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::epf::{self, EpfConfig, EpfIrq, EpfTest};
 use crate::pci::dma::IommuDma;
-use crate::vfio::backend::{IrqInfo, RegionInfo};
+use crate::vfio::backend::{IrqInfo, MmapArea, RegionInfo};
 use crate::vfio::kernel::KernelVfioError;
 
 type Fds = Arc<Mutex<Vec<(u32, Vec<EventFd>)>>>;
@@ -414,9 +414,11 @@ fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
     assert_ne!(st & epf_abi::status::WRITE_FAIL, 0, "{st:#x}");
 }
 
-/// A device with one BAR, no MSI/MSI-X and INTA: what a legacy function looks like.
+/// A device with one BAR (described by `bar0`), no MSI/MSI-X and INTA: what a legacy
+/// function looks like.
 struct IntxOnlyBackend {
     config: Mutex<ConfigSpace>,
+    bar0: RegionInfo,
     intx: Mutex<Option<(EventFd, EventFd)>>,
 }
 
@@ -428,12 +430,11 @@ impl VfioBackend for IntxOnlyBackend {
         Ok((9, 1))
     }
     fn region_info(&self, index: u32) -> Result<RegionInfo, VfioBackendError> {
-        let size = match index {
-            region::CONFIG => 256,
-            0 => 0x100,
-            _ => 0,
-        };
-        Ok(RegionInfo::trapped(index, size))
+        Ok(match index {
+            region::CONFIG => RegionInfo::trapped(index, 256),
+            0 => self.bar0.clone(),
+            _ => RegionInfo::trapped(index, 0),
+        })
     }
     fn region_read(&self, index: u32, off: u64, data: &mut [u8]) -> Result<(), VfioBackendError> {
         if index == region::CONFIG {
@@ -494,6 +495,7 @@ fn a_device_without_msi_gets_a_level_triggered_intx_line() {
     );
     let backend = Arc::new(IntxOnlyBackend {
         config: Mutex::new(config),
+        bar0: RegionInfo::trapped(0, 0x100),
         intx: Mutex::default(),
     });
     let mut d = VfioPciDevice::new(backend.clone()).unwrap();
@@ -555,4 +557,56 @@ fn setup_errors_keep_the_backend_s_class() {
         size: 64,
     };
     assert_eq!(small.class(), ErrorClass::Device);
+}
+
+/// A peer (a vfio-user server not written here) may describe a sparse-mmap area that reaches
+/// past its region: the area is trapped, never made a mapping past the BAR, and the device
+/// stays usable.
+#[test]
+fn an_mmap_area_past_its_region_is_trapped_and_the_rest_mapped() {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a plain memfd_create with a NUL-terminated name; the fd is owned below.
+    let fd = unsafe { libc::memfd_create(c"bar0".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` is fresh and owned by nobody else.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    // Room in the file for the bad area too, so only the region check can refuse it.
+    file.set_len(0x4000).unwrap();
+    let config = crate::pci::config::with_mem_bar0(
+        &PciHeader {
+            vendor_id: 0x1234,
+            device_id: 0x12,
+            interrupt_pin: 1,
+            ..PciHeader::default()
+        },
+        0x2000,
+    );
+    let bar0 = RegionInfo {
+        index: 0,
+        flags: region::FLAG_READ | region::FLAG_WRITE | region::FLAG_MMAP,
+        size: 0x2000,
+        mmap_areas: vec![
+            MmapArea {
+                offset: 0,
+                size: 0x1000,
+            },
+            MmapArea {
+                offset: 0x1000,
+                size: 0x1001,
+            },
+        ],
+        mmap_fd: Some((file.as_raw_fd(), 0)),
+    };
+    let backend = Arc::new(IntxOnlyBackend {
+        config: Mutex::new(config),
+        bar0,
+        intx: Mutex::default(),
+    });
+    let d = VfioPciDevice::new(backend).unwrap();
+    let parts: Vec<_> = d
+        .mmaps()
+        .iter()
+        .map(|m| (m.bar, m.offset, m.size))
+        .collect();
+    assert_eq!(parts, [(0, 0, 0x1000)]);
 }
