@@ -7,8 +7,9 @@
 //! The devices crate knows nothing of KVM: a guest write returns [`Effects`] (a BAR moved, a
 //! vector changed), and `Wiring::apply` turns them into bus registrations, memory slots and
 //! routes. Only live (enabled, unmasked) vectors get an irqfd; the device model turns what a
-//! masked vector's eventfd collects into its pending bit and re-sends it once it is live. KVM_SET_GSI_ROUTING replaces the whole table, so the table is rebuilt from the
-//! legacy routes plus every live vector each time.
+//! masked vector's eventfd collects into its pending bit and re-sends it once it is live.
+//! KVM_SET_GSI_ROUTING replaces the whole table, so the table is rebuilt from the legacy
+//! routes plus every live vector each time.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

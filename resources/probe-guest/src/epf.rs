@@ -19,6 +19,8 @@ const MSI_64BIT: u16 = 1 << 7;
 const MSI_PER_VECTOR_MASK: u16 = 1 << 8;
 const MSIX_ENABLE: u16 = 1 << 15;
 pub const MSIX_FUNCTION_MASK: u16 = 1 << 14;
+/// Vector Control of an MSI-X table entry (bit 0 masks it), after address and data.
+pub const MSIX_VECTOR_CONTROL: u64 = 12;
 
 /// Where the probe puts BAR0 when firmware left it at 0 (a free spot in the 32-bit hole, below
 /// the IOAPIC).
@@ -27,7 +29,7 @@ const MMIO32_LIMIT: u64 = 0xfec0_0000;
 
 /// How long to wait for an interrupt: `pause` spins (about 4 instructions each; seconds under
 /// the emulator, far beyond what a working device needs).
-const IRQ_SPINS: u32 = 2_000_000;
+pub const IRQ_SPINS: u32 = 2_000_000;
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum IrqMode {
@@ -188,7 +190,7 @@ fn enable_msix(
     phys::write32(entry, addr as u32);
     phys::write32(entry + 4, (addr >> 32) as u32);
     phys::write32(entry + 8, DEVICE_VECTOR as u32);
-    phys::write32(entry + 12, 0);
+    phys::write32(entry + MSIX_VECTOR_CONTROL, 0);
     bdf.write16(cap + 2, (ctl | MSIX_ENABLE) & !MSIX_FUNCTION_MASK);
     Ok(Msix {
         bdf,

@@ -10,16 +10,12 @@ use guest_abi::probe::{MSIX_PBA_FAIL, MSIX_PBA_OK};
 use crate::apic;
 use crate::console::Line;
 use crate::cpu;
-use crate::epf::{Epf, Msix, MSIX_FUNCTION_MASK};
+use crate::epf::{Epf, Msix, IRQ_SPINS, MSIX_FUNCTION_MASK, MSIX_VECTOR_CONTROL};
 use crate::io::phys;
 
-/// Vector Control of a table entry: bit 0 masks it.
-const VECTOR_CONTROL: u64 = 12;
 /// How long an interrupt that should not come (or should not come twice) gets to show up:
 /// far beyond KVM's injection time, a fraction of a second under the emulator.
 const SETTLE_SPINS: u32 = 20_000;
-/// How long to wait for the interrupt that should come (as for the DMA commands).
-const IRQ_SPINS: u32 = 2_000_000;
 
 #[derive(Clone, Copy)]
 pub enum Mask {
@@ -37,7 +33,7 @@ impl Mask {
 
     fn set(self, m: &Msix, on: bool) {
         match self {
-            Mask::Entry => phys::write32(m.entry + VECTOR_CONTROL, on as u32),
+            Mask::Entry => phys::write32(m.entry + MSIX_VECTOR_CONTROL, on as u32),
             Mask::Function => {
                 let ctl = m.bdf.read16(m.cap + 2) & !MSIX_FUNCTION_MASK;
                 m.bdf

@@ -1,10 +1,11 @@
 //! Client memory the server may reach: the DMA windows this client mapped, and the server's
 //! DMA_READ/DMA_WRITE requests served from them.
 //!
-//! The spec lets a server reach mapped memory by message whether or not the mapping came with
-//! an fd, so every window can be read and written here: a window shared by fd through that
-//! same file (`pread`/`pwrite`, coherent with the server's and the guest's mappings of it), a
-//! window mapped without one through the [`DmaMemory`] the caller gave. Every request is
+//! The spec has a server use these messages for memory the client did not share by fd; this
+//! client serves windows shared by fd too (a server whose mmap failed can fall back to them):
+//! those through the same file (`pread`/`pwrite`, coherent with the server's and the guest's
+//! mappings of it; hugetlbfs takes no `pwrite`, so a DMA_WRITE there is EINVAL), a window
+//! mapped without one through the [`DmaMemory`] the caller gave. Every request is
 //! checked against the windows (the whole range inside one window, read or write allowed) and
 //! against the largest transfer this client offered in VERSION before any byte is copied.
 

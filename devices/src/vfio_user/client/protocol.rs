@@ -347,8 +347,8 @@ impl Client {
 
     /// Lets the server reach `[iova, iova + size)`, backed by `file` at `fd_offset` (mmap'ed
     /// shared by the server). The client holds on to `file` while the mapping lasts, to serve
-    /// DMA_READ/DMA_WRITE for it too (the spec allows a server those even for memory it
-    /// could map).
+    /// DMA_READ/DMA_WRITE for it too (beyond the spec, which has a server send those only for
+    /// memory shared without an fd).
     pub fn dma_map(
         &self,
         iova: u64,
