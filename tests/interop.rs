@@ -53,11 +53,7 @@ fn start(server: &PathBuf, socket: &std::path::Path, log: &std::path::Path) -> S
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "the gpio server never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_socket(socket, "the gpio server");
     child
 }
 

@@ -106,11 +106,7 @@ fn external_epf_server(socket: &Path) -> std::process::Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "server never listened");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    common::wait_for_socket(socket, "the epf server");
     server
 }
 

@@ -68,12 +68,17 @@ pub fn epf_server(socket: &Path) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    wait_for_socket(socket, "the epf server");
+    server
+}
+
+/// Waits (at most 10 s) until `server` listens on `socket`.
+pub fn wait_for_socket(socket: &Path, server: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !socket.exists() {
-        assert!(Instant::now() < deadline, "server never listened");
+        assert!(Instant::now() < deadline, "{server} never listened");
         std::thread::sleep(Duration::from_millis(5));
     }
-    server
 }
 
 /// The server's last words: how much its client mapped, and what it left mapped.
