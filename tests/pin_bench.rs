@@ -142,10 +142,8 @@ fn test_memlock() -> u64 {
         rlim_max: 0,
     };
     // SAFETY: lim is a valid out-pointer.
-    assert_eq!(
-        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) },
-        0
-    );
+    let r = unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) };
+    assert_eq!(r, 0);
     (64u64 << 20).min(lim.rlim_max)
 }
 

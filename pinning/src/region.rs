@@ -263,9 +263,7 @@ mod tests {
             file: None,
         };
         // SAFETY: never dereferenced.
-        assert!(matches!(
-            unsafe { GuestRam::new(vec![r]) },
-            Err(RegionError::Unaligned { .. })
-        ));
+        let made = unsafe { GuestRam::new(vec![r]) };
+        assert!(matches!(made, Err(RegionError::Unaligned { .. })));
     }
 }

@@ -428,8 +428,9 @@ impl EpfServer {
         let watcher = std::thread::Builder::new().name("epf-watcher".into());
         let watcher = watcher.spawn(move || {
             // WNOWAIT: notice the exit without reaping; Drop reaps.
-            // SAFETY: waitid writes only into `info`, a zeroed siginfo_t we own.
+            // SAFETY: siginfo_t is plain data, for which all zeroes is a valid value.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid writes only into `info`, a siginfo_t we own.
             let r =
                 unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
             // A signal to vmm ends the run through the signal path, not as a device failure.

@@ -301,8 +301,9 @@ impl Server<'_> {
 
 /// The file behind `fd` (device and inode), to count the distinct files a client maps.
 fn file_id(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes only into `st`, a zeroed stat we own; `fd` is open for the call.
+    // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`, a stat we own; `fd` is open for the call.
     (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
