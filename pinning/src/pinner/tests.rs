@@ -3,8 +3,13 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::work::POPULATE_STEP;
 use super::*;
+use crate::admission::AdmissionError;
+use crate::backend::BackendKind;
 use crate::backend::{IommufdBackend, MlockBackend, NoneBackend, PopulateBackend, Type1Backend};
+use crate::class::{Classify, ErrorClass};
+use crate::engine::{DecidedBy, DEFAULT_MIN_CHUNK};
 use crate::limits::Memlock;
 use crate::model::IommuModel;
 use crate::procfs::ProcStatus;
