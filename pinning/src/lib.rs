@@ -17,7 +17,7 @@
 //!   logged. [`parallel_for`] runs teardown on the same threads, uncancellable.
 //! - [`backend`] holds the ways of preparing memory behind one [`backend::PinBackend`] trait:
 //!   `populate`, `mlock`, `none`, kernel VFIO `type1` / `iommufd` on vfio-ioctls, and
-//!   `vfio-user`.
+//!   `vfio-user`; each describes itself in one [`backend::BackendInfo`] value.
 //! - [`pinner`] puts the pieces together over a [`region::GuestRam`], shows a progress bar
 //!   on a terminal, and reports [`stats`].
 //! - [`class`] says who must act on an error; the errors that reach `vmm` implement
@@ -50,7 +50,7 @@ pub mod sys;
 pub mod thread_hook;
 
 pub use admission::AdmissionError;
-pub use backend::{BackendKind, PinBackend};
+pub use backend::{BackendInfo, BackendKind, PinBackend};
 pub use cancel::{CancelToken, SignalGuard};
 pub use class::{Classify, ErrorClass};
 pub use engine::{parallel_for, DecidedBy, JobSpec, Undone};

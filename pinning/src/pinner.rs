@@ -20,7 +20,7 @@ pub use pinned::{PinStats, Pinned, UnpinStats};
 use work::{MapWork, PopulateWork, WorkError};
 
 use crate::admission;
-use crate::backend::PinBackend;
+use crate::backend::{BackendInfo, PinBackend};
 use crate::cancel::{CancelReason, CancelToken};
 use crate::engine::{self, JobError, JobSpec, Undone};
 use crate::limits::Limits;
@@ -33,6 +33,8 @@ use crate::GIB;
 /// Pins guest RAM through one backend, within the process's limits.
 pub struct Pinner {
     backend: Arc<dyn PinBackend>,
+    /// The backend's description, read once.
+    info: BackendInfo,
     limits: Limits,
     options: PinOptions,
 }
@@ -40,6 +42,7 @@ pub struct Pinner {
 impl Pinner {
     pub fn new(backend: Arc<dyn PinBackend>, limits: Limits, options: PinOptions) -> Self {
         Self {
+            info: backend.describe(),
             backend,
             limits,
             options,
@@ -57,10 +60,10 @@ impl Pinner {
     /// serialises, so it takes any number of threads), map for the others (as many threads as
     /// their map allows).
     fn parallel_spec(&self, ram: &GuestRam) -> JobSpec {
-        let max_threads = if self.backend.populate_first() {
+        let max_threads = if self.info.populate_first {
             usize::MAX
         } else {
-            self.backend.map_threads().unwrap_or(usize::MAX)
+            self.info.map_threads.unwrap_or(usize::MAX)
         };
         JobSpec {
             start: 0,
@@ -74,7 +77,7 @@ impl Pinner {
 
     /// The serial map phase of type1: large chunks, few mappings, below the entry limit.
     fn serial_map_spec(&self, ram: &GuestRam) -> JobSpec {
-        let budget = self.backend.max_mappings().unwrap_or(u64::MAX);
+        let budget = self.info.max_mappings.unwrap_or(u64::MAX);
         // Each chunk is one mapping, and each region boundary can split one chunk in two;
         // keep half the budget for other users of the container.
         let per = (budget / 2)
@@ -93,20 +96,21 @@ impl Pinner {
     /// Pins all of `ram`. On any error or cancellation nothing stays mapped or locked.
     pub fn pin(&self, ram: Arc<GuestRam>, cancel: &CancelToken) -> Result<Pinned, PinError> {
         let backend = self.backend.as_ref();
+        let info = self.info;
         let size = ram.size();
         admission::check(
             &self.limits,
-            if backend.locks_memory() { size } else { 0 },
-            if backend.populates() { size } else { 0 },
+            if info.locks_memory { size } else { 0 },
+            if info.populates { size } else { 0 },
         )?;
         let started = Instant::now();
         let caps = self.limits.thread_caps(self.requested());
         backend.begin(&ram).map_err(|source| PinError::Begin {
-            backend: backend.kind(),
+            backend: info.kind,
             source,
         })?;
         let mut populate_stats = None;
-        if backend.populate_first() {
+        if info.populate_first {
             let spec = self.parallel_spec(&ram);
             let plan = spec.plan(&caps);
             let progress = Progress::start("populating guest RAM", size, self.options.progress);
@@ -120,14 +124,14 @@ impl Pinner {
                 Err(e) => return Err(self.job_error(e, &ram, Undone::default(), cancel)),
             }
         }
-        let spec = if backend.populate_first() {
+        let spec = if info.populate_first {
             self.serial_map_spec(&ram)
         } else {
             self.parallel_spec(&ram)
         };
         let plan = spec.plan(&caps);
         let progress = Progress::start("pinning guest RAM", size, self.options.progress);
-        let populate = backend.populates() && !backend.populate_first();
+        let populate = info.populates && !info.populate_first;
         let rollbacks = Mutex::new(Undone::default());
         let work = MapWork {
             backend,
@@ -150,11 +154,9 @@ impl Pinner {
         let headline = populate_stats.as_ref().unwrap_or(&done.stats);
         // Undo is the map run backwards: as many threads as the pin used and no more than
         // the backend's map allows (type1 unmaps as serially as it maps).
-        let undo_threads = headline
-            .threads
-            .min(backend.map_threads().unwrap_or(usize::MAX));
+        let undo_threads = headline.threads.min(info.map_threads.unwrap_or(usize::MAX));
         let stats = PinStats {
-            backend: backend.kind(),
+            backend: info.kind,
             threads: headline.threads,
             decided_by: headline.decided_by,
             chunks: done.stats.chunks,
@@ -184,7 +186,7 @@ impl Pinner {
         rollbacks: Undone,
         cancel: &CancelToken,
     ) -> PinError {
-        let backend = self.backend.kind();
+        let backend = self.info.kind;
         let mut error = match e {
             JobError::Failed {
                 error: WorkError::Backend(source),
@@ -220,10 +222,10 @@ impl Pinner {
             other => PinError::Engine(other.to_string()),
         };
         let mut left = rollbacks;
-        end(self.backend.as_ref(), ram, &mut left);
+        end(self.backend.as_ref(), backend, ram, &mut left);
         if let Some(undone) = error.undone_mut() {
             undone.add_failures(left);
-            if self.backend.locks_memory() {
+            if self.info.locks_memory {
                 undone.locked_after = ProcStatus::read(std::path::Path::new("/"))
                     .ok()
                     .map(|s| s.locked);

@@ -89,7 +89,12 @@ impl Pinned {
         });
         drop(progress);
         let mut undone = undone.into_inner().unwrap_or_else(|e| e.into_inner());
-        end(self.backend.as_ref(), &self.ram, &mut undone);
+        end(
+            self.backend.as_ref(),
+            self.stats.backend,
+            &self.ram,
+            &mut undone,
+        );
         let stats = UnpinStats {
             undone,
             threads,
@@ -114,7 +119,12 @@ impl Drop for Pinned {
 
 /// The backend's whole-RAM undo (munlock for mlock), after every chunk's: its failures are
 /// counted in `undone` with the rest.
-pub(super) fn end(backend: &dyn PinBackend, ram: &GuestRam, undone: &mut Undone) {
+pub(super) fn end(
+    backend: &dyn PinBackend,
+    kind: BackendKind,
+    ram: &GuestRam,
+    undone: &mut Undone,
+) {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| backend.end(ram)));
     match result {
         Ok(failures) => {
@@ -125,8 +135,7 @@ pub(super) fn end(backend: &dyn PinBackend, ram: &GuestRam, undone: &mut Undone)
         Err(payload) => undone.fail(
             ram.size(),
             format_args!(
-                "the {} backend's end panicked: {}",
-                backend.kind(),
+                "the {kind} backend's end panicked: {}",
                 engine::panic_message(payload.as_ref())
             ),
         ),
