@@ -17,9 +17,9 @@
 //!   logged. [`parallel_for`] runs teardown on the same threads, uncancellable.
 //! - [`backend`] holds the ways of preparing memory behind one [`backend::PinBackend`] trait:
 //!   `populate`, `mlock`, `none`, kernel VFIO `type1` / `iommufd` on vfio-ioctls, and
-//!   `vfio-user`.
+//!   `vfio-user`; each describes itself in one [`backend::BackendInfo`] value.
 //! - [`pinner`] puts the pieces together over a [`region::GuestRam`], shows a progress bar
-//!   on a terminal, and reports [`stats`].
+//!   on a terminal, and reports each job's [`JobStats`].
 //! - [`class`] says who must act on an error; the errors that reach `vmm` implement
 //!   [`class::Classify`], and `vmm` turns the class into the exit status.
 //! - [`sys`] holds the crate's system-call wrappers; [`model`] is an IOMMU model for tests.
@@ -45,19 +45,17 @@ pub mod prio;
 pub mod procfs;
 mod progress;
 pub mod region;
-pub mod stats;
 pub mod sys;
 pub mod thread_hook;
 
 pub use admission::AdmissionError;
-pub use backend::{BackendKind, PinBackend};
+pub use backend::{BackendInfo, BackendKind, PinBackend};
 pub use cancel::{CancelToken, SignalGuard};
 pub use class::{Classify, ErrorClass};
-pub use engine::{parallel_for, DecidedBy, JobSpec, Undone};
+pub use engine::{parallel_for, DecidedBy, JobSpec, JobStats, Undone};
 pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
 pub use region::{GuestRam, Region};
-pub use stats::JobStats;
 pub use thread_hook::set_helper_start_hook;
 
 /// Bytes in a KiB, MiB, GiB: named because sizes are everywhere here.

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::cgroup::{Cgroups, CpuQuota, MemoryLimit};
 use crate::class::{Classify, ErrorClass};
-use crate::engine::ThreadCaps;
+use crate::engine::plan::ThreadCaps;
 use crate::procfs::{self, ProcStatus, CAP_IPC_LOCK, CAP_SYS_NICE};
 use crate::sys;
 

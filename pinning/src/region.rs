@@ -263,7 +263,7 @@ mod tests {
             file: None,
         };
         // SAFETY: never dereferenced.
-        let made = unsafe { GuestRam::new(vec![r]) };
-        assert!(matches!(made, Err(RegionError::Unaligned { .. })));
+        let refused = unsafe { GuestRam::new(vec![r]) };
+        assert!(matches!(refused, Err(RegionError::Unaligned { .. })));
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use pinning::backend::{BackendError, MlockBackend, NoneBackend, PopulateBackend, SeveralBackend};
 use pinning::region::{GuestRam, Piece};
-use pinning::{BackendKind, Classify, ErrorClass, PinBackend};
+use pinning::{BackendInfo, BackendKind, Classify, ErrorClass, PinBackend};
 
 /// What `--pin` asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,11 +91,12 @@ impl PinChoice {
         match (self, needed) {
             (PinChoice::Auto, None) => Ok(Arc::new(NoneBackend)),
             (PinChoice::Fixed(kind), None) => Err(PinChoiceError::NoSuchDevice(kind)),
-            (PinChoice::Fixed(wanted), Some(n)) if !n.kinds().contains(&wanted) => {
+            (PinChoice::Fixed(wanted), Some(n)) if !n.describe().kinds.contains(wanted) => {
                 Err(PinChoiceError::Mismatch {
                     wanted,
                     have: n
-                        .kinds()
+                        .describe()
+                        .kinds
                         .iter()
                         .map(|k| k.as_str())
                         .collect::<Vec<_>>()
@@ -158,26 +159,8 @@ struct Faulty {
 }
 
 impl PinBackend for Faulty {
-    fn kind(&self) -> BackendKind {
-        self.inner.kind()
-    }
-    fn kinds(&self) -> Vec<BackendKind> {
-        self.inner.kinds()
-    }
-    fn locks_memory(&self) -> bool {
-        self.inner.locks_memory()
-    }
-    fn populates(&self) -> bool {
-        self.inner.populates()
-    }
-    fn map_threads(&self) -> Option<usize> {
-        self.inner.map_threads()
-    }
-    fn populate_first(&self) -> bool {
-        self.inner.populate_first()
-    }
-    fn max_mappings(&self) -> Option<u64> {
-        self.inner.max_mappings()
+    fn describe(&self) -> BackendInfo {
+        self.inner.describe()
     }
     fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {
         self.inner.begin(ram)
@@ -231,11 +214,11 @@ mod tests {
         );
         assert!(populate.check_devices(false).is_ok());
         assert_eq!(
-            populate.backend(Vec::new()).unwrap().kind(),
+            populate.backend(Vec::new()).unwrap().describe().kind,
             BackendKind::Populate
         );
         assert_eq!(
-            PinChoice::Auto.backend(Vec::new()).unwrap().kind(),
+            PinChoice::Auto.backend(Vec::new()).unwrap().describe().kind,
             BackendKind::None
         );
         let e = PinChoice::Fixed(BackendKind::Type1)

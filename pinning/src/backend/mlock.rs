@@ -2,19 +2,18 @@
 //! pages are locked as they fault in. See the module table in `backend` for why not
 //! `mlock` per chunk.
 
-use super::{BackendError, BackendKind, PinBackend};
+use super::{BackendError, BackendInfo, BackendKind, PinBackend};
 use crate::region::{GuestRam, Piece, Region};
 use crate::sys;
 
 pub struct MlockBackend;
 
 impl PinBackend for MlockBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Mlock
-    }
-
-    fn locks_memory(&self) -> bool {
-        true
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            locks_memory: true,
+            ..BackendInfo::new(BackendKind::Mlock)
+        }
     }
 
     fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {

@@ -14,6 +14,7 @@
 //! one thread, 2.8 on two). One `mlock2(MLOCK_ONFAULT)` marks the whole range, and the
 //! parallel populate then locks pages as they fault (3.2 -> 5.1 GiB/s).
 
+mod info;
 mod mlock;
 mod populate;
 mod several;
@@ -22,6 +23,7 @@ mod vfio_user;
 
 use std::io;
 
+pub use info::{BackendInfo, BackendKind, KindSet};
 pub use mlock::MlockBackend;
 pub(crate) use populate::populate_range;
 pub use populate::PopulateBackend;
@@ -30,46 +32,6 @@ pub use vfio::{DmaMapper, IommufdBackend, Type1Backend, VfioDma};
 pub use vfio_user::{FdDmaMapper, VfioUserBackend};
 
 use crate::region::{GuestRam, Piece};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum BackendKind {
-    None,
-    Populate,
-    Mlock,
-    Type1,
-    Iommufd,
-    VfioUser,
-}
-
-impl BackendKind {
-    /// Every kind, in the order the command line lists them.
-    pub const ALL: [BackendKind; 6] = [
-        BackendKind::None,
-        BackendKind::Populate,
-        BackendKind::Mlock,
-        BackendKind::Type1,
-        BackendKind::Iommufd,
-        BackendKind::VfioUser,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::None => "none",
-            BackendKind::Populate => "populate",
-            BackendKind::Mlock => "mlock",
-            BackendKind::Type1 => "type1",
-            BackendKind::Iommufd => "iommufd",
-            BackendKind::VfioUser => "vfio-user",
-        }
-    }
-}
-
-impl std::fmt::Display for BackendKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// A failed backend operation, with the memory it was about.
 #[derive(Debug, thiserror::Error)]
@@ -100,40 +62,13 @@ impl BackendError {
 }
 
 /// One way of preparing guest RAM. `map` runs on memory already faulted in (see
-/// [`PinBackend::populates`]) and must leave nothing behind when it fails. `unmap` and `end`
+/// [`BackendInfo::populates`]) and must leave nothing behind when it fails. `unmap` and `end`
 /// say when they fail (what they covered may then remain mapped or locked); the pinner counts
 /// each failure, goes on with the rest, and reports them: teardown always finishes.
 pub trait PinBackend: Send + Sync {
-    fn kind(&self) -> BackendKind;
-
-    /// Every kind this backend maps through (several for several devices).
-    fn kinds(&self) -> Vec<BackendKind> {
-        vec![self.kind()]
-    }
-
-    /// Whether the mapped bytes count against RLIMIT_MEMLOCK.
-    fn locks_memory(&self) -> bool;
-
-    /// Whether RAM must be faulted in before `map` (counts against the memory cgroup). The
-    /// pinner does the faulting, in cancellable steps, so `map` only locks or maps.
-    fn populates(&self) -> bool {
-        true
-    }
-
-    /// How many threads `map` may usefully run on; `Some(1)` where the kernel serialises.
-    fn map_threads(&self) -> Option<usize> {
-        None
-    }
-
-    /// Populate all of RAM in parallel before the (serial) map phase.
-    fn populate_first(&self) -> bool {
-        false
-    }
-
-    /// How many separate mappings the backend can hold (type1's `dma_entry_limit`).
-    fn max_mappings(&self) -> Option<u64> {
-        None
-    }
+    /// What this backend is and needs. The pinner reads it once, when it is made; a
+    /// wrapper passes its inner backend's on (changing what it must).
+    fn describe(&self) -> BackendInfo;
 
     /// A whole-RAM step before any chunk.
     fn begin(&self, _ram: &GuestRam) -> Result<(), BackendError> {
@@ -157,14 +92,11 @@ pub trait PinBackend: Send + Sync {
 pub struct NoneBackend;
 
 impl PinBackend for NoneBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::None
-    }
-    fn locks_memory(&self) -> bool {
-        false
-    }
-    fn populates(&self) -> bool {
-        false
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            populates: false,
+            ..BackendInfo::new(BackendKind::None)
+        }
     }
     fn map(&self, _piece: &Piece) -> Result<(), BackendError> {
         Ok(())

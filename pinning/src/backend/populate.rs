@@ -6,7 +6,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{BackendError, BackendKind, PinBackend};
+use super::{BackendError, BackendInfo, BackendKind, PinBackend};
 use crate::region::Piece;
 use crate::sys;
 
@@ -59,11 +59,8 @@ fn touch_pages(piece: &Piece) -> io::Result<()> {
 }
 
 impl PinBackend for PopulateBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Populate
-    }
-    fn locks_memory(&self) -> bool {
-        false
+    fn describe(&self) -> BackendInfo {
+        BackendInfo::new(BackendKind::Populate)
     }
     /// The pinner has faulted the piece in already: that is all this backend does.
     fn map(&self, _piece: &Piece) -> Result<(), BackendError> {

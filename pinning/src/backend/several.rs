@@ -4,12 +4,14 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{BackendError, BackendKind, PinBackend};
+use super::{BackendError, BackendInfo, PinBackend};
 use crate::region::{GuestRam, Piece};
 
 /// The backends of several DMA-capable devices as one.
 pub struct SeveralBackend {
     parts: Vec<Arc<dyn PinBackend>>,
+    /// The parts' descriptions combined, once.
+    info: BackendInfo,
     /// Unmaps that failed while a failed `map` took a piece back from the parts before the
     /// failing one: nobody undoes that piece again, so `end` reports them.
     stuck: Mutex<Vec<BackendError>>,
@@ -19,6 +21,7 @@ impl SeveralBackend {
     /// `parts` in the order chunks are mapped (and the reverse of the order they are undone).
     pub fn new(parts: Vec<Arc<dyn PinBackend>>) -> Self {
         Self {
+            info: BackendInfo::combine(parts.iter().map(|p| p.describe())),
             parts,
             stuck: Mutex::new(Vec::new()),
         }
@@ -30,28 +33,10 @@ impl SeveralBackend {
 }
 
 impl PinBackend for SeveralBackend {
-    /// The first device's kind: the report names one backend per job.
-    fn kind(&self) -> BackendKind {
-        self.parts.first().map_or(BackendKind::None, |p| p.kind())
-    }
-    fn kinds(&self) -> Vec<BackendKind> {
-        self.parts.iter().flat_map(|p| p.kinds()).collect()
-    }
-    fn locks_memory(&self) -> bool {
-        self.parts.iter().any(|p| p.locks_memory())
-    }
-    fn populates(&self) -> bool {
-        self.parts.iter().any(|p| p.populates())
-    }
-    /// As few as the most serial part allows (type1's container map is serial).
-    fn map_threads(&self) -> Option<usize> {
-        self.parts.iter().filter_map(|p| p.map_threads()).min()
-    }
-    fn populate_first(&self) -> bool {
-        self.parts.iter().any(|p| p.populate_first())
-    }
-    fn max_mappings(&self) -> Option<u64> {
-        self.parts.iter().filter_map(|p| p.max_mappings()).min()
+    /// The first device's kind (the report names one backend per job), and as few map
+    /// threads as the most serial part allows (type1's container map is serial).
+    fn describe(&self) -> BackendInfo {
+        self.info
     }
     fn begin(&self, ram: &GuestRam) -> Result<(), BackendError> {
         for (i, p) in self.parts.iter().enumerate() {
@@ -103,7 +88,7 @@ impl PinBackend for SeveralBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::{IommufdBackend, Type1Backend};
+    use crate::backend::{BackendKind, IommufdBackend, Type1Backend};
     use crate::model::IommuModel;
 
     fn piece(guest_addr: u64) -> Piece {
@@ -124,10 +109,15 @@ mod tests {
             Arc::new(Type1Backend::new(a.clone(), 65535)),
             Arc::new(IommufdBackend::new(b.clone())),
         ]);
-        assert_eq!(several.kind(), BackendKind::Type1);
-        assert_eq!(several.kinds(), [BackendKind::Type1, BackendKind::Iommufd]);
-        assert_eq!(several.map_threads(), Some(1), "type1 maps serially");
-        assert!(several.locks_memory() && several.populate_first());
+        let info = several.describe();
+        assert_eq!(info.kind, BackendKind::Type1);
+        assert_eq!(
+            info.kinds.iter().collect::<Vec<_>>(),
+            [BackendKind::Type1, BackendKind::Iommufd]
+        );
+        assert_eq!(info.map_threads, Some(1), "type1 maps serially");
+        assert_eq!(info.max_mappings, Some(65535));
+        assert!(info.locks_memory && info.populate_first);
         several.map(&piece(0)).unwrap();
         assert_eq!((a.mappings().len(), b.mappings().len()), (1, 1));
         assert!(several.map(&piece(0x20_0000)).is_err());

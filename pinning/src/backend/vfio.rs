@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use vfio_ioctls::{VfioError, VfioOps};
 
-use super::{BackendError, BackendKind, PinBackend};
+use super::{BackendError, BackendInfo, BackendKind, PinBackend};
 use crate::region::Piece;
 
 /// The kernel's default for vfio_iommu_type1's `dma_entry_limit` module parameter.
@@ -98,20 +98,14 @@ impl Type1Backend {
 }
 
 impl PinBackend for Type1Backend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Type1
-    }
-    fn locks_memory(&self) -> bool {
-        true
-    }
-    fn map_threads(&self) -> Option<usize> {
-        Some(1)
-    }
-    fn populate_first(&self) -> bool {
-        true
-    }
-    fn max_mappings(&self) -> Option<u64> {
-        Some(self.entry_limit)
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            locks_memory: true,
+            map_threads: Some(1),
+            populate_first: true,
+            max_mappings: Some(self.entry_limit),
+            ..BackendInfo::new(BackendKind::Type1)
+        }
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         map_piece(self.mapper.as_ref(), "VFIO_IOMMU_MAP_DMA", piece)
@@ -133,11 +127,11 @@ impl IommufdBackend {
 }
 
 impl PinBackend for IommufdBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::Iommufd
-    }
-    fn locks_memory(&self) -> bool {
-        true
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            locks_memory: true,
+            ..BackendInfo::new(BackendKind::Iommufd)
+        }
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         // The pinner faulted the piece in first: IOAS_MAP would otherwise fault each page

@@ -6,7 +6,7 @@
 use std::io;
 use std::sync::Arc;
 
-use super::{BackendError, BackendKind, PinBackend};
+use super::{BackendError, BackendInfo, BackendKind, PinBackend};
 use crate::region::{Piece, RamFile};
 
 /// Something that maps guest RAM into a device by file descriptor (a vfio-user client).
@@ -29,12 +29,9 @@ impl VfioUserBackend {
 }
 
 impl PinBackend for VfioUserBackend {
-    fn kind(&self) -> BackendKind {
-        BackendKind::VfioUser
-    }
     /// The server maps the pages; nothing is locked in this process.
-    fn locks_memory(&self) -> bool {
-        false
+    fn describe(&self) -> BackendInfo {
+        BackendInfo::new(BackendKind::VfioUser)
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         let (file, offset) = piece.file.as_ref().ok_or_else(|| {
@@ -117,6 +114,6 @@ mod tests {
         b.unmap(&piece(0x1_0000_0000, Some((file.clone(), 0))))
             .unwrap();
         assert_eq!(rec.unmaps.lock().unwrap()[..], [(0x1_0000_0000, 0x20_0000)]);
-        assert!(!b.locks_memory());
+        assert!(!b.describe().locks_memory);
     }
 }

@@ -2,10 +2,14 @@
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use proptest::prelude::*;
 
+use super::plan::SpecError;
+use super::run::Completed;
 use super::*;
+use crate::cancel::{CancelReason, CancelToken};
 
 /// Records, per `unit` bytes, how often it was run and undone. A unit's count is positive
 /// after `run`, back to zero after `undo`, and negative if something undid work never done.
@@ -550,7 +554,6 @@ fn parallel_for_helpers_run_at_nice_19_beside_the_caller() {
 
 #[test]
 fn every_helper_runs_the_start_hook_with_its_name_before_working() {
-    use std::sync::Mutex;
     // The hook is process-wide: other tests' helpers may call it too, so keep only ours.
     static STARTED: Mutex<Vec<(String, i32)>> = Mutex::new(Vec::new());
     fn hook(name: &str) {

@@ -3,8 +3,13 @@
 
 use std::sync::{Arc, Mutex};
 
+use super::work::POPULATE_STEP;
 use super::*;
+use crate::admission::AdmissionError;
+use crate::backend::{BackendInfo, BackendKind};
 use crate::backend::{IommufdBackend, MlockBackend, NoneBackend, PopulateBackend, Type1Backend};
+use crate::class::{Classify, ErrorClass};
+use crate::engine::{DecidedBy, DEFAULT_MIN_CHUNK};
 use crate::limits::Memlock;
 use crate::model::IommuModel;
 use crate::procfs::ProcStatus;
@@ -293,17 +298,12 @@ struct Recorder {
 }
 
 impl PinBackend for Recorder {
-    fn kind(&self) -> BackendKind {
-        BackendKind::None
-    }
-    fn locks_memory(&self) -> bool {
-        false
-    }
-    fn populates(&self) -> bool {
-        false
-    }
-    fn map_threads(&self) -> Option<usize> {
-        self.serial.then_some(1)
+    fn describe(&self) -> BackendInfo {
+        BackendInfo {
+            populates: false,
+            map_threads: self.serial.then_some(1),
+            ..BackendInfo::new(BackendKind::None)
+        }
     }
     fn map(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
         self.maps.lock().unwrap().push(piece.clone());
@@ -573,20 +573,8 @@ impl Faulty {
 }
 
 impl PinBackend for Faulty {
-    fn kind(&self) -> BackendKind {
-        self.inner.kind()
-    }
-    fn locks_memory(&self) -> bool {
-        self.inner.locks_memory()
-    }
-    fn populates(&self) -> bool {
-        self.inner.populates()
-    }
-    fn map_threads(&self) -> Option<usize> {
-        self.inner.map_threads()
-    }
-    fn populate_first(&self) -> bool {
-        self.inner.populate_first()
+    fn describe(&self) -> BackendInfo {
+        self.inner.describe()
     }
     fn begin(&self, ram: &GuestRam) -> Result<(), crate::backend::BackendError> {
         self.inner.begin(ram)

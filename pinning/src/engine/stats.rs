@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Serialize, Serializer};
 
-use crate::engine::DecidedBy;
+use super::plan::DecidedBy;
 use crate::prio::Lending;
 use crate::GIB;
 

@@ -1,0 +1,130 @@
+//! The work the engine runs on each chunk of guest RAM: fault it in, in cancellable steps,
+//! and hand it to the backend (or, for type1's first phase, only fault it in).
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+use crate::backend::{populate_range, BackendError, PinBackend};
+use crate::cancel::CancelToken;
+use crate::engine::{lock, ChunkWork, Undone};
+use crate::region::{GuestRam, Piece};
+
+/// Why a chunk stopped.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum WorkError {
+    #[error(transparent)]
+    Backend(BackendError),
+    /// Cancelled between two populate steps of a chunk.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+/// Faulting in is cut into steps this large, with a cancellation check between them, so
+/// Ctrl-C takes effect within a fraction of a second even with gigabyte chunks.
+pub(super) const POPULATE_STEP: u64 = 64 * crate::MIB;
+
+/// Where work reports the bytes it has just finished: the progress bar's counter.
+pub(super) type Report<'a> = &'a (dyn Fn(u64) + Sync);
+
+fn populate_in_steps(
+    piece: &Piece,
+    cancel: &CancelToken,
+    progress: Report,
+) -> Result<(), WorkError> {
+    let mut done = 0;
+    while done < piece.len {
+        if cancel.is_cancelled() {
+            return Err(WorkError::Cancelled);
+        }
+        let len = POPULATE_STEP.min(piece.len - done);
+        let step = Piece {
+            host_addr: piece.host_addr + done,
+            guest_addr: piece.guest_addr + done,
+            len,
+            file: piece.file.as_ref().map(|(f, off)| (f.clone(), off + done)),
+        };
+        populate_range(&step).map_err(WorkError::Backend)?;
+        progress(len);
+        done += len;
+    }
+    Ok(())
+}
+
+/// One chunk: fault its pieces in (unless already done, or the backend doesn't), then hand
+/// them to the backend. Progress counts populate steps, or mapped pieces when there is no
+/// populating here, so each byte is counted once.
+pub(super) struct MapWork<'a> {
+    pub(super) backend: &'a dyn PinBackend,
+    pub(super) ram: &'a GuestRam,
+    pub(super) cancel: &'a CancelToken,
+    pub(super) populate: bool,
+    pub(super) progress: Report<'a>,
+    /// Unmaps that failed while a failing chunk took its earlier pieces back: the engine
+    /// never undoes that chunk, so they are counted here.
+    pub(super) rollbacks: &'a Mutex<Undone>,
+}
+
+impl ChunkWork for MapWork<'_> {
+    type Error = WorkError;
+
+    fn run(&self, chunk: Range<u64>) -> Result<(), WorkError> {
+        let pieces: Vec<_> = self.ram.pieces(chunk).collect();
+        for (i, piece) in pieces.iter().enumerate() {
+            let result = if self.populate {
+                populate_in_steps(piece, self.cancel, self.progress)
+            } else {
+                Ok(())
+            };
+            if let Err(e) =
+                result.and_then(|()| self.backend.map(piece).map_err(WorkError::Backend))
+            {
+                // Leave nothing of this chunk behind: the engine only undoes whole chunks.
+                for done in pieces[..i].iter().rev() {
+                    if let Err(failed) = self.backend.unmap(done) {
+                        lock(self.rollbacks).fail(done.len, failed);
+                    }
+                }
+                return Err(e);
+            }
+            if !self.populate {
+                (self.progress)(piece.len);
+            }
+        }
+        Ok(())
+    }
+
+    /// Unmaps every piece, even after one fails; the first failure is the chunk's.
+    fn undo(&self, chunk: Range<u64>) -> Result<(), WorkError> {
+        let mut first = Ok(());
+        for piece in self.ram.pieces(chunk).rev() {
+            if let Err(e) = self.backend.unmap(&piece) {
+                if first.is_ok() {
+                    first = Err(WorkError::Backend(e));
+                } else {
+                    tracing::warn!("{e}");
+                }
+            }
+        }
+        first
+    }
+}
+
+/// type1's first phase: fault all of RAM in, in parallel, before the serial map phase.
+pub(super) struct PopulateWork<'a> {
+    pub(super) ram: &'a GuestRam,
+    pub(super) cancel: &'a CancelToken,
+    pub(super) progress: Report<'a>,
+}
+
+impl ChunkWork for PopulateWork<'_> {
+    type Error = WorkError;
+    fn run(&self, chunk: Range<u64>) -> Result<(), WorkError> {
+        self.ram
+            .pieces(chunk)
+            .try_for_each(|p| populate_in_steps(&p, self.cancel, self.progress))
+    }
+    /// Faulted-in memory is not a resource to give back; it goes with the mapping.
+    fn undo(&self, _chunk: Range<u64>) -> Result<(), WorkError> {
+        Ok(())
+    }
+}
