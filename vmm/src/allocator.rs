@@ -2,9 +2,8 @@
 //! the PCI port I/O window and interrupt lines (GSIs). Handing them out from one place is what
 //! keeps two devices from ever being given the same BAR address or the same GSI.
 
-use std::collections::BTreeMap;
-
 use devices::pci::{BarKind, BarSpec};
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator, RangeInclusive};
 
 use crate::memory::layout::{self, MemoryLayout};
 
@@ -17,17 +16,17 @@ pub const MAX_GSI: u32 = LEGACY_GSI_COUNT + 4096 - 40 - 1;
 /// Allocation errors.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ResourceError {
+    #[error("{pool}: the window {start:#x}..{end:#x} is empty or wraps; the memory layout that defines it is wrong")]
+    BadWindow {
+        pool: &'static str,
+        start: u64,
+        end: u64,
+    },
     #[error("{pool}: no free range of {size:#x} bytes aligned to {align:#x}")]
     Exhausted {
         pool: &'static str,
         size: u64,
         align: u64,
-    },
-    #[error("{pool}: range {addr:#x}+{size:#x} is outside the pool or in use")]
-    Unavailable {
-        pool: &'static str,
-        addr: u64,
-        size: u64,
     },
     #[error("{pool}: invalid request (size {size:#x}, alignment {align:#x})")]
     InvalidRequest {
@@ -55,38 +54,47 @@ pub enum ResourceError {
         start: u64,
         end: u64,
     },
-    #[error("{pool}: {addr:#x} was not allocated")]
-    NotAllocated { pool: &'static str, addr: u64 },
+    #[error("{pool}: {addr:#x}+{size:#x} was not allocated")]
+    NotAllocated {
+        pool: &'static str,
+        addr: u64,
+        size: u64,
+    },
     #[error("legacy GSI {0} is out of range (0..24) or already in use")]
     LegacyGsiUnavailable(u32),
     #[error("no free GSI left (24..={MAX_GSI})")]
     GsiExhausted,
 }
 
-/// First-fit allocator over `[start, end)` with aligned allocations.
+/// First-fit allocator over one address window, `vm-allocator`'s [`AddressAllocator`] with
+/// the window's name for the errors.
+///
+/// There is deliberately no claim of a fixed range: `AllocPolicy::ExactMatch` in
+/// vm-allocator 0.1.4 places a range inside one already handed out (it does not check that
+/// the node it splits is free), and nothing in this VMM needs a fixed address from a pool:
+/// the fixed regions (ECAM, LAPIC, IOAPIC) lie outside every window by layout.
 #[derive(Debug)]
-pub struct AddressAllocator {
+pub struct AddressPool {
     name: &'static str,
-    start: u64,
-    end: u64,
-    // start -> size of every live allocation.
-    used: BTreeMap<u64, u64>,
+    pool: AddressAllocator,
 }
 
-impl AddressAllocator {
+impl AddressPool {
     /// A pool covering `[start, end)`.
-    pub fn new(name: &'static str, start: u64, end: u64) -> Self {
-        AddressAllocator {
-            name,
+    pub fn new(name: &'static str, start: u64, end: u64) -> Result<Self, ResourceError> {
+        let bad = ResourceError::BadWindow {
+            pool: name,
             start,
             end,
-            used: BTreeMap::new(),
-        }
+        };
+        let size = end.checked_sub(start).ok_or(bad.clone())?;
+        let pool = AddressAllocator::new(start, size).map_err(|_| bad)?;
+        Ok(AddressPool { name, pool })
     }
 
-    /// The pool's bounds.
+    /// The pool's bounds, `[start, end)`.
     pub fn bounds(&self) -> (u64, u64) {
-        (self.start, self.end)
+        (self.pool.base(), self.pool.end() + 1)
     }
 
     /// Lowest free range of `size` bytes aligned to `align` (a power of two).
@@ -98,85 +106,51 @@ impl AddressAllocator {
                 align,
             });
         }
-        let exhausted = ResourceError::Exhausted {
-            pool: self.name,
-            size,
-            align,
-        };
-        let mut candidate = self
-            .start
-            .checked_next_multiple_of(align)
-            .ok_or(exhausted.clone())?;
-        // Walk the allocations in order, trying the gap before each one.
-        for (&a, &len) in &self.used {
-            let fits = candidate.checked_add(size).is_some_and(|e| e <= a);
-            if fits {
-                break;
-            }
-            let after = a + len;
-            if after > candidate {
-                candidate = after
-                    .checked_next_multiple_of(align)
-                    .ok_or(exhausted.clone())?;
-            }
-        }
-        match candidate.checked_add(size) {
-            Some(e) if e <= self.end => {
-                self.used.insert(candidate, size);
-                Ok(candidate)
-            }
-            _ => Err(exhausted),
-        }
+        self.pool
+            .allocate(size, align, AllocPolicy::FirstMatch)
+            .map(|range| range.start())
+            .map_err(|_| ResourceError::Exhausted {
+                pool: self.name,
+                size,
+                align,
+            })
     }
 
-    /// Claims exactly `[addr, addr + size)`.
-    pub fn allocate_at(&mut self, addr: u64, size: u64) -> Result<(), ResourceError> {
-        let unavailable = ResourceError::Unavailable {
+    /// Returns the `size` bytes allocated at `addr`. (vm-allocator also accepts a range that
+    /// is exactly a free gap, which changes nothing.)
+    pub fn free(&mut self, addr: u64, size: u64) -> Result<(), ResourceError> {
+        let not_allocated = ResourceError::NotAllocated {
             pool: self.name,
             addr,
             size,
         };
-        let end = addr.checked_add(size).ok_or(unavailable.clone())?;
-        if size == 0 || addr < self.start || end > self.end {
-            return Err(unavailable);
-        }
-        let below = self.used.range(..=addr).next_back();
-        let above = self.used.range(addr..).next();
-        let clash =
-            below.is_some_and(|(&a, &l)| a + l > addr) || above.is_some_and(|(&a, _)| a < end);
-        if clash {
-            return Err(unavailable);
-        }
-        self.used.insert(addr, size);
-        Ok(())
-    }
-
-    /// Returns the allocation starting at `addr`.
-    pub fn free(&mut self, addr: u64) -> Result<(), ResourceError> {
-        self.used
-            .remove(&addr)
-            .map(|_| ())
-            .ok_or(ResourceError::NotAllocated {
-                pool: self.name,
-                addr,
-            })
+        let end = addr
+            .checked_add(size)
+            .and_then(|e| e.checked_sub(1))
+            .ok_or(not_allocated.clone())?;
+        let range = RangeInclusive::new(addr, end).map_err(|_| not_allocated.clone())?;
+        self.pool.free(&range).map_err(|_| not_allocated)
     }
 }
 
 /// GSIs: 0..24 claimed by number (legacy devices), MSI vectors from 24 up.
 #[derive(Debug)]
 pub struct GsiAllocator {
+    // A bit per legacy GSI. vm-allocator has no claim by number that works here: its
+    // IdAllocator hands out ids in order, and its AddressAllocator's ExactMatch (0.1.4)
+    // misses a single free id whose successor is taken (it looks for a two-id superset).
     legacy_used: u32,
-    next_msi: u32,
-    freed_msi: Vec<u32>,
+    msi: IdAllocator,
 }
+
+const _: () = assert!(LEGACY_GSI_COUNT <= MAX_GSI);
 
 impl Default for GsiAllocator {
     fn default() -> Self {
         GsiAllocator {
             legacy_used: 0,
-            next_msi: LEGACY_GSI_COUNT,
-            freed_msi: Vec::new(),
+            msi: IdAllocator::new(LEGACY_GSI_COUNT, MAX_GSI)
+                .expect("LEGACY_GSI_COUNT <= MAX_GSI by their definitions"),
         }
     }
 }
@@ -191,24 +165,17 @@ impl GsiAllocator {
         Ok(gsi)
     }
 
-    /// A GSI for an MSI/MSI-X vector.
+    /// A GSI for an MSI/MSI-X vector: the lowest one given back, else the next never used.
     pub fn allocate_msi(&mut self) -> Result<u32, ResourceError> {
-        if let Some(gsi) = self.freed_msi.pop() {
-            return Ok(gsi);
-        }
-        if self.next_msi > MAX_GSI {
-            return Err(ResourceError::GsiExhausted);
-        }
-        let gsi = self.next_msi;
-        self.next_msi += 1;
-        Ok(gsi)
+        self.msi
+            .allocate_id()
+            .map_err(|_| ResourceError::GsiExhausted)
     }
 
-    /// Gives back an MSI GSI.
+    /// Gives back an MSI GSI; one that is not a live MSI GSI is ignored.
     pub fn free_msi(&mut self, gsi: u32) {
-        if (LEGACY_GSI_COUNT..self.next_msi).contains(&gsi) && !self.freed_msi.contains(&gsi) {
-            self.freed_msi.push(gsi);
-        }
+        // The only failures are "not an MSI GSI" and "not handed out", both harmless here.
+        let _ = self.msi.free_id(gsi);
     }
 }
 
@@ -216,25 +183,25 @@ impl GsiAllocator {
 #[derive(Debug)]
 pub struct ResourceAllocator {
     /// 32-bit MMIO (BARs that must stay below 4 GiB).
-    pub mmio32: AddressAllocator,
+    pub mmio32: AddressPool,
     /// 64-bit MMIO window above RAM.
-    pub mmio64: AddressAllocator,
+    pub mmio64: AddressPool,
     /// The PCI port I/O window (I/O BARs).
-    pub pio: AddressAllocator,
+    pub pio: AddressPool,
     /// Interrupt lines.
     pub gsi: GsiAllocator,
 }
 
 impl ResourceAllocator {
     /// Pools for the MMIO windows of `layout`.
-    pub fn new(layout: &MemoryLayout) -> Self {
+    pub fn new(layout: &MemoryLayout) -> Result<Self, ResourceError> {
         let mmio64 = layout.mmio64();
-        ResourceAllocator {
-            mmio32: AddressAllocator::new("mmio32", layout::MMIO32_START, layout::MMIO32_ALLOC_END),
-            mmio64: AddressAllocator::new("mmio64", mmio64.start.0, mmio64.end()),
-            pio: AddressAllocator::new("pci-io", layout::PCI_IO_START, layout::PCI_IO_END),
+        Ok(ResourceAllocator {
+            mmio32: AddressPool::new("mmio32", layout::MMIO32_START, layout::MMIO32_ALLOC_END)?,
+            mmio64: AddressPool::new("mmio64", mmio64.start.0, mmio64.end())?,
+            pio: AddressPool::new("pci-io", layout::PCI_IO_START, layout::PCI_IO_END)?,
             gsi: GsiAllocator::default(),
-        }
+        })
     }
 
     /// A base for BAR `index` of `device`, from the window its kind decodes in, aligned to
@@ -252,7 +219,8 @@ impl ResourceAllocator {
             BarKind::Memory64 => (&mut self.mmio64, spec.size.max(layout::PAGE_SIZE)),
         };
         let (device, kind, size) = (device.to_string(), spec.kind, spec.size);
-        let (pool_name, start, end) = (pool.name, pool.start, pool.end);
+        let pool_name = pool.name;
+        let (start, end) = pool.bounds();
         pool.allocate(size, align).map_err(|e| match e {
             ResourceError::Exhausted { .. } if size > end - start => {
                 ResourceError::BarLargerThanWindow {
@@ -285,26 +253,40 @@ mod tests {
 
     #[test]
     fn allocations_are_aligned_first_fit_and_reusable() {
-        let mut a = AddressAllocator::new("t", 0x1000, 0x10000);
+        let mut a = AddressPool::new("t", 0x1000, 0x10000).unwrap();
         assert_eq!(a.allocate(0x100, 0x1000), Ok(0x1000));
         assert_eq!(a.allocate(0x2000, 0x2000), Ok(0x2000));
         // Fills the gap left before 0x2000 (0x1100..0x2000).
         assert_eq!(a.allocate(0x100, 0x100), Ok(0x1100));
         assert_eq!(a.allocate(0x1000, 0x1000), Ok(0x4000));
-        a.free(0x2000).unwrap();
+        a.free(0x2000, 0x2000).unwrap();
         assert_eq!(a.allocate(0x2000, 0x1000), Ok(0x2000));
+        // Part of an allocation, or a range never handed out, is not freed.
         assert_eq!(
-            a.free(0x3000),
+            a.free(0x3000, 0x1000),
             Err(ResourceError::NotAllocated {
                 pool: "t",
-                addr: 0x3000
+                addr: 0x3000,
+                size: 0x1000
             })
         );
+        assert!(a.free(0x5000, 0x1000).is_err());
+        assert!(a.free(0, 0).is_err());
+        // Freed neighbours merge: the whole 0x1000..0x5000 is one range again.
+        for (addr, size) in [
+            (0x1000, 0x100),
+            (0x1100, 0x100),
+            (0x2000, 0x2000),
+            (0x4000, 0x1000),
+        ] {
+            a.free(addr, size).unwrap();
+        }
+        assert_eq!(a.allocate(0xf000, 0x1000), Ok(0x1000));
     }
 
     #[test]
     fn exhaustion_and_bad_requests_are_errors() {
-        let mut a = AddressAllocator::new("t", 0, 0x4000);
+        let mut a = AddressPool::new("t", 0, 0x4000).unwrap();
         assert_eq!(a.allocate(0x4000, 0x1000), Ok(0));
         assert_eq!(
             a.allocate(1, 1),
@@ -322,22 +304,17 @@ mod tests {
             a.allocate(1, 3),
             Err(ResourceError::InvalidRequest { .. })
         ));
-        let mut b = AddressAllocator::new("t", u64::MAX - 0xfff, u64::MAX);
+        let mut b = AddressPool::new("t", u64::MAX - 0xfff, u64::MAX).unwrap();
         assert!(b.allocate(0x1000, 0x1_0000).is_err());
-    }
-
-    #[test]
-    fn fixed_claims_respect_neighbours() {
-        let mut a = AddressAllocator::new("t", 0x1000, 0x9000);
-        a.allocate_at(0x3000, 0x1000).unwrap();
-        assert!(a.allocate_at(0x2800, 0x1000).is_err());
-        assert!(a.allocate_at(0x3800, 0x100).is_err());
-        assert!(a.allocate_at(0x0, 0x1000).is_err());
-        assert!(a.allocate_at(0x8800, 0x1000).is_err());
-        a.allocate_at(0x2000, 0x1000).unwrap();
-        a.allocate_at(0x4000, 0x1000).unwrap();
-        assert_eq!(a.allocate(0x1000, 0x1000), Ok(0x1000));
-        assert_eq!(a.allocate(0x1000, 0x1000), Ok(0x5000));
+        assert_eq!(
+            AddressPool::new("t", 0x2000, 0x1000).unwrap_err(),
+            ResourceError::BadWindow {
+                pool: "t",
+                start: 0x2000,
+                end: 0x1000
+            }
+        );
+        assert!(AddressPool::new("t", 0x1000, 0x1000).is_err());
     }
 
     #[test]
@@ -352,6 +329,10 @@ mod tests {
             g.claim_legacy(24),
             Err(ResourceError::LegacyGsiUnavailable(24))
         );
+        // The INTx order: a free line between two taken ones is still claimable.
+        for gsi in [10, 11, 9, 5, 3] {
+            assert_eq!(g.claim_legacy(gsi), Ok(gsi));
+        }
         assert_eq!(g.allocate_msi(), Ok(24));
         assert_eq!(g.allocate_msi(), Ok(25));
         g.free_msi(24);
@@ -374,7 +355,7 @@ mod tests {
 
     #[test]
     fn io_bars_fill_the_pio_window_aligned_to_their_size_up_to_its_last_port() {
-        let mut r = ResourceAllocator::new(&MemoryLayout::new(64 * layout::MIB).unwrap());
+        let mut r = ResourceAllocator::new(&MemoryLayout::new(64 * layout::MIB).unwrap()).unwrap();
         assert_eq!(r.pio.bounds(), (layout::PCI_IO_START, layout::PCI_IO_END));
         // The first BAR sits at the window's first port.
         assert_eq!(r.allocate_bar("a", 0, io(0x20)), Ok(0xc000));
@@ -396,7 +377,7 @@ mod tests {
 
     #[test]
     fn a_full_pio_window_names_the_device_and_bar_it_refused() {
-        let mut r = ResourceAllocator::new(&MemoryLayout::new(64 * layout::MIB).unwrap());
+        let mut r = ResourceAllocator::new(&MemoryLayout::new(64 * layout::MIB).unwrap()).unwrap();
         let window = layout::PCI_IO_END - layout::PCI_IO_START;
         // A 64 KiB BAR is valid PCI but larger than the window.
         let err = r.allocate_bar("gpio.sock", 2, io(0x1_0000)).unwrap_err();
@@ -416,8 +397,42 @@ mod tests {
     }
 
     #[test]
+    fn memory_bars_take_at_least_a_page_aligned_to_their_size() {
+        let mut r = ResourceAllocator::new(&MemoryLayout::new(6 * layout::GIB).unwrap()).unwrap();
+        let bar = |kind, size| BarSpec {
+            kind,
+            size,
+            prefetchable: false,
+        };
+        let small = bar(BarKind::Memory32, 0x10);
+        assert_eq!(r.allocate_bar("a", 0, small), Ok(layout::MMIO32_START));
+        assert_eq!(
+            r.allocate_bar("a", 1, small),
+            Ok(layout::MMIO32_START + 0x1000)
+        );
+        let big = bar(BarKind::Memory32, 0x10_0000);
+        assert_eq!(
+            r.allocate_bar("a", 2, big),
+            Ok(layout::MMIO32_START + 0x10_0000)
+        );
+        // The gap the alignment left is still used.
+        assert_eq!(
+            r.allocate_bar("a", 3, small),
+            Ok(layout::MMIO32_START + 0x2000)
+        );
+        let mmio64 = r.mmio64.bounds().0;
+        // The 64-bit window starts at 7 GiB: a 4 GiB BAR goes to 8 GiB, and a 1 GiB one
+        // then fills the gap below it.
+        let four = bar(BarKind::Memory64, 4 * layout::GIB);
+        assert_eq!(r.allocate_bar("b", 0, four), Ok(8 * layout::GIB));
+        let gib = bar(BarKind::Memory64, layout::GIB);
+        assert_eq!(r.allocate_bar("b", 2, gib), Ok(mmio64));
+        assert_eq!(r.allocate_bar("b", 4, gib), Ok(12 * layout::GIB));
+    }
+
+    #[test]
     fn vm_pools_follow_the_layout() {
-        let r = ResourceAllocator::new(&MemoryLayout::new(6 * layout::GIB).unwrap());
+        let r = ResourceAllocator::new(&MemoryLayout::new(6 * layout::GIB).unwrap()).unwrap();
         assert_eq!(r.mmio32.bounds(), (3 * layout::GIB, layout::PCI_ECAM_START));
         assert_eq!(
             r.mmio64.bounds(),

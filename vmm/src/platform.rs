@@ -123,7 +123,7 @@ impl Platform {
         serial_in: SerialIn,
         marks: &Arc<GuestMarks>,
     ) -> Result<Platform, PlatformError> {
-        let mut allocator = ResourceAllocator::new(layout);
+        let mut allocator = ResourceAllocator::new(layout)?;
         let gsi = allocator.gsi.claim_legacy(ports::SERIAL_IRQ)?;
         let eventfd = |what| move |source| PlatformError::EventFd { what, source };
         let irq = EventFd::new(EFD_NONBLOCK).map_err(eventfd("the serial interrupt"))?;

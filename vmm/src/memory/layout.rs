@@ -10,7 +10,7 @@
 //! 0x0002_0000  kernel command line (up to 2048 bytes with its NUL)
 //! 0x0009_fc00  EBDA: the MP table lives here (E820 reserved)
 //! 0x000a_0000  VGA hole and BIOS area up to 1 MiB (E820 reserved, no device behind it)
-//! 0x000e_0000  ACPI: the RSDP (where Linux scans for it), then XSDT, FADT, DSDT, MADT, MCFG
+//! 0x000e_0000  ACPI: the RSDP (where Linux scans for it), then DSDT, FADT, MADT, MCFG, XSDT
 //! 0x0010_0000  kernel load address; RAM continues up to min(size, 3 GiB)
 //!              initrd: page-aligned at the top of RAM below 3 GiB
 //! 0xc000_0000  32-bit MMIO hole (PCI BARs), up to 4 GiB; PCI ECAM for bus 0 at 0xfeb0_0000

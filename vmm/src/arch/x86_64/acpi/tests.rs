@@ -1,9 +1,35 @@
+//! The tables are read back the way a guest reads them: by following pointers, summing
+//! checksums and walking MADT entries and `_CRS` descriptors, with the layouts of the spec
+//! written out here rather than taken from the encoder.
+
+use super::tables::{
+    ALL_PROCESSORS, ECAM_BUSES, FADT_BOOT_NO_ASPM, FADT_BOOT_NO_CMOS_RTC, FADT_BOOT_NO_VGA,
+    HEADER_LEN, MADT_LAPIC_NMI, MADT_PCAT_COMPAT, OEM_ID,
+};
 use super::*;
-use crate::memory::layout::{E820Kind, GIB, MIB};
+use crate::memory::layout::{
+    E820Kind, GIB, IOAPIC_ADDR, LAPIC_ADDR, MIB, MMIO32_ALLOC_END, MMIO32_START, PCI_ECAM_SIZE,
+    PCI_ECAM_START, PCI_IO_END, PCI_IO_START,
+};
+
+const RSDP_LEN: usize = 36;
+const FADT_LEN: usize = 276;
+const FADT_HW_REDUCED_ACPI: u32 = 1 << 20;
+const MADT_LAPIC: u8 = 0;
+const MADT_IOAPIC: u8 = 1;
+const MADT_ENABLED: u32 = 1;
+
+fn byte_sum(bytes: &[u8]) -> u8 {
+    bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+}
 
 fn at(t: &AcpiTables, addr: u64, len: usize) -> &[u8] {
     let off = (addr - ACPI_START) as usize;
     &t.bytes[off..off + len]
+}
+
+fn u16_at(b: &[u8], off: usize) -> u16 {
+    u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {
@@ -32,10 +58,12 @@ fn intx() -> Vec<PciIntx> {
 fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
     for cpus in [1u8, 2, 64, MAX_CPUS] {
         let t = build(cpus, &MemoryLayout::new(6 * GIB).unwrap(), &intx()).unwrap();
+        assert_eq!(t.rsdp, ACPI_START);
         let rsdp = at(&t, t.rsdp, RSDP_LEN);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(byte_sum(&rsdp[..20]), 0, "RSDP v1 checksum");
         assert_eq!(byte_sum(rsdp), 0, "RSDP extended checksum");
+        assert_eq!(&rsdp[9..15], OEM_ID);
         assert_eq!((rsdp[15], u32_at(rsdp, 20)), (2, 36));
         assert_eq!(u64_at(rsdp, 24), t.xsdt);
 
@@ -43,6 +71,7 @@ fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
         assert_eq!(&xsdt[..4], b"XSDT");
         let entries: Vec<u64> = xsdt[HEADER_LEN..].chunks(8).map(|c| u64_at(c, 0)).collect();
         assert_eq!(entries, vec![t.fadt, t.madt, t.mcfg]);
+        let mut ends = Vec::new();
         for (addr, sig) in [
             (t.xsdt, b"XSDT"),
             (t.fadt, b"FACP"),
@@ -51,15 +80,35 @@ fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
             (t.mcfg, b"MCFG"),
         ] {
             let tb = table(&t, addr);
+            let name = String::from_utf8_lossy(sig);
             assert_eq!(&tb[..4], sig);
-            assert_eq!(byte_sum(tb), 0, "{} checksum", String::from_utf8_lossy(sig));
+            assert_eq!(byte_sum(tb), 0, "{name} checksum");
             assert_eq!(&tb[10..16], OEM_ID);
+            assert_eq!(
+                &tb[16..24],
+                &[&b"VMM "[..], sig].concat()[..],
+                "{name} table id"
+            );
+            assert_eq!(addr % 16, 0, "{name} is 16-byte aligned");
+            ends.push((addr, addr + tb.len() as u64));
         }
+        // No two tables overlap, and none the RSDP.
+        ends.push((t.rsdp, t.rsdp + RSDP_LEN as u64));
+        ends.sort();
+        assert!(ends.windows(2).all(|w| w[0].1 <= w[1].0), "{ends:x?}");
+        assert_eq!(ACPI_START + t.bytes.len() as u64, ends.last().unwrap().1);
+
         let fadt = table(&t, t.fadt);
         assert_eq!(fadt.len(), FADT_LEN);
+        assert_eq!((fadt[8], fadt[131]), (6, 5), "FADT revision 6.5");
         assert_eq!(u32_at(fadt, 40) as u64, t.dsdt);
         assert_eq!(u64_at(fadt, 140), t.dsdt);
-        assert_ne!(u32_at(fadt, 112) & FADT_HW_REDUCED_ACPI, 0);
+        assert_eq!(
+            u16_at(fadt, 109),
+            FADT_BOOT_NO_VGA | FADT_BOOT_NO_ASPM | FADT_BOOT_NO_CMOS_RTC
+        );
+        assert_eq!(u32_at(fadt, 112), FADT_HW_REDUCED_ACPI);
+        assert_eq!(&fadt[268..276], b"RUSTVMM\0");
     }
 }
 
@@ -68,7 +117,9 @@ fn madt_has_one_enabled_lapic_per_cpu_and_the_ioapic() {
     for cpus in [1u8, 2, 7, MAX_CPUS] {
         let t = build(cpus, &MemoryLayout::new(256 * MIB).unwrap(), &[]).unwrap();
         let madt = table(&t, t.madt);
+        assert_eq!(madt[8], 5, "MADT revision");
         assert_eq!(u32_at(madt, 36) as u64, LAPIC_ADDR);
+        assert_eq!(u32_at(madt, 40), MADT_PCAT_COMPAT);
         let (mut lapics, mut ioapics, mut nmis) = (Vec::new(), Vec::new(), 0);
         let mut off = 44;
         while off < madt.len() {
@@ -86,7 +137,8 @@ fn madt_has_one_enabled_lapic_per_cpu_and_the_ioapic() {
                     ioapics.push((e[2], u32_at(e, 4) as u64, u32_at(e, 8)));
                 }
                 MADT_LAPIC_NMI => {
-                    assert_eq!((e[2], e[5]), (ALL_PROCESSORS, 1));
+                    assert_eq!(len, 6);
+                    assert_eq!((e[2], u16_at(e, 3), e[5]), (ALL_PROCESSORS, 0, 1));
                     nmis += 1;
                 }
                 k => panic!("unexpected MADT entry {k}"),
@@ -106,16 +158,19 @@ fn mcfg_describes_the_ecam_window() {
     let t = build(1, &MemoryLayout::new(256 * MIB).unwrap(), &[]).unwrap();
     let mcfg = table(&t, t.mcfg);
     assert_eq!(mcfg.len(), HEADER_LEN + 8 + 16);
+    assert_eq!(u64_at(mcfg, HEADER_LEN), 0, "reserved");
     let entry = &mcfg[HEADER_LEN + 8..];
     assert_eq!(u64_at(entry, 0), PCI_ECAM_START);
-    assert_eq!(u16::from_le_bytes([entry[8], entry[9]]), 0, "segment 0");
+    assert_eq!(u16_at(entry, 8), 0, "segment 0");
     let (first, last) = (entry[10], entry[11]);
     assert_eq!((first, last), (0, 0));
+    assert_eq!((first, last), ECAM_BUSES);
     assert_eq!(
         u64::from(last - first + 1) << 20,
         PCI_ECAM_SIZE,
         "buses x 1 MiB is the window"
     );
+    assert_eq!(u32_at(entry, 12), 0, "reserved");
 }
 
 #[test]
@@ -138,55 +193,139 @@ fn tables_lie_in_reserved_memory_below_the_kernel() {
     }
 }
 
+/// A PkgLength at `b[0]`: (the length it encodes, the bytes it takes).
+fn pkg_length(b: &[u8]) -> (usize, usize) {
+    let extra = usize::from(b[0] >> 6);
+    if extra == 0 {
+        return (usize::from(b[0] & 0x3f), 1);
+    }
+    let len = (1..=extra).fold(usize::from(b[0] & 0xf), |len, i| {
+        len | usize::from(b[i]) << (4 + 8 * (i - 1))
+    });
+    (len, 1 + extra)
+}
+
+/// A window of a host bridge `_CRS`, as an OS reads it from the descriptor.
+#[derive(Debug, PartialEq, Eq)]
+enum Window {
+    /// Fixed I/O ports (`IO` descriptor): base, length.
+    Io(u64, u64),
+    /// Address space descriptor: resource type (0 memory, 1 I/O, 2 bus), [min, max], and
+    /// whether it is a producer with fixed min and max.
+    Range(u8, u64, u64, bool),
+    /// `IRQNoFlags`: the IRQ mask.
+    Irq(u16),
+}
+
+/// The descriptors of the `_CRS` buffer that follows the first `name` in `body`.
+fn crs(body: &[u8], name: &[u8; 4]) -> Vec<Window> {
+    let device = body.windows(4).position(|w| w == name).expect("the device");
+    let at = device
+        + body[device..]
+            .windows(4)
+            .position(|w| w == b"_CRS")
+            .unwrap()
+        + 4;
+    assert_eq!(body[at], 0x11, "BufferOp");
+    let (_, pkg) = pkg_length(&body[at + 1..]);
+    let mut off = at + 1 + pkg;
+    // BufferSize: a ByteConst or WordConst.
+    let size = match body[off] {
+        0x0a => (usize::from(body[off + 1]), 2),
+        0x0b => (usize::from(u16_at(body, off + 1)), 3),
+        p => panic!("buffer size prefix {p:#x}"),
+    };
+    off += size.1;
+    let buf = &body[off..off + size.0];
+    let (mut out, mut i) = (Vec::new(), 0);
+    loop {
+        let tag = buf[i];
+        match tag {
+            0x79 => {
+                assert_eq!(i + 2, buf.len(), "end tag last");
+                return out;
+            }
+            0x47 => {
+                assert_eq!(u16_at(buf, i + 2), u16_at(buf, i + 4), "fixed base");
+                out.push(Window::Io(u16_at(buf, i + 2).into(), buf[i + 7].into()));
+                i += 8;
+            }
+            0x22 => {
+                out.push(Window::Irq(u16_at(buf, i + 1)));
+                i += 3;
+            }
+            0x87 | 0x88 | 0x8a => {
+                let len = usize::from(u16_at(buf, i + 1));
+                let d = &buf[i + 3..i + 3 + len];
+                let (kind, flags) = (d[0], d[1]);
+                let producer_fixed = flags == 0x0c;
+                let field = |n: usize| match tag {
+                    0x88 => u64::from(u16_at(d, 3 + 2 * n)),
+                    0x87 => u64::from(u32_at(d, 3 + 4 * n)),
+                    _ => u64_at(d, 3 + 8 * n),
+                };
+                // Granularity, min, max, translation, length.
+                let (min, max) = (field(1), field(2));
+                assert_eq!((field(3), field(4)), (0, max - min + 1), "{out:x?}");
+                out.push(Window::Range(kind, min, max, producer_fixed));
+                i += 3 + len;
+            }
+            t => panic!("descriptor {t:#x}"),
+        }
+    }
+}
+
 #[test]
-fn dsdt_declares_the_pci_host_bridge_and_com1() {
-    let t = build(2, &MemoryLayout::new(6 * GIB).unwrap(), &intx()).unwrap();
+fn dsdt_declares_the_pci_host_bridge_windows_and_com1() {
+    let layout = MemoryLayout::new(6 * GIB).unwrap();
+    let t = build(2, &layout, &intx()).unwrap();
     let dsdt = table(&t, t.dsdt);
+    assert_eq!(dsdt[8], 2, "DSDT revision 2: 64-bit integers");
     let body = &dsdt[HEADER_LEN..];
     let has = |needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
     // Scope(\_SB_) whose PkgLength covers the whole body.
     assert_eq!(body[0], 0x10);
-    let extra = usize::from(body[1] >> 6);
-    let scope_len = (1..=extra).fold(usize::from(body[1] & 0xf), |len, i| {
-        len | usize::from(body[1 + i]) << (4 + 8 * (i - 1))
-    });
+    let (scope_len, _) = pkg_length(&body[1..]);
     assert_eq!(scope_len, body.len() - 1);
     assert!(has(b"\\_SB_"));
     assert!(has(&[0x5b, 0x82]) && has(b"PCI0") && has(b"COM1"));
-    // EisaId("PNP0A08") and ("PNP0A03") as ASL compiles them.
+    // EisaId("PNP0A08"), ("PNP0A03") and ("PNP0501") as ASL compiles them.
     assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]));
     assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
     assert!(has(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
-    // The 32-bit window ends below the ECAM window; the 64-bit one starts past RAM.
-    let mut dword = vec![0x87, 23, 0, 0, 0x0c, 1, 0, 0, 0, 0];
-    dword.extend_from_slice(&0xc000_0000u32.to_le_bytes());
-    dword.extend_from_slice(&(PCI_ECAM_START as u32 - 1).to_le_bytes());
-    assert!(has(&dword));
-    let mut qword = vec![0u8; 8];
-    qword.extend_from_slice(&(7 * GIB).to_le_bytes());
-    assert!(has(&qword));
-    // WordIO(ResourceProducer, MinFixed, MaxFixed, PosDecode, EntireRange) over the PCI I/O
-    // window 0xc000..=0xffff, where I/O BARs are placed.
-    assert!(has(&[
-        0x88, 13, 0, 1, 0x0c, 3, 0, 0, 0x00, 0xc0, 0xff, 0xff, 0, 0, 0x00, 0x40
-    ]));
+
+    let (io, mem) = (1, 0);
+    let mmio64 = layout.mmio64();
+    assert_eq!(mmio64.start.0, 7 * GIB, "the 64-bit window starts past RAM");
+    assert_eq!(
+        crs(body, b"PCI0"),
+        vec![
+            Window::Range(2, 0, u64::from(ECAM_BUSES.1), true),
+            Window::Io(0xcf8, 8),
+            // All ports but the configuration ones, the I/O BAR window its own range.
+            Window::Range(io, 0, 0xcf7, true),
+            Window::Range(io, 0xd00, PCI_IO_START - 1, true),
+            Window::Range(io, PCI_IO_START, PCI_IO_END - 1, true),
+            Window::Range(mem, MMIO32_START, MMIO32_ALLOC_END - 1, true),
+            Window::Range(mem, mmio64.start.0, mmio64.end() - 1, true),
+        ]
+    );
+    assert_eq!((PCI_IO_START, PCI_IO_END), (0xc000, 0x1_0000));
+    assert_eq!(
+        MMIO32_ALLOC_END, PCI_ECAM_START,
+        "ends below the ECAM window"
+    );
+    assert_eq!(
+        crs(body, b"COM1"),
+        vec![Window::Io(0x3f8, 8), Window::Irq(1 << 4)]
+    );
+    // WordIO's type-specific flags: EntireRange; DWordMemory's: NonCacheable, ReadWrite.
+    assert!(has(&[0x88, 13, 0, 1, 0x0c, 3]));
+    assert!(has(&[0x87, 23, 0, 0, 0x0c, 1]));
     // _PRT: Package(4) { 0x1ffff, Zero, Zero, 10 }.
     assert!(has(&[
         0x12, 0x0b, 0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 0x0a
     ]));
-}
-
-#[test]
-fn pkg_length_encodings() {
-    assert_eq!(aml::pkg_length(0), vec![1]);
-    assert_eq!(aml::pkg_length(0x3e), vec![0x3f]);
-    // 0x3f + 2 = 0x41: two bytes, low nibble first.
-    assert_eq!(aml::pkg_length(0x3f), vec![0x41, 0x04]);
-    assert_eq!(aml::pkg_length(0xffd), vec![0x4f, 0xff]);
-    assert_eq!(aml::pkg_length(0xffe), vec![0x81, 0x00, 0x01]);
-    assert_eq!(aml::int(0), vec![0]);
-    assert_eq!(aml::int(0x1234), vec![0x0b, 0x34, 0x12]);
-    assert_eq!(aml::int(1 << 32), vec![0x0e, 0, 0, 0, 0, 1, 0, 0, 0]);
 }
 
 #[test]
