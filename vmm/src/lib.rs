@@ -5,8 +5,8 @@
 //! `vmm run` is [`builder`]: stages that each take what they need and return what they built
 //! ([`vstate`] for KVM and the vCPUs, [`memory`] for guest RAM and its layout, [`platform`] and
 //! [`pci`] for what the guest sees, [`passthrough`] for the devices, [`pin`] for how RAM is
-//! prepared, [`loader`] and [`arch`] for booting), and [`seccomp`] for the system-call
-//! filters every thread runs under once the guest does.
+//! prepared, [`loader`] and [`arch`] for booting, [`run`] for the loop that runs the vCPUs), and
+//! [`seccomp`] for the system-call filters every thread runs under once the guest does.
 
 pub mod allocator;
 pub mod arch;
@@ -19,6 +19,7 @@ pub mod passthrough;
 pub mod pci;
 pub mod pin;
 pub mod platform;
+pub mod run;
 pub mod seccomp;
 pub mod size;
 pub mod timeline;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use pinning::ThreadRequest;
 
-use crate::cli::run::MAX_TIMEOUT_SECS;
+use crate::builder::MAX_TIMEOUT_SECS;
 use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
 use crate::size::parse_size;
 

@@ -11,7 +11,7 @@ use pinning::{CancelToken, Classify, ErrorClass, SignalGuard};
 
 use crate::bench::{self, BenchCommand};
 use crate::builder;
-use crate::vstate::run::VmExit;
+use crate::run::VmExit;
 use run::RunArgs;
 
 /// A command that did not finish: the line to print and who must act on it.
