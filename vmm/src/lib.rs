@@ -1,6 +1,7 @@
-//! The `vmm` library: everything `vmm run`, `vmm pin-bench` and `vmm bench` do. The binary in
-//! `main.rs` parses the command line ([`cli`]), calls in here, and turns the outcome into an
-//! exit status.
+//! The `vmm` library: everything `vmm run` and `vmm device` do. The binary in `main.rs` parses
+//! the command line ([`cli`]), calls in here, and turns the outcome into an exit status. The
+//! benchmarks (`vmm pin-bench`, `vmm bench`) are the `vmm-bench` crate, above this library; the
+//! `vmm` binary runs its binary for them.
 //!
 //! `vmm run` is [`builder`]: stages that each take what they need and return what they built
 //! ([`vstate`] for KVM and the vCPUs, [`memory`] for guest RAM and its layout, [`platform`] and
@@ -10,7 +11,6 @@
 
 pub mod allocator;
 pub mod arch;
-pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod loader;
