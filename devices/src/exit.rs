@@ -8,6 +8,7 @@
 use std::fmt;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -131,6 +132,24 @@ impl ExitNotifier {
     /// Drains the wake-up counter (after epoll said it is readable).
     pub fn consume(&self) {
         let _ = self.evt.read();
+    }
+}
+
+/// A handle other threads (or a signal handler) use to stop the VM: of the notifier, only
+/// [`ExitNotifier::request`].
+#[derive(Clone, Debug)]
+pub struct StopHandle(Arc<ExitNotifier>);
+
+impl StopHandle {
+    /// A handle that stops the VM through `notifier`.
+    pub fn new(notifier: Arc<ExitNotifier>) -> Self {
+        StopHandle(notifier)
+    }
+
+    /// Stops the VM for `reason` (e.g. `ExitReason::Signal(libc::SIGTERM)`). Lock-free: an
+    /// atomic compare-exchange and an eventfd write, so a signal handler may call it.
+    pub fn request(&self, reason: ExitReason) {
+        self.0.request(reason);
     }
 }
 

@@ -5,7 +5,8 @@
 # faulted in, thread count by thread count); `vmm run --report` boots the probe guest for time
 # to ready and teardown (the report's `exit` phase) at the two ends of the thread range.
 #
-#   manycore.sh VMM OUT       VMM: a vmm binary (static, to run it on another machine)
+#   manycore.sh VMM OUT       VMM: a vmm binary (static, to run it on another machine), with
+#                                  the vmm-bench binary beside it (`vmm pin-bench` runs it)
 #                             OUT: a folder for host.json, plan.tsv, steps.tsv, pin/, run/,
 #                                  summary.json and summary.txt
 #
@@ -53,6 +54,10 @@ usage() {
 VMM=$(readlink -f "$1")
 OUT=$2
 [ -x "$VMM" ] || { echo "manycore.sh: $1 is not an executable" >&2; exit 2; }
+[ -x "$(dirname "$VMM")/vmm-bench" ] || {
+    echo "manycore.sh: no vmm-bench beside $VMM (\`vmm pin-bench\` runs it): cargo build --release builds both into one folder; copy both" >&2
+    exit 2
+}
 if [ -e "$OUT/steps.tsv" ]; then
     # The summary reads every file under OUT: another sweep's would mix in.
     echo "manycore.sh: $OUT already holds a sweep; give an empty or new folder" >&2

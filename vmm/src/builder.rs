@@ -24,6 +24,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use devices::exit::StopHandle;
 use devices::{ExitReason, GuestMarks};
 use pinning::{
     CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, SignalGuard,
@@ -36,11 +37,15 @@ use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
 use crate::pin::{PinChoice, PinChoiceError, TestFault};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
+use crate::run::{self, RunError, VmExit};
 use crate::seccomp::{self, Filters, SeccompArgs, SeccompError};
 use crate::timeline::{ms, GuestTimes, Report, Teardown, Timeline, VmSummary};
-use crate::vstate::run::{self, RunError, VmExit};
 use crate::vstate::vcpu::{self, VcpuError};
-use crate::vstate::vm::{KvmError, StopHandle, Vm};
+use crate::vstate::vm::{KvmError, Vm};
+
+/// The longest a guest may run before it is stopped ([`VmConfig::timeout`]): one year, in
+/// seconds. `vmm run --timeout` and the bench's per-boot timeout are bounded by it.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
 
 /// What to build: the command line, resolved and checked.
 #[derive(Clone, Debug)]

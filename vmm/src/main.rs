@@ -26,8 +26,8 @@ fn main() -> ExitCode {
         .init();
     let status = match &cli.command {
         Command::Run(args) => cli::run(args, start),
-        Command::PinBench(args) => cli::pin_bench(args),
-        Command::Bench(args) => cli::bench(args),
+        Command::PinBench(args) => cli::forward::to_bench(Some("pin-bench"), args),
+        Command::Bench(args) => cli::forward::to_bench(None, args),
         Command::Device(cmd) => cli::device(cmd),
     };
     match status {

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::exit::StopHandle;
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
@@ -25,7 +26,7 @@ use pinning::{Classify, ErrorClass, PinBackend};
 
 use crate::pci::PciError;
 use crate::platform::Platform;
-use crate::vstate::vm::{StopHandle, Vm};
+use crate::vstate::vm::Vm;
 
 /// How long one vfio-user request may take before the device counts as dead.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);

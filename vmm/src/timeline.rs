@@ -10,7 +10,7 @@ use crate::memory::layout::E820Entry;
 use crate::size::human;
 
 /// A duration in milliseconds, rounded to the microsecond, as every report writes it.
-pub(crate) fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 

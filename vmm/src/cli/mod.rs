@@ -1,17 +1,17 @@
 //! The `vmm` command line: its parser, and one function per command that runs it and says
 //! how it ended, as a status or as a [`Failure`] that `main` turns into the exit status.
 
+pub mod forward;
 pub mod run;
 
 use std::fmt;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use pinning::{CancelToken, Classify, ErrorClass, SignalGuard};
+use pinning::{Classify, ErrorClass};
 
-use crate::bench::{self, BenchCommand};
 use crate::builder;
-use crate::vstate::run::VmExit;
+use crate::run::VmExit;
 use run::RunArgs;
 
 /// A command that did not finish: the line to print and who must act on it.
@@ -22,6 +22,14 @@ pub struct Failure {
 }
 
 impl Failure {
+    /// A failure that prints `message` and exits as `class` says.
+    pub fn new(message: impl Into<String>, class: ErrorClass) -> Self {
+        Failure {
+            message: message.into(),
+            class,
+        }
+    }
+
     /// The exit status this failure calls for.
     pub fn exit_status(&self) -> u8 {
         self.class.exit_status()
@@ -79,18 +87,14 @@ vmm run --user-device none --pin populate --memory 4G\n  \
 vmm run --device /sys/bus/pci/devices/0000:01:00.0 --iommu iommufd\n  \
 vmm run --kernel vmlinuz --initrd initramfs.cpio --cmdline \"console=ttyS0\" --timeout 240")]
     Run(Box<RunArgs>),
-    /// Measure how fast guest RAM is prepared (populated or locked) for each thread count.
-    #[command(
-        long_about = "Measure how fast guest RAM is prepared for each thread count.\n\n\
-Each run maps fresh memory, prepares it with the chosen backend, undoes it and unmaps it. Thread \
-counts are interleaved run by run and a warm-up round is discarded. `auto` uses as many threads as \
-CPU affinity, online CPUs and the cgroup CPU quota (v1 and v2, ancestors included) allow; the \
-`decided_by` column names the limit that decided. memset over resident memory is measured too, \
-as the bandwidth ceiling.\n\nExample: vmm pin-bench --memory 4G --pin populate --threads 1,2,auto --runs 3"
-    )]
-    PinBench(crate::bench::pin::PinBenchArgs),
-    /// Benchmarks that boot guests: `vmm bench startup` (start-up time, vmm and QEMU).
-    Bench(crate::bench::BenchArgs),
+    /// Measure how fast guest RAM is prepared (populated or locked) for each thread count:
+    /// runs `vmm-bench pin-bench` (see `vmm pin-bench --help`).
+    #[command(disable_help_flag = true)]
+    PinBench(forward::Forwarded),
+    /// Benchmarks that boot guests: `vmm bench startup` (start-up time, vmm and QEMU) runs
+    /// `vmm-bench startup` (see `vmm bench startup --help`).
+    #[command(disable_help_flag = true)]
+    Bench(forward::Forwarded),
     /// Serve a device model over vfio-user, for `vmm run --user-device SOCKET`.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -149,59 +153,6 @@ pub fn run(args: &RunArgs, start: Instant) -> Status {
         return Err(left.into());
     }
     Ok(outcome.exit_status())
-}
-
-/// `vmm pin-bench`: prints a table or JSON. Stopped by a signal, it says what was undone and
-/// proves it: for a backend that locks, the error gives VmLck measured right after the undo,
-/// while the memory was still mapped (so only the undo can have brought it down).
-pub fn pin_bench(args: &bench::pin::PinBenchArgs) -> Status {
-    let _signals = SignalGuard::install(None).map_err(|e| Failure {
-        message: format!("installing the SIGINT/SIGTERM handlers failed: {e}"),
-        class: ErrorClass::Internal,
-    })?;
-    let report = bench::pin::run(args, &CancelToken::with_signals())?;
-    if args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| Failure {
-            message: format!("cannot serialise the report: {e}"),
-            class: ErrorClass::Internal,
-        })?;
-        println!("{json}");
-    } else {
-        print!("{}", bench::pin::table(&report));
-    }
-    Ok(0)
-}
-
-/// `vmm bench startup`: prints the table; status 1 if any boot failed.
-pub fn bench(args: &bench::BenchArgs) -> Status {
-    let BenchCommand::Startup(a) = &args.command;
-    let _signals = SignalGuard::install(None).map_err(|e| Failure {
-        message: format!("installing the SIGINT/SIGTERM handlers failed: {e}"),
-        class: ErrorClass::Internal,
-    })?;
-    let report = bench::startup(a, &CancelToken::with_signals()).map_err(|e| Failure {
-        message: format!("bench startup: {e}"),
-        class: e.class(),
-    })?;
-    print!("{}", bench::table::table(&report));
-    println!(
-        "wrote {} and {}",
-        a.out.join("startup.json").display(),
-        a.out.join("startup.svg").display()
-    );
-    if report.failures.is_empty() {
-        return Ok(0);
-    }
-    eprintln!("vmm: {} boot(s) failed:", report.failures.len());
-    for f in &report.failures {
-        eprintln!(
-            "  {} {}: {}",
-            f.config,
-            f.run,
-            f.reason.lines().next().unwrap_or("")
-        );
-    }
-    Ok(1)
 }
 
 /// `vmm device epf`: serves until the client disconnects or a signal.

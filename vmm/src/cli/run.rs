@@ -8,7 +8,7 @@ use std::time::Duration;
 use devices::vfio::kernel::IommuKind;
 use pinning::{Classify, ErrorClass, PinOptions, ThreadRequest};
 
-use crate::builder::VmConfig;
+use crate::builder::{VmConfig, MAX_TIMEOUT_SECS};
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::layout::LayoutError;
 use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
@@ -120,9 +120,6 @@ pub struct RunArgs {
     #[command(flatten)]
     pub seccomp: crate::seccomp::SeccompArgs,
 }
-
-/// The longest `--timeout`: one year, in seconds.
-pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
 
 /// Why a `vmm run` command line cannot be built.
 #[derive(Debug, thiserror::Error)]

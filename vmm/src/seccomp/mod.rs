@@ -36,10 +36,10 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
+use devices::exit::StopHandle;
 use pinning::{Classify, ErrorClass};
 use seccompiler::{BpfProgram, SeccompAction};
 
-use crate::vstate::vm::StopHandle;
 pub use names::name as syscall_name;
 pub use rules::AllowList;
 pub use trap::{violation, Violation};

@@ -12,9 +12,8 @@ use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
 
+use devices::exit::StopHandle;
 use devices::ExitReason;
-
-use crate::vstate::vm::StopHandle;
 
 // The calling thread's name for the report, set where its filter is installed. Const-
 // initialised and without a destructor, so the signal handler can read it.

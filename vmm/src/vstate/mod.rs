@@ -1,6 +1,5 @@
-//! KVM state: the VM ([`vm`], stage `kvm`), its vCPUs ([`vcpu`], stage `vcpus`) and the loop
-//! that runs them ([`run`], stage `run`).
+//! KVM state: the VM ([`vm`], stage `kvm`) and its vCPUs ([`vcpu`], stage `vcpus`). The loop
+//! that runs them is [`crate::run`], above the platform built on this VM.
 
-pub mod run;
 pub mod vcpu;
 pub mod vm;

@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use devices::{ExitNotifier, ExitReason};
+use devices::exit::StopHandle;
+use devices::ExitNotifier;
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
@@ -56,18 +57,6 @@ impl Classify for KvmError {
             }
             _ => ErrorClass::Internal,
         }
-    }
-}
-
-/// A handle other threads (or a signal handler) use to stop the VM.
-#[derive(Clone, Debug)]
-pub struct StopHandle(Arc<ExitNotifier>);
-
-impl StopHandle {
-    /// Stops the VM for `reason` (e.g. `ExitReason::Signal(libc::SIGTERM)`). Lock-free: an
-    /// atomic compare-exchange and an eventfd write, so a signal handler may call it.
-    pub fn request(&self, reason: ExitReason) {
-        self.0.request(reason);
     }
 }
 
@@ -182,7 +171,7 @@ impl Vm {
 
     /// A handle to stop the VM from elsewhere (another thread, a signal handler).
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle(Arc::clone(&self.exit))
+        StopHandle::new(Arc::clone(&self.exit))
     }
 }
 

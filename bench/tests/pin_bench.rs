@@ -1,4 +1,4 @@
-//! `vmm pin-bench` through the real binary: output shape, the limits that decide the thread
+//! `vmm-bench pin-bench` through the real binary: output shape, the limits that decide the thread
 //! count (affinity, a cgroup CPU quota), the admission check, and Ctrl-C mid-job.
 
 use std::os::unix::process::CommandExt;
@@ -6,12 +6,12 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{vmm, wait_for_locked_memory};
+use common::{vmm_bench, wait_for_locked_memory};
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(
         out.status.success(),
-        "vmm failed: {}",
+        "vmm-bench failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -38,7 +38,7 @@ const SMALL: [&str; 10] = [
 #[test]
 fn json_has_every_documented_key() {
     let v = json(
-        &vmm()
+        &vmm_bench()
             .args(SMALL)
             .args(["--min-chunk", "32M"])
             .output()
@@ -62,7 +62,7 @@ fn json_has_every_documented_key() {
 
 #[test]
 fn auto_under_a_single_cpu_affinity_uses_one_thread_decided_by_affinity() {
-    let mut cmd = vmm();
+    let mut cmd = vmm_bench();
     cmd.args(SMALL).args(["--min-chunk", "32M"]);
     // SAFETY: pre_exec runs in the forked child before exec; sched_setaffinity is
     // async-signal-safe and touches only a local set.
@@ -108,7 +108,7 @@ fn auto_in_a_one_cpu_cgroup_v1_uses_one_thread_decided_by_cgroup() {
     std::fs::write(cg.0.join("cpu.cfs_period_us"), "100000").unwrap();
     std::fs::write(cg.0.join("cpu.cfs_quota_us"), "100000").unwrap();
     let procs = std::ffi::CString::new(cg.0.join("cgroup.procs").to_str().unwrap()).unwrap();
-    let mut cmd = vmm();
+    let mut cmd = vmm_bench();
     cmd.args(SMALL).args(["--min-chunk", "32M"]);
     // SAFETY: pre_exec in the forked child: open/write/close are async-signal-safe and the
     // path was allocated before the fork.
@@ -147,7 +147,7 @@ fn test_memlock() -> u64 {
     (64u64 << 20).min(lim.rlim_max)
 }
 
-/// Runs vmm without CAP_IPC_LOCK and with RLIMIT_MEMLOCK = [`test_memlock`].
+/// Runs vmm-bench without CAP_IPC_LOCK and with RLIMIT_MEMLOCK = [`test_memlock`].
 fn without_ipc_lock(cmd: &mut Command) -> &mut Command {
     let limit = test_memlock();
     // SAFETY: prctl and setrlimit are async-signal-safe; they change only the child.
@@ -177,7 +177,7 @@ fn mlock_over_rlimit_memlock_is_refused_before_any_work() {
         return;
     }
     let started = Instant::now();
-    let out = without_ipc_lock(&mut vmm())
+    let out = without_ipc_lock(&mut vmm_bench())
         .args([
             "pin-bench",
             "--memory",
@@ -223,7 +223,7 @@ fn bad_input_is_exit_status_2_with_the_reason() {
         ),
         (vec!["--memory", "1G", "--warmup", "101"], "101"),
     ] {
-        let out = vmm().arg("pin-bench").args(&args).output().unwrap();
+        let out = vmm_bench().arg("pin-bench").args(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -238,7 +238,7 @@ fn hugetlb_without_reserved_pages_says_how_to_reserve() {
             .map(|s| s.trim().parse().unwrap_or(0))
             .unwrap_or(0);
     let want = format!("{}M", (free + 1) * 2);
-    let out = vmm()
+    let out = vmm_bench()
         .args(["pin-bench", "--memory", &want, "--backing", "hugetlb"])
         .output()
         .unwrap();
@@ -249,7 +249,7 @@ fn hugetlb_without_reserved_pages_says_how_to_reserve() {
 
 #[test]
 fn sigint_during_an_8g_mlock_job_undoes_it_and_exits_130() {
-    let child = vmm()
+    let child = vmm_bench()
         .args([
             "pin-bench",
             "--memory",

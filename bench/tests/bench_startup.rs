@@ -1,18 +1,17 @@
-//! `vmm bench startup` through the real binary: one tiny configuration, QEMU off; the JSON's
+//! `vmm-bench startup` through the real binary: one tiny configuration, QEMU off; the JSON's
 //! shape, the SVG, and bad input. No timed assertion: the numbers belong to the machine.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{stderr, vmm};
+use common::{stderr, vmm_bench};
 
 #[test]
 fn two_sizes_two_backings_write_json_with_every_phase_teardown_shards_slopes_and_an_svg() {
     let dir = tempfile::tempdir().unwrap();
-    let out = vmm()
+    let out = vmm_bench()
         .args([
-            "bench",
             "startup",
             "--memory",
             "256M,512M",
@@ -157,9 +156,8 @@ fn memfd_thp_where_shmem_forbids_huge_pages_exits_2_naming_the_sysfs_line_before
     }
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
-    let out = vmm()
+    let out = vmm_bench()
         .args([
-            "bench",
             "startup",
             "--memory",
             "256M",
@@ -190,9 +188,8 @@ fn memfd_thp_where_shmem_forbids_huge_pages_exits_2_naming_the_sysfs_line_before
 fn a_memory_shard_that_fits_no_size_exits_2_before_booting() {
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");
-    let out = vmm()
+    let out = vmm_bench()
         .args([
-            "bench",
             "startup",
             "--memory",
             "256M",
@@ -223,9 +220,7 @@ fn bad_list_values_exit_2_naming_the_value() {
         (["--backing", "anon,nope"], "nope"),
     ] {
         // Small values for the other lists, so that a value wrongly accepted costs little.
-        let mut args = vec![
-            "bench", "startup", "--qemu", "none", "--runs", "1", "--warmup", "0",
-        ];
+        let mut args = vec!["startup", "--qemu", "none", "--runs", "1", "--warmup", "0"];
         for (flag, small) in [
             ("--memory", "256M"),
             ("--backing", "anon"),
@@ -233,7 +228,7 @@ fn bad_list_values_exit_2_naming_the_value() {
         ] {
             args.extend([flag, if bad[0] == flag { bad[1] } else { small }]);
         }
-        let out = vmm()
+        let out = vmm_bench()
             .args(&args)
             .arg("--out")
             .arg(dir.path())
@@ -249,9 +244,8 @@ fn bad_list_values_exit_2_naming_the_value() {
 #[test]
 fn a_qemu_path_that_is_not_there_exits_2() {
     let dir = tempfile::tempdir().unwrap();
-    let out = vmm()
+    let out = vmm_bench()
         .args([
-            "bench",
             "startup",
             "--memory",
             "256M",
@@ -279,9 +273,8 @@ fn children(pid: u32) -> Vec<u32> {
 #[test]
 fn sigint_stops_the_child_boot_reaps_it_and_exits_130() {
     let dir = tempfile::tempdir().unwrap();
-    let bench = vmm()
+    let bench = vmm_bench()
         .args([
-            "bench",
             "startup",
             "--memory",
             "8G",
@@ -327,4 +320,40 @@ fn sigint_stops_the_child_boot_reaps_it_and_exits_130() {
         !std::path::Path::new(&format!("/proc/{child}")).exists(),
         "child {child} was left behind"
     );
+}
+
+#[test]
+fn a_missing_vmm_binary_exits_2_naming_the_path_and_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = vmm_bench()
+        .args(["startup", "--memory", "256M", "--qemu", "none"])
+        .args(["--vmm", "/nonexistent/vmm", "--out"])
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--vmm /nonexistent/vmm: not an executable file"),
+        "{err}"
+    );
+
+    // A copy of vmm-bench with no vmm beside it.
+    let alone = dir.path().join("vmm-bench");
+    std::fs::copy(env!("CARGO_BIN_EXE_vmm-bench"), &alone).unwrap();
+    let out = std::process::Command::new(&alone)
+        .args(["startup", "--memory", "256M", "--qemu", "none", "--out"])
+        .arg(dir.path().join("out"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let beside = dir.path().join("vmm");
+    assert!(
+        err.contains(&format!("no vmm binary at {}", beside.display())),
+        "{err}"
+    );
+    assert!(err.contains("cargo build --release -p vmm"), "{err}");
+    assert!(!dir.path().join("out").exists(), "nothing may run: {err}");
 }

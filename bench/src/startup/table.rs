@@ -2,10 +2,11 @@
 
 use std::fmt::Write;
 
+use vmm::size::human;
+
 use super::args::short_size;
 use super::svg::{self, Series};
 use super::{StartupReport, Stats};
-use crate::size::human;
 
 fn s3(s: Option<Stats>) -> String {
     match s {
@@ -252,11 +253,12 @@ pub fn svg(r: &StartupReport) -> String {
 
 #[cfg(test)]
 mod tests {
+    use vmm::memory::Backing;
+
     use super::*;
-    use crate::bench::compare::{QemuSlope, RamSlope};
-    use crate::bench::machine::Machine;
-    use crate::bench::{ConfigResult, QemuSection};
-    use crate::memory::Backing;
+    use crate::startup::compare::{QemuSlope, RamSlope};
+    use crate::startup::machine::Machine;
+    use crate::startup::{ConfigResult, QemuSection};
 
     fn stats(median: f64, min: f64) -> Option<Stats> {
         Some(Stats {

@@ -1,4 +1,4 @@
-//! Boots one configuration: `vmm run` (this very binary) as a child, timed from spawn, with its
+//! Boots one configuration: `vmm run` (the `vmm` binary) as a child, timed from spawn, with its
 //! serial console read through a pipe exactly as QEMU's is, and its `--report` read back.
 //!
 //! Every child is owned by a [`Reaper`]: however the bench leaves (a failure, a timeout,
@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 use pinning::cancel::CancelReason;
 use pinning::CancelToken;
 use serde::Serialize;
+use vmm::timeline::ms;
 
 use super::args::{short_size, Config};
-use crate::timeline::ms;
 
 /// The start of the probe's last line (`probe: result ok` or `... FAIL: ...`), printed right
 /// after it writes the ready mark: the ready mark as seen from outside the VMM.

@@ -1,6 +1,9 @@
 //! The run loop (stage `run`): start one thread per vCPU, wait in the event loop (exit
 //! eventfd, serial input) until something asks the VM to stop or the deadline passes, then
 //! kick every vCPU out of KVM_RUN and join it.
+//!
+//! It sits above [`crate::platform`] (whose buses and event loop it runs) and [`crate::vstate`]
+//! (the VM and vCPUs the platform is built on), so neither of those imports it.
 
 use std::io;
 use std::sync::Arc;
@@ -10,9 +13,9 @@ use devices::{ExitNotifier, ExitReason, RawTerminal};
 use event_manager::EventManager;
 use pinning::{Classify, ErrorClass};
 
-use super::vcpu::{self, Rip, Vcpu, VcpuContext, VcpuFault, VcpuHandle};
 use crate::platform::{Platform, Subscriber};
 use crate::seccomp::{Filters, SeccompError, VcpuGate};
+use crate::vstate::vcpu::{self, Rip, Vcpu, VcpuContext, VcpuFault, VcpuHandle};
 
 /// How often the boot vCPU is asked whether it sits in HLT with interrupts off. With the
 /// in-kernel LAPIC such a HLT never leaves KVM, so this is the only way to notice a guest that

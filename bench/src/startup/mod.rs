@@ -1,16 +1,16 @@
-//! `vmm bench startup`: end-to-end start-up time of the probe guest, configuration by
-//! configuration (guest RAM x backing x pin threads), with QEMU side by side.
+//! `vmm-bench startup` (`vmm bench startup`): end-to-end start-up time of the probe guest,
+//! configuration by configuration (guest RAM x backing x pin threads), with QEMU side by side.
 //!
-//! Every boot is a child `vmm run` (this binary), so what is measured is what a user gets:
-//! exec, KVM set-up, memory, pinning, loading, the guest up to its ready mark. Runs are
-//! interleaved (run r of every configuration before run r+1, in reverse order every other
-//! round) so that machine noise and what one boot leaves behind hit every configuration alike, after discarded warm-up rounds (memory touched for the first time
-//! costs several times more on a lazily backed host).
+//! Every boot is a child `vmm run` (the `vmm` binary beside this one, or `--vmm`), so what is
+//! measured is what a user gets: exec, KVM set-up, memory, pinning, loading, the guest up to
+//! its ready mark. Runs are interleaved (run r of every configuration before run r+1, in
+//! reverse order every other round) so that machine noise and what one boot leaves behind hit
+//! every configuration alike, after discarded warm-up rounds (memory touched for the first
+//! time costs several times more on a lazily backed host).
 
 pub mod args;
 pub mod compare;
 pub mod machine;
-pub mod pin;
 pub mod qemu;
 pub mod run;
 pub mod svg;
@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use pinning::cancel::CancelReason;
 use pinning::{CancelToken, Classify, ErrorClass, JobSpec, Limits, PinOptions, ThreadRequest};
 use serde::Serialize;
+use vmm::memory::{Backing, GuestMemory, MemoryError, MemorySpec, RamRange, ThpPolicy};
 
 pub use args::StartupArgs;
 use args::{configs, Config};
@@ -30,33 +31,6 @@ use compare::{ParallelRatio, QemuRatio, QemuSlope, RamSlope};
 use machine::Machine;
 use qemu::{ProbeElf, QemuChoice, QemuConfig, QemuSample};
 use run::{RunFailure, VmmSample};
-
-use crate::memory::{Backing, GuestMemory, MemoryError, MemorySpec, RamRange, ThpPolicy};
-
-#[derive(Clone, Debug, clap::Args)]
-pub struct BenchArgs {
-    #[command(subcommand)]
-    pub command: BenchCommand,
-}
-
-#[derive(Clone, Debug, clap::Subcommand)]
-pub enum BenchCommand {
-    /// Boot the probe guest for every memory x backing x pin-threads combination, N times
-    /// each, interleaved, and report every phase; QEMU side by side when it is found.
-    #[command(long_about = "Measure start-up time end to end.\n\n\
-For every combination of --memory, --backing and --pin-threads, boots the probe guest --runs times \
-as a child `vmm run --report` (after --warmup discarded rounds; runs interleaved round-robin, the \
-order reversed every other round), and \
-records every phase of its timeline, its time to the guest's ready mark, and its wall time from \
-spawn, and its teardown (the report's exit phase). memfd and memfd-thp RAM (memfd-thp in the default list only where \
-shmem_enabled allows it) is booted with the pci-epf-test device over vfio-user when `vmm run` has \
---user-device; anon and thp RAM with --pin populate. QEMU (qemu-system-x86_64 on PATH, or --qemu) \
-boots the same ELF with the same RAM as a preallocated memfd, with 1 and with vmm's `auto` thread \
-count as prealloc threads; with two sizes or more, the slope in ms per GiB between the smallest \
-and largest size compares what vmm and QEMU add per GiB of RAM, apart from QEMU's firmware.\n\nWrites a table to stdout and startup.json, startup.svg and every run's \
-report under --out.\n\nExample: vmm bench startup --memory 1G,4G --backing anon --pin-threads 1,2,auto --runs 3")]
-    Startup(StartupArgs),
-}
 
 /// Median, min and max of some samples.
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -73,7 +47,7 @@ impl Stats {
             return None;
         }
         Some(Stats {
-            median: pin::median(&v),
+            median: crate::pin::median(&v),
             min: v.iter().copied().fold(f64::INFINITY, f64::min),
             max: v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
         })
@@ -175,6 +149,10 @@ pub enum BenchError {
     },
     #[error("stopped by {0}; every child was stopped and reaped")]
     Cancelled(CancelReason),
+    #[error("no vmm binary at {}, beside this one: build it there (`cargo build --release -p vmm`) or give its path with --vmm", .0.display())]
+    NoVmmBeside(PathBuf),
+    #[error("--vmm {}: not an executable file; give the path of the vmm binary", .0.display())]
+    NoVmmAt(PathBuf),
 }
 
 impl Classify for BenchError {
@@ -185,6 +163,7 @@ impl Classify for BenchError {
             BenchError::Memory(e) => e.class(),
             BenchError::Io { .. } => ErrorClass::Internal,
             BenchError::Cancelled(r) => r.class(),
+            BenchError::NoVmmBeside(_) | BenchError::NoVmmAt(_) => ErrorClass::User,
         }
     }
 }
@@ -192,6 +171,22 @@ impl Classify for BenchError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
     let what = what.into();
     move |source| BenchError::Io { what, source }
+}
+
+/// The `vmm` binary to boot: `--vmm`, else the one beside this executable.
+fn vmm_binary(arg: Option<&Path>) -> Result<PathBuf, BenchError> {
+    let (path, given) = match arg {
+        Some(p) => (p.to_path_buf(), true),
+        None => {
+            let me = std::env::current_exe().map_err(io("finding this executable"))?;
+            (me.with_file_name("vmm"), false)
+        }
+    };
+    match (qemu::is_executable(&path), given) {
+        (true, _) => Ok(path),
+        (false, true) => Err(BenchError::NoVmmAt(path)),
+        (false, false) => Err(BenchError::NoVmmBeside(path)),
+    }
 }
 
 /// Whether `vmm run` at `exe` accepts `--user-device`.
@@ -250,7 +245,7 @@ fn log(msg: impl AsRef<str>) {
 /// the other configurations.
 pub fn startup(args: &StartupArgs, cancel: &CancelToken) -> Result<StartupReport, BenchError> {
     let started = Instant::now();
-    let exe = std::env::current_exe().map_err(io("finding the vmm binary"))?;
+    let exe = vmm_binary(args.vmm.as_deref())?;
     let qemu_choice = qemu::choose(args.qemu.as_deref()).map_err(BenchError::Qemu)?;
     // What every boot of a configuration would refuse is refused here, before any boots.
     let thp = ThpPolicy::host();

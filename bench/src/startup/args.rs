@@ -6,10 +6,9 @@
 use std::path::PathBuf;
 
 use pinning::ThreadRequest;
-
-use crate::cli::run::MAX_TIMEOUT_SECS;
-use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
-use crate::size::parse_size;
+use vmm::builder::MAX_TIMEOUT_SECS;
+use vmm::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
+use vmm::size::parse_size;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct StartupArgs {
@@ -34,6 +33,10 @@ pub struct StartupArgs {
     /// Discarded warm-up rounds (one boot of every configuration each) before measuring.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(0..=100))]
     pub warmup: u32,
+    /// The `vmm` binary every boot runs. Default: `vmm` beside this executable, where cargo
+    /// builds it.
+    #[arg(long)]
+    pub vmm: Option<PathBuf>,
     /// QEMU to compare with: a path, or `none` to skip it. Default: qemu-system-x86_64 on PATH.
     #[arg(long)]
     pub qemu: Option<String>,

@@ -16,9 +16,8 @@ use pinning::{
     ThreadRequest,
 };
 use serde::Serialize;
-
-use crate::memory::{Backing, GuestMemory, MemoryError, MemorySpec, RamRange};
-use crate::size::{human, parse_size};
+use vmm::memory::{Backing, GuestMemory, MemoryError, MemorySpec, RamRange};
+use vmm::size::{human, parse_size};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]

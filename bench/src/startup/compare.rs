@@ -9,9 +9,9 @@
 //! 0 GiB (the fixed part) shows the firmware on its own.
 
 use serde::Serialize;
+use vmm::memory::Backing;
 
 use super::{ConfigResult, QemuResult, Stats};
-use crate::memory::Backing;
 
 /// parallel/serial for one memory size and backing: median time to ready, and pin phase.
 #[derive(Debug, Serialize)]

@@ -34,7 +34,7 @@ impl Machine {
         let has = |f: &str| flags.split_whitespace().any(|x| x == f);
         // SAFETY: sysconf has no preconditions.
         let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
-        let thp = crate::memory::ThpPolicy::host();
+        let thp = vmm::memory::ThpPolicy::host();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
