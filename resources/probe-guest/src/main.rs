@@ -82,10 +82,20 @@ enum Failure {
     NoRamAt(u64),
     Unmapped(&'static str, u64),
     InitrdNotRam(u64, u64),
-    Memtest { addr: u64, wrote: u64, read: u64 },
+    Memtest {
+        addr: u64,
+        wrote: u64,
+        read: u64,
+    },
     BadOption(&'static str),
-    ExpectMem { want: u64, got: u64 },
-    ExpectCpus { want: u64, got: Option<u64> },
+    ExpectMem {
+        want: u64,
+        got: u64,
+    },
+    ExpectCpus {
+        want: u64,
+        got: Option<u64>,
+    },
     /// [`OPT_EXPECT_PCI`]: no function with this vendor (low half) and device ID.
     ExpectPci(u32),
     Dma(dma::Error),
@@ -563,7 +573,7 @@ fn dma_check(
     ];
     let result = apic::init(mapped)
         .map_err(dma::Error::Apic)
-        .and_then(|lapic| epf::setup(&f, bus, &lapic, mapped, opts.msi))
+        .and_then(|lapic| epf::setup(&f, bus, &lapic, mapped, opts.msi).map_err(dma::Error::Epf))
         .and_then(|epf| {
             let regions = dma::choose(info.map(), &avoid, mapped);
             let mut line = Line::new().s("dma pages");
