@@ -22,14 +22,13 @@ use guest_abi::epf::{command, status};
 use guest_abi::probe::OPT_EXPECT_DMA;
 
 use crate::apic::ApicError;
-use crate::boot::{MemEntry, E820_RAM, GIB};
+use crate::boot::{MemEntry, E820_RAM, GIB, PAGE};
 use crate::console::Line;
 use crate::crc::{check_page, xor_mask_crc, PAGE_BYTES};
 use crate::epf::{self, Epf};
 use crate::io::phys;
 use crate::{apic, paging};
 
-const PAGE: u64 = 4096;
 const WORDS: u64 = PAGE / 8;
 const _: () = assert!(PAGE == PAGE_BYTES && PAGE.is_multiple_of(64));
 
