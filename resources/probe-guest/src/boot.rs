@@ -6,6 +6,8 @@ pub const PROTO_LINUX64: u64 = 1;
 pub const PROTO_PVH: u64 = 2;
 
 pub const MAX_ENTRIES: usize = 128;
+pub const PAGE: u64 = 4096;
+pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
 /// Linux `struct boot_params` offsets (arch/x86/include/uapi/asm/bootparam.h).

@@ -2,7 +2,6 @@
 //! interrupt vectors (gates set by `apic`), the exception report, and the machine exit.
 
 use core::arch::asm;
-use core::cell::UnsafeCell;
 use core::ptr::addr_of;
 
 use guest_abi::exit::{EXCEPTION, I8042_RESET};
@@ -10,8 +9,8 @@ use guest_abi::ports::{DEBUG_EXIT, I8042_COMMAND};
 use guest_abi::probe::RESULT_FAIL;
 
 use crate::console::Line;
+use crate::global::Global;
 use crate::io::outb;
-use crate::Global;
 
 pub const SEL_TSS: u16 = 0x18;
 
@@ -33,7 +32,7 @@ struct Tss {
     iomap_base: u16,
 }
 
-static TSS: Global<Tss> = Global(UnsafeCell::new(Tss {
+static TSS: Global<Tss> = Global::new(Tss {
     reserved0: 0,
     rsp: [0; 3],
     reserved1: 0,
@@ -41,7 +40,7 @@ static TSS: Global<Tss> = Global(UnsafeCell::new(Tss {
     reserved2: 0,
     reserved3: 0,
     iomap_base: 0,
-}));
+});
 
 /// Gates: the 32 exceptions, then interrupt vectors up to 63 (not present until set).
 pub const IDT_VECTORS: usize = 64;
@@ -49,7 +48,7 @@ pub const IDT_VECTORS: usize = 64;
 /// 16-byte gates, as pairs of u64.
 #[repr(C, align(16))]
 struct Idt([[u64; 2]; IDT_VECTORS]);
-static IDT: Global<Idt> = Global(UnsafeCell::new(Idt([[0; 2]; IDT_VECTORS])));
+static IDT: Global<Idt> = Global::new(Idt([[0; 2]; IDT_VECTORS]));
 
 #[repr(C, packed)]
 struct DescriptorPointer {
@@ -61,7 +60,7 @@ struct DescriptorPointer {
 pub fn init() {
     // SAFETY: single CPU, interrupts off; the statics are ours and live forever.
     unsafe {
-        let tss = TSS.0.get();
+        let tss = TSS.as_ptr();
         let ist1 = addr_of!(probe_exception_stack_top) as u64;
         core::ptr::write_unaligned(core::ptr::addr_of_mut!((*tss).ist[0]), ist1);
         core::ptr::write_unaligned(core::ptr::addr_of_mut!((*tss).iomap_base), 104);
@@ -79,7 +78,7 @@ pub fn init() {
         core::ptr::write_volatile(gdt.add(4), base >> 32);
         asm!("ltr {0:x}", in(reg) SEL_TSS, options(nostack, preserves_flags));
 
-        let idt = IDT.0.get() as *mut [u64; 2];
+        let idt = IDT.as_ptr() as *mut [u64; 2];
         let stubs = addr_of!(probe_exception_stubs) as *const u64;
         for vector in 0..32 {
             set_gate(vector as u8, core::ptr::read_volatile(stubs.add(vector)), 1);
@@ -107,7 +106,7 @@ pub fn set_gate(vector: u8, handler: u64, ist: u8) {
     // SAFETY: in bounds; the IDT is only written here, with interrupts off or for a vector
     // that cannot be raised yet.
     unsafe {
-        let gate = (IDT.0.get() as *mut [u64; 2]).add(vector as usize) as *mut u64;
+        let gate = (IDT.as_ptr() as *mut [u64; 2]).add(vector as usize) as *mut u64;
         core::ptr::write_volatile(gate, low);
         core::ptr::write_volatile(gate.add(1), handler >> 32);
     }
@@ -121,7 +120,7 @@ pub fn set_ist(n: usize, top: u64) {
     // SAFETY: single CPU; the CPU reads the TSS only when it takes an interrupt through IST n,
     // and no gate uses IST n before it is set.
     unsafe {
-        let tss = TSS.0.get();
+        let tss = TSS.as_ptr();
         core::ptr::write_unaligned(core::ptr::addr_of_mut!((*tss).ist[n - 1]), top);
     }
 }

@@ -22,14 +22,13 @@ use guest_abi::epf::{command, status};
 use guest_abi::probe::OPT_EXPECT_DMA;
 
 use crate::apic::ApicError;
-use crate::boot::{MemEntry, E820_RAM, GIB};
+use crate::boot::{MemEntry, E820_RAM, GIB, PAGE};
 use crate::console::Line;
 use crate::crc::{check_page, xor_mask_crc, PAGE_BYTES};
-use crate::epf::Epf;
+use crate::epf::{self, Epf};
 use crate::io::phys;
 use crate::{apic, paging};
 
-const PAGE: u64 = 4096;
 const WORDS: u64 = PAGE / 8;
 const _: () = assert!(PAGE == PAGE_BYTES && PAGE.is_multiple_of(64));
 
@@ -90,16 +89,8 @@ pub enum Error {
     /// [`OPT_EXPECT_DMA`]`=1` and no pci-epf-test function on bus 0.
     NoDevice,
     Apic(ApicError),
-    NoBar0,
-    NoRoomForBar0(u64),
-    Unmapped(&'static str, u64),
-    Magic {
-        addr: u64,
-        wrote: u32,
-        read: u32,
-    },
-    NoIrqCapability,
-    MsixBar(u8),
+    /// Setting the device up failed.
+    Epf(epf::Error),
     NoRegions,
     NoIrq {
         op: Op,
@@ -133,25 +124,7 @@ impl Error {
             Error::NoDevice => line.s(text!("no pci-epf-test device (", OPT_EXPECT_DMA, "=1)")),
             Error::Apic(ApicError::X2apic) => line.s("the LAPIC is in x2APIC mode"),
             Error::Apic(ApicError::Unmapped(a)) => line.s("LAPIC at ").hex(a).s(" is not mapped"),
-            Error::NoBar0 => line.s("BAR0 is not a memory BAR"),
-            Error::NoRoomForBar0(size) => line.s("no free MMIO space for BAR0 of size ").hex(size),
-            Error::Unmapped(what, a) => line
-                .s(what)
-                .s(" at ")
-                .hex(a)
-                .s(" is beyond the page tables"),
-            Error::Magic { addr, wrote, read } => line
-                .s("BAR0 ")
-                .hex(addr)
-                .s(": MAGIC reads ")
-                .hex(read as u64)
-                .s(" after writing ")
-                .hex(wrote as u64),
-            Error::NoIrqCapability => line.s("no MSI-X or MSI capability"),
-            Error::MsixBar(b) => line
-                .s("the MSI-X table is in BAR")
-                .dec(b as u64)
-                .s(", not a memory BAR"),
+            Error::Epf(e) => e.describe(line),
             Error::NoRegions => line.s("no RAM page to test"),
             Error::NoIrq { op, addr, status } => line
                 .s("no interrupt after ")

@@ -7,7 +7,6 @@ use guest_abi::epf::{command, irq_type, reg, REG_BAR};
 
 use crate::apic::{self, Lapic, DEVICE_VECTOR};
 use crate::console::Line;
-use crate::dma::Error;
 use crate::io::phys;
 use crate::pci::{cfg, Bar, BarKind, Bdf, Bus, Function};
 
@@ -30,6 +29,43 @@ const MMIO32_LIMIT: u64 = 0xfec0_0000;
 /// How long to wait for an interrupt: `pause` spins (about 4 instructions each; seconds under
 /// the emulator, far beyond what a working device needs).
 pub const IRQ_SPINS: u32 = 2_000_000;
+
+/// Why the device could not be set up.
+#[derive(Clone, Copy)]
+pub enum Error {
+    NoBar0,
+    NoRoomForBar0(u64),
+    Unmapped(&'static str, u64),
+    Magic { addr: u64, wrote: u32, read: u32 },
+    NoIrqCapability,
+    MsixBar(u8),
+}
+
+impl Error {
+    pub fn describe(self, line: Line) -> Line {
+        match self {
+            Error::NoBar0 => line.s("BAR0 is not a memory BAR"),
+            Error::NoRoomForBar0(size) => line.s("no free MMIO space for BAR0 of size ").hex(size),
+            Error::Unmapped(what, a) => line
+                .s(what)
+                .s(" at ")
+                .hex(a)
+                .s(" is beyond the page tables"),
+            Error::Magic { addr, wrote, read } => line
+                .s("BAR0 ")
+                .hex(addr)
+                .s(": MAGIC reads ")
+                .hex(read as u64)
+                .s(" after writing ")
+                .hex(wrote as u64),
+            Error::NoIrqCapability => line.s("no MSI-X or MSI capability"),
+            Error::MsixBar(b) => line
+                .s("the MSI-X table is in BAR")
+                .dec(b as u64)
+                .s(", not a memory BAR"),
+        }
+    }
+}
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum IrqMode {

@@ -13,9 +13,21 @@ use crate::cpu;
 use crate::epf::{Epf, Msix, IRQ_SPINS, MSIX_FUNCTION_MASK, MSIX_VECTOR_CONTROL};
 use crate::io::phys;
 
-/// How long an interrupt that should not come (or should not come twice) gets to show up:
-/// far beyond KVM's injection time, a fraction of a second under the emulator.
-const SETTLE_SPINS: u32 = 20_000;
+/// How long an interrupt that must not come (while masked, or a second time) gets to show up,
+/// in `pause` spins (about 4 instructions each).
+///
+/// Both ways such an interrupt could be sent are synchronous with a guest access that has
+/// already returned when the wait starts: the device server signals the vector's eventfd
+/// before it answers the COMMAND write that raised it, and the VMM re-sends a pending vector
+/// on the vCPU's own exit path for the write that unmasked it. Through an irqfd, KVM puts the
+/// interrupt in the LAPIC's IRR at once (the MSI fast path) and delivers it at the next VM
+/// entry, before the guest's next instruction; each wait also ends with a PBA read, one more
+/// exit and entry. So the spin only gives KVM's deferred path its time: the irqfd work item a
+/// host kworker runs when an irqfd is attached to an eventfd that was already signalled (or
+/// the fast path declines), within microseconds on the host. A thousand spins are at most
+/// tens of microseconds on hardware and 1-2 ms under the emulator, where every spin is paid
+/// for in emulated instructions: four waits of 20,000 were a quarter second of each run.
+const SETTLE_SPINS: u32 = 1_000;
 
 #[derive(Clone, Copy)]
 pub enum Mask {
@@ -91,12 +103,14 @@ fn pending(m: &Msix) -> bool {
     phys::read32(m.pba) & 1 != 0
 }
 
-/// Quiet spin: whether the interrupt count moved past `seen`.
-fn settled_past(seen: u64) -> bool {
+/// Quiet spin, then the PBA (an exit, after which KVM has delivered whatever it injected):
+/// whether the interrupt count moved past `seen`, and PBA bit 0.
+fn settle(m: &Msix, seen: u64) -> (bool, bool) {
     for _ in 0..SETTLE_SPINS {
         cpu::pause();
     }
-    apic::irq_count() > seen
+    let pending = pending(m);
+    (apic::irq_count() > seen, pending)
 }
 
 fn masked_raise(epf: &Epf, m: &Msix, mask: Mask) -> Result<(), Error> {
@@ -107,8 +121,7 @@ fn masked_raise(epf: &Epf, m: &Msix, mask: Mask) -> Result<(), Error> {
         mask.set(m, false);
         return Err(Error::NotRaised(mask, st));
     }
-    let early = settled_past(seen);
-    let was_pending = pending(m);
+    let (early, was_pending) = settle(m, seen);
     mask.set(m, false);
     if early {
         return Err(Error::Delivered(mask));
@@ -116,13 +129,15 @@ fn masked_raise(epf: &Epf, m: &Msix, mask: Mask) -> Result<(), Error> {
     if !was_pending {
         return Err(Error::NotPending(mask));
     }
+    // Normally there already: the unmasking write's exit re-sent it (see SETTLE_SPINS).
     if !apic::wait_irq(seen, IRQ_SPINS) {
         return Err(Error::NotDelivered(mask));
     }
-    if settled_past(seen + 1) {
+    let (twice, still_pending) = settle(m, seen + 1);
+    if twice {
         return Err(Error::DeliveredTwice(mask));
     }
-    if pending(m) {
+    if still_pending {
         return Err(Error::StillPending(mask));
     }
     Ok(())
