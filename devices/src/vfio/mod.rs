@@ -5,7 +5,9 @@ pub mod backend;
 mod irqs;
 pub mod kernel;
 pub mod pci;
+pub mod types;
 pub mod user;
 
-pub use backend::{IrqInfo, MmapArea, RegionInfo, VfioBackend, VfioBackendError};
+pub use backend::{VfioBackend, VfioBackendError};
 pub use pci::{BarMmap, IrqVector, VfioPciDevice, VfioPciError};
+pub use types::{irq, region, IrqInfo, MmapArea, RegionInfo};

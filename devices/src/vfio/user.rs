@@ -11,7 +11,8 @@ use pinning::backend::FdDmaMapper;
 use pinning::region::RamFile;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
+use super::backend::{VfioBackend, VfioBackendError};
+use super::types::{irq, IrqInfo, RegionInfo};
 use crate::vfio_user::wire::irq_info_flags;
 use crate::vfio_user::wire::irq_set::{ACTION_TRIGGER, ACTION_UNMASK, DATA_EVENTFD, DATA_NONE};
 use crate::vfio_user::{Client, ClientError};
@@ -90,6 +91,12 @@ impl VfioBackend for UserBackend {
     }
     fn reset(&self) -> Result<(), VfioBackendError> {
         Ok(self.client.reset()?)
+    }
+}
+
+impl From<ClientError> for VfioBackendError {
+    fn from(e: ClientError) -> Self {
+        VfioBackendError::new(e)
     }
 }
 

@@ -14,7 +14,7 @@
 //!   `vmm device epf --socket PATH`;
 //! - [`wire`] is the message format, shared by both sides.
 //!
-//! Each side has its own error: [`ClientError`] (what the VMM sees, wrapped unchanged in
+//! Each side has its own error: [`ClientError`] (what the VMM sees, carried whole in a
 //! [`crate::vfio::VfioBackendError`] by the passthrough backend), [`ServerError`] and, for the
 //! process entry point, [`EpfServerError`].
 

@@ -34,8 +34,7 @@ use super::wire::{
     IrqInfoMsg, IrqSet, Message, RecvError, RecvLimits, RegionAccess, RegionInfoMsg, Version,
 };
 use crate::pci::dma::{DmaMapError, DmaProt, MappedRegions};
-use crate::vfio::backend::region;
-use crate::vfio::{IrqInfo, RegionInfo};
+use crate::vfio::types::{region, IrqInfo, RegionInfo};
 use crate::{debug_limited, warn_limited};
 
 /// What the server needs from a device. Errors are errnos, sent back in the error reply.
@@ -470,7 +469,7 @@ impl Server<'_> {
     fn region_info(&mut self, payload: &[u8]) -> Reply {
         let req = RegionInfoMsg::decode(payload).map_err(einval)?;
         let info = self.device.region_info(req.index)?;
-        let whole = [crate::vfio::MmapArea {
+        let whole = [crate::vfio::types::MmapArea {
             offset: 0,
             size: info.size,
         }];
