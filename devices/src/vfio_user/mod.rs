@@ -20,7 +20,6 @@
 
 pub mod client;
 pub mod epf;
-mod json;
 pub mod server;
 pub mod wire;
 

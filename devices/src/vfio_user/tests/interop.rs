@@ -307,7 +307,7 @@ fn version_proposes_no_migration_and_the_servers_limits_bind_dma_map() {
     let client = Client::from_stream(a, "fake.sock".into(), LONG).unwrap();
     let ours = rx.recv().unwrap();
     assert_eq!((ours.major, ours.minor), (0, 1));
-    let proposed = crate::vfio_user::json::parse(&ours.json).unwrap();
+    let proposed = serde_json::from_str::<serde_json::Value>(&ours.json).unwrap();
     let caps = proposed.get("capabilities").unwrap();
     for name in [
         "max_msg_fds",
