@@ -300,9 +300,11 @@ impl Server<'_> {
 
 /// The file behind `fd` (device and inode), to count the distinct files a client maps.
 fn file_id(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-    // SAFETY: fstat writes only into `st`, a zeroed stat we own; `fd` is open for the call.
+    // SAFETY: `libc::stat` is a plain C struct of integers, for which all zeroes is a value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    // SAFETY: fstat writes only into `st`, a stat we own; `fd` is open for the call.
+    let ret = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+    (ret == 0).then_some((st.st_dev, st.st_ino))
 }
 
 fn einval<T>(_: T) -> i32 {
