@@ -1,5 +1,6 @@
 //! VFIO-PCI passthrough: one device model ([`pci`]) over a [`VfioBackend`], which kernel VFIO
-//! and vfio-user both implement.
+//! ([`kernel`]) and vfio-user ([`user`]) both implement. The data they describe a device with
+//! is in [`types`], below all of them (and below both sides of `crate::vfio_user`).
 
 pub mod backend;
 mod irqs;
