@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use devices::pci::{BarKind, BarSpec, ConfigSpace, MappedRegions, PciHeader};
-use devices::vfio::backend::region;
+use devices::vfio::region;
 use devices::vfio::{IrqInfo, RegionInfo};
 use devices::vfio_user::{serve, UserDevice};
 use guest_abi::exit;

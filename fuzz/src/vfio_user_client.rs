@@ -20,7 +20,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use devices::vfio::backend::region as region_flags;
+use devices::vfio::region as region_flags;
 use devices::vfio_user::wire::{
     self, cmd, encode_sparse_mmap, flags, Capabilities, DeviceInfo, Header, IrqInfoMsg,
     RegionAccess, RegionInfoMsg, Version, HEADER_SIZE, MAX_MESSAGE,

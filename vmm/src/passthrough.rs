@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use devices::exit::StopHandle;
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
-use devices::vfio::user::UserBackend;
 use devices::vfio::{VfioBackend, VfioPciDevice};
+use devices::vfio_user::UserBackend;
 use devices::vfio_user::{Client, ClientError};
 use devices::ExitReason;
 use pinning::backend::{FdDmaMapper, VfioUserBackend};

@@ -1,12 +1,17 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use guest_abi::epf::flags;
-use guest_abi::epf::pattern::splitmix64;
+use std::sync::Arc;
 
+use guest_abi::epf::pattern::splitmix64;
+use guest_abi::epf::{caps, command, flags, irq_type, reg, status, CLASS_OTHERS, REG_BAR};
+
+use super::transfer::{DMA_CHUNK, DMA_FAULTS};
 use super::*;
-use crate::pci::config::{cap_id, offset};
-use crate::pci::dma::{DmaProt, IommuDma, MappedRegions};
+use crate::pci::config::{cap_id, command as cmd_bits, offset};
+use crate::pci::device::{Effects, PciDevice};
+use crate::pci::dma::{DmaProt, DmaSpace, IommuDma, MappedRegions};
+use crate::pci::RoutingChange;
 
 /// Guest RAM the device may reach.
 const RAM: u64 = 0x1000_0000;

@@ -5,111 +5,54 @@
 //! DMA mapping is not here: the pinning engine maps guest RAM through its own backends
 //! (`pinning::backend`), before the guest runs.
 
-use std::os::fd::RawFd;
+use std::error::Error;
+use std::fmt;
 
 use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::kernel::KernelVfioError;
-use crate::vfio_user::ClientError;
+use super::types::{IrqInfo, RegionInfo};
 
-/// Region indices of a VFIO PCI device (`VFIO_PCI_*_REGION_INDEX`).
-pub mod region {
-    /// BAR0..BAR5 are regions 0..=5.
-    pub const BAR0: u32 = 0;
-    /// Expansion ROM.
-    pub const ROM: u32 = 6;
-    /// Configuration space.
-    pub const CONFIG: u32 = 7;
-    /// Region flag: readable.
-    pub const FLAG_READ: u32 = 1 << 0;
-    /// Region flag: writable.
-    pub const FLAG_WRITE: u32 = 1 << 1;
-    /// Region flag: can be mmap'ed (some or all of it, see [`super::RegionInfo::mmap_areas`]).
-    pub const FLAG_MMAP: u32 = 1 << 2;
+/// A backend request that failed: the implementer's own error (which names the device and says
+/// the fix), kept whole behind its [`ErrorClass`], so this trait names no implementer. It reads
+/// and chains exactly as the error it carries.
+#[derive(Debug)]
+pub struct VfioBackendError {
+    class: ErrorClass,
+    source: Box<dyn Error + Send + Sync>,
 }
 
-/// Interrupt indices of a VFIO PCI device (`VFIO_PCI_*_IRQ_INDEX`).
-pub mod irq {
-    /// Legacy INTx.
-    pub const INTX: u32 = 0;
-    /// MSI.
-    pub const MSI: u32 = 1;
-    /// MSI-X.
-    pub const MSIX: u32 = 2;
-}
-
-/// A part of a region that can be mapped into the guest directly.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MmapArea {
-    /// Offset inside the region.
-    pub offset: u64,
-    /// Length.
-    pub size: u64,
-}
-
-/// One region as the device describes it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RegionInfo {
-    /// Region index.
-    pub index: u32,
-    /// `region::FLAG_*`.
-    pub flags: u32,
-    /// Size in bytes (0: the region does not exist).
-    pub size: u64,
-    /// Parts that can be mmap'ed; empty unless `FLAG_MMAP`. A region without a sparse-mmap
-    /// capability but with `FLAG_MMAP` has one area covering all of it.
-    pub mmap_areas: Vec<MmapArea>,
-    /// Where to mmap it: a file descriptor (valid while the backend lives) and the file offset
-    /// of the region's start.
-    pub mmap_fd: Option<(RawFd, u64)>,
-}
-
-impl RegionInfo {
-    /// A region the device serves by read and write only (nothing to mmap): readable and
-    /// writable when `size` is not 0, absent when it is.
-    pub fn trapped(index: u32, size: u64) -> Self {
-        let flags = if size > 0 {
-            region::FLAG_READ | region::FLAG_WRITE
-        } else {
-            0
-        };
+impl VfioBackendError {
+    /// Carries `e`, whose class is kept.
+    pub fn new<E: Classify + Error + Send + Sync + 'static>(e: E) -> Self {
         Self {
-            index,
-            flags,
-            size,
-            mmap_areas: Vec::new(),
-            mmap_fd: None,
+            class: e.class(),
+            source: Box::new(e),
         }
+    }
+
+    /// The implementer's error, if it is an `E`.
+    pub fn downcast_ref<E: Error + 'static>(&self) -> Option<&E> {
+        self.source.downcast_ref()
     }
 }
 
-/// One interrupt index as the device describes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IrqInfo {
-    /// Interrupt index.
-    pub index: u32,
-    /// `VFIO_IRQ_INFO_*` flags.
-    pub flags: u32,
-    /// Vectors offered (0: not supported).
-    pub count: u32,
+impl fmt::Display for VfioBackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
 }
 
-/// Why a backend request failed: the backend's own error, unchanged.
-#[derive(Debug, thiserror::Error)]
-pub enum VfioBackendError {
-    #[error(transparent)]
-    Kernel(#[from] KernelVfioError),
-    #[error(transparent)]
-    User(#[from] ClientError),
+// Transparent: the carried error's own source comes next in a chain, so nothing is said twice.
+impl Error for VfioBackendError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.source.source()
+    }
 }
 
 impl Classify for VfioBackendError {
     fn class(&self) -> ErrorClass {
-        match self {
-            VfioBackendError::Kernel(e) => e.class(),
-            VfioBackendError::User(e) => e.class(),
-        }
+        self.class
     }
 }
 

@@ -15,6 +15,7 @@
 mod checks;
 mod context;
 mod ioctl;
+mod kind;
 
 use std::fs::File;
 use std::io;
@@ -28,61 +29,24 @@ use vfio_bindings::bindings::vfio::{
     VFIO_IRQ_SET_ACTION_TRIGGER, VFIO_IRQ_SET_ACTION_UNMASK, VFIO_IRQ_SET_DATA_EVENTFD,
     VFIO_IRQ_SET_DATA_NONE,
 };
-use vfio_ioctls::{VfioDevice, VfioError};
+use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 pub use checks::KernelVfioError;
-use checks::{preflight, Access, HostPaths, Preflight};
-pub use context::{IommuContext, IommuKind};
+use checks::{open_error, preflight, Access, HostPaths, Preflight};
+pub use context::IommuContext;
 use ioctl::{absent_region, get_device_info, get_region_info};
+pub use kind::IommuKind;
 /// The KVM VFIO pseudo-device (`KVM_DEV_TYPE_VFIO`) the VMM may hand over; see
 /// [`IommuContext::new`].
 pub use vfio_ioctls::VfioDeviceFd;
 
-use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
+use super::backend::{VfioBackend, VfioBackendError};
+use super::types::{irq, IrqInfo, RegionInfo};
 
-/// The errno inside a vfio-ioctls error, wherever in its source chain it is.
-pub(crate) fn vfio_errno(e: &VfioError) -> Option<i32> {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(n) = err
-            .downcast_ref::<io::Error>()
-            .and_then(|e| e.raw_os_error())
-        {
-            return Some(n);
-        }
-        if let Some(sys) = err.downcast_ref::<vmm_sys_util::errno::Error>() {
-            return Some(sys.errno());
-        }
-        cur = err.source();
-    }
-    None
-}
-
-/// Turns a failed open of a node into the error that says what to do.
-fn open_error(device: &str, step: &'static str, path: &Path, e: VfioError) -> KernelVfioError {
-    match vfio_errno(&e) {
-        Some(libc::EACCES) | Some(libc::EPERM) => {
-            let who = checks::Access::Effective;
-            // Re-run the node check: it explains who owns the file and how to get it.
-            match checks::check_node(device, path, "", &who) {
-                Err(err) => err,
-                Ok(()) => KernelVfioError::Open {
-                    device: device.to_string(),
-                    step,
-                    source: e,
-                },
-            }
-        }
-        Some(libc::EBUSY) => KernelVfioError::Busy {
-            device: device.to_string(),
-            path: path.to_path_buf(),
-        },
-        _ => KernelVfioError::Open {
-            device: device.to_string(),
-            step,
-            source: e,
-        },
+impl From<KernelVfioError> for VfioBackendError {
+    fn from(e: KernelVfioError) -> Self {
+        VfioBackendError::new(e)
     }
 }
 
@@ -175,11 +139,12 @@ impl KernelVfio {
     }
 
     fn io_err(&self, op: String, source: io::Error) -> VfioBackendError {
-        VfioBackendError::Kernel(KernelVfioError::Request {
+        KernelVfioError::Request {
             device: self.name.clone(),
             op,
             source,
-        })
+        }
+        .into()
     }
 
     fn region(&self, index: u32, op: &str) -> Result<&RegionInfo, VfioBackendError> {

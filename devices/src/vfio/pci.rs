@@ -31,8 +31,9 @@ use std::sync::Arc;
 use pinning::class::{Classify, ErrorClass};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{irq, region, VfioBackend, VfioBackendError};
+use super::backend::{VfioBackend, VfioBackendError};
 use super::irqs::{MsiShadow, MsixShadow, VectorState};
+use super::types::{irq, region};
 use crate::pci::config::{cap_id, command, offset, BarKind, BarSpec, ConfigError};
 use crate::pci::msix::Pba;
 use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, RoutingChange};

@@ -22,8 +22,7 @@ use crate::epf::{EpfConfig, EpfError, EpfIrq, EpfTest, REG_BAR_SIZE};
 use crate::pci::config::CONFIG_SPACE_SIZE;
 use crate::pci::device::PciDevice;
 use crate::pci::dma::MappedRegions;
-use crate::vfio::backend::{irq, region};
-use crate::vfio::{IrqInfo, RegionInfo};
+use crate::vfio::types::{irq, region, IrqInfo, RegionInfo};
 use guest_abi::epf::REG_BAR;
 
 /// Regions of a VFIO PCI device: BAR0-5, ROM, config, VGA.

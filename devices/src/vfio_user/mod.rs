@@ -12,21 +12,24 @@
 //!   [`crate::pci::MappedRegions`] the device does its DMA through;
 //! - [`epf`] serves the pci-epf-test model ([`crate::epf::EpfTest`]) that way, for
 //!   `vmm device epf --socket PATH`;
-//! - [`wire`] is the message format, shared by both sides.
+//! - [`wire`] is the message format, shared by both sides;
+//! - [`UserBackend`] is a [`Client`] as the passthrough model's [`crate::vfio::VfioBackend`]
+//!   and as the pinning engine's `FdDmaMapper`.
 //!
-//! Each side has its own error: [`ClientError`] (what the VMM sees, wrapped unchanged in
+//! Each side has its own error: [`ClientError`] (what the VMM sees, carried whole in a
 //! [`crate::vfio::VfioBackendError`] by the passthrough backend), [`ServerError`] and, for the
 //! process entry point, [`EpfServerError`].
 
+pub mod backend;
 pub mod client;
 pub mod epf;
-mod json;
 pub mod server;
 pub mod wire;
 
 #[cfg(test)]
 mod tests;
 
+pub use backend::UserBackend;
 pub use client::{Client, ClientError, DmaMemory};
 pub use epf::{run_epf_server, EpfServerError, EpfUserDevice};
 pub use server::{serve, serve_with, ServerError, ServerLimits, UserDevice};

@@ -34,8 +34,7 @@ use super::wire::{
     IrqInfoMsg, IrqSet, Message, RecvError, RecvLimits, RegionAccess, RegionInfoMsg, Version,
 };
 use crate::pci::dma::{DmaMapError, DmaProt, MappedRegions};
-use crate::vfio::backend::region;
-use crate::vfio::{IrqInfo, RegionInfo};
+use crate::vfio::types::{region, IrqInfo, RegionInfo};
 use crate::{debug_limited, warn_limited};
 
 /// What the server needs from a device. Errors are errnos, sent back in the error reply.
@@ -301,10 +300,11 @@ impl Server<'_> {
 
 /// The file behind `fd` (device and inode), to count the distinct files a client maps.
 fn file_id(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
-    // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
+    // SAFETY: `libc::stat` is a plain C struct of integers, for which all zeroes is a value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fstat writes only into `st`, a stat we own; `fd` is open for the call.
-    (unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+    let ret = unsafe { libc::fstat(fd.as_raw_fd(), &mut st) };
+    (ret == 0).then_some((st.st_dev, st.st_ino))
 }
 
 fn einval<T>(_: T) -> i32 {
@@ -471,7 +471,7 @@ impl Server<'_> {
     fn region_info(&mut self, payload: &[u8]) -> Reply {
         let req = RegionInfoMsg::decode(payload).map_err(einval)?;
         let info = self.device.region_info(req.index)?;
-        let whole = [crate::vfio::MmapArea {
+        let whole = [crate::vfio::types::MmapArea {
             offset: 0,
             size: info.size,
         }];

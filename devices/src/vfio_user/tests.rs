@@ -25,8 +25,8 @@ use super::{run_epf_server, Client, ClientError, EpfServerError, EpfUserDevice, 
 use crate::epf::{self, fill_pattern, EpfConfig};
 use crate::pci::config::{cap_id, command as cmd_bits, offset as cfg_off};
 use crate::pci::dma::MappedRegions;
-use crate::vfio::backend::{irq, region};
-use crate::vfio::{IrqInfo, MmapArea, RegionInfo, VfioBackendError};
+use crate::vfio::types::{irq, region, IrqInfo, MmapArea, RegionInfo};
+use crate::vfio::VfioBackendError;
 
 mod interop;
 mod limits;
@@ -843,8 +843,8 @@ fn backend_errors_are_the_client_errors_unchanged() {
     assert_eq!(backend.to_string(), refused().to_string());
     assert_eq!(backend.class(), ErrorClass::Device);
     assert!(matches!(
-        backend,
-        VfioBackendError::User(ClientError::Refused {
+        backend.downcast_ref::<ClientError>(),
+        Some(ClientError::Refused {
             errno: libc::EEXIST,
             ..
         })

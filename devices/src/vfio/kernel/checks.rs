@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use pinning::class::{Classify, ErrorClass};
 
-use super::IommuKind;
+use vfio_ioctls::VfioError;
+
+use super::kind::IommuKind;
 
 /// Where the host's sysfs and device nodes are (`/sys` and `/dev`, except in tests).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -472,6 +474,56 @@ pub(super) fn preflight(
 impl fmt::Display for Preflight {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} (IOMMU group {})", self.address, self.iommu_group)
+    }
+}
+
+/// The errno inside a vfio-ioctls error, wherever in its source chain it is.
+pub(super) fn vfio_errno(e: &VfioError) -> Option<i32> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(n) = err
+            .downcast_ref::<io::Error>()
+            .and_then(|e| e.raw_os_error())
+        {
+            return Some(n);
+        }
+        if let Some(sys) = err.downcast_ref::<vmm_sys_util::errno::Error>() {
+            return Some(sys.errno());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Turns a failed open of a node into the error that says what to do.
+pub(super) fn open_error(
+    device: &str,
+    step: &'static str,
+    path: &Path,
+    e: VfioError,
+) -> KernelVfioError {
+    match vfio_errno(&e) {
+        Some(libc::EACCES) | Some(libc::EPERM) => {
+            let who = Access::Effective;
+            // Re-run the node check: it explains who owns the file and how to get it.
+            match check_node(device, path, "", &who) {
+                Err(err) => err,
+                Ok(()) => KernelVfioError::Open {
+                    device: device.to_string(),
+                    step,
+                    source: e,
+                },
+            }
+        }
+        Some(libc::EBUSY) => KernelVfioError::Busy {
+            device: device.to_string(),
+            path: path.to_path_buf(),
+        },
+        _ => KernelVfioError::Open {
+            device: device.to_string(),
+            step,
+            source: e,
+        },
     }
 }
 

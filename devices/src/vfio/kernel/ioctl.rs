@@ -7,7 +7,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use vfio_bindings::bindings::vfio::{vfio_device_info, vfio_region_info, VFIO_BASE, VFIO_TYPE};
 use vfio_ioctls::{VfioDevice, VfioRegionInfoCap};
 
-use crate::vfio::backend::{region, MmapArea, RegionInfo};
+use crate::vfio::types::{region, MmapArea, RegionInfo};
 
 mod ioctls {
     use super::{VFIO_BASE, VFIO_TYPE};
@@ -157,7 +157,7 @@ fn mmap_areas(flags: u32, size: u64, caps: &[VfioRegionInfoCap]) -> Vec<MmapArea
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vfio::backend::irq;
+    use crate::vfio::types::irq;
     use vfio_ioctls::{VfioRegionInfoCapSparseMmap, VfioRegionSparseMmapArea};
 
     #[test]

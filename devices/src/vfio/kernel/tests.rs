@@ -1,5 +1,8 @@
+use vfio_ioctls::VfioError;
+
+use super::checks::{open_error, vfio_errno};
 use super::*;
-use crate::vfio::backend::region;
+use crate::vfio::types::region;
 
 #[test]
 fn iommu_kind_parses_its_names() {

@@ -4,7 +4,7 @@
 use std::os::fd::RawFd;
 
 use super::{VfioPciDevice, VfioPciError};
-use crate::vfio::backend::{region, RegionInfo};
+use crate::vfio::types::{region, RegionInfo};
 
 /// A BAR part mapped into this process.
 #[derive(Debug)]

@@ -14,8 +14,8 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::epf::{self, EpfConfig, EpfIrq, EpfTest};
 use crate::pci::dma::IommuDma;
-use crate::vfio::backend::{IrqInfo, MmapArea, RegionInfo};
 use crate::vfio::kernel::KernelVfioError;
+use crate::vfio::types::{IrqInfo, MmapArea, RegionInfo};
 
 type Fds = Arc<Mutex<Vec<(u32, Vec<EventFd>)>>>;
 

@@ -143,7 +143,7 @@ pub struct Client {
     /// `VFIO_DEVICE_FLAGS_*` from the last DEVICE_GET_INFO (`u32::MAX`: not asked yet).
     device_flags: AtomicU32,
     /// Region fds the server sent; kept open while the client lives so the `RawFd`s handed
-    /// out in [`crate::vfio::RegionInfo::mmap_fd`] stay valid.
+    /// out in [`crate::vfio::types::RegionInfo::mmap_fd`] stay valid.
     region_fds: Mutex<Vec<OwnedFd>>,
 }
 

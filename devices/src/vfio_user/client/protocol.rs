@@ -9,8 +9,7 @@ use std::sync::{Arc, PoisonError};
 
 use super::dma::FileMemory;
 use super::{Client, ClientError, DmaMemory};
-use crate::vfio::backend::region;
-use crate::vfio::{IrqInfo, MmapArea, RegionInfo};
+use crate::vfio::types::{region, IrqInfo, MmapArea, RegionInfo};
 use crate::vfio_user::wire::{
     self, cmd, Capabilities, DeviceInfo, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, RegionAccess,
     RegionInfoMsg, Version,

@@ -6,10 +6,10 @@
 use std::sync::mpsc;
 
 use super::*;
-use crate::vfio::user::UserBackend;
 use crate::vfio::VfioBackend;
 use crate::vfio_user::wire::{irq_info_flags, DmaAccess, DmaMap, IrqInfoMsg, RegionInfoMsg};
 use crate::vfio_user::DmaMemory;
+use crate::vfio_user::UserBackend;
 
 /// A client whose server answers VERSION with `json` (then runs `script`).
 fn fake_with_caps(
@@ -307,7 +307,7 @@ fn version_proposes_no_migration_and_the_servers_limits_bind_dma_map() {
     let client = Client::from_stream(a, "fake.sock".into(), LONG).unwrap();
     let ours = rx.recv().unwrap();
     assert_eq!((ours.major, ours.minor), (0, 1));
-    let proposed = crate::vfio_user::json::parse(&ours.json).unwrap();
+    let proposed = serde_json::from_str::<serde_json::Value>(&ours.json).unwrap();
     let caps = proposed.get("capabilities").unwrap();
     for name in [
         "max_msg_fds",

@@ -1,8 +1,8 @@
-//! Message bodies: VERSION (with its capabilities), DMA_MAP, DMA_UNMAP, DEVICE_GET_INFO,
-//! DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS and the DMA_READ/DMA_WRITE header.
+//! Message bodies: VERSION (its capabilities are [`super::Capabilities`]), DMA_MAP,
+//! DMA_UNMAP, DEVICE_GET_INFO, DEVICE_GET_IRQ_INFO, DEVICE_SET_IRQS and the
+//! DMA_READ/DMA_WRITE header.
 
-use super::{Cursor, WireError, MAX_DATA_XFER, MAX_FDS};
-use crate::vfio_user::json;
+use super::{Cursor, WireError};
 
 /// VERSION body: major, minor, then optional NUL-terminated JSON.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -13,110 +13,6 @@ pub struct Version {
     pub minor: u16,
     /// The JSON text without its NUL (empty: none sent).
     pub json: String,
-}
-
-/// Capabilities exchanged in VERSION (those this crate uses; the rest are ignored).
-///
-/// Never proposed, so never in use: `migration` (a server that offers it anyway has it
-/// ignored: the spec lets the client proceed without what it did not propose),
-/// `twin_socket` (server-to-client commands share the one socket) and `write_multiple`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Capabilities {
-    /// Most fds the sender accepts in one message (default 1).
-    pub max_msg_fds: u32,
-    /// Largest REGION_READ/WRITE and DMA_READ/WRITE count the sender accepts (default 1 MiB).
-    pub max_data_xfer_size: u32,
-    /// Most DMA mappings the sender keeps at once (default 65535).
-    pub max_dma_maps: u32,
-    /// DMA page sizes, or'ed (default 4 KiB): every DMA_MAP address and size is a multiple
-    /// of the smallest.
-    pub pgsizes: u64,
-}
-
-/// The spec's default for `max_dma_maps`.
-pub const DEFAULT_MAX_DMA_MAPS: u32 = 65535;
-
-impl Default for Capabilities {
-    /// The spec's defaults for a peer that sends no capabilities.
-    fn default() -> Self {
-        Capabilities {
-            max_msg_fds: 1,
-            max_data_xfer_size: MAX_DATA_XFER as u32,
-            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
-            pgsizes: 4096,
-        }
-    }
-}
-
-impl Capabilities {
-    /// What this crate offers (both sides).
-    pub fn ours() -> Self {
-        Capabilities {
-            max_msg_fds: MAX_FDS as u32,
-            max_data_xfer_size: MAX_DATA_XFER as u32,
-            max_dma_maps: DEFAULT_MAX_DMA_MAPS,
-            pgsizes: 4096,
-        }
-    }
-
-    /// The JSON the spec describes.
-    pub fn to_json(self) -> String {
-        format!(
-            r#"{{"capabilities":{{"max_msg_fds":{},"max_data_xfer_size":{},"max_dma_maps":{},"pgsizes":{}}}}}"#,
-            self.max_msg_fds, self.max_data_xfer_size, self.max_dma_maps, self.pgsizes
-        )
-    }
-
-    /// The smallest DMA page size (`pgsizes` has at least one bit set).
-    pub fn min_pgsize(self) -> Option<u64> {
-        (self.pgsizes != 0).then(|| 1u64 << self.pgsizes.trailing_zeros())
-    }
-
-    /// Parses the peer's JSON; missing fields take the spec's defaults, unknown ones are
-    /// ignored, and an empty string means "no capabilities".
-    pub fn from_json(json: &str) -> Result<Self, WireError> {
-        let mut caps = Capabilities::default();
-        if json.is_empty() {
-            return Ok(caps);
-        }
-        let value = json::parse(json)
-            .map_err(|e| WireError::Invalid(format!("version JSON does not parse: {e}")))?;
-        if !value.is_object() {
-            return Err(WireError::Invalid("version JSON is not an object".into()));
-        }
-        let Some(c) = value.get("capabilities") else {
-            return Ok(caps);
-        };
-        if !c.is_object() {
-            return Err(WireError::Invalid(
-                "version JSON: \"capabilities\" is not an object".into(),
-            ));
-        }
-        let number = |name: &str| -> Result<Option<u64>, WireError> {
-            match c.get(name) {
-                None => Ok(None),
-                Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                    WireError::Invalid(format!(
-                        "version JSON: {name} is not a non-negative integer"
-                    ))
-                }),
-            }
-        };
-        let clamp32 = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
-        if let Some(v) = number("max_msg_fds")? {
-            caps.max_msg_fds = clamp32(v);
-        }
-        if let Some(v) = number("max_data_xfer_size")? {
-            caps.max_data_xfer_size = clamp32(v);
-        }
-        if let Some(v) = number("max_dma_maps")? {
-            caps.max_dma_maps = clamp32(v);
-        }
-        if let Some(v) = number("pgsizes")? {
-            caps.pgsizes = v;
-        }
-        Ok(caps)
-    }
 }
 
 impl Version {

@@ -8,14 +8,13 @@
 //! All integers are in host byte order (the protocol says so); the workspace only targets
 //! little-endian x86_64, so `to_le_bytes`/`from_le_bytes` are used to keep it explicit.
 
+mod capabilities;
 mod messages;
 mod region;
 mod socket;
 
-pub use messages::{
-    Capabilities, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, Version,
-    DEFAULT_MAX_DMA_MAPS,
-};
+pub use capabilities::{Capabilities, DEFAULT_MAX_DMA_MAPS};
+pub use messages::{DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, Version};
 pub use region::{encode_sparse_mmap, find_sparse_mmap, RegionAccess, RegionInfoMsg};
 pub use socket::{recv_message, recv_message_with, send_message, Message, RecvError, RecvLimits};
 

@@ -67,6 +67,93 @@ fn version_json_is_nul_terminated_and_parsed() {
 }
 
 #[test]
+fn our_capabilities_are_the_spec_s_object() {
+    assert_eq!(
+        Capabilities::ours().to_json(),
+        r#"{"capabilities":{"max_msg_fds":64,"max_data_xfer_size":1048576,"max_dma_maps":65535,"pgsizes":4096}}"#
+    );
+}
+
+#[test]
+fn peer_capabilities_ignore_what_is_not_used() {
+    let caps = Capabilities::from_json(
+        r#" {"capabilities":{"max_msg_fds":8,"max_data_xfer_size":1048576,
+            "migration":{"pgsize":4096,"max_bitmap_size":1e6},"twin_socket":{"supported":false},
+            "list":[1,-2.5,"x\n\u0041",null,true],"max_dma_maps":5000000000,
+            "pgsizes":12288,"pgsizes":8192}, "other":[]} "#,
+    )
+    .unwrap();
+    assert_eq!(
+        caps,
+        Capabilities {
+            max_msg_fds: 8,
+            max_data_xfer_size: 1 << 20,
+            max_dma_maps: u32::MAX,
+            pgsizes: 8192,
+        }
+    );
+    assert_eq!(
+        Capabilities::from_json(r#"{"version":1}"#).unwrap(),
+        Capabilities::default()
+    );
+    let some = Capabilities::from_json(r#"{"capabilities":{"max_msg_fds":2}}"#).unwrap();
+    assert_eq!(
+        some,
+        Capabilities {
+            max_msg_fds: 2,
+            ..Capabilities::default()
+        }
+    );
+}
+
+#[test]
+fn bad_capabilities_are_refused_with_what_is_wrong() {
+    let err = |json: &str| match Capabilities::from_json(json) {
+        Err(WireError::Invalid(msg)) => msg,
+        other => panic!("{json:?}: {other:?}"),
+    };
+    for bad in [
+        "{",
+        "{\"a\"}",
+        "{\"a\":}",
+        "[1,]",
+        "01x",
+        "\"abc",
+        "tru",
+        "{} {}",
+        "-",
+        "1.",
+        "\"\\u12\"",
+        "\"\\q\"",
+    ] {
+        assert!(
+            err(bad).starts_with("version JSON does not parse: "),
+            "{bad:?}"
+        );
+    }
+    assert!(err(&"[".repeat(10_000)).starts_with("version JSON does not parse: "));
+    assert_eq!(err("[1]"), "version JSON is not an object");
+    assert_eq!(err("7"), "version JSON is not an object");
+    assert_eq!(
+        err(r#"{"capabilities":[8]}"#),
+        "version JSON: \"capabilities\" is not an object"
+    );
+    for (name, value) in [
+        ("max_msg_fds", "-1"),
+        ("max_data_xfer_size", "1.0"),
+        ("max_dma_maps", "1e6"),
+        ("pgsizes", "null"),
+        ("pgsizes", "\"4096\""),
+        ("max_msg_fds", "18446744073709551616"),
+    ] {
+        assert_eq!(
+            err(&format!(r#"{{"capabilities":{{"{name}":{value}}}}}"#)),
+            format!("version JSON: {name} is not a non-negative integer"),
+        );
+    }
+}
+
+#[test]
 fn sparse_mmap_chain_is_walked_safely() {
     let mut p = RegionInfoMsg {
         cap_offset: 32,

@@ -11,10 +11,11 @@ use pinning::backend::FdDmaMapper;
 use pinning::region::RamFile;
 use vmm_sys_util::eventfd::EventFd;
 
-use super::backend::{irq, IrqInfo, RegionInfo, VfioBackend, VfioBackendError};
-use crate::vfio_user::wire::irq_info_flags;
-use crate::vfio_user::wire::irq_set::{ACTION_TRIGGER, ACTION_UNMASK, DATA_EVENTFD, DATA_NONE};
-use crate::vfio_user::{Client, ClientError};
+use super::wire::irq_info_flags;
+use super::wire::irq_set::{ACTION_TRIGGER, ACTION_UNMASK, DATA_EVENTFD, DATA_NONE};
+use super::{Client, ClientError};
+use crate::vfio::types::{irq, IrqInfo, RegionInfo};
+use crate::vfio::{VfioBackend, VfioBackendError};
 
 /// A device behind a vfio-user socket.
 pub struct UserBackend {
@@ -90,6 +91,12 @@ impl VfioBackend for UserBackend {
     }
     fn reset(&self) -> Result<(), VfioBackendError> {
         Ok(self.client.reset()?)
+    }
+}
+
+impl From<ClientError> for VfioBackendError {
+    fn from(e: ClientError) -> Self {
+        VfioBackendError::new(e)
     }
 }
 
