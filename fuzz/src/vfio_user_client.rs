@@ -316,10 +316,8 @@ fn exercise(client: &Client, ops: &mut Input<'_>, sent: &Mutex<Vec<Sent>>) {
                 if let Some((fd, _)) = info.mmap_fd {
                     // The client keeps it open while it lives.
                     // SAFETY: fcntl(F_GETFD) only inspects the descriptor.
-                    assert!(
-                        unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0,
-                        "region fd closed"
-                    );
+                    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+                    assert!(flags >= 0, "region fd closed");
                 }
             }),
             2 => {

@@ -7,29 +7,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod locked;
+#[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
+pub use locked::{locked_bytes, wait_for_locked_memory};
+
 /// The `vmm` binary, with no stdin (the guest console must not wait on the test's terminal).
 pub fn vmm() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_vmm"));
     c.stdin(Stdio::null());
     c
-}
-
-/// Bytes process `pid` holds locked (VmLck); `None` once it is gone.
-pub fn locked_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    pinning::procfs::kb_field(&status, "VmLck")
-}
-
-/// Waits until `pid` holds locked memory: it is then mid-job, past the admission check.
-pub fn wait_for_locked_memory(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while locked_bytes(pid).unwrap_or(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} never locked memory"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Runs `vmm run ARGS --report FILE`; returns the output and the report, if one was written.

@@ -149,7 +149,7 @@ pub enum BenchError {
     },
     #[error("stopped by {0}; every child was stopped and reaped")]
     Cancelled(CancelReason),
-    #[error("no vmm binary at {}, beside this one: build it there (`cargo build --release -p vmm`) or give its path with --vmm", .0.display())]
+    #[error("no vmm binary at {}, beside this one: {}, or give its path with --vmm", .0.display(), vmm::cli::forward::build_hint("vmm"))]
     NoVmmBeside(PathBuf),
     #[error("--vmm {}: not an executable file; give the path of the vmm binary", .0.display())]
     NoVmmAt(PathBuf),
@@ -178,8 +178,9 @@ fn vmm_binary(arg: Option<&Path>) -> Result<PathBuf, BenchError> {
     let (path, given) = match arg {
         Some(p) => (p.to_path_buf(), true),
         None => {
-            let me = std::env::current_exe().map_err(io("finding this executable"))?;
-            (me.with_file_name("vmm"), false)
+            let path = vmm::cli::forward::beside_this_executable("vmm")
+                .map_err(io("finding this executable"))?;
+            (path, false)
         }
     };
     match (qemu::is_executable(&path), given) {

@@ -5,7 +5,11 @@
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+
+#[path = "../../../tests/common/locked.rs"]
+mod locked;
+#[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
+pub use locked::{locked_bytes, wait_for_locked_memory};
 
 /// The `vmm-bench` binary, with no stdin.
 pub fn vmm_bench() -> Command {
@@ -30,22 +34,4 @@ pub fn vmm_beside() -> PathBuf {
 /// A finished command's stderr, as text.
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Bytes process `pid` holds locked (VmLck); `None` once it is gone.
-pub fn locked_bytes(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    pinning::procfs::kb_field(&status, "VmLck")
-}
-
-/// Waits until `pid` holds locked memory: it is then mid-job, past the admission check.
-pub fn wait_for_locked_memory(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while locked_bytes(pid).unwrap_or(0) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "process {pid} never locked memory"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }

@@ -14,7 +14,7 @@ use crate::epf::{Epf, Msix, IRQ_SPINS, MSIX_FUNCTION_MASK, MSIX_VECTOR_CONTROL};
 use crate::io::phys;
 
 /// How long an interrupt that must not come (while masked, or a second time) gets to show up,
-/// in `pause` spins (about 4 instructions each).
+/// in `pause` spins (a few emulated instructions each here; 10-140 cycles on hardware).
 ///
 /// Both ways such an interrupt could be sent are synchronous with a guest access that has
 /// already returned when the wait starts: the device server signals the vector's eventfd

@@ -23,15 +23,31 @@ pub struct Forwarded {
     pub args: Vec<OsString>,
 }
 
+/// Where binary `name` of this workspace should be: beside this executable, where cargo
+/// builds every binary of one profile (the `vmm` binary and `vmm-bench` find each other so).
+pub fn beside_this_executable(name: &str) -> std::io::Result<PathBuf> {
+    Ok(std::env::current_exe()?.with_file_name(name))
+}
+
+/// How to put binary `package` where [`beside_this_executable`] looks: the same cargo profile
+/// as this executable's (its folder's name), or a copy.
+pub fn build_hint(package: &str) -> String {
+    let release = beside_this_executable(package)
+        .ok()
+        .and_then(|p| Some(p.parent()?.ends_with("release")))
+        .unwrap_or(true);
+    let profile = if release { " --release" } else { "" };
+    format!("build it there with `cargo build{profile} -p {package}` (cargo puts the binaries of one profile in one folder), or copy it there")
+}
+
 /// Where the benchmarks' binary should be: beside this one.
 pub fn bench_binary() -> Result<PathBuf, Failure> {
-    let me = std::env::current_exe().map_err(|e| {
+    beside_this_executable(BENCH_BINARY).map_err(|e| {
         Failure::new(
             format!("cannot find this executable to run {BENCH_BINARY} beside it: {e}"),
             ErrorClass::Internal,
         )
-    })?;
-    Ok(me.with_file_name(BENCH_BINARY))
+    })
 }
 
 /// Runs `vmm-bench [command] ARGS` in place of this process; returns only if it cannot.
@@ -41,10 +57,9 @@ pub fn to_bench(command: Option<&str>, forwarded: &Forwarded) -> Status {
     if !bench.is_file() {
         return Err(Failure::new(
             format!(
-                "`vmm {named}` runs the {BENCH_BINARY} binary, which is not at {}: build it \
-there with `cargo build --release -p {BENCH_BINARY}` (cargo builds both binaries into one \
-folder), or install it beside vmm",
-                bench.display()
+                "`vmm {named}` runs the {BENCH_BINARY} binary, which is not at {}: {}",
+                bench.display(),
+                build_hint(BENCH_BINARY)
             ),
             ErrorClass::User,
         ));

@@ -3,6 +3,9 @@
 //!
 //! The JSON is peer input of at most one message ([`super::MAX_MESSAGE`]); serde_json refuses
 //! nesting past 128 levels, so a hostile peer cannot make the parser recurse without bound.
+//! Where serde_json is stricter or looser than the hand-written parser it replaced (JSON as
+//! RFC 8259 has it, where the old one was lenient): numbers with leading zeros and strings
+//! with an unpaired `\u` surrogate are refused, and nesting is bounded at 128 levels, not 32.
 
 use serde::de::{Deserializer, Error as _};
 use serde::{Deserialize, Serialize};
