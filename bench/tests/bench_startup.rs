@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{stderr, vmm_bench};
+use common::{alone, stderr, vmm_bench};
 
 #[test]
 fn two_sizes_two_backings_write_json_with_every_phase_teardown_shards_slopes_and_an_svg() {
@@ -338,9 +338,8 @@ fn a_missing_vmm_binary_exits_2_naming_the_path_and_the_fix() {
         "{err}"
     );
 
-    // A copy of vmm-bench with no vmm beside it.
-    let alone = dir.path().join("vmm-bench");
-    std::fs::copy(env!("CARGO_BIN_EXE_vmm-bench"), &alone).unwrap();
+    // vmm-bench alone, with no vmm beside it.
+    let (bare, alone) = alone(env!("CARGO_BIN_EXE_vmm-bench").as_ref(), "vmm-bench");
     let out = std::process::Command::new(&alone)
         .args(["startup", "--memory", "256M", "--qemu", "none", "--out"])
         .arg(dir.path().join("out"))
@@ -349,7 +348,7 @@ fn a_missing_vmm_binary_exits_2_naming_the_path_and_the_fix() {
         .unwrap();
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(2), "{err}");
-    let beside = dir.path().join("vmm");
+    let beside = bare.path().join("vmm");
     assert!(
         err.contains(&format!("no vmm binary at {}", beside.display())),
         "{err}"

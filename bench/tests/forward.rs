@@ -6,7 +6,7 @@
 use std::process::{Command, Stdio};
 
 mod common;
-use common::{stderr, vmm_beside};
+use common::{alone, stderr, vmm_beside};
 
 fn vmm() -> Command {
     let mut c = Command::new(vmm_beside());
@@ -59,9 +59,7 @@ fn vmm_bench_startup_is_vmm_bench_startup() {
 
 #[test]
 fn without_vmm_bench_beside_it_vmm_says_where_it_looked_and_how_to_build_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let alone = dir.path().join("vmm");
-    std::fs::copy(vmm_beside(), &alone).unwrap();
+    let (dir, alone) = alone(&vmm_beside(), "vmm");
     for args in [
         vec!["pin-bench", "--memory", "256M"],
         vec!["bench", "startup"],

@@ -35,3 +35,14 @@ pub fn vmm_beside() -> PathBuf {
 pub fn stderr(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
+
+/// `binary` alone in a fresh folder, as `name`: a hard link, not a copy, so that no test
+/// thread holds the file open for writing while another forks (the fork's child would inherit
+/// that descriptor and the exec would fail with ETXTBSY). The folder is in cargo's scratch
+/// space for tests, on the same file system as the binary.
+pub fn alone(binary: &std::path::Path, name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join(name);
+    std::fs::hard_link(binary, &path).unwrap();
+    (dir, path)
+}

@@ -32,11 +32,11 @@ pub fn beside_this_executable(name: &str) -> std::io::Result<PathBuf> {
 /// How to put binary `package` where [`beside_this_executable`] looks: the same cargo profile
 /// as this executable's (its folder's name), or a copy.
 pub fn build_hint(package: &str) -> String {
-    let release = beside_this_executable(package)
+    let debug = beside_this_executable(package)
         .ok()
-        .and_then(|p| Some(p.parent()?.ends_with("release")))
-        .unwrap_or(true);
-    let profile = if release { " --release" } else { "" };
+        .and_then(|p| Some(p.parent()?.ends_with("debug")))
+        .unwrap_or(false);
+    let profile = if debug { "" } else { " --release" };
     format!("build it there with `cargo build{profile} -p {package}` (cargo puts the binaries of one profile in one folder), or copy it there")
 }
 
