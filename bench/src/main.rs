@@ -6,26 +6,14 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use vmm_bench::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    vmm::cli::init_logging("warn");
     let status = match &cli.command {
         Command::PinBench(args) => cli::pin_bench(args),
         Command::Startup(args) => cli::startup(args),
     };
-    match status {
-        Ok(status) => ExitCode::from(status),
-        Err(failure) => {
-            eprintln!("vmm-bench: {failure}");
-            ExitCode::from(failure.exit_status())
-        }
-    }
+    vmm::cli::exit_code("vmm-bench", status)
 }

@@ -6,7 +6,6 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 use vmm::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
@@ -14,27 +13,15 @@ fn main() -> ExitCode {
     let start = std::time::Instant::now();
     let cli = Cli::parse();
     // A device server says where it listens (info); everything else is quiet by default.
-    let default_level = match cli.command {
+    cli::init_logging(match cli.command {
         Command::Device(_) => "info",
         _ => "warn",
-    };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    });
     let status = match &cli.command {
         Command::Run(args) => cli::run(args, start),
         Command::PinBench(args) => cli::forward::to_bench(Some("pin-bench"), args),
         Command::Bench(args) => cli::forward::to_bench(None, args),
         Command::Device(cmd) => cli::device(cmd),
     };
-    match status {
-        Ok(status) => ExitCode::from(status),
-        Err(failure) => {
-            eprintln!("vmm: {failure}");
-            ExitCode::from(failure.exit_status())
-        }
-    }
+    cli::exit_code("vmm", status)
 }

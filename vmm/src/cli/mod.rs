@@ -54,6 +54,29 @@ impl<E: std::error::Error + Classify> From<E> for Failure {
 /// What a command that ran to its end returns: the exit status it calls for.
 pub type Status = Result<u8, Failure>;
 
+/// Logs to stderr at `default_level`, or as `RUST_LOG` says; for `vmm` and `vmm-bench` alike.
+pub fn init_logging(default_level: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// The exit status of `program` (`vmm`, `vmm-bench`), decided here alone: the command's own
+/// when it ran to its end, else its failure's class, after the failure's line on stderr.
+pub fn exit_code(program: &str, status: Status) -> std::process::ExitCode {
+    match status {
+        Ok(status) => std::process::ExitCode::from(status),
+        Err(failure) => {
+            eprintln!("{program}: {failure}");
+            std::process::ExitCode::from(failure.exit_status())
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "vmm",
