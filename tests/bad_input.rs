@@ -194,6 +194,20 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
             vec!["device", "epf", "--socket", "/nonexistent/dir/s.sock"],
             "/nonexistent/dir/s.sock",
         ),
+        // --socket-fd: stdin (/dev/null here), a descriptor not open, a negative one, both.
+        (
+            vec!["device", "epf", "--socket-fd", "0"],
+            "--socket-fd 0: not a socket",
+        ),
+        (
+            vec!["device", "epf", "--socket-fd", "1000000"],
+            "--socket-fd 1000000: not an open descriptor",
+        ),
+        (vec!["device", "epf", "--socket-fd=-1"], "--socket-fd <FD>"),
+        (
+            vec!["device", "epf", "--socket", "s.sock", "--socket-fd", "0"],
+            "cannot be used with",
+        ),
     ];
     // hugetlb without reserved pages (skipped where a host has reserved enough).
     if free_huge_pages(2048) < 32 {

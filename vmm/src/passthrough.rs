@@ -6,6 +6,8 @@
 //! before guest RAM is mapped for them (`pin` stage), so the kernel never pins lazily, on one
 //! thread, at attach time.
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,8 +19,8 @@ use std::time::{Duration, Instant};
 use devices::exit::StopHandle;
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::{VfioBackend, VfioPciDevice};
+use devices::vfio_user::Client;
 use devices::vfio_user::UserBackend;
-use devices::vfio_user::{Client, ClientError};
 use devices::ExitReason;
 use pinning::backend::{FdDmaMapper, VfioUserBackend};
 use pinning::region::RamFile;
@@ -30,8 +32,8 @@ use crate::vstate::vm::Vm;
 
 /// How long one vfio-user request may take before the device counts as dead.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long the built-in server may take to start listening.
-const SERVER_START: Duration = Duration::from_secs(10);
+/// How long the built-in server's exit status may lag behind its end of the socket closing.
+const SERVER_EXIT: Duration = Duration::from_millis(500);
 
 /// `--user-device`: the built-in test device, or a socket another process serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,10 +76,8 @@ pub enum PassthroughError {
         exe: PathBuf,
         source: std::io::Error,
     },
-    #[error("the pci-epf-test server exited before it listened on {socket}: {status}")]
-    ServerExited { socket: PathBuf, status: String },
-    #[error("the pci-epf-test server did not listen on {socket} within {SERVER_START:?}")]
-    ServerSlow { socket: PathBuf },
+    #[error("{name} exited before it answered: {status}")]
+    ServerExited { name: String, status: String },
     #[error("{socket}: not a vfio-user socket: {what}")]
     NotASocket { socket: PathBuf, what: String },
 }
@@ -309,12 +309,14 @@ fn connect(socket: &Path) -> Result<Client, PassthroughError> {
     Ok(Client::connect(socket, REQUEST_TIMEOUT)?)
 }
 
-/// `vmm device epf` running as our child: stopped (SIGTERM, then SIGKILL) and reaped on
-/// drop, its socket folder removed. A watcher thread notices if it dies while the guest runs.
+/// `vmm device epf` running as our child, serving one end of a socketpair whose other end
+/// is our client: no file, so nothing to remove, and if vmm dies (even by SIGKILL) the server
+/// reads EOF and ends (its death signal ends it too). Stopped (SIGTERM, then SIGKILL) and
+/// reaped on drop. A watcher thread notices if it dies while the guest runs.
 struct EpfServer {
     child: Child,
-    dir: PathBuf,
-    socket: PathBuf,
+    /// Our end of the socketpair, until [`EpfServer::connect`] takes it.
+    ours: Option<UnixStream>,
     stopping: Arc<AtomicBool>,
     watcher: Option<JoinHandle<()>>,
     stop: StopHandle,
@@ -331,30 +333,37 @@ impl EpfServer {
             exe: exe.clone(),
             source,
         };
-        let dir = private_dir(&format!("vmm-{}-epf-", std::process::id())).map_err(spawn_error)?;
-        let socket = dir.join("epf.sock");
+        // Both ends close-on-exec: no other child of ours inherits either. Only this child
+        // gets its end, by clearing the flag between its fork and exec.
+        let (ours, theirs) = UnixStream::pair().map_err(spawn_error)?;
+        let fd = theirs.as_raw_fd();
         let mut cmd = Command::new(&exe);
-        cmd.args(["device", "epf", "--socket"])
-            .arg(&socket)
+        cmd.args(["device", "epf", "--socket-fd"])
+            .arg(fd.to_string())
             .args(crate::seccomp::epf_child_args())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             // Its own process group: a Ctrl-C at the terminal is ours to handle (undo the
             // pinning, then stop the server), not a device failure.
             .process_group(0);
-        // Our child's "listening" line is noise on the user's terminal; RUST_LOG still wins.
+        // Our child's "serving" line is noise on the user's terminal; RUST_LOG still wins.
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "warn");
         }
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: between fork and exec the closure only makes async-signal-safe calls
-        // (signal, prctl, getppid, _exit) and allocates nothing.
+        // (signal, fcntl, prctl, getppid, _exit) and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
                 // Until exec the child has vmm's handlers, which only record a signal: put
                 // the defaults back so that SIGTERM (ours, or the death signal) ends it here.
                 libc::signal(libc::SIGTERM, libc::SIG_DFL);
                 libc::signal(libc::SIGINT, libc::SIG_DFL);
+                // The server's end of the socketpair survives the exec (fds 0-2 are set up
+                // before this runs, and `fd` is above them, so it was not overwritten).
+                if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 // If vmm dies without reaping us (SIGKILL), the server goes too.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -366,17 +375,12 @@ impl EpfServer {
                 Ok(())
             })
         };
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(source) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(PassthroughError::Spawn { exe, source });
-            }
-        };
+        let child = cmd.spawn().map_err(spawn_error)?;
+        // The child has its copy; ours of its end must go, or its EOF would never come.
+        drop(theirs);
         Ok(EpfServer {
             child,
-            dir,
-            socket,
+            ours: Some(ours),
             stopping: Arc::new(AtomicBool::new(false)),
             watcher: None,
             stop,
@@ -384,37 +388,42 @@ impl EpfServer {
         })
     }
 
-    /// Waits for the server to listen, connects, and starts watching it.
+    /// What the server is called in messages and the report.
+    fn name(&self) -> String {
+        format!(
+            "the pci-epf-test server (`vmm device epf`, pid {})",
+            self.child.id()
+        )
+    }
+
+    /// Connects over our end of the socketpair (the server serves at once; a request waits
+    /// for it to start) and starts watching it.
     fn connect(&mut self) -> Result<Client, PassthroughError> {
-        let deadline = Instant::now() + SERVER_START;
-        loop {
-            if self.socket.exists() {
-                match Client::connect(&self.socket, REQUEST_TIMEOUT) {
-                    Ok(c) => {
-                        self.watch();
-                        return Ok(c);
-                    }
-                    // Not listening yet: the socket file is created just before listen().
-                    Err(ClientError::Connect { source, .. })
-                        if source.kind() == std::io::ErrorKind::ConnectionRefused => {}
-                    Err(e) => return Err(e.into()),
+        let Some(ours) = self.ours.take() else {
+            unreachable!("connect is called once per server")
+        };
+        match Client::from_stream(ours, self.name(), REQUEST_TIMEOUT) {
+            Ok(c) => {
+                self.watch();
+                Ok(c)
+            }
+            Err(e) => {
+                if let Some(sig) = pinning::cancel::pending_signal() {
+                    return Err(PassthroughError::Interrupted(sig));
                 }
+                // A server that exited is named by its status, the likelier cause.
+                let deadline = Instant::now() + SERVER_EXIT;
+                while Instant::now() < deadline {
+                    if let Ok(Some(status)) = self.child.try_wait() {
+                        return Err(PassthroughError::ServerExited {
+                            name: self.name(),
+                            status: describe(status),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(e.into())
             }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Err(PassthroughError::ServerExited {
-                    socket: self.socket.clone(),
-                    status: describe(status),
-                });
-            }
-            if let Some(sig) = pinning::cancel::pending_signal() {
-                return Err(PassthroughError::Interrupted(sig));
-            }
-            if Instant::now() > deadline {
-                return Err(PassthroughError::ServerSlow {
-                    socket: self.socket.clone(),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
         }
     }
 
@@ -454,23 +463,6 @@ impl EpfServer {
     }
 }
 
-/// A fresh 0700 directory under the temp dir, named `prefix` + random characters.
-fn private_dir(prefix: &str) -> std::io::Result<PathBuf> {
-    use std::os::unix::ffi::OsStringExt;
-    let template = std::env::temp_dir().join(format!("{prefix}XXXXXX"));
-    let mut buf = std::ffi::CString::new(template.into_os_string().into_vec())
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?
-        .into_bytes_with_nul();
-    // SAFETY: `buf` is a writable, NUL-terminated template ending in XXXXXX, as mkdtemp needs;
-    // it replaces the X's in place.
-    let made = unsafe { libc::mkdtemp(buf.as_mut_ptr().cast()) };
-    if made.is_null() {
-        return Err(std::io::Error::last_os_error());
-    }
-    buf.pop();
-    Ok(PathBuf::from(std::ffi::OsString::from_vec(buf)))
-}
-
 fn describe(status: std::process::ExitStatus) -> String {
     match (status.code(), status.signal()) {
         (Some(c), _) => format!("exit status {c}"),
@@ -500,6 +492,5 @@ impl Drop for EpfServer {
         if let Some(w) = self.watcher.take() {
             let _ = w.join();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,5 +1,5 @@
 //! The pci-epf-test model ([`EpfTest`]) as a vfio-user device; the process entry point
-//! behind `vmm device epf --socket PATH` is in the `process` module.
+//! behind `vmm device epf` (`--socket PATH` or `--socket-fd N`) is in the `process` module.
 //!
 //! Region 7 is configuration space and region 0 the register BAR, both through
 //! `PciDevice`; the client (the VMM's passthrough model) writes configuration space through,
@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex, PoisonError};
 
-pub use process::{on_listening, run_epf_server, EpfServerError};
+pub use process::{on_listening, run_epf_server, run_epf_server_on_fd, EpfServerError};
 
 use super::server::UserDevice;
 use super::wire::{irq_info_flags, irq_set};

@@ -31,5 +31,5 @@ mod tests;
 
 pub use backend::UserBackend;
 pub use client::{Client, ClientError, DmaMemory};
-pub use epf::{run_epf_server, EpfServerError, EpfUserDevice};
+pub use epf::{run_epf_server, run_epf_server_on_fd, EpfServerError, EpfUserDevice};
 pub use server::{serve, serve_with, ServerError, ServerLimits, UserDevice};

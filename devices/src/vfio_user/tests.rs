@@ -28,6 +28,7 @@ use crate::pci::dma::MappedRegions;
 use crate::vfio::types::{irq, region, IrqInfo, MmapArea, RegionInfo};
 use crate::vfio::VfioBackendError;
 
+mod epf_fd;
 mod interop;
 mod limits;
 

@@ -131,13 +131,22 @@ pub enum DeviceCommand {
         long_about = "Serve a model of Linux's pci-epf-test endpoint function over \
 vfio-user on a Unix socket, to one client, until it disconnects or SIGTERM/SIGINT. Every DMA goes \
 through the regions the client mapped with DMA_MAP, so an unmapped address fails the command. \
-`vmm run --user-device epf` starts this itself; run it by hand to attach it with \
-`vmm run --user-device PATH`.\n\nExample: vmm device epf --socket /tmp/epf.sock"
+`vmm run --user-device epf` starts this itself, on a socketpair (`--socket-fd`); run it by \
+hand to attach it with `vmm run --user-device PATH`.\n\nExample: vmm device epf --socket /tmp/epf.sock"
     )]
     Epf {
         /// Where to listen (created; removed at exit).
-        #[arg(long)]
-        socket: std::path::PathBuf,
+        #[arg(
+            long,
+            required_unless_present = "socket_fd",
+            conflicts_with = "socket_fd"
+        )]
+        socket: Option<std::path::PathBuf>,
+        /// Instead of listening, serve the one client already connected on this inherited
+        /// descriptor (a Unix stream socket, e.g. one end of a socketpair); no file is created,
+        /// and the client closing its end ends the server.
+        #[arg(long, value_name = "FD", value_parser = clap::value_parser!(i32).range(0..))]
+        socket_fd: Option<i32>,
         /// The server's system-call filter, installed once it listens: `on` (a forbidden
         /// call ends it with status 1 and one line naming the call), `log` (the kernel logs
         /// it) or `off`. `vmm run` passes its own --seccomp.
@@ -180,9 +189,18 @@ pub fn run(args: &RunArgs, start: Instant) -> Status {
 
 /// `vmm device epf`: serves until the client disconnects or a signal.
 pub fn device(cmd: &DeviceCommand) -> Status {
-    let DeviceCommand::Epf { socket, seccomp } = cmd;
+    let DeviceCommand::Epf {
+        socket,
+        socket_fd,
+        seccomp,
+    } = cmd;
     crate::seccomp::prepare_epf_server(*seccomp)?;
-    devices::vfio_user::run_epf_server(socket).map_err(|e| Failure {
+    let served = match (socket, socket_fd) {
+        (_, Some(fd)) => devices::vfio_user::run_epf_server_on_fd(*fd),
+        (Some(path), None) => devices::vfio_user::run_epf_server(path),
+        (None, None) => unreachable!("clap requires --socket or --socket-fd"),
+    };
+    served.map_err(|e| Failure {
         message: format!("device epf: {e}"),
         class: e.class(),
     })?;

@@ -1,4 +1,5 @@
-//! What the `vmm device epf` server process may do once it listens: accept its one client,
+//! What the `vmm device epf` server process may do once it listens (or, given `--socket-fd`,
+//! once it has checked the socket it inherited; the same list serves both): accept its one client,
 //! wait on the socket and its stop eventfd, exchange vfio-user messages (receiving the memory
 //! files of DMA_MAP, which it maps shared and never executable, checks the size of and
 //! unmaps again), raise interrupts by writing eventfds, and at the end remove its socket

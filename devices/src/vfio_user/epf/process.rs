@@ -1,8 +1,11 @@
-//! The process entry point behind `vmm device epf --socket PATH`: one pci-epf-test device
-//! served to one client, stopped cleanly by SIGTERM/SIGINT, leaving no socket file behind.
+//! The process entry point behind `vmm device epf`: one pci-epf-test device served to one
+//! client, stopped cleanly by SIGTERM/SIGINT. With `--socket PATH` it listens there and
+//! leaves no socket file behind; with `--socket-fd N` (what `vmm run` uses) it serves the
+//! client already connected on an inherited socket, so there is no file at all and the
+//! client's death (its end closing) ends the server.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -17,11 +20,16 @@ use crate::epf::{EpfConfig, EpfError};
 use crate::pci::dma::MappedRegions;
 use crate::vfio_user::server::{self, ServerError};
 
-/// Why `vmm device epf --socket PATH` stopped with an error.
+/// Why `vmm device epf` stopped with an error. `socket` names where it served: the path, or
+/// the inherited descriptor.
 #[derive(Debug, thiserror::Error)]
 pub enum EpfServerError {
     #[error("{}: {what}", .path.display())]
     SocketPath { path: PathBuf, what: String },
+    #[error(
+        "--socket-fd {fd}: {what}; pass a connected Unix stream socket this process inherited"
+    )]
+    SocketFd { fd: RawFd, what: String },
     #[error("{}: cannot listen on it: {source}; check that its directory exists and is writable", .socket.display())]
     Bind {
         socket: PathBuf,
@@ -29,18 +37,18 @@ pub enum EpfServerError {
         source: io::Error,
     },
     /// The stop eventfd and the signal handlers are process-wide, so one server at a time.
-    #[error("{}: another vfio-user epf server already runs in this process", .socket.display())]
-    AlreadyRunning { socket: PathBuf },
-    #[error("{}: {op}: {source}", .socket.display())]
+    #[error("{socket}: another vfio-user epf server already runs in this process")]
+    AlreadyRunning { socket: String },
+    #[error("{socket}: {op}: {source}")]
     Io {
-        socket: PathBuf,
+        socket: String,
         op: &'static str,
         #[source]
         source: io::Error,
     },
-    #[error("{}: {source}", .socket.display())]
+    #[error("{socket}: {source}")]
     Model {
-        socket: PathBuf,
+        socket: String,
         #[source]
         source: EpfError,
     },
@@ -51,7 +59,9 @@ pub enum EpfServerError {
 impl Classify for EpfServerError {
     fn class(&self) -> ErrorClass {
         match self {
-            EpfServerError::SocketPath { .. } | EpfServerError::Bind { .. } => ErrorClass::User,
+            EpfServerError::SocketPath { .. }
+            | EpfServerError::SocketFd { .. }
+            | EpfServerError::Bind { .. } => ErrorClass::User,
             EpfServerError::AlreadyRunning { .. }
             | EpfServerError::Io { .. }
             | EpfServerError::Model { .. } => ErrorClass::Internal,
@@ -63,8 +73,9 @@ impl Classify for EpfServerError {
 /// Runs once the server listens, before it accepts (see [`on_listening`]).
 static ON_LISTENING: OnceLock<fn() -> io::Result<()>> = OnceLock::new();
 
-/// Sets what [`run_epf_server`] runs once it listens and before it accepts a client (the
-/// VMM installs the server's seccomp filter there); an error ends the server. Set once.
+/// Sets what [`run_epf_server`] runs once it listens and before it accepts a client, and
+/// [`run_epf_server_on_fd`] before it serves (the VMM installs the server's seccomp filter
+/// there); an error ends the server. Set once.
 pub fn on_listening(hook: fn() -> io::Result<()>) {
     let _ = ON_LISTENING.set(hook);
 }
@@ -90,9 +101,9 @@ struct StopSignals {
 }
 
 impl StopSignals {
-    fn install(socket: &Path) -> Result<Self, EpfServerError> {
+    fn install(socket: &str) -> Result<Self, EpfServerError> {
         let io_err = |op: &'static str, source| EpfServerError::Io {
-            socket: socket.to_path_buf(),
+            socket: socket.to_string(),
             op,
             source,
         };
@@ -103,7 +114,7 @@ impl StopSignals {
             .is_err()
         {
             return Err(EpfServerError::AlreadyRunning {
-                socket: socket.to_path_buf(),
+                socket: socket.to_string(),
             });
         }
         let mut me = StopSignals {
@@ -193,31 +204,22 @@ fn clear_stale_socket(socket: &Path) -> Result<(), EpfServerError> {
 /// process gets SIGTERM/SIGINT; the socket file is removed on every way out. Prints one
 /// line to stderr once it listens, nothing on stdout.
 pub fn run_epf_server(socket: &Path) -> Result<(), EpfServerError> {
+    let name = socket.display().to_string();
     let io_err = |op: &'static str, source| EpfServerError::Io {
-        socket: socket.to_path_buf(),
+        socket: name.clone(),
         op,
         source,
     };
-    let signals = StopSignals::install(socket)?;
+    let signals = StopSignals::install(&name)?;
     clear_stale_socket(socket)?;
     let listener = UnixListener::bind(socket).map_err(|source| EpfServerError::Bind {
         socket: socket.to_path_buf(),
         source,
     })?;
     let _remove = RemoveSocket(socket.to_path_buf());
-    tracing::info!("vfio-user epf server listening on {}", socket.display());
-    if let Some(hook) = ON_LISTENING.get() {
-        hook().map_err(|e| io_err("running the listening hook", e))?;
-    }
-
-    let regions = Arc::new(MappedRegions::new());
-    let mut device =
-        EpfUserDevice::new(EpfConfig::default(), regions.clone()).map_err(|source| {
-            EpfServerError::Model {
-                socket: socket.to_path_buf(),
-                source,
-            }
-        })?;
+    tracing::info!("vfio-user epf server listening on {name}");
+    run_hook(&name)?;
+    let (mut device, regions) = new_device(&name)?;
 
     // Accept, unless asked to stop first.
     let mut pfd = [
@@ -250,9 +252,113 @@ pub fn run_epf_server(socket: &Path) -> Result<(), EpfServerError> {
     let (stream, _) = listener.accept().map_err(|e| io_err("accepting", e))?;
     drop(listener);
     tracing::info!("vfio-user epf server: client connected");
-    // SAFETY: the eventfd lives in `signals` until this function returns, past the borrow.
+    serve_one(stream, &mut device, regions, &signals)
+}
+
+/// Serves a pci-epf-test device to the ONE client already connected on `fd`, a Unix stream
+/// socket this process inherited (one end of a socketpair whose other end the client holds),
+/// until the client closes its end or the process gets SIGTERM/SIGINT. No file is created. The
+/// descriptor is checked before it is used and owned (closed) from then on.
+pub fn run_epf_server_on_fd(fd: RawFd) -> Result<(), EpfServerError> {
+    let name = format!("socket fd {fd}");
+    let signals = StopSignals::install(&name)?;
+    let stream = adopt_connected_socket(fd)?;
+    tracing::info!("vfio-user epf server serving the client on {name}");
+    run_hook(&name)?;
+    let (mut device, regions) = new_device(&name)?;
+    serve_one(stream, &mut device, regions, &signals)
+}
+
+/// Takes `fd` as this process's own once it is a connected Unix stream socket, close-on-exec.
+fn adopt_connected_socket(fd: RawFd) -> Result<UnixStream, EpfServerError> {
+    let refuse = |what: String| EpfServerError::SocketFd { fd, what };
+    let last = || io::Error::last_os_error();
+    // SAFETY: F_GETFD reads the descriptor's flags and touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(refuse(format!("not an open descriptor ({})", last())));
+    }
+    let int_opt = |opt: libc::c_int| -> io::Result<libc::c_int> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `v` and `len` are ours and sized for an int option, as getsockopt expects.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r == 0 {
+            Ok(v)
+        } else {
+            Err(last())
+        }
+    };
+    match (int_opt(libc::SO_DOMAIN), int_opt(libc::SO_TYPE)) {
+        (Ok(libc::AF_UNIX), Ok(libc::SOCK_STREAM)) => {}
+        (Err(e), _) | (_, Err(e)) => return Err(refuse(format!("not a socket ({e})"))),
+        (Ok(domain), Ok(kind)) => {
+            return Err(refuse(format!(
+                "a socket of domain {domain} and type {kind}, not a Unix stream socket"
+            )))
+        }
+    }
+    // SAFETY: all-zero bytes are a valid sockaddr_un; getpeername writes at most `len` bytes
+    // into it and updates `len`.
+    let connected = unsafe {
+        let mut addr: libc::sockaddr_un = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        libc::getpeername(fd, (&mut addr as *mut libc::sockaddr_un).cast(), &mut len)
+    };
+    if connected != 0 {
+        return Err(refuse(format!("not connected ({})", last())));
+    }
+    // Inherited without close-on-exec; whatever this process starts must not hold it.
+    // SAFETY: F_SETFD sets the descriptor's flags and touches no memory.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } < 0 {
+        return Err(refuse(format!("setting close-on-exec: {}", last())));
+    }
+    // SAFETY: `fd` is open (checked above) and was handed to this process on its command line
+    // to serve on; nothing else in the process knows or closes it, so it can be owned here.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    Ok(UnixStream::from(owned))
+}
+
+/// Runs the hook set with [`on_listening`], if any.
+fn run_hook(name: &str) -> Result<(), EpfServerError> {
+    match ON_LISTENING.get() {
+        Some(hook) => hook().map_err(|source| EpfServerError::Io {
+            socket: name.to_string(),
+            op: "running the listening hook",
+            source,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn new_device(name: &str) -> Result<(EpfUserDevice, Arc<MappedRegions>), EpfServerError> {
+    let regions = Arc::new(MappedRegions::new());
+    let device = EpfUserDevice::new(EpfConfig::default(), regions.clone()).map_err(|source| {
+        EpfServerError::Model {
+            socket: name.to_string(),
+            source,
+        }
+    })?;
+    Ok((device, regions))
+}
+
+/// Serves `stream` until the client leaves or a stop signal arrives.
+fn serve_one(
+    stream: UnixStream,
+    device: &mut EpfUserDevice,
+    regions: Arc<MappedRegions>,
+    signals: &StopSignals,
+) -> Result<(), EpfServerError> {
+    // SAFETY: the eventfd lives in `signals`, which outlives this call and so the borrow.
     let stop = unsafe { std::os::fd::BorrowedFd::borrow_raw(signals.stop.as_raw_fd()) };
-    let result = server::serve_until(stream, &mut device, regions, Some(stop));
+    let result = server::serve_until(stream, device, regions, Some(stop));
     tracing::info!("vfio-user epf server: done ({result:?})");
     Ok(result?)
 }
