@@ -79,6 +79,9 @@ pub struct BoundedOutput(Arc<Shared>);
 impl Write for BoundedOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut s = self.0.lock();
+        // The writer only waits on an empty ring: a wake-up (a system call) per byte is needed
+        // only when this write makes the ring non-empty.
+        let wake = s.ring.is_empty();
         let room = if s.broken || s.closed {
             0
         } else {
@@ -101,7 +104,7 @@ impl Write for BoundedOutput {
         } else {
             drop(s);
         }
-        if taken > 0 {
+        if taken > 0 && wake {
             self.0.changed.notify_all();
         }
         // What was dropped is accounted for: the UART must not see an error per byte.
