@@ -9,10 +9,9 @@ use std::io::{self, Write};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 pub use devices::serial::output::DEFAULT_BUFFER_BYTES;
-use devices::serial::output::{CappedLog, OutputHandle, OutputStats};
+use devices::serial::output::{CappedLog, OutputHandle, OutputStats, FINISH_STALL};
 use devices::serial::{stdin_is_pollable, SharedBuffer, StdinFd};
 use devices::{
     BootMarks, Bus, BusError, DebugExit, ExitNotifier, GuestMarks, SerialDevice, SerialInput, I8042,
@@ -30,8 +29,8 @@ use crate::vstate::vm::Vm;
 
 /// Where the guest's serial output goes. Stdout and a file are written by a thread of their
 /// own through a ring (`VmConfig::serial_buffer`, [`DEFAULT_BUFFER_BYTES`] unless a test asks
-/// for less): a reader that does not keep up loses output
-/// (counted in the report), never stops a vCPU.
+/// for less): a reader that does not keep up loses output (counted in the report), never
+/// stops a vCPU.
 #[derive(Clone, Debug, Default)]
 pub enum SerialOut {
     /// The VMM's stdout.
@@ -192,13 +191,13 @@ impl Platform {
         self.pci.attach_vfio(dev, &mut self.allocator)
     }
 
-    /// Once the vCPUs are gone: waits until the serial output is written out, or until its
-    /// reader has taken nothing for a second (a console nobody reads cannot hold the exit),
-    /// and says what became of it.
+    /// Once the vCPUs are gone: waits until the serial output is written out, within the
+    /// bounds of [`OutputHandle::finish`] (a console nobody reads cannot hold the exit), and
+    /// says what became of it.
     pub fn finish_serial(&mut self) -> OutputStats {
         self.serial_output
             .as_mut()
-            .map(|h| h.finish(SERIAL_STALL))
+            .map(|h| h.finish(FINISH_STALL))
             .unwrap_or_default()
     }
 
@@ -207,9 +206,6 @@ impl Platform {
         self.pci.intx_lines()
     }
 }
-
-/// How long the exit waits on a serial reader that takes nothing.
-const SERIAL_STALL: Duration = Duration::from_secs(1);
 
 type SerialWriter = (Box<dyn Write + Send>, Option<OutputHandle>);
 

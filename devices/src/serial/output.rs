@@ -14,7 +14,7 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -23,6 +23,10 @@ use crate::ratelimit::{RateLimit, DEFAULT_INTERVAL};
 /// The ring between the UART and the writer thread: enough for any burst a console reader
 /// that is merely slow falls behind by.
 pub const DEFAULT_BUFFER_BYTES: usize = 1 << 20;
+/// How long the end of a run waits on a sink that takes nothing ([`OutputHandle::finish`]).
+pub const FINISH_STALL: Duration = Duration::from_secs(1);
+/// [`OutputHandle::finish`] waits at most this many stalls in all.
+pub const FINISH_STALLS: u32 = 10;
 /// How much the writer thread takes from the ring per write(2).
 const CHUNK: usize = 64 << 10;
 
@@ -176,17 +180,23 @@ impl OutputHandle {
     }
 
     /// Closes the input and waits until the sink has taken everything buffered, or until it
-    /// took nothing for `stall`: a console nobody reads cannot hold the VMM's exit. What is
-    /// left then counts as dropped, and the writer thread is left to the process's exit.
+    /// took nothing for `stall`, or for [`FINISH_STALLS`] times `stall` in all (a reader
+    /// taking a byte now and then): a console nobody reads cannot hold the VMM's exit. What
+    /// is left then counts as dropped, and the writer thread is left to the process's exit.
     pub fn finish(&mut self, stall: Duration) -> OutputStats {
         if let Some(done) = self.finished {
             return done;
         }
+        let deadline = Instant::now() + stall * FINISH_STALLS;
         let mut s = self.shared.lock();
         s.closed = true;
         self.shared.changed.notify_all();
         let mut stuck = false;
         while !s.ring.is_empty() || s.in_flight > 0 {
+            if Instant::now() >= deadline {
+                stuck = true;
+                break;
+            }
             let before = s.written + s.dropped;
             let (next, timeout) = self
                 .shared
@@ -225,7 +235,7 @@ impl OutputHandle {
 
 impl Drop for OutputHandle {
     fn drop(&mut self) {
-        self.finish(Duration::from_secs(1));
+        self.finish(FINISH_STALL);
     }
 }
 

@@ -101,3 +101,35 @@ fn a_log_under_its_cap_is_whole_and_unmarked() {
     assert_eq!(std::fs::read(&path).unwrap(), b"0123456789");
     assert_eq!(log.cut_counter().load(Ordering::Relaxed), 0);
 }
+
+/// Takes everything it is given, slowly: each write(2) as long as a fair part of a stall.
+struct Slow(Duration);
+
+impl Write for Slow {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        std::thread::sleep(self.0);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_reader_that_keeps_taking_a_little_cannot_hold_the_end_past_its_limit() {
+    let cap = 1 << 20;
+    let stall = Duration::from_millis(200);
+    // 16 chunks of 64 KiB at 150 ms each (2.4 s) take longer than 10 stalls (2 s) in all.
+    let (mut out, mut handle) =
+        OutputHandle::start(Box::new(Slow(Duration::from_millis(150))), cap, None).unwrap();
+    assert_eq!(out.write(&vec![b'x'; cap]).unwrap(), cap);
+    let started = Instant::now();
+    let stats = handle.finish(stall);
+    assert!(started.elapsed() < stall * FINISH_STALLS + Duration::from_secs(1));
+    assert!(stats.dropped_bytes > 0, "{stats:?}");
+    assert_eq!(
+        stats.written_bytes + stats.dropped_bytes,
+        cap as u64,
+        "{stats:?}"
+    );
+}
