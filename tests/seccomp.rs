@@ -100,6 +100,7 @@ fn every_thread_of_a_paused_run_and_its_device_server_is_filtered() {
         "vmm-signals",
         "epf-watcher",
         "vfio-user-rx",
+        "vmm-serial-out",
     ] {
         assert!(
             user.iter().any(|t| t.name == name),

@@ -3,7 +3,10 @@
 //! Output goes to any `Write` (stdout, a log file, a test buffer) and the first transmitted
 //! byte is timestamped in [`GuestMarks`]. Interrupts leave through an `EventFd` that the VMM
 //! registers as the irqfd of GSI 4. Input comes from [`SerialInput`], an event-manager
-//! subscriber that moves bytes from a readable fd (stdin) into the receive FIFO.
+//! subscriber that moves bytes from a readable fd (stdin) into the receive FIFO. The VMM gives
+//! the UART an [`output::BoundedOutput`], so that a console nobody reads cannot block a vCPU.
+
+pub mod output;
 
 use std::fmt;
 use std::io::{self, Read, Write};

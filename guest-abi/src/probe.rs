@@ -121,3 +121,6 @@ pub const OPT_FAULT: &str = "probe.fault";
 /// `probe.hang`: stay alive after the result line instead of exiting, for tests that stop a
 /// running guest from the VMM side (signals, timeouts).
 pub const OPT_HANG: &str = "probe.hang";
+/// `probe.flood`: after the result line, print numbered lines on the console forever instead
+/// of exiting, for tests of a console nobody reads and of the serial log's size cap.
+pub const OPT_FLOOD: &str = "probe.flood";

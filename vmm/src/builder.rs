@@ -60,6 +60,8 @@ pub struct VmConfig {
     pub cmdline: String,
     pub boot_protocol: BootProtocol,
     pub serial_out: SerialOut,
+    /// The ring between the serial port and its output (stdout or the log file).
+    pub serial_buffer: usize,
     pub serial_in: SerialIn,
     pub devices: DeviceRequest,
     pub pin: PinChoice,
@@ -227,6 +229,7 @@ pub fn devices(
         vm,
         &config.layout,
         &config.serial_out,
+        config.serial_buffer,
         config.serial_in,
         marks,
     )?;
@@ -391,6 +394,7 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     })?;
     let device_failure = failure.finish();
     drop(forwarder);
+    let serial = machine.platform.finish_serial();
 
     let teardown_start = start.elapsed();
     let pin_stats = machine.pinned.stats.clone();
@@ -434,6 +438,7 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
         pin: (pin_stats.backend != pinning::BackendKind::None).then_some(pin_stats),
         teardown,
         vm: summary,
+        serial,
     };
     Ok(Outcome {
         report,

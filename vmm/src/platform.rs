@@ -6,9 +6,12 @@
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+pub use devices::serial::output::DEFAULT_BUFFER_BYTES;
+use devices::serial::output::{CappedLog, OutputHandle, OutputStats, FINISH_STALL};
 use devices::serial::{stdin_is_pollable, SharedBuffer, StdinFd};
 use devices::{
     BootMarks, Bus, BusError, DebugExit, ExitNotifier, GuestMarks, SerialDevice, SerialInput, I8042,
@@ -24,14 +27,17 @@ use crate::memory::MemoryLayout;
 use crate::pci::{PciError, PciSystem};
 use crate::vstate::vm::Vm;
 
-/// Where the guest's serial output goes.
+/// Where the guest's serial output goes. Stdout and a file are written by a thread of their
+/// own through a ring (`VmConfig::serial_buffer`, [`DEFAULT_BUFFER_BYTES`] unless a test asks
+/// for less): a reader that does not keep up loses output (counted in the report), never
+/// stops a vCPU.
 #[derive(Clone, Debug, Default)]
 pub enum SerialOut {
     /// The VMM's stdout.
     #[default]
     Stdout,
-    /// A file, created or truncated.
-    File(PathBuf),
+    /// A file, created or truncated, cut after `max` bytes with a marker line.
+    File { path: PathBuf, max: u64 },
     /// An in-memory buffer (tests, reports).
     Buffer(SharedBuffer),
     /// Discarded.
@@ -61,6 +67,8 @@ pub enum PlatformError {
         "cannot create the serial output file {path}: {source}; give --serial-log a writable path"
     )]
     SerialFile { path: PathBuf, source: io::Error },
+    #[error("starting the serial output thread failed: {0}")]
+    SerialThread(io::Error),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error(transparent)]
@@ -109,6 +117,8 @@ pub struct Platform {
     pub event_manager: EventManager<Subscriber>,
     /// Whether the serial input reads the VMM's stdin (the run puts a terminal in raw mode).
     pub stdin_attached: bool,
+    /// The serial output's writer thread (stdout or a file).
+    serial_output: Option<OutputHandle>,
     // KVM holds its own reference to the file; ours keeps the line's eventfd alive.
     _serial_irq: EventFd,
 }
@@ -120,6 +130,7 @@ impl Platform {
         vm: &Vm,
         layout: &MemoryLayout,
         serial_out: &SerialOut,
+        serial_buffer: usize,
         serial_in: SerialIn,
         marks: &Arc<GuestMarks>,
     ) -> Result<Platform, PlatformError> {
@@ -131,7 +142,7 @@ impl Platform {
         vm.fd()
             .register_irqfd(&irq, gsi)
             .map_err(|source| PlatformError::Irqfd { gsi, source })?;
-        let out = serial_writer(serial_out)?;
+        let (out, serial_output) = serial_writer(serial_out, serial_buffer)?;
         let serial = Arc::new(Mutex::new(SerialDevice::new(
             irq_dev,
             out,
@@ -167,6 +178,7 @@ impl Platform {
             allocator,
             event_manager,
             stdin_attached,
+            serial_output,
             _serial_irq: irq,
         })
     }
@@ -179,24 +191,49 @@ impl Platform {
         self.pci.attach_vfio(dev, &mut self.allocator)
     }
 
+    /// Once the vCPUs are gone: waits until the serial output is written out, within the
+    /// bounds of [`OutputHandle::finish`] (a console nobody reads cannot hold the exit), and
+    /// says what became of it.
+    pub fn finish_serial(&mut self) -> OutputStats {
+        self.serial_output
+            .as_mut()
+            .map(|h| h.finish(FINISH_STALL))
+            .unwrap_or_default()
+    }
+
     /// PCI INTx lines, for the MP table and the DSDT's `_PRT`.
     pub fn intx_lines(&self) -> Vec<PciIntx> {
         self.pci.intx_lines()
     }
 }
 
-fn serial_writer(out: &SerialOut) -> Result<Box<dyn Write + Send>, PlatformError> {
-    Ok(match out {
-        SerialOut::Stdout => Box::new(io::stdout()),
-        SerialOut::File(path) => {
-            Box::new(
-                File::create(path).map_err(|source| PlatformError::SerialFile {
-                    path: path.clone(),
-                    source,
-                })?,
-            )
+type SerialWriter = (Box<dyn Write + Send>, Option<OutputHandle>);
+
+fn serial_writer(out: &SerialOut, buffer: usize) -> Result<SerialWriter, PlatformError> {
+    let (sink, cut): (Box<dyn Write + Send>, _) = match out {
+        SerialOut::Stdout => match io::stdout().as_fd().try_clone_to_owned() {
+            // A descriptor of its own: the writer thread, blocked on a full pipe, must not
+            // hold std's stdout lock.
+            Ok(fd) => (Box::new(File::from(fd)), None),
+            // A closed stdout discards output, as std's own stdout does.
+            Err(e) if e.raw_os_error() == Some(libc::EBADF) => {
+                return Ok((Box::new(io::sink()), None))
+            }
+            Err(e) => return Err(PlatformError::SerialThread(e)),
+        },
+        SerialOut::File { path, max } => {
+            let file = File::create(path).map_err(|source| PlatformError::SerialFile {
+                path: path.clone(),
+                source,
+            })?;
+            let log = CappedLog::new(file, *max);
+            let cut = log.cut_counter();
+            (Box::new(log), Some(cut))
         }
-        SerialOut::Buffer(b) => Box::new(b.clone()),
-        SerialOut::Sink => Box::new(io::sink()),
-    })
+        SerialOut::Buffer(b) => return Ok((Box::new(b.clone()), None)),
+        SerialOut::Sink => return Ok((Box::new(io::sink()), None)),
+    };
+    let (writer, handle) =
+        OutputHandle::start(sink, buffer, cut).map_err(PlatformError::SerialThread)?;
+    Ok((Box::new(writer), Some(handle)))
 }

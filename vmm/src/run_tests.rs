@@ -92,6 +92,7 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
         cmdline: "console=ttyS0".into(),
         boot_protocol: protocol,
         serial_out: SerialOut::Buffer(out.clone()),
+        serial_buffer: crate::platform::DEFAULT_BUFFER_BYTES,
         serial_in: SerialIn::None,
         devices: Default::default(),
         pin: PinChoice::Auto,

@@ -108,6 +108,9 @@ pub struct Report {
     pub pin: Option<PinStats>,
     pub teardown: Teardown,
     pub vm: VmSummary,
+    /// What became of the guest's console output: written, dropped because nobody read it,
+    /// left out of the serial log past its cap.
+    pub serial: devices::serial::output::OutputStats,
 }
 
 /// The `exit` phase in parts: undoing the DMA mappings, freeing guest RAM, and the rest

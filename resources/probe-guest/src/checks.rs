@@ -2,7 +2,7 @@
 //! result, and [`Checks::finish`] writes the ready mark and the result line and exits.
 
 use guest_abi::ports::BOOT_MARKS;
-use guest_abi::probe::{OPT_EXPECT_PCI, OPT_HANG, RESULT_FAIL, RESULT_OK};
+use guest_abi::probe::{OPT_EXPECT_PCI, OPT_FLOOD, OPT_HANG, RESULT_FAIL, RESULT_OK};
 use guest_abi::{exit, marks};
 
 use crate::console::Line;
@@ -107,6 +107,8 @@ pub struct Checks {
     first: Option<Failure>,
     /// [`OPT_HANG`]: stay alive after the result instead of exiting.
     pub hang: bool,
+    /// [`OPT_FLOOD`]: print lines forever after the result instead of exiting.
+    pub flood: bool,
 }
 
 impl Checks {
@@ -114,6 +116,7 @@ impl Checks {
         Self {
             first: None,
             hang: false,
+            flood: false,
         }
     }
 
@@ -138,6 +141,14 @@ impl Checks {
                 if self.hang {
                     Line::new().s(text!("hanging (", OPT_HANG, ")")).end();
                     cpu::idle_forever()
+                }
+                if self.flood {
+                    Line::new().s(text!("flooding (", OPT_FLOOD, ")")).end();
+                    let mut n = 0u64;
+                    loop {
+                        Line::new().s("flood ").dec(n).end();
+                        n += 1;
+                    }
                 }
                 cpu::exit(exit::OK)
             }

@@ -3,7 +3,7 @@
 
 use guest_abi::probe::{
     OPT_DMA_IRQ, OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM, OPT_EXPECT_PCI, OPT_FAULT,
-    OPT_HANG,
+    OPT_FLOOD, OPT_HANG,
 };
 
 use crate::checks::{Checks, Failure};
@@ -64,7 +64,7 @@ pub fn dma_options(cmdline: &[u8], checks: &mut Checks) -> DmaOptions {
 }
 
 /// [`OPT_EXPECT_MEM`], [`OPT_EXPECT_CPUS`], [`OPT_EXPECT_PCI`], [`OPT_FAULT`] (a deliberate
-/// page fault, to test how the VMM reports an exception) and [`OPT_HANG`].
+/// page fault, to test how the VMM reports an exception), [`OPT_HANG`] and [`OPT_FLOOD`].
 pub fn expectations(
     cmdline: &[u8],
     ram_mib: u64,
@@ -77,9 +77,12 @@ pub fn expectations(
     const PCI: &[u8] = text!(OPT_EXPECT_PCI, "=").as_bytes();
     const FAULT: &[u8] = OPT_FAULT.as_bytes();
     const HANG: &[u8; OPT_HANG.len()] = &text::join(&[OPT_HANG]);
+    const FLOOD: &[u8] = OPT_FLOOD.as_bytes();
     for word in cmdline.split(|&b| b == b' ') {
         if word == HANG {
             checks.hang = true;
+        } else if word == FLOOD {
+            checks.flood = true;
         } else if word == FAULT {
             Line::new().s("fault: reading ").hex(UNMAPPED).end();
             phys::read64(UNMAPPED);

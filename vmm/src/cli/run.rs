@@ -14,7 +14,7 @@ use crate::memory::layout::LayoutError;
 use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
 use crate::passthrough::{DeviceRequest, UserDevice};
 use crate::pin::{PinChoice, PinChoiceError};
-use crate::platform::{SerialIn, SerialOut};
+use crate::platform::{SerialIn, SerialOut, DEFAULT_BUFFER_BYTES};
 use crate::size::parse_size;
 
 /// `--backing`: `auto` (memfd when a vfio-user device needs shareable RAM, else anon) or a
@@ -107,6 +107,13 @@ pub struct RunArgs {
     /// Write guest serial output to this file instead of stdout.
     #[arg(long)]
     pub serial_log: Option<PathBuf>,
+    /// Cut the --serial-log file after this much guest output (64M, 1G, ...; a bare number is
+    /// MiB), with a marker line where it cut; the run report counts what was left out.
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub serial_log_max: u64,
+    /// Testing only: the ring between the serial port and its output, instead of 1 MiB.
+    #[arg(long, hide = true, value_parser = parse_size)]
+    pub test_serial_buffer: Option<u64>,
     /// Write the start-up report (JSON) here.
     #[arg(long)]
     pub report: Option<PathBuf>,
@@ -345,7 +352,13 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
         serial_out: args
             .serial_log
             .clone()
-            .map_or(SerialOut::Stdout, SerialOut::File),
+            .map_or(SerialOut::Stdout, |path| SerialOut::File {
+                path,
+                max: args.serial_log_max,
+            }),
+        serial_buffer: args.test_serial_buffer.map_or(DEFAULT_BUFFER_BYTES, |b| {
+            usize::try_from(b).unwrap_or(usize::MAX)
+        }),
         serial_in: SerialIn::Stdin,
         devices: DeviceRequest {
             kernel_devices: args.devices.clone(),

@@ -4,7 +4,7 @@
 //! | kind | list | installed by | when |
 //! |---|---|---|---|
 //! | vCPU | `vcpu.rs` | each vCPU thread itself | before its first KVM_RUN; the vCPUs wait until every other thread is filtered too |
-//! | main/event | `vmm.rs` | the main thread, for itself and for every other thread not yet filtered (the SIGINT/SIGTERM forwarder, the epf watcher, vfio-user reply readers) | once every vCPU thread has its filter, before the guest runs |
+//! | main/event | `vmm.rs` | the main thread, for itself and for every other thread not yet filtered (the SIGINT/SIGTERM forwarder, the epf watcher, vfio-user reply readers, the serial output writer) | once every vCPU thread has its filter, before the guest runs |
 //! | pin helper | `helper.rs` | each pinning-engine helper, through the engine's start hook | as it starts: while pinning (before the guest) and in teardown |
 //! | epf server | `epf.rs` | `vmm device epf` | once it listens, before it accepts (with `--socket-fd`: once it has checked its descriptor, before it serves) |
 //!

@@ -1,6 +1,6 @@
 //! Filtering threads the main thread did not start after its filter: the SIGINT/SIGTERM
-//! forwarder, the epf server's watcher, each vfio-user connection's reply reader, and any
-//! other thread a library started during set-up.
+//! forwarder, the epf server's watcher, each vfio-user connection's reply reader, the serial
+//! output writer, and any other thread a library started during set-up.
 //!
 //! seccomp installs a filter on the calling thread only. TSYNC (one filter for every thread)
 //! cannot be used: it refuses when another thread already has a filter of its own, as the

@@ -1,6 +1,8 @@
 //! What the VMM's main thread may do from the moment the guest is about to run, and with it
 //! every other thread that is not a vCPU: the thread turning SIGINT/SIGTERM into a VM stop,
-//! the one watching the epf server child, each vfio-user connection's reply reader.
+//! the one watching the epf server child, each vfio-user connection's reply reader, the one
+//! writing the guest's serial output to stdout or the serial log (write and futex, both in the
+//! base list).
 //!
 //! The main thread runs the event loop (epoll on the exit eventfd and serial input, the
 //! terminal in raw mode) and kicks vCPUs with SIGRTMIN, then tears the machine down on the
