@@ -208,3 +208,44 @@ fn several_device_0_mapped_and_device_1_panics_leaves_neither_mapped() {
         assert_eq!(b.regions(), 0, "device 1, {threads} threads");
     }
 }
+
+/// A panic in a later step of the chunk (here the progress report after its first piece is
+/// mapped): that piece is unmapped, and the piece never reached is not asked for at all (the
+/// server would answer ENOENT, which counts as a failure outside the piece a panic struck).
+#[test]
+fn a_panic_in_a_later_step_unmaps_what_the_chunk_had_mapped_and_nothing_else() {
+    let (low, high) = mappings();
+    let ram = shared_ram(&low, &high);
+    // No cuts: one chunk over both regions, so two pieces.
+    let spec = engine::JobSpec {
+        start: 0,
+        size: ram.size(),
+        align: 4096,
+        min_chunk: ram.size(),
+        max_threads: 1,
+        cuts: Vec::new(),
+    };
+    let plan = spec.plan(&limits().thread_caps(Some(1)));
+    assert_eq!(plan.chunks, 1);
+    let server = Arc::new(CountingServer::default());
+    let backend = VfioUserBackend::new(server.clone());
+    let cancel = CancelToken::new();
+    let rollbacks = Mutex::new(Undone::default());
+    let work = MapWork {
+        backend: &backend,
+        ram: &ram,
+        cancel: &cancel,
+        populate: false,
+        progress: &|_| panic!("injected panic in the progress report"),
+        rollbacks: &rollbacks,
+        panicked: Mutex::default(),
+    };
+    let err = engine::run_job(&spec, &plan, &work, &cancel).unwrap_err();
+    let JobError::Panicked { undone, .. } = &err else {
+        panic!("unexpected {err}");
+    };
+    assert_eq!(server.maps.load(Ordering::SeqCst), 1);
+    assert_eq!(server.regions(), 0, "{err}");
+    assert!(undone.is_clean(), "{err}");
+    assert_eq!((undone.chunks, undone.panicked), (1, 1));
+}
