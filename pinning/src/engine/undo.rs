@@ -122,9 +122,9 @@ pub(super) fn undo_all<W: ChunkWork>(
 ) -> Undone {
     let mut undone = Undone::default();
     let calls = completed.iter().map(|c| (c, false));
-    for (chunk, panicked) in calls.chain(panicked.iter().map(|c| (c, true))) {
+    for (chunk, struck) in calls.chain(panicked.iter().map(|c| (c, true))) {
         let len = chunk.end - chunk.start;
-        let result = if panicked {
+        let result = if struck {
             caught(|| work.undo_panicked(chunk.clone()))
         } else {
             undo_chunk(work, chunk)
@@ -134,7 +134,7 @@ pub(super) fn undo_all<W: ChunkWork>(
         }
         undone.chunks += 1;
         undone.bytes += len;
-        undone.panicked += u64::from(panicked);
+        undone.panicked += u64::from(struck);
     }
     undone
 }
