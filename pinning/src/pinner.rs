@@ -140,6 +140,7 @@ impl Pinner {
             populate,
             progress: &|bytes| progress.add(bytes),
             rollbacks: &rollbacks,
+            panicked: Mutex::default(),
         };
         let done = match engine::run_job(&spec, &plan, &work, cancel) {
             Ok(done) => done,

@@ -115,6 +115,8 @@ pub enum TestFault {
     /// `panic-on-map=N`: the map call with this index (0-based, counted over all threads)
     /// panics.
     PanicOnMap(u64),
+    /// `panic-after-map=N`: the map call with this index maps, then panics.
+    PanicAfterMap(u64),
     /// `fail-unmap`: every unmap call fails with EIO and undoes nothing.
     FailUnmap,
 }
@@ -125,10 +127,11 @@ impl FromStr for TestFault {
         if s == "fail-unmap" {
             return Ok(TestFault::FailUnmap);
         }
-        s.strip_prefix("panic-on-map=")
-            .and_then(|n| n.parse().ok())
+        let index = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
+        index("panic-on-map=")
             .map(TestFault::PanicOnMap)
-            .ok_or_else(|| format!("`{s}`: use panic-on-map=N or fail-unmap"))
+            .or_else(|| index("panic-after-map=").map(TestFault::PanicAfterMap))
+            .ok_or_else(|| format!("`{s}`: use panic-on-map=N, panic-after-map=N or fail-unmap"))
     }
 }
 
@@ -142,7 +145,11 @@ impl TestFault {
             inner: backend,
             panic_on_map: faults.iter().find_map(|f| match f {
                 TestFault::PanicOnMap(n) => Some(*n),
-                TestFault::FailUnmap => None,
+                _ => None,
+            }),
+            panic_after_map: faults.iter().find_map(|f| match f {
+                TestFault::PanicAfterMap(n) => Some(*n),
+                _ => None,
             }),
             fail_unmap: faults.contains(&TestFault::FailUnmap),
             maps: AtomicU64::new(0),
@@ -154,6 +161,7 @@ impl TestFault {
 struct Faulty {
     inner: Arc<dyn PinBackend>,
     panic_on_map: Option<u64>,
+    panic_after_map: Option<u64>,
     fail_unmap: bool,
     maps: AtomicU64,
 }
@@ -173,7 +181,11 @@ impl PinBackend for Faulty {
         if self.panic_on_map == Some(n) {
             panic!("injected by --test-fault panic-on-map={n}");
         }
-        self.inner.map(piece)
+        let mapped = self.inner.map(piece);
+        if mapped.is_ok() && self.panic_after_map == Some(n) {
+            panic!("injected by --test-fault panic-after-map={n}");
+        }
+        mapped
     }
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
         if self.fail_unmap {
@@ -232,6 +244,7 @@ mod tests {
     fn test_faults_parse() {
         assert_eq!("fail-unmap".parse(), Ok(TestFault::FailUnmap));
         assert_eq!("panic-on-map=3".parse(), Ok(TestFault::PanicOnMap(3)));
+        assert_eq!("panic-after-map=0".parse(), Ok(TestFault::PanicAfterMap(0)));
         assert!("panic-on-map=x".parse::<TestFault>().is_err());
     }
 }

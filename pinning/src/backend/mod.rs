@@ -84,7 +84,9 @@ pub trait PinBackend: Send + Sync {
 
     fn map(&self, piece: &Piece) -> Result<(), BackendError>;
 
-    /// Undoes `map` of exactly this piece.
+    /// Undoes `map` of exactly this piece. Also called for a piece whose `map` panicked,
+    /// which may have mapped all, part or none of it: answer ENOENT when nothing of it is
+    /// mapped, and that is not counted as a failure there.
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError>;
 }
 

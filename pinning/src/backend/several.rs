@@ -69,19 +69,29 @@ impl PinBackend for SeveralBackend {
         Ok(())
     }
     /// Every device gives the piece back, even after one fails; the first failure is the
-    /// piece's (the bytes are the same whichever device keeps them).
+    /// piece's (the bytes are the same whichever device keeps them). A device that had
+    /// nothing there (ENOENT) only speaks for the piece when no other failed otherwise: after
+    /// a panic in `map`, the caller learns of a device that kept the piece, not of the one
+    /// that never got it.
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
-        let mut first = Ok(());
-        for p in self.parts.iter().rev() {
-            if let Err(e) = p.unmap(piece) {
-                if first.is_ok() {
-                    first = Err(e);
-                } else {
-                    tracing::warn!("{e}");
-                }
-            }
+        let mut failed: Vec<BackendError> = self
+            .parts
+            .iter()
+            .rev()
+            .filter_map(|p| p.unmap(piece).err())
+            .collect();
+        if failed.is_empty() {
+            return Ok(());
         }
-        first
+        let stands = failed
+            .iter()
+            .position(|e| e.errno() != Some(libc::ENOENT))
+            .unwrap_or(0);
+        let first = failed.remove(stands);
+        for e in failed {
+            tracing::warn!("{e}");
+        }
+        Err(first)
     }
 }
 
@@ -140,6 +150,35 @@ mod tests {
         fn unmap(&self, _iova: u64, _size: u64) -> std::io::Result<()> {
             Err(std::io::Error::from_raw_os_error(libc::EBUSY))
         }
+    }
+
+    /// Answers every unmap with ENOENT, as a vfio-user server or iommufd does for a range
+    /// with nothing mapped.
+    struct Absent;
+
+    impl crate::backend::DmaMapper for Absent {
+        fn map(&self, _iova: u64, _size: u64, _host_addr: u64) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn unmap(&self, _iova: u64, _size: u64) -> std::io::Result<()> {
+            Err(std::io::Error::from_raw_os_error(libc::ENOENT))
+        }
+    }
+
+    #[test]
+    fn a_device_that_kept_the_piece_speaks_before_one_that_never_had_it() {
+        let several = SeveralBackend::new(vec![
+            Arc::new(IommufdBackend::new(Arc::new(Sticky))),
+            Arc::new(IommufdBackend::new(Arc::new(Absent))),
+        ]);
+        let e = several.unmap(&piece(0)).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::EBUSY), "{e}");
+        let several = SeveralBackend::new(vec![
+            Arc::new(IommufdBackend::new(Arc::new(IommuModel::new(65535, None)))),
+            Arc::new(IommufdBackend::new(Arc::new(Absent))),
+        ]);
+        let e = several.unmap(&piece(0)).unwrap_err();
+        assert_eq!(e.errno(), Some(libc::ENOENT), "{e}");
     }
 
     #[test]

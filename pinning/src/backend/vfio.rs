@@ -31,12 +31,28 @@ pub trait DmaMapper: Send + Sync {
 /// A vfio-ioctls container or iommufd as a [`DmaMapper`].
 pub struct VfioDma(pub Arc<dyn VfioOps>);
 
+/// The errno behind a vfio-ioctls error where there is one, so callers can tell "nothing was
+/// mapped there" (ENOENT) from a failure.
 fn vfio_io_error(e: VfioError) -> io::Error {
     match &e {
         VfioError::IommuDmaMap(sys) | VfioError::IommuDmaUnmap(sys) => {
             io::Error::from_raw_os_error(sys.errno())
         }
-        _ => io::Error::other(e.to_string()),
+        // The kernel unmapped less than asked. A piece is mapped whole by one call, which
+        // the kernel does all or nothing, and unmapped exactly as mapped, so less is none:
+        // type1 says so with size 0, where iommufd answers ENOENT itself.
+        VfioError::InvalidDmaUnmapSize => io::Error::from_raw_os_error(libc::ENOENT),
+        _ => {
+            // iommufd's ioctl errors carry theirs one level down.
+            let mut source = std::error::Error::source(&e);
+            while let Some(inner) = source {
+                if let Some(sys) = inner.downcast_ref::<vmm_sys_util::errno::Error>() {
+                    return io::Error::from_raw_os_error(sys.errno());
+                }
+                source = inner.source();
+            }
+            io::Error::other(e.to_string())
+        }
     }
 }
 
@@ -140,5 +156,19 @@ impl PinBackend for IommufdBackend {
     }
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
         unmap_piece(self.mapper.as_ref(), "IOMMU_IOAS_UNMAP", piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unmap_that_found_nothing_reads_as_enoent() {
+        let e = vfio_io_error(VfioError::InvalidDmaUnmapSize);
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+        let sys = vmm_sys_util::errno::Error::new(libc::EINVAL);
+        let e = vfio_io_error(VfioError::IommuDmaUnmap(sys));
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
     }
 }

@@ -8,7 +8,8 @@
 //! `ChunkWork` contract), and every completed chunk is undone, single-threaded and in
 //! address order, before the error is returned. Cancellation works the same way, and so does
 //! a panic in the work: it is caught on the thread that ran the chunk and becomes the job's
-//! error, so a panicking helper can neither skip the undo nor take the process down.
+//! error, so a panicking helper can neither skip the undo nor take the process down, and
+//! every chunk that panicked is undone too, as far as its work had got (`undo_panicked`).
 //! Every undo call that fails (or panics) is counted in [`Undone`], which says what may
 //! remain mapped or locked.
 //!

@@ -70,6 +70,9 @@ struct Shared<'a, W: ChunkWork> {
     stop: AtomicBool,
     failure: Mutex<Option<ChunkFailure<W::Error>>>,
     completed: Mutex<Vec<Range<u64>>>,
+    /// Every chunk whose work panicked, not only the first failure's: each may have done
+    /// part of its work before the panic, and all of it is undone.
+    panicked: Mutex<Vec<Range<u64>>>,
 }
 
 impl<W: ChunkWork> Shared<'_, W> {
@@ -91,7 +94,10 @@ impl<W: ChunkWork> Shared<'_, W> {
                     continue;
                 }
                 Ok(Err(error)) => Why::Error(error),
-                Err(payload) => Why::Panic(panic_message(payload.as_ref())),
+                Err(payload) => {
+                    lock(&self.panicked).push(chunk.clone());
+                    Why::Panic(panic_message(payload.as_ref()))
+                }
             };
             self.stop.store(true, Ordering::Release);
             let mut first = lock(&self.failure);
@@ -123,6 +129,7 @@ pub(crate) fn run_job<W: ChunkWork>(
         stop: AtomicBool::new(false),
         failure: Mutex::new(None),
         completed: Mutex::new(Vec::new()),
+        panicked: Mutex::new(Vec::new()),
     };
     // A job short of a helper would report a thread count it did not have: stop it before
     // anyone starts and say so.
@@ -144,14 +151,19 @@ pub(crate) fn run_job<W: ChunkWork>(
         .failure
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
+    let mut panicked = shared
+        .panicked
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner);
+    panicked.sort_by_key(|c| c.start);
     let done_bytes: u64 = completed.iter().map(|c| c.end - c.start).sum();
     // The failure path undoes on this thread alone, in address order: it is rare, and a fixed
     // order keeps what happens after an error reproducible. Undoing a pin that succeeded, the
     // common and large case, is parallel (`parallel_for`).
-    // A panicked chunk is treated like a failed one: whatever it did before panicking is
-    // unknown, and only the backend's whole-RAM `end` can cover it.
+    // A chunk whose work panicked did an unknown part of it: the work knows how far it got
+    // and undoes that much (`ChunkWork::undo_panicked`), after the completed chunks.
     if let Some(ChunkFailure { chunk, why }) = failure {
-        let undone = undo_all(work, &completed);
+        let undone = undo_all(work, &completed, &panicked);
         tracing::debug!(?chunk, ?undone, "job failed and was undone");
         return Err(match why {
             Why::Error(error) => JobError::Failed {
@@ -169,7 +181,7 @@ pub(crate) fn run_job<W: ChunkWork>(
     if done_bytes < spec.size {
         // Nothing failed, so the workers stopped early because the job was cancelled.
         let reason = cancel.reason().unwrap_or(CancelReason::Requested);
-        let undone = undo_all(work, &completed);
+        let undone = undo_all(work, &completed, &[]);
         return Err(JobError::Cancelled { reason, undone });
     }
     Ok(Completed {

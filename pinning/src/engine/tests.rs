@@ -19,8 +19,13 @@ struct Ledger {
     counts: Vec<AtomicI64>,
     runs: AtomicUsize,
     fail_at: Option<u64>,
-    /// Panic (instead of failing) in the chunk that holds this position.
+    /// Panic (instead of failing) in the chunk that holds this position, after doing the
+    /// first half of it.
     panic_at: Option<u64>,
+    /// Panic in every chunk, after doing all of it.
+    panic_everywhere: bool,
+    /// The units each panicked chunk had done, by its start, for `undo_panicked`.
+    half_done: Mutex<std::collections::HashMap<u64, Range<usize>>>,
     /// The undo of the chunk that holds this position fails, undoing nothing.
     undo_fails_at: Option<u64>,
     cancel_after: Option<(usize, CancelToken)>,
@@ -37,6 +42,8 @@ impl Ledger {
             runs: AtomicUsize::new(0),
             fail_at: None,
             panic_at: None,
+            panic_everywhere: false,
+            half_done: Mutex::default(),
             undo_fails_at: None,
             cancel_after: None,
             undone_order: Mutex::new(Vec::new()),
@@ -71,11 +78,29 @@ impl ChunkWork for Ledger {
             // Partial work, then self-undo, as the contract asks.
             return Err(format!("injected at {:#x}", chunk.start));
         }
-        if self.panic_at.is_some_and(|at| chunk.contains(&at)) {
+        let units = self.units(&chunk);
+        let (panics, done) = if self.panic_everywhere {
+            (true, units.clone())
+        } else if self.panic_at.is_some_and(|at| chunk.contains(&at)) {
+            (true, units.start..units.start + units.len() / 2)
+        } else {
+            (false, units)
+        };
+        for u in done.clone() {
+            self.counts[u].fetch_add(1, Ordering::SeqCst);
+        }
+        if panics {
+            self.half_done.lock().unwrap().insert(chunk.start, done);
             panic!("injected panic at {:#x}", chunk.start);
         }
-        for u in self.units(&chunk) {
-            self.counts[u].fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn undo_panicked(&self, chunk: Range<u64>) -> Result<(), String> {
+        self.undone_order.lock().unwrap().push(chunk.start);
+        let done = self.half_done.lock().unwrap().remove(&chunk.start);
+        for u in done.expect("only a chunk that panicked is undone so") {
+            self.counts[u].fetch_sub(1, Ordering::SeqCst);
         }
         Ok(())
     }
@@ -208,11 +233,37 @@ proptest! {
                 prop_assert!(undone.is_clean());
                 let order = work.undone_order.lock().unwrap().clone();
                 prop_assert_eq!(undone.chunks as usize, order.len());
+                prop_assert_eq!(undone.panicked, 1);
+                prop_assert_eq!(order.last(), Some(&chunk.start), "the panicked chunk last");
             }
             other => prop_assert!(false, "unexpected {other:?}"),
         }
         prop_assert!(err.to_string().contains("nothing is left pinned"), "{}", err);
         prop_assert!(work.snapshot().iter().all(|&c| c == 0));
+    }
+}
+
+/// Every chunk that panicked is undone, not only the first: two threads can each be in a
+/// chunk when the first panic stops the job.
+#[test]
+fn every_chunk_that_panicked_is_undone_as_far_as_it_got() {
+    let spec = spec(256, 4096, 4, 64);
+    for threads in [1, 4, 8] {
+        let mut work = Ledger::new(&spec, 4096);
+        work.panic_everywhere = true;
+        let err = run(&spec, threads, &work, &CancelToken::new()).unwrap_err();
+        let JobError::Panicked { undone, .. } = &err else {
+            panic!("unexpected {err:?}");
+        };
+        let panics = work.runs.load(Ordering::SeqCst) as u64;
+        assert_eq!((undone.chunks, undone.panicked), (panics, panics), "{err}");
+        assert!(work.snapshot().iter().all(|&c| c == 0), "{err}");
+        assert!(
+            err.to_string().contains(&format!(
+                "{panics} of them as far as the panicking work had got), so nothing is left pinned"
+            )),
+            "{err}"
+        );
     }
 }
 
@@ -257,6 +308,9 @@ fn a_panicking_undo_is_a_failure_and_the_rest_goes_on() {
         fn undo(&self, _chunk: Range<u64>) -> Result<(), String> {
             self.0.fetch_add(1, Ordering::SeqCst);
             panic!("undo blew up");
+        }
+        fn undo_panicked(&self, _chunk: Range<u64>) -> Result<(), String> {
+            unreachable!("nothing panics in run")
         }
     }
     let job = JobSpec {
@@ -396,6 +450,9 @@ fn helpers_run_at_nice_19_and_keep_the_callers_affinity() {
             Ok(())
         }
         fn undo(&self, _chunk: Range<u64>) -> Result<(), String> {
+            Ok(())
+        }
+        fn undo_panicked(&self, _chunk: Range<u64>) -> Result<(), String> {
             Ok(())
         }
     }

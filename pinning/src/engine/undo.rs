@@ -15,6 +15,9 @@ pub struct Undone {
     /// Chunks undone (or tried: the failures below are among them).
     pub chunks: u64,
     pub bytes: u64,
+    /// Of those, chunks whose work panicked, undone as far as the work had got.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub panicked: u64,
     /// Undo calls that failed or panicked (an unmap, a DMA_UNMAP, a munlock): whatever each
     /// covered may remain mapped or locked.
     pub failed: u64,
@@ -55,18 +58,26 @@ impl Undone {
     }
 }
 
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
 impl fmt::Display for Undone {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (chunks, bytes) = (self.chunks, self.bytes);
+        let panicked = match self.panicked {
+            0 => String::new(),
+            n => format!(", {n} of them as far as the panicking work had got"),
+        };
         if self.is_clean() {
             write!(
                 f,
-                "undid {chunks} chunks ({bytes} bytes), so nothing is left pinned"
+                "undid {chunks} chunks ({bytes} bytes{panicked}), so nothing is left pinned"
             )?;
         } else {
             write!(
                 f,
-                "undoing {chunks} chunks ({bytes} bytes) left something behind: {} undo calls failed (the first: {}), so up to {} bytes may remain mapped or locked",
+                "undoing {chunks} chunks ({bytes} bytes{panicked}) left something behind: {} undo calls failed (the first: {}), so up to {} bytes may remain mapped or locked",
                 self.failed,
                 self.first_failure.as_deref().unwrap_or("no reason given"),
                 self.failed_bytes
@@ -83,9 +94,9 @@ impl fmt::Display for Undone {
     }
 }
 
-/// Undoes one chunk, catching a panic: `Err` says why some of it may remain.
-pub(crate) fn undo_chunk<W: ChunkWork>(work: &W, chunk: &Range<u64>) -> Result<(), String> {
-    match panic::catch_unwind(AssertUnwindSafe(|| work.undo(chunk.clone()))) {
+/// Runs one undo call, catching a panic: `Err` says why some of its chunk may remain.
+fn caught<E: fmt::Display>(undo: impl FnOnce() -> Result<(), E>) -> Result<(), String> {
+    match panic::catch_unwind(AssertUnwindSafe(undo)) {
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
         Err(payload) => Err(format!(
@@ -95,16 +106,35 @@ pub(crate) fn undo_chunk<W: ChunkWork>(work: &W, chunk: &Range<u64>) -> Result<(
     }
 }
 
-/// Undoes completed chunks one by one in address order, every one even if some fail.
-pub(super) fn undo_all<W: ChunkWork>(work: &W, completed: &[Range<u64>]) -> Undone {
+/// Undoes one completed chunk, catching a panic: `Err` says why some of it may remain.
+pub(crate) fn undo_chunk<W: ChunkWork>(work: &W, chunk: &Range<u64>) -> Result<(), String> {
+    caught(|| work.undo(chunk.clone()))
+}
+
+/// Undoes completed chunks one by one in address order, every one even if some fail, then
+/// the chunks whose work panicked, as far as each had got. Those come last: the piece a
+/// panic struck mid-call may never have been mapped, and its unmap, refused by the peer,
+/// must not stand before the undo of work known to be done.
+pub(super) fn undo_all<W: ChunkWork>(
+    work: &W,
+    completed: &[Range<u64>],
+    panicked: &[Range<u64>],
+) -> Undone {
     let mut undone = Undone::default();
-    for chunk in completed {
+    let calls = completed.iter().map(|c| (c, false));
+    for (chunk, struck) in calls.chain(panicked.iter().map(|c| (c, true))) {
         let len = chunk.end - chunk.start;
-        if let Err(e) = undo_chunk(work, chunk) {
+        let result = if struck {
+            caught(|| work.undo_panicked(chunk.clone()))
+        } else {
+            undo_chunk(work, chunk)
+        };
+        if let Err(e) = result {
             undone.fail(len, e);
         }
         undone.chunks += 1;
         undone.bytes += len;
+        undone.panicked += u64::from(struck);
     }
     undone
 }

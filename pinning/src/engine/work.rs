@@ -9,13 +9,17 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 /// Work done on one chunk.
 ///
 /// `run` either completes the whole chunk or, on error, leaves nothing of it behind: the
-/// engine only ever undoes chunks whose `run` returned `Ok`. `undo` does all it can and says
-/// whether it all worked: an error means part of the chunk may remain done (mapped, locked),
-/// and the engine counts it rather than stopping, so teardown always makes progress.
+/// engine undoes chunks whose `run` returned `Ok` with `undo`. A `run` that panicked may have
+/// done any part of its chunk, so the engine undoes that chunk with `undo_panicked`, which
+/// takes back what `run` got to and nothing else (the work keeps track: an unmap of memory
+/// never mapped is an error for some backends). Both do all they can and say whether it all
+/// worked: an error means part of the chunk may remain done (mapped, locked), and the engine
+/// counts it rather than stopping, so teardown always makes progress.
 pub(crate) trait ChunkWork: Sync {
     type Error: Send + fmt::Display;
     fn run(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
     fn undo(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
+    fn undo_panicked(&self, chunk: Range<u64>) -> Result<(), Self::Error>;
 }
 
 /// The text of a panic's payload (what `panic!` was given), for the error that reports it.

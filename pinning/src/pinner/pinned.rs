@@ -74,6 +74,7 @@ impl Pinned {
             populate: false,
             progress: &|_| {},
             rollbacks: &rollbacks,
+            panicked: Mutex::default(),
         };
         let undone = Mutex::new(Undone {
             chunks: chunks.len() as u64,

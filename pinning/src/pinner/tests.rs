@@ -528,6 +528,7 @@ fn progress_follows_populate_steps_and_ends_at_the_job_size() {
             populate: true,
             progress: &|bytes| reports.add(bytes),
             rollbacks: &rollbacks,
+            panicked: Mutex::default(),
         };
         engine::run_job(&spec, &plan, &work, &cancel).unwrap();
         assert_eq!(reports.check(size), 3);
@@ -549,6 +550,8 @@ fn progress_follows_populate_steps_and_ends_at_the_job_size() {
 struct Faulty {
     inner: Arc<dyn PinBackend>,
     panic_on_map: Option<usize>,
+    /// The map call with this index maps, then panics.
+    panic_after_map: Option<usize>,
     fail_unmap: bool,
     fail_end: bool,
     maps: std::sync::atomic::AtomicUsize,
@@ -560,6 +563,7 @@ impl Faulty {
         Self {
             inner,
             panic_on_map: None,
+            panic_after_map: None,
             fail_unmap: false,
             fail_end: false,
             maps: Default::default(),
@@ -600,7 +604,11 @@ impl PinBackend for Faulty {
         if self.panic_on_map == Some(n) {
             panic!("injected panic in map call {n}");
         }
-        self.inner.map(piece)
+        let mapped = self.inner.map(piece);
+        if mapped.is_ok() && self.panic_after_map == Some(n) {
+            panic!("injected panic after map call {n}");
+        }
+        mapped
     }
     fn unmap(&self, piece: &Piece) -> Result<(), crate::backend::BackendError> {
         if self.fail_unmap {
@@ -745,3 +753,6 @@ fn thread_requests_are_bounded() {
         assert!(e.contains("from 1 to 4096"), "{bad}: {e}");
     }
 }
+
+#[path = "panic_tests.rs"]
+mod panic_tests;
