@@ -115,10 +115,8 @@ fn refusal_text(op: &str, errno: i32) -> String {
         }
         _ => "",
     };
-    format!(
-        "{} (errno {errno}){meaning}",
-        io::Error::from_raw_os_error(errno)
-    )
+    // The io::Error says "(os error N)" itself.
+    format!("{}{meaning}", io::Error::from_raw_os_error(errno))
 }
 
 impl Classify for ClientError {
