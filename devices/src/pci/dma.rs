@@ -136,6 +136,15 @@ pub enum DmaMapError {
         offset: u64,
         file_len: u64,
     },
+    #[error(
+        "DMA region at IOVA {iova:#x} with length {len:#x}: {why}, so its sender could \
+         truncate it under the mapping; send a memfd sealed with F_SEAL_SHRINK (F_ADD_SEALS)"
+    )]
+    Unsealed {
+        iova: u64,
+        len: u64,
+        why: &'static str,
+    },
     #[error("mmap of {len:#x} bytes for the DMA region at IOVA {iova:#x}: {source}")]
     Mmap {
         iova: u64,
@@ -248,9 +257,9 @@ impl MappedRegions {
     /// server maps the memfd pieces a DMA_MAP message carries). The mapping is owned by the
     /// list and unmapped when the region is removed.
     ///
-    /// For a regular file (a memfd, a hugetlbfs or tmpfs file) the range must lie inside the
-    /// file: a mapping past its end maps, but the first DMA there is a SIGBUS that kills the
-    /// process. A file shrunk after mapping can still do that; its owner must not.
+    /// The file must be sealed against shrinking (F_SEAL_SHRINK) and the range must lie inside
+    /// it: a mapping past the end of a file maps, but the first DMA there is a SIGBUS that
+    /// kills the process, and without the seal the sender could shrink the file afterwards.
     pub fn insert_fd(
         &self,
         iova: u64,
@@ -259,6 +268,18 @@ impl MappedRegions {
         offset: u64,
         prot: DmaProt,
     ) -> Result<(), DmaMapError> {
+        // SAFETY: F_GET_SEALS takes no argument and only returns an int; `fd` is open.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        let why = match seals {
+            s if s < 0 => {
+                Some("its file takes no seals (it is not a memfd, tmpfs or hugetlbfs file)")
+            }
+            s if s & libc::F_SEAL_SHRINK == 0 => Some("its file is not sealed against shrinking"),
+            _ => None,
+        };
+        if let Some(why) = why {
+            return Err(DmaMapError::Unsealed { iova, len, why });
+        }
         // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat writes only into `st`, which we own; `fd` is open for the call.
@@ -271,7 +292,8 @@ impl MappedRegions {
         }
         let file_len = u64::try_from(st.st_size).unwrap_or(0);
         let inside = offset.checked_add(len).is_some_and(|end| end <= file_len);
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG && !inside {
+        // Only regular files take seals, so the size is the file's.
+        if !inside {
             return Err(DmaMapError::PastEnd {
                 iova,
                 len,

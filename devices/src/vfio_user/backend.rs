@@ -100,9 +100,10 @@ impl From<ClientError> for VfioBackendError {
     }
 }
 
+/// The client's error whole (it names the server and what it said), of the errno's kind.
 fn io_error(e: ClientError) -> io::Error {
     match e.errno() {
-        Some(errno) if errno != 0 => io::Error::from_raw_os_error(errno),
+        Some(errno) if errno != 0 => io::Error::new(io::Error::from_raw_os_error(errno).kind(), e),
         _ => io::Error::other(e.to_string()),
     }
 }

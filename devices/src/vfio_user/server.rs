@@ -314,6 +314,8 @@ fn einval<T>(_: T) -> i32 {
 fn map_errno(e: &DmaMapError) -> i32 {
     match e {
         DmaMapError::InvalidRange { .. } | DmaMapError::PastEnd { .. } => libc::EINVAL,
+        // The client's to fix: it sent a file it could still shrink under us.
+        DmaMapError::Unsealed { .. } => libc::EPERM,
         DmaMapError::Overlap { .. } => libc::EEXIST,
         DmaMapError::NotMapped { .. } => libc::ENOENT,
         DmaMapError::Mmap { source, .. } => source.raw_os_error().unwrap_or(libc::ENOMEM),
@@ -440,7 +442,15 @@ impl Server<'_> {
         self.regions
             .insert_fd(req.address, req.size, fd.as_fd(), req.offset, prot)
             .map_err(|e| {
-                debug_limited!("{NAME}: DMA_MAP: {e}");
+                if matches!(
+                    e,
+                    DmaMapError::Unsealed { .. } | DmaMapError::PastEnd { .. }
+                ) {
+                    // A client's file this server will not map, whatever the range: say why.
+                    warn_limited!("{NAME}: refusing DMA_MAP: {e}");
+                } else {
+                    debug_limited!("{NAME}: DMA_MAP: {e}");
+                }
                 map_errno(&e)
             })?;
         self.maps += 1;

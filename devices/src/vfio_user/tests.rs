@@ -37,9 +37,26 @@ const SHORT: Duration = Duration::from_millis(200);
 /// Far above SHORT, far below LONG: "quickly" and "within about the timeout".
 const PROMPT: Duration = Duration::from_secs(2);
 
+/// A memfd of `len` bytes sealed against shrinking and growing, as a server wants guest RAM.
 fn memfd(len: u64) -> File {
+    let f = unsealed_memfd(len);
+    // SAFETY: F_ADD_SEALS on our own fd takes an int and touches no memory.
+    let sealed = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, SEALS) };
+    assert_eq!(
+        sealed,
+        0,
+        "F_ADD_SEALS: {}",
+        std::io::Error::last_os_error()
+    );
+    f
+}
+
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A memfd of `len` bytes that takes seals and has none yet.
+fn unsealed_memfd(len: u64) -> File {
     // SAFETY: a plain memfd_create call with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"vfio-user-test".as_ptr(), 0) };
+    let fd = unsafe { libc::memfd_create(c"vfio-user-test".as_ptr(), libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
     // SAFETY: `fd` was just created and is owned by nobody else.
     let f = File::from(unsafe { OwnedFd::from_raw_fd(fd) });

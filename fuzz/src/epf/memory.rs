@@ -122,12 +122,21 @@ pub(super) struct Memory {
 impl Memory {
     pub fn new() -> Memory {
         // SAFETY: memfd_create with a valid NUL-terminated name; the result is checked.
-        let raw = unsafe { libc::memfd_create(c"epf-fuzz".as_ptr(), libc::MFD_CLOEXEC) };
+        let raw = unsafe {
+            libc::memfd_create(
+                c"epf-fuzz".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(raw >= 0, "memfd_create");
         // SAFETY: `raw` is a fresh descriptor we own.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // SAFETY: ftruncate on our own memfd.
         assert_eq!(unsafe { libc::ftruncate(raw, MEM as libc::off_t) }, 0);
+        // Sealed as the VMM seals guest RAM: servers map nothing else.
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on our own memfd takes an int and touches no memory.
+        assert_eq!(unsafe { libc::fcntl(raw, libc::F_ADD_SEALS, seals) }, 0);
         // SAFETY: a fresh shared mapping of the whole memfd, checked below.
         let host = unsafe {
             libc::mmap(

@@ -407,6 +407,57 @@ mod tests {
         assert_eq!(byte, 0x22);
     }
 
+    /// `file` carries exactly the guest-RAM seals: it can neither shrink nor grow, and holes
+    /// can still be punched in it (as `release` does).
+    fn assert_sealed(backing: Backing, file: &std::fs::File) {
+        // SAFETY: F_GET_SEALS on an open fd of ours; it only returns an int.
+        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+        assert_eq!(seals, backing::RAM_SEALS, "{backing:?}");
+        let len = file.metadata().unwrap().len();
+        let page = backing.page_size();
+        for to in [0, len - page, len + page] {
+            let e = file.set_len(to).unwrap_err();
+            assert_eq!(
+                e.raw_os_error(),
+                Some(libc::EPERM),
+                "{backing:?} to {to:#x}: {e}"
+            );
+        }
+        assert_eq!(file.metadata().unwrap().len(), len);
+        let hole = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        // SAFETY: punching a hole in a file only this test uses.
+        let punched = unsafe { libc::fallocate(file.as_raw_fd(), hole, 0, page as libc::off_t) };
+        assert_eq!(
+            punched,
+            0,
+            "{backing:?}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    #[test]
+    fn every_guest_ram_file_is_sealed_against_shrinking_and_growing() {
+        // Sizing a hugetlbfs file reserves no huge page, so its seals are checked on any host
+        // that knows the page size.
+        let mut backings = vec![Backing::Memfd, Backing::MemfdThp, Backing::Hugetlb];
+        if Path::new("/sys/kernel/mm/hugepages/hugepages-1048576kB").exists() {
+            backings.push(Backing::Hugetlb1g);
+        }
+        for backing in backings {
+            let file = backing::ram_file(backing, 2 * GIB).unwrap();
+            assert_sealed(backing, &file);
+        }
+        let m = GuestMemory::new(
+            spec(Backing::Memfd, Some(32 * MIB)),
+            MemoryLayout::new(64 * MIB).unwrap().ram(),
+        )
+        .unwrap();
+        assert_eq!(m.files().count(), 2);
+        for f in m.files() {
+            assert_sealed(Backing::Memfd, f.shared());
+        }
+    }
+
     #[test]
     fn the_default_shard_is_a_gib_clamped_to_small_guests() {
         let ram = |size| MemoryLayout::new(size).unwrap().ram().to_vec();

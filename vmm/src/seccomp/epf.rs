@@ -1,9 +1,9 @@
 //! What the `vmm device epf` server process may do once it listens (or, given `--socket-fd`,
 //! once it has checked the socket it inherited; the same list serves both): accept its one client,
 //! wait on the socket and its stop eventfd, exchange vfio-user messages (receiving the memory
-//! files of DMA_MAP, which it maps shared and never executable, checks the size of and
-//! unmaps again), raise interrupts by writing eventfds, and at the end remove its socket
-//! file and put its SIGTERM/SIGINT handlers back. The device model itself (BARs, DMA,
+//! files of DMA_MAP, whose seals and size it checks, which it maps shared and never
+//! executable and unmaps again), raise interrupts by writing eventfds, and at the end remove
+//! its socket file and put its SIGTERM/SIGINT handlers back. The device model itself (BARs, DMA,
 //! CRC32) is plain computation on mapped memory, on this thread or the model's DMA thread.
 
 use super::rules::{base, AllowList, Check};
@@ -28,6 +28,8 @@ pub(super) fn allow_list() -> AllowList {
         SYS_statx,
         SYS_unlink,
     ]);
+    // A DMA_MAP's file is mapped only if it is sealed against shrinking.
+    l.allow_values(SYS_fcntl, 1, &[F_GET_SEALS as u64]);
     // A transfer longer than the inline part runs on the model's DMA thread: created
     // (clone3, or clone for a thread only) and named; std looks up the SIGSEGV/SIGBUS
     // handlers for its stack-overflow guard as a thread starts, and glibc installs its

@@ -5,6 +5,23 @@ use pinning::model::IommuModel;
 
 use super::*;
 
+const SEALS: libc::c_int = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+
+/// A memfd of `len` bytes, then `seals` added (none: 0).
+fn memfd(len: libc::off_t, seals: libc::c_int) -> std::os::fd::OwnedFd {
+    // SAFETY: a plain memfd_create call with a valid NUL-terminated name.
+    let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_ALLOW_SEALING) };
+    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    // SAFETY: `fd` is a valid memfd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len) }, 0);
+    // SAFETY: F_ADD_SEALS on our own fd takes an int and touches no memory.
+    let sealed = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(sealed, 0, "F_ADD_SEALS: {}", io::Error::last_os_error());
+    fd
+}
+
 #[test]
 fn anonymous_regions_round_trip() {
     let dma = MappedRegions::new();
@@ -112,13 +129,7 @@ fn read_only_regions_refuse_device_writes() {
 
 #[test]
 fn memfd_regions_share_memory_with_their_owner() {
-    // SAFETY: a plain memfd_create call with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: `fd` is a valid memfd.
-    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x3000) }, 0);
+    let fd = memfd(0x3000, SEALS);
     let dma = MappedRegions::new();
     // The second page of the memfd at IOVA 0x8000_0000.
     use std::os::fd::AsFd;
@@ -136,13 +147,7 @@ fn memfd_regions_share_memory_with_their_owner() {
 /// its memfd was mapped, and the epf device's next DMA there killed the server with SIGBUS.
 #[test]
 fn regions_past_the_end_of_their_file_are_refused() {
-    // SAFETY: a plain memfd_create call with a valid NUL-terminated name.
-    let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), 0) };
-    assert!(fd >= 0, "memfd_create: {}", io::Error::last_os_error());
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    // SAFETY: `fd` is a valid memfd.
-    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x2000) }, 0);
+    let fd = memfd(0x2000, SEALS);
     use std::os::fd::AsFd;
     let dma = MappedRegions::new();
     for (len, offset) in [(0x2000, 0x1000), (0x3000, 0), (0x1000, u64::MAX - 0xfff)] {
@@ -168,6 +173,44 @@ fn regions_past_the_end_of_their_file_are_refused() {
         .unwrap();
     dma.write(0x10_1fff, &[1]).unwrap();
     dma.write(0x20_0fff, &[2]).unwrap();
+}
+
+/// A file its sender can still shrink would turn the next DMA into a SIGBUS once it did, so
+/// it is refused whatever the range; so is a file that takes no seals at all.
+#[test]
+fn files_not_sealed_against_shrinking_are_refused() {
+    use std::os::fd::AsFd;
+    let dma = MappedRegions::new();
+    let grow_only = memfd(0x2000, libc::F_SEAL_GROW);
+    let unsealed = memfd(0x2000, 0);
+    for (fd, why) in [
+        (grow_only.as_fd(), "not sealed against shrinking"),
+        (unsealed.as_fd(), "not sealed against shrinking"),
+    ] {
+        let err = dma
+            .insert_fd(0x10_0000, 0x1000, fd, 0, DmaProt::READ_WRITE)
+            .unwrap_err();
+        assert!(matches!(err, DmaMapError::Unsealed { .. }), "{err}");
+        assert!(err.to_string().contains(why), "{err}");
+        assert!(err.to_string().contains("F_SEAL_SHRINK"), "{err}");
+    }
+    // A file on a disk filesystem: no seals to ask for.
+    let on_disk = std::fs::File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+    let err = dma
+        .insert_fd(0x10_0000, 0x1000, on_disk.as_fd(), 0, DmaProt::READ_ONLY)
+        .unwrap_err();
+    assert!(err.to_string().contains("takes no seals"), "{err}");
+    assert!(dma.regions().is_empty());
+    // Shrink-sealed alone is enough.
+    let shrink_only = memfd(0x2000, libc::F_SEAL_SHRINK);
+    dma.insert_fd(
+        0x10_0000,
+        0x1000,
+        shrink_only.as_fd(),
+        0,
+        DmaProt::READ_WRITE,
+    )
+    .unwrap();
 }
 
 #[test]

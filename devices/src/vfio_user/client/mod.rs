@@ -53,7 +53,7 @@ pub enum ClientError {
         op: String,
         timeout: Duration,
     },
-    #[error("{device}: {op}: the server refused: {}", errno_text(*.errno))]
+    #[error("{device}: {op}: the server refused: {}", refusal_text(op, *.errno))]
     Refused {
         device: String,
         op: String,
@@ -97,12 +97,26 @@ pub enum ClientError {
     },
 }
 
-fn errno_text(errno: i32) -> String {
+/// The errno of an error reply to `op`, with what our own server means by it where that
+/// says more than the errno (a DMA_MAP refused for the file it carried).
+fn refusal_text(op: &str, errno: i32) -> String {
     if errno == 0 {
-        "error reply without an errno".to_string()
-    } else {
-        format!("{} (errno {errno})", io::Error::from_raw_os_error(errno))
+        return "error reply without an errno".to_string();
     }
+    let meaning = match errno {
+        _ if !op.starts_with("DMA_MAP") => "",
+        libc::EPERM => {
+            ", which `vmm device epf` answers when the file is not sealed against shrinking \
+             (F_SEAL_SHRINK)"
+        }
+        libc::EINVAL => {
+            ", which `vmm device epf` answers when the range is bad or runs past the end of \
+             the file"
+        }
+        _ => "",
+    };
+    // The io::Error says "(os error N)" itself.
+    format!("{}{meaning}", io::Error::from_raw_os_error(errno))
 }
 
 impl Classify for ClientError {

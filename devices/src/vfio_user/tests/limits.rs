@@ -1,6 +1,7 @@
 //! What a misbehaving client can make the server hold or wait for is bounded: a client
 //! silent mid-message is dropped, DMA regions are capped, fds beyond what a message may carry
-//! are refused and closed, an oversized message is refused.
+//! are refused and closed, an oversized message is refused, and a DMA_MAP of a file its
+//! client could still shrink, or of a range past the end of its file, is refused.
 
 use std::sync::mpsc;
 
@@ -125,6 +126,39 @@ fn dma_maps_beyond_the_cap_are_enospc() {
         .unwrap();
     drop(client);
     served.recv_timeout(LONG).unwrap().unwrap();
+}
+
+#[test]
+fn dma_maps_of_unsealed_or_too_small_files_are_refused_and_map_nothing() {
+    let rig = epf_rig();
+    let c = &rig.client;
+    // A client that can still shrink its file could make the device's next DMA a SIGBUS.
+    let unsealed = Arc::new(unsealed_memfd(0x2000));
+    let err = c
+        .dma_map(0x10_0000, 0x1000, &unsealed, 0, true, true)
+        .unwrap_err();
+    assert_eq!(err.errno(), Some(libc::EPERM), "{err}");
+    assert!(
+        err.to_string().contains("sealed against shrinking"),
+        "{err}"
+    );
+    // Sealed, but the range runs past the end of the file.
+    let small = Arc::new(memfd(0x1000));
+    for (len, offset) in [(0x2000, 0), (0x1000, 0x1000)] {
+        let err = c
+            .dma_map(0x10_0000, len, &small, offset, true, true)
+            .unwrap_err();
+        assert_eq!(
+            err.errno(),
+            Some(libc::EINVAL),
+            "{len:#x} at {offset:#x}: {err}"
+        );
+        assert!(err.to_string().contains("past the end"), "{err}");
+    }
+    assert!(rig.regions.regions().is_empty());
+    // The connection goes on: a sealed file of the right size maps.
+    c.dma_map(0x10_0000, 0x1000, &small, 0, true, true).unwrap();
+    assert_eq!(rig.regions.regions(), [(0x10_0000, 0x1000)]);
 }
 
 /// Sends `msg` with `fds` attached (all with its first byte).
