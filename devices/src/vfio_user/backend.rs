@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use pinning::backend::FdDmaMapper;
+use pinning::backend::{FdDmaMapper, PeerErrno};
 use pinning::region::RamFile;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -103,7 +103,7 @@ impl From<ClientError> for VfioBackendError {
 /// The client's error whole (it names the server and what it said), of the errno's kind.
 fn io_error(e: ClientError) -> io::Error {
     match e.errno() {
-        Some(errno) if errno != 0 => io::Error::new(io::Error::from_raw_os_error(errno).kind(), e),
+        Some(errno) if errno != 0 => PeerErrno::into_io(errno, e),
         _ => io::Error::other(e.to_string()),
     }
 }

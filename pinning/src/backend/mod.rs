@@ -56,8 +56,41 @@ impl BackendError {
         }
     }
 
+    /// The errno behind the failure: the system call's, or the one a peer answered with
+    /// ([`PeerErrno`]), so that callers can tell "nothing was mapped there" (ENOENT) apart.
     pub fn errno(&self) -> Option<i32> {
-        self.source.raw_os_error()
+        self.source.raw_os_error().or_else(|| {
+            let inner = self.source.get_ref()?;
+            inner.downcast_ref::<PeerErrno>().map(|e| e.errno)
+        })
+    }
+}
+
+/// A peer's answer (a device server's error reply) carried whole in an `io::Error`: the peer's
+/// own words for the message, and its errno for [`BackendError::errno`], which an
+/// `io::Error` made from a message alone would lose.
+#[derive(Debug, thiserror::Error)]
+#[error("{answer}")]
+pub struct PeerErrno {
+    pub errno: i32,
+    /// Displayed as this error, not chained behind it (a chain would print it twice).
+    pub answer: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl PeerErrno {
+    /// `source`, an answer with `errno`, as an `io::Error` of that errno's kind.
+    pub fn into_io(
+        errno: i32,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> io::Error {
+        let kind = io::Error::from_raw_os_error(errno).kind();
+        io::Error::new(
+            kind,
+            PeerErrno {
+                errno,
+                answer: source.into(),
+            },
+        )
     }
 }
 
@@ -105,5 +138,26 @@ impl PinBackend for NoneBackend {
     }
     fn unmap(&self, _piece: &Piece) -> Result<(), BackendError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peers_errno_survives_inside_its_whole_answer() {
+        let piece = Piece {
+            guest_addr: 0,
+            host_addr: 0x1000,
+            len: 0x1000,
+            file: None,
+        };
+        let answer = PeerErrno::into_io(libc::ENOENT, "server.sock: DMA_UNMAP refused: ENOENT");
+        let e = BackendError::new("DMA_UNMAP", &piece, answer);
+        assert_eq!(e.errno(), Some(libc::ENOENT));
+        assert!(e.to_string().ends_with("server.sock: DMA_UNMAP refused: ENOENT"), "{e}");
+        let plain = BackendError::new("munlock", &piece, io::Error::other("no errno"));
+        assert_eq!(plain.errno(), None);
     }
 }
