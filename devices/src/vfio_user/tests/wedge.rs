@@ -58,3 +58,99 @@ fn dma_read_right_after_the_unmap_reply_is_refused() {
     drop(client);
     fake.join().unwrap();
 }
+
+/// Writes DEVICE_GET_INFO requests on `s` and never reads a reply, until the server stops
+/// reading too (it is stuck sending: our write times out) or hangs up; the write's error.
+fn flood_without_reading(s: &UnixStream) -> ErrorKind {
+    s.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let one = Header::command(2, cmd::DEVICE_GET_INFO, 0).encode();
+    let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 256).collect();
+    loop {
+        if let Err(e) = (&*s).write_all(&many) {
+            return e.kind();
+        }
+    }
+}
+
+/// The server stopped reading while it was still connected.
+fn stuck(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+#[test]
+fn a_client_that_never_reads_is_dropped_within_the_reply_timeout() {
+    const TIMEOUT: Duration = Duration::from_millis(300);
+    let (a, b) = UnixStream::pair().unwrap();
+    let (tx, served) = mpsc::channel();
+    std::thread::spawn(move || {
+        let regions = Arc::new(MappedRegions::new());
+        let mut dev = EpfUserDevice::new(EpfConfig::default(), regions.clone()).unwrap();
+        let limits = super::super::server::ServerLimits {
+            reply_timeout: TIMEOUT,
+            ..Default::default()
+        };
+        let _ = tx.send(super::super::server::serve_with(
+            b, &mut dev, regions, None, limits,
+        ));
+    });
+    let raw = RawPeer { s: a };
+    let v = Version {
+        major: 0,
+        minor: 1,
+        json: String::new(),
+    }
+    .encode();
+    raw.send(Header::command(1, cmd::VERSION, v.len()), &v);
+    assert!(!raw.recv().header.is_error());
+    let why = flood_without_reading(&raw.s);
+    assert!(
+        stuck(why) || why == ErrorKind::BrokenPipe || why == ErrorKind::ConnectionReset,
+        "{why:?}"
+    );
+    let t = Instant::now();
+    let result = served
+        .recv_timeout(LONG)
+        .expect("the server still waits for a client that does not read");
+    assert!(t.elapsed() < PROMPT, "dropped after {:?}", t.elapsed());
+    let err = result.unwrap_err();
+    assert!(matches!(err, ServerError::NotReading { .. }), "{err:?}");
+    assert!(err.to_string().contains("the peer does not read"), "{err}");
+}
+
+#[test]
+fn sigterm_ends_an_epf_server_whose_client_never_reads_within_a_second() {
+    let _one = PROCESS_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let path = socket_path("term-unread");
+    let server = spawn_server(&path);
+    wait_for_path(&path);
+    let raw = RawPeer {
+        s: UnixStream::connect(&path).unwrap(),
+    };
+    let v = Version {
+        major: 0,
+        minor: 1,
+        json: String::new(),
+    }
+    .encode();
+    raw.send(Header::command(1, cmd::VERSION, v.len()), &v);
+    assert!(!raw.recv().header.is_error());
+    let why = flood_without_reading(&raw.s);
+    assert!(stuck(why), "the server never stopped reading: {why:?}");
+    let (tx, done) = mpsc::channel();
+    std::thread::spawn(move || tx.send(server.join().unwrap()).unwrap());
+    let t = Instant::now();
+    // SAFETY: sends SIGTERM to this process, whose handler run_epf_server installed before
+    // the socket appeared.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
+    let served = done
+        .recv_timeout(LONG)
+        .expect("SIGTERM did not end a server stuck replying to a client that does not read");
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(served.is_ok(), "{served:?}");
+    assert!(!path.exists(), "socket file left behind");
+}

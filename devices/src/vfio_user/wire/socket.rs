@@ -3,7 +3,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -295,9 +295,106 @@ pub fn send_message(
     Ok(())
 }
 
-/// Writes all of `buf` with MSG_NOSIGNAL, so a vanished peer is EPIPE and not a SIGPIPE.
-fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
+/// How long a peer may leave a message of ours unread, and what ends the wait early.
+#[derive(Clone, Copy, Debug)]
+pub struct SendLimits<'a> {
+    /// The whole message must be in the socket within this time of the first try.
+    pub timeout: Duration,
+    /// Readable (an eventfd, a pipe): stop waiting at once.
+    pub stop: Option<BorrowedFd<'a>>,
+}
+
+/// How often [`send_message_until`] looks at its deadline and stop fd while the peer does not
+/// read; the socket's send timeout (`SO_SNDTIMEO`) must be set to it.
+pub const SEND_POLL: Duration = Duration::from_millis(50);
+
+/// Why a message could not be sent within its [`SendLimits`].
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("sending: {0}")]
+    Io(#[source] io::Error),
+    /// The peer does not read: what was sent of the message is in the stream, so it cannot be
+    /// followed any further.
+    #[error(
+        "the peer does not read: {sent} of the {total} bytes of a message could be sent in \
+         {waited:?}, so the message is abandoned"
+    )]
+    Stalled {
+        sent: usize,
+        total: usize,
+        waited: Duration,
+    },
+    /// The stop fd became readable while the peer was not reading.
+    #[error("asked to stop while the peer was not reading")]
+    Stopped,
+}
+
+/// Like [`send_message`], for a peer that may never read: gives up after `limits.timeout` or
+/// when `limits.stop` becomes readable. The socket must have a send timeout of [`SEND_POLL`]
+/// (`UnixStream::set_write_timeout`): a blocked send returns after it, so the deadline and the
+/// stop fd are looked at that often.
+pub fn send_message_until(
+    sock: &UnixStream,
+    header: &Header,
+    payload: &[u8],
+    fds: &[RawFd],
+    limits: SendLimits<'_>,
+) -> Result<(), SendError> {
+    let hb = header.encode();
+    let total = hb.len() + payload.len();
+    let started = Instant::now();
+    // Called when the socket stayed full for a while: go on waiting, or say why not.
+    let waited = |sent: usize| -> Result<(), SendError> {
+        if limits.stop.is_some_and(readable_now) {
+            return Err(SendError::Stopped);
+        }
+        let waited = started.elapsed();
+        if waited >= limits.timeout {
+            return Err(SendError::Stalled {
+                sent,
+                total,
+                waited,
+            });
+        }
+        Ok(())
+    };
+    let mut sent = loop {
+        match sock.send_with_fds(&[&hb[..], payload], fds) {
+            Ok(n) => break n,
+            Err(e) if e.errno() == libc::EINTR => continue,
+            // Nothing went out, the fds neither: try the whole message again.
+            Err(e) if e.errno() == libc::EAGAIN => waited(0)?,
+            Err(e) => return Err(SendError::Io(io::Error::from_raw_os_error(e.errno()))),
+        }
+    };
+    while sent < total {
+        let rest = match sent.checked_sub(hb.len()) {
+            None => &hb[sent..],
+            Some(at) => &payload[at..],
+        };
+        match send_some(sock, rest) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => waited(sent)?,
+            Err(e) => return Err(SendError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Whether `fd` is readable right now.
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
+    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+}
+
+/// One `send` of some of `buf` with MSG_NOSIGNAL (EINTR retried): how many bytes went.
+fn send_some(sock: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    loop {
         // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
         let n = unsafe {
             libc::send(
@@ -307,12 +404,8 @@ fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
                 libc::MSG_NOSIGNAL,
             )
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
+        if n > 0 {
+            return Ok(n as usize);
         }
         if n == 0 {
             return Err(io::Error::new(
@@ -320,7 +413,18 @@ fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
                 "send wrote nothing",
             ));
         }
-        buf = &buf[n as usize..];
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Writes all of `buf` with MSG_NOSIGNAL, so a vanished peer is EPIPE and not a SIGPIPE.
+fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = send_some(sock, buf)?;
+        buf = &buf[n..];
     }
     Ok(())
 }
