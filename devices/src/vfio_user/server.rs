@@ -188,9 +188,6 @@ pub fn serve_with(
         timeout: limits.reply_timeout,
         stop,
     };
-    stream
-        .set_write_timeout(Some(wire::SEND_POLL))
-        .map_err(|e| io_err("setting the send timeout", e))?;
     loop {
         if let Some(stop) = stop {
             if wait_readable(stream.as_fd(), stop).map_err(|e| io_err("polling", e))? {

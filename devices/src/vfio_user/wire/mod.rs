@@ -18,7 +18,7 @@ pub use messages::{DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, 
 pub use region::{encode_sparse_mmap, find_sparse_mmap, RegionAccess, RegionInfoMsg};
 pub use socket::{
     recv_message, recv_message_with, send_message, send_message_until, Message, RecvError,
-    RecvLimits, SendError, SendLimits, SEND_POLL,
+    RecvLimits, SendError, SendLimits,
 };
 
 /// Bytes in a message header.

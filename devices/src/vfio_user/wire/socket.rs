@@ -304,10 +304,6 @@ pub struct SendLimits<'a> {
     pub stop: Option<BorrowedFd<'a>>,
 }
 
-/// How often [`send_message_until`] looks at its deadline and stop fd while the peer does not
-/// read; the socket's send timeout (`SO_SNDTIMEO`) must be set to it.
-pub const SEND_POLL: Duration = Duration::from_millis(50);
-
 /// Why a message could not be sent within its [`SendLimits`].
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
@@ -330,9 +326,9 @@ pub enum SendError {
 }
 
 /// Like [`send_message`], for a peer that may never read: gives up after `limits.timeout` or
-/// when `limits.stop` becomes readable. The socket must have a send timeout of [`SEND_POLL`]
-/// (`UnixStream::set_write_timeout`): a blocked send returns after it, so the deadline and the
-/// stop fd are looked at that often.
+/// as soon as `limits.stop` becomes readable. Nothing blocks: each piece is sent with
+/// MSG_DONTWAIT once `poll` says there is room, so no socket option (and no system call a
+/// filtered server thread lacks) is needed.
 pub fn send_message_until(
     sock: &UnixStream,
     header: &Header,
@@ -343,53 +339,125 @@ pub fn send_message_until(
     let hb = header.encode();
     let total = hb.len() + payload.len();
     let started = Instant::now();
-    // Called when the socket stayed full for a while: go on waiting, or say why not.
-    let waited = |sent: usize| -> Result<(), SendError> {
-        if limits.stop.is_some_and(readable_now) {
-            return Err(SendError::Stopped);
-        }
-        let waited = started.elapsed();
-        if waited >= limits.timeout {
-            return Err(SendError::Stalled {
-                sent,
-                total,
-                waited,
-            });
-        }
-        Ok(())
-    };
-    let mut sent = loop {
-        match sock.send_with_fds(&[&hb[..], payload], fds) {
-            Ok(n) => break n,
-            Err(e) if e.errno() == libc::EINTR => continue,
-            // Nothing went out, the fds neither: try the whole message again.
-            Err(e) if e.errno() == libc::EAGAIN => waited(0)?,
-            Err(e) => return Err(SendError::Io(io::Error::from_raw_os_error(e.errno()))),
-        }
-    };
+    let mut sent = 0;
     while sent < total {
-        let rest = match sent.checked_sub(hb.len()) {
-            None => &hb[sent..],
-            Some(at) => &payload[at..],
+        wait_writable(sock, limits, started, sent, total)?;
+        let parts: [&[u8]; 2] = match sent.checked_sub(hb.len()) {
+            None => [&hb[sent..], payload],
+            Some(at) => [&payload[at..], &[]],
         };
-        match send_some(sock, rest) {
+        // The fds go with the first byte; until one went out, they did not either.
+        let with = if sent == 0 { fds } else { &[] };
+        match send_nowait(sock, &parts, with) {
             Ok(n) => sent += n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => waited(sent)?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => return Err(SendError::Io(e)),
         }
     }
     Ok(())
 }
 
-/// Whether `fd` is readable right now.
-fn readable_now(fd: BorrowedFd<'_>) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd for the duration of the call; a zero timeout never blocks.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+/// Waits until `sock` has room (or is in error: the send says which), within the deadline
+/// and unless `limits.stop` becomes readable first.
+fn wait_writable(
+    sock: &UnixStream,
+    limits: SendLimits<'_>,
+    started: Instant,
+    sent: usize,
+    total: usize,
+) -> Result<(), SendError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: limits.stop.map_or(-1, |f| f.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        let waited = started.elapsed();
+        let left = limits.timeout.saturating_sub(waited);
+        if left.is_zero() {
+            return Err(SendError::Stalled {
+                sent,
+                total,
+                waited,
+            });
+        }
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call (poll
+        // skips the one with fd -1).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(SendError::Io(e));
+        }
+        if fds[1].revents != 0 {
+            return Err(SendError::Stopped);
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// One `sendmsg` of `parts` with `fds`, MSG_DONTWAIT | MSG_NOSIGNAL (EINTR retried): how many
+/// bytes went; WouldBlock when none could.
+fn send_nowait(sock: &UnixStream, parts: &[&[u8]; 2], fds: &[RawFd]) -> io::Result<usize> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut iov = parts.map(|p| libc::iovec {
+        iov_base: p.as_ptr() as *mut libc::c_void,
+        iov_len: p.len(),
+    });
+    let mut control = ControlBuf([0; 512]);
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds);
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+        debug_assert!(space <= control.0.len());
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer holds `space` bytes, room for one header and `fds`
+        // (at most MAX_FDS, checked above); CMSG_FIRSTHDR points at its start.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` (the caller's buffers, readable for their lengths)
+        // and at `control`; all outlive the call.
+        let n = unsafe {
+            libc::sendmsg(
+                sock.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
 }
 
 /// One `send` of some of `buf` with MSG_NOSIGNAL (EINTR retried): how many bytes went.
