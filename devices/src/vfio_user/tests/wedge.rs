@@ -154,3 +154,79 @@ fn sigterm_ends_an_epf_server_whose_client_never_reads_within_a_second() {
     assert!(served.is_ok(), "{served:?}");
     assert!(!path.exists(), "socket file left behind");
 }
+
+/// A server socket at a fresh path that listens and never accepts, with its queue of
+/// connections already full: the listener and the one connection that fills it.
+fn full_listener(tag: &str) -> (PathBuf, UnixListener, UnixStream) {
+    let path = socket_path(tag);
+    let listener = UnixListener::bind(&path).unwrap();
+    // SAFETY: listen(2) on a socket we own, to shrink its backlog: one connection waits, a
+    // second finds the queue full.
+    assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 0) }, 0);
+    let queued = UnixStream::connect(&path).unwrap();
+    (path, listener, queued)
+}
+
+/// `Client::connect` on another thread, so that a connect that never returns fails the test.
+fn connect_in_thread(
+    path: &Path,
+    timeout: Duration,
+) -> mpsc::Receiver<Result<Client, ClientError>> {
+    let (tx, rx) = mpsc::channel();
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let _ = tx.send(Client::connect(&path, timeout));
+    });
+    rx
+}
+
+#[test]
+fn a_server_that_never_accepts_fails_connect_within_its_timeout() {
+    let (path, _listener, _queued) = full_listener("full");
+    let t = Instant::now();
+    let result = connect_in_thread(&path, SHORT)
+        .recv_timeout(LONG)
+        .expect("connect still waits for a server whose queue is full");
+    let waited = t.elapsed();
+    let err = result.unwrap_err();
+    assert!(matches!(err, ClientError::NotAccepting { .. }), "{err:?}");
+    assert!(waited >= SHORT && waited < PROMPT, "waited {waited:?}");
+    assert_eq!(err.class().exit_status(), 2);
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "{text}");
+    assert!(text.contains("alive and accepting"), "{text}");
+    assert!(!text.contains('\n'), "{text}");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn a_signal_ends_the_wait_for_a_server_that_never_accepts() {
+    // The process's SIGINT handler is shared with the epf server tests.
+    let _one = PROCESS_SERVER.lock().unwrap_or_else(|e| e.into_inner());
+    let (path, _listener, _queued) = full_listener("full-int");
+    let guard = pinning::cancel::SignalGuard::install(None).unwrap();
+    let waiting = connect_in_thread(&path, LONG);
+    std::thread::sleep(SHORT);
+    let t = Instant::now();
+    // SAFETY: sends SIGINT to this process, whose handler the guard installed.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGINT) }, 0);
+    let result = waiting.recv_timeout(LONG);
+    let waited = t.elapsed();
+    drop(guard);
+    // The caught signal stays pending until the next guard: clear it for the other tests.
+    drop(pinning::cancel::SignalGuard::install(None).unwrap());
+    let err = result.expect("SIGINT did not end the wait").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClientError::ConnectInterrupted {
+                signal: libc::SIGINT,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(waited < PROMPT, "waited {waited:?}");
+    assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGINT));
+    std::fs::remove_file(&path).unwrap();
+}
