@@ -230,3 +230,33 @@ fn a_signal_ends_the_wait_for_a_server_that_never_accepts() {
     assert_eq!(err.class(), ErrorClass::Interrupted(libc::SIGINT));
     std::fs::remove_file(&path).unwrap();
 }
+
+#[test]
+fn an_error_reply_fails_its_request_keeps_the_connection_and_fails_the_passthrough_device() {
+    use crate::pci::device::PciDevice;
+    use crate::vfio::VfioPciDevice;
+    use crate::vfio_user::UserBackend;
+
+    let rig = epf_rig();
+    let client = Arc::new(rig.client);
+    let backend = Arc::new(UserBackend::new(client.clone()));
+    let mut dev = VfioPciDevice::new(backend).unwrap();
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let seen = failures.clone();
+    dev.set_failure_handler(Box::new(move |e| seen.lock().unwrap().push(e.to_string())));
+    // The epf function has no BAR 1: the server answers the read with an error reply.
+    let mut data = [0u8; 4];
+    dev.bar_read(1, 0, &mut data);
+    assert_eq!(data, [0xff; 4], "a failed read is all ones");
+    let failures = failures.lock().unwrap().clone();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert!(
+        failures[0].contains("the server refused") && failures[0].contains("errno 22"),
+        "{failures:?}"
+    );
+    // The connection is still up: the reply was an answer, not a broken stream.
+    assert_eq!(client.device_info().unwrap().1, 9);
+    drop(dev);
+    drop(client);
+    assert!(rig.server.join().unwrap().is_ok());
+}
