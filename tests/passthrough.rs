@@ -304,6 +304,59 @@ fn a_socket_that_does_not_speak_vfio_user_is_refused_without_hanging() {
     server.join().unwrap();
 }
 
+/// A socket whose server listens and never accepts, its queue of connections already full:
+/// the listener and the connection that fills it.
+fn never_accepting(path: &Path) -> (UnixListener, std::os::unix::net::UnixStream) {
+    let listener = UnixListener::bind(path).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: listen(2) on a socket we own, to shrink its backlog to one waiting connection.
+    let ret = unsafe { libc::listen(fd, 0) };
+    assert_eq!(ret, 0);
+    let queued = std::os::unix::net::UnixStream::connect(path).unwrap();
+    (listener, queued)
+}
+
+#[test]
+fn a_server_that_never_accepts_is_a_clear_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    let _server = never_accepting(&path);
+    let started = Instant::now();
+    fails_with(
+        &["--user-device", path.to_str().unwrap()],
+        2,
+        &["full.sock", "accepted no connection", "alive and accepting"],
+    );
+    // The request timeout (10 s), not forever.
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn ctrl_c_ends_the_wait_for_a_server_that_never_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    let _server = never_accepting(&path);
+    let child = vmm()
+        .args(["run", "--user-device", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = Instant::now();
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(err.contains("full.sock") && err.contains("SIGINT"), "{err}");
+}
+
 #[test]
 fn an_external_epf_server_serves_vmm_run_over_its_socket() {
     let dir = tempfile::tempdir().unwrap();

@@ -88,6 +88,7 @@ impl Classify for PassthroughError {
     fn class(&self) -> ErrorClass {
         match self {
             PassthroughError::Interrupted(sig) => ErrorClass::Interrupted(*sig),
+            PassthroughError::User(e @ ClientError::ConnectInterrupted { .. }) => e.class(),
             _ => ErrorClass::Device,
         }
     }
