@@ -358,6 +358,61 @@ fn ctrl_c_ends_the_wait_for_a_server_that_never_accepts() {
 }
 
 #[test]
+fn sigterm_ends_an_epf_server_whose_client_never_reads_within_a_second() {
+    use devices::vfio_user::wire::{self, cmd, Capabilities, Header, Version};
+    use std::io::{ErrorKind, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("unread.sock");
+    let mut server = external_epf_server(&socket);
+    let s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let v = Version {
+        major: wire::VERSION_MAJOR,
+        minor: wire::VERSION_MINOR,
+        json: Capabilities::ours().to_json(),
+    }
+    .encode();
+    wire::send_message(&s, &Header::command(1, cmd::VERSION, v.len()), &v, &[]).unwrap();
+    let reply = wire::recv_message(&s, wire::MAX_MESSAGE).unwrap();
+    assert!(!reply.header.is_error());
+    // Requests, and never a reply read, until the server stops reading too: it is stuck
+    // sending (under its seccomp filter).
+    s.set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let one = Header::command(2, cmd::DEVICE_GET_INFO, 0).encode();
+    let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 256).collect();
+    let err = loop {
+        if let Err(e) = (&s).write_all(&many) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    let sent = Instant::now();
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break Some(status);
+        }
+        if sent.elapsed() > Duration::from_secs(5) {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = sent.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(!socket.exists(), "the server removed its socket");
+}
+
+#[test]
 fn an_external_epf_server_serves_vmm_run_over_its_socket() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("epf.sock");
