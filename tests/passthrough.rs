@@ -387,6 +387,114 @@ fn a_socket_that_does_not_speak_vfio_user_is_refused_without_hanging() {
     server.join().unwrap();
 }
 
+/// A socket whose server listens and never accepts, its queue of connections already full:
+/// the listener and the connection that fills it.
+fn never_accepting(path: &Path) -> (UnixListener, std::os::unix::net::UnixStream) {
+    let listener = UnixListener::bind(path).unwrap();
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+    // SAFETY: listen(2) on a socket we own, to shrink its backlog to one waiting connection.
+    let ret = unsafe { libc::listen(fd, 0) };
+    assert_eq!(ret, 0);
+    let queued = std::os::unix::net::UnixStream::connect(path).unwrap();
+    (listener, queued)
+}
+
+#[test]
+fn a_server_that_never_accepts_is_a_clear_error_not_a_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    let _server = never_accepting(&path);
+    let started = Instant::now();
+    fails_with(
+        &["--user-device", path.to_str().unwrap()],
+        2,
+        &["full.sock", "accepted no connection", "alive and accepting"],
+    );
+    // The request timeout (10 s), not forever.
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[test]
+fn ctrl_c_ends_the_wait_for_a_server_that_never_accepts() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    let _server = never_accepting(&path);
+    let child = vmm()
+        .args(["run", "--user-device", path.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let sent = Instant::now();
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        sent.elapsed()
+    );
+    assert!(err.contains("full.sock") && err.contains("SIGINT"), "{err}");
+}
+
+#[test]
+fn sigterm_ends_an_epf_server_whose_client_never_reads_within_a_second() {
+    use devices::vfio_user::wire::{self, cmd, Capabilities, Header, Version};
+    use std::io::{ErrorKind, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("unread.sock");
+    let mut server = external_epf_server(&socket);
+    let s = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let v = Version {
+        major: wire::VERSION_MAJOR,
+        minor: wire::VERSION_MINOR,
+        json: Capabilities::ours().to_json(),
+    }
+    .encode();
+    wire::send_message(&s, &Header::command(1, cmd::VERSION, v.len()), &v, &[]).unwrap();
+    let reply = wire::recv_message(&s, wire::MAX_MESSAGE).unwrap();
+    assert!(!reply.header.is_error());
+    // Requests, and never a reply read, until the server stops reading too: it is stuck
+    // sending (under its seccomp filter).
+    s.set_write_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let one = Header::command(2, cmd::DEVICE_GET_INFO, 0).encode();
+    let many: Vec<u8> = one.iter().copied().cycle().take(one.len() * 256).collect();
+    let err = loop {
+        if let Err(e) = (&s).write_all(&many) {
+            break e;
+        }
+    };
+    assert!(
+        matches!(err.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut),
+        "{err}"
+    );
+    let sent = Instant::now();
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(status) = server.try_wait().unwrap() {
+            break Some(status);
+        }
+        if sent.elapsed() > Duration::from_secs(5) {
+            server.kill().unwrap();
+            server.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let took = sent.elapsed();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(!socket.exists(), "the server removed its socket");
+}
+
 #[test]
 fn an_external_epf_server_serves_vmm_run_over_its_socket() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 use devices::exit::StopHandle;
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::{VfioBackend, VfioPciDevice};
-use devices::vfio_user::Client;
-use devices::vfio_user::UserBackend;
+use devices::vfio_user::{Client, ClientError, UserBackend};
 use devices::ExitReason;
 use pinning::backend::{FdDmaMapper, VfioUserBackend};
 use pinning::region::RamFile;
@@ -88,6 +87,7 @@ impl Classify for PassthroughError {
     fn class(&self) -> ErrorClass {
         match self {
             PassthroughError::Interrupted(sig) => ErrorClass::Interrupted(*sig),
+            PassthroughError::User(e @ ClientError::ConnectInterrupted { .. }) => e.class(),
             _ => ErrorClass::Device,
         }
     }

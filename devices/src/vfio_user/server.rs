@@ -14,6 +14,8 @@
 //! server hold is bounded ([`ServerLimits`]):
 //! - a message must be whole within [`MESSAGE_TIMEOUT`] of its first byte, or the client is
 //!   dropped (idle between messages is fine, for as long as it likes);
+//! - a reply must fit in the socket within [`REPLY_TIMEOUT`], or the client (which does not
+//!   read) is dropped; the stop fd ends that wait too;
 //! - at most [`MAX_DMA_REGIONS`] regions are mapped at once: DMA_MAP beyond is ENOSPC;
 //! - a message carries at most the fds its kind allows (DMA_MAP one, SET_IRQS one per
 //!   vector, up to [`wire::MAX_FDS`]; anything else none): beyond is EINVAL, and every fd
@@ -31,7 +33,8 @@ use pinning::class::{Classify, ErrorClass};
 
 use super::wire::{
     self, cmd, dma_flags, flags, irq_set, Capabilities, DeviceInfo, DmaMap, DmaUnmap, Header,
-    IrqInfoMsg, IrqSet, Message, RecvError, RecvLimits, RegionAccess, RegionInfoMsg, Version,
+    IrqInfoMsg, IrqSet, Message, RecvError, RecvLimits, RegionAccess, RegionInfoMsg, SendError,
+    SendLimits, Version,
 };
 use crate::pci::dma::{DmaMapError, DmaProt, MappedRegions};
 use crate::vfio::types::{region, IrqInfo, RegionInfo};
@@ -77,6 +80,9 @@ const NAME: &str = "vfio-user server";
 /// Generous: a whole message is at most [`wire::MAX_MESSAGE`] bytes over a local socket, and
 /// the VMM gives up on a request after the same time.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a reply may wait for room in the socket: a client that reads nothing for that
+/// long is not waiting for the reply and is dropped. The same as the VMM's request timeout.
+pub const REPLY_TIMEOUT: Duration = MESSAGE_TIMEOUT;
 /// Most DMA regions mapped at once. Each is an mmap of the server's; the VMM maps guest RAM
 /// in chunks of 128 MiB or more, so this covers 8 TiB. The kernel's `vm.max_map_count`
 /// (65530 by default) may refuse a little earlier, with ENOMEM.
@@ -89,6 +95,8 @@ pub struct ServerLimits {
     pub message_timeout: Duration,
     /// See [`MAX_DMA_REGIONS`].
     pub max_dma_regions: usize,
+    /// See [`REPLY_TIMEOUT`].
+    pub reply_timeout: Duration,
 }
 
 impl Default for ServerLimits {
@@ -96,6 +104,7 @@ impl Default for ServerLimits {
         ServerLimits {
             message_timeout: MESSAGE_TIMEOUT,
             max_dma_regions: MAX_DMA_REGIONS,
+            reply_timeout: REPLY_TIMEOUT,
         }
     }
 }
@@ -116,6 +125,13 @@ pub enum ServerError {
     /// The client started a message and did not finish it within the message timeout.
     #[error("vfio-user server: the client was dropped: {0}")]
     Stalled(#[source] RecvError),
+    /// The client sent requests and stopped reading the replies for the reply timeout.
+    #[error("vfio-user server: the client was dropped: replying to its {command}: {source}")]
+    NotReading {
+        command: &'static str,
+        #[source]
+        source: SendError,
+    },
 }
 
 impl Classify for ServerError {
@@ -168,6 +184,10 @@ pub fn serve_with(
         max_size: wire::MAX_MESSAGE,
         message_timeout: Some(limits.message_timeout),
     };
+    let send_limits = SendLimits {
+        timeout: limits.reply_timeout,
+        stop,
+    };
     loop {
         if let Some(stop) = stop {
             if wait_readable(stream.as_fd(), stop).map_err(|e| io_err("polling", e))? {
@@ -209,7 +229,7 @@ pub fn serve_with(
                     // Say why before hanging up, if the client wants to hear it.
                     if header.flags & flags::NO_REPLY == 0 {
                         let reply = Header::error_reply(header, libc::E2BIG);
-                        let _ = wire::send_message(&stream, &reply, &[], &[]);
+                        let _ = wire::send_message_until(&stream, &reply, &[], &[], send_limits);
                     }
                 }
                 server.log_end(&format!("dropping the client: {e}"));
@@ -222,9 +242,13 @@ pub fn serve_with(
             continue;
         }
         let sent = match &result {
-            Ok((payload, fds)) => {
-                wire::send_message(&stream, &Header::reply(&h, payload.len()), payload, fds)
-            }
+            Ok((payload, fds)) => wire::send_message_until(
+                &stream,
+                &Header::reply(&h, payload.len()),
+                payload,
+                fds,
+                send_limits,
+            ),
             Err(errno) => {
                 debug_limited!(
                     "{NAME}: {} {} failed: {}",
@@ -232,16 +256,31 @@ pub fn serve_with(
                     h.msg_id,
                     std::io::Error::from_raw_os_error(*errno)
                 );
-                wire::send_message(&stream, &Header::error_reply(&h, *errno), &[], &[])
+                let reply = Header::error_reply(&h, *errno);
+                wire::send_message_until(&stream, &reply, &[], &[], send_limits)
             }
         };
-        if let Err(e) = sent {
-            if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) {
+        match sent {
+            Ok(()) => {}
+            Err(SendError::Io(e))
+                if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) =>
+            {
                 // The client went away after asking; that is its way of disconnecting.
                 server.log_end("client disconnected");
                 return Ok(());
             }
-            return Err(io_err("sending a reply", e));
+            Err(SendError::Io(e)) => return Err(io_err("sending a reply", e)),
+            Err(SendError::Stopped) => {
+                server.log_end("asked to stop (while the client was not reading)");
+                return Ok(());
+            }
+            Err(source) => {
+                server.log_end(&format!("dropping the client: {source}"));
+                return Err(ServerError::NotReading {
+                    command: cmd::name(h.command),
+                    source,
+                });
+            }
         }
     }
 }

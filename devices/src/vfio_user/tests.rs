@@ -31,6 +31,7 @@ use crate::vfio::VfioBackendError;
 mod epf_fd;
 mod interop;
 mod limits;
+mod wedge;
 
 const LONG: Duration = Duration::from_secs(10);
 const SHORT: Duration = Duration::from_millis(200);

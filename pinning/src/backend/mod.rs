@@ -156,7 +156,11 @@ mod tests {
         let answer = PeerErrno::into_io(libc::ENOENT, "server.sock: DMA_UNMAP refused: ENOENT");
         let e = BackendError::new("DMA_UNMAP", &piece, answer);
         assert_eq!(e.errno(), Some(libc::ENOENT));
-        assert!(e.to_string().ends_with("server.sock: DMA_UNMAP refused: ENOENT"), "{e}");
+        assert!(
+            e.to_string()
+                .ends_with("server.sock: DMA_UNMAP refused: ENOENT"),
+            "{e}"
+        );
         let plain = BackendError::new("munlock", &piece, io::Error::other("no errno"));
         assert_eq!(plain.errno(), None);
     }

@@ -49,6 +49,9 @@ impl Fatal {
 /// A request waiting for its reply.
 struct Pending {
     command: u16,
+    /// The DMA window `[iova, iova + size)` a DMA_UNMAP withdraws: the reader thread drops it
+    /// as it takes the successful reply, before it reads the server's next message.
+    unmaps: Option<(u64, u64)>,
     reply: Option<Result<Message, Fatal>>,
 }
 
@@ -182,6 +185,31 @@ impl Connection {
         payload: &[u8],
         fds: &[RawFd],
     ) -> Result<Message, ClientError> {
+        self.request_with(op, command, payload, fds, None)
+    }
+
+    /// A DMA_UNMAP of the window `[iova, iova + size)`: the window is gone once the server's
+    /// successful reply has been read, so a DMA_READ/DMA_WRITE the server sends after that
+    /// reply is refused (EFAULT), even while the caller has not yet been woken. An error reply
+    /// leaves the window: the server still has it mapped.
+    pub(super) fn request_unmap(
+        &self,
+        op: String,
+        payload: &[u8],
+        iova: u64,
+        size: u64,
+    ) -> Result<Message, ClientError> {
+        self.request_with(op, cmd::DMA_UNMAP, payload, &[], Some((iova, size)))
+    }
+
+    fn request_with(
+        &self,
+        op: String,
+        command: u16,
+        payload: &[u8],
+        fds: &[RawFd],
+        unmaps: Option<(u64, u64)>,
+    ) -> Result<Message, ClientError> {
         let sh = &*self.shared;
         let device = || sh.name.clone();
         let id = {
@@ -208,6 +236,7 @@ impl Connection {
                 id,
                 Pending {
                     command,
+                    unmaps,
                     reply: None,
                 },
             );
@@ -411,6 +440,9 @@ fn reader_loop(sh: &Shared, stream: &UnixStream, dma: &DmaWindows) {
                         Some(what)
                     }
                     Some(p) => {
+                        if let (Some((iova, size)), false) = (p.unmaps, h.is_error()) {
+                            dma.remove(iova, size);
+                        }
                         p.reply = Some(Ok(msg));
                         None
                     }

@@ -3,6 +3,7 @@
 //! typed requests (`protocol`) and the DMA windows the server may read and write by message
 //! (`dma`).
 
+mod connect;
 mod connection;
 mod dma;
 mod protocol;
@@ -32,6 +33,17 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// The server listens but does not accept: its queue of connections stayed full.
+    #[error(
+        "{device}: the server accepted no connection within {waited:?} (its listen queue is \
+         full); check that the process serving this socket is alive and accepting connections"
+    )]
+    NotAccepting { device: String, waited: Duration },
+    #[error(
+        "{device}: interrupted by {} while waiting for the server to accept the connection",
+        pinning::cancel::CancelReason::Signal(*.signal)
+    )]
+    ConnectInterrupted { device: String, signal: i32 },
     #[error("{device}: setting up the connection: {step}: {source}")]
     Setup {
         device: String,
@@ -124,7 +136,9 @@ impl Classify for ClientError {
         match self {
             // The socket path is the user's: no server there, or not theirs to reach.
             ClientError::Connect { .. } => ErrorClass::User,
-            ClientError::Send { .. }
+            ClientError::ConnectInterrupted { signal, .. } => ErrorClass::Interrupted(*signal),
+            ClientError::NotAccepting { .. }
+            | ClientError::Send { .. }
             | ClientError::Timeout { .. }
             | ClientError::Refused { .. }
             | ClientError::Malformed { .. }
@@ -178,13 +192,25 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// Connects to the server at `path` and negotiates the protocol version; every request,
-    /// this one included, waits at most `timeout` for its reply.
+    /// Connects to the server at `path` and negotiates the protocol version; the connection
+    /// is waited for at most `timeout` (a server that listens and never accepts), and so is
+    /// every request's reply, this one included. A SIGINT/SIGTERM caught by the process's
+    /// [`pinning::cancel::SignalGuard`] ends the wait for the connection.
     pub fn connect(path: &Path, timeout: Duration) -> Result<Client, ClientError> {
         let name = path.display().to_string();
-        let stream = UnixStream::connect(path).map_err(|source| ClientError::Connect {
-            device: name.clone(),
-            source,
+        let stream = connect::connect(path, timeout).map_err(|failure| match failure {
+            connect::Failure::Io(source) => ClientError::Connect {
+                device: name.clone(),
+                source,
+            },
+            connect::Failure::QueueFull(waited) => ClientError::NotAccepting {
+                device: name.clone(),
+                waited,
+            },
+            connect::Failure::Interrupted(signal) => ClientError::ConnectInterrupted {
+                device: name.clone(),
+                signal,
+            },
         })?;
         Self::from_stream(stream, name, timeout)
     }

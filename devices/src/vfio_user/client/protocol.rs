@@ -455,9 +455,9 @@ impl Client {
             size,
         };
         // The reply echoes the request; its content tells nothing new, so it is not checked.
-        // The window stays until then: the server may finish DMA in flight before it replies.
-        self.conn.request(op, cmd::DMA_UNMAP, &req.encode(), &[])?;
-        self.dma.remove(iova, size);
+        // The window stays until then (the server may finish DMA in flight before it replies)
+        // and no longer: the reader thread drops it as it reads the reply.
+        self.conn.request_unmap(op, &req.encode(), iova, size)?;
         Ok(())
     }
 

@@ -42,6 +42,7 @@ fn the_defaults_are_the_documented_limits() {
     assert_eq!(d.message_timeout, MESSAGE_TIMEOUT);
     assert_eq!(d.max_dma_regions, 65536);
     assert_eq!(d.max_dma_regions, MAX_DMA_REGIONS);
+    assert_eq!(d.reply_timeout, Duration::from_secs(10));
 }
 
 #[test]

@@ -16,7 +16,10 @@ mod socket;
 pub use capabilities::{Capabilities, DEFAULT_MAX_DMA_MAPS};
 pub use messages::{DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, Version};
 pub use region::{encode_sparse_mmap, find_sparse_mmap, RegionAccess, RegionInfoMsg};
-pub use socket::{recv_message, recv_message_with, send_message, Message, RecvError, RecvLimits};
+pub use socket::{
+    recv_message, recv_message_with, send_message, send_message_until, Message, RecvError,
+    RecvLimits, SendError, SendLimits,
+};
 
 /// Bytes in a message header.
 pub const HEADER_SIZE: usize = 16;

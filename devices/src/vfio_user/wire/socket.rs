@@ -3,7 +3,7 @@
 
 use std::io;
 use std::mem::size_of;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -295,9 +295,174 @@ pub fn send_message(
     Ok(())
 }
 
-/// Writes all of `buf` with MSG_NOSIGNAL, so a vanished peer is EPIPE and not a SIGPIPE.
-fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
-    while !buf.is_empty() {
+/// How long a peer may leave a message of ours unread, and what ends the wait early.
+#[derive(Clone, Copy, Debug)]
+pub struct SendLimits<'a> {
+    /// The whole message must be in the socket within this time of the first try.
+    pub timeout: Duration,
+    /// Readable (an eventfd, a pipe): stop waiting at once.
+    pub stop: Option<BorrowedFd<'a>>,
+}
+
+/// Why a message could not be sent within its [`SendLimits`].
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    #[error("sending: {0}")]
+    Io(#[source] io::Error),
+    /// The peer does not read: what was sent of the message is in the stream, so it cannot be
+    /// followed any further.
+    #[error(
+        "the peer does not read: {sent} of the {total} bytes of a message could be sent in \
+         {waited:?}, so the message is abandoned"
+    )]
+    Stalled {
+        sent: usize,
+        total: usize,
+        waited: Duration,
+    },
+    /// The stop fd became readable while the peer was not reading.
+    #[error("asked to stop while the peer was not reading")]
+    Stopped,
+}
+
+/// Like [`send_message`], for a peer that may never read: gives up after `limits.timeout` or
+/// as soon as `limits.stop` becomes readable. Nothing blocks: each piece is sent with
+/// MSG_DONTWAIT once `poll` says there is room, so no socket option (and no system call a
+/// filtered server thread lacks) is needed.
+pub fn send_message_until(
+    sock: &UnixStream,
+    header: &Header,
+    payload: &[u8],
+    fds: &[RawFd],
+    limits: SendLimits<'_>,
+) -> Result<(), SendError> {
+    let hb = header.encode();
+    let total = hb.len() + payload.len();
+    let started = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        wait_writable(sock, limits, started, sent, total)?;
+        let parts: [&[u8]; 2] = match sent.checked_sub(hb.len()) {
+            None => [&hb[sent..], payload],
+            Some(at) => [&payload[at..], &[]],
+        };
+        // The fds go with the first byte; until one went out, they did not either.
+        let with = if sent == 0 { fds } else { &[] };
+        match send_nowait(sock, &parts, with) {
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(SendError::Io(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `sock` has room (or is in error: the send says which), within the deadline
+/// and unless `limits.stop` becomes readable first.
+fn wait_writable(
+    sock: &UnixStream,
+    limits: SendLimits<'_>,
+    started: Instant,
+    sent: usize,
+    total: usize,
+) -> Result<(), SendError> {
+    let mut fds = [
+        libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: limits.stop.map_or(-1, |f| f.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        let waited = started.elapsed();
+        let left = limits.timeout.saturating_sub(waited);
+        if left.is_zero() {
+            return Err(SendError::Stalled {
+                sent,
+                total,
+                waited,
+            });
+        }
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+        // SAFETY: `fds` is a valid array of two pollfds for the duration of the call (poll
+        // skips the one with fd -1).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(SendError::Io(e));
+        }
+        if fds[1].revents != 0 {
+            return Err(SendError::Stopped);
+        }
+        if fds[0].revents != 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// One `sendmsg` of `parts` with `fds`, MSG_DONTWAIT | MSG_NOSIGNAL (EINTR retried): how many
+/// bytes went; WouldBlock when none could.
+fn send_nowait(sock: &UnixStream, parts: &[&[u8]; 2], fds: &[RawFd]) -> io::Result<usize> {
+    if fds.len() > MAX_FDS {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut iov = parts.map(|p| libc::iovec {
+        iov_base: p.as_ptr() as *mut libc::c_void,
+        iov_len: p.len(),
+    });
+    let mut control = ControlBuf([0; 512]);
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = iov.len();
+    if !fds.is_empty() {
+        let bytes = std::mem::size_of_val(fds);
+        // SAFETY: CMSG_SPACE only computes a size.
+        let space = unsafe { libc::CMSG_SPACE(bytes as u32) } as usize;
+        debug_assert!(space <= control.0.len());
+        msg.msg_control = control.0.as_mut_ptr().cast();
+        msg.msg_controllen = space;
+        // SAFETY: the control buffer holds `space` bytes, room for one header and `fds`
+        // (at most MAX_FDS, checked above); CMSG_FIRSTHDR points at its start.
+        unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as usize;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(c), bytes);
+        }
+    }
+    loop {
+        // SAFETY: `msg` points at `iov` (the caller's buffers, readable for their lengths)
+        // and at `control`; all outlive the call.
+        let n = unsafe {
+            libc::sendmsg(
+                sock.as_raw_fd(),
+                &msg,
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// One `send` of some of `buf` with MSG_NOSIGNAL (EINTR retried): how many bytes went.
+fn send_some(sock: &UnixStream, buf: &[u8]) -> io::Result<usize> {
+    loop {
         // SAFETY: `buf` is valid for reads of `buf.len()` bytes for the duration of the call.
         let n = unsafe {
             libc::send(
@@ -307,12 +472,8 @@ fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
                 libc::MSG_NOSIGNAL,
             )
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return Err(e);
+        if n > 0 {
+            return Ok(n as usize);
         }
         if n == 0 {
             return Err(io::Error::new(
@@ -320,7 +481,18 @@ fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
                 "send wrote nothing",
             ));
         }
-        buf = &buf[n as usize..];
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Writes all of `buf` with MSG_NOSIGNAL, so a vanished peer is EPIPE and not a SIGPIPE.
+fn send_all(sock: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        let n = send_some(sock, buf)?;
+        buf = &buf[n..];
     }
     Ok(())
 }
