@@ -251,7 +251,7 @@ fn an_error_reply_fails_its_request_keeps_the_connection_and_fails_the_passthrou
     let failures = failures.lock().unwrap().clone();
     assert_eq!(failures.len(), 1, "{failures:?}");
     assert!(
-        failures[0].contains("the server refused") && failures[0].contains("errno 22"),
+        failures[0].contains("the server refused") && failures[0].contains("(os error 22)"),
         "{failures:?}"
     );
     // The connection is still up: the reply was an answer, not a broken stream.
