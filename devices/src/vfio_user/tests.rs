@@ -313,15 +313,7 @@ fn dma_map_without_an_fd_is_refused() {
         serve(b, &mut dev, server_regions)
     });
     let raw = RawPeer { s: a };
-    let v = Version {
-        major: 0,
-        minor: 1,
-        json: String::new(),
-    }
-    .encode();
-    raw.send(Header::command(1, cmd::VERSION, v.len()), &v);
-    let reply = raw.recv();
-    assert!(!reply.header.is_error());
+    raw.negotiate();
     let map = wire::DmaMap {
         flags: 3,
         offset: 0,
@@ -481,6 +473,18 @@ impl RawPeer {
 
     fn send_raw(&self, bytes: &[u8]) {
         (&self.s).write_all(bytes).expect("raw peer: sending");
+    }
+
+    /// Negotiates as a client that states no capabilities, and checks the server agreed.
+    fn negotiate(&self) {
+        let v = Version {
+            major: 0,
+            minor: 1,
+            json: String::new(),
+        }
+        .encode();
+        self.send(Header::command(1, cmd::VERSION, v.len()), &v);
+        assert!(!self.recv().header.is_error());
     }
 
     fn answer_version(&self) {

@@ -24,17 +24,6 @@ fn limited_server(limits: ServerLimits) -> (UnixStream, mpsc::Receiver<Result<()
     (a, rx)
 }
 
-fn negotiate(raw: &RawPeer) {
-    let v = Version {
-        major: 0,
-        minor: 1,
-        json: String::new(),
-    }
-    .encode();
-    raw.send(Header::command(1, cmd::VERSION, v.len()), &v);
-    assert!(!raw.recv().header.is_error());
-}
-
 #[test]
 fn the_defaults_are_the_documented_limits() {
     let d = ServerLimits::default();
@@ -54,7 +43,7 @@ fn a_client_silent_mid_message_is_dropped_within_the_timeout() {
     };
     let (a, served) = limited_server(limits);
     let raw = RawPeer { s: a };
-    negotiate(&raw);
+    raw.negotiate();
     // Idle between messages, for longer than the timeout: still served.
     std::thread::sleep(TIMEOUT * 2);
     assert!(served.try_recv().is_err(), "an idle client was dropped");
@@ -92,7 +81,7 @@ fn a_client_silent_mid_payload_is_dropped_too() {
     };
     let (a, served) = limited_server(limits);
     let raw = RawPeer { s: a };
-    negotiate(&raw);
+    raw.negotiate();
     // A REGION_WRITE announcing 4 data bytes that never come.
     raw.send_raw(&Header::command(2, cmd::REGION_WRITE, 20).encode());
     raw.send_raw(&[0; 16]);
@@ -178,7 +167,7 @@ fn fds_beyond_what_a_message_may_carry_are_refused_and_closed() {
     let name = "server-extra-fds";
     let (a, served) = limited_server(ServerLimits::default());
     let raw = RawPeer { s: a };
-    negotiate(&raw);
+    raw.negotiate();
     let marked = named_memfd(name);
     let fd = marked.as_raw_fd();
     let ram = some_memfd();
@@ -242,7 +231,7 @@ fn fds_beyond_what_a_message_may_carry_are_refused_and_closed() {
 fn an_oversized_message_gets_an_error_reply_and_ends_the_connection() {
     let (a, served) = limited_server(ServerLimits::default());
     let raw = RawPeer { s: a };
-    negotiate(&raw);
+    raw.negotiate();
     let mut h = Header::command(9, cmd::REGION_WRITE, 0);
     h.size = u32::MAX;
     raw.send_raw(&h.encode());

@@ -95,14 +95,7 @@ fn a_client_that_never_reads_is_dropped_within_the_reply_timeout() {
         ));
     });
     let raw = RawPeer { s: a };
-    let v = Version {
-        major: 0,
-        minor: 1,
-        json: String::new(),
-    }
-    .encode();
-    raw.send(Header::command(1, cmd::VERSION, v.len()), &v);
-    assert!(!raw.recv().header.is_error());
+    raw.negotiate();
     let why = flood_without_reading(&raw.s);
     assert!(
         stuck(why) || why == ErrorKind::BrokenPipe || why == ErrorKind::ConnectionReset,
@@ -127,14 +120,7 @@ fn sigterm_ends_an_epf_server_whose_client_never_reads_within_a_second() {
     let raw = RawPeer {
         s: UnixStream::connect(&path).unwrap(),
     };
-    let v = Version {
-        major: 0,
-        minor: 1,
-        json: String::new(),
-    }
-    .encode();
-    raw.send(Header::command(1, cmd::VERSION, v.len()), &v);
-    assert!(!raw.recv().header.is_error());
+    raw.negotiate();
     let why = flood_without_reading(&raw.s);
     assert!(stuck(why), "the server never stopped reading: {why:?}");
     let (tx, done) = mpsc::channel();
