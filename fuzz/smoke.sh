@@ -13,7 +13,12 @@ secs=${1:-20}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^vmm-fuzz$')
+    mapfile -t targets < <(sed -n 's/^name = "\(.*\)"$/\1/p' Cargo.toml | grep -v '^vmm-fuzz$' || true)
+fi
+# A smoke run that fuzzes nothing must not pass: no target found is a failure, not a success.
+if [ ${#targets[@]} -eq 0 ]; then
+    echo "smoke.sh: no fuzz target in fuzz/Cargo.toml (its [[bin]] sections' names): nothing to run" >&2
+    exit 1
 fi
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then
