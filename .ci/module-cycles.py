@@ -100,22 +100,27 @@ def crate_graph(src):
         files[module_of(rel)] = (f, strip(f.read_text()))
     modules = set(files)
 
-    def resolve(cur, segs):
-        """The module a path from module `cur` names, following re-exports; None if external."""
+    def absolute(cur, segs):
+        """A path as written in module `cur`, from the crate root; None if external."""
         if not segs:
             return None
         if segs[0] == "crate":
-            path = list(segs[1:])
-        elif segs[0] in ("super", "self"):
+            return list(segs[1:])
+        if segs[0] in ("super", "self"):
             base = list(cur)
             while segs and segs[0] in ("super", "self"):
                 if segs[0] == "super":
                     base = base[:-1]
                 segs = segs[1:]
-            path = base + list(segs)
-        elif tuple(cur) + (segs[0],) in modules:
-            path = list(cur) + list(segs)
-        else:
+            return base + list(segs)
+        if tuple(cur) + (segs[0],) in modules:
+            return list(cur) + list(segs)
+        return None
+
+    def resolve(cur, segs):
+        """The module a path from module `cur` names, following re-exports; None if external."""
+        path = absolute(cur, segs)
+        if path is None:
             return None
         for _ in range(8):  # re-export chains are short; stop on a loop
             k = len(path)
@@ -139,18 +144,7 @@ def crate_graph(src):
                 name = segs[-1]
                 if name in ("*", "self"):
                     continue
-                full = None
-                if segs[0] == "crate":
-                    full = segs[1:]
-                elif segs[0] in ("super", "self"):
-                    base = list(mod)
-                    s = segs
-                    while s and s[0] in ("super", "self"):
-                        base = base[:-1] if s[0] == "super" else base
-                        s = s[1:]
-                    full = base + s
-                elif mod + (segs[0],) in modules:
-                    full = list(mod) + segs
+                full = absolute(mod, segs)
                 if full:
                     reexports.setdefault(mod, {})[name] = list(full)
 
