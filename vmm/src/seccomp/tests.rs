@@ -181,3 +181,36 @@ fn the_summary_counts_every_kind() {
         assert!(calls > 10, "{kind:?}: {calls}");
     }
 }
+
+/// A fault on a filtered thread must still end the process: std's handler puts the default
+/// SIGSEGV/SIGBUS action back and returns, so the fault repeats and kills. A list without
+/// that rt_sigaction would make the handler trap, return and fault again, forever.
+#[test]
+fn every_kind_may_put_the_default_fault_actions_back() {
+    for kind in ThreadKind::ALL {
+        let l = kind.allow_list();
+        for sig in [libc::SIGSEGV, libc::SIGBUS] {
+            assert!(
+                l.allows(libc::SYS_rt_sigaction, &args(&[sig as u64])),
+                "{}: rt_sigaction({sig})",
+                kind.name()
+            );
+        }
+        assert!(!l.allows(libc::SYS_rt_sigaction, &args(&[libc::SIGUSR1 as u64])));
+    }
+}
+
+/// docs/reliability.md gives each list's size in its seccomp row: a list that grows or shrinks
+/// fails here until the row says so too.
+#[test]
+fn the_reliability_doc_gives_each_lists_size() {
+    let doc = include_str!("../../../docs/reliability.md");
+    let row = doc
+        .lines()
+        .find(|l| l.starts_with("| seccomp"))
+        .expect("docs/reliability.md has a seccomp row");
+    for (kind, calls, ioctls) in summary() {
+        let said = format!("{}: {calls} calls, {ioctls} ioctls", kind.name());
+        assert!(row.contains(&said), "the seccomp row does not say {said:?}");
+    }
+}
