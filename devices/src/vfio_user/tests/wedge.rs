@@ -1,6 +1,6 @@
 //! A peer cannot wedge the other side, nor reach memory it gave back: the client's connect
-//! has a deadline, the server's replies a send deadline, and a DMA_UNMAP's window is gone
-//! once its reply is read.
+//! has a deadline, the server's replies and the client's requests a send deadline, and a
+//! DMA_UNMAP's window is gone once its reply is read.
 
 use std::sync::mpsc;
 
@@ -245,4 +245,42 @@ fn an_error_reply_fails_its_request_keeps_the_connection_and_fails_the_passthrou
     drop(dev);
     drop(client);
     assert!(rig.server.join().unwrap().is_ok());
+}
+
+/// A server that stops reading cannot hold a request forever either: the send waits at most
+/// the request timeout for room, then the connection is broken and every later request fails
+/// at once.
+#[test]
+fn a_server_that_never_reads_fails_the_send_within_the_request_timeout() {
+    let (release, hold) = mpsc::channel::<()>();
+    // Connected, answering nothing and reading nothing until the test is done.
+    let (client, fake) = fake_server(SHORT, move |p| {
+        let _ = hold.recv();
+        drop(p);
+    });
+    // More than a socketpair's buffer holds: the send must wait for room. On another thread,
+    // so that a send that never returns fails the test instead of hanging it.
+    let client = Arc::new(client);
+    let (tx, sent) = mpsc::channel();
+    let writer = client.clone();
+    let t = Instant::now();
+    std::thread::spawn(move || {
+        let data = vec![0u8; wire::MAX_DATA_XFER];
+        let _ = tx.send(writer.region_write(region::BAR0, 0, &data));
+    });
+    let result = sent
+        .recv_timeout(LONG)
+        .expect("the send still waits for a server that does not read");
+    let waited = t.elapsed();
+    let err = result.unwrap_err();
+    assert!(matches!(err, ClientError::Send { .. }), "{err:?}");
+    assert!(err.to_string().contains("sending the request"), "{err}");
+    assert!(waited >= SHORT && waited < PROMPT, "waited {waited:?}");
+    let t = Instant::now();
+    let later = client.device_info().unwrap_err();
+    assert!(t.elapsed() < SHORT / 2, "took {:?}", t.elapsed());
+    assert!(matches!(later, ClientError::Broken { .. }), "{later}");
+    release.send(()).unwrap();
+    drop(client);
+    fake.join().unwrap();
 }
