@@ -1,7 +1,7 @@
 //! Guest RAM is sealed against shrinking and growing before any of it reaches a device
 //! server: every guest-RAM memfd of a paused run carries the seals (in the VMM and in the
 //! server that mapped it), and a server that tries to truncate the files it receives fails
-//! while the guest runs to its end.
+//! while the guest runs to its end; one that keeps them past the run keeps only zeroes.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -214,5 +214,71 @@ fn a_dma_map_of_an_unsealed_or_too_small_file_is_refused_and_vmm_exits_2_naming_
             .rfind(|l| l.contains("DMA_MAP requests from"))
             .unwrap();
         assert_eq!(common::server_counts(end).2, 0, "{end}");
+    }
+}
+
+/// The distinct files (by inode) among `fds`.
+fn distinct_files(fds: Vec<OwnedFd>) -> Vec<std::fs::File> {
+    let mut seen = std::collections::HashSet::new();
+    fds.into_iter()
+        .map(std::fs::File::from)
+        .filter(|f| {
+            use std::os::unix::fs::MetadataExt;
+            seen.insert(f.metadata().unwrap().ino())
+        })
+        .collect()
+}
+
+/// A peer cannot be made to give back a file it was sent. What `vmm run` can do, it does: at
+/// its end every page of guest RAM's files is punched out, so a server that kept them (past
+/// DMA_UNMAP, past the run) keeps only zeroes, not the guest's memory.
+#[test]
+fn a_server_that_keeps_the_files_it_received_finds_only_zeroes_after_the_run() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, front) = (dir.path().join("epf.sock"), dir.path().join("proxy.sock"));
+    let server = vmm()
+        .args(["device", "epf", "--socket"])
+        .arg(&upstream)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    common::wait_for_socket(&upstream, "the epf server");
+    let listener = UnixListener::bind(&front).unwrap();
+    // The hostile part: a copy of every file a DMA_MAP carries, kept after the run.
+    let keep = |msg: &mut wire::Message| -> Vec<OwnedFd> {
+        msg.fds.iter().map(|f| f.try_clone().unwrap()).collect()
+    };
+    let proxy = std::thread::spawn(move || proxy(listener, upstream, keep));
+    let (out, _) = run_with_report(&["--user-device", front.to_str().unwrap(), "--memory", "512M"]);
+    let serial = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{serial}\n{}",
+        common::stderr(&out)
+    );
+    assert!(serial.contains(DMA_OK_PREFIX), "{serial}");
+    let mut server = server;
+    assert!(server.wait().unwrap().success());
+
+    let kept = distinct_files(proxy.join().unwrap().into_iter().flatten().collect());
+    assert!(!kept.is_empty(), "no DMA_MAP carried a file");
+    let mut buf = vec![0u8; 1 << 20];
+    for file in &kept {
+        let len = file.metadata().unwrap().len();
+        assert!(len > 0);
+        let mut at = 0;
+        while at < len {
+            let n = file.read_at(&mut buf, at).unwrap();
+            assert!(n > 0, "short file at {at:#x} of {len:#x}");
+            let nonzero = buf[..n].iter().position(|&b| b != 0);
+            assert!(
+                nonzero.is_none(),
+                "guest RAM left in a file the server kept, at {:#x}",
+                at + nonzero.unwrap() as u64
+            );
+            at += n as u64;
+        }
     }
 }
