@@ -377,3 +377,36 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
         seccomp: args.seccomp.clone(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+    use crate::cli::{Cli, Command};
+
+    /// docs/reliability.md's console bounds, as `vmm run` sets them when not told otherwise:
+    /// a 1 MiB ring between the UART and stdout, a 64 MiB cap on `--serial-log`.
+    #[test]
+    fn the_console_is_bounded_by_default() {
+        let cli = Cli::try_parse_from([
+            "vmm",
+            "run",
+            "--user-device",
+            "none",
+            "--serial-log",
+            "serial.log",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not `vmm run`");
+        };
+        let cfg = config(&args).unwrap();
+        assert_eq!(cfg.serial_buffer, 1 << 20);
+        assert!(
+            matches!(cfg.serial_out, SerialOut::File { max, .. } if max == 64 << 20),
+            "{:?}",
+            cfg.serial_out
+        );
+    }
+}
