@@ -386,7 +386,9 @@ fn each_zones_helpers_fill_only_its_chunks_pinned_to_its_cpus() {
 
 #[test]
 fn with_fewer_threads_than_zones_helpers_take_turns_and_repin() {
-    let (spec, zones) = small(&[32 * MIB; 4], &[NODE0, &[], NODE2, NODE3], ALL);
+    // The memory-only zone's turn comes last, to a helper pinned to another zone before:
+    // it must go back to the caller's CPUs.
+    let (spec, zones) = small(&[32 * MIB; 4], &[NODE0, NODE2, NODE3, &[]], ALL);
     let (plan, fillers, stats) =
         run_and_check(&spec, &zones, &caps(None, Some(2), 16), pretend, false);
     assert_eq!(plan.threads, 2);
