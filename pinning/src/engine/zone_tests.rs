@@ -114,9 +114,12 @@ fn asymmetric_nodes_give_the_larger_one_what_the_smaller_cannot_take() {
 
 #[test]
 fn when_every_zone_is_at_its_own_limit_the_job_says_so() {
-    let (spec, zones) = job(&[8 * GIB, 8 * GIB], &[&[0], &[1]], ALL);
+    let (spec, mut zones) = job(&[8 * GIB, 8 * GIB], &[&[0], &[1]], ALL);
+    // A CPU named twice is one CPU.
+    zones[0].cpus = vec![0, 0, 0];
     let plan = spec.plan_zoned(&caps(Some(8), None, 16), &zones).unwrap();
     assert_eq!((plan.threads, plan.decided_by), (2, DecidedBy::ZoneCpus));
+    assert_eq!(plan.zones[0].cpus, [0]);
     // A zone of one chunk takes one thread, whatever its CPUs.
     let (spec, zones) = job(&[8 * GIB, 128 * MIB], &[NODE0, NODE1], ALL);
     let plan = spec.plan_zoned(&caps(Some(8), None, 16), &zones).unwrap();

@@ -18,7 +18,7 @@ use std::ops::Range;
 
 use super::plan::{DecidedBy, JobSpec, JobZone, Plan, SpecError, ThreadCaps, ZonePlan};
 
-impl JobZone {
+impl ZonePlan {
     fn cpu_cap(&self) -> usize {
         if self.cpus.is_empty() {
             usize::MAX
@@ -122,19 +122,21 @@ impl JobSpec {
             plan.zones[0].decided_by = plan.decided_by;
             return Ok(plan);
         }
-        split(&mut plan, zones);
+        split(&mut plan);
         Ok(plan)
     }
 }
 
 /// Splits `plan.threads` across its zones and fills in the seats (see the module's doc).
-fn split(plan: &mut Plan, zones: &[JobZone]) {
+fn split(plan: &mut Plan) {
     let budget = plan.threads;
-    let working: Vec<usize> = (0..zones.len())
+    let working: Vec<usize> = (0..plan.zones.len())
         .filter(|&z| !plan.zones[z].chunks.is_empty())
         .collect();
-    let caps: Vec<usize> = (0..zones.len())
-        .map(|z| zones[z].cpu_cap().min(plan.zones[z].chunks.len()))
+    let caps: Vec<usize> = plan
+        .zones
+        .iter()
+        .map(|z| z.cpu_cap().min(z.chunks.len()))
         .collect();
     if budget < working.len() {
         // Turns: the largest zones first, so the last turn is a short one.
@@ -171,14 +173,14 @@ fn split(plan: &mut Plan, zones: &[JobZone]) {
         // On a tie the zone's own limit is named: it would hold with any budget.
         zone.decided_by = if zone.threads < caps[z] {
             plan.decided_by
-        } else if zones[z].cpu_cap() <= zone.chunks.len() {
+        } else if zone.cpu_cap() <= zone.chunks.len() {
             DecidedBy::ZoneCpus
         } else {
             DecidedBy::MinChunk
         };
         seats.extend(std::iter::repeat_n(z, zone.threads));
     }
-    if seats.len() < budget {
+    if seats.len() < budget && !seats.is_empty() {
         // Every zone is at its own limit, so that is what bounds the job.
         plan.decided_by = if plan
             .zones
