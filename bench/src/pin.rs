@@ -181,6 +181,7 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
                 threads,
                 min_chunk: args.min_chunk,
                 progress: !args.json,
+                zones: Vec::new(),
             };
             let pinner = Pinner::new(backend.clone(), limits.clone(), options);
             let pinned = pinner.pin(mem.ram.clone(), cancel)?;

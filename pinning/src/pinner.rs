@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use error::PinError;
-pub use options::{PinOptions, ThreadRequest};
+pub use options::{PinOptions, PinZone, ThreadRequest};
 use pinned::end;
 pub use pinned::{PinStats, Pinned, UnpinStats};
 use work::{MapWork, PopulateWork, WorkError};
@@ -23,7 +23,7 @@ use crate::admission;
 use crate::backend::{BackendInfo, PinBackend};
 use crate::cancel::{CancelReason, CancelToken};
 use crate::engine::stats::gibps;
-use crate::engine::{self, JobError, JobSpec, Undone};
+use crate::engine::{self, JobError, JobSpec, JobZone, Undone};
 use crate::limits::Limits;
 use crate::procfs::ProcStatus;
 use crate::progress::Progress;
@@ -78,10 +78,10 @@ impl Pinner {
     /// The serial map phase of type1: large chunks, few mappings, below the entry limit.
     fn serial_map_spec(&self, ram: &GuestRam) -> JobSpec {
         let budget = self.info.max_mappings.unwrap_or(u64::MAX);
-        // Each chunk is one mapping, and each region boundary can split one chunk in two;
-        // keep half the budget for other users of the container.
+        // Each chunk is one mapping, and each region or zone boundary can split one chunk in
+        // two; keep half the budget for other users of the container.
         let per = (budget / 2)
-            .saturating_sub(ram.regions().len() as u64)
+            .saturating_sub(ram.regions().len() as u64 + self.options.zones.len() as u64)
             .max(1);
         JobSpec {
             start: 0,
@@ -91,6 +91,40 @@ impl Pinner {
             max_threads: 1,
             cuts: ram.region_cuts(),
         }
+    }
+
+    /// The zones of the options as parts of the job (offsets into `ram`), warning about each
+    /// one on a host node whose helpers can run anywhere: a node with no CPUs of its own
+    /// (memory only, as CXL memory is) or none within the process's affinity.
+    fn job_zones(&self, ram: &GuestRam) -> Result<Vec<JobZone>, PinError> {
+        let mut zones = Vec::with_capacity(self.options.zones.len());
+        for zone in &self.options.zones {
+            let mut ranges = Vec::new();
+            for guest in &zone.ranges {
+                let linear = ram.linear_ranges(guest.clone());
+                let held: u64 = linear.iter().map(|r| r.end - r.start).sum();
+                if held != guest.end.saturating_sub(guest.start) {
+                    return Err(PinError::ZoneOutsideRam {
+                        id: zone.id.clone(),
+                        start: guest.start,
+                        end: guest.end,
+                    });
+                }
+                ranges.extend(linear);
+            }
+            if let (Some(node), true) = (zone.host_numa_node, zone.cpus.is_empty()) {
+                tracing::warn!(
+                    "memory zone `{}` is on host node {node}, which has no CPU this process may run on; its pinning helpers run on any CPU the process may use",
+                    zone.id
+                );
+            }
+            zones.push(JobZone {
+                id: zone.id.clone(),
+                ranges,
+                cpus: zone.cpus.clone(),
+            });
+        }
+        Ok(zones)
     }
 
     /// Pins all of `ram`. On any error or cancellation nothing stays mapped or locked.
@@ -105,14 +139,27 @@ impl Pinner {
         )?;
         let started = Instant::now();
         let caps = self.limits.thread_caps(self.requested());
+        // Both jobs are planned before anything begins, so bad zones leave nothing to undo.
+        let zones = self.job_zones(&ram)?;
+        let plan = |spec: JobSpec| match spec.plan_zoned(&caps, &zones) {
+            Ok(plan) => Ok((spec, plan)),
+            Err(e) => Err(PinError::Engine(e.to_string())),
+        };
+        let populate_job = match info.populate_first {
+            true => Some(plan(self.parallel_spec(&ram))?),
+            false => None,
+        };
+        let (spec, plan) = plan(if info.populate_first {
+            self.serial_map_spec(&ram)
+        } else {
+            self.parallel_spec(&ram)
+        })?;
         backend.begin(&ram).map_err(|source| PinError::Begin {
             backend: info.kind,
             source,
         })?;
         let mut populate_stats = None;
-        if info.populate_first {
-            let spec = self.parallel_spec(&ram);
-            let plan = spec.plan(&caps);
+        if let Some((spec, plan)) = populate_job {
             let progress = Progress::start("populating guest RAM", size, self.options.progress);
             let work = PopulateWork {
                 ram: &ram,
@@ -124,12 +171,6 @@ impl Pinner {
                 Err(e) => return Err(self.job_error(e, &ram, Undone::default(), cancel)),
             }
         }
-        let spec = if info.populate_first {
-            self.serial_map_spec(&ram)
-        } else {
-            self.parallel_spec(&ram)
-        };
-        let plan = spec.plan(&caps);
         let progress = Progress::start("pinning guest RAM", size, self.options.progress);
         let populate = info.populates && !info.populate_first;
         let rollbacks = Mutex::new(Undone::default());
@@ -164,6 +205,7 @@ impl Pinner {
             bytes: size,
             elapsed_ms: ms(elapsed),
             gibps: gibps(size, elapsed),
+            zones: headline.zones.clone(),
             populate: populate_stats,
             map: done.stats,
         };

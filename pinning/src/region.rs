@@ -167,6 +167,20 @@ impl GuestRam {
         cuts
     }
 
+    /// The linear ranges that hold the RAM among guest addresses `guest`, in order; bytes
+    /// of it that are not RAM are in none of them.
+    pub fn linear_ranges(&self, guest: Range<u64>) -> Vec<Range<u64>> {
+        self.regions
+            .iter()
+            .zip(&self.offsets)
+            .filter_map(|(r, &off)| {
+                let start = guest.start.max(r.guest_addr);
+                let end = guest.end.min(r.guest_addr.saturating_add(r.size));
+                (start < end).then(|| off + (start - r.guest_addr)..off + (end - r.guest_addr))
+            })
+            .collect()
+    }
+
     /// The pieces that make up the linear range `range`, in order.
     pub fn pieces(&self, range: Range<u64>) -> impl DoubleEndedIterator<Item = Piece> + '_ {
         self.regions

@@ -57,6 +57,22 @@ pub(crate) fn affinity_cpus() -> io::Result<Vec<usize>> {
         .collect())
 }
 
+/// Restricts the calling thread to `cpus` (`sched_setaffinity`). A CPU past the kernel's
+/// set size is refused here as the kernel refuses a CPU it does not have: `EINVAL`.
+pub(crate) fn set_affinity(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        // SAFETY: `cpu` is below CPU_SETSIZE, so inside `set`.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: the pointer and size describe `set`, which outlives the call.
+    check(unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) })
+}
+
 /// A resource limit: (soft, hard), `None` meaning unlimited.
 pub(crate) fn rlimit(
     resource: libc::__rlimit_resource_t,

@@ -34,7 +34,7 @@ pub fn parallel_for<T: Sync>(
             }
         }
     };
-    let crew = crew(threads.clamp(1, items.len()), label, &work, || {});
+    let crew = crew(threads.clamp(1, items.len()), true, label, &work, || {});
     if let Some(e) = crew.spawn_error {
         tracing::warn!(
             "could not start every {label} thread ({e}); {} threads do the work",
@@ -53,16 +53,19 @@ pub(super) struct Crew {
 }
 
 /// Runs `work` on the caller and on `threads - 1` helpers at nice 19, and returns once all
-/// have returned. `work` pulls its own items, so it is the same closure everywhere. If a
-/// helper cannot be started, `short_handed` runs before anyone starts and the crew goes on
-/// without it.
+/// have returned; or, unless `caller_works`, on `threads` helpers while the caller only
+/// waits (helpers that pin themselves to CPUs: the caller's own affinity must not change, as
+/// threads it starts later inherit it). `work` pulls its own items, so it is the same
+/// closure everywhere. If a helper cannot be started, `short_handed` runs before anyone
+/// starts and the crew goes on without it.
 pub(super) fn crew(
     threads: usize,
+    caller_works: bool,
     name: &str,
     work: &(dyn Fn() + Sync),
     short_handed: impl FnOnce(),
 ) -> Crew {
-    let helpers = threads.saturating_sub(1);
+    let helpers = threads.saturating_sub(usize::from(caller_works));
     let board = HelperBoard::new(helpers);
     std::thread::scope(|scope| {
         let mut spawned = 0;
@@ -97,9 +100,11 @@ pub(super) fn crew(
         // Every thread is created before any starts: thread stacks are mmaps, and mmap
         // contends with page faults on the mm lock, so spawning while others fault is slow.
         board.start();
-        work();
+        if caller_works {
+            work();
+        }
         Crew {
-            threads: spawned + 1,
+            threads: spawned + usize::from(caller_works),
             lending: board.lend_until_done(),
             spawn_error,
         }

@@ -16,9 +16,14 @@
 //! [`parallel_for`] runs teardown on the same kind of crew (the caller plus helpers at nice
 //! 19), with no cancellation: teardown always finishes, even past a panicking item.
 //!
+//! A job may be given zones (parts of it whose chunks must be filled from given CPUs, for
+//! NUMA placement): see `zones`, which splits the threads across them, and `run`, whose
+//! helpers then pin themselves to their zone's CPUs and take only its chunks.
+//!
 //! The parts, each importing only those above it in this list: `plan` (thread count and
-//! chunks), `stats` (what a finished job did), `work` (the `ChunkWork` contract and panics),
-//! `undo`, `crew` (the threads) and `run` (a job from start to its error or its stats).
+//! chunks), `zones` (the split across zones), `stats` (what a finished job did), `work` (the
+//! `ChunkWork` contract and panics), `undo`, `crew` (the threads) and `run` (a job from
+//! start to its error or its stats).
 
 mod crew;
 pub(crate) mod plan;
@@ -26,15 +31,18 @@ mod run;
 pub(crate) mod stats;
 mod undo;
 mod work;
+mod zones;
 
 pub use crew::parallel_for;
 pub(crate) use plan::DEFAULT_MIN_CHUNK;
-pub use plan::{DecidedBy, JobSpec, Plan, ThreadCaps};
+pub use plan::{DecidedBy, JobSpec, JobZone, Plan, ThreadCaps, ZonePlan};
 pub(crate) use run::{run_job, JobError};
-pub use stats::JobStats;
+pub use stats::{JobStats, ZoneStats};
 pub(crate) use undo::undo_chunk;
 pub use undo::Undone;
 pub(crate) use work::{lock, panic_message, ChunkWork};
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod zone_tests;

@@ -1,5 +1,6 @@
 //! The plan of a job: how many threads (and which limit decided it), how large a chunk, and
-//! the chunks themselves, cut so none splits a backing page or crosses a memory file's end.
+//! the chunks themselves, cut so none splits a backing page or crosses a memory file's end;
+//! and the shapes of a job's zones and their plans (`zones` splits the threads across them).
 //! The bottom of the engine: it imports nothing from the rest of it, so the job statistics
 //! can name `DecidedBy` without importing the engine that fills them in.
 
@@ -25,6 +26,36 @@ pub struct JobSpec {
     pub cuts: Vec<u64>,
 }
 
+/// A part of a job and the CPUs its helpers may run on.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct JobZone {
+    /// Names the zone in the stats.
+    pub id: String,
+    /// What it covers, in the job's space (that of `JobSpec::start`). The zones' ranges
+    /// together cover the job exactly once; their borders become chunk cuts.
+    pub ranges: Vec<Range<u64>>,
+    /// Where its helpers run, already within the process's affinity. Empty: anywhere the
+    /// process may run (no restriction, or a node with no CPUs of its own).
+    pub cpus: Vec<usize>,
+}
+
+/// How one zone's part of a job will run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZonePlan {
+    pub id: String,
+    /// Sorted, each once; empty: anywhere the process may run.
+    pub cpus: Vec<usize>,
+    /// Helpers that fill this zone (taking turns with other zones when `Plan::threads` is
+    /// smaller than the count of zones with work).
+    pub threads: usize,
+    /// What decided `threads`: the job's own cap, the zone's CPU count (`ZoneCpus`) or its
+    /// chunk count (`MinChunk`).
+    pub decided_by: DecidedBy,
+    pub bytes: u64,
+    /// The zone's queue: indices into the plan's chunks, in address order.
+    pub(crate) chunks: Vec<usize>,
+}
+
 /// Default smallest chunk: below this, starting a thread costs more than it saves.
 pub(crate) const DEFAULT_MIN_CHUNK: u64 = 128 * crate::MIB;
 
@@ -42,8 +73,10 @@ pub enum DecidedBy {
     Online,
     /// The work's own limit (a backend the kernel serialises).
     MaxThreads,
-    /// Too little work: `ceil(size / min_chunk)` chunks.
+    /// Too little work: `ceil(size / min_chunk)` chunks (for a zone: its chunks).
     MinChunk,
+    /// A zone's CPU count (its helpers run only there).
+    ZoneCpus,
 }
 
 impl DecidedBy {
@@ -55,6 +88,7 @@ impl DecidedBy {
             DecidedBy::Online => "online",
             DecidedBy::MaxThreads => "max_threads",
             DecidedBy::MinChunk => "min_chunk",
+            DecidedBy::ZoneCpus => "zone_cpus",
         }
     }
 }
@@ -85,6 +119,11 @@ pub struct Plan {
     pub chunks: u64,
     /// The chunks, in address order: the work loop hands out the next one.
     pub(crate) ranges: Vec<Range<u64>>,
+    /// The job's zones and how each runs ([`JobSpec::plan_zoned`]); empty without zones.
+    pub zones: Vec<ZonePlan>,
+    /// The zone each helper serves, taken in order; empty: one shared queue, as without
+    /// zones.
+    pub(crate) seats: Vec<usize>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -99,6 +138,8 @@ pub(crate) enum SpecError {
     Overflow { start: u64, size: u64 },
     #[error("the pinning job allows no thread to run on (max_threads is 0)")]
     NoThreads,
+    #[error("the pinning job's zones do not cover {start:#x}+{size:#x} exactly once (a gap or an overlap at {at:#x}): give every byte of the job to one zone")]
+    Zones { at: u64, start: u64, size: u64 },
     #[error("the pinning job's chunk cut at {cut:#x} is not after the previous cut and strictly inside the job {start:#x}+{size:#x}")]
     Cut { cut: u64, start: u64, size: u64 },
 }
@@ -167,25 +208,27 @@ impl JobSpec {
             });
         let share = self.size / (threads as u64 * 4);
         let chunk_size = round_up(share.max(min_chunk), self.align);
-        let ranges = self.chunk_ranges(chunk_size);
+        let ranges = self.chunk_ranges(chunk_size, &self.cuts);
         Plan {
             threads,
             decided_by,
             chunk_size,
             chunks: ranges.len() as u64,
             ranges,
+            zones: Vec::new(),
+            seats: Vec::new(),
         }
     }
 
-    /// Cuts every segment (the job split at `cuts`) every `chunk_size` from the segment's
+    /// Cuts every segment (the job split at `cuts`, sorted) every `chunk_size` from the segment's
     /// own start, so a cut never shifts the chunks of the segments after it off their page
     /// boundaries. Cuts out of order or outside the job are skipped here; `validate` refuses
     /// them before any work.
-    fn chunk_ranges(&self, chunk_size: u64) -> Vec<Range<u64>> {
+    pub(super) fn chunk_ranges(&self, chunk_size: u64, cuts: &[u64]) -> Vec<Range<u64>> {
         let end = self.start.saturating_add(self.size);
         let mut ranges = Vec::new();
         let mut segment = self.start;
-        for segment_end in self.cuts.iter().copied().chain([end]) {
+        for segment_end in cuts.iter().copied().chain([end]) {
             if segment_end <= segment || segment_end > end {
                 continue;
             }

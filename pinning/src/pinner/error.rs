@@ -38,8 +38,10 @@ pub enum PinError {
         reason: CancelReason,
         undone: Box<Undone>,
     },
-    /// A `JobError` the pinner has no variant for (a bad spec, a helper that would not
-    /// start), already a full message.
+    #[error("memory zone `{id}` covers guest addresses {start:#x}..{end:#x}, which are not all guest RAM: give each zone the RAM ranges of the layout")]
+    ZoneOutsideRam { id: String, start: u64, end: u64 },
+    /// A `JobError` the pinner has no variant for (a bad spec or zones, a helper that would
+    /// not start), already a full message.
     #[error("{0}")]
     Engine(String),
 }
@@ -55,6 +57,7 @@ impl Classify for PinError {
             | PinError::Begin { .. }
             | PinError::Failed { .. }
             | PinError::Panicked { .. }
+            | PinError::ZoneOutsideRam { .. }
             | PinError::Engine(_) => ErrorClass::Internal,
         }
     }

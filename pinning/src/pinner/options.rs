@@ -1,5 +1,7 @@
 //! What the caller asks of a pin: how many threads, how fine the chunks, whether to show
-//! progress.
+//! progress, and which parts of guest RAM to fill from which CPUs.
+
+use std::ops::Range;
 
 use crate::engine::DEFAULT_MIN_CHUNK;
 
@@ -43,12 +45,28 @@ impl std::fmt::Display for ThreadRequest {
     }
 }
 
+/// A part of guest RAM whose pinning helpers run on given CPUs: a memory zone, filled from
+/// its host node's CPUs so that first touch (and the DMA map) happens on that node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PinZone {
+    pub id: String,
+    /// Its guest-physical ranges. The zones of a pin hold all of guest RAM, each byte once.
+    pub ranges: Vec<Range<u64>>,
+    /// Its host node's CPUs, already within the process's affinity. Empty: anywhere the
+    /// process may run.
+    pub cpus: Vec<usize>,
+    /// The host node its memory is bound to, if any (for the warning when `cpus` is empty).
+    pub host_numa_node: Option<u32>,
+}
+
 #[derive(Clone, Debug)]
 pub struct PinOptions {
     pub threads: ThreadRequest,
     pub min_chunk: u64,
     /// Show a progress bar on a terminal for jobs over a second.
     pub progress: bool,
+    /// Empty: no zones, one shared queue of chunks for every helper.
+    pub zones: Vec<PinZone>,
 }
 
 impl Default for PinOptions {
@@ -57,6 +75,7 @@ impl Default for PinOptions {
             threads: ThreadRequest::Auto,
             min_chunk: DEFAULT_MIN_CHUNK,
             progress: true,
+            zones: Vec::new(),
         }
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use super::work::MapWork;
 use crate::backend::{BackendKind, PinBackend};
 use crate::cancel::CancelToken;
-use crate::engine::stats::{as_millis, JobStats};
+use crate::engine::stats::{as_millis, JobStats, ZoneStats};
 use crate::engine::{self, lock, DecidedBy, Undone};
 use crate::progress::Progress;
 use crate::region::GuestRam;
@@ -25,6 +25,10 @@ pub struct PinStats {
     pub bytes: u64,
     pub elapsed_ms: f64,
     pub gibps: f64,
+    /// Per memory zone, from the job that fills RAM (type1's populate, else the map); empty
+    /// without zones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<ZoneStats>,
     /// The parallel populate phase of type1, when there is one.
     pub populate: Option<JobStats>,
     pub map: JobStats,

@@ -51,6 +51,7 @@ fn options(threads: usize) -> PinOptions {
         threads: ThreadRequest::AtMost(threads),
         min_chunk: 4 * MIB,
         progress: false,
+        zones: Vec::new(),
     }
 }
 
@@ -756,3 +757,6 @@ fn thread_requests_are_bounded() {
 
 #[path = "panic_tests.rs"]
 mod panic_tests;
+
+#[path = "zone_tests.rs"]
+mod zone_tests;

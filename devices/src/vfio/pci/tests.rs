@@ -365,6 +365,7 @@ fn dma_reaches_exactly_what_the_pinning_engine_mapped_into_the_iommu() {
             threads: ThreadRequest::AtMost(2),
             min_chunk: 4 * MIB,
             progress: false,
+            zones: Vec::new(),
         },
     );
     let pinned = pinner.pin(ram.clone(), &CancelToken::new()).unwrap();
