@@ -28,6 +28,9 @@ const MPOL_MF_STRICT: libc::c_uint = 1;
 /// `MPOL_F_ADDR`: get_mempolicy reports the policy at an address, not the thread's.
 const MPOL_F_ADDR: libc::c_ulong = 2;
 
+/// `MPOL_F_MEMS_ALLOWED`: get_mempolicy reports the nodes the cpuset allows, as a mask.
+const MPOL_F_MEMS_ALLOWED: libc::c_ulong = 4;
+
 /// The largest node mask the kernel reads: a page of bits (`get_nodes` in mm/mempolicy.c).
 const MAX_MASK_BITS: u64 = 4096 * 8;
 
@@ -78,9 +81,21 @@ pub struct Policy {
     /// The nodes the policy names; `None` where it names none (default, local): any node
     /// the cpuset allows.
     pub nodes: Option<Vec<u32>>,
+    /// The mask as the kernel gave it.
+    #[serde(skip)]
+    mask: Vec<u64>,
 }
 
 impl Policy {
+    /// A policy of `mode` naming `nodes` (tests, and callers that know it).
+    pub fn new(mode: &'static str, nodes: Option<Vec<u32>>) -> Self {
+        Policy {
+            mode,
+            nodes,
+            mask: Vec::new(),
+        }
+    }
+
     /// This thread's policy; an error from get_mempolicy reads as the default (no nodes).
     pub fn current() -> Self {
         Self::get(0, 0).unwrap_or_else(|e| {
@@ -93,6 +108,14 @@ impl Policy {
     /// shared mapping, or the default when neither has one.
     pub fn at(addr: u64) -> io::Result<Self> {
         Self::get(addr, MPOL_F_ADDR)
+    }
+
+    /// The nodes this thread may allocate on at all (its cpuset's `mems_allowed`).
+    pub fn mems_allowed() -> io::Result<Vec<u32>> {
+        let p = Self::get(0, MPOL_F_MEMS_ALLOWED)?;
+        Ok(Self::from_raw(libc::MPOL_BIND, &p.mask)
+            .nodes
+            .unwrap_or_default())
     }
 
     fn get(addr: u64, flags: libc::c_ulong) -> io::Result<Self> {
@@ -113,7 +136,9 @@ impl Policy {
         if rc != 0 {
             return Err(io::Error::last_os_error());
         }
-        Ok(Self::from_raw(mode, &mask))
+        let mut p = Self::from_raw(mode, &mask);
+        p.mask = mask;
+        Ok(p)
     }
 
     fn from_raw(mode: libc::c_int, mask: &[u64]) -> Self {
@@ -137,7 +162,11 @@ impl Policy {
                 .map(|b| b as u32)
                 .collect()
         });
-        Policy { mode: name, nodes }
+        Policy {
+            mode: name,
+            nodes,
+            mask: Vec::new(),
+        }
     }
 
     /// As `numactl --show` words it: `bind 0,1`, `default`.
@@ -377,6 +406,7 @@ mod tests {
         assert_eq!(Policy::at(m.0).unwrap().mode, "default");
         bind(m.0, m.1, 0).unwrap();
         assert_eq!(Policy::at(m.0).unwrap().describe(), "bind 0");
+        assert!(Policy::mems_allowed().unwrap().contains(&0));
     }
 
     #[test]
