@@ -70,6 +70,27 @@ impl ZoneReport {
             .then(|| 100.0 * self.placement_on_node as f64 / self.placement_sampled as f64)
     }
 
+    /// The one warning a zone with pages off its nodes gets: how many, and where they are.
+    pub fn warning(&self) -> Option<String> {
+        let pct = self.percent_on_node().filter(|&p| p < 100.0)?;
+        let elsewhere = self.placement_sampled - self.placement_on_node;
+        let found = numa::Placement {
+            sampled: self.placement_sampled,
+            per_node: self.placement_per_node.clone(),
+            not_present: self.placement_not_present,
+        };
+        Some(format!(
+            "zone {}: {elsewhere} of {} sampled pages ({:.1}%) are not on node {} ({}); found: \
+             {}. The node may have run short of free memory (see `numastat -m`)",
+            self.id,
+            self.placement_sampled,
+            100.0 - pct,
+            numa::node_list(&self.placement_nodes),
+            self.placement_rule,
+            found.shares()
+        ))
+    }
+
     /// The summary line's text for this zone.
     pub fn describe(&self) -> String {
         let nodes = numa::node_list(&self.placement_nodes);
@@ -121,18 +142,8 @@ pub fn check(
                 placement_nodes: nodes,
                 placement_rule: rule,
             };
-            if let Some(pct) = report.percent_on_node().filter(|&pct| pct < 100.0) {
-                let elsewhere = report.placement_sampled - report.placement_on_node;
-                tracing::warn!(
-                    "zone {}: {elsewhere} of {} sampled pages ({:.1}%) are not on node {} ({}); \
-                     found: {}. The node may have run out of free memory (see numastat -m)",
-                    report.id,
-                    report.placement_sampled,
-                    100.0 - pct,
-                    numa::node_list(&report.placement_nodes),
-                    report.placement_rule,
-                    p.shares()
-                );
+            if let Some(w) = report.warning() {
+                tracing::warn!("{w}");
             }
             report
         })
@@ -209,11 +220,17 @@ mod tests {
         assert_eq!(r.placement_per_node, vec![(0, 32)]);
         assert_eq!(r.percent_on_node(), Some(0.0));
         assert!(r.describe().contains("(process policy bind 1)"), "{r:?}");
+        assert_eq!(
+            r.warning().unwrap(),
+            "zone ram: 32 of 32 sampled pages (100.0%) are not on node 1 (process policy bind 1); \
+             found: node 0 100.0%. The node may have run short of free memory (see `numastat -m`)"
+        );
         // The default policy: any node the cpuset allows.
         let default = Policy::new("default", None);
         let r = check(&m, &[Zone::all_ram(&layout, None)], &default, &[0]).remove(0);
         assert_eq!(r.placement_on_node, 32);
         assert_eq!(r.placement_rule, "process policy default, cpuset nodes 0");
+        assert_eq!(r.warning(), None);
     }
 
     #[test]
@@ -229,6 +246,7 @@ mod tests {
         .remove(0);
         assert_eq!(r.percent_on_node(), None);
         assert!(r.describe().contains("no page present to sample"), "{r:?}");
+        assert_eq!(r.warning(), None);
     }
 
     /// The cost the timeline's `placement` phase adds: 8 GiB populated (4 KiB and THP pages,
