@@ -49,7 +49,17 @@ fn probe_boots_with_one_cpu_and_256m_and_reports_every_phase() {
     );
     assert_eq!(
         phase_names(&r),
-        ["kvm", "memory", "devices", "pin", "load", "vcpus", "run", "exit"]
+        [
+            "kvm",
+            "memory",
+            "devices",
+            "pin",
+            "placement",
+            "load",
+            "vcpus",
+            "run",
+            "exit"
+        ]
     );
     let ready = r["guest"]["ready_ms"].as_f64().unwrap();
     let first = r["guest"]["first_output_ms"].as_f64().unwrap();

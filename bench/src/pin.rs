@@ -6,6 +6,9 @@
 //! machine memory touched for the first time since boot costs several times more.
 //! `memset` over already-resident memory is measured in the same process as the bandwidth
 //! ceiling any preparation could reach.
+//!
+//! `--host-numa-node N` binds each run's memory to host node N before it is touched, as
+//! `vmm run` binds a zone's; the report says where the last run's pages landed.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -16,7 +19,8 @@ use pinning::{
     ThreadRequest,
 };
 use serde::Serialize;
-use vmm::memory::{Backing, GuestMemory, MemoryError, MemorySpec, RamRange};
+use vmm::memory::numa::{self, Policy};
+use vmm::memory::{Backing, GuestMemory, MemoryError, MemorySpec, Placement, RamRange};
 use vmm::size::{human, parse_size};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -76,6 +80,10 @@ pub struct PinBenchArgs {
     /// Smallest chunk a thread takes.
     #[arg(long, value_parser = parse_size, default_value = "128M")]
     pub min_chunk: u64,
+    /// Bind the memory to this host NUMA node (MPOL_BIND) before it is touched; without it
+    /// the process's own policy places it (`numactl --membind=N vmm pin-bench ...`).
+    #[arg(long)]
+    pub host_numa_node: Option<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +114,11 @@ pub struct BenchReport {
     pub shards: u64,
     pub shard_bytes: u64,
     pub memset_gibps: f64,
+    /// `--host-numa-node`, and the process's policy, which places the memory without it.
+    pub host_numa_node: Option<u32>,
+    pub process_policy: Policy,
+    /// Where the last measured run's pages were, sampled once per 2 MiB before the undo.
+    pub placement: Placement,
     pub limits: Limits,
     pub results: Vec<BenchResult>,
 }
@@ -129,6 +142,10 @@ impl Classify for PinBenchError {
         }
     }
 }
+
+/// One placement sample per 2 MiB (a huge page), at most 64Ki of them (as `vmm run` samples).
+const PLACEMENT_STEP: u64 = 2 << 20;
+const PLACEMENT_SAMPLES: u64 = 1 << 16;
 
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
@@ -166,6 +183,7 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
     let spec = MemorySpec {
         backing: args.backing,
         shard_bytes: args.memory_shard,
+        host_numa_node: args.host_numa_node,
     };
     let ranges = [RamRange::at_zero(args.memory)];
     // Fail on bad input (sizes, shards, hugetlb reservations, host RAM) before measuring.
@@ -174,6 +192,7 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
     let backend = args.pin.backend();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); args.threads.len()];
     let mut seen = vec![(0usize, String::new(), 0u64); args.threads.len()];
+    let mut placement = Placement::default();
     for round in 0..(args.warmup + args.runs) {
         for (i, &threads) in args.threads.iter().enumerate() {
             let mem = GuestMemory::new(spec, &ranges)?;
@@ -190,6 +209,12 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
             seen[i] = (s.threads, s.decided_by.to_string(), s.chunks);
             if round >= args.warmup {
                 samples[i].push(s.gibps);
+                placement = mem
+                    .placement(&ranges, PLACEMENT_STEP, PLACEMENT_SAMPLES)
+                    .unwrap_or_else(|e| {
+                        tracing::warn!("sampling page placement: {e}");
+                        Placement::default()
+                    });
             }
             pinned.unpin();
             drop(mem);
@@ -221,9 +246,41 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
             0
         },
         memset_gibps: memset,
+        host_numa_node: args.host_numa_node,
+        process_policy: Policy::current(),
+        placement,
         limits,
         results,
     })
+}
+
+/// Where the pages landed: on the bound node, or on the nodes the process's policy names.
+fn placement_line(r: &BenchReport) -> String {
+    let p = &r.placement;
+    let (nodes, why) = match (r.host_numa_node, &r.process_policy.nodes) {
+        (Some(n), _) => (vec![n], format!("bound to node {n}")),
+        (None, Some(n)) => (
+            n.clone(),
+            format!("process policy {}", r.process_policy.describe()),
+        ),
+        (None, None) => {
+            let shares = p.shares();
+            return format!(
+                "placement: {shares} of {} sampled pages (process policy default)\n",
+                p.sampled
+            );
+        }
+    };
+    let pct = if p.sampled > 0 {
+        100.0 * p.on(&nodes) as f64 / p.sampled as f64
+    } else {
+        0.0
+    };
+    format!(
+        "placement: {pct:.1}% of {} sampled pages on node {} ({why})\n",
+        p.sampled,
+        numa::node_list(&nodes)
+    )
 }
 
 /// The human table.
@@ -240,6 +297,7 @@ pub fn table(r: &BenchReport) -> String {
         r.backend.name(),
         r.memset_gibps
     );
+    out.push_str(&placement_line(r));
     out.push_str("requested  threads  decided_by   chunks  median GiB/s  best GiB/s  runs GiB/s\n");
     let base = r
         .results

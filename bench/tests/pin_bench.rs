@@ -287,3 +287,60 @@ fn sigint_during_an_8g_mlock_job_undoes_it_and_exits_130() {
         "{err}"
     );
 }
+
+#[test]
+fn host_numa_node_binds_every_run_and_the_report_says_where_pages_landed() {
+    for backing in ["anon", "memfd"] {
+        let v = json(
+            &vmm_bench()
+                .args(["pin-bench", "--memory", "256M", "--threads", "1"])
+                .args(["--runs", "1", "--warmup", "0", "--json"])
+                .args(["--backing", backing, "--host-numa-node", "0"])
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(v["host_numa_node"], 0, "{v}");
+        // One sample per 2 MiB, every page populated, all on node 0.
+        let p = &v["placement"];
+        assert_eq!(p["sampled"], 128, "{backing}: {p}");
+        assert_eq!(p["not_present"], 0, "{backing}: {p}");
+        assert_eq!(
+            p["per_node"],
+            serde_json::json!([[0, 128]]),
+            "{backing}: {p}"
+        );
+    }
+    let out = vmm_bench()
+        .args([
+            "pin-bench",
+            "--memory",
+            "256M",
+            "--threads",
+            "1",
+            "--runs",
+            "1",
+        ])
+        .args(["--host-numa-node", "0"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("placement: 100.0% of 128 sampled pages on node 0 (bound to node 0)"),
+        "{table}"
+    );
+}
+
+#[test]
+fn a_host_numa_node_that_does_not_exist_is_exit_status_2_naming_it() {
+    let absent = (1..64)
+        .find(|n| !std::path::Path::new(&format!("/sys/devices/system/node/node{n}")).exists())
+        .unwrap();
+    let out = vmm_bench()
+        .args(["pin-bench", "--memory", "64M", "--host-numa-node"])
+        .arg(absent.to_string())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("host NUMA node {absent}:")), "{err}");
+}

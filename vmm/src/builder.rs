@@ -9,6 +9,7 @@
 //! memory   memory()                 Vm, MemoryLayout, Backing              GuestMemory
 //! devices  devices()                Vm, MemoryLayout, VmConfig             Platform, Passthrough
 //! pin      pin()                    PinChoice, Passthrough, GuestMemory    Pinned
+//! placement placement()            VmConfig, GuestMemory                  Vec<ZoneReport>
 //! load     loader::load()           GuestMemory, MemoryLayout, Platform    BootSetup
 //! vcpus    vcpu::create_all()       Vm, BootSetup                          Vec<Vcpu>
 //! run      run::run_until_exit()    Vec<Vcpu>, Platform, Vm                VmExit
@@ -33,9 +34,11 @@ use pinning::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
+use crate::memory::numa::Policy;
 use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
 use crate::pin::{PinChoice, PinChoiceError, TestFault};
+use crate::placement::{self, Zone, ZoneReport};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
 use crate::run::{self, RunError, VmExit};
 use crate::seccomp::{self, Filters, SeccompArgs, SeccompError};
@@ -262,6 +265,18 @@ pub fn pin(
         })
 }
 
+/// Stage `placement`: where each zone's pages are after pinning (before the guest or the
+/// loader touches any), against its host node or the process's policy. On this thread, which
+/// is not yet filtered and whose policy the pinning helpers inherited.
+fn placement(config: &VmConfig, memory: &GuestMemory) -> Vec<ZoneReport> {
+    let zones = [Zone::all_ram(&config.layout, config.memory.host_numa_node)];
+    let allowed = Policy::mems_allowed().unwrap_or_else(|e| {
+        tracing::debug!("the cpuset's memory nodes: {e}");
+        Vec::new()
+    });
+    placement::check(memory, &zones, &Policy::current(), &allowed)
+}
+
 /// Stage `load`: kernel, initrd, command line and boot tables into guest RAM.
 pub fn load(
     config: &VmConfig,
@@ -364,6 +379,7 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     if let Some(f) = &filters {
         f.helper_failure()?;
     }
+    let zones = timeline.phase("placement", || placement(config, &memory));
     let boot = timeline.phase("load", || load(config, &memory, &platform))?;
     let vcpus = timeline.phase("vcpus", || vcpu::create_all(&vm, config.cpus, &boot))?;
     let mut machine = Machine {
@@ -409,6 +425,7 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
         backing_reason: config.backing_reason.clone(),
         kernel: config.kernel.name(),
         devices: std::mem::take(&mut machine.passthrough.names),
+        zones,
     };
     let teardown = machine.teardown(pin_stats.threads.max(1));
     timeline.record("exit", teardown_start, start.elapsed());

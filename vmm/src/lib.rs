@@ -18,6 +18,7 @@ pub mod memory;
 pub mod passthrough;
 pub mod pci;
 pub mod pin;
+pub mod placement;
 pub mod platform;
 pub mod run;
 pub mod seccomp;

@@ -7,6 +7,7 @@ use pinning::pinner::PinStats;
 use serde::Serialize;
 
 use crate::memory::layout::E820Entry;
+use crate::placement::ZoneReport;
 use crate::size::human;
 
 /// A duration in milliseconds, rounded to the microsecond, as every report writes it.
@@ -145,6 +146,9 @@ pub struct VmSummary {
     pub kernel: String,
     /// Passthrough devices (sysfs paths or vfio-user sockets).
     pub devices: Vec<String>,
+    /// Guest RAM zone by zone and where its pages were on the host after pinning (one zone,
+    /// `ram`, without `--memory-zone`).
+    pub zones: Vec<ZoneReport>,
 }
 
 impl Report {
@@ -185,6 +189,9 @@ impl Report {
             human(v.huge_bytes),
             v.backing_reason
         ));
+        for z in &v.zones {
+            out.push_str(&format!("  placement     {}\n", z.describe()));
+        }
         if let Some(p) = &self.pin {
             out.push_str(&format!(
                 "  pin           {} {} bytes, {} threads (decided by {}), {} chunks, {:.1} ms, {:.2} GiB/s\n",

@@ -107,6 +107,7 @@ pub fn check_shards(configs: &[Config], thp: &ThpPolicy) -> Result<(), MemoryErr
         let spec = MemorySpec {
             backing: c.backing,
             shard_bytes: c.shard,
+            host_numa_node: None,
         };
         if let Err(
             e @ (MemoryError::ShardNotPowerOfTwo(_)

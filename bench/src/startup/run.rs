@@ -235,7 +235,7 @@ pub struct VmmSample {
 }
 
 /// Phases counted as vmm's own overhead (everything before the guest runs but pinning).
-pub const OVERHEAD_PHASES: [&str; 5] = ["kvm", "memory", "devices", "load", "vcpus"];
+pub const OVERHEAD_PHASES: [&str; 6] = ["kvm", "memory", "devices", "placement", "load", "vcpus"];
 
 fn pin_summary(pin: &serde_json::Value) -> PinSummary {
     let one = |p: &serde_json::Value| PinSummary {

@@ -308,6 +308,8 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     let memory = MemorySpec {
         backing,
         shard_bytes: args.memory_shard,
+        // No zones yet: the process's own NUMA policy places guest RAM.
+        host_numa_node: None,
     };
     // Everything about guest RAM that can be refused is refused here, before anything else.
     memory.check(layout.ram(), &thp)?;

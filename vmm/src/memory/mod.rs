@@ -4,10 +4,12 @@
 //! ([`thp`]), and [`GuestMemory`], which owns the host mappings and shows them to the rest of
 //! the VMM two ways: as a vm-memory `GuestMemoryMmap` for loading and devices (one region per
 //! RAM range, so one KVM slot each), and as a `pinning::GuestRam` for the pinning engine (one
-//! region per shard, so no pin chunk straddles two files).
+//! region per shard, so no pin chunk straddles two files). Each mapping is bound to its host
+//! NUMA node, when it has one, before any page of it is touched ([`numa`]).
 
 pub mod backing;
 pub mod layout;
+pub mod numa;
 pub mod thp;
 
 use std::os::fd::AsRawFd;
@@ -16,11 +18,14 @@ use std::sync::Arc;
 
 use pinning::region::RamFile;
 use pinning::{ErrorClass, GuestRam, Region};
-use vm_memory::{GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vm_memory::{
+    GuestMemoryBackend as _, GuestMemoryMmap, GuestMemoryRegion as _, GuestRegionMmap, MmapRegion,
+};
 
 pub use backing::Backing;
 use backing::{check_hugetlb, map_range, HostRange};
 pub use layout::{MemoryLayout, RamRange};
+pub use numa::Placement;
 pub use thp::ThpPolicy;
 
 use crate::size::human;
@@ -69,6 +74,19 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
+    #[error("host NUMA node {node}: not a node with memory that this process may use (online nodes: {online}; this process may use: {allowed}); give one of those or leave the node out")]
+    NoSuchNode {
+        node: u32,
+        online: String,
+        allowed: String,
+    },
+    #[error("binding {} of guest memory to host NUMA node {node} failed: {source}", human(*size))]
+    Bind {
+        node: u32,
+        size: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("describing guest memory to vm-memory failed: {0}")]
     Layout(String),
 }
@@ -78,7 +96,9 @@ impl pinning::Classify for MemoryError {
     /// refused although it should have worked is not.
     fn class(&self) -> ErrorClass {
         match self {
-            MemoryError::Map { .. } | MemoryError::Layout(_) => ErrorClass::Internal,
+            MemoryError::Map { .. } | MemoryError::Bind { .. } | MemoryError::Layout(_) => {
+                ErrorClass::Internal
+            }
             _ => ErrorClass::User,
         }
     }
@@ -90,6 +110,9 @@ pub struct MemorySpec {
     pub backing: Backing,
     /// `--memory-shard`; `None` is [`DEFAULT_SHARD_BYTES`], clamped to each RAM range.
     pub shard_bytes: Option<u64>,
+    /// The host NUMA node every mapping is bound to (MPOL_BIND) before it is touched; `None`
+    /// leaves placement to the process's own policy (`numactl --membind=N vmm run`).
+    pub host_numa_node: Option<u32>,
 }
 
 impl MemorySpec {
@@ -97,6 +120,7 @@ impl MemorySpec {
         MemorySpec {
             backing,
             shard_bytes: None,
+            host_numa_node: None,
         }
     }
 
@@ -190,6 +214,24 @@ fn nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
+/// Binds a freshly mapped range (all its shards: mbind spans the VMAs) to `node`.
+fn bind(h: &HostRange, node: u32) -> Result<(), MemoryError> {
+    numa::bind(h.addr, h.len, node).map_err(|source| {
+        if source.raw_os_error() == Some(libc::EINVAL) {
+            return MemoryError::NoSuchNode {
+                node,
+                online: numa::online_nodes(),
+                allowed: numa::mems_allowed(),
+            };
+        }
+        MemoryError::Bind {
+            node,
+            size: h.len,
+            source,
+        }
+    })
+}
+
 /// Guest RAM: the host mappings and the two views of them.
 pub struct GuestMemory {
     /// vm-memory's view (loading, devices): one region per RAM range. Built raw: it never
@@ -211,7 +253,11 @@ impl GuestMemory {
         let shard = spec.shard_bytes(ranges);
         let mut host = Vec::with_capacity(ranges.len());
         for r in ranges {
-            host.push(map_range(backing, r.size, shard)?);
+            let h = map_range(backing, r.size, shard)?;
+            if let Some(node) = spec.host_numa_node {
+                bind(&h, node)?;
+            }
+            host.push(h);
         }
         let mut vm_regions = Vec::new();
         let mut regions = Vec::new();
@@ -326,6 +372,35 @@ impl GuestMemory {
         used
     }
 
+    /// Where the pages of `guest` (guest-physical ranges of this RAM) are on the host: one
+    /// sample every `step` bytes, widened to take at most `max_samples` in all.
+    pub fn placement(
+        &self,
+        guest: &[RamRange],
+        step: u64,
+        max_samples: u64,
+    ) -> std::io::Result<Placement> {
+        // The host pieces of `guest`: each within one vm-memory region (one host mapping).
+        let mut pieces = Vec::new();
+        for r in guest {
+            for region in self.mem.iter() {
+                let (start, len) = (region.start_addr().0, region.len());
+                let from = r.start.0.max(start);
+                let to = (r.start.0 + r.size).min(start + len);
+                if from < to {
+                    pieces.push((region.as_ptr() as u64 + (from - start), to - from));
+                }
+            }
+        }
+        // One step for all of them, so the bound holds for `guest` as a whole.
+        let step = numa::sample_step(pieces.iter().map(|p| p.1).sum(), step, max_samples);
+        let mut total = Placement::default();
+        for (host, len) in pieces {
+            total.merge(&numa::sample_placement(host, len, step, u64::MAX)?);
+        }
+        Ok(total)
+    }
+
     /// The shard size in effect (0 for private memory).
     pub fn shard_bytes(&self) -> u64 {
         self.ranges
@@ -337,212 +412,4 @@ impl GuestMemory {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use layout::{GIB, MIB};
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend as _};
-
-    fn spec(backing: Backing, shard_bytes: Option<u64>) -> MemorySpec {
-        MemorySpec {
-            backing,
-            shard_bytes,
-        }
-    }
-
-    #[test]
-    fn every_backing_that_needs_no_reservation_maps_and_is_usable() {
-        for backing in [Backing::Anon, Backing::Thp, Backing::Memfd] {
-            // RAM on both sides of the 32-bit hole.
-            let layout = MemoryLayout::new(3 * GIB + 4 * MIB).unwrap();
-            let m = GuestMemory::new(MemorySpec::new(backing), layout.ram()).unwrap();
-            assert_eq!(m.size(), 3 * GIB + 4 * MIB);
-            m.mem
-                .write_obj(0xdead_beef_u32, GuestAddress((1 << 32) + 16))
-                .unwrap();
-            assert_eq!(
-                m.mem.read_obj::<u32>(GuestAddress((1 << 32) + 16)).unwrap(),
-                0xdead_beef
-            );
-            assert_eq!(m.ram.size(), 3 * GIB + 4 * MIB);
-            // One vm-memory region (so one KVM slot) per RAM range, whatever the shards.
-            assert_eq!(m.mem.iter().count(), 2);
-            // Shareable: 1 GiB shards, the last of the high range 4 MiB.
-            let shards = if backing.shareable() { 4 } else { 0 };
-            assert_eq!(m.files().count(), shards);
-            assert_eq!(m.ram.regions().len(), shards.max(2));
-            for r in m.ram.regions() {
-                assert_eq!(r.host_addr % backing.page_size(), 0);
-            }
-        }
-    }
-
-    #[test]
-    fn shards_lie_back_to_back_in_one_host_range_per_ram_range() {
-        let layout = MemoryLayout::new(6 * GIB).unwrap();
-        let m = GuestMemory::new(spec(Backing::Memfd, Some(512 * MIB)), layout.ram()).unwrap();
-        assert_eq!(m.files().count(), 12);
-        assert_eq!(m.shard_bytes(), 512 * MIB);
-        let regions = m.ram.regions();
-        assert_eq!(regions.len(), 12);
-        for w in regions.windows(2) {
-            let (a, b) = (&w[0], &w[1]);
-            assert_eq!(a.size, 512 * MIB);
-            if a.guest_addr + a.size == b.guest_addr {
-                // Same RAM range: contiguous on the host too, each its own file at offset 0.
-                assert_eq!(a.host_addr + a.size, b.host_addr);
-            } else {
-                assert_eq!((a.guest_addr + a.size, b.guest_addr), (3 * GIB, 4 * GIB));
-            }
-            let (a_file, b_file) = (a.file.as_ref().unwrap(), b.file.as_ref().unwrap());
-            assert_ne!(a_file.0, b_file.0);
-            assert_eq!(b_file.1, 0);
-        }
-        // An access across a shard boundary reaches both files, as one contiguous range.
-        let at = GuestAddress(512 * MIB - 2);
-        m.mem.write_obj(0x1122_3344_u32, at).unwrap();
-        assert_eq!(m.mem.read_obj::<u32>(at).unwrap(), 0x1122_3344);
-        let second = &regions[1];
-        // SAFETY: a live, populated mapping of this test's guest memory.
-        let byte = unsafe { *(second.host_addr as *const u8) };
-        assert_eq!(byte, 0x22);
-    }
-
-    /// `file` carries exactly the guest-RAM seals: it can neither shrink nor grow, and holes
-    /// can still be punched in it (as `release` does).
-    fn assert_sealed(backing: Backing, file: &std::fs::File) {
-        // SAFETY: F_GET_SEALS on an open fd of ours; it only returns an int.
-        let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-        assert_eq!(seals, backing::RAM_SEALS, "{backing:?}");
-        let len = file.metadata().unwrap().len();
-        let page = backing.page_size();
-        for to in [0, len - page, len + page] {
-            let e = file.set_len(to).unwrap_err();
-            assert_eq!(
-                e.raw_os_error(),
-                Some(libc::EPERM),
-                "{backing:?} to {to:#x}: {e}"
-            );
-        }
-        assert_eq!(file.metadata().unwrap().len(), len);
-        let hole = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-        // SAFETY: punching a hole in a file only this test uses.
-        let punched = unsafe { libc::fallocate(file.as_raw_fd(), hole, 0, page as libc::off_t) };
-        assert_eq!(
-            punched,
-            0,
-            "{backing:?}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-
-    #[test]
-    fn every_guest_ram_file_is_sealed_against_shrinking_and_growing() {
-        // Sizing a hugetlbfs file reserves no huge page, so its seals are checked on any host
-        // that knows the page size.
-        let mut backings = vec![Backing::Memfd, Backing::MemfdThp, Backing::Hugetlb];
-        if Path::new("/sys/kernel/mm/hugepages/hugepages-1048576kB").exists() {
-            backings.push(Backing::Hugetlb1g);
-        }
-        for backing in backings {
-            let file = backing::ram_file(backing, 2 * GIB).unwrap();
-            assert_sealed(backing, &file);
-        }
-        let m = GuestMemory::new(
-            spec(Backing::Memfd, Some(32 * MIB)),
-            MemoryLayout::new(64 * MIB).unwrap().ram(),
-        )
-        .unwrap();
-        assert_eq!(m.files().count(), 2);
-        for f in m.files() {
-            assert_sealed(Backing::Memfd, f.shared());
-        }
-    }
-
-    #[test]
-    fn the_default_shard_is_a_gib_clamped_to_small_guests() {
-        let ram = |size| MemoryLayout::new(size).unwrap().ram().to_vec();
-        let memfd = MemorySpec::new(Backing::Memfd);
-        assert_eq!(memfd.shard_bytes(&ram(256 * MIB)), 256 * MIB);
-        assert_eq!(memfd.shards(&ram(256 * MIB)), 1);
-        assert_eq!(memfd.shard_bytes(&ram(6 * GIB)), GIB);
-        assert_eq!(memfd.shards(&ram(6 * GIB)), 6);
-        // The 3 GiB below the hole and 2 MiB above it.
-        assert_eq!(memfd.shards(&ram(3 * GIB + 2 * MIB)), 4);
-        assert_eq!(MemorySpec::new(Backing::Anon).shards(&ram(6 * GIB)), 0);
-    }
-
-    #[test]
-    fn bad_shards_and_forbidden_huge_pages_are_refused_before_mapping() {
-        let ram = MemoryLayout::new(6 * GIB).unwrap().ram().to_vec();
-        let thp = ThpPolicy::read(Path::new("/nonexistent"));
-        let check = |s: MemorySpec| s.check_with(&ram, &thp, 1024).err().unwrap();
-        assert!(matches!(
-            check(spec(Backing::Memfd, Some(3 * GIB))),
-            MemoryError::ShardNotPowerOfTwo(_)
-        ));
-        assert!(matches!(
-            check(spec(Backing::Memfd, Some(2048))),
-            MemoryError::ShardBelowPage { .. }
-        ));
-        assert!(matches!(
-            check(spec(Backing::Hugetlb, Some(MIB))),
-            MemoryError::ShardBelowPage { .. }
-        ));
-        let e = check(spec(Backing::Memfd, Some(4 * GIB)));
-        assert!(e.to_string().contains("give 3 GiB or less"), "{e}");
-        assert!(matches!(
-            check(spec(Backing::Anon, Some(GIB))),
-            MemoryError::ShardNotShareable { .. }
-        ));
-        let e = spec(Backing::Memfd, Some(4 * MIB))
-            .check_with(&ram, &thp, 1024)
-            .err()
-            .unwrap();
-        assert!(
-            matches!(e, MemoryError::TooManyShards { shards: 1536, .. }),
-            "{e}"
-        );
-        assert!(e.to_string().contains("ulimit -n"), "{e}");
-        let e = check(MemorySpec::new(Backing::MemfdThp));
-        assert!(e.to_string().contains("shmem_enabled"), "{e}");
-        assert_eq!(pinning::Classify::class(&e), ErrorClass::User);
-        assert!(MemorySpec::new(Backing::Memfd)
-            .check_with(&ram, &thp, 1024)
-            .is_ok());
-    }
-
-    #[test]
-    fn hugetlb_without_reserved_pages_says_how_to_reserve() {
-        let free: u64 =
-            std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(0);
-        let want = ((free + 1) * 2 * MIB).max(64 * MIB);
-        let e = GuestMemory::new(
-            MemorySpec::new(Backing::Hugetlb),
-            MemoryLayout::new(want).unwrap().ram(),
-        )
-        .err()
-        .expect("more than is free");
-        assert!(e.to_string().contains("nr_hugepages"), "{e}");
-    }
-
-    #[test]
-    fn sizes_that_split_a_page_or_exceed_the_host_are_refused() {
-        let e = GuestMemory::new(
-            MemorySpec::new(Backing::Thp),
-            MemoryLayout::new(64 * MIB + 4096).unwrap().ram(),
-        )
-        .err()
-        .unwrap();
-        assert!(matches!(e, MemoryError::NotPageMultiple { .. }), "{e}");
-        let e = GuestMemory::new(
-            MemorySpec::new(Backing::Anon),
-            MemoryLayout::new(1 << 50).unwrap().ram(),
-        )
-        .err()
-        .unwrap();
-        assert!(matches!(e, MemoryError::MoreThanHost { .. }), "{e}");
-    }
-}
+mod tests;
