@@ -8,6 +8,7 @@ use std::time::Duration;
 use devices::vfio::kernel::IommuKind;
 use pinning::{Classify, ErrorClass, PinOptions, ThreadRequest};
 
+use crate::arch::x86_64::acpi::GuestNuma;
 use crate::builder::{VmConfig, MAX_TIMEOUT_SECS};
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::layout::LayoutError;
@@ -164,9 +165,10 @@ impl Classify for ConfigError {
 
 /// The command line the probe guest checks itself against: the RAM the E820 map describes
 /// (in whole MiB, as the probe counts), the vCPU count and, when `epf` (the VMM starts its
-/// own pci-epf-test server), the DMA checks. Other devices are whatever their server or host
-/// makes them: the probe lists them and runs the DMA checks only on a pci-epf-test function.
-fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool) -> String {
+/// own pci-epf-test server), the DMA checks, and with a guest NUMA topology each node's CPUs
+/// and RAM as the SRAT must give them. Other devices are whatever their server or host makes
+/// them: the probe lists them and runs the DMA checks only on a pci-epf-test function.
+fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool, numa: Option<&GuestNuma>) -> String {
     use guest_abi::probe::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
     let mib = layout.e820_ram_bytes() >> 20;
     let dma = if epf {
@@ -174,7 +176,26 @@ fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool) -> String {
     } else {
         String::new()
     };
-    format!("{OPT_EXPECT_MEM}={mib} {OPT_EXPECT_CPUS}={cpus}{dma}")
+    let numa = numa.map(probe_numa_words).unwrap_or_default();
+    format!("{OPT_EXPECT_MEM}={mib} {OPT_EXPECT_CPUS}={cpus}{dma}{numa}")
+}
+
+/// One ` probe.expect_numa=N/CPUS/RANGES` per node, as guest-abi's `OPT_EXPECT_NUMA` says.
+fn probe_numa_words(numa: &GuestNuma) -> String {
+    use guest_abi::probe::OPT_EXPECT_NUMA;
+    let join = |items: Vec<String>| items.join(",");
+    numa.nodes
+        .iter()
+        .map(|n| {
+            let cpus = join(n.apic_ids.iter().map(u32::to_string).collect());
+            let ranges = n
+                .memory
+                .iter()
+                .map(|r| format!("{:#x}-{:#x}", r.start.0, r.end()));
+            let ranges = join(ranges.collect());
+            format!(" {OPT_EXPECT_NUMA}={}/{cpus}/{ranges}", n.proximity_domain)
+        })
+        .collect()
 }
 
 /// A guest-physical address, hex (0x...) or decimal.
@@ -316,6 +337,9 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     }
     let dma = !user.is_empty() || !args.devices.is_empty();
     args.pin.check_devices(dma)?;
+    // The guest NUMA topology, for the ACPI tables and the probe's expectations: to be built
+    // from `--numa` and the memory zones' ranges in the layout (none yet: no NUMA tables).
+    let guest_numa: Option<GuestNuma> = None;
     let (kernel, cmdline) = match &args.kernel {
         Some(p) => (ImageSource::Path(p.clone()), "console=ttyS0".to_string()),
         None => (
@@ -323,7 +347,12 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
                 name: "built-in probe guest".into(),
                 data: vmm_resources::PROBE_GUEST.into(),
             },
-            probe_cmdline(&layout, args.cpus, user.contains(&UserDevice::Epf)),
+            probe_cmdline(
+                &layout,
+                args.cpus,
+                user.contains(&UserDevice::Epf),
+                guest_numa.as_ref(),
+            ),
         ),
     };
     let cmdline = args.cmdline.clone().unwrap_or(cmdline);
@@ -339,12 +368,14 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             protocol: args.boot_protocol,
             cpus: args.cpus,
             pci_intx: &[],
+            numa: guest_numa.as_ref(),
         },
     )?;
     Ok(VmConfig {
         cmdline,
         layout,
         cpus: args.cpus,
+        guest_numa,
         memory,
         backing_reason,
         kernel,
@@ -376,4 +407,45 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
         timeout,
         seccomp: args.seccomp.clone(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::x86_64::acpi::GuestNumaDesc;
+    use crate::memory::layout::{RamRange, GIB};
+    use vm_memory::GuestAddress;
+
+    #[test]
+    fn the_probe_gets_one_expect_numa_word_per_node() {
+        let layout = MemoryLayout::new(6 * GIB).unwrap();
+        let range = |start: u64, end: u64| RamRange {
+            start: GuestAddress(start),
+            size: end - start,
+        };
+        let numa = GuestNuma {
+            nodes: vec![
+                GuestNumaDesc {
+                    proximity_domain: 0,
+                    apic_ids: vec![0, 1],
+                    memory: vec![range(0, 3 * GIB)],
+                },
+                GuestNumaDesc {
+                    proximity_domain: 1,
+                    apic_ids: vec![],
+                    memory: vec![range(4 * GIB, 7 * GIB)],
+                },
+            ],
+            distances: vec![vec![10, 20], vec![20, 10]],
+        };
+        assert_eq!(
+            probe_cmdline(&layout, 2, false, Some(&numa)),
+            "probe.expect_mem=6143 probe.expect_cpus=2 \
+             probe.expect_numa=0/0,1/0x0-0xc0000000 probe.expect_numa=1//0x100000000-0x1c0000000"
+        );
+        assert_eq!(
+            probe_cmdline(&layout, 2, false, None),
+            "probe.expect_mem=6143 probe.expect_cpus=2"
+        );
+    }
 }

@@ -103,6 +103,7 @@ fn req<'a>(kernel: &'a ImageSource, cmdline: &'a str, protocol: BootProtocol) ->
         protocol,
         cpus: 1,
         pci_intx: &[],
+        numa: None,
     }
 }
 
