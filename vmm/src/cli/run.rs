@@ -187,7 +187,7 @@ fn probe_numa_words(numa: &GuestNuma) -> String {
     numa.nodes
         .iter()
         .map(|n| {
-            let cpus = join(n.apic_ids.iter().map(u32::to_string).collect());
+            let cpus = join(cpu_runs(&n.apic_ids));
             let ranges = n
                 .memory
                 .iter()
@@ -196,6 +196,29 @@ fn probe_numa_words(numa: &GuestNuma) -> String {
             format!(" {OPT_EXPECT_NUMA}={}/{cpus}/{ranges}", n.proximity_domain)
         })
         .collect()
+}
+
+/// `ids` as the probe reads a CPU list: ascending, runs of consecutive IDs as `a-b` (so that
+/// a guest with many vCPUs keeps a short command line).
+fn cpu_runs(ids: &[u32]) -> Vec<String> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for id in ids {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    let run = |&(first, last): &(u32, u32)| {
+        if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        }
+    };
+    runs.iter().map(run).collect()
 }
 
 /// A guest-physical address, hex (0x...) or decimal.
@@ -427,7 +450,7 @@ mod tests {
             nodes: vec![
                 GuestNumaDesc {
                     proximity_domain: 0,
-                    apic_ids: vec![0, 1],
+                    apic_ids: vec![3, 0, 1, 5, 4],
                     memory: vec![range(0, 3 * GIB)],
                 },
                 GuestNumaDesc {
@@ -439,13 +462,14 @@ mod tests {
             distances: vec![vec![10, 20], vec![20, 10]],
         };
         assert_eq!(
-            probe_cmdline(&layout, 2, false, Some(&numa)),
-            "probe.expect_mem=6143 probe.expect_cpus=2 \
-             probe.expect_numa=0/0,1/0x0-0xc0000000 probe.expect_numa=1//0x100000000-0x1c0000000"
+            probe_cmdline(&layout, 6, false, Some(&numa)),
+            "probe.expect_mem=6143 probe.expect_cpus=6 \
+             probe.expect_numa=0/0-1,3-5/0x0-0xc0000000 probe.expect_numa=1//0x100000000-0x1c0000000"
         );
         assert_eq!(
             probe_cmdline(&layout, 2, false, None),
             "probe.expect_mem=6143 probe.expect_cpus=2"
         );
+        assert_eq!(cpu_runs(&[7, 2, 0]), ["0", "2", "7"]);
     }
 }
