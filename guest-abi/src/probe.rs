@@ -79,6 +79,14 @@ probe_line! {
     /// Starts the MSI-X pending-bit result line when that check failed (the run fails too).
     "msix pba FAIL: " => MSIX_PBA_FAIL, MSIX_PBA_FAIL_PREFIX
 }
+probe_line! {
+    /// Starts the line describing one guest NUMA node as the ACPI SRAT and SLIT give it, one
+    /// line per node, in node order: `N cpus LIST mem RANGES distances D,D,..`. LIST is the
+    /// node's Local APIC IDs (`0-3,6`; `none` for a memory-only node), RANGES its memory as
+    /// `BASE-END` (hex, END exclusive) joined by `,` (`none` if it has none), the distances
+    /// its SLIT row (`none` without a SLIT). Not printed when there is no SRAT.
+    "numa node " => NUMA_NODE, NUMA_NODE_PREFIX
+}
 
 const fn starts_with(s: &str, prefix: &str) -> bool {
     let (s, prefix) = (s.as_bytes(), prefix.as_bytes());
@@ -124,3 +132,8 @@ pub const OPT_HANG: &str = "probe.hang";
 /// `probe.flood`: after the result line, print numbered lines on the console forever instead
 /// of exiting, for tests of a console nobody reads and of the serial log's size cap.
 pub const OPT_FLOOD: &str = "probe.flood";
+/// `probe.expect_numa=N/CPUS/RANGES`, once per guest NUMA node: the SRAT must describe
+/// exactly the nodes given, node `N` with the Local APIC IDs CPUS (decimal, ascending,
+/// `,`-separated, `a-b` for a run; empty for none) and the memory RANGES (`BASE-END`, hex with `0x`, END
+/// exclusive, `,`-separated, in the SRAT's order). The VMM passes one per `--numa`.
+pub const OPT_EXPECT_NUMA: &str = "probe.expect_numa";

@@ -52,6 +52,8 @@
 //!                                                    pci-epf-test; instead of the value:
 //!                                                    not placed | decoding off | not mapped
 //! probe: ecam 0x<base> buses <a>-<b> (mcfg)          or: ecam none (no mcfg) | (no rsdp)
+//! probe: numa node <N> cpus <0-3,6|none> mem 0x<base>-0x<end>[,...]|none distances <d>,..|none
+//!                                                    per SRAT proximity domain (with an SRAT)
 //! probe: memtest ok: <N> pages
 //! probe: epf <00:dd.f> bar0 0x<addr> <msix|msi> vector 0x30 apic <id>   with a pci-epf-test
 //! probe: dma pages 0x<page> 0x<page> ...             (the pages DMA is tested on)
@@ -89,7 +91,9 @@
 //! table's count), `probe.expect_pci=<vvvv:dddd>` (a function with these IDs must be on bus
 //! 0; may be repeated), and `probe.expect_dma=1` (a pci-epf-test device must be on bus 0;
 //! without it, or with `probe.expect_dma=0`, a missing device is `dma skipped`; `vmm run`
-//! passes it only with its own `--user-device epf`). Any `dma FAIL` fails
+//! passes it only with its own `--user-device epf`), and `probe.expect_numa=N/CPUS/RANGES`
+//! once per node (the SRAT must have exactly these nodes, each with these CPUs and memory
+//! ranges; see [`probe::OPT_EXPECT_NUMA`]). Any `dma FAIL` fails
 //! the run. `probe.fault` makes the probe read an unmapped address after the memory test,
 //! to exercise the exception report and exit status [`exit::EXCEPTION`]. The option names are
 //! in [`probe`].
@@ -137,6 +141,7 @@
 //! [`exit::I8042_RESET`]: guest_abi::exit::I8042_RESET
 //! [`probe`]: guest_abi::probe
 //! [`probe::LINE_PREFIX`]: guest_abi::probe::LINE_PREFIX
+//! [`probe::OPT_EXPECT_NUMA`]: guest_abi::probe::OPT_EXPECT_NUMA
 
 /// The probe guest's ELF image (see the crate docs for its contract).
 pub const PROBE_GUEST: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/probe-guest.elf"));

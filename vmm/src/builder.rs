@@ -33,6 +33,7 @@ use pinning::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::GuestNuma;
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::numa::Policy;
 use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
@@ -55,6 +56,8 @@ pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
 pub struct VmConfig {
     pub layout: MemoryLayout,
     pub cpus: u8,
+    /// The guest NUMA topology the ACPI tables describe (SRAT, SLIT); none: no NUMA.
+    pub guest_numa: Option<GuestNuma>,
     pub memory: MemorySpec,
     /// Why `memory.backing` was chosen (`--backing auto` says what it weighed).
     pub backing_reason: String,
@@ -291,6 +294,7 @@ pub fn load(
         protocol: config.boot_protocol,
         cpus: config.cpus,
         pci_intx: &intx,
+        numa: config.guest_numa.as_ref(),
     };
     Ok(loader::load(&memory.mem, &config.layout, &req)?)
 }

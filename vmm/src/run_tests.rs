@@ -82,6 +82,7 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
     VmConfig {
         layout: MemoryLayout::new(64 * MIB).unwrap(),
         cpus,
+        guest_numa: None,
         memory: MemorySpec::new(Backing::Anon),
         backing_reason: "test".into(),
         kernel: ImageSource::Bytes {

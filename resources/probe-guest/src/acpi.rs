@@ -1,9 +1,11 @@
-//! ACPI, just far enough to find PCI ECAM: the RSDP the boot protocol passed, its XSDT (or
-//! RSDT for revision 0), the MCFG table among its entries. Then every function enumeration
+//! ACPI, just far enough to find PCI ECAM and the NUMA tables: the RSDP the boot protocol
+//! passed, its XSDT (or RSDT for revision 0), a table by signature among its entries (MCFG
+//! here, SRAT and SLIT for numa.rs). Then every function enumeration
 //! listed is read again through ECAM and must show the same vendor/device as through 0xcf8,
 //! and one extended-space dword (0x100) is read, which mechanism #1 cannot reach.
 //!
-//! Only the RSDP, the root table and MCFG are checksummed: a few hundred bytes.
+//! Only the RSDP, the root table and the tables looked for are checksummed: a few hundred
+//! bytes.
 
 use crate::console::Line;
 use crate::io::phys;
@@ -13,7 +15,8 @@ const RSDP_SIGNATURE: u64 = u64::from_le_bytes(*b"RSD PTR ");
 const XSDT: u32 = u32::from_le_bytes(*b"XSDT");
 const RSDT: u32 = u32::from_le_bytes(*b"RSDT");
 const MCFG: u32 = u32::from_le_bytes(*b"MCFG");
-const HEADER: u64 = 36;
+/// The common table header's length.
+pub const HEADER: u64 = 36;
 /// MCFG: header, 8 reserved bytes, then 16-byte allocations.
 const MCFG_FIRST: u64 = HEADER + 8;
 const MCFG_ENTRY: u64 = 16;
@@ -90,23 +93,29 @@ pub enum Found {
     NoMcfg,
 }
 
-/// Follows `rsdp` to the first segment 0 allocation of MCFG.
-pub fn find_ecam(rsdp: u64, mapped: u64) -> Found {
+/// Calls `found` with the address and length of each valid table with `signature` that the
+/// root table of `rsdp` lists, until it returns something. `Err` when there is no valid RSDP.
+pub fn find_table<T>(
+    rsdp: u64,
+    mapped: u64,
+    signature: u32,
+    mut found: impl FnMut(u64, u64) -> Option<T>,
+) -> Result<Option<T>, ()> {
     let valid = rsdp != 0
         && rsdp.saturating_add(36) <= mapped
         && phys::u64(rsdp) == RSDP_SIGNATURE
         && checksum_ok(rsdp, 20);
     if !valid {
-        return Found::NoRsdp;
+        return Err(());
     }
     let xsdt = phys::u64(rsdp + 24);
-    let (root, signature, entry) = if phys::u8(rsdp + 15) >= 2 && xsdt != 0 {
+    let (root, root_signature, entry) = if phys::u8(rsdp + 15) >= 2 && xsdt != 0 {
         (xsdt, XSDT, 8)
     } else {
         (phys::u32(rsdp + 16) as u64, RSDT, 4)
     };
-    let Some(len) = table(root, signature, mapped) else {
-        return Found::NoMcfg;
+    let Some(len) = table(root, root_signature, mapped) else {
+        return Ok(None);
     };
     for i in 0..((len - HEADER) / entry).min(MAX_ENTRIES) {
         let at = root + HEADER + i * entry;
@@ -115,13 +124,20 @@ pub fn find_ecam(rsdp: u64, mapped: u64) -> Found {
         } else {
             phys::u32(at) as u64
         };
-        let Some(len) = table(addr, MCFG, mapped) else {
-            continue;
-        };
+        if let Some(t) = table(addr, signature, mapped).and_then(|len| found(addr, len)) {
+            return Ok(Some(t));
+        }
+    }
+    Ok(None)
+}
+
+/// Follows `rsdp` to the first segment 0 allocation of MCFG.
+pub fn find_ecam(rsdp: u64, mapped: u64) -> Found {
+    let ecam = find_table(rsdp, mapped, MCFG, |addr, len| {
         let mut e = addr + MCFG_FIRST;
         while e + MCFG_ENTRY <= addr + len {
             if phys::u16(e + 8) == 0 {
-                return Found::Ecam(Ecam {
+                return Some(Ecam {
                     base: phys::u64(e),
                     first_bus: phys::u8(e + 10),
                     last_bus: phys::u8(e + 11),
@@ -129,8 +145,13 @@ pub fn find_ecam(rsdp: u64, mapped: u64) -> Found {
             }
             e += MCFG_ENTRY;
         }
+        None
+    });
+    match ecam {
+        Err(()) => Found::NoRsdp,
+        Ok(None) => Found::NoMcfg,
+        Ok(Some(e)) => Found::Ecam(e),
     }
-    Found::NoMcfg
 }
 
 /// Prints the `ecam` line; with a window, checks every function `bus` listed through it and

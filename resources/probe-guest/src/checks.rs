@@ -7,7 +7,7 @@ use guest_abi::{exit, marks};
 
 use crate::console::Line;
 use crate::io::outb;
-use crate::{acpi, cpu, dma, msix_pba};
+use crate::{acpi, cpu, dma, msix_pba, numa};
 
 /// A failed check. The first one is the result; every one is printed when found.
 #[derive(Clone, Copy)]
@@ -41,6 +41,7 @@ pub enum Failure {
     Dma(dma::Error),
     MsixPba(msix_pba::Error),
     Ecam(acpi::Error),
+    Numa(numa::Error),
 }
 
 impl Failure {
@@ -99,6 +100,7 @@ impl Failure {
             Failure::Dma(e) => e.describe(line.s("dma: ")),
             Failure::MsixPba(e) => e.describe(line.s("msix pba: ")),
             Failure::Ecam(e) => e.describe(line),
+            Failure::Numa(e) => e.describe(line),
         }
     }
 }

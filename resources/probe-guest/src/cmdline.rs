@@ -87,7 +87,7 @@ pub fn expectations(
             Line::new().s("fault: reading ").hex(UNMAPPED).end();
             phys::read64(UNMAPPED);
         } else if let Some(value) = word.strip_prefix(MEM) {
-            match parse_dec(value) {
+            match text::parse_dec(value) {
                 Some(want) if want != ram_mib => {
                     checks.fail(Failure::ExpectMem { want, got: ram_mib })
                 }
@@ -95,7 +95,7 @@ pub fn expectations(
                 None => checks.fail(Failure::BadOption(OPT_EXPECT_MEM)),
             }
         } else if let Some(value) = word.strip_prefix(CPUS) {
-            match parse_dec(value) {
+            match text::parse_dec(value) {
                 Some(want) if Some(want) != cpus => {
                     checks.fail(Failure::ExpectCpus { want, got: cpus })
                 }
@@ -133,20 +133,6 @@ fn parse_hex(s: &[u8]) -> Option<u32> {
             _ => return None,
         };
         v = v << 4 | u32::from(digit);
-    }
-    Some(v)
-}
-
-fn parse_dec(s: &[u8]) -> Option<u64> {
-    if s.is_empty() || s.len() > 18 {
-        return None;
-    }
-    let mut v = 0u64;
-    for &b in s {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        v = v * 10 + (b - b'0') as u64;
     }
     Some(v)
 }

@@ -33,6 +33,7 @@ mod mem;
 mod memtest;
 mod mp;
 mod msix_pba;
+mod numa;
 mod paging;
 mod pci;
 
@@ -123,6 +124,9 @@ extern "C" fn probe_main(proto: u64, boot_ptr: u64) -> ! {
     }
     if let Err(e) = acpi::check(info.rsdp, mapped, &bus) {
         checks.fail(Failure::Ecam(e));
+    }
+    if let Err(e) = numa::check(info.rsdp, mapped, cmdline) {
+        checks.fail(Failure::Numa(e));
     }
 
     let pages = memtest::memtest(info.map(), mapped, &mut checks);

@@ -1,5 +1,6 @@
 //! Strings joined at compile time: a line or option that quotes a `guest_abi` constant is
-//! still one string, matched or printed (one `puts`) exactly like a literal.
+//! still one string, matched or printed (one `puts`) exactly like a literal. And the decimal
+//! numbers of the command line's options, read.
 
 /// The `&'static str` of its parts (constant expressions) one after another.
 macro_rules! text {
@@ -42,4 +43,19 @@ pub const fn join<const N: usize>(parts: &[&str]) -> [u8; N] {
         i += 1;
     }
     out
+}
+
+/// A decimal number of at most 18 digits.
+pub fn parse_dec(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 18 {
+        return None;
+    }
+    let mut v = 0u64;
+    for &b in s {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        v = v * 10 + (b - b'0') as u64;
+    }
+    Some(v)
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use devices::vfio::kernel::IommuKind;
 use pinning::{Classify, ErrorClass, PinOptions, ThreadRequest};
 
+use crate::arch::x86_64::acpi::GuestNuma;
 use crate::builder::{VmConfig, MAX_TIMEOUT_SECS};
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::layout::LayoutError;
@@ -164,9 +165,10 @@ impl Classify for ConfigError {
 
 /// The command line the probe guest checks itself against: the RAM the E820 map describes
 /// (in whole MiB, as the probe counts), the vCPU count and, when `epf` (the VMM starts its
-/// own pci-epf-test server), the DMA checks. Other devices are whatever their server or host
-/// makes them: the probe lists them and runs the DMA checks only on a pci-epf-test function.
-fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool) -> String {
+/// own pci-epf-test server), the DMA checks, and with a guest NUMA topology each node's CPUs
+/// and RAM as the SRAT must give them. Other devices are whatever their server or host makes
+/// them: the probe lists them and runs the DMA checks only on a pci-epf-test function.
+fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool, numa: Option<&GuestNuma>) -> String {
     use guest_abi::probe::{OPT_EXPECT_CPUS, OPT_EXPECT_DMA, OPT_EXPECT_MEM};
     let mib = layout.e820_ram_bytes() >> 20;
     let dma = if epf {
@@ -174,7 +176,49 @@ fn probe_cmdline(layout: &MemoryLayout, cpus: u8, epf: bool) -> String {
     } else {
         String::new()
     };
-    format!("{OPT_EXPECT_MEM}={mib} {OPT_EXPECT_CPUS}={cpus}{dma}")
+    let numa = numa.map(probe_numa_words).unwrap_or_default();
+    format!("{OPT_EXPECT_MEM}={mib} {OPT_EXPECT_CPUS}={cpus}{dma}{numa}")
+}
+
+/// One ` probe.expect_numa=N/CPUS/RANGES` per node, as guest-abi's `OPT_EXPECT_NUMA` says.
+fn probe_numa_words(numa: &GuestNuma) -> String {
+    use guest_abi::probe::OPT_EXPECT_NUMA;
+    let join = |items: Vec<String>| items.join(",");
+    numa.nodes
+        .iter()
+        .map(|n| {
+            let cpus = join(cpu_runs(&n.apic_ids));
+            let ranges = n
+                .memory
+                .iter()
+                .map(|r| format!("{:#x}-{:#x}", r.start.0, r.end()));
+            let ranges = join(ranges.collect());
+            format!(" {OPT_EXPECT_NUMA}={}/{cpus}/{ranges}", n.proximity_domain)
+        })
+        .collect()
+}
+
+/// `ids` as the probe reads a CPU list: ascending, runs of consecutive IDs as `a-b` (so that
+/// a guest with many vCPUs keeps a short command line).
+fn cpu_runs(ids: &[u32]) -> Vec<String> {
+    let mut ids = ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for id in ids {
+        match runs.last_mut() {
+            Some((_, last)) if *last + 1 == id => *last = id,
+            _ => runs.push((id, id)),
+        }
+    }
+    let run = |&(first, last): &(u32, u32)| {
+        if first == last {
+            first.to_string()
+        } else {
+            format!("{first}-{last}")
+        }
+    };
+    runs.iter().map(run).collect()
 }
 
 /// A guest-physical address, hex (0x...) or decimal.
@@ -318,6 +362,9 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     }
     let dma = !user.is_empty() || !args.devices.is_empty();
     args.pin.check_devices(dma)?;
+    // The guest NUMA topology, for the ACPI tables and the probe's expectations: to be built
+    // from `--numa` and the memory zones' ranges in the layout (none yet: no NUMA tables).
+    let guest_numa: Option<GuestNuma> = None;
     let (kernel, cmdline) = match &args.kernel {
         Some(p) => (ImageSource::Path(p.clone()), "console=ttyS0".to_string()),
         None => (
@@ -325,7 +372,12 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
                 name: "built-in probe guest".into(),
                 data: vmm_resources::PROBE_GUEST.into(),
             },
-            probe_cmdline(&layout, args.cpus, user.contains(&UserDevice::Epf)),
+            probe_cmdline(
+                &layout,
+                args.cpus,
+                user.contains(&UserDevice::Epf),
+                guest_numa.as_ref(),
+            ),
         ),
     };
     let cmdline = args.cmdline.clone().unwrap_or(cmdline);
@@ -341,12 +393,14 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             protocol: args.boot_protocol,
             cpus: args.cpus,
             pci_intx: &[],
+            numa: guest_numa.as_ref(),
         },
     )?;
     Ok(VmConfig {
         cmdline,
         layout,
         cpus: args.cpus,
+        guest_numa,
         memory,
         backing_reason,
         kernel,
@@ -381,34 +435,4 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use clap::Parser;
-
-    use super::*;
-    use crate::cli::{Cli, Command};
-
-    /// docs/reliability.md's console bounds, as `vmm run` sets them when not told otherwise:
-    /// a 1 MiB ring between the UART and stdout, a 64 MiB cap on `--serial-log`.
-    #[test]
-    fn the_console_is_bounded_by_default() {
-        let cli = Cli::try_parse_from([
-            "vmm",
-            "run",
-            "--user-device",
-            "none",
-            "--serial-log",
-            "serial.log",
-        ])
-        .unwrap();
-        let Command::Run(args) = cli.command else {
-            panic!("not `vmm run`");
-        };
-        let cfg = config(&args).unwrap();
-        assert_eq!(cfg.serial_buffer, 1 << 20);
-        assert!(
-            matches!(cfg.serial_out, SerialOut::File { max, .. } if max == 64 << 20),
-            "{:?}",
-            cfg.serial_out
-        );
-    }
-}
+mod tests;

@@ -22,7 +22,7 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::load_cmdline;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
-use crate::arch::x86_64::acpi::{self, AcpiError};
+use crate::arch::x86_64::acpi::{self, AcpiError, GuestNuma};
 use crate::arch::x86_64::boot_params::{self, BootParamsError, InitrdPlacement};
 use crate::arch::x86_64::gdt;
 use crate::arch::x86_64::mptable::{self, MpTableError};
@@ -177,14 +177,19 @@ pub struct LoadRequest<'a> {
     pub cpus: u8,
     /// PCI INTx lines, for the MP table and the DSDT's `_PRT`.
     pub pci_intx: &'a [mptable::PciIntx],
+    /// The guest NUMA topology, for the SRAT and SLIT; none: no NUMA tables.
+    pub numa: Option<&'a GuestNuma>,
 }
 
 /// Checks, without loading anything, what `load` would refuse about the images and the
 /// command line: the kernel and initrd open, the kernel's headers read and its extent
 /// checked against RAM below the 32-bit hole, the command line against the kernel's limit,
-/// and the initrd's size against the room left above the kernel. Reads a few KiB of headers;
-/// `req.cpus` and `req.pci_intx` are not looked at.
+/// and the initrd's size against the room left above the kernel, and the guest NUMA topology
+/// against `req.cpus`. Reads a few KiB of headers; `req.pci_intx` is not looked at.
 pub fn check(layout: &MemoryLayout, req: &LoadRequest<'_>) -> Result<(), LoadError> {
+    if let Some(numa) = req.numa {
+        numa.check(req.cpus).map_err(AcpiError::from)?;
+    }
     let low_end = layout.low_ram_end();
     let kernel = inspect_kernel(req.kernel, req.protocol, low_end)?;
     check_cmdline(req.cmdline, kernel.cmdline_limit)?;
@@ -238,7 +243,7 @@ pub fn load(
     })?;
     mptable::write(mem, req.cpus, req.pci_intx)?;
     // Both boot blocks above point at the RSDP these put at ACPI_RSDP_ADDR.
-    acpi::write(mem, req.cpus, layout, req.pci_intx)?;
+    acpi::write(mem, req.cpus, layout, req.pci_intx, req.numa)?;
 
     Ok(BootSetup {
         format: loaded.format,

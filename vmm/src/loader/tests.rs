@@ -103,6 +103,7 @@ fn req<'a>(kernel: &'a ImageSource, cmdline: &'a str, protocol: BootProtocol) ->
         protocol,
         cpus: 1,
         pci_intx: &[],
+        numa: None,
     }
 }
 
@@ -415,4 +416,28 @@ fn check_refuses_what_load_refuses_without_guest_memory() {
         assert_eq!(checked, loaded, "{} {cmdline:?} {protocol}", kernel.name());
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_guest_numa_the_tables_cannot_carry_is_refused_by_check_as_by_load() {
+    use crate::arch::x86_64::acpi::GuestNumaDesc;
+    let mem = guest_mem(64 * MIB);
+    let layout = layout_of(&mem);
+    let k = bytes("tiny", tiny_elf(&[0xf4; 0x200], 0x10_0000, Some(0x10_0100)));
+    // CPU 1 of a one-vCPU guest.
+    let numa = GuestNuma {
+        nodes: vec![GuestNumaDesc {
+            proximity_domain: 0,
+            apic_ids: vec![0, 1],
+            memory: layout.ram().to_vec(),
+        }],
+        distances: vec![vec![10]],
+    };
+    let mut r = req(&k, "", BootProtocol::Auto);
+    r.numa = Some(&numa);
+    let checked = check(&layout, &r).unwrap_err().to_string();
+    assert!(checked.contains("CPU 1 does not exist"), "{checked}");
+    assert_eq!(checked, load(&mem, &layout, &r).unwrap_err().to_string());
+    r.numa = None;
+    check(&layout, &r).unwrap();
 }

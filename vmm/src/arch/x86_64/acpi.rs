@@ -1,6 +1,6 @@
 //! ACPI tables, so a guest learns the CPUs, the interrupt controllers, the PCI host bridge and
 //! its ECAM window (MCFG) without a firmware: RSDP (revision 2) -> XSDT -> FADT (-> DSDT),
-//! MADT, MCFG. Written at [`ACPI_START`] in the E820-reserved BIOS area, the RSDP first,
+//! MADT, MCFG, and with a guest NUMA topology SRAT and SLIT ([`numa`]). Written at [`ACPI_START`] in the E820-reserved BIOS area, the RSDP first,
 //! where Linux scans for it; both boot protocols also pass its address. The `acpi_tables`
 //! crate encodes them ([`tables`], [`dsdt`]); this module places them and writes them.
 //!
@@ -14,6 +14,7 @@
 //! in the VMM's GSI routing, where GSI 0 (the PIT) reaches IOAPIC pin 0.
 
 mod dsdt;
+mod numa;
 mod tables;
 
 use acpi_tables::rsdp::Rsdp;
@@ -26,6 +27,8 @@ use crate::memory::layout::{ACPI_END, ACPI_RSDP_ADDR, ACPI_START};
 use crate::memory::MemoryLayout;
 use tables::{oem_table_id, OEM_ID};
 
+pub use numa::{GuestNuma, GuestNumaDesc, NumaError};
+
 /// ACPI table errors.
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -33,6 +36,8 @@ pub enum AcpiError {
     CpuCount(u8),
     #[error("ACPI tables: {len} bytes do not fit {ACPI_START:#x}..{ACPI_END:#x}")]
     TooBig { len: usize },
+    #[error(transparent)]
+    Numa(#[from] NumaError),
     #[error("ACPI tables: writing {len} bytes at {addr:#x} failed: {source}")]
     Write {
         addr: u64,
@@ -58,6 +63,10 @@ pub struct AcpiTables {
     pub madt: u64,
     /// The MCFG.
     pub mcfg: u64,
+    /// The SRAT, with a NUMA topology.
+    pub srat: Option<u64>,
+    /// The SLIT, with a NUMA topology.
+    pub slit: Option<u64>,
 }
 
 /// The table area as it fills from [`ACPI_START`]: the RSDP first, then each table 16-byte
@@ -100,20 +109,38 @@ fn xsdt(entries: &[u64]) -> XSDT {
     xsdt
 }
 
-/// Builds every table for `cpus` CPUs, the 64-bit PCI window of `layout` and the INTx lines
-/// in `intx`, laid out from [`ACPI_START`].
-pub fn build(cpus: u8, layout: &MemoryLayout, intx: &[PciIntx]) -> Result<AcpiTables, AcpiError> {
+/// Builds every table for `cpus` CPUs, the 64-bit PCI window of `layout`, the INTx lines
+/// in `intx` and, when given, the guest NUMA topology `numa`, laid out from [`ACPI_START`].
+pub fn build(
+    cpus: u8,
+    layout: &MemoryLayout,
+    intx: &[PciIntx],
+    numa: Option<&GuestNuma>,
+) -> Result<AcpiTables, AcpiError> {
     if cpus == 0 || cpus > MAX_CPUS {
         return Err(AcpiError::CpuCount(cpus));
     }
+    if let Some(numa) = numa {
+        numa.check(cpus)?;
+    }
     let mut area = Area::new();
     let dsdt = area.place(&dsdt::dsdt(layout, intx));
-    // The tables the XSDT lists (the NUMA ones join here); it follows them, so that it is
-    // built knowing where they went, and the RSDP, first, points at it.
+    // The tables the XSDT lists; it follows them, so that it is built knowing where they
+    // went, and the RSDP, first, points at it.
     let fadt = area.place(&tables::fadt(dsdt));
     let madt = area.place(&tables::madt(cpus));
     let mcfg = area.place(&tables::mcfg());
-    let xsdt = area.place(&xsdt(&[fadt, madt, mcfg]));
+    let mut listed = vec![fadt, madt, mcfg];
+    let (srat, slit) = match numa {
+        Some(numa) => {
+            let srat = area.place(&numa::srat(numa));
+            let slit = area.place(&numa::slit(numa));
+            listed.extend([srat, slit]);
+            (Some(srat), Some(slit))
+        }
+        None => (None, None),
+    };
+    let xsdt = area.place(&xsdt(&listed));
     let bytes = area.finish(xsdt);
     if ACPI_START + bytes.len() as u64 > ACPI_END {
         return Err(AcpiError::TooBig { len: bytes.len() });
@@ -126,6 +153,8 @@ pub fn build(cpus: u8, layout: &MemoryLayout, intx: &[PciIntx]) -> Result<AcpiTa
         dsdt,
         madt,
         mcfg,
+        srat,
+        slit,
     })
 }
 
@@ -135,8 +164,9 @@ pub fn write(
     cpus: u8,
     layout: &MemoryLayout,
     intx: &[PciIntx],
+    numa: Option<&GuestNuma>,
 ) -> Result<AcpiTables, AcpiError> {
-    let tables = build(cpus, layout, intx)?;
+    let tables = build(cpus, layout, intx, numa)?;
     mem.write_slice(&tables.bytes, GuestAddress(ACPI_START))
         .map_err(|source| AcpiError::Write {
             addr: ACPI_START,

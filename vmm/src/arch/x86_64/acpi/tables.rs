@@ -1,6 +1,7 @@
 //! The static tables (FADT, MADT, MCFG) and the header every table of this VMM carries, built
-//! with the `acpi_tables` crate. A new table (SRAT, SLIT for NUMA) is one more function here
-//! that returns something `acpi_tables::Aml`, placed and listed by `acpi::build`.
+//! with the `acpi_tables` crate. A new table is one more function (here, or in a module of
+//! its own as the NUMA ones in `numa`) that returns something `acpi_tables::Aml`, placed and
+//! listed by `acpi::build`.
 //!
 //! Layouts: ACPI 6.5 sections 5.2.9 (FADT) and 5.2.12 (MADT); MCFG is from the PCI Firmware
 //! Specification 3.3, 4.1.2.
@@ -15,7 +16,8 @@ use crate::memory::layout::{IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_STA
 
 /// The OEM ID of every table and of the RSDP.
 pub const OEM_ID: [u8; 6] = *b"RSTVMM";
-const OEM_REVISION: u32 = 1;
+/// The OEM revision of every table.
+pub const OEM_REVISION: u32 = 1;
 /// Length of the common table header (ACPI 6.5, 5.2.6).
 pub const HEADER_LEN: usize = 36;
 

@@ -8,8 +8,8 @@ use super::tables::{
 };
 use super::*;
 use crate::memory::layout::{
-    E820Kind, GIB, IOAPIC_ADDR, LAPIC_ADDR, MIB, MMIO32_ALLOC_END, MMIO32_START, PCI_ECAM_SIZE,
-    PCI_ECAM_START, PCI_IO_END, PCI_IO_START,
+    E820Kind, RamRange, GIB, IOAPIC_ADDR, LAPIC_ADDR, MIB, MMIO32_ALLOC_END, MMIO32_START,
+    PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_END, PCI_IO_START,
 };
 
 const RSDP_LEN: usize = 36;
@@ -57,7 +57,7 @@ fn intx() -> Vec<PciIntx> {
 #[test]
 fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
     for cpus in [1u8, 2, 64, MAX_CPUS] {
-        let t = build(cpus, &MemoryLayout::new(6 * GIB).unwrap(), &intx()).unwrap();
+        let t = build(cpus, &MemoryLayout::new(6 * GIB).unwrap(), &intx(), None).unwrap();
         assert_eq!(t.rsdp, ACPI_START);
         let rsdp = at(&t, t.rsdp, RSDP_LEN);
         assert_eq!(&rsdp[..8], b"RSD PTR ");
@@ -115,7 +115,7 @@ fn every_checksum_is_zero_and_the_rsdp_leads_to_every_table() {
 #[test]
 fn madt_has_one_enabled_lapic_per_cpu_and_the_ioapic() {
     for cpus in [1u8, 2, 7, MAX_CPUS] {
-        let t = build(cpus, &MemoryLayout::new(256 * MIB).unwrap(), &[]).unwrap();
+        let t = build(cpus, &MemoryLayout::new(256 * MIB).unwrap(), &[], None).unwrap();
         let madt = table(&t, t.madt);
         assert_eq!(madt[8], 5, "MADT revision");
         assert_eq!(u32_at(madt, 36) as u64, LAPIC_ADDR);
@@ -155,7 +155,7 @@ fn madt_has_one_enabled_lapic_per_cpu_and_the_ioapic() {
 
 #[test]
 fn mcfg_describes_the_ecam_window() {
-    let t = build(1, &MemoryLayout::new(256 * MIB).unwrap(), &[]).unwrap();
+    let t = build(1, &MemoryLayout::new(256 * MIB).unwrap(), &[], None).unwrap();
     let mcfg = table(&t, t.mcfg);
     assert_eq!(mcfg.len(), HEADER_LEN + 8 + 16);
     assert_eq!(u64_at(mcfg, HEADER_LEN), 0, "reserved");
@@ -176,7 +176,7 @@ fn mcfg_describes_the_ecam_window() {
 #[test]
 fn tables_lie_in_reserved_memory_below_the_kernel() {
     for size in [64 * MIB, 6 * GIB] {
-        let t = build(MAX_CPUS, &MemoryLayout::new(size).unwrap(), &intx()).unwrap();
+        let t = build(MAX_CPUS, &MemoryLayout::new(size).unwrap(), &intx(), None).unwrap();
         let (start, end) = (ACPI_START, ACPI_START + t.bytes.len() as u64);
         assert!(end <= ACPI_END && ACPI_END <= crate::memory::layout::KERNEL_START);
         assert!(
@@ -278,7 +278,7 @@ fn crs(body: &[u8], name: &[u8; 4]) -> Vec<Window> {
 #[test]
 fn dsdt_declares_the_pci_host_bridge_windows_and_com1() {
     let layout = MemoryLayout::new(6 * GIB).unwrap();
-    let t = build(2, &layout, &intx()).unwrap();
+    let t = build(2, &layout, &intx(), None).unwrap();
     let dsdt = table(&t, t.dsdt);
     assert_eq!(dsdt[8], 2, "DSDT revision 2: 64-bit integers");
     let body = &dsdt[HEADER_LEN..];
@@ -331,11 +331,11 @@ fn dsdt_declares_the_pci_host_bridge_windows_and_com1() {
 #[test]
 fn cpu_count_is_checked() {
     assert!(matches!(
-        build(0, &MemoryLayout::new(64 * MIB).unwrap(), &[]),
+        build(0, &MemoryLayout::new(64 * MIB).unwrap(), &[], None),
         Err(AcpiError::CpuCount(0))
     ));
     assert!(matches!(
-        build(255, &MemoryLayout::new(64 * MIB).unwrap(), &[]),
+        build(255, &MemoryLayout::new(64 * MIB).unwrap(), &[], None),
         Err(AcpiError::CpuCount(255))
     ));
 }
@@ -343,7 +343,7 @@ fn cpu_count_is_checked() {
 #[test]
 fn tables_land_in_guest_memory() {
     let mem = crate::loader::tests::guest_mem(64 * MIB);
-    let t = write(&mem, 2, &MemoryLayout::new(64 * MIB).unwrap(), &[]).unwrap();
+    let t = write(&mem, 2, &MemoryLayout::new(64 * MIB).unwrap(), &[], None).unwrap();
     let mut sig = [0u8; 8];
     mem.read_slice(&mut sig, GuestAddress(ACPI_RSDP_ADDR))
         .unwrap();
@@ -351,4 +351,272 @@ fn tables_land_in_guest_memory() {
     let mut mcfg = [0u8; 4];
     mem.read_slice(&mut mcfg, GuestAddress(t.mcfg)).unwrap();
     assert_eq!(&mcfg, b"MCFG");
+}
+
+/// FNV-1a, to pin whole table areas in a few digits.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// Without a NUMA description the tables are what they were before SRAT and SLIT existed,
+/// byte for byte: the sums were taken on the code before them.
+#[test]
+fn without_numa_the_tables_are_unchanged() {
+    for (cpus, size, len, sum) in [
+        (1u8, 64 * MIB, 860, 0xc0ff_4df2_8efa_06b5),
+        (2, 6 * GIB, 860, 0xf53e_a5c3_c3ca_b36d),
+        (MAX_CPUS, 2 * GIB, 2876, 0x1678_055c_4144_da75),
+    ] {
+        let t = build(cpus, &MemoryLayout::new(size).unwrap(), &intx(), None).unwrap();
+        assert_eq!((t.bytes.len(), fnv1a(&t.bytes)), (len, sum), "{cpus} cpus");
+        assert_eq!((t.srat, t.slit), (None, None));
+    }
+}
+
+const SRAT_LAPIC: u8 = 0;
+const SRAT_MEMORY: u8 = 1;
+
+fn node(domain: u32, apic_ids: &[u32], memory: &[(u64, u64)]) -> GuestNumaDesc {
+    GuestNumaDesc {
+        proximity_domain: domain,
+        apic_ids: apic_ids.to_vec(),
+        memory: memory
+            .iter()
+            .map(|&(start, end)| RamRange {
+                start: GuestAddress(start),
+                size: end - start,
+            })
+            .collect(),
+    }
+}
+
+/// The SRAT's enabled structures as an OS reads them: (domain, APIC ID) per Local APIC
+/// affinity and (domain, base, end) per memory affinity.
+type Srat = (Vec<(u32, u8)>, Vec<(u32, u64, u64)>);
+
+fn decode_srat(srat: &[u8]) -> Srat {
+    assert_eq!(&srat[..4], b"SRAT");
+    assert_eq!(srat[8], 3, "SRAT revision 3: 32-bit domains");
+    assert_eq!(u32_at(srat, HEADER_LEN), 1, "reserved, 1");
+    assert_eq!(u64_at(srat, HEADER_LEN + 4), 0, "reserved");
+    let (mut cpus, mut mem) = (Vec::new(), Vec::new());
+    let mut off = HEADER_LEN + 12;
+    while off < srat.len() {
+        let (kind, len) = (srat[off], srat[off + 1] as usize);
+        let e = &srat[off..off + len];
+        match kind {
+            SRAT_LAPIC => {
+                assert_eq!(len, 16);
+                assert_eq!(u32_at(e, 4), 1, "enabled");
+                assert_eq!((e[8], u32_at(e, 12)), (0, 0), "SAPIC EID, clock domain");
+                let domain = u32::from(e[2]) | u32_at(e, 8) >> 8 << 8;
+                cpus.push((domain, e[3]));
+            }
+            SRAT_MEMORY => {
+                assert_eq!(len, 40);
+                assert_eq!(
+                    u32_at(e, 28),
+                    1,
+                    "enabled, not hot-pluggable or non-volatile"
+                );
+                assert_eq!((u16_at(e, 6), u32_at(e, 24), u64_at(e, 32)), (0, 0, 0));
+                let (base, size) = (u64_at(e, 8), u64_at(e, 16));
+                mem.push((u32_at(e, 2), base, base + size));
+            }
+            k => panic!("unexpected SRAT structure {k}"),
+        }
+        off += len;
+    }
+    assert_eq!(off, srat.len());
+    (cpus, mem)
+}
+
+/// The SLIT's matrix, row by row.
+fn decode_slit(slit: &[u8]) -> Vec<Vec<u8>> {
+    assert_eq!(&slit[..4], b"SLIT");
+    let n = u64_at(slit, HEADER_LEN) as usize;
+    assert_eq!(slit.len(), HEADER_LEN + 8 + n * n);
+    slit[HEADER_LEN + 8..]
+        .chunks(n)
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
+/// Three nodes on a 6 GiB guest: two CPUs and the RAM below 2 GiB; one CPU and RAM on both
+/// sides of the 32-bit hole; a memory-only node.
+fn three_nodes() -> GuestNuma {
+    GuestNuma {
+        nodes: vec![
+            node(0, &[0, 1], &[(0, 2 * GIB)]),
+            node(1, &[2], &[(2 * GIB, 3 * GIB), (4 * GIB, 5 * GIB)]),
+            node(2, &[], &[(5 * GIB, 7 * GIB)]),
+        ],
+        distances: vec![vec![10, 20, 30], vec![20, 10, 25], vec![30, 25, 10]],
+    }
+}
+
+#[test]
+fn srat_and_slit_describe_the_guest_numa_nodes() {
+    let numa = three_nodes();
+    let t = build(
+        3,
+        &MemoryLayout::new(6 * GIB).unwrap(),
+        &intx(),
+        Some(&numa),
+    )
+    .unwrap();
+    let (srat, slit) = (t.srat.unwrap(), t.slit.unwrap());
+    let xsdt = table(&t, t.xsdt);
+    let entries: Vec<u64> = xsdt[HEADER_LEN..].chunks(8).map(|c| u64_at(c, 0)).collect();
+    assert_eq!(entries, vec![t.fadt, t.madt, t.mcfg, srat, slit]);
+    for (addr, sig) in [(srat, b"SRAT"), (slit, b"SLIT"), (t.xsdt, b"XSDT")] {
+        let tb = table(&t, addr);
+        assert_eq!(byte_sum(tb), 0, "{} checksum", String::from_utf8_lossy(sig));
+        assert_eq!(&tb[10..16], OEM_ID);
+        assert_eq!(&tb[16..24], &[&b"VMM "[..], sig].concat()[..]);
+        assert_eq!(addr % 16, 0);
+    }
+    let srat = table(&t, srat);
+    assert_eq!(srat.len(), HEADER_LEN + 12 + 3 * 16 + 4 * 40);
+    let (cpus, mem) = decode_srat(srat);
+    assert_eq!(cpus, vec![(0, 0), (0, 1), (1, 2)]);
+    assert_eq!(
+        mem,
+        vec![
+            (0, 0, 2 * GIB),
+            (1, 2 * GIB, 3 * GIB),
+            (1, 4 * GIB, 5 * GIB),
+            (2, 5 * GIB, 7 * GIB)
+        ]
+    );
+    assert_eq!(decode_slit(table(&t, slit)), numa.distances);
+    assert!(ACPI_START + t.bytes.len() as u64 <= ACPI_END);
+}
+
+#[test]
+fn every_cpu_gets_its_node_even_with_the_most_cpus() {
+    let numa = GuestNuma {
+        nodes: vec![
+            node(0, &(0..127).collect::<Vec<_>>(), &[(0, GIB)]),
+            node(
+                1,
+                &(127..u32::from(MAX_CPUS)).collect::<Vec<_>>(),
+                &[(GIB, 2 * GIB)],
+            ),
+        ],
+        distances: vec![vec![10, 21], vec![21, 10]],
+    };
+    let t = build(
+        MAX_CPUS,
+        &MemoryLayout::new(2 * GIB).unwrap(),
+        &[],
+        Some(&numa),
+    )
+    .unwrap();
+    let srat = table(&t, t.srat.unwrap());
+    assert_eq!(byte_sum(srat), 0);
+    let (cpus, _) = decode_srat(srat);
+    let want: Vec<(u32, u8)> = (0..MAX_CPUS).map(|i| (u32::from(i >= 127), i)).collect();
+    assert_eq!(cpus, want);
+    assert_eq!(byte_sum(table(&t, t.slit.unwrap())), 0);
+    assert_eq!(decode_slit(table(&t, t.slit.unwrap())), numa.distances);
+}
+
+#[test]
+fn a_numa_description_the_tables_cannot_carry_is_refused() {
+    let layout = MemoryLayout::new(6 * GIB).unwrap();
+    let refused = |numa: GuestNuma, cpus: u8| match build(cpus, &layout, &[], Some(&numa)) {
+        Err(AcpiError::Numa(e)) => e,
+        other => panic!("{other:?}"),
+    };
+    let with = |f: &dyn Fn(&mut GuestNuma)| {
+        let mut numa = three_nodes();
+        f(&mut numa);
+        refused(numa, 3)
+    };
+    assert_eq!(
+        refused(
+            GuestNuma {
+                nodes: vec![],
+                distances: vec![]
+            },
+            1
+        ),
+        NumaError::NoNodes
+    );
+    assert_eq!(
+        with(&|n| n.nodes.swap(0, 1)),
+        NumaError::IdOrder { index: 0, id: 1 }
+    );
+    assert_eq!(
+        refused(three_nodes(), 2),
+        NumaError::NoSuchCpu { cpu: 2, cpus: 2 }
+    );
+    assert_eq!(
+        with(&|n| n.nodes[1].apic_ids.push(0)),
+        NumaError::CpuTwice { cpu: 0 }
+    );
+    assert_eq!(refused(three_nodes(), 4), NumaError::CpuInNoNode { cpu: 3 });
+    assert_eq!(
+        with(&|n| n.nodes[2].memory[0].size = 0),
+        NumaError::EmptyRange {
+            node: 2,
+            addr: 5 * GIB
+        }
+    );
+    assert_eq!(
+        with(&|n| n.distances[2].pop().map(drop).unwrap()),
+        NumaError::DistanceShape { nodes: 3 }
+    );
+    assert_eq!(
+        with(&|n| n.distances.pop().map(drop).unwrap()),
+        NumaError::DistanceShape { nodes: 3 }
+    );
+    assert_eq!(
+        with(&|n| n.distances[1][1] = 11),
+        NumaError::BadDistance {
+            from: 1,
+            to: 1,
+            got: 11
+        }
+    );
+    assert_eq!(
+        with(&|n| n.distances[0][2] = 10),
+        NumaError::BadDistance {
+            from: 0,
+            to: 2,
+            got: 10
+        }
+    );
+    assert_eq!(
+        with(&|n| n.distances[2][0] = 9),
+        NumaError::BadDistance {
+            from: 2,
+            to: 0,
+            got: 9
+        }
+    );
+    assert_eq!(
+        with(&|n| n.distances[1][2] = 40),
+        NumaError::Asymmetric {
+            a: 1,
+            b: 2,
+            ab: 40,
+            ba: 25
+        }
+    );
+    // Unreachable (255) is a distance like any other.
+    with_ok(|n| {
+        n.distances[0][2] = 255;
+        n.distances[2][0] = 255;
+    });
+}
+
+fn with_ok(f: impl Fn(&mut GuestNuma)) {
+    let mut numa = three_nodes();
+    f(&mut numa);
+    let t = build(3, &MemoryLayout::new(6 * GIB).unwrap(), &[], Some(&numa)).unwrap();
+    assert_eq!(decode_slit(table(&t, t.slit.unwrap())), numa.distances);
 }
