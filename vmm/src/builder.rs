@@ -33,7 +33,8 @@ use pinning::{
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
-use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
+use crate::memory::zones::{GuestNumaNode, ZoneConfig};
+use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec, RamRange};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
 use crate::pin::{PinChoice, PinChoiceError, TestFault};
 use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
@@ -52,7 +53,14 @@ pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
 pub struct VmConfig {
     pub layout: MemoryLayout,
     pub cpus: u8,
+    /// The backing `--backing` resolved to (and `--memory-shard`).
     pub memory: MemorySpec,
+    /// Each zone's backing, in the order of `layout.zones()` (`[memory]` without zones).
+    pub zone_memory: Vec<MemorySpec>,
+    /// `--memory-zone`s (empty: none given, all RAM is one zone with no host node).
+    pub zones: Vec<ZoneConfig>,
+    /// `--numa` guest nodes (empty: the guest sees no NUMA topology).
+    pub numa: Vec<GuestNumaNode>,
     /// Why `memory.backing` was chosen (`--backing auto` says what it weighed).
     pub backing_reason: String,
     pub kernel: ImageSource,
@@ -211,9 +219,19 @@ impl Machine {
     }
 }
 
-/// Stage `memory`: maps guest RAM as `layout` says and registers it with KVM.
-pub fn memory(vm: &Vm, layout: &MemoryLayout, spec: MemorySpec) -> Result<GuestMemory, StartError> {
-    let memory = GuestMemory::new(spec, layout.ram())?;
+/// Stage `memory`: maps guest RAM as `layout` says, each zone with its spec in `specs`
+/// (one per zone, in order), and registers it with KVM.
+pub fn memory(
+    vm: &Vm,
+    layout: &MemoryLayout,
+    specs: &[MemorySpec],
+) -> Result<GuestMemory, StartError> {
+    let zones: Vec<(MemorySpec, Vec<RamRange>)> = specs
+        .iter()
+        .zip(layout.zones())
+        .map(|(spec, zone)| (*spec, zone.ranges.clone()))
+        .collect();
+    let memory = GuestMemory::zoned(&zones)?;
     vm.register_memory(&memory)?;
     Ok(memory)
 }
@@ -347,7 +365,9 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     // From here on pinning helpers filter themselves as they start.
     let filters = Filters::new(&config.seccomp, vm.stop_handle())?;
     let huge_before = thp::huge_bytes_in_use();
-    let memory = timeline.phase("memory", || memory(&vm, &config.layout, config.memory))?;
+    let memory = timeline.phase("memory", || {
+        memory(&vm, &config.layout, &config.zone_memory)
+    })?;
     let (platform, mut passthrough) =
         timeline.phase("devices", || devices(&vm, config, &marks, &failure))?;
     let pinned = timeline.phase("pin", || {

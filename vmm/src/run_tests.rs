@@ -83,6 +83,9 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
         layout: MemoryLayout::new(64 * MIB).unwrap(),
         cpus,
         memory: MemorySpec::new(Backing::Anon),
+        zone_memory: vec![MemorySpec::new(Backing::Anon)],
+        zones: Vec::new(),
+        numa: Vec::new(),
         backing_reason: "test".into(),
         kernel: ImageSource::Bytes {
             name: "test guest".into(),
@@ -141,7 +144,7 @@ impl TestVm {
 /// Stages `kvm`, `memory` and `devices` (no passthrough device asked for).
 fn platform(cfg: &VmConfig, marks: &Arc<GuestMarks>) -> (Vm, GuestMemory, Platform) {
     let vm = Vm::new(cfg.cpus).unwrap();
-    let memory = builder::memory(&vm, &cfg.layout, cfg.memory).unwrap();
+    let memory = builder::memory(&vm, &cfg.layout, &cfg.zone_memory).unwrap();
     let (platform, passthrough) = builder::devices(&vm, cfg, marks, &Failure::default()).unwrap();
     assert!(passthrough.names.is_empty());
     (vm, memory, platform)
