@@ -222,6 +222,10 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
             "--memory 512 MiB but the --memory-zone sizes add up to 256 MiB",
         ),
         (
+            vec!["run", "--memory-zone", "id=a,size=32M"],
+            "the --memory-zone sizes add up to 32 MiB, below the guest minimum of 64 MiB",
+        ),
+        (
             vec!["run", "--numa", "guest_numa_id=0,cpus=[0]"],
             "--numa needs --memory-zone",
         ),
@@ -333,7 +337,7 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
         ),
     ];
     // Exactly, not at least: a case dropped by mistake (a merge, an edit) is a failure here.
-    assert_eq!(cases.len(), 70, "the table's cases");
+    assert_eq!(cases.len(), 71, "the table's cases");
     // hugetlb without reserved pages (skipped where a host has reserved enough).
     if free_huge_pages(2048) < 32 {
         cases.push((

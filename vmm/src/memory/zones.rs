@@ -15,7 +15,7 @@ use pinning::topology::{HostTopology, NodeError};
 use pinning::{Classify, ErrorClass};
 
 use super::backing::Backing;
-use super::layout::{MemoryLayout, PAGE_SIZE};
+use super::layout::{MemoryLayout, MIN_MEM_SIZE, PAGE_SIZE};
 use super::{MemorySpec, ThpPolicy};
 use crate::size::{human, parse_size};
 
@@ -198,6 +198,8 @@ pub enum ZoneError {
     ZoneSize { id: String, size: u64, page: u64 },
     #[error("--memory {} but the --memory-zone sizes add up to {}; leave --memory out or make it their sum", human(*memory), human(*zones))]
     MemoryMismatch { memory: u64, zones: u64 },
+    #[error("the --memory-zone sizes add up to {}, below the guest minimum of {}; give larger zones", human(*.0), human(MIN_MEM_SIZE))]
+    TooSmall(u64),
     #[error("--numa needs --memory-zone: give each guest node its RAM as zones (--memory-zone id=mem0,size=1G and memory_zones=[mem0])")]
     NumaWithoutZones,
     #[error("--numa guest_numa_id={0} is given twice; give each guest node its own id")]
@@ -274,6 +276,9 @@ pub fn check(
         }
     }
     let total = zones.iter().fold(0u64, |t, z| t.saturating_add(z.size));
+    if !zones.is_empty() && total < MIN_MEM_SIZE {
+        return Err(ZoneError::TooSmall(total));
+    }
     if let Some(memory) = memory.filter(|&m| !zones.is_empty() && m != total) {
         return Err(ZoneError::MemoryMismatch {
             memory,

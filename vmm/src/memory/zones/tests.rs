@@ -109,6 +109,18 @@ fn every_inconsistency_is_refused_naming_it() {
         e.to_string(),
         "--memory 1 GiB but the --memory-zone sizes add up to 2 GiB; leave --memory out or make it their sum"
     );
+    let e = err(
+        &[zone("id=a,size=32M"), zone("id=b,size=16M")],
+        &[],
+        None,
+        1,
+    );
+    assert_eq!(e, ZoneError::TooSmall(48 * MIB));
+    assert!(
+        e.to_string()
+            .contains("add up to 48 MiB, below the guest minimum of 64 MiB"),
+        "{e}"
+    );
     assert_eq!(err(&[], &n, None, 2), ZoneError::NumaWithoutZones);
     let mut dup = n.clone();
     dup[1].guest_numa_id = 0;
