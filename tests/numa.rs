@@ -26,6 +26,29 @@ fn two_zones_boot_the_probe_and_their_sum_is_guest_ram() {
 }
 
 #[test]
+fn a_zone_across_the_32_bit_hole_boots_and_the_device_reaches_every_gib() {
+    // Zone b runs from 2 GiB to the hole and on from 4 GiB.
+    let (out, r) = run_with_report(&[
+        "--memory-zone",
+        "id=a,size=2G",
+        "--memory-zone",
+        "id=b,size=2G",
+    ]);
+    let serial = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{serial}\n{}", stderr(&out));
+    assert!(serial.contains("probe: result ok"), "{serial}");
+    let r = r.unwrap();
+    assert_eq!(r["vm"]["memory_bytes"].as_u64(), Some(4 << 30), "{r}");
+    assert_eq!(r["pin"]["bytes"].as_u64(), Some(4 << 30), "{r}");
+    let e820 = r["vm"]["e820"].as_array().unwrap();
+    assert!(
+        e820.iter()
+            .any(|e| e["addr"].as_u64() == Some(4 << 30) && e["size"].as_u64() == Some(1 << 30)),
+        "{r}"
+    );
+}
+
+#[test]
 fn two_guest_nodes_with_zones_of_their_own_backings_boot() {
     // Zone a takes --backing anon, zone b is shared=on (memfd): one file, for b alone.
     let (out, r) = run_with_report(&[
