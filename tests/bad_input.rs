@@ -189,6 +189,132 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
             vec!["bench", "startup", "--qemu", "/nonexistent/qemu"],
             "/nonexistent/qemu",
         ),
+        // Memory zones and guest NUMA nodes (Cloud Hypervisor's syntax).
+        (vec!["run", "--memory-zone", "id=a"], "give the zone a size"),
+        (
+            vec!["run", "--numa", "guest_numa_id=0,cpus=[0"],
+            "without its `]`",
+        ),
+        (
+            vec!["run", "--memory-zone", "id=a,size=1025K"],
+            "id=a,size=1.0 MiB (1049600 bytes): not a multiple of the 4 KiB page size",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--memory-zone",
+                "id=a,size=128M",
+            ],
+            "--memory-zone id=a is given twice",
+        ),
+        (
+            vec![
+                "run",
+                "--memory",
+                "512M",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--memory-zone",
+                "id=b,size=128M",
+            ],
+            "--memory 512 MiB but the --memory-zone sizes add up to 256 MiB",
+        ),
+        (
+            vec!["run", "--memory-zone", "id=a,size=32M"],
+            "the --memory-zone sizes add up to 32 MiB, below the guest minimum of 64 MiB",
+        ),
+        (
+            vec!["run", "--numa", "guest_numa_id=0,cpus=[0]"],
+            "--numa needs --memory-zone",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--memory-zone",
+                "id=b,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a]",
+            ],
+            "--memory-zone id=b is in no --numa node",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a,c]",
+            ],
+            "memory_zones names c, which no --memory-zone defines",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a]",
+                "--numa",
+                "guest_numa_id=1,memory_zones=[a]",
+            ],
+            "--memory-zone id=a is in guest nodes 0 and 1",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0,3],memory_zones=[a]",
+            ],
+            "cpus names vCPU 3, but --cpus 1 gives vCPUs 0-0",
+        ),
+        (
+            vec![
+                "run",
+                "--cpus",
+                "2",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--memory-zone",
+                "id=b,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0-1],memory_zones=[a]",
+                "--numa",
+                "guest_numa_id=1,cpus=[1],memory_zones=[b]",
+            ],
+            "vCPU 1 is in guest nodes 0 and 1",
+        ),
+        (
+            vec![
+                "run",
+                "--cpus",
+                "2",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a]",
+            ],
+            "vCPU 1 is in no --numa node",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a],distances=[5@20]",
+            ],
+            "distances names node 5, which no --numa defines",
+        ),
+        (
+            vec!["run", "--memory-zone", "id=far,size=1G,host_numa_node=7"],
+            "--memory-zone id=far,host_numa_node=7: host NUMA node 7 does not exist",
+        ),
         // device epf.
         (vec!["device", "epf"], "--socket"),
         (
@@ -211,7 +337,7 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
         ),
     ];
     // Exactly, not at least: a case dropped by mistake (a merge, an edit) is a failure here.
-    assert_eq!(cases.len(), 56, "the table's cases");
+    assert_eq!(cases.len(), 71, "the table's cases");
     // hugetlb without reserved pages (skipped where a host has reserved enough).
     if free_huge_pages(2048) < 32 {
         cases.push((
@@ -223,6 +349,22 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
         cases.push((
             vec!["pin-bench", "--memory", "1G", "--backing", "hugetlb-1g"],
             "nr_hugepages",
+        ));
+    }
+    // hugepages=on on a host node without free huge pages.
+    let node0_free = std::fs::read_to_string(
+        "/sys/devices/system/node/node0/hugepages/hugepages-2048kB/free_hugepages",
+    )
+    .ok()
+    .and_then(|s| s.trim().parse::<u64>().ok());
+    if node0_free.is_some_and(|free| free < 32) {
+        cases.push((
+            vec![
+                "run",
+                "--memory-zone",
+                "id=h,size=64M,host_numa_node=0,hugepages=on",
+            ],
+            "hugepages=on needs 32 free 2 MiB huge pages on host node 0",
         ));
     }
     let before = epf_folders(&tmp);

@@ -313,7 +313,7 @@ const SRAT_PARSED: &[&str] = &[
 ];
 
 #[test]
-#[ignore = "needs .guest/ from resources/linux/make-guest.sh, minutes of emulated boot, and --memory-zone/--numa (issue 18)"]
+#[ignore = "needs .guest/ from resources/linux/make-guest.sh and minutes of emulated boot; .ci/run runs it"]
 fn debian_vmlinux_sees_two_numa_nodes_in_the_srat() {
     // The SRAT is parsed early in setup_arch, before the CPU count is out: stop there.
     let (boot, cmdline) = boot(

@@ -52,7 +52,6 @@ fn node_lines(output: &str) -> Vec<&str> {
 }
 
 #[test]
-#[ignore = "needs --memory-zone/--numa and their GuestNuma wiring (issue 18)"]
 fn two_guest_nodes_reach_the_guest_and_match_the_configuration() {
     let (code, output) = run(&[]);
     assert_eq!(code, Some(exit::OK.into()), "{WAITS_FOR}:\n{output}");
@@ -67,7 +66,6 @@ fn two_guest_nodes_reach_the_guest_and_match_the_configuration() {
 }
 
 #[test]
-#[ignore = "needs --memory-zone/--numa and their GuestNuma wiring (issue 18)"]
 fn a_topology_that_differs_fails_the_probe_naming_what_differs() {
     let e = OPT_EXPECT_NUMA;
     for (cmdline, reason) in [

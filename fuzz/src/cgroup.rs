@@ -1,7 +1,8 @@
 //! Target `cgroup`: the parsers of the files pinning reads to learn its limits
 //! (`/proc/self/cgroup` with `/proc/self/mountinfo`, `/proc/self/status`, CPU lists,
-//! `cpu.max`, `cpu.cfs_quota_us`/`cpu.cfs_period_us`, `memory.max`/`memory.current`), on
-//! arbitrary text.
+//! `cpu.max`, `cpu.cfs_quota_us`/`cpu.cfs_period_us`, `memory.max`/`memory.current`, and
+//! the NUMA topology's node lists, `Mems_allowed_list`, node MemTotal, distances and huge
+//! page directory names), on arbitrary text.
 //!
 //! Invariants:
 //! - nothing panics, overflows or allocates without bound, whatever the text;
@@ -37,7 +38,7 @@ pub fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let which = input.u8();
     let [a, b, c] = texts::<3>(input.rest());
-    match which % 6 {
+    match which % 7 {
         0 => {
             let root = Path::new("/fuzz-root");
             for h in fuzzing::cgroups(root, &a, &b) {
@@ -109,6 +110,7 @@ pub fn run(data: &[u8]) {
                 assert!(m.room() <= m.limit);
             }
         }
+        6 => topology(&a),
         _ => {
             // All of them on the same text, as a file that is not what it should be.
             let _ = fuzzing::cgroups(Path::new("/"), &a, &a);
@@ -118,6 +120,24 @@ pub fn run(data: &[u8]) {
             let _ = fuzzing::memory(&c, Some(&c));
         }
     }
+}
+
+/// The NUMA topology's parsers (`pinning::topology`) on one text: node lists stay below the
+/// kernel's node limit and print back to themselves, sizes are whole KiB, a distance line has
+/// at most one entry per possible node.
+fn topology(text: &str) {
+    let t = fuzzing::topology(text);
+    for nodes in [&t.nodes, &t.mems_allowed].into_iter().flatten() {
+        assert!(nodes.iter().all(|&n| n < 1024), "{nodes:?} from {text:?}");
+        let printed: Vec<String> = nodes.iter().map(u32::to_string).collect();
+        assert_eq!(
+            fuzzing::topology(&printed.join(",")).nodes.as_ref(),
+            Some(nodes)
+        );
+    }
+    assert!(t.mem_total.is_none_or(|b| b % 1024 == 0));
+    assert!(t.huge_page_size.is_none_or(|b| b > 0 && b % 1024 == 0));
+    assert!(t.distances.is_none_or(|d| d.len() <= 1024));
 }
 
 /// Seeds: the files of this host (cgroup v1 controllers plus a cgroup2 mount), a pure v2
@@ -167,5 +187,6 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("cpus", join(2, &["0-3,8,10-11\n"])),
         ("quota", join(3, &["150000 100000\n", "-1\n"])),
         ("memory", join(4, &["1073741824\n", "524288\n"])),
+        ("topology", join(6, &["Node 0 MemTotal:       24683772 kB\n"])),
     ]
 }

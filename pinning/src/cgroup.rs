@@ -192,11 +192,18 @@ impl Cgroups {
 
     /// The memory nodes the cpuset allows (`cpuset.mems` / `cpuset.mems.effective`).
     pub(crate) fn cpuset_mems(&self) -> Option<String> {
+        self.cpuset_mems_file().map(|(_, text)| text)
+    }
+
+    /// [`Cgroups::cpuset_mems`] with the file it came from, so a refusal can name it.
+    pub(crate) fn cpuset_mems_file(&self) -> Option<(PathBuf, String)> {
         let from = |h: &Hierarchy, file: &str| {
-            std::fs::read_to_string(h.dir.join(file))
+            let path = h.dir.join(file);
+            std::fs::read_to_string(&path)
                 .ok()
                 .map(|s| s.trim().to_string())
                 .filter(|s| !s.is_empty())
+                .map(|s| (path, s))
         };
         self.v2
             .as_ref()

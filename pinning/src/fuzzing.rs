@@ -73,3 +73,26 @@ pub fn v2_quota(text: &str) -> Option<CpuQuota> {
 pub fn memory(limit: &str, usage: Option<&str>) -> Option<MemoryLimit> {
     crate::cgroup::parse_memory(limit, usage, PathBuf::from("memory.max"))
 }
+
+/// The parsers of [`crate::topology`]: a node list, `Mems_allowed_list` of a status text,
+/// a node's MemTotal, a distance line and a huge-page directory name.
+pub fn topology(text: &str) -> TopologyParts {
+    use crate::topology as t;
+    TopologyParts {
+        nodes: t::parse_node_list(text),
+        mems_allowed: t::parse_mems_allowed(text),
+        mem_total: t::parse_node_mem_total(text),
+        distances: t::parse_distances(text),
+        huge_page_size: t::parse_huge_page_dir(text),
+    }
+}
+
+/// What [`topology`] found in one text.
+#[derive(Clone, Debug)]
+pub struct TopologyParts {
+    pub nodes: Option<Vec<u32>>,
+    pub mems_allowed: Option<Vec<u32>>,
+    pub mem_total: Option<u64>,
+    pub distances: Option<Vec<u8>>,
+    pub huge_page_size: Option<u64>,
+}

@@ -23,6 +23,7 @@
 //! - [`class`] says who must act on an error; the errors that reach `vmm` implement
 //!   [`class::Classify`], and `vmm` turns the class into the exit status.
 //! - [`sys`] holds the crate's system-call wrappers; [`model`] is an IOMMU model for tests.
+//! - [`topology`] reads the host's NUMA nodes and which of them this process may use.
 //! - [`thread_hook`] runs the embedder's code on every helper thread as it starts (the VMM
 //!   installs its seccomp filter there).
 
@@ -47,6 +48,7 @@ mod progress;
 pub mod region;
 pub mod sys;
 pub mod thread_hook;
+pub mod topology;
 
 pub use admission::AdmissionError;
 pub use backend::{BackendInfo, BackendKind, PinBackend};

@@ -46,7 +46,7 @@ pub(crate) fn set_thread_nice(tid: i32, nice: i32) -> io::Result<()> {
 }
 
 /// The CPUs the calling thread may run on.
-pub(crate) fn affinity_cpus() -> io::Result<Vec<usize>> {
+pub fn affinity_cpus() -> io::Result<Vec<usize>> {
     // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: the pointer and size describe `set`, which outlives the call.

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use devices::exit::StopHandle;
 use devices::{ExitReason, GuestMarks};
+use pinning::pinner::PinZone;
+use pinning::topology::HostTopology;
 use pinning::{
     CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, SignalGuard,
     Undone,
@@ -36,7 +38,8 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::arch::x86_64::acpi::GuestNuma;
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::numa::Policy;
-use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec};
+use crate::memory::zones::{GuestNumaNode, ZoneConfig};
+use crate::memory::{thp, GuestMemory, MemoryError, MemoryLayout, MemorySpec, RamRange};
 use crate::passthrough::{self, DeviceRequest, Failure, Passthrough, PassthroughError};
 use crate::pin::{PinChoice, PinChoiceError, TestFault};
 use crate::placement::{self, Zone, ZoneReport};
@@ -58,7 +61,14 @@ pub struct VmConfig {
     pub cpus: u8,
     /// The guest NUMA topology the ACPI tables describe (SRAT, SLIT); none: no NUMA.
     pub guest_numa: Option<GuestNuma>,
+    /// The backing `--backing` resolved to (and `--memory-shard`).
     pub memory: MemorySpec,
+    /// Each zone's backing, in the order of `layout.zones()` (`[memory]` without zones).
+    pub zone_memory: Vec<MemorySpec>,
+    /// `--memory-zone`s (empty: none given, all RAM is one zone with no host node).
+    pub zones: Vec<ZoneConfig>,
+    /// `--numa` guest nodes (empty: the guest sees no NUMA topology).
+    pub numa: Vec<GuestNumaNode>,
     /// Why `memory.backing` was chosen (`--backing auto` says what it weighed).
     pub backing_reason: String,
     pub kernel: ImageSource,
@@ -217,9 +227,19 @@ impl Machine {
     }
 }
 
-/// Stage `memory`: maps guest RAM as `layout` says and registers it with KVM.
-pub fn memory(vm: &Vm, layout: &MemoryLayout, spec: MemorySpec) -> Result<GuestMemory, StartError> {
-    let memory = GuestMemory::new(spec, layout.ram())?;
+/// Stage `memory`: maps guest RAM as `layout` says, each zone with its spec in `specs`
+/// (one per zone, in order), and registers it with KVM.
+pub fn memory(
+    vm: &Vm,
+    layout: &MemoryLayout,
+    specs: &[MemorySpec],
+) -> Result<GuestMemory, StartError> {
+    let zones: Vec<(MemorySpec, Vec<RamRange>)> = specs
+        .iter()
+        .zip(layout.zones())
+        .map(|(spec, zone)| (*spec, zone.ranges.clone()))
+        .collect();
+    let memory = GuestMemory::zoned(&zones)?;
     vm.register_memory(&memory)?;
     Ok(memory)
 }
@@ -268,16 +288,61 @@ pub fn pin(
         })
 }
 
+/// The layout's zones, each with its host node (`--memory-zone host_numa_node`) and the guest
+/// node that holds it (`--numa memory_zones`): what the pin and placement stages work on.
+fn zones(config: &VmConfig) -> Vec<Zone> {
+    config
+        .layout
+        .zones()
+        .iter()
+        .zip(&config.zone_memory)
+        .map(|(z, spec)| Zone {
+            id: z.id.clone(),
+            ranges: z.ranges.clone(),
+            host_numa_node: spec.host_numa_node,
+            guest_numa_id: config
+                .numa
+                .iter()
+                .find(|n| n.memory_zones.contains(&z.id))
+                .map(|n| n.guest_numa_id),
+        })
+        .collect()
+}
+
+/// The pin job's zones: with `--memory-zone`, each zone is filled by helpers on its host
+/// node's CPUs within this process's affinity (first touch places the page) and reported on
+/// its own; without, one job over all RAM as before.
+fn pin_zones(config: &VmConfig, zones: &[Zone]) -> Vec<PinZone> {
+    if config.zones.is_empty() {
+        return Vec::new();
+    }
+    let topology = HostTopology::detect();
+    let allowed = pinning::sys::affinity_cpus().unwrap_or_else(|e| {
+        tracing::warn!("this process's CPU affinity: {e}; zone helpers run on any CPU");
+        Vec::new()
+    });
+    zones
+        .iter()
+        .map(|z| PinZone {
+            id: z.id.clone(),
+            ranges: z.ranges.iter().map(|r| r.start.0..r.end()).collect(),
+            cpus: z
+                .host_numa_node
+                .map_or_else(Vec::new, |n| topology.cpus_within(n, &allowed)),
+            host_numa_node: z.host_numa_node,
+        })
+        .collect()
+}
+
 /// Stage `placement`: where each zone's pages are after pinning (before the guest or the
 /// loader touches any), against its host node or the process's policy. On this thread, which
 /// is not yet filtered and whose policy the pinning helpers inherited.
-fn placement(config: &VmConfig, memory: &GuestMemory) -> Vec<ZoneReport> {
-    let zones = [Zone::all_ram(&config.layout, config.memory.host_numa_node)];
+fn placement(memory: &GuestMemory, zones: &[Zone]) -> Vec<ZoneReport> {
     let allowed = Policy::mems_allowed().unwrap_or_else(|e| {
         tracing::debug!("the cpuset's memory nodes: {e}");
         Vec::new()
     });
-    placement::check(memory, &zones, &Policy::current(), &allowed)
+    placement::check(memory, zones, &Policy::current(), &allowed)
 }
 
 /// Stage `load`: kernel, initrd, command line and boot tables into guest RAM.
@@ -366,13 +431,19 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     // From here on pinning helpers filter themselves as they start.
     let filters = Filters::new(&config.seccomp, vm.stop_handle())?;
     let huge_before = thp::huge_bytes_in_use();
-    let memory = timeline.phase("memory", || memory(&vm, &config.layout, config.memory))?;
+    let memory = timeline.phase("memory", || {
+        memory(&vm, &config.layout, &config.zone_memory)
+    })?;
     let (platform, mut passthrough) =
         timeline.phase("devices", || devices(&vm, config, &marks, &failure))?;
+    let zone_list = zones(config);
     let pinned = timeline.phase("pin", || {
         pin(
             config.pin,
-            config.pin_options.clone(),
+            PinOptions {
+                zones: pin_zones(config, &zone_list),
+                ..config.pin_options.clone()
+            },
             &config.test_faults,
             limits,
             &mut passthrough,
@@ -383,7 +454,7 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     if let Some(f) = &filters {
         f.helper_failure()?;
     }
-    let zones = timeline.phase("placement", || placement(config, &memory));
+    let zones = timeline.phase("placement", || placement(&memory, &zone_list));
     let boot = timeline.phase("load", || load(config, &memory, &platform))?;
     let vcpus = timeline.phase("vcpus", || vcpu::create_all(&vm, config.cpus, &boot))?;
     let mut machine = Machine {

@@ -84,6 +84,9 @@ fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer)
         cpus,
         guest_numa: None,
         memory: MemorySpec::new(Backing::Anon),
+        zone_memory: vec![MemorySpec::new(Backing::Anon)],
+        zones: Vec::new(),
+        numa: Vec::new(),
         backing_reason: "test".into(),
         kernel: ImageSource::Bytes {
             name: "test guest".into(),
@@ -142,7 +145,7 @@ impl TestVm {
 /// Stages `kvm`, `memory` and `devices` (no passthrough device asked for).
 fn platform(cfg: &VmConfig, marks: &Arc<GuestMarks>) -> (Vm, GuestMemory, Platform) {
     let vm = Vm::new(cfg.cpus).unwrap();
-    let memory = builder::memory(&vm, &cfg.layout, cfg.memory).unwrap();
+    let memory = builder::memory(&vm, &cfg.layout, &cfg.zone_memory).unwrap();
     let (platform, passthrough) = builder::devices(&vm, cfg, marks, &Failure::default()).unwrap();
     assert!(passthrough.names.is_empty());
     (vm, memory, platform)

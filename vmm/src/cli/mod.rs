@@ -107,6 +107,9 @@ power-off, 124 after --timeout, 130/143 after SIGINT/SIGTERM, 2 for bad input or
 cannot be set up before the guest runs, 1 if a device fails while it runs.\n\n\
 Examples:\n  vmm run\n  vmm run --memory 6G --cpus 2 --report boot.json\n  \
 vmm run --user-device none --pin populate --memory 4G\n  \
+vmm run --cpus 2 --memory-zone id=a,size=1G --memory-zone id=b,size=1G,host_numa_node=0 \
+--numa guest_numa_id=0,cpus=[0],memory_zones=[a],distances=[1@20] \
+--numa guest_numa_id=1,cpus=[1],memory_zones=[b],distances=[0@20]\n  \
 vmm run --device /sys/bus/pci/devices/0000:01:00.0 --iommu iommufd\n  \
 vmm run --kernel vmlinuz --initrd initramfs.cpio --cmdline \"console=ttyS0\" --timeout 240")]
     Run(Box<RunArgs>),

@@ -12,11 +12,15 @@ use crate::arch::x86_64::acpi::GuestNuma;
 use crate::builder::{VmConfig, MAX_TIMEOUT_SECS};
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::layout::LayoutError;
+use crate::memory::zones::{self, GuestNumaNode, ZoneConfig, ZoneError};
 use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
 use crate::passthrough::{DeviceRequest, UserDevice};
 use crate::pin::{PinChoice, PinChoiceError};
 use crate::platform::{SerialIn, SerialOut, DEFAULT_BUFFER_BYTES};
 use crate::size::parse_size;
+
+/// Guest RAM without --memory or --memory-zone.
+pub const DEFAULT_MEMORY: u64 = 256 << 20;
 
 /// `--backing`: `auto` (memfd when a vfio-user device needs shareable RAM, else anon) or a
 /// [`Backing`] by name.
@@ -55,9 +59,25 @@ pub struct RunArgs {
     /// and CPU count; for other kernels: `console=ttyS0`.
     #[arg(long)]
     pub cmdline: Option<String>,
-    /// Guest RAM: 256M, 4G, ... (a bare number is MiB). Above 3 GiB, RAM continues at 4 GiB.
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
-    pub memory: u64,
+    /// Guest RAM: 256M, 4G, ... (a bare number is MiB; default 256M). Above 3 GiB, RAM
+    /// continues at 4 GiB. With --memory-zone, RAM is the zones' sum: leave --memory out or
+    /// give that sum.
+    #[arg(long, value_parser = parse_size)]
+    pub memory: Option<u64>,
+    /// A memory zone, in Cloud Hypervisor's syntax:
+    /// `id=mem0,size=4G[,host_numa_node=N][,shared=on][,hugepages=on]`. Repeatable; guest RAM
+    /// is the zones one after the other from address 0, each with its own backing
+    /// (`hugepages=on`: hugetlb 2 MiB pages; `shared=on`: memfd; else as --backing says) and
+    /// shards. `host_numa_node` must exist, be online and be allowed by the process's cpuset
+    /// and Mems_allowed.
+    #[arg(long = "memory-zone", value_name = "id=ID,size=SIZE[,...]")]
+    pub memory_zones: Vec<ZoneConfig>,
+    /// A guest NUMA node, in Cloud Hypervisor's syntax:
+    /// `guest_numa_id=0,cpus=[0-1],memory_zones=[mem0],distances=[1@20]`. Repeatable; with
+    /// --numa every vCPU and every --memory-zone belongs to exactly one node, and distances
+    /// (NODE@DISTANCE, 11 to 255) name defined nodes.
+    #[arg(long, value_name = "guest_numa_id=N,cpus=[..],memory_zones=[..]")]
+    pub numa: Vec<GuestNumaNode>,
     /// vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=254))]
     pub cpus: u8,
@@ -151,6 +171,8 @@ pub enum ConfigError {
     Pin(#[from] PinChoiceError),
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Zone(#[from] ZoneError),
 }
 
 impl Classify for ConfigError {
@@ -345,26 +367,52 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     if let Some(path) = &args.report {
         check_report_path(path)?;
     }
-    let layout = MemoryLayout::new(args.memory)?;
+    zones::check(&args.memory_zones, &args.numa, args.memory, args.cpus)?;
+    if args.memory_zones.iter().any(|z| z.host_numa_node.is_some()) {
+        zones::check_host(
+            &args.memory_zones,
+            &pinning::topology::HostTopology::detect(),
+        )?;
+    }
+    let layout = if args.memory_zones.is_empty() {
+        MemoryLayout::new(args.memory.unwrap_or(DEFAULT_MEMORY))?
+    } else {
+        let sizes: Vec<(String, u64)> = args
+            .memory_zones
+            .iter()
+            .map(|z| (z.id.clone(), z.size))
+            .collect();
+        MemoryLayout::with_zones(&sizes)?
+    };
     let user = user_devices(args)?;
     let thp = ThpPolicy::host();
     let (backing, backing_reason) = backing(args.backing, &user, &thp)?;
     let memory = MemorySpec {
         backing,
         shard_bytes: args.memory_shard,
-        // No zones yet: the process's own NUMA policy places guest RAM.
+        // Each zone's own (`ZoneConfig::spec`); without zones the process's policy rules.
         host_numa_node: None,
     };
+    let zone_memory: Vec<MemorySpec> = if args.memory_zones.is_empty() {
+        vec![memory]
+    } else {
+        args.memory_zones
+            .iter()
+            .map(|z| z.spec(memory, &thp))
+            .collect()
+    };
     // Everything about guest RAM that can be refused is refused here, before anything else.
-    memory.check(layout.ram(), &thp)?;
+    for (spec, zone) in zone_memory.iter().zip(layout.zones()) {
+        spec.check(&zone.ranges, &thp)?;
+    }
+    crate::memory::check_host_ram(layout.ram())?;
     if let BackingArg::Auto = args.backing {
         tracing::info!("guest RAM: {} ({backing_reason})", backing.name());
     }
     let dma = !user.is_empty() || !args.devices.is_empty();
     args.pin.check_devices(dma)?;
-    // The guest NUMA topology, for the ACPI tables and the probe's expectations: to be built
-    // from `--numa` and the memory zones' ranges in the layout (none yet: no NUMA tables).
-    let guest_numa: Option<GuestNuma> = None;
+    // The guest NUMA topology, for the ACPI tables and the probe's expectations.
+    let guest_numa = GuestNuma::from_nodes(&args.numa, &layout);
     let (kernel, cmdline) = match &args.kernel {
         Some(p) => (ImageSource::Path(p.clone()), "console=ttyS0".to_string()),
         None => (
@@ -402,6 +450,9 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
         cpus: args.cpus,
         guest_numa,
         memory,
+        zone_memory,
+        zones: args.memory_zones.clone(),
+        numa: args.numa.clone(),
         backing_reason,
         kernel,
         initrd,

@@ -196,12 +196,25 @@ pub struct E820Entry {
     pub kind: E820Kind,
 }
 
+/// One memory zone's guest RAM: the zone's id and its ranges, in address order (two when it
+/// spans the 32-bit hole).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneLayout {
+    pub id: String,
+    pub ranges: Vec<RamRange>,
+}
+
+/// The zone that holds all guest RAM when no `--memory-zone` is given.
+pub const DEFAULT_ZONE: &str = "ram";
+
 /// The address map of one guest, worked out once from its RAM size: every stage that places
 /// something (guest memory, the BAR allocator, the loader, the boot tables, the bench and the
 /// report) reads it from here rather than recomputing it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryLayout {
     ram: Vec<RamRange>,
+    /// Every RAM byte in exactly one zone; the zones in order from address 0.
+    zones: Vec<ZoneLayout>,
     e820: Vec<E820Entry>,
     mmio64: RamRange,
 }
@@ -255,7 +268,44 @@ impl MemoryLayout {
             size: MMIO64_SIZE,
         };
         let e820 = e820_map(&ram);
-        Ok(Self { ram, e820, mmio64 })
+        let zones = vec![ZoneLayout {
+            id: DEFAULT_ZONE.into(),
+            ranges: ram.clone(),
+        }];
+        Ok(Self {
+            ram,
+            zones,
+            e820,
+            mmio64,
+        })
+    }
+
+    /// Lays out zones of `(id, size)` one after the other from address 0, as [`Self::new`]
+    /// lays out their sum: a zone that reaches the 32-bit hole continues at 4 GiB.
+    pub fn with_zones(zones: &[(String, u64)]) -> Result<Self, LayoutError> {
+        let total = zones
+            .iter()
+            .try_fold(0u64, |t, (_, size)| t.checked_add(*size))
+            .ok_or(LayoutError::TooLarge { size: u64::MAX })?;
+        let mut layout = Self::new(total)?;
+        let mut offset = 0;
+        layout.zones = zones
+            .iter()
+            .map(|(id, size)| {
+                let ranges = slice(&layout.ram, offset, *size);
+                offset += size;
+                ZoneLayout {
+                    id: id.clone(),
+                    ranges,
+                }
+            })
+            .collect();
+        Ok(layout)
+    }
+
+    /// The memory zones, in address order.
+    pub fn zones(&self) -> &[ZoneLayout] {
+        &self.zones
     }
 
     /// The guest RAM ranges, in address order.
@@ -292,6 +342,28 @@ impl MemoryLayout {
     pub fn mmio64(&self) -> RamRange {
         self.mmio64
     }
+}
+
+/// The guest ranges of bytes `offset..offset + len` of RAM counted across `ram` in order.
+fn slice(ram: &[RamRange], mut offset: u64, mut len: u64) -> Vec<RamRange> {
+    let mut out = Vec::new();
+    for r in ram {
+        if len == 0 {
+            break;
+        }
+        if offset >= r.size {
+            offset -= r.size;
+            continue;
+        }
+        let size = len.min(r.size - offset);
+        out.push(RamRange {
+            start: GuestAddress(r.start.0 + offset),
+            size,
+        });
+        len -= size;
+        offset = 0;
+    }
+    out
 }
 
 fn e820_map(ram: &[RamRange]) -> Vec<E820Entry> {

@@ -11,6 +11,7 @@ pub mod backing;
 pub mod layout;
 pub mod numa;
 pub mod thp;
+pub mod zones;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
@@ -201,6 +202,19 @@ impl MemorySpec {
     }
 }
 
+/// All zones together against the host's RAM (each zone's own check sees only itself).
+pub fn check_host_ram(ranges: &[RamRange]) -> Result<(), MemoryError> {
+    let total = ranges.iter().fold(0u64, |t, r| t.saturating_add(r.size));
+    let host = pinning::procfs::mem_total(Path::new("/")).unwrap_or(u64::MAX);
+    if total > host {
+        return Err(MemoryError::MoreThanHost {
+            requested: total,
+            host,
+        });
+    }
+    Ok(())
+}
+
 /// The soft RLIMIT_NOFILE: how many files this process may have open.
 fn nofile_limit() -> u64 {
     let mut lim = libc::rlimit {
@@ -248,54 +262,70 @@ impl GuestMemory {
     /// Checks `spec` against the host and maps fresh memory for each range: a guest's are
     /// [`MemoryLayout::ram`].
     pub fn new(spec: MemorySpec, ranges: &[RamRange]) -> Result<Self, MemoryError> {
-        spec.check(ranges, &ThpPolicy::host())?;
-        let backing = spec.backing;
-        let shard = spec.shard_bytes(ranges);
-        let mut host = Vec::with_capacity(ranges.len());
-        for r in ranges {
-            let h = map_range(backing, r.size, shard)?;
-            if let Some(node) = spec.host_numa_node {
-                bind(&h, node)?;
-            }
-            host.push(h);
+        Self::zoned(&[(spec, ranges.to_vec())])
+    }
+
+    /// [`GuestMemory::new`] for memory zones: each `(spec, ranges)` is one zone, mapped with
+    /// its own backing and shards ([`MemoryLayout::zones`]). Each zone range is a region of
+    /// its own in both views, so no pin chunk crosses a zone border. `spec` is the first
+    /// zone's.
+    pub fn zoned(zones: &[(MemorySpec, Vec<RamRange>)]) -> Result<Self, MemoryError> {
+        let thp = ThpPolicy::host();
+        for (spec, ranges) in zones {
+            spec.check(ranges, &thp)?;
         }
+        let all: Vec<RamRange> = zones.iter().flat_map(|(_, r)| r.iter().copied()).collect();
+        check_host_ram(&all)?;
+        let mut host = Vec::with_capacity(all.len());
         let mut vm_regions = Vec::new();
         let mut regions = Vec::new();
-        for (h, &RamRange { start, size }) in host.iter().zip(ranges) {
-            let flags = if backing.shareable() {
-                libc::MAP_SHARED
-            } else {
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
-            };
-            // SAFETY: [addr, addr+size) is a live mapping owned by `host`, which outlives
-            // this region (field order of GuestMemory).
-            let raw = unsafe {
-                MmapRegion::build_raw(
-                    h.addr as *mut u8,
-                    size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    flags,
-                )
-            }
-            .map_err(|e| MemoryError::Layout(format!("region at {:#x}: {e}", start.0)))?;
-            let region = GuestRegionMmap::new(raw, start).ok_or_else(|| {
-                MemoryError::Layout(format!("region at {:#x} overflows", start.0))
-            })?;
-            vm_regions.push(region);
-            let region = |offset: u64, size: u64, file: Option<&RamFile>| Region {
-                host_addr: h.addr + offset,
-                guest_addr: start.0 + offset,
-                size,
-                page_size: backing.page_size(),
-                file: file.map(|f| (f.clone(), 0)),
-            };
-            if h.shards.is_empty() {
-                regions.push(region(0, size, None));
-            }
-            for s in &h.shards {
-                regions.push(region(s.offset, s.len, Some(&s.file)));
+        for (spec, ranges) in zones {
+            let backing = spec.backing;
+            let shard = spec.shard_bytes(ranges);
+            for &RamRange { start, size } in ranges {
+                let h = map_range(backing, size, shard)?;
+                if let Some(node) = spec.host_numa_node {
+                    bind(&h, node)?;
+                }
+                let flags = if backing.shareable() {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS
+                };
+                // SAFETY: [addr, addr+size) is a live mapping owned by `h`, which `host`
+                // keeps until after this region is gone (field order of GuestMemory).
+                let raw = unsafe {
+                    MmapRegion::build_raw(
+                        h.addr as *mut u8,
+                        size as usize,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        flags,
+                    )
+                }
+                .map_err(|e| MemoryError::Layout(format!("region at {:#x}: {e}", start.0)))?;
+                let region = GuestRegionMmap::new(raw, start).ok_or_else(|| {
+                    MemoryError::Layout(format!("region at {:#x} overflows", start.0))
+                })?;
+                vm_regions.push(region);
+                let region = |offset: u64, size: u64, file: Option<&RamFile>| Region {
+                    host_addr: h.addr + offset,
+                    guest_addr: start.0 + offset,
+                    size,
+                    page_size: backing.page_size(),
+                    file: file.map(|f| (f.clone(), 0)),
+                };
+                if h.shards.is_empty() {
+                    regions.push(region(0, size, None));
+                }
+                for s in &h.shards {
+                    regions.push(region(s.offset, s.len, Some(&s.file)));
+                }
+                host.push(h);
             }
         }
+        let spec = zones
+            .first()
+            .map_or(MemorySpec::new(Backing::Anon), |(s, _)| *s);
         let mem = GuestMemoryMmap::from_regions(vm_regions)
             .map_err(|e| MemoryError::Layout(e.to_string()))?;
         // SAFETY: the regions are the mappings above, owned by this GuestMemory and dropped

@@ -12,7 +12,13 @@ use acpi_tables::srat::MemoryAffinity;
 use acpi_tables::Aml;
 
 use super::tables::{oem_table_id, sdt, OEM_ID, OEM_REVISION};
-use crate::memory::layout::RamRange;
+pub use crate::memory::zones::LOCAL_DISTANCE;
+use crate::memory::layout::{MemoryLayout, RamRange};
+use crate::memory::zones::GuestNumaNode;
+
+/// The distance between two nodes when `--numa` gives it in neither direction (Cloud
+/// Hypervisor's default too).
+pub const DEFAULT_REMOTE_DISTANCE: u8 = 20;
 
 /// SRAT revision of ACPI 6.5 (from revision 2 on, a proximity domain is 32 bits wide).
 const SRAT_REVISION: u8 = 3;
@@ -22,8 +28,6 @@ pub const SRAT_LAPIC_AFFINITY: u8 = 0;
 pub const SRAT_LAPIC_AFFINITY_LEN: u8 = 16;
 /// The "enabled" flag of an SRAT affinity structure.
 pub const SRAT_ENABLED: u32 = 1;
-/// The distance from a domain to itself; any other is larger (ACPI 6.5, 5.2.17).
-pub const LOCAL_DISTANCE: u8 = 10;
 
 /// The guest's NUMA nodes, as the SRAT and SLIT describe them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +74,53 @@ pub enum NumaError {
 }
 
 impl GuestNuma {
+    /// The topology `--numa` gives over `layout`'s zones, or none without `--numa`. Node `i`
+    /// is the one with `guest_numa_id` `i` ([`GuestNuma::check`] refuses gaps); its CPUs are
+    /// APIC ids (vCPU `n` has APIC id `n`), its memory its zones' ranges in address order; a
+    /// distance given one way only holds both ways, one given neither way is
+    /// [`DEFAULT_REMOTE_DISTANCE`].
+    pub fn from_nodes(nodes: &[GuestNumaNode], layout: &MemoryLayout) -> Option<GuestNuma> {
+        if nodes.is_empty() {
+            return None;
+        }
+        let mut nodes: Vec<&GuestNumaNode> = nodes.iter().collect();
+        nodes.sort_by_key(|n| n.guest_numa_id);
+        let given = |from: &GuestNumaNode, to: u32| {
+            from.distances
+                .iter()
+                .find(|&&(t, _)| t == to)
+                .map(|&(_, d)| d)
+        };
+        let distances = nodes
+            .iter()
+            .map(|a| {
+                nodes
+                    .iter()
+                    .map(|b| match a.guest_numa_id == b.guest_numa_id {
+                        true => LOCAL_DISTANCE,
+                        false => given(a, b.guest_numa_id)
+                            .or_else(|| given(b, a.guest_numa_id))
+                            .unwrap_or(DEFAULT_REMOTE_DISTANCE),
+                    })
+                    .collect()
+            })
+            .collect();
+        let nodes = nodes
+            .iter()
+            .map(|n| GuestNumaDesc {
+                proximity_domain: n.guest_numa_id,
+                apic_ids: n.cpus.iter().map(|&c| u32::from(c)).collect(),
+                memory: layout
+                    .zones()
+                    .iter()
+                    .filter(|z| n.memory_zones.contains(&z.id))
+                    .flat_map(|z| z.ranges.iter().copied())
+                    .collect(),
+            })
+            .collect();
+        Some(GuestNuma { nodes, distances })
+    }
+
     /// Refuses what the SRAT and SLIT could not say, or would say wrongly, for `cpus` vCPUs:
     /// callable before anything is built, so that bad input is refused early.
     pub fn check(&self, cpus: u8) -> Result<(), NumaError> {
