@@ -119,6 +119,9 @@ pub enum TestFault {
     PanicAfterMap(u64),
     /// `fail-unmap`: every unmap call fails with EIO and undoes nothing.
     FailUnmap,
+    /// `slow-unmap`: every unmap call first sleeps 20 ms, so that a test watching the
+    /// teardown's helper threads sees each of them at work.
+    SlowUnmap,
     /// `skip-munlock`: the backend's whole-RAM undo (`end`: the munlock of `--pin mlock`) is
     /// skipped and reported done, so a test can see the VmLck it leaves.
     SkipMunlock,
@@ -137,6 +140,7 @@ impl FromStr for TestFault {
         match s {
             "fail-unmap" => return Ok(TestFault::FailUnmap),
             "skip-munlock" => return Ok(TestFault::SkipMunlock),
+            "slow-unmap" => return Ok(TestFault::SlowUnmap),
             _ => {}
         }
         let index = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
@@ -145,7 +149,7 @@ impl FromStr for TestFault {
             .or_else(|| index("panic-after-map=").map(TestFault::PanicAfterMap))
             .or_else(|| index("wait-after-map=").map(TestFault::WaitAfterMap))
             .ok_or_else(|| {
-                format!("`{s}`: use panic-on-map=N, panic-after-map=N, wait-after-map=N, fail-unmap or skip-munlock")
+                format!("`{s}`: use panic-on-map=N, panic-after-map=N, wait-after-map=N, fail-unmap, slow-unmap or skip-munlock")
             })
     }
 }
@@ -172,6 +176,7 @@ impl TestFault {
             }),
             fail_unmap: faults.contains(&TestFault::FailUnmap),
             skip_munlock: faults.contains(&TestFault::SkipMunlock),
+            slow_unmap: faults.contains(&TestFault::SlowUnmap),
             maps: AtomicU64::new(0),
         })
     }
@@ -185,6 +190,7 @@ struct Faulty {
     wait_after_map: Option<u64>,
     fail_unmap: bool,
     skip_munlock: bool,
+    slow_unmap: bool,
     maps: AtomicU64,
 }
 
@@ -216,6 +222,9 @@ impl PinBackend for Faulty {
         mapped
     }
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        if self.slow_unmap {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         if self.fail_unmap {
             let e = std::io::Error::from_raw_os_error(libc::EIO);
             return Err(BackendError::new(
@@ -283,6 +292,7 @@ mod tests {
         assert_eq!("panic-on-map=3".parse(), Ok(TestFault::PanicOnMap(3)));
         assert_eq!("panic-after-map=0".parse(), Ok(TestFault::PanicAfterMap(0)));
         assert_eq!("skip-munlock".parse(), Ok(TestFault::SkipMunlock));
+        assert_eq!("slow-unmap".parse(), Ok(TestFault::SlowUnmap));
         assert_eq!("wait-after-map=2".parse(), Ok(TestFault::WaitAfterMap(2)));
         assert!("panic-on-map=x".parse::<TestFault>().is_err());
     }
