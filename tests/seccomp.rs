@@ -158,8 +158,8 @@ fn every_kind_of_pinning_helper_filters_itself_before_it_works() {
     }
 }
 
-/// Watches a run with populated RAM (so freeing it takes a while) and slowed unmaps (so the
-/// undo does) until a thread of every helper kind has been seen filtered by its own filter.
+/// Watches a run with RAM in small pages (so populating and freeing it take a while) and
+/// slowed unmaps (so the undo does) until a thread of every helper kind has been seen filtered by its own filter.
 ///
 /// `Seccomp: 2` alone cannot show that: a thread inherits the filters of the thread that
 /// starts it, and the teardown's helpers are started by the main thread once it is filtered.
@@ -171,14 +171,14 @@ fn helpers_are_filtered(level: &str) {
     let mut child = vmm()
         .args(["run", "--quiet", "--user-device", "none", "--memory", "3G"])
         .args([
+            "--backing",
+            "anon",
             "--pin",
             "populate",
             "--pin-threads",
             "2",
-            "--seccomp",
-            level,
         ])
-        .args(["--test-fault", "slow-unmap"])
+        .args(["--seccomp", level, "--test-fault", "slow-unmap"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
