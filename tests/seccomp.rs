@@ -1,7 +1,7 @@
 //! System-call filters (`vmm run --seccomp`), through the real binary: every thread of a
-//! running VM is filtered (vCPUs, the main thread and the rest, pinning helpers, the epf
-//! server process), and a forbidden call stops the VM with one line naming the thread and
-//! the call, and status 1.
+//! running VM is filtered under `on` and `log` (vCPUs, the main thread and the rest, each kind
+//! of pinning helper with its own filter, the epf server process), and a forbidden call stops
+//! the VM with one line naming the thread and the call, and status 1.
 
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -16,10 +16,13 @@ const VIOLATION_LINE: &str = "vmm: seccomp: thread vcpu0 made forbidden system c
 /// thread on Linux 6.13+), which runs no user code.
 const PF_USER_WORKER: u64 = 0x4000;
 
-/// A thread of `pid`: its name, its `Seccomp:` mode, and whether it is a kernel worker.
+/// A thread of `pid`: its id and name, its `Seccomp:` mode and `Seccomp_filters:` count, and
+/// whether it is a kernel worker.
 struct Thread {
+    tid: u32,
     name: String,
     seccomp: u32,
+    filters: u32,
     user_worker: bool,
 }
 
@@ -43,8 +46,10 @@ fn threads(pid: u32) -> Vec<Thread> {
             .parse()
             .ok()?;
         Some(Thread {
+            tid: path.file_name()?.to_str()?.parse().ok()?,
             name: field("Name:")?,
             seccomp: field("Seccomp:")?.parse().ok()?,
+            filters: field("Seccomp_filters:")?.parse().ok()?,
             user_worker: flags & PF_USER_WORKER != 0,
         })
     })
@@ -89,7 +94,15 @@ fn stop(mut child: Child) {
 
 #[test]
 fn every_thread_of_a_paused_run_and_its_device_server_is_filtered() {
-    let child = paused_run(&[]);
+    // `on` (the default) and `log` alike: log changes what a forbidden call does, not which
+    // threads are filtered.
+    for level in ["on", "log"] {
+        every_thread_is_filtered(level);
+    }
+}
+
+fn every_thread_is_filtered(level: &str) {
+    let child = paused_run(&["--seccomp", level]);
     let pid = child.id();
     let all = threads(pid);
     let user: Vec<&Thread> = all.iter().filter(|t| !t.user_worker).collect();
@@ -104,13 +117,13 @@ fn every_thread_of_a_paused_run_and_its_device_server_is_filtered() {
     ] {
         assert!(
             user.iter().any(|t| t.name == name),
-            "no thread {name}: {}",
+            "{level}: no thread {name}: {}",
             describe(&all)
         );
     }
     assert!(
         user.iter().all(|t| t.seccomp == 2),
-        "not every thread is filtered: {}",
+        "{level}: not every thread is filtered: {}",
         describe(&all)
     );
     // The server's main thread and its DMA thread.
@@ -118,7 +131,7 @@ fn every_thread_of_a_paused_run_and_its_device_server_is_filtered() {
     assert!(!server.is_empty());
     assert!(
         server.iter().all(|t| t.seccomp == 2),
-        "the epf server: {}",
+        "{level}: the epf server: {}",
         describe(&server)
     );
     stop(child);
@@ -134,41 +147,75 @@ fn with_seccomp_off_no_thread_is_filtered() {
     stop(child);
 }
 
+/// The threads the pinning engine starts, by the name each kind gets: its jobs' helpers
+/// while pinning, the parallel undo and the freeing of guest RAM at teardown.
+const HELPER_KINDS: [&str; 3] = ["pin-helper-", "unpin-", "free-ram-"];
+
 #[test]
-fn pinning_helpers_filter_themselves_before_they_work() {
-    let child = vmm()
+fn every_kind_of_pinning_helper_filters_itself_before_it_works() {
+    for level in ["on", "log"] {
+        helpers_are_filtered(level);
+    }
+}
+
+/// Watches a run with RAM in small pages (so populating and freeing it take a while) and
+/// slowed unmaps (so the undo does) until a thread of every helper kind has been seen filtered by its own filter.
+///
+/// `Seccomp: 2` alone cannot show that: a thread inherits the filters of the thread that
+/// starts it, and the teardown's helpers are started by the main thread once it is filtered.
+/// A helper that installed its own has one filter more than the main thread (`Seccomp_filters`).
+/// A helper is named before it runs the engine's start hook, so one sampled in that instant
+/// shows one filter fewer; every helper thread seen more than once must end seen filtered.
+fn helpers_are_filtered(level: &str) {
+    use std::collections::HashMap;
+    let mut child = vmm()
         .args(["run", "--quiet", "--user-device", "none", "--memory", "3G"])
-        .args(["--pin", "populate", "--pin-threads", "2"])
+        .args([
+            "--backing",
+            "anon",
+            "--pin",
+            "populate",
+            "--pin-threads",
+            "2",
+        ])
+        .args(["--seccomp", level, "--test-fault", "slow-unmap"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let pid = child.id();
-    // A helper is named before it runs the engine's start hook, so one just started may
-    // still show 0; a filtered one shows 2 for the rest of its life.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut seen = Vec::new();
-    while Instant::now() < deadline {
+    // By helper thread: its kind, how often it was seen, and whether it had its own filter
+    // when last seen.
+    let mut helpers: HashMap<u32, (usize, u32, bool)> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
         let all = threads(pid);
-        if all.is_empty() {
+        let Some(main) = all.iter().find(|t| t.tid == pid) else {
             break;
-        }
-        seen.extend(
-            all.into_iter()
-                .filter(|t| t.name.starts_with("pin-helper-"))
-                .map(|t| t.seccomp),
-        );
-        if seen.contains(&2) {
-            break;
+        };
+        for t in &all {
+            if let Some(kind) = HELPER_KINDS.iter().position(|k| t.name.starts_with(k)) {
+                let own = t.seccomp == 2 && t.filters == main.filters + 1;
+                let seen = helpers.entry(t.tid).or_insert((kind, 0, false));
+                *seen = (kind, seen.1 + 1, own);
+            }
         }
         std::thread::sleep(Duration::from_micros(200));
     }
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert!(
-        seen.contains(&2),
-        "no pinning helper seen filtered (Seccomp modes seen: {seen:?})"
-    );
+    assert_eq!(out.status.code(), Some(0), "{level}: {}", stderr(&out));
+    for (k, kind) in HELPER_KINDS.iter().enumerate() {
+        let of_kind: Vec<_> = helpers.values().filter(|h| h.0 == k).collect();
+        assert!(
+            of_kind.iter().any(|h| h.2),
+            "{level}: no {kind}N thread seen with its own filter ({} seen)",
+            of_kind.len()
+        );
+        assert!(
+            of_kind.iter().all(|h| h.2 || h.1 == 1),
+            "{level}: a {kind}N thread seen at work without its own filter"
+        );
+    }
 }
 
 #[test]

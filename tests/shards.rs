@@ -9,6 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 
 mod common;
+use common::{assert_far_below_guest_size, output_with_max_rss};
 use common::{
     epf_server, run_with_report, server_counts, server_end, stderr, stdout, vmm,
     wait_for_guest_ram_mapped_by,
@@ -200,9 +201,16 @@ fn bad_shards_and_forbidden_huge_pages_are_refused_before_any_memory_is_touched(
     if shmem.contains("[never]") || shmem.contains("[deny]") {
         cases.push((vec!["--backing", "memfd-thp"], "shmem_enabled"));
     }
-    for (args, needle) in cases {
-        let out = vmm().args(["run", "--quiet"]).args(&args).output().unwrap();
+    for (mut args, needle) in cases {
+        // A guest large enough that touching its RAM would show in the peak RSS.
+        let mut guest = 4u64 << 30;
+        match args.iter().position(|&a| a == "--memory") {
+            Some(i) => guest = args[i + 1].trim_end_matches('G').parse::<u64>().unwrap() << 30,
+            None => args.extend(["--memory", "4G"]),
+        }
+        let (out, max_rss) = output_with_max_rss(vmm().args(["run", "--quiet"]).args(&args));
         let err = stderr(&out);
+        assert_far_below_guest_size(max_rss, guest, &format!("{args:?}: {err}"));
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "one line: {err}");

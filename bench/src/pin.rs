@@ -87,6 +87,9 @@ pub struct PinBenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Testing only: a fault injected into the pin backend, as `vmm run --test-fault`.
+    #[arg(long, hide = true)]
+    pub test_fault: Vec<vmm::pin::TestFault>,
 }
 
 fn parse_threads(s: &str) -> Result<ThreadRequest, String> {
@@ -189,7 +192,7 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
     // Fail on bad input (sizes, shards, hugetlb reservations, host RAM) before measuring.
     drop(GuestMemory::new(spec, &ranges)?);
     let memset = memset_gibps(args.memory)?;
-    let backend = args.pin.backend();
+    let backend = vmm::pin::TestFault::wrap(&args.test_fault, args.pin.backend());
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); args.threads.len()];
     let mut seen = vec![(0usize, String::new(), 0u64); args.threads.len()];
     let mut placement = Placement::default();

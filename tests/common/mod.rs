@@ -7,9 +7,15 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod fault;
 mod locked;
+mod rss;
 #[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
+pub use fault::{signal_once_waiting, undid_chunks, vmlck_after_undo_kb};
+#[allow(unused_imports)]
 pub use locked::{locked_bytes, wait_for_locked_memory};
+#[allow(unused_imports)]
+pub use rss::{assert_far_below_guest_size, output_with_max_rss};
 
 /// The `vmm` binary, with no stdin (the guest console must not wait on the test's terminal).
 pub fn vmm() -> Command {

@@ -119,19 +119,38 @@ pub enum TestFault {
     PanicAfterMap(u64),
     /// `fail-unmap`: every unmap call fails with EIO and undoes nothing.
     FailUnmap,
+    /// `slow-unmap`: every unmap call first sleeps 20 ms, so that a test watching the
+    /// teardown's helper threads sees each of them at work.
+    SlowUnmap,
+    /// `skip-munlock`: the backend's whole-RAM undo (`end`: the munlock of `--pin mlock`) is
+    /// skipped and reported done, so a test can see the VmLck it leaves.
+    SkipMunlock,
+    /// `wait-after-map=N`: the map call with this index maps, says so on stderr
+    /// ([`WAITING_AFTER_MAP`]) and waits (at most a minute) for SIGINT or SIGTERM, so a test
+    /// can cancel a job with a known part of it done.
+    WaitAfterMap(u64),
 }
+
+/// What `wait-after-map=N` writes on stderr once it waits for the signal.
+pub const WAITING_AFTER_MAP: &str = "waiting for SIGINT or SIGTERM";
 
 impl FromStr for TestFault {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "fail-unmap" {
-            return Ok(TestFault::FailUnmap);
+        match s {
+            "fail-unmap" => return Ok(TestFault::FailUnmap),
+            "skip-munlock" => return Ok(TestFault::SkipMunlock),
+            "slow-unmap" => return Ok(TestFault::SlowUnmap),
+            _ => {}
         }
         let index = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
         index("panic-on-map=")
             .map(TestFault::PanicOnMap)
             .or_else(|| index("panic-after-map=").map(TestFault::PanicAfterMap))
-            .ok_or_else(|| format!("`{s}`: use panic-on-map=N, panic-after-map=N or fail-unmap"))
+            .or_else(|| index("wait-after-map=").map(TestFault::WaitAfterMap))
+            .ok_or_else(|| {
+                format!("`{s}`: use panic-on-map=N, panic-after-map=N, wait-after-map=N, fail-unmap, slow-unmap or skip-munlock")
+            })
     }
 }
 
@@ -151,7 +170,13 @@ impl TestFault {
                 TestFault::PanicAfterMap(n) => Some(*n),
                 _ => None,
             }),
+            wait_after_map: faults.iter().find_map(|f| match f {
+                TestFault::WaitAfterMap(n) => Some(*n),
+                _ => None,
+            }),
             fail_unmap: faults.contains(&TestFault::FailUnmap),
+            skip_munlock: faults.contains(&TestFault::SkipMunlock),
+            slow_unmap: faults.contains(&TestFault::SlowUnmap),
             maps: AtomicU64::new(0),
         })
     }
@@ -162,7 +187,10 @@ struct Faulty {
     inner: Arc<dyn PinBackend>,
     panic_on_map: Option<u64>,
     panic_after_map: Option<u64>,
+    wait_after_map: Option<u64>,
     fail_unmap: bool,
+    skip_munlock: bool,
+    slow_unmap: bool,
     maps: AtomicU64,
 }
 
@@ -174,6 +202,9 @@ impl PinBackend for Faulty {
         self.inner.begin(ram)
     }
     fn end(&self, ram: &GuestRam) -> Vec<BackendError> {
+        if self.skip_munlock {
+            return Vec::new();
+        }
         self.inner.end(ram)
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
@@ -185,9 +216,15 @@ impl PinBackend for Faulty {
         if mapped.is_ok() && self.panic_after_map == Some(n) {
             panic!("injected by --test-fault panic-after-map={n}");
         }
+        if mapped.is_ok() && self.wait_after_map == Some(n) {
+            wait_for_signal(n);
+        }
         mapped
     }
     fn unmap(&self, piece: &Piece) -> Result<(), BackendError> {
+        if self.slow_unmap {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         if self.fail_unmap {
             let e = std::io::Error::from_raw_os_error(libc::EIO);
             return Err(BackendError::new(
@@ -197,6 +234,15 @@ impl PinBackend for Faulty {
             ));
         }
         self.inner.unmap(piece)
+    }
+}
+
+/// `wait-after-map=N`: says so, then polls for the signal the pin stage's guard catches.
+fn wait_for_signal(n: u64) {
+    eprintln!("vmm: --test-fault wait-after-map={n}: mapped, {WAITING_AFTER_MAP}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while pinning::cancel::pending_signal().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
@@ -245,6 +291,9 @@ mod tests {
         assert_eq!("fail-unmap".parse(), Ok(TestFault::FailUnmap));
         assert_eq!("panic-on-map=3".parse(), Ok(TestFault::PanicOnMap(3)));
         assert_eq!("panic-after-map=0".parse(), Ok(TestFault::PanicAfterMap(0)));
+        assert_eq!("skip-munlock".parse(), Ok(TestFault::SkipMunlock));
+        assert_eq!("slow-unmap".parse(), Ok(TestFault::SlowUnmap));
+        assert_eq!("wait-after-map=2".parse(), Ok(TestFault::WaitAfterMap(2)));
         assert!("panic-on-map=x".parse::<TestFault>().is_err());
     }
 }

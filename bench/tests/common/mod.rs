@@ -6,9 +6,13 @@
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+#[path = "../../../tests/common/fault.rs"]
+mod fault;
 #[path = "../../../tests/common/locked.rs"]
 mod locked;
 #[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
+pub use fault::{signal_once_waiting, undid_chunks, vmlck_after_undo_kb};
+#[allow(unused_imports)]
 pub use locked::{locked_bytes, wait_for_locked_memory};
 
 /// The `vmm-bench` binary, with no stdin.

@@ -348,10 +348,18 @@ fn cancellation_stops_new_chunks_and_undoes_everything() {
     let mut work = Ledger::new(&spec, 4096);
     work.cancel_after = Some((5, token.clone()));
     let err = run(&spec, 4, &work, &token).unwrap_err();
+    let chunks = spec.plan(&requested(4)).ranges.len();
     match err {
         JobError::Cancelled { reason, undone } => {
             assert_eq!(reason, CancelReason::Requested);
-            assert!(undone.chunks >= 1);
+            // Cancelled mid-job: the five chunks run before the cancel, and any in flight
+            // with them, are undone; the rest were never started.
+            let ran = work.runs.load(Ordering::SeqCst) as u64;
+            assert!(
+                undone.chunks >= 5 && undone.chunks < chunks as u64,
+                "{undone}"
+            );
+            assert_eq!(undone.chunks, ran, "{undone}");
         }
         other => panic!("unexpected {other:?}"),
     }

@@ -242,15 +242,21 @@ fn cancelled_mlock_job_leaves_nothing_locked() {
         AnonMapping::new(16 * MIB).unwrap(),
     );
     let ram = ram(&low, &high);
+    // Cancelled mid-job: two chunks locked, the rest not reached.
     let token = CancelToken::new();
-    token.cancel();
-    let pinner = Pinner::new(Arc::new(MlockBackend), limits(), options(2));
+    let backend = Arc::new(Faulty {
+        cancel_after_map: Some((1, token.clone())),
+        ..Faulty::new(Arc::new(MlockBackend))
+    });
+    let pinner = Pinner::new(backend, limits(), options(2));
     let err = pinner.pin(ram, &token).err().unwrap();
     assert_eq!(err.cancel_reason(), Some(CancelReason::Requested));
     assert_eq!(err.class(), ErrorClass::Internal);
+    let undone = err.undone().unwrap();
+    assert!(undone.chunks >= 2 && undone.bytes < 48 * MIB, "{err}");
     assert_eq!(locked_now(), before);
     // Measured by the pinner itself right after the undo, with the RAM still mapped.
-    assert_eq!(err.undone().unwrap().locked_after, Some(before));
+    assert_eq!(undone.locked_after, Some(before));
     assert!(
         err.to_string()
             .ends_with("right after the undo, with guest RAM still mapped"),
@@ -553,6 +559,8 @@ struct Faulty {
     panic_on_map: Option<usize>,
     /// The map call with this index maps, then panics.
     panic_after_map: Option<usize>,
+    /// The map call with this index maps, then cancels the token: a cancel mid-job.
+    cancel_after_map: Option<(usize, CancelToken)>,
     fail_unmap: bool,
     fail_end: bool,
     maps: std::sync::atomic::AtomicUsize,
@@ -565,6 +573,7 @@ impl Faulty {
             inner,
             panic_on_map: None,
             panic_after_map: None,
+            cancel_after_map: None,
             fail_unmap: false,
             fail_end: false,
             maps: Default::default(),
@@ -608,6 +617,9 @@ impl PinBackend for Faulty {
         let mapped = self.inner.map(piece);
         if mapped.is_ok() && self.panic_after_map == Some(n) {
             panic!("injected panic after map call {n}");
+        }
+        if let Some((_, token)) = self.cancel_after_map.as_ref().filter(|(at, _)| *at == n) {
+            token.cancel();
         }
         mapped
     }
@@ -699,16 +711,18 @@ fn undo_failures_are_counted_and_reported_never_as_nothing_left_pinned() {
     );
 
     // Cancelled by a signal with a failed `end`: exit 1 (internal), not 130.
+    let token = CancelToken::new();
     let faulty = Arc::new(Faulty {
         fail_end: true,
+        cancel_after_map: Some((1, token.clone())),
         ..Faulty::new(Arc::new(MlockBackend))
     });
-    let token = CancelToken::new();
-    token.cancel();
     let pinner = Pinner::new(faulty, limits(), options(2));
     let err = pinner.pin(ram.clone(), &token).err().unwrap();
     assert_eq!(err.cancel_reason(), Some(CancelReason::Requested));
-    assert_eq!(err.undone().unwrap().failed, 1);
+    let undone = err.undone().unwrap();
+    assert!(undone.chunks >= 2 && undone.bytes < 80 * MIB, "{err}");
+    assert_eq!(undone.failed, 1);
     assert!(err.to_string().contains("munlock of"), "{err}");
     let cancelled = PinError::Cancelled {
         reason: CancelReason::Signal(libc::SIGINT),

@@ -116,8 +116,10 @@ pub struct RunArgs {
     #[arg(long, hide = true, value_parser = parse_addr)]
     pub test_dma_hole: Option<u64>,
     /// Testing only: inject a fault into the pin backend, `panic-on-map=N` (the Nth map call
-    /// panics), `panic-after-map=N` (it maps, then panics) or `fail-unmap` (every unmap fails,
-    /// undoing nothing). Repeatable.
+    /// panics), `panic-after-map=N` (it maps, then panics), `wait-after-map=N` (it maps, then
+    /// waits for SIGINT or SIGTERM), `fail-unmap` (every unmap fails, undoing nothing),
+    /// `slow-unmap` (every unmap sleeps 20 ms first) or `skip-munlock` (the munlock of the
+    /// undo is skipped). Repeatable.
     #[arg(long, hide = true)]
     pub test_fault: Vec<crate::pin::TestFault>,
     /// Threads for pinning: `auto` (all the limits allow) or a number from 1 to 4096.
