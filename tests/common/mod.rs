@@ -20,9 +20,24 @@ pub fn vmm() -> Command {
 
 /// Runs `vmm run ARGS --report FILE`; returns the output and the report, if one was written.
 pub fn run_with_report(args: &[&str]) -> (std::process::Output, Option<serde_json::Value>) {
+    run_with_report_by(vmm(), args)
+}
+
+/// [`run_with_report`] logging at info, so that stderr has the built-in epf server's last
+/// line ([`server_end`]'s).
+pub fn run_with_report_logged(args: &[&str]) -> (std::process::Output, Option<serde_json::Value>) {
+    let mut c = vmm();
+    c.env("RUST_LOG", "info");
+    run_with_report_by(c, args)
+}
+
+fn run_with_report_by(
+    mut vmm: Command,
+    args: &[&str],
+) -> (std::process::Output, Option<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
-    let out = vmm()
+    let out = vmm
         .arg("run")
         .args(args)
         .arg("--report")
@@ -78,10 +93,29 @@ pub fn server_end(mut server: Child) -> String {
         .read_to_string(&mut err)
         .unwrap();
     assert!(status.success(), "{status}: {err}");
-    err.lines()
+    server_end_in(&err).to_string()
+}
+
+/// The server's last line in `log` (a server's or a `vmm run`'s stderr, logging at info).
+pub fn server_end_in(log: &str) -> &str {
+    log.lines()
         .find(|l| l.contains("DMA_MAP requests from"))
-        .unwrap_or_else(|| panic!("the server did not report its mappings:\n{err}"))
-        .to_string()
+        .unwrap_or_else(|| panic!("the server did not report its mappings:\n{log}"))
+}
+
+/// The DMA_MAP requests a run whose report is `r` makes, one per chunk of its pin job: the
+/// job cuts each shard of guest RAM (or, without shards, the one RAM range below 3 GiB) into
+/// chunks of `chunk_size`, and no chunk spans two files.
+pub fn dma_maps_of(r: &serde_json::Value) -> u64 {
+    let vm = &r["vm"];
+    let chunk = r["pin"]["map"]["chunk_size"]
+        .as_u64()
+        .expect("a chunk size");
+    let (files, file_bytes) = match vm["memory_shards"].as_u64() {
+        Some(n) if n > 0 => (n, vm["shard_bytes"].as_u64().expect("a shard size")),
+        _ => (1, vm["memory_bytes"].as_u64().expect("a memory size")),
+    };
+    files * file_bytes.div_ceil(chunk)
 }
 
 /// What the server's last line counts: (DMA_MAP requests, files, regions still mapped), from

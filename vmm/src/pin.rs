@@ -119,19 +119,50 @@ pub enum TestFault {
     PanicAfterMap(u64),
     /// `fail-unmap`: every unmap call fails with EIO and undoes nothing.
     FailUnmap,
+    /// `hold-after-first-unmap`: the first unmap call, once done, holds its thread (see
+    /// [`HOLD_MARKER`]), so that a test can signal a teardown known to be under way.
+    HoldAfterFirstUnmap,
+    /// `hold-after-unpin`: the undo holds once every unmap is done, before the devices are
+    /// closed and guest RAM is freed, so that a test can look at the device server then.
+    HoldAfterUnpin,
+}
+
+/// What a held thread writes on stderr, followed by where it is held; it goes on once a
+/// SIGINT or SIGTERM arrives after that line (or after [`HOLD_LIMIT`], so that no run hangs).
+pub const HOLD_MARKER: &str = "vmm: --test-fault: held ";
+/// The longest a `hold-*` test fault holds.
+pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Holds the calling thread at fault point `point` until a signal arrives: counted before
+/// the marker is written, so that one sent as soon as the marker is read is never missed.
+fn hold(point: &str) {
+    let seen = pinning::cancel::signals_caught();
+    eprintln!("{HOLD_MARKER}{point}");
+    let deadline = std::time::Instant::now() + HOLD_LIMIT;
+    while pinning::cancel::signals_caught() == seen && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 impl FromStr for TestFault {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "fail-unmap" {
-            return Ok(TestFault::FailUnmap);
+        match s {
+            "fail-unmap" => return Ok(TestFault::FailUnmap),
+            "hold-after-first-unmap" => return Ok(TestFault::HoldAfterFirstUnmap),
+            "hold-after-unpin" => return Ok(TestFault::HoldAfterUnpin),
+            _ => {}
         }
         let index = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
         index("panic-on-map=")
             .map(TestFault::PanicOnMap)
             .or_else(|| index("panic-after-map=").map(TestFault::PanicAfterMap))
-            .ok_or_else(|| format!("`{s}`: use panic-on-map=N, panic-after-map=N or fail-unmap"))
+            .ok_or_else(|| {
+                format!(
+                    "`{s}`: use panic-on-map=N, panic-after-map=N, fail-unmap, \
+                     hold-after-first-unmap or hold-after-unpin"
+                )
+            })
     }
 }
 
@@ -152,7 +183,10 @@ impl TestFault {
                 _ => None,
             }),
             fail_unmap: faults.contains(&TestFault::FailUnmap),
+            hold_after_first_unmap: faults.contains(&TestFault::HoldAfterFirstUnmap),
+            hold_after_unpin: faults.contains(&TestFault::HoldAfterUnpin),
             maps: AtomicU64::new(0),
+            unmaps: AtomicU64::new(0),
         })
     }
 }
@@ -163,7 +197,10 @@ struct Faulty {
     panic_on_map: Option<u64>,
     panic_after_map: Option<u64>,
     fail_unmap: bool,
+    hold_after_first_unmap: bool,
+    hold_after_unpin: bool,
     maps: AtomicU64,
+    unmaps: AtomicU64,
 }
 
 impl PinBackend for Faulty {
@@ -174,7 +211,11 @@ impl PinBackend for Faulty {
         self.inner.begin(ram)
     }
     fn end(&self, ram: &GuestRam) -> Vec<BackendError> {
-        self.inner.end(ram)
+        let failed = self.inner.end(ram);
+        if self.hold_after_unpin {
+            hold("after the last unmap");
+        }
+        failed
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         let n = self.maps.fetch_add(1, Ordering::SeqCst);
@@ -196,7 +237,11 @@ impl PinBackend for Faulty {
                 e,
             ));
         }
-        self.inner.unmap(piece)
+        let unmapped = self.inner.unmap(piece);
+        if self.hold_after_first_unmap && self.unmaps.fetch_add(1, Ordering::SeqCst) == 0 {
+            hold("after the first unmap");
+        }
+        unmapped
     }
 }
 
@@ -245,6 +290,11 @@ mod tests {
         assert_eq!("fail-unmap".parse(), Ok(TestFault::FailUnmap));
         assert_eq!("panic-on-map=3".parse(), Ok(TestFault::PanicOnMap(3)));
         assert_eq!("panic-after-map=0".parse(), Ok(TestFault::PanicAfterMap(0)));
+        assert_eq!(
+            "hold-after-first-unmap".parse(),
+            Ok(TestFault::HoldAfterFirstUnmap)
+        );
+        assert_eq!("hold-after-unpin".parse(), Ok(TestFault::HoldAfterUnpin));
         assert!("panic-on-map=x".parse::<TestFault>().is_err());
     }
 }

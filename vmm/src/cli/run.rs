@@ -95,8 +95,9 @@ pub struct RunArgs {
     #[arg(long, hide = true, value_parser = parse_addr)]
     pub test_dma_hole: Option<u64>,
     /// Testing only: inject a fault into the pin backend, `panic-on-map=N` (the Nth map call
-    /// panics), `panic-after-map=N` (it maps, then panics) or `fail-unmap` (every unmap fails,
-    /// undoing nothing). Repeatable.
+    /// panics), `panic-after-map=N` (it maps, then panics), `fail-unmap` (every unmap fails,
+    /// undoing nothing), `hold-after-first-unmap` or `hold-after-unpin` (teardown waits there
+    /// for a signal, see `pin::HOLD_MARKER`). Repeatable.
     #[arg(long, hide = true)]
     pub test_fault: Vec<crate::pin::TestFault>,
     /// Threads for pinning: `auto` (all the limits allow) or a number from 1 to 4096.
