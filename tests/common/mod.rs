@@ -8,8 +8,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod locked;
+mod skip;
 #[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
 pub use locked::{locked_bytes, wait_for_locked_memory};
+#[allow(unused_imports)]
+pub use skip::skip;
 
 /// The `vmm` binary, with no stdin (the guest console must not wait on the test's terminal).
 pub fn vmm() -> Command {

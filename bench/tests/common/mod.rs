@@ -10,6 +10,10 @@ use std::process::{Command, Stdio};
 mod locked;
 #[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
 pub use locked::{locked_bytes, wait_for_locked_memory};
+#[path = "../../../tests/common/skip.rs"]
+mod skip;
+#[allow(unused_imports)]
+pub use skip::skip;
 
 /// The `vmm-bench` binary, with no stdin.
 pub fn vmm_bench() -> Command {
