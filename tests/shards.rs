@@ -121,6 +121,17 @@ fn wait_until_held(err: &mut impl BufRead, point: &str) -> String {
     }
 }
 
+/// Kills a run the test did not see end (a paused guest never ends by itself, and its
+/// server would wait for it).
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_frees_all() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,7 +139,7 @@ fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_f
     let server = epf_server(&socket);
     let server_pid = server.id();
     // Teardown holds after its first DMA_UNMAP and after its last, each time until a signal.
-    let mut child = paused_run(&[
+    let mut run = Reap(paused_run(&[
         "--memory",
         "1G",
         "--memory-shard",
@@ -139,7 +150,8 @@ fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_f
         "hold-after-first-unmap",
         "--test-fault",
         "hold-after-unpin",
-    ]);
+    ]));
+    let child = &mut run.0;
     // One memfd per shard in vmm; the server keeps no fd, only its mappings of all 8 files.
     assert_eq!(guest_ram_fds(child.id()), 8);
     assert_eq!(guest_ram_fds(server_pid), 0);
