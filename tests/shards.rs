@@ -159,15 +159,15 @@ fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_f
     let mut err = BufReader::new(child.stderr.take().unwrap());
     // SIGTERM stops the guest; a SIGINT once DMA_UNMAPs have begun must not cut teardown
     // short (nor change the exit status: the first signal's).
-    signal(&child, libc::SIGTERM);
+    signal(child, libc::SIGTERM);
     let mut log = wait_until_held(&mut err, "after the first unmap");
-    signal(&child, libc::SIGINT);
+    signal(child, libc::SIGINT);
     log += &wait_until_held(&mut err, "after the last unmap");
     // Every DMA_UNMAP answered, the connection still open: the server maps no guest RAM and
     // holds none of it open.
     assert_eq!(guest_ram_files_mapped(server_pid), 0, "{log}");
     assert_eq!(guest_ram_fds(server_pid), 0, "{log}");
-    signal(&child, libc::SIGINT);
+    signal(child, libc::SIGINT);
     let status = child.wait().unwrap();
     err.read_to_string(&mut log).unwrap();
     assert_eq!(status.code(), Some(143), "{status}: {log}");
