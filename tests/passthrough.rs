@@ -533,18 +533,6 @@ fn an_external_epf_server_serves_vmm_run_over_its_socket() {
     assert!(!socket.exists(), "the server removed its socket");
 }
 
-/// Bytes of guest RAM process `pid` has mapped (the sizes of its memfd mappings).
-fn guest_ram_bytes_mapped_by(pid: i32) -> u64 {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    maps.lines()
-        .filter(|l| l.contains("memfd:vmm-guest-ram"))
-        .filter_map(|l| {
-            let (start, end) = l.split_whitespace().next()?.split_once('-')?;
-            Some(u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?)
-        })
-        .sum()
-}
-
 #[test]
 fn a_server_dying_before_the_guest_runs_is_exit_2_with_nothing_left_behind() {
     let child = vmm()
@@ -576,7 +564,7 @@ fn a_server_dying_before_the_guest_runs_is_exit_2_with_nothing_left_behind() {
         assert!(Instant::now() < deadline, "the server never stopped");
         std::thread::sleep(Duration::from_millis(1));
     }
-    let mapped = guest_ram_bytes_mapped_by(server);
+    let mapped = common::guest_ram_bytes_mapped_by(server as u32);
     assert_eq!(mapped, 0, "the server had served a DMA_MAP before the kill");
     // SAFETY: as above.
     unsafe { libc::kill(server, libc::SIGKILL) };

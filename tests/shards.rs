@@ -156,6 +156,8 @@ fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_f
     assert_eq!(guest_ram_fds(child.id()), 8);
     assert_eq!(guest_ram_fds(server_pid), 0);
     assert_eq!(guest_ram_files_mapped(server_pid), 8);
+    // ... every byte of guest RAM, not only the pages the probe's DMA reached.
+    assert_eq!(common::guest_ram_bytes_mapped_by(server_pid), 1 << 30);
     let mut err = BufReader::new(child.stderr.take().unwrap());
     // SIGTERM stops the guest; a SIGINT once DMA_UNMAPs have begun must not cut teardown
     // short (nor change the exit status: the first signal's).

@@ -134,6 +134,18 @@ pub fn server_counts(end: &str) -> (u64, u64, u64) {
     }
 }
 
+/// Bytes of guest RAM process `pid` has mapped (the sizes of its memfd mappings).
+pub fn guest_ram_bytes_mapped_by(pid: u32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter(|l| l.contains("memfd:vmm-guest-ram"))
+        .filter_map(|l| {
+            let (start, end) = l.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?)
+        })
+        .sum()
+}
+
 /// Waits until process `pid` (a device server) has guest RAM mapped: it has served a DMA_MAP.
 pub fn wait_for_guest_ram_mapped_by(pid: u32) {
     let deadline = Instant::now() + Duration::from_secs(60);
