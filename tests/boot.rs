@@ -533,8 +533,7 @@ fn bad_input_with_8g_is_refused_before_any_memory_is_touched() {
 fn kvm_permission_problem_is_a_clear_error() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: needs root to drop to an unprivileged user");
-        return;
+        return common::skip("root", "needs root to drop to an unprivileged user");
     }
     // nobody must be able to reach the binary: the checkout may sit in a private directory
     // (a 0700 temporary folder, a home), so run a copy from a world-readable folder.

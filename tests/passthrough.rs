@@ -128,7 +128,7 @@ fn an_external_server_dying_mid_run_stops_vmm_with_a_clear_error() {
 
 /// Boots `memory` of guest RAM with the default epf device; returns the serial output.
 fn dma_ok_across_all_ram(memory: &str, bytes: u64, regions: usize) -> String {
-    let (out, r) = run_with_report(&["--memory", memory]);
+    let (out, r) = common::run_with_report_logged(&["--memory", memory]);
     let (serial, err) = (text(&out.stdout), text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{serial}\n{err}");
     let line = dma_line(&serial);
@@ -159,6 +159,18 @@ fn dma_ok_across_all_ram(memory: &str, bytes: u64, regions: usize) -> String {
         "--backing auto picks shareable RAM, with huge pages where the host allows: {r}"
     );
     assert_eq!(r["vm"]["devices"].as_array().unwrap().len(), 1, "{r}");
+    // The server mapped exactly one region per chunk of the job, one file per shard, and
+    // none is left: DMA that passed at the probe's pages says nothing of the pages between.
+    let end = common::server_end_in(&err);
+    let (maps, files, left) = common::server_counts(end);
+    assert_eq!(maps, common::dma_maps_of(&r), "{end}\n{r}");
+    assert_eq!(maps, pin["map"]["chunks"].as_u64().unwrap(), "{end}\n{r}");
+    assert_eq!(
+        files,
+        r["vm"]["memory_shards"].as_u64().unwrap(),
+        "{end}\n{r}"
+    );
+    assert_eq!(left, 0, "{end}");
     serial
 }
 
@@ -530,8 +542,10 @@ fn a_server_dying_before_the_guest_runs_is_exit_2_with_nothing_left_behind() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    // Kill the server once vmm is pinning: its resident memory (the memfd being faulted
-    // in) has grown past 256 MiB, of 8 GiB.
+    // The kill point: vmm is pinning (its resident memory, the memfd being faulted in, has
+    // grown past 256 MiB of 8 GiB) and the server, stopped, has served no DMA_MAP yet. The
+    // job needs a reply to every DMA_MAP, so it cannot end before the kill: the guest cannot
+    // run, and no chunk is mapped, so there is nothing to undo.
     let deadline = Instant::now() + Duration::from_secs(60);
     let server = loop {
         let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -545,15 +559,26 @@ fn a_server_dying_before_the_guest_runs_is_exit_2_with_nothing_left_behind() {
         std::thread::sleep(Duration::from_millis(1));
     };
     // SAFETY: plain kill(2) of the server process we just found.
+    unsafe { libc::kill(server, libc::SIGSTOP) };
+    while stat(server as u32).is_some_and(|(_, state)| state != 'T') {
+        assert!(Instant::now() < deadline, "the server never stopped");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mapped = common::guest_ram_bytes_mapped_by(server as u32);
+    assert_eq!(mapped, 0, "the server had served a DMA_MAP before the kill");
+    // SAFETY: as above.
     unsafe { libc::kill(server, libc::SIGKILL) };
     let out = child.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    let device = format!("vmm: the pci-epf-test server (`vmm device epf`, pid {server}): ");
     assert!(
-        err.contains("pci-epf-test server"),
-        "names the device: {err}"
+        last.starts_with(&format!("{device}mapping guest RAM for DMA failed: "))
+            && last.contains(": connection lost: the server closed the connection")
+            && last.ends_with(", so nothing is left pinned"),
+        "{err}"
     );
-    assert!(err.contains("nothing is left pinned"), "{err}");
     assert!(
         !text(&out.stdout).contains("probe: hello"),
         "the guest must not have run"

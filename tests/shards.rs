@@ -4,9 +4,8 @@
 //! Ctrl-C, huge pages are chosen where the host allows them, and bad shard options are refused
 //! before any memory is touched.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Stdio};
-use std::time::Duration;
 
 mod common;
 use common::{assert_far_below_guest_size, output_with_max_rss};
@@ -15,6 +14,7 @@ use common::{
     wait_for_guest_ram_mapped_by,
 };
 use guest_abi::probe::DMA_OK_PREFIX;
+use vmm::pin::HOLD_MARKER;
 
 /// Boots `memory` with the epf server at a socket of its own and extra `args`; returns the
 /// report and the server's last line.
@@ -48,9 +48,14 @@ fn a_6g_guest_on_gib_shards_passes_dma_in_every_gib_and_the_server_maps_one_file
     assert_eq!(r["vm"]["memory_bytes"].as_u64(), Some(6 << 30));
     assert_eq!(r["vm"]["memory_shards"].as_u64(), Some(6), "{r}");
     assert_eq!(r["vm"]["shard_bytes"].as_u64(), Some(1 << 30), "{r}");
-    assert!(
-        end.contains("from 6 files, 0 regions still mapped"),
-        "{end}"
+    // Exactly one region per chunk of the job (chunks are cut at each shard), none left.
+    let (maps, files, left) = server_counts(&end);
+    assert_eq!((files, left), (6, 0), "{end}");
+    assert_eq!(maps, common::dma_maps_of(&r), "{end}\n{r}");
+    assert_eq!(
+        maps,
+        r["pin"]["map"]["chunks"].as_u64().unwrap(),
+        "{end}\n{r}"
     );
 }
 
@@ -80,6 +85,17 @@ fn guest_ram_fds(pid: u32) -> usize {
         .count()
 }
 
+/// The guest-RAM files `pid` has mapped (distinct inodes in /proc/PID/maps).
+fn guest_ram_files_mapped(pid: u32) -> usize {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let inodes: std::collections::HashSet<&str> = maps
+        .lines()
+        .filter(|l| l.contains("memfd:vmm-guest-ram"))
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    inodes.len()
+}
+
 /// `vmm run ARGS` with the probe hanging after its checks.
 fn paused_run(args: &[&str]) -> Child {
     common::paused_run("probe.hang probe.expect_dma=1", args)
@@ -90,26 +106,74 @@ fn signal(child: &Child, sig: i32) {
     unsafe { libc::kill(child.id() as i32, sig) };
 }
 
+/// Reads `err` (a run's stderr) until a `--test-fault hold-*` says it holds at `point`;
+/// returns what it read.
+fn wait_until_held(err: &mut impl BufRead, point: &str) -> String {
+    let want = format!("{HOLD_MARKER}{point}");
+    let mut seen = String::new();
+    loop {
+        let mut line = String::new();
+        let n = err.read_line(&mut line).unwrap();
+        assert!(n > 0, "vmm ended before it held {point}:\n{seen}");
+        seen.push_str(&line);
+        if line.trim_end() == want {
+            return seen;
+        }
+    }
+}
+
+/// Kills a run the test did not see end (a paused guest never ends by itself, and its
+/// server would wait for it).
+struct Reap(Child);
+
+impl Drop for Reap {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_paused_guest_holds_one_memfd_per_shard_and_a_signal_during_teardown_still_frees_all() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("epf.sock");
     let server = epf_server(&socket);
-    let mut child = paused_run(&[
+    let server_pid = server.id();
+    // Teardown holds after its first DMA_UNMAP and after its last, each time until a signal.
+    let mut run = Reap(paused_run(&[
         "--memory",
         "1G",
         "--memory-shard",
         "128M",
         "--user-device",
         socket.to_str().unwrap(),
-    ]);
+        "--test-fault",
+        "hold-after-first-unmap",
+        "--test-fault",
+        "hold-after-unpin",
+    ]));
+    let child = &mut run.0;
+    // One memfd per shard in vmm; the server keeps no fd, only its mappings of all 8 files.
     assert_eq!(guest_ram_fds(child.id()), 8);
-    // SIGTERM stops the guest; a SIGINT while it tears down must not cut teardown short.
-    signal(&child, libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(20));
-    signal(&child, libc::SIGINT);
+    assert_eq!(guest_ram_fds(server_pid), 0);
+    assert_eq!(guest_ram_files_mapped(server_pid), 8);
+    // ... every byte of guest RAM, not only the pages the probe's DMA reached.
+    assert_eq!(common::guest_ram_bytes_mapped_by(server_pid), 1 << 30);
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    // SIGTERM stops the guest; a SIGINT once DMA_UNMAPs have begun must not cut teardown
+    // short (nor change the exit status: the first signal's).
+    signal(child, libc::SIGTERM);
+    let mut log = wait_until_held(&mut err, "after the first unmap");
+    signal(child, libc::SIGINT);
+    log += &wait_until_held(&mut err, "after the last unmap");
+    // Every DMA_UNMAP answered, the connection still open: the server maps no guest RAM and
+    // holds none of it open.
+    assert_eq!(guest_ram_files_mapped(server_pid), 0, "{log}");
+    assert_eq!(guest_ram_fds(server_pid), 0, "{log}");
+    signal(child, libc::SIGINT);
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(143), "{status}");
+    err.read_to_string(&mut log).unwrap();
+    assert_eq!(status.code(), Some(143), "{status}: {log}");
     let end = server_end(server);
     assert!(
         end.contains("from 8 files, 0 regions still mapped"),

@@ -151,8 +151,8 @@ fn memfd_thp_where_shmem_forbids_huge_pages_exits_2_naming_the_sysfs_line_before
         .iter()
         .any(|w| policy.contains(w))
     {
-        eprintln!("skipped: this host allows huge pages in shmem ({policy:?})");
-        return;
+        let why = format!("this host allows huge pages in shmem ({policy:?})");
+        return common::skip("shmem-without-huge-pages", &why);
     }
     let dir = tempfile::tempdir().unwrap();
     let out_dir = dir.path().join("out");

@@ -96,12 +96,15 @@ impl Drop for TestCgroup {
 fn auto_in_a_one_cpu_cgroup_v1_uses_one_thread_decided_by_cgroup() {
     let cpu_root = std::path::Path::new("/sys/fs/cgroup/cpu");
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 || !cpu_root.join("cpu.cfs_quota_us").exists() {
-        eprintln!(
-            "SKIPPED: needs root and the cgroup v1 cpu controller at {}",
+    if unsafe { libc::geteuid() } != 0 {
+        return common::skip("root", "making a cgroup needs root");
+    }
+    if !cpu_root.join("cpu.cfs_quota_us").exists() {
+        let why = format!(
+            "needs the cgroup v1 cpu controller at {}",
             cpu_root.display()
         );
-        return;
+        return common::skip("cgroup-v1-cpu", &why);
     }
     let cg = TestCgroup(cpu_root.join(format!("vmm-test-{}", std::process::id())));
     std::fs::create_dir(&cg.0).unwrap();
@@ -173,8 +176,10 @@ fn without_ipc_lock(cmd: &mut Command) -> &mut Command {
 fn mlock_over_rlimit_memlock_is_refused_before_any_work() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED: dropping CAP_IPC_LOCK from the bounding set needs root");
-        return;
+        return common::skip(
+            "root",
+            "dropping CAP_IPC_LOCK from the bounding set needs root",
+        );
     }
     let started = Instant::now();
     let out = without_ipc_lock(&mut vmm_bench())

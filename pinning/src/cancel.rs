@@ -4,7 +4,7 @@
 //! number in a process-wide atomic and, if one was registered, writes to an eventfd so that an
 //! event loop wakes up. Tokens that watch signals read that atomic.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::Arc;
 
 use crate::class::{Classify, ErrorClass};
@@ -12,6 +12,9 @@ use crate::sys;
 
 /// The first SIGINT/SIGTERM received while a [`SignalGuard`] was installed (0 = none).
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// Every SIGINT/SIGTERM caught, the first and the ones after it (test fault points wait for
+/// one; see [`signals_caught`]).
+static SIGNALS_CAUGHT: AtomicU32 = AtomicU32::new(0);
 /// An eventfd to poke when a signal arrives (-1 = none).
 static WAKE_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -91,9 +94,16 @@ pub fn pending_signal() -> Option<i32> {
     }
 }
 
+/// How many SIGINT/SIGTERM the handler has caught since the process started, so that a
+/// test fault point can wait for the next one (the pending signal keeps only the first).
+pub fn signals_caught() -> u32 {
+    SIGNALS_CAUGHT.load(Ordering::SeqCst)
+}
+
 extern "C" fn on_signal(sig: libc::c_int) {
     // Keep the first signal: a second Ctrl-C must not change the exit status we report.
     let _ = PENDING_SIGNAL.compare_exchange(0, sig, Ordering::SeqCst, Ordering::SeqCst);
+    SIGNALS_CAUGHT.fetch_add(1, Ordering::SeqCst);
     let fd = WAKE_FD.load(Ordering::SeqCst);
     if fd >= 0 {
         let one: u64 = 1;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 pub fn signal_once_waiting(mut child: Child, signal: i32) -> (ExitStatus, String, Duration) {
     let mut err = BufReader::new(child.stderr.take().expect("stderr piped"));
     let mut text = String::new();
-    while !text.contains(vmm::pin::WAITING_AFTER_MAP) {
+    while !text.contains(vmm::pin::HOLD_MARKER) {
         let n = err.read_line(&mut text).unwrap();
         assert!(n > 0, "ended before the fault's wait:\n{text}");
     }

@@ -10,12 +10,15 @@ use std::time::{Duration, Instant};
 mod fault;
 mod locked;
 mod rss;
+mod skip;
 #[allow(unused_imports)] // each test file uses a subset, as with the rest of this module
 pub use fault::{signal_once_waiting, undid_chunks, vmlck_after_undo_kb};
 #[allow(unused_imports)]
 pub use locked::{locked_bytes, wait_for_locked_memory};
 #[allow(unused_imports)]
 pub use rss::{assert_far_below_guest_size, output_with_max_rss};
+#[allow(unused_imports)]
+pub use skip::skip;
 
 /// The `vmm` binary, with no stdin (the guest console must not wait on the test's terminal).
 pub fn vmm() -> Command {
@@ -26,9 +29,24 @@ pub fn vmm() -> Command {
 
 /// Runs `vmm run ARGS --report FILE`; returns the output and the report, if one was written.
 pub fn run_with_report(args: &[&str]) -> (std::process::Output, Option<serde_json::Value>) {
+    run_with_report_by(vmm(), args)
+}
+
+/// [`run_with_report`] logging at info, so that stderr has the built-in epf server's last
+/// line ([`server_end`]'s).
+pub fn run_with_report_logged(args: &[&str]) -> (std::process::Output, Option<serde_json::Value>) {
+    let mut c = vmm();
+    c.env("RUST_LOG", "info");
+    run_with_report_by(c, args)
+}
+
+fn run_with_report_by(
+    mut vmm: Command,
+    args: &[&str],
+) -> (std::process::Output, Option<serde_json::Value>) {
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("report.json");
-    let out = vmm()
+    let out = vmm
         .arg("run")
         .args(args)
         .arg("--report")
@@ -84,10 +102,29 @@ pub fn server_end(mut server: Child) -> String {
         .read_to_string(&mut err)
         .unwrap();
     assert!(status.success(), "{status}: {err}");
-    err.lines()
+    server_end_in(&err).to_string()
+}
+
+/// The server's last line in `log` (a server's or a `vmm run`'s stderr, logging at info).
+pub fn server_end_in(log: &str) -> &str {
+    log.lines()
         .find(|l| l.contains("DMA_MAP requests from"))
-        .unwrap_or_else(|| panic!("the server did not report its mappings:\n{err}"))
-        .to_string()
+        .unwrap_or_else(|| panic!("the server did not report its mappings:\n{log}"))
+}
+
+/// The DMA_MAP requests a run whose report is `r` makes, one per chunk of its pin job: the
+/// job cuts each shard of guest RAM (or, without shards, the one RAM range below 3 GiB) into
+/// chunks of `chunk_size`, and no chunk spans two files.
+pub fn dma_maps_of(r: &serde_json::Value) -> u64 {
+    let vm = &r["vm"];
+    let chunk = r["pin"]["map"]["chunk_size"]
+        .as_u64()
+        .expect("a chunk size");
+    let (files, file_bytes) = match vm["memory_shards"].as_u64() {
+        Some(n) if n > 0 => (n, vm["shard_bytes"].as_u64().expect("a shard size")),
+        _ => (1, vm["memory_bytes"].as_u64().expect("a memory size")),
+    };
+    files * file_bytes.div_ceil(chunk)
 }
 
 /// What the server's last line counts: (DMA_MAP requests, files, regions still mapped), from
@@ -101,6 +138,18 @@ pub fn server_counts(end: &str) -> (u64, u64, u64) {
         [.., maps, files, regions] => (maps, files, regions),
         _ => panic!("no counts in {end:?}"),
     }
+}
+
+/// Bytes of guest RAM process `pid` has mapped (the sizes of its memfd mappings).
+pub fn guest_ram_bytes_mapped_by(pid: u32) -> u64 {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    maps.lines()
+        .filter(|l| l.contains("memfd:vmm-guest-ram"))
+        .filter_map(|l| {
+            let (start, end) = l.split_whitespace().next()?.split_once('-')?;
+            Some(u64::from_str_radix(end, 16).ok()? - u64::from_str_radix(start, 16).ok()?)
+        })
+        .sum()
 }
 
 /// Waits until process `pid` (a device server) has guest RAM mapped: it has served a DMA_MAP.

@@ -126,13 +126,33 @@ pub enum TestFault {
     /// skipped and reported done, so a test can see the VmLck it leaves.
     SkipMunlock,
     /// `wait-after-map=N`: the map call with this index maps, says so on stderr
-    /// ([`WAITING_AFTER_MAP`]) and waits (at most a minute) for SIGINT or SIGTERM, so a test
+    /// ([`HOLD_MARKER`]) and waits (at most a minute) for SIGINT or SIGTERM, so a test
     /// can cancel a job with a known part of it done.
     WaitAfterMap(u64),
+    /// `hold-after-first-unmap`: the first unmap call, once done, holds its thread (see
+    /// [`HOLD_MARKER`]), so that a test can signal a teardown known to be under way.
+    HoldAfterFirstUnmap,
+    /// `hold-after-unpin`: the undo holds once every unmap is done, before the devices are
+    /// closed and guest RAM is freed, so that a test can look at the device server then.
+    HoldAfterUnpin,
 }
 
-/// What `wait-after-map=N` writes on stderr once it waits for the signal.
-pub const WAITING_AFTER_MAP: &str = "waiting for SIGINT or SIGTERM";
+/// What a held thread writes on stderr, followed by where it is held; it goes on once a
+/// SIGINT or SIGTERM arrives after that line (or after [`HOLD_LIMIT`], so that no run hangs).
+pub const HOLD_MARKER: &str = "vmm: --test-fault: held ";
+/// The longest a `hold-*` test fault holds.
+pub const HOLD_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Holds the calling thread at fault point `point` until a signal arrives: counted before
+/// the marker is written, so that one sent as soon as the marker is read is never missed.
+fn hold(point: &str) {
+    let seen = pinning::cancel::signals_caught();
+    eprintln!("{HOLD_MARKER}{point}");
+    let deadline = std::time::Instant::now() + HOLD_LIMIT;
+    while pinning::cancel::signals_caught() == seen && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
 
 impl FromStr for TestFault {
     type Err = String;
@@ -141,6 +161,8 @@ impl FromStr for TestFault {
             "fail-unmap" => return Ok(TestFault::FailUnmap),
             "skip-munlock" => return Ok(TestFault::SkipMunlock),
             "slow-unmap" => return Ok(TestFault::SlowUnmap),
+            "hold-after-first-unmap" => return Ok(TestFault::HoldAfterFirstUnmap),
+            "hold-after-unpin" => return Ok(TestFault::HoldAfterUnpin),
             _ => {}
         }
         let index = |prefix: &str| s.strip_prefix(prefix).and_then(|n| n.parse().ok());
@@ -149,7 +171,10 @@ impl FromStr for TestFault {
             .or_else(|| index("panic-after-map=").map(TestFault::PanicAfterMap))
             .or_else(|| index("wait-after-map=").map(TestFault::WaitAfterMap))
             .ok_or_else(|| {
-                format!("`{s}`: use panic-on-map=N, panic-after-map=N, wait-after-map=N, fail-unmap, slow-unmap or skip-munlock")
+                format!(
+                    "`{s}`: use panic-on-map=N, panic-after-map=N, wait-after-map=N, fail-unmap, \
+                     slow-unmap, skip-munlock, hold-after-first-unmap or hold-after-unpin"
+                )
             })
     }
 }
@@ -177,7 +202,10 @@ impl TestFault {
             fail_unmap: faults.contains(&TestFault::FailUnmap),
             skip_munlock: faults.contains(&TestFault::SkipMunlock),
             slow_unmap: faults.contains(&TestFault::SlowUnmap),
+            hold_after_first_unmap: faults.contains(&TestFault::HoldAfterFirstUnmap),
+            hold_after_unpin: faults.contains(&TestFault::HoldAfterUnpin),
             maps: AtomicU64::new(0),
+            unmaps: AtomicU64::new(0),
         })
     }
 }
@@ -191,7 +219,10 @@ struct Faulty {
     fail_unmap: bool,
     skip_munlock: bool,
     slow_unmap: bool,
+    hold_after_first_unmap: bool,
+    hold_after_unpin: bool,
     maps: AtomicU64,
+    unmaps: AtomicU64,
 }
 
 impl PinBackend for Faulty {
@@ -202,10 +233,15 @@ impl PinBackend for Faulty {
         self.inner.begin(ram)
     }
     fn end(&self, ram: &GuestRam) -> Vec<BackendError> {
-        if self.skip_munlock {
-            return Vec::new();
+        let failed = if self.skip_munlock {
+            Vec::new()
+        } else {
+            self.inner.end(ram)
+        };
+        if self.hold_after_unpin {
+            hold("after the last unmap");
         }
-        self.inner.end(ram)
+        failed
     }
     fn map(&self, piece: &Piece) -> Result<(), BackendError> {
         let n = self.maps.fetch_add(1, Ordering::SeqCst);
@@ -217,7 +253,7 @@ impl PinBackend for Faulty {
             panic!("injected by --test-fault panic-after-map={n}");
         }
         if mapped.is_ok() && self.wait_after_map == Some(n) {
-            wait_for_signal(n);
+            hold(&format!("after map {n}"));
         }
         mapped
     }
@@ -233,16 +269,11 @@ impl PinBackend for Faulty {
                 e,
             ));
         }
-        self.inner.unmap(piece)
-    }
-}
-
-/// `wait-after-map=N`: says so, then polls for the signal the pin stage's guard catches.
-fn wait_for_signal(n: u64) {
-    eprintln!("vmm: --test-fault wait-after-map={n}: mapped, {WAITING_AFTER_MAP}");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while pinning::cancel::pending_signal().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(1));
+        let unmapped = self.inner.unmap(piece);
+        if self.hold_after_first_unmap && self.unmaps.fetch_add(1, Ordering::SeqCst) == 0 {
+            hold("after the first unmap");
+        }
+        unmapped
     }
 }
 
@@ -294,6 +325,11 @@ mod tests {
         assert_eq!("skip-munlock".parse(), Ok(TestFault::SkipMunlock));
         assert_eq!("slow-unmap".parse(), Ok(TestFault::SlowUnmap));
         assert_eq!("wait-after-map=2".parse(), Ok(TestFault::WaitAfterMap(2)));
+        assert_eq!(
+            "hold-after-first-unmap".parse(),
+            Ok(TestFault::HoldAfterFirstUnmap)
+        );
+        assert_eq!("hold-after-unpin".parse(), Ok(TestFault::HoldAfterUnpin));
         assert!("panic-on-map=x".parse::<TestFault>().is_err());
     }
 }

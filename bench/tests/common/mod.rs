@@ -14,6 +14,10 @@ mod locked;
 pub use fault::{signal_once_waiting, undid_chunks, vmlck_after_undo_kb};
 #[allow(unused_imports)]
 pub use locked::{locked_bytes, wait_for_locked_memory};
+#[path = "../../../tests/common/skip.rs"]
+mod skip;
+#[allow(unused_imports)]
+pub use skip::skip;
 
 /// The `vmm-bench` binary, with no stdin.
 pub fn vmm_bench() -> Command {

@@ -118,8 +118,9 @@ pub struct RunArgs {
     /// Testing only: inject a fault into the pin backend, `panic-on-map=N` (the Nth map call
     /// panics), `panic-after-map=N` (it maps, then panics), `wait-after-map=N` (it maps, then
     /// waits for SIGINT or SIGTERM), `fail-unmap` (every unmap fails, undoing nothing),
-    /// `slow-unmap` (every unmap sleeps 20 ms first) or `skip-munlock` (the munlock of the
-    /// undo is skipped). Repeatable.
+    /// `slow-unmap` (every unmap sleeps 20 ms first), `skip-munlock` (the munlock of the undo
+    /// is skipped), `hold-after-first-unmap` or `hold-after-unpin` (teardown waits there for a
+    /// signal, see `pin::HOLD_MARKER`). Repeatable.
     #[arg(long, hide = true)]
     pub test_fault: Vec<crate::pin::TestFault>,
     /// Threads for pinning: `auto` (all the limits allow) or a number from 1 to 4096.

@@ -238,6 +238,7 @@ fn each_zone_gets_the_backing_its_flags_choose() {
     let anon = MemorySpec {
         backing: Backing::Anon,
         shard_bytes: Some(GIB),
+        host_numa_node: None,
     };
     assert_eq!(
         zone("id=a,size=1G").spec(anon, &thp),

@@ -12,9 +12,9 @@ use acpi_tables::srat::MemoryAffinity;
 use acpi_tables::Aml;
 
 use super::tables::{oem_table_id, sdt, OEM_ID, OEM_REVISION};
-pub use crate::memory::zones::LOCAL_DISTANCE;
 use crate::memory::layout::{MemoryLayout, RamRange};
 use crate::memory::zones::GuestNumaNode;
+pub use crate::memory::zones::LOCAL_DISTANCE;
 
 /// The distance between two nodes when `--numa` gives it in neither direction (Cloud
 /// Hypervisor's default too).
