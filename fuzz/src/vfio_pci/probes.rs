@@ -14,7 +14,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     s.u8(0x80).u8(0x40 | 16).u32(0x1000).u32(0x4000);
     s.u8(1).u8(0x40 | 8);
     s.u8(0x0c).u8(0x40 | 20);
-    s.u8(0).u8(0).u8(0).u8(0);
+    s.u8(0).u8(0).u8(0).u8(0).u8(0).u8(0);
     // MSI-X (4 vectors, table BAR0+0, PBA BAR0+0x800) at 0x40, MSI at 0x50, vendor at 0x60.
     s.u8(3);
     s.u8(0x40).u8(1).u16(3).u32(0).u32(0x800).u8(0);
