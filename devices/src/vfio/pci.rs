@@ -508,8 +508,8 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
-        // Registered BARs only: past BAR5, `region::BAR0 + bar` is the ROM or config space.
-        if self.shadow.bar(bar).is_none() {
+        // Past BAR5, `region::BAR0 + bar` would be the ROM or config space, not a BAR.
+        if bar >= region::ROM as usize {
             return data.fill(0xff);
         }
         if let Some(m) = &self.msix {
@@ -537,7 +537,7 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) -> Effects {
-        if self.shadow.bar(bar).is_none() {
+        if bar >= region::ROM as usize {
             return Effects::default();
         }
         let (table, pba) = match &self.msix {

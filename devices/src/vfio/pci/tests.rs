@@ -686,15 +686,18 @@ fn config_accesses_of_any_register_and_shape_stay_in_their_dword() {
 /// `BAR0 + index`, which is the expansion ROM (6) or config space (7): a write there changed
 /// the device's config space behind the virtualised BARs.
 #[test]
-fn accesses_to_absent_bars_reach_nothing() {
+fn bar_indices_past_bar5_reach_neither_rom_nor_config_space() {
     let (backend, mut d) = scratch_device();
-    for bar in [1, 2, 5, 6, 7, 8, usize::MAX] {
+    for bar in [6, 7, 8, usize::MAX] {
         let mut b = [0u8; 4];
         d.bar_read(bar, 0, &mut b);
         assert_eq!(b, [0xff; 4], "BAR{bar} does not exist");
         assert!(d.bar_write(bar, 0x10, &[0xff; 4]).is_empty());
     }
     let writes = backend.config_writes.lock().unwrap().clone();
-    assert!(writes.is_empty(), "BAR writes reached config space: {writes:?}");
+    assert!(
+        writes.is_empty(),
+        "BAR writes reached config space: {writes:?}"
+    );
     assert_eq!(d.config_read(0), 0xb500_104c, "the device is untouched");
 }
