@@ -190,7 +190,7 @@ impl Model {
         Some(m)
     }
 
-    /// The BAR that owns BAR register `i` (itself, or the 64-bit BAR below it).
+    /// Where each BAR decodes now: its base while its space is enabled in COMMAND.
     fn decoded(&self) -> [Option<u64>; 6] {
         let mut out = [None; 6];
         for (i, b) in self.bars.iter().enumerate() {
