@@ -15,6 +15,8 @@ pub mod loader;
 pub mod msix;
 pub mod pci_config;
 pub mod serial;
+pub mod vfio_msix;
+pub mod vfio_pci;
 pub mod vfio_user_client;
 pub mod vfio_user_server;
 
@@ -43,6 +45,8 @@ pub const TARGETS: &[Target] = &[
         vfio_user_server::run,
         vfio_user_server::seeds,
     ),
+    ("vfio_pci", vfio_pci::run, vfio_pci::seeds),
+    ("vfio_msix", vfio_msix::run, vfio_msix::seeds),
     ("loader", loader::run, loader::seeds),
     ("cgroup", cgroup::run, cgroup::seeds),
 ];

@@ -1,15 +1,19 @@
 //! Target `vfio_user_client`: the VMM's vfio-user [`Client`] against a scripted server that
 //! answers each request with fuzz-chosen messages: replies with the right or a wrong id,
 //! command, type and flags, error replies, payloads built from the protocol's structures
-//! with fuzz-chosen fields or raw bytes, fds attached, server-initiated commands, duplicate
-//! replies, truncated streams and hang-ups. The client runs a fuzz-chosen sequence of
-//! requests (info, region reads and writes, interrupts, DMA map/unmap, reset).
+//! with fuzz-chosen fields or raw bytes, fds attached, server-initiated commands (DMA_READ
+//! and DMA_WRITE mostly aimed at the windows the client mapped), duplicate replies, truncated
+//! streams and hang-ups. The client runs a fuzz-chosen sequence of requests (info, region
+//! reads and writes, interrupts, DMA map/unmap, reset).
 //!
 //! The script always answers or hangs up, so:
 //! - no request ever times out (every wait ends with a reply, an error or the hang-up);
 //! - once a request fails because the connection broke (malformed reply, hang-up), every
 //!   later request fails too, without a reply being waited for;
 //! - an error reply to the request becomes `Refused` with the errno the server sent;
+//! - a server's DMA_READ/DMA_WRITE is served only inside a window of a DMA_MAP the client
+//!   sent, with the access it allows, never once the DMA_UNMAP's reply was sent, and a
+//!   DMA_READ returns what earlier DMA_WRITEs left in guest RAM (the model in [`dma`]);
 //! - a successful REGION_READ returns exactly the data bytes of the replies to it;
 //! - `region_info` returns the region asked for, without the CAPS flag, with mmap areas
 //!   and an fd only for a mappable region; `irq_info` the index asked for;
@@ -30,6 +34,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::vfio_user_server::{ignore_sigpipe, memfd};
 use crate::{Input, Seed};
+use dma::{DmaModel, RAM_LEN};
+
+mod dma;
 
 /// Long enough never to fire on a loaded machine: the script always answers or hangs up,
 /// so a timeout is a finding (a request that waits for nothing).
@@ -147,11 +154,17 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
         wire::send_message(&sock, &header, payload, &fds).is_ok()
     };
     let mut pending: Option<wire::Message> = None;
+    let mut dma = DmaModel::default();
     'messages: loop {
         let msg = match wire::recv_message(&sock, MAX_MESSAGE) {
             Ok(m) => m,
             Err(_) => return,
         };
+        if msg.header.kind() == flags::TYPE_COMMAND {
+            dma.request(&msg);
+        } else {
+            dma.answered(&msg);
+        }
         // A request, or the client's answer to a server command: then the request before
         // it still waits, and replies are built for it.
         if msg.header.kind() == flags::TYPE_COMMAND || pending.is_none() {
@@ -196,6 +209,7 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
                         flags: kind_flags,
                         error,
                     };
+                    dma.sending(&header, &req.header);
                     if !send(header, &payload, fd_sel) {
                         break 'messages;
                     }
@@ -203,6 +217,13 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
                     // the client still waits for its reply.
                     if header.kind() == flags::TYPE_COMMAND && header.flags & flags::NO_REPLY != 0 {
                         continue;
+                    }
+                    continue 'messages;
+                }
+                4 if action & 0x20 != 0 => {
+                    let (header, payload) = dma.command(&mut s, action & 0x40 != 0);
+                    if !send(header, &payload, fd_sel) {
+                        break 'messages;
                     }
                     continue 'messages;
                 }
@@ -236,6 +257,7 @@ fn serve(sock: UnixStream, script: Vec<u8>, sent: Arc<Mutex<Vec<Sent>>>) {
                     // A reply and the same reply again.
                     let payload = structured(&mut s, req);
                     let header = Header::reply(&req.header, payload.len());
+                    dma.sending(&header, &req.header);
                     for _ in 0..2 {
                         if !send(header, &payload, fd_sel) {
                             break 'messages;
@@ -294,7 +316,7 @@ pub fn run(data: &[u8]) {
 }
 
 fn exercise(client: &Client, ops: &mut Input<'_>, sent: &Mutex<Vec<Sent>>) {
-    let memfd = Arc::new(std::fs::File::from(memfd(1 << 16)));
+    let memfd = Arc::new(std::fs::File::from(memfd(RAM_LEN)));
     let eventfds: Vec<EventFd> = (0..3)
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))
         .collect();
@@ -490,6 +512,59 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     reply(&mut s, |_| {});
     s.u8(6).u8(0);
     out.push(("refusals-and-commands", s.0));
+
+    // DMA windows: the server writes and reads one while its DMA_MAP is in flight, is refused
+    // a write to a read-only one, reads one while its DMA_UNMAP is in flight and, after the
+    // reply, reads it again (refused) while a device_info waits.
+    let mut op_bytes = Seed::new();
+    op_bytes
+        .u8(6)
+        .u8(0)
+        .u64(0x10_0000)
+        .u64(0x2000)
+        .u64(0x1000)
+        .u8(1)
+        .u8(1);
+    op_bytes
+        .u8(6)
+        .u8(0)
+        .u64(0x20_0000)
+        .u64(0x1000)
+        .u64(0)
+        .u8(1)
+        .u8(0);
+    op_bytes.u8(7).u8(0).u64(0x10_0000).u64(0x2000);
+    op_bytes.u8(0).u8(0);
+    let mut s = ops(&op_bytes.0);
+    version(&mut s);
+    let pattern: Vec<u8> = (1..=8).collect();
+    // DMA_WRITE: action, fd_sel, id, sel (1: at a window), pick, offset, count, data.
+    s.u8(0x64)
+        .u8(0)
+        .u16(100)
+        .u8(1)
+        .u8(0)
+        .u16(0x10)
+        .u16(8)
+        .bytes(&pattern);
+    s.u8(0x24).u8(0).u16(101).u8(1).u8(0).u16(0x0c).u16(16);
+    reply(&mut s, |_| {});
+    s.u8(0x64)
+        .u8(0)
+        .u16(102)
+        .u8(1)
+        .u8(1)
+        .u16(0)
+        .u16(4)
+        .bytes(&[9; 4]);
+    reply(&mut s, |_| {});
+    s.u8(0x24).u8(0).u16(103).u8(1).u8(0).u16(0x10).u16(8);
+    reply(&mut s, |_| {});
+    s.u8(0x24).u8(0).u16(104).u8(0).u8(0).u64(0x10_0010).u16(8);
+    reply(&mut s, |s| {
+        s.u32(0).u32(9).u32(5);
+    });
+    out.push(("dma-windows", s.0));
 
     // Truncated: raw half a header.
     let mut s = ops(&[0, 0]);

@@ -34,7 +34,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::backend::{VfioBackend, VfioBackendError};
 use super::irqs::{MsiShadow, MsixShadow, VectorState};
 use super::types::{irq, region};
-use crate::pci::config::{cap_id, command, offset, BarKind, BarSpec, ConfigError};
+use crate::pci::config::{cap_id, command, lanes, offset, BarKind, BarSpec, ConfigError};
 use crate::pci::msix::Pba;
 use crate::pci::{Bar, ConfigSpace, Effects, MsiMessage, PciDevice, PciHeader, RoutingChange};
 
@@ -378,12 +378,18 @@ impl VfioPciDevice {
     }
 
     fn forward_config(&self, reg: usize, offset: u64, data: &[u8]) {
-        let at = reg as u64 * 4 + offset;
-        // Past the device's config space (extended space of a conventional function, reached
-        // through ECAM): nothing to write to, as on real hardware.
-        if at + data.len() as u64 > self.config_size {
+        // Only what a config cycle can carry (1, 2 or 4 bytes inside one dword): a longer or
+        // crossing write would reach the registers after `reg`, the device's own BARs say.
+        if lanes(offset, data).is_none() {
             return;
         }
+        // Past the device's config space (extended space of a conventional function, reached
+        // through ECAM): nothing to write to, as on real hardware. Wide enough for any `reg`.
+        let end = reg as u128 * 4 + u128::from(offset) + data.len() as u128;
+        if end > u128::from(self.config_size) {
+            return;
+        }
+        let at = reg as u64 * 4 + offset;
         if let Err(e) = self.backend.region_write(region::CONFIG, at, data) {
             self.failed(e);
         }
@@ -391,7 +397,7 @@ impl VfioPciDevice {
 
     fn device_config(&self, reg: usize) -> u32 {
         // All ones past the device's config space: what Linux takes for "no extended space".
-        if (reg as u64 + 1) * 4 > self.config_size {
+        if reg as u64 >= self.config_size / 4 {
             return u32::MAX;
         }
         let mut b = [0xff; 4];
@@ -502,6 +508,10 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        // Past BAR5, `region::BAR0 + bar` would be the ROM or config space, not a BAR.
+        if bar >= region::ROM as usize {
+            return data.fill(0xff);
+        }
         if let Some(m) = &self.msix {
             if let Some(at) = m.table.inner(bar, offset, data.len()) {
                 return m.table_read(at, data);
@@ -527,6 +537,9 @@ impl PciDevice for VfioPciDevice {
     }
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) -> Effects {
+        if bar >= region::ROM as usize {
+            return Effects::default();
+        }
         let (table, pba) = match &self.msix {
             Some(m) => (
                 m.table.inner(bar, offset, data.len()),

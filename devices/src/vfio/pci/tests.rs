@@ -648,3 +648,57 @@ fn an_msi_vector_raised_while_masked_is_pending_and_sent_once_when_unmasked() {
         "and no longer pending"
     );
 }
+
+/// Found by the `vfio_pci` fuzz target: a register index near `usize::MAX` overflowed the
+/// past-the-end check (a panic), and a write longer than its dword (or crossing it) was
+/// forwarded whole, reaching the device's own BAR registers after the one addressed.
+#[test]
+fn config_accesses_of_any_register_and_shape_stay_in_their_dword() {
+    let (backend, mut d) = scratch_device();
+    for reg in [
+        usize::MAX,
+        usize::MAX - 1,
+        usize::MAX / 4,
+        1 << 62,
+        1024,
+        4096,
+    ] {
+        assert_eq!(d.config_read(reg), u32::MAX, "register {reg:#x}");
+        d.config_write(reg, 0, &[0xff; 4]);
+        d.config_write(reg, u64::MAX, &[0xff]);
+    }
+    // Register 3 ends where BAR0 starts: neither a 16-byte write nor one crossing into BAR0
+    // may reach the device, nor any other malformed shape.
+    for (offset, len) in [(0, 16), (3, 4), (2, 4), (1, 8), (0, 3), (0, 0), (4, 1)] {
+        d.config_write(3, offset, &vec![0xff; len]);
+    }
+    let writes = backend.config_writes.lock().unwrap().clone();
+    assert!(
+        writes.is_empty(),
+        "malformed writes reached the device: {writes:?}"
+    );
+    // Well-formed writes still do.
+    d.config_write(3, 1, &[0x40]);
+    let writes = backend.config_writes.lock().unwrap().clone();
+    assert_eq!(writes, vec![(0x0d, vec![0x40])]);
+}
+
+/// Found by the `vfio_pci` fuzz target: a BAR access with an index past BAR5 went to region
+/// `BAR0 + index`, which is the expansion ROM (6) or config space (7): a write there changed
+/// the device's config space behind the virtualised BARs.
+#[test]
+fn bar_indices_past_bar5_reach_neither_rom_nor_config_space() {
+    let (backend, mut d) = scratch_device();
+    for bar in [6, 7, 8, usize::MAX] {
+        let mut b = [0u8; 4];
+        d.bar_read(bar, 0, &mut b);
+        assert_eq!(b, [0xff; 4], "BAR{bar} does not exist");
+        assert!(d.bar_write(bar, 0x10, &[0xff; 4]).is_empty());
+    }
+    let writes = backend.config_writes.lock().unwrap().clone();
+    assert!(
+        writes.is_empty(),
+        "BAR writes reached config space: {writes:?}"
+    );
+    assert_eq!(d.config_read(0), 0xb500_104c, "the device is untouched");
+}
