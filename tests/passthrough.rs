@@ -232,6 +232,12 @@ fn killing_the_device_server_mid_run_stops_vmm_with_a_clear_error() {
         err.contains("signal 9") || err.contains("connection lost"),
         "says what happened to the server: {err}"
     );
+    // The dead server's DMA regions went with its connection: the teardown's unmaps have
+    // nothing to undo and must not report guest RAM as possibly left mapped.
+    assert!(
+        !err.contains("left something behind") && !err.contains("may remain mapped"),
+        "a dead server's regions are gone, not left behind: {err}"
+    );
     no_epf_leftovers(vmm_pid);
 }
 

@@ -115,6 +115,16 @@ impl FdDmaMapper for UserBackend {
             .map_err(io_error)
     }
     fn unmap(&self, iova: u64, size: u64) -> io::Result<()> {
-        self.client.dma_unmap(iova, size).map_err(io_error)
+        match self.client.dma_unmap(iova, size) {
+            // The connection is closed (the server died, or this side gave up on it and shut
+            // the socket): a server's DMA regions last only as long as its client's connection,
+            // so nothing is left to unmap. A server that keeps them anyway is one
+            // docs/reliability.md lists as not defended against.
+            Err(e) if e.connection_gone() => {
+                tracing::debug!("{e}: nothing left to unmap");
+                Ok(())
+            }
+            r => r.map_err(io_error),
+        }
     }
 }

@@ -159,6 +159,14 @@ impl ClientError {
             _ => None,
         }
     }
+
+    /// The connection is closed: lost under this request, or shut before it was sent.
+    pub fn connection_gone(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Disconnected { .. } | ClientError::Broken { .. }
+        )
+    }
 }
 
 /// A connection to a vfio-user server. `Send + Sync`: share it by reference or `Arc`.
