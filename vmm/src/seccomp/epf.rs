@@ -6,7 +6,7 @@
 //! its socket file and put its SIGTERM/SIGINT handlers back. The device model itself (BARs, DMA,
 //! CRC32) is plain computation on mapped memory, on this thread or the model's DMA thread.
 
-use super::rules::{base, AllowList, Check};
+use super::rules::{base, AllowList};
 
 /// glibc's internal signal for set*id calls across threads (kernel number 33).
 const GLIBC_SIGSETXID: u64 = 33;
@@ -31,16 +31,11 @@ pub(super) fn allow_list() -> AllowList {
     // A DMA_MAP's file is mapped only if it is sealed against shrinking.
     l.allow_values(SYS_fcntl, 1, &[F_GET_SEALS as u64]);
     // A transfer longer than the inline part runs on the model's DMA thread: created
-    // (clone3, or clone for a thread only) and named; std looks up the SIGSEGV/SIGBUS
+    // (a thread only: see `AllowList::threads`) and named; std looks up the SIGSEGV/SIGBUS
     // handlers for its stack-overflow guard as a thread starts, and glibc installs its
     // set-id signal (SIGRTMIN+1 in kernel numbering, 33) at the first thread it creates.
-    l.allow(&[
-        SYS_clone3,
-        SYS_set_robust_list,
-        SYS_rseq,
-        SYS_sched_getaffinity,
-    ]);
-    l.allow_when(SYS_clone, &[Check::all_of(0, CLONE_THREAD as u64)]);
+    l.allow(&[SYS_set_robust_list, SYS_rseq, SYS_sched_getaffinity]);
+    l.threads();
     l.allow_values(SYS_prctl, 0, &[PR_SET_NAME as u64]);
     l.allow_values(
         SYS_rt_sigaction,

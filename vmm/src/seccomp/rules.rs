@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-    SeccompRule, TargetArch,
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition,
+    SeccompFilter, SeccompRule, TargetArch,
 };
 use vmm_sys_util::ioctl::{ioctl_expr, _IOC_NONE, _IOC_READ, _IOC_WRITE};
 
@@ -81,6 +81,8 @@ pub struct AllowList {
     calls: BTreeMap<i64, Rule>,
     /// The ioctl requests allowed, by name (for the summary and the tests).
     ioctls: BTreeMap<u64, &'static str>,
+    /// `clone3` fails with ENOSYS instead of meeting the mismatch action ([`Self::threads`]).
+    clone3_enosys: bool,
 }
 
 impl AllowList {
@@ -116,6 +118,23 @@ impl AllowList {
             self.allow_when(call, &[Check::eq(arg, v)]);
         }
         self
+    }
+
+    /// Threads of this kind start threads, and only threads: `clone` with CLONE_THREAD set
+    /// (its flags are an argument the filter reads), while `clone3`, whose flags are in memory
+    /// no filter can read, fails with ENOSYS, which makes glibc fall back to `clone`. So no
+    /// thread of this kind can fork, and none meets the mismatch action for starting one.
+    pub(super) fn threads(&mut self) -> &mut Self {
+        self.clone3_enosys = true;
+        self.allow_when(
+            libc::SYS_clone,
+            &[Check::all_of(0, libc::CLONE_THREAD as u64)],
+        )
+    }
+
+    /// Whether `clone3` fails with ENOSYS under this list ([`Self::threads`]).
+    pub fn clone3_fails_with_enosys(&self) -> bool {
+        self.clone3_enosys
     }
 
     /// Allows `ioctl(fd, request, ..)` for each of `requests`, on any fd.
@@ -186,8 +205,48 @@ impl AllowList {
         }
         let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
             .map_err(|e| e.to_string())?;
-        BpfProgram::try_from(filter).map_err(|e| e.to_string())
+        let program = BpfProgram::try_from(filter).map_err(|e| e.to_string())?;
+        Ok(match self.clone3_enosys {
+            true => [clone3_enosys_preamble().as_slice(), &program].concat(),
+            false => program,
+        })
     }
+}
+
+/// A few instructions put before a compiled program: on x86_64, `clone3` returns ENOSYS;
+/// anything else goes on to the program's own first instruction (which checks the
+/// architecture again). seccompiler gives one action to every rule that matches, so this
+/// one, which differs, is written by hand; its jumps stay inside it or land on the program's
+/// start, and the program's own jumps are relative, so it is unchanged by what comes before.
+fn clone3_enosys_preamble() -> Vec<sock_filter> {
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // struct seccomp_data: the system call number at 0, the architecture at 4.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let ld = |offset| sock_filter {
+        code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+        jt: 0,
+        jf: 0,
+        k: offset,
+    };
+    let jeq = |k, jt, jf| sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    vec![
+        ld(ARCH),
+        jeq(AUDIT_ARCH_X86_64, 0, 3), // another architecture: to the program
+        ld(NR),
+        jeq(libc::SYS_clone3 as u32, 0, 1), // not clone3: to the program
+        sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32,
+        },
+    ]
 }
 
 /// An ioctl request number and its name.

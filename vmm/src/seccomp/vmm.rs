@@ -54,15 +54,10 @@ pub(super) fn allow_list() -> AllowList {
             (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) as u64,
         )],
     );
-    // Teardown's helper threads: created (clone3, or clone for a thread only), named, given
+    // Teardown's helper threads: created (a thread only: see `AllowList::threads`), named, given
     // their own filter, lowered to nice 19 and lent the caller's priority.
-    l.allow(&[
-        SYS_clone3,
-        SYS_set_robust_list,
-        SYS_rseq,
-        SYS_sched_getaffinity,
-    ]);
-    l.allow_when(SYS_clone, &[Check::all_of(0, CLONE_THREAD as u64)]);
+    l.allow(&[SYS_set_robust_list, SYS_rseq, SYS_sched_getaffinity]);
+    l.threads();
     l.allow_values(
         SYS_prctl,
         0,
