@@ -3,7 +3,8 @@
 //! where the kernel lacks that, lock it with mlock2, DMA-map it with a VFIO type1 or iommufd
 //! ioctl or a vfio-user DMA_MAP message) and its share of teardown (the reverse: unmap,
 //! munlock, and punching the memory files' pages out with fallocate or MADV_DONTNEED). It
-//! lowers its own priority, and the caller lends it its own while it waits.
+//! lowers its own priority, and the caller lends it its own while it waits; a memory zone's
+//! helper pins itself to the zone's CPUs.
 
 use super::rules::{base, ioctl, AllowList, Check};
 
@@ -32,5 +33,8 @@ pub(super) fn allow_list(pid: u32) -> AllowList {
     );
     l.allow_values(SYS_setpriority, 0, &[PRIO_PROCESS as u64]);
     l.allow_values(SYS_getpriority, 0, &[PRIO_PROCESS as u64]);
+    // A memory zone's helpers run on its host node's CPUs: each pins itself (tid 0, the
+    // calling thread), and again when it moves on to another zone's chunks.
+    l.allow_values(SYS_sched_setaffinity, 0, &[0]);
     l
 }

@@ -90,6 +90,9 @@ fn helpers_pin_and_unpin_but_do_not_run_the_guest() {
     assert!(!l.allows(libc::SYS_process_vm_readv, &args(&[pid + 1])));
     assert!(!l.allows(libc::SYS_ioctl, &args(&[5, ioctl::KVM_RUN.number])));
     assert!(!l.allows(libc::SYS_clone3, &args(&[])));
+    // A zone's helper pins itself to the zone's CPUs, and no other thread.
+    assert!(l.allows(libc::SYS_sched_setaffinity, &args(&[0])));
+    assert!(!l.allows(libc::SYS_sched_setaffinity, &args(&[1234])));
     // vfio-user DMA_MAP shares the memory file with the client: no descriptor to duplicate.
     assert!(!l.allows(libc::SYS_newfstatat, &args(&[5])));
     assert!(!l.allows(
@@ -212,5 +215,74 @@ fn the_reliability_doc_gives_each_lists_size() {
     for (kind, calls, ioctls) in summary() {
         let said = format!("{}: {calls} calls, {ioctls} ioctls", kind.name());
         assert!(row.contains(&said), "the seccomp row does not say {said:?}");
+    }
+}
+
+/// The filter the kernel runs, not the list's logic: under a kind that starts threads,
+/// `clone3` (whose flags no filter can read) fails with ENOSYS, so glibc falls back to
+/// `clone`, which passes only with CLONE_THREAD; under a kind that starts none it meets the
+/// mismatch action (SIGSYS). Each in a forked child that makes only raw system calls.
+#[test]
+fn clone3_fails_with_enosys_where_threads_start_and_traps_elsewhere() {
+    /// The child's exit codes.
+    const ENOSYS_SEEN: i32 = 0;
+    const OTHER_ERRNO: i32 = 1;
+    const NOT_INSTALLED: i32 = 2;
+    #[repr(C)]
+    struct Fprog {
+        len: libc::c_ushort,
+        filter: *const seccompiler::sock_filter,
+    }
+    for kind in ThreadKind::ALL {
+        let list = kind.allow_list();
+        let starts_threads = matches!(kind, ThreadKind::Vmm | ThreadKind::Epf);
+        assert_eq!(list.clone3_fails_with_enosys(), starts_threads, "{kind:?}");
+        assert!(!list.allows(libc::SYS_clone3, &args(&[])), "{kind:?}");
+        let program = kind.compile(SeccompLevel::On).unwrap();
+        let fprog = Fprog {
+            len: program.len() as libc::c_ushort,
+            filter: program.as_ptr(),
+        };
+        // SAFETY: the child makes raw system calls only (no allocation, no lock) and leaves
+        // with _exit; `fprog` points into `program`, alive across the fork.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: as above, in the child.
+            unsafe {
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        0,
+                        &fprog as *const Fprog,
+                    ) != 0
+                {
+                    libc::_exit(NOT_INSTALLED);
+                }
+                // A size of 0 is EINVAL from the kernel itself, so only the filter says ENOSYS.
+                let r = libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0usize);
+                let errno = *libc::__errno_location();
+                libc::_exit(if r == -1 && errno == libc::ENOSYS {
+                    ENOSYS_SEEN
+                } else {
+                    OTHER_ERRNO
+                });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        if starts_threads {
+            assert!(
+                libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == ENOSYS_SEEN,
+                "{kind:?}: status {status:#x}"
+            );
+        } else {
+            assert!(
+                libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS,
+                "{kind:?}: status {status:#x}"
+            );
+        }
     }
 }
