@@ -120,19 +120,6 @@ fn parse_pci_id(s: &[u8]) -> Option<u32> {
     if s.get(4) != Some(&b':') || device.len() != 4 {
         return None;
     }
-    Some(parse_hex(vendor)? | parse_hex(device)? << 16)
-}
-
-fn parse_hex(s: &[u8]) -> Option<u32> {
-    let mut v = 0u32;
-    for &b in s {
-        let digit = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => return None,
-        };
-        v = v << 4 | u32::from(digit);
-    }
-    Some(v)
+    // Four hex digits each: both fit in 16 bits.
+    Some(text::parse_hex(vendor)? as u32 | (text::parse_hex(device)? as u32) << 16)
 }

@@ -15,7 +15,7 @@ use crate::acpi::{self, HEADER};
 use crate::console::Line;
 use crate::global::Global;
 use crate::io::phys;
-use crate::text::parse_dec;
+use crate::text::{parse_dec, parse_hex};
 
 const SRAT: u32 = u32::from_le_bytes(*b"SRAT");
 const SLIT: u32 = u32::from_le_bytes(*b"SLIT");
@@ -385,25 +385,7 @@ fn same_cpus(want: &[u8], got: &CpuSet) -> bool {
 /// `0xBASE-0xEND`.
 fn parse_range(s: &[u8]) -> Option<Range> {
     let mut ends = s.splitn(2, |&b| b == b'-');
-    let base = parse_hex(ends.next()?)?;
-    let end = parse_hex(ends.next()?)?;
+    let base = parse_hex(ends.next()?.strip_prefix(b"0x")?)?;
+    let end = parse_hex(ends.next()?.strip_prefix(b"0x")?)?;
     (base < end).then_some((base, end))
-}
-
-fn parse_hex(s: &[u8]) -> Option<u64> {
-    let digits = s.strip_prefix(b"0x")?;
-    if digits.is_empty() || digits.len() > 16 {
-        return None;
-    }
-    let mut v = 0u64;
-    for &b in digits {
-        let d = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            b'A'..=b'F' => b - b'A' + 10,
-            _ => return None,
-        };
-        v = v << 4 | u64::from(d);
-    }
-    Some(v)
 }

@@ -59,3 +59,21 @@ pub fn parse_dec(s: &[u8]) -> Option<u64> {
     }
     Some(v)
 }
+
+/// A hexadecimal number of 1 to 16 digits, without a prefix.
+pub fn parse_hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    let mut v = 0u64;
+    for &b in digits {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        v = v << 4 | u64::from(d);
+    }
+    Some(v)
+}
