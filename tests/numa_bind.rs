@@ -7,7 +7,7 @@ use std::process::Command;
 mod common;
 use common::{stderr, stdout};
 
-/// `numactl`, or `None` where the skip opt-out allows running without it (Debian's `numactl`
+/// `numactl`, or `None` where `VMM_TEST_ALLOW_SKIP` allows `numactl` (Debian's `numactl`
 /// package provides it; .ci/run installs it).
 fn numactl() -> Option<Command> {
     let found = Command::new("numactl")
@@ -17,16 +17,11 @@ fn numactl() -> Option<Command> {
     if found {
         return Some(Command::new("numactl"));
     }
-    match std::env::var("VMM_TEST_ALLOW_SKIP") {
-        Ok(why) if !why.trim().is_empty() => {
-            eprintln!("SKIPPED: numactl is not installed (VMM_TEST_ALLOW_SKIP: {why})");
-            None
-        }
-        _ => panic!(
-            "numactl is not installed: install Debian's numactl package, or set \
-             VMM_TEST_ALLOW_SKIP to the reason this host may skip the test"
-        ),
-    }
+    common::skip(
+        "numactl",
+        "numactl is not installed (Debian's numactl package)",
+    );
+    None
 }
 
 /// `vmm run ARGS --report FILE` under `wrapper` (a command the `vmm` binary is appended to);

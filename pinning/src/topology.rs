@@ -187,6 +187,7 @@ impl HostTopology {
 
     /// The nodes this process may allocate on: online, with memory, and allowed by both
     /// the cpuset and `Mems_allowed_list`.
+    #[cfg(test)]
     pub fn allowed(&self) -> Vec<u32> {
         self.nodes
             .iter()

@@ -2,7 +2,7 @@
 //! a skip is a decision someone wrote down (README, `.ci/run`), never a silent pass.
 
 /// The variable that lets tests that cannot run here pass without running: a comma-separated
-/// list of needs (`root`, `cgroup-v1-cpu`, `shmem-without-huge-pages`) or `all`.
+/// list of needs (`root`, `cgroup-v1-cpu`, `shmem-without-huge-pages`, `numactl`) or `all`.
 pub const ALLOW_SKIP: &str = "VMM_TEST_ALLOW_SKIP";
 
 /// Called by a test that cannot run here, before it returns: `need` names what is missing

@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use crate::memory::numa::{self, Policy};
-use crate::memory::{GuestMemory, MemoryLayout, RamRange};
+use crate::memory::{GuestMemory, RamRange};
 
 /// One sample per 2 MiB: a huge page, so THP and hugetlb zones get one sample per page.
 pub const SAMPLE_STEP: u64 = 2 << 20;
@@ -33,9 +33,10 @@ pub struct Zone {
 impl Zone {
     /// The one zone of a VM without zones: all of `layout`'s RAM, on `host_numa_node` if the
     /// memory spec binds it, else placed by the process's policy.
-    pub fn all_ram(layout: &MemoryLayout, host_numa_node: Option<u32>) -> Self {
+    #[cfg(test)]
+    pub fn all_ram(layout: &crate::memory::MemoryLayout, host_numa_node: Option<u32>) -> Self {
         Zone {
-            id: "ram".into(),
+            id: crate::memory::layout::DEFAULT_ZONE.into(),
             ranges: layout.ram().to_vec(),
             host_numa_node,
             guest_numa_id: None,
@@ -172,7 +173,7 @@ fn expected(zone: &Zone, policy: &Policy, allowed: &[u32]) -> (Vec<u32>, String)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::{Backing, MemorySpec};
+    use crate::memory::{Backing, MemoryLayout, MemorySpec};
     use vm_memory::{Bytes, GuestAddress};
 
     const MIB: u64 = 1 << 20;

@@ -13,7 +13,7 @@ use crate::builder::{VmConfig, MAX_TIMEOUT_SECS};
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::layout::LayoutError;
 use crate::memory::zones::{self, GuestNumaNode, ZoneConfig, ZoneError};
-use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, ThpPolicy};
+use crate::memory::{Backing, MemoryError, MemoryLayout, MemorySpec, RamRange, ThpPolicy};
 use crate::passthrough::{DeviceRequest, UserDevice};
 use crate::pin::{PinChoice, PinChoiceError};
 use crate::platform::{SerialIn, SerialOut, DEFAULT_BUFFER_BYTES};
@@ -404,9 +404,26 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
             .map(|z| z.spec(memory, &thp))
             .collect()
     };
-    // Everything about guest RAM that can be refused is refused here, before anything else.
-    for (spec, zone) in zone_memory.iter().zip(layout.zones()) {
-        spec.check(&zone.ranges, &thp)?;
+    // Everything about guest RAM that can be refused is refused here, before anything else:
+    // each backing over all the zones that use it, so that two zones that each fit the huge
+    // page pool or the fd limit, but not together, are refused too.
+    for (i, spec) in zone_memory.iter().enumerate() {
+        if zone_memory[..i].contains(spec) {
+            continue;
+        }
+        let ranges: Vec<RamRange> = zone_memory
+            .iter()
+            .zip(layout.zones())
+            .filter(|(s, _)| *s == spec)
+            .flat_map(|(_, z)| z.ranges.iter().copied())
+            .collect();
+        spec.check(&ranges, &thp)?;
+    }
+    if let Some(shard) = args.memory_shard {
+        if !zone_memory.iter().any(|s| s.backing.shareable()) {
+            // No zone is made of shards: the size would be dropped, not used.
+            return Err(MemoryError::ShardNotShareable { shard, backing }.into());
+        }
     }
     crate::memory::check_host_ram(layout.ram())?;
     if let BackingArg::Auto = args.backing {

@@ -294,6 +294,7 @@ pub fn sample_placement(addr: u64, len: u64, step: u64, max_samples: u64) -> io:
 }
 
 /// Whether host node `node` exists here (sysfs).
+#[cfg(test)]
 pub fn node_exists(node: u32) -> bool {
     std::path::Path::new(&format!("/sys/devices/system/node/node{node}")).exists()
 }

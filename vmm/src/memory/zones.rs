@@ -8,14 +8,13 @@
 //! input alone, [`check_host`] against the host's topology.
 
 use std::collections::BTreeSet;
-use std::ops::Range;
 use std::str::FromStr;
 
 use pinning::topology::{HostTopology, NodeError};
 use pinning::{Classify, ErrorClass};
 
 use super::backing::Backing;
-use super::layout::{MemoryLayout, MIN_MEM_SIZE, PAGE_SIZE};
+use super::layout::{MIN_MEM_SIZE, PAGE_SIZE};
 use super::{MemorySpec, ThpPolicy};
 use crate::size::{human, parse_size};
 
@@ -196,6 +195,8 @@ pub enum ZoneError {
     DuplicateZone(String),
     #[error("--memory-zone id={id},size={} ({size} bytes): not a multiple of the {} page size; give a size that is", human(*size), human(*page))]
     ZoneSize { id: String, size: u64, page: u64 },
+    #[error("--memory-zone id={id},hugepages=on would start {} into guest RAM, not on a {} huge page; put it first, or after zones whose sizes add up to a multiple of {}", human(*start), human(*page), human(*page))]
+    ZoneStart { id: String, start: u64, page: u64 },
     #[error("--memory {} but the --memory-zone sizes add up to {}; leave --memory out or make it their sum", human(*memory), human(*zones))]
     MemoryMismatch { memory: u64, zones: u64 },
     #[error("the --memory-zone sizes add up to {}, below the guest minimum of {}; give larger zones", human(*.0), human(MIN_MEM_SIZE))]
@@ -212,6 +213,8 @@ pub enum ZoneError {
         first: u32,
         second: u32,
     },
+    #[error("--numa guest_numa_id={node}: {what} is listed twice; list it once")]
+    ListedTwice { node: u32, what: String },
     #[error("--memory-zone id={0} is in no --numa node; add it to one node's memory_zones")]
     ZoneInNoNode(String),
     #[error("--numa guest_numa_id={node}: cpus names vCPU {cpu}, but --cpus {cpus} gives vCPUs 0-{}; name only those or raise --cpus", cpus - 1)]
@@ -233,7 +236,7 @@ pub enum ZoneError {
         #[source]
         source: NodeError,
     },
-    #[error("--memory-zone id={zone},hugepages=on needs {needed} free {} huge pages on host node {node}, which has {free}; reserve them with `echo {needed} > /sys/devices/system/node/node{node}/hugepages/hugepages-{}kB/nr_hugepages` (as root) or leave hugepages off", human(*page), page / 1024)]
+    #[error("--memory-zone id={zone},hugepages=on: the hugepages=on zones on host node {node} need {needed} free {} huge pages, and it has {free}; raise /sys/devices/system/node/node{node}/hugepages/hugepages-{}kB/nr_hugepages by {} (as root) or leave hugepages off", human(*page), page / 1024, needed - free)]
     NoHugePages {
         zone: String,
         node: u32,
@@ -275,7 +278,21 @@ pub fn check(
             });
         }
     }
-    let total = zones.iter().fold(0u64, |t, z| t.saturating_add(z.size));
+    // Zones lie one after the other from address 0, and the 32-bit hole starts and ends on a
+    // huge-page boundary: a zone starting on one stays aligned to its huge pages throughout.
+    let mut start = 0u64;
+    for z in zones {
+        let page = Backing::Hugetlb.page_size();
+        if z.hugepages && start % page != 0 {
+            return Err(ZoneError::ZoneStart {
+                id: z.id.clone(),
+                start,
+                page,
+            });
+        }
+        start = start.saturating_add(z.size);
+    }
+    let total = start;
     if !zones.is_empty() && total < MIN_MEM_SIZE {
         return Err(ZoneError::TooSmall(total));
     }
@@ -316,6 +333,12 @@ fn check_nodes(zones: &[ZoneConfig], numa: &[GuestNumaNode], cpus: u8) -> Result
                 });
             };
             if let Some(first) = zone_node[i].replace(node) {
+                if first == node {
+                    return Err(ZoneError::ListedTwice {
+                        node,
+                        what: format!("memory zone {name}"),
+                    });
+                }
                 return Err(ZoneError::ZoneInTwoNodes {
                     zone: name.clone(),
                     first,
@@ -328,6 +351,12 @@ fn check_nodes(zones: &[ZoneConfig], numa: &[GuestNumaNode], cpus: u8) -> Result
                 return Err(ZoneError::CpuOutOfRange { node, cpu, cpus });
             };
             if let Some(first) = slot.replace(node) {
+                if first == node {
+                    return Err(ZoneError::ListedTwice {
+                        node,
+                        what: format!("vCPU {cpu}"),
+                    });
+                }
                 return Err(ZoneError::CpuInTwoNodes {
                     cpu,
                     first,
@@ -357,6 +386,8 @@ fn check_nodes(zones: &[ZoneConfig], numa: &[GuestNumaNode], cpus: u8) -> Result
 /// Checks each zone's host node against `topo`: it exists, is online, has memory, lies in
 /// the process's cpuset and Mems_allowed, and has the huge pages `hugepages=on` needs.
 pub fn check_host(zones: &[ZoneConfig], topo: &HostTopology) -> Result<(), ZoneError> {
+    // Huge pages each node must give, summed over its zones as they are checked.
+    let mut needed_on: std::collections::BTreeMap<u32, u64> = Default::default();
     for z in zones {
         let Some(node) = z.host_numa_node else {
             continue;
@@ -368,7 +399,9 @@ pub fn check_host(zones: &[ZoneConfig], topo: &HostTopology) -> Result<(), ZoneE
         })?;
         if z.hugepages {
             let page = Backing::Hugetlb.page_size();
-            let (needed, free) = (z.size / page, host.free_huge_pages(page));
+            let needed = needed_on.entry(node).or_default();
+            *needed += z.size / page;
+            let (needed, free) = (*needed, host.free_huge_pages(page));
             if free < needed {
                 return Err(ZoneError::NoHugePages {
                     zone: z.id.clone(),
@@ -386,7 +419,8 @@ pub fn check_host(zones: &[ZoneConfig], topo: &HostTopology) -> Result<(), ZoneE
 /// Each zone's span of the pinning engine's linear offsets (`GuestRam` orders its regions by
 /// guest address, and zones lie in address order), in the order of `layout.zones()`: what a
 /// pin job is told each zone covers.
-pub fn linear_spans(layout: &MemoryLayout) -> Vec<Range<u64>> {
+#[cfg(test)]
+pub fn linear_spans(layout: &super::MemoryLayout) -> Vec<std::ops::Range<u64>> {
     let mut start = 0;
     layout
         .zones()

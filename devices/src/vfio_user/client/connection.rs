@@ -246,14 +246,7 @@ impl Connection {
         if let Err(source) = sh.send(&header, payload, fds) {
             let mut st = sh.state();
             st.pending.remove(&id);
-            // These come from the first sendmsg, before any byte went out (a bad fd from
-            // the caller, too many fds): the stream is intact and the connection stays up.
-            // Anything else may have left half a message behind.
-            let caller_error = matches!(
-                source.raw_os_error(),
-                Some(libc::EBADF | libc::EINVAL | libc::ETOOMANYREFS | libc::EMSGSIZE)
-            );
-            if !caller_error {
+            if !caller_error(&source) {
                 sh.break_with(
                     &mut st,
                     Fatal::Disconnected(format!("sending {op} failed: {source}")),
@@ -511,4 +504,14 @@ fn serve_command(sh: &Shared, dma: &DmaWindows, msg: &Message) -> bool {
         return false;
     }
     true
+}
+
+/// A send error that came from the first sendmsg, before any byte went out (a bad fd from
+/// the caller, too many fds): the stream is intact and the connection stays up. Any other may
+/// have left half a message behind, and the connection is broken and shut.
+pub(super) fn caller_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF | libc::EINVAL | libc::ETOOMANYREFS | libc::EMSGSIZE)
+    )
 }

@@ -160,12 +160,14 @@ impl ClientError {
         }
     }
 
-    /// The connection is closed: lost under this request, or shut before it was sent.
+    /// The connection is closed: lost under this request, shut by a failed send, or shut
+    /// before it was sent.
     pub fn connection_gone(&self) -> bool {
-        matches!(
-            self,
-            ClientError::Disconnected { .. } | ClientError::Broken { .. }
-        )
+        match self {
+            ClientError::Disconnected { .. } | ClientError::Broken { .. } => true,
+            ClientError::Send { source, .. } => !connection::caller_error(source),
+            _ => false,
+        }
     }
 }
 

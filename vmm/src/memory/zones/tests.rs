@@ -7,7 +7,7 @@ use pinning::topology::{HostNode, HostTopology};
 
 use super::*;
 use crate::memory::layout::{RamRange, GIB, MIB};
-use crate::memory::GuestMemory;
+use crate::memory::{GuestMemory, MemoryLayout};
 
 fn zone(s: &str) -> ZoneConfig {
     s.parse().unwrap()
@@ -158,6 +158,36 @@ fn every_inconsistency_is_refused_naming_it() {
         ZoneError::CpuInTwoNodes { cpu: 0, .. }
     ));
     assert_eq!(err(&z, &n, None, 3), ZoneError::CpuInNoNode(2));
+    let mut twice = n.clone();
+    twice[0].cpus.push(0);
+    assert!(
+        matches!(err(&z, &twice, None, 2), ZoneError::ListedTwice { node: 0, ref what } if what == "vCPU 0"),
+        "a vCPU listed twice in one node"
+    );
+    let mut twice = n.clone();
+    twice[1].memory_zones.push("b".into());
+    assert!(
+        matches!(
+            err(&z, &twice, None, 2),
+            ZoneError::ListedTwice { node: 1, .. }
+        ),
+        "a zone listed twice in one node"
+    );
+    // A huge-page zone must start on a huge page: here 1 MiB in.
+    let e = err(
+        &[zone("id=a,size=65M"), zone("id=h,size=2M,hugepages=on")],
+        &[],
+        None,
+        1,
+    );
+    assert_eq!(
+        e,
+        ZoneError::ZoneStart {
+            id: "h".into(),
+            start: 65 * MIB,
+            page: 2 * MIB
+        }
+    );
     let mut far = n.clone();
     far[0].distances.push((5, 30));
     assert_eq!(
@@ -226,6 +256,20 @@ fn host_nodes_are_checked_against_the_topology() {
             .contains("/sys/devices/system/node/node0/hugepages/hugepages-2048kB/nr_hugepages"),
         "{e}"
     );
+    // Two zones that each fit node 1's 512 free pages, but not together.
+    let e = check_host(
+        &[
+            zone("id=a,size=1G,host_numa_node=1,hugepages=on"),
+            zone("id=b,size=2M,host_numa_node=1,hugepages=on"),
+        ],
+        &t,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, ZoneError::NoHugePages { ref zone, needed: 513, free: 512, .. } if zone == "b"),
+        "{e}"
+    );
+    assert!(e.to_string().contains("nr_hugepages by 1 "), "{e}");
     let mut t = t;
     t.mems_allowed = Some(vec![0]);
     let e = check_host(&[zone("id=a,size=1G,host_numa_node=1")], &t).unwrap_err();
