@@ -3,7 +3,8 @@
 //! where the kernel lacks that, lock it with mlock2, DMA-map it with a VFIO type1 or iommufd
 //! ioctl or a vfio-user DMA_MAP message) and its share of teardown (the reverse: unmap,
 //! munlock, and punching the memory files' pages out with fallocate or MADV_DONTNEED). It
-//! lowers its own priority, and the caller lends it its own while it waits.
+//! lowers its own priority, and the caller lends it its own while it waits. A helper of a
+//! memory zone on a host node pins itself (and only itself) to that node's CPUs.
 
 use super::rules::{base, ioctl, AllowList, Check};
 
@@ -32,5 +33,7 @@ pub(super) fn allow_list(pid: u32) -> AllowList {
     );
     l.allow_values(SYS_setpriority, 0, &[PRIO_PROCESS as u64]);
     l.allow_values(SYS_getpriority, 0, &[PRIO_PROCESS as u64]);
+    // pid 0: the calling thread, the only one a helper moves (pinning::sys::set_affinity).
+    l.allow_values(SYS_sched_setaffinity, 0, &[0]);
     l
 }
