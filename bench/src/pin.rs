@@ -319,7 +319,10 @@ fn placement_line(r: &BenchReport) -> String {
                 nodes.dedup();
                 nodes
             },
-            format!("{} zones, each bound to its node", r.numa_nodes.len()),
+            match r.numa_nodes.len() {
+                1 => "1 zone, bound to its node".to_string(),
+                n => format!("{n} zones, each bound to its node"),
+            },
         ),
         (Some(n), _) => (vec![n], format!("bound to node {n}")),
         (None, Some(n)) => (
