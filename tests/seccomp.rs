@@ -247,3 +247,21 @@ fn without_the_filter_the_same_call_is_harmless() {
         assert!(stdout(&out).contains(RESULT_OK_LINE), "{}", stdout(&out));
     }
 }
+
+#[test]
+fn a_zone_on_a_host_node_is_filled_by_helpers_pinned_to_its_cpus_under_the_filter() {
+    // Each zone's helpers filter themselves, then pin themselves to node 0's CPUs.
+    for level in ["on", "log"] {
+        let out = vmm()
+            .args(["run", "--quiet", "--seccomp", level])
+            .args(["--memory-zone", "id=a,size=128M,host_numa_node=0"])
+            .args(["--memory-zone", "id=b,size=128M,host_numa_node=0"])
+            .args(["--user-device", "none", "--pin", "populate"])
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(0), "{level}: {err}");
+        assert!(!err.contains("could not pin a helper"), "{level}: {err}");
+        assert!(!err.contains("sched_setaffinity"), "{level}: {err}");
+    }
+}

@@ -9,6 +9,10 @@
 //!
 //! `--host-numa-node N` binds each run's memory to host node N before it is touched, as
 //! `vmm run` binds a zone's; the report says where the last run's pages landed.
+//! `--numa-nodes A,B` splits it into one zone per node, each filled on its own node
+//! ([`zones`]).
+
+pub mod zones;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -21,7 +25,10 @@ use pinning::{
 use serde::Serialize;
 use vmm::memory::numa::{self, Policy};
 use vmm::memory::{Backing, GuestMemory, MemoryError, MemorySpec, Placement, RamRange};
+use vmm::placement;
 use vmm::size::{human, parse_size};
+
+use zones::{ZoneError, ZoneResult, ZoneRuns};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -84,6 +91,11 @@ pub struct PinBenchArgs {
     /// the process's own policy places it (`numactl --membind=N vmm pin-bench ...`).
     #[arg(long)]
     pub host_numa_node: Option<u32>,
+    /// Split the memory into one zone per listed host NUMA node (`0,1`; a node may repeat,
+    /// `0,0`), each bound to its node and filled by helpers on that node's CPUs, as `vmm run
+    /// --memory-zone ...,host_numa_node=N` does; each zone's rate and placement are reported.
+    #[arg(long, value_delimiter = ',', conflicts_with = "host_numa_node")]
+    pub numa_nodes: Vec<u32>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -106,6 +118,9 @@ pub struct BenchResult {
     /// The fastest run: on a host that backs its own memory lazily, the least disturbed one.
     pub best_gibps: f64,
     pub chunks: u64,
+    /// Per zone, with `--numa-nodes`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<ZoneResult>,
 }
 
 #[derive(Debug, Serialize)]
@@ -119,6 +134,8 @@ pub struct BenchReport {
     pub memset_gibps: f64,
     /// `--host-numa-node`, and the process's policy, which places the memory without it.
     pub host_numa_node: Option<u32>,
+    /// `--numa-nodes`: one zone per entry (empty without).
+    pub numa_nodes: Vec<u32>,
     pub process_policy: Policy,
     /// Where the last measured run's pages were, sampled once per 2 MiB before the undo.
     pub placement: Placement,
@@ -134,6 +151,8 @@ pub enum PinBenchError {
     Pin(#[from] PinError),
     #[error(transparent)]
     Limits(#[from] pinning::limits::LimitsError),
+    #[error(transparent)]
+    Zones(#[from] ZoneError),
 }
 
 impl Classify for PinBenchError {
@@ -142,6 +161,7 @@ impl Classify for PinBenchError {
             PinBenchError::Memory(m) => m.class(),
             PinBenchError::Pin(p) => p.class(),
             PinBenchError::Limits(l) => l.class(),
+            PinBenchError::Zones(z) => z.class(),
         }
     }
 }
@@ -188,29 +208,51 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
         shard_bytes: args.memory_shard,
         host_numa_node: args.host_numa_node,
     };
-    let ranges = [RamRange::at_zero(args.memory)];
+    let zones = if args.numa_nodes.is_empty() {
+        Vec::new()
+    } else {
+        let topology = pinning::topology::HostTopology::detect();
+        zones::split(
+            &args.numa_nodes,
+            args.memory,
+            args.backing.page_size(),
+            &topology,
+        )?
+    };
+    let layout = zones::memory_layout(spec, args.memory, &zones);
+    let ranges: Vec<RamRange> = layout.iter().flat_map(|(_, r)| r.clone()).collect();
     // Fail on bad input (sizes, shards, hugetlb reservations, host RAM) before measuring.
-    drop(GuestMemory::new(spec, &ranges)?);
+    drop(GuestMemory::zoned(&layout)?);
     let memset = memset_gibps(args.memory)?;
     let backend = vmm::pin::TestFault::wrap(&args.test_fault, args.pin.backend());
+    // Decided once, as `vmm run` decides it once per VM.
+    let pin_zones = if zones.is_empty() {
+        Vec::new()
+    } else {
+        placement::pin_zones(&zones)
+    };
+    let policy = Policy::current();
+    let allowed = Policy::mems_allowed().unwrap_or_default();
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); args.threads.len()];
     let mut seen = vec![(0usize, String::new(), 0u64); args.threads.len()];
+    let mut zone_runs: Vec<ZoneRuns> = args.threads.iter().map(|_| ZoneRuns::default()).collect();
     let mut placement = Placement::default();
     for round in 0..(args.warmup + args.runs) {
         for (i, &threads) in args.threads.iter().enumerate() {
-            let mem = GuestMemory::new(spec, &ranges)?;
+            let mem = GuestMemory::zoned(&layout)?;
             let options = PinOptions {
                 threads,
                 min_chunk: args.min_chunk,
                 progress: !args.json,
-                zones: Vec::new(),
+                zones: pin_zones.clone(),
             };
             let pinner = Pinner::new(backend.clone(), limits.clone(), options);
             let pinned = pinner.pin(mem.ram.clone(), cancel)?;
             let s = &pinned.stats;
             tracing::debug!(round, %threads, threads_used = s.threads, gibps = s.gibps, "pin-bench run");
             seen[i] = (s.threads, s.decided_by.to_string(), s.chunks);
-            if round >= args.warmup {
+            let measured = round >= args.warmup;
+            if measured {
                 samples[i].push(s.gibps);
                 placement = mem
                     .placement(&ranges, PLACEMENT_STEP, PLACEMENT_SAMPLES)
@@ -219,6 +261,9 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
                         Placement::default()
                     });
             }
+            let zone_placement = (measured && !zones.is_empty())
+                .then(|| placement::check(&mem, &zones, &policy, &allowed));
+            zone_runs[i].record(&s.zones, zone_placement);
             pinned.unpin();
             drop(mem);
         }
@@ -228,29 +273,35 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
         .iter()
         .zip(samples)
         .zip(seen)
-        .map(|((req, runs), (threads, decided_by, chunks))| BenchResult {
-            requested: req.to_string(),
-            threads,
-            decided_by,
-            median_gibps: median(&runs),
-            best_gibps: runs.iter().copied().fold(0.0, f64::max),
-            runs_gibps: runs,
-            chunks,
-        })
+        .zip(zone_runs)
+        .map(
+            |(((req, runs), (threads, decided_by, chunks)), zones)| BenchResult {
+                requested: req.to_string(),
+                threads,
+                decided_by,
+                median_gibps: median(&runs),
+                best_gibps: runs.iter().copied().fold(0.0, f64::max),
+                runs_gibps: runs,
+                chunks,
+                zones: zones.finish(),
+            },
+        )
         .collect();
     Ok(BenchReport {
         memory_bytes: args.memory,
         backend: args.pin,
         backing: args.backing,
-        shards: spec.shards(&ranges),
-        shard_bytes: if spec.backing.shareable() {
-            spec.shard_bytes(&ranges)
-        } else {
-            0
-        },
+        shards: layout.iter().map(|(s, r)| s.shards(r)).sum(),
+        shard_bytes: layout
+            .iter()
+            .filter(|(s, _)| s.backing.shareable())
+            .map(|(s, r)| s.shard_bytes(r))
+            .max()
+            .unwrap_or(0),
         memset_gibps: memset,
         host_numa_node: args.host_numa_node,
-        process_policy: Policy::current(),
+        numa_nodes: args.numa_nodes.clone(),
+        process_policy: policy,
         placement,
         limits,
         results,
@@ -261,6 +312,18 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
 fn placement_line(r: &BenchReport) -> String {
     let p = &r.placement;
     let (nodes, why) = match (r.host_numa_node, &r.process_policy.nodes) {
+        _ if !r.numa_nodes.is_empty() => (
+            {
+                let mut nodes = r.numa_nodes.clone();
+                nodes.sort_unstable();
+                nodes.dedup();
+                nodes
+            },
+            match r.numa_nodes.len() {
+                1 => "1 zone, bound to its node".to_string(),
+                n => format!("{n} zones, each bound to its node"),
+            },
+        ),
         (Some(n), _) => (vec![n], format!("bound to node {n}")),
         (None, Some(n)) => (
             n.clone(),
@@ -329,6 +392,7 @@ pub fn table(r: &BenchReport) -> String {
             runs.join(" "),
             ratio
         ));
+        out.push_str(&zones::table(&x.zones));
     }
     out
 }

@@ -347,3 +347,115 @@ fn a_host_numa_node_that_does_not_exist_is_exit_status_2_naming_it() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains(&format!("host NUMA node {absent}:")), "{err}");
 }
+
+#[test]
+fn numa_nodes_fill_one_zone_per_node_on_its_cpus_and_report_rate_and_placement() {
+    // `0`: one zone; `0,0`: two on this host's one node (the split and per-zone paths).
+    for (nodes, zones) in [("0", 1), ("0,0", 2)] {
+        let v = json(
+            &vmm_bench()
+                .args(["pin-bench", "--memory", "256M", "--threads", "1,auto"])
+                .args([
+                    "--runs",
+                    "2",
+                    "--warmup",
+                    "0",
+                    "--min-chunk",
+                    "32M",
+                    "--json",
+                ])
+                .args(["--numa-nodes", nodes])
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(v["numa_nodes"].as_array().unwrap().len(), zones, "{v}");
+        for r in v["results"].as_array().unwrap() {
+            let z = r["zones"].as_array().unwrap();
+            assert_eq!(z.len(), zones, "{nodes}: {r}");
+            let mut best = 0f64;
+            for (i, z) in z.iter().enumerate() {
+                assert_eq!(z["id"], format!("mem{i}"), "{z}");
+                assert_eq!(z["host_numa_node"], 0, "{z}");
+                assert_eq!(z["bytes"], (256 << 20) / zones as u64, "{z}");
+                assert!(z["threads"].as_u64().unwrap() >= 1, "{z}");
+                assert!(z["decided_by"].is_string(), "{z}");
+                // Helpers pinned to node 0's CPUs (all of them here, within the affinity).
+                assert!(!z["cpus"].as_array().unwrap().is_empty(), "{z}");
+                assert_eq!(z["runs_gibps"].as_array().unwrap().len(), 2, "{z}");
+                assert!(z["median_gibps"].as_f64().unwrap() > 0.0, "{z}");
+                best = best.max(z["of_best_zone"].as_f64().unwrap());
+                // Every page of the zone populated, all on node 0: one sample per 2 MiB.
+                let p = &z["placement"];
+                let samples = (128 / zones) as u64;
+                assert_eq!(p["placement_sampled"], samples, "{z}");
+                assert_eq!(p["placement_on_node"], samples, "{z}");
+                assert_eq!(p["placement_rule"], "bound to node 0", "{z}");
+            }
+            assert_eq!(best, 1.0, "the fastest zone is 1.0 of itself: {r}");
+        }
+    }
+    let out = vmm_bench()
+        .args([
+            "pin-bench",
+            "--memory",
+            "256M",
+            "--threads",
+            "2",
+            "--runs",
+            "1",
+        ])
+        .args(["--numa-nodes", "0,0"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(
+        table.contains("(2 zones, each bound to its node)"),
+        "{table}"
+    );
+    for zone in ["mem0", "mem1"] {
+        assert!(
+            table
+                .lines()
+                .any(|l| l.starts_with(&format!("  {zone}      0  128 MiB"))
+                    && l.ends_with("100.0% of 64 sampled pages on node 0")),
+            "{table}"
+        );
+    }
+}
+
+#[test]
+fn numa_nodes_naming_a_node_the_host_lacks_is_exit_status_2_before_any_memory() {
+    let absent = (1..64)
+        .find(|n| !std::path::Path::new(&format!("/sys/devices/system/node/node{n}")).exists())
+        .unwrap();
+    let t = Instant::now();
+    // 1 TiB: refused for the node before the memory is even checked against the host's.
+    let out = vmm_bench()
+        .args(["pin-bench", "--memory", "1T", "--numa-nodes"])
+        .arg(format!("0,{absent}"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!(
+            "--numa-nodes: host NUMA node {absent} does not exist on this host"
+        )),
+        "{err}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        t.elapsed()
+    );
+    // One placement per run: a node for all of it, or a zone per node, not both.
+    let out = vmm_bench()
+        .args(["pin-bench", "--memory", "64M", "--numa-nodes", "0"])
+        .args(["--host-numa-node", "0"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot be used with"), "{err}");
+}

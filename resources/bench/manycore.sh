@@ -4,6 +4,7 @@
 # 1, 2, 4, 8 and 16 threads. `vmm pin-bench --json` draws the scaling curves (how fast RAM is
 # faulted in, thread count by thread count); `vmm run --report` boots the probe guest for time
 # to ready and teardown (the report's `exit` phase) at the two ends of the thread range.
+# On a host with more than one NUMA node it then sweeps the nodes (below).
 #
 #   manycore.sh VMM OUT       VMM: a vmm binary (static, to run it on another machine), with
 #                                  the vmm-bench binary beside it (`vmm pin-bench` runs it)
@@ -23,6 +24,22 @@
 #   THP_DIR     where shmem_enabled is read and written, for testing this script only: vmm
 #               itself always reads /sys [/sys/kernel/mm/transparent_hugepage]
 #   DRY_RUN     1: write the host record and the plan with its estimate, measure nothing [0]
+#   NUMA_NODES  the host nodes of the NUMA sweep, as pin-bench --numa-nodes takes them
+#               [every online node with CPUs and memory, when there are two or more; else
+#               the sweep is skipped and host.json says why]. Set, it runs even on one node:
+#               NUMA_NODES=0,0 checks the step on a one-node host (two zones on node 0)
+#   NUMA_SIZE   guest RAM of the NUMA sweep, G or M, split equally across NUMA_NODES [the
+#               largest of SIZES]
+#   NODE_DIR    where the nodes are read, for testing this script only: vmm itself always
+#               reads /sys [/sys/devices/system/node]
+#
+# The NUMA sweep (anon RAM, populate, `auto` threads; files under numa/): for each node N,
+# pin-bench --host-numa-node N of one zone's share under `taskset` to N's CPUs (the node's
+# local fill rate: its memory, its CPUs, all of them); then pin-bench --numa-nodes NUMA_NODES
+# (every zone at once, each bound to its node and filled on its CPUs); then `vmm run` with one
+# `--memory-zone id=memI,size=SHARE,host_numa_node=N` per node, whose report gives each zone's
+# rate and placement. summary.txt puts each zone's rate against its node's local rate (target:
+# 0.8 or more) and gives its placement (target: 100%).
 #
 # How the time is budgeted. Every configuration gets one run; the time left goes to more runs,
 # cheapest configuration first, up to RUNS, so the slow ones (1 thread at 32 GiB: 10-16 s a
@@ -34,6 +51,8 @@
 #   memfd, 1 file about 5 at 16 (one file's locks)          teardown 0.1 s/GiB (3 s at 32 GiB)
 #   memfd, shards 12.5 at 16 (measured 12.9-13.4)           teardown 0.1 s/GiB
 #   memfd-thp     not measured yet: assumed 5 at 1, 28 at 16 teardown 0.02 s/GiB
+# (the NUMA sweep's runs are costed as anon at their thread counts, and take their share of
+# the same budget)
 # (counts between are interpolated in the table below), `vmm run` of a memfd at 0.8 of that
 # (populate, then DMA_MAP to the device server) plus 0.5 s a boot, and 0.4 s to start a
 # pin-bench. With the defaults, one run of everything is estimated at about 380 s: 240 s of
@@ -87,6 +106,7 @@ else
     VM_THREADS=${VM_THREADS:-${thread_list[0]},${thread_list[-1]}}
 fi
 IFS=, read -ra vm_thread_list <<<"$VM_THREADS"
+NODE_DIR=${NODE_DIR:-/sys/devices/system/node}
 
 mkdir -p "$OUT/pin" "$OUT/run"
 OUT=$(readlink -f "$OUT")
@@ -100,6 +120,52 @@ to_mib() {
     *) echo "manycore.sh: size \`$1\`: give G or M, as 16G" >&2; exit 2 ;;
     esac
 }
+
+# A kernel list (`0-3,8`) as words.
+expand_list() {
+    local part parts i out=()
+    IFS=, read -ra parts <<<"$1"
+    for part in "${parts[@]}"; do
+        part=${part//[[:space:]]/}
+        [ -n "$part" ] || continue
+        if [[ $part == *-* ]]; then
+            for ((i = ${part%-*}; i <= ${part#*-}; i++)); do out+=("$i"); done
+        else
+            out+=("$part")
+        fi
+    done
+    echo "${out[*]}"
+}
+
+# --- the NUMA sweep's nodes ------------------------------------------------------------------
+node_cpus() { cat "$NODE_DIR/node$1/cpulist" 2>/dev/null | tr -d '[:space:]'; }
+node_mem_kib() { sed -n 's/.*MemTotal:[[:space:]]*\([0-9]*\) kB.*/\1/p' "$NODE_DIR/node$1/meminfo" 2>/dev/null; }
+host_nodes=()
+for n in $(expand_list "$(cat "$NODE_DIR/online" 2>/dev/null)"); do
+    if [ -n "$(node_cpus "$n")" ] && [ "$(node_mem_kib "$n")" -gt 0 ] 2>/dev/null; then
+        host_nodes+=("$n")
+    fi
+done
+numa_note=""
+if [ -n "${NUMA_NODES:-}" ]; then
+    IFS=, read -ra numa_list <<<"$NUMA_NODES"
+    for n in "${numa_list[@]}"; do
+        if ! [[ $n =~ ^[0-9]+$ ]] || [ -z "$(node_cpus "$n")" ]; then
+            echo "manycore.sh: NUMA_NODES: \`$n\` is not a node with CPUs under $NODE_DIR; give some of: ${host_nodes[*]:-none}" >&2
+            exit 2
+        fi
+    done
+elif [ "${#host_nodes[@]}" -ge 2 ]; then
+    numa_list=("${host_nodes[@]}")
+    NUMA_NODES=$(IFS=,; echo "${numa_list[*]}")
+else
+    numa_list=()
+    numa_note="NUMA sweep skipped: this host has ${#host_nodes[@]} NUMA node(s) with CPUs and memory (${host_nodes[*]:-none}, under $NODE_DIR); a node's local rate against a zone's needs two or more (NUMA_NODES=0,0 runs the step on one node, to check it)"
+fi
+numa_unique=()
+if [ "${#numa_list[@]}" -gt 0 ]; then
+    mapfile -t numa_unique < <(printf '%s\n' "${numa_list[@]}" | sort -nu)
+fi
 
 # `vmm run` splits RAM above 3 GiB at the 32-bit hole, and a shard must be a power of two no
 # larger than a RAM range: the fewest memfds it allows is with the largest such power (16 GiB
@@ -178,10 +244,16 @@ mem_kib=$(sed -n 's/^MemTotal:[[:space:]]*\([0-9]*\).*/\1/p' /proc/meminfo)
     echo "  \"variants\": $(json_str "$VARIANTS"),"
     echo "  \"runs_at_most\": $RUNS,"
     echo "  \"budget_s\": $BUDGET_S,"
-    echo "  \"notes\": [$([ -n "$memfd_thp_note" ] && json_str "$memfd_thp_note")]"
+    echo "  \"host_numa_nodes\": $(json_str "$(IFS=,; echo "${host_nodes[*]}")"),"
+    echo "  \"numa_nodes\": $(json_str "${NUMA_NODES:-}"),"
+    notes=()
+    [ -z "$memfd_thp_note" ] || notes+=("$(json_str "$memfd_thp_note")")
+    [ -z "$numa_note" ] || notes+=("$(json_str "$numa_note")")
+    echo "  \"notes\": [$(IFS=,; echo "${notes[*]}")]"
     echo "}"
 } >"$OUT/host.json"
 log "host: $(nproc) CPUs, ${cpu_model:-unknown}, $((${mem_kib:-0} / 1048576)) GiB, Linux $(uname -r), THP $(thp_word enabled), shmem $(thp_word shmem_enabled)"
+if [ -n "$numa_note" ]; then log "$numa_note"; fi
 
 # --- the plan: one line per configuration, with its estimated cost and runs ----------------
 max_mib=0
@@ -190,6 +262,16 @@ for s in "${size_list[@]}"; do
     if ((m > max_mib)); then max_mib=$m; fi
 done
 max_threads=${thread_list[-1]}
+NUMA_SIZE=${NUMA_SIZE:-${max_mib}M}
+numa_zone_mib=0
+if [ "${#numa_list[@]}" -gt 0 ]; then
+    # Whole 2 MiB pages per zone, as pin-bench splits them.
+    numa_zone_mib=$(($(to_mib "$NUMA_SIZE") / ${#numa_list[@]} / 2 * 2))
+    if ((numa_zone_mib < 2)); then
+        echo "manycore.sh: NUMA_SIZE $NUMA_SIZE is too small for ${#numa_list[@]} zones" >&2
+        exit 2
+    fi
+fi
 {
     for s in "${size_list[@]}"; do
         for v in "${variant_list[@]}"; do
@@ -203,6 +285,17 @@ max_threads=${thread_list[-1]}
             for t in "${vm_thread_list[@]}"; do echo "run $(to_mib "$s") $v $t"; done
         done
     done
+    # The NUMA sweep: each node alone on its CPUs, then every zone at once (all CPUs).
+    if [ "${#numa_list[@]}" -gt 0 ]; then
+        all=0
+        for n in "${numa_unique[@]}"; do
+            cpus=$(wc -w <<<"$(expand_list "$(node_cpus "$n")")")
+            all=$((all + cpus))
+            echo "numa-node$n $numa_zone_mib anon $cpus"
+        done
+        echo "numa-zones $((numa_zone_mib * ${#numa_list[@]})) anon $all"
+        echo "numa-run $((numa_zone_mib * ${#numa_list[@]})) anon $all"
+    fi
 } | awk -v runs="$RUNS" -v budget="$BUDGET_S" -v warm_mib="$max_mib" -v warm_t="$max_threads" '
     function rate(v, t,    i, lo, hi) {
         # GiB/s at thread counts 1 2 4 8 16, interpolated in log2(threads) between them.
@@ -217,8 +310,8 @@ max_threads=${thread_list[-1]}
     function cost(kind, mib, v, t,    gib, rt) {
         gib = mib / 1024
         rt = rate(v, t)
-        if (kind == "run" && v ~ /^memfd/) rt *= 0.8
-        return gib / rt + gib * td[v] + (kind == "run" ? 0.5 : 0)
+        if (kind ~ /run$/ && v ~ /^memfd/) rt *= 0.8
+        return gib / rt + gib * td[v] + (kind ~ /run$/ ? 0.5 : 0)
     }
     BEGIN {
         split("3.4 6.5 12 20 26", a); for (i = 1; i <= 5; i++) r["anon", i] = a[i]
@@ -235,6 +328,7 @@ max_threads=${thread_list[-1]}
         n++; kind[n] = $1; mib[n] = $2; v[n] = $3; t[n] = $4
         est[n] = cost($1, $2, $3, $4); k[n] = 1; left -= est[n]
         if ($1 == "pin" && !seen[$2, $3]++) left -= 0.4
+        if ($1 ~ /^numa-(node|zones)/) left -= 0.4
     }
     END {
         once = budget - left
@@ -358,6 +452,75 @@ while IFS=$'\t' read -r kind mib v t est runs; do
         "$((SECONDS - t0))" "$status" >>"$OUT/steps.tsv"
 done <"$OUT/plan.tsv"
 
+# --- NUMA: each node's local fill rate, then every node at once in zones -------------------
+numa_zone_args=()
+for i in "${!numa_list[@]}"; do
+    numa_zone_args+=(--memory-zone "id=mem$i,size=${numa_zone_mib}M,host_numa_node=${numa_list[$i]}")
+done
+if [ "${#numa_list[@]}" -gt 0 ]; then mkdir -p "$OUT/numa"; fi
+while IFS=$'\t' read -r kind mib v t est runs; do
+    case $kind in numa-*) ;; *) continue ;; esac
+    est1=${est%.*}
+    est1=$((est1 + 1))
+    k=$runs status=ok ok_runs=0 t0=$SECONDS
+    if ((SECONDS > planned + 10)); then k=1 status="behind schedule: 1 run"; fi
+    planned=$((planned + est1 * runs))
+    case $kind in
+    numa-node*)
+        n=${kind#numa-node}
+        file="$OUT/numa/local-node$n.json"
+        cmd=(taskset -c "$(node_cpus "$n")" "$VMM" pin-bench --host-numa-node "$n")
+        ;;
+    numa-zones)
+        file="$OUT/numa/zones.json"
+        cmd=("$VMM" pin-bench --numa-nodes "$NUMA_NODES")
+        ;;
+    numa-run) cmd=() ;;
+    esac
+    if [ "$kind" != numa-run ]; then
+        if ((est1 * k > $(left))); then
+            k=1
+            ((est1 <= $(left))) || { k=0 status="skipped: ${est1} s estimated, $(left) s left"; }
+        fi
+        if ((k > 0)); then
+            log "$kind: pin-bench ${mib}M anon, auto threads: $k run(s), about $((est1 * k)) s"
+            rc=0
+            timeout -s INT -k 15 "$(limit)" "${cmd[@]}" --memory "${mib}M" --backing anon \
+                --pin populate --threads auto --runs "$k" --warmup 0 --json \
+                </dev/null >"$file" 2>>"$OUT/log.txt" || rc=$?
+            if [ "$rc" != 0 ]; then
+                status=$(failed "$rc")
+                log "$kind: $status"
+                rm -f "$file"
+            else
+                ok_runs=$k
+            fi
+        fi
+    else
+        log "numa-run: vmm run with ${#numa_list[@]} zones of ${numa_zone_mib}M on nodes $NUMA_NODES: $k run(s), about $((est1 * k)) s"
+        for ((r = 1; r <= k; r++)); do
+            if ((est1 > $(left))); then
+                status="stopped after $ok_runs run(s): ${est1} s estimated, $(left) s left"
+                break
+            fi
+            report="$OUT/numa/run-r$r.json"
+            rc=0
+            timeout -s INT -k 15 "$(limit)" "$VMM" run "${numa_zone_args[@]}" \
+                --user-device none --pin populate --pin-threads auto \
+                --report "$report" --quiet --timeout 300 </dev/null >/dev/null 2>>"$OUT/log.txt" || rc=$?
+            if [ "$rc" != 0 ]; then
+                status="run $r $(failed "$rc")"
+                log "numa-run: $status"
+                rm -f "$report"
+                break
+            fi
+            ok_runs=$((ok_runs + 1))
+        done
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$kind" "$mib" "$v" "$t" "$runs" "$ok_runs" "$est1" \
+        "$((SECONDS - t0))" "$status" >>"$OUT/steps.tsv"
+done <"$OUT/plan.tsv"
+
 restore_shmem
 log "measurements done in $SECONDS s (budget $BUDGET_S s)"
 
@@ -430,8 +593,57 @@ with open(os.path.join(out, "steps.tsv")) as f:
     steps = [dict(zip(head, line.rstrip("\n").split("\t"))) for line in f]
 not_ok = [s for s in steps if s["status"] != "ok"]
 
+# The NUMA sweep: each zone's rate against its node's local rate, and its placement.
+def load(path):
+    return json.load(open(path)) if os.path.exists(path) else None
+
+def pct(on, sampled):
+    return round(100.0 * on / sampled, 1) if sampled else None
+
+numa = None
+if host.get("numa_nodes"):
+    local = {}
+    for path in glob.glob(os.path.join(out, "numa", "local-node*.json")):
+        node = int(os.path.basename(path)[len("local-node"):-len(".json")])
+        rep = json.load(open(path))
+        r, p = rep["results"][0], rep["placement"]
+        on = sum(pages for n, pages in p["per_node"] if n == node)
+        local[node] = {"median_gibps": r["median_gibps"], "best_gibps": r["best_gibps"],
+                       "threads": r["threads"], "decided_by": r["decided_by"],
+                       "placement_percent": pct(on, p["sampled"])}
+    def against(node, gibps):
+        base = local.get(node, {}).get("median_gibps")
+        return round(gibps / base, 2) if base and gibps is not None else None
+    bench = load(os.path.join(out, "numa", "zones.json"))
+    zones = []
+    for z in (bench["results"][0].get("zones", []) if bench else []):
+        pl = z.get("placement") or {}
+        zones.append({"id": z["id"], "host_numa_node": z["host_numa_node"],
+                      "threads": z["threads"], "decided_by": z["decided_by"],
+                      "median_gibps": z["median_gibps"],
+                      "of_local": against(z["host_numa_node"], z["median_gibps"]),
+                      "placement_percent": pct(pl.get("placement_on_node", 0),
+                                               pl.get("placement_sampled", 0))})
+    reports = [json.load(open(p)) for p in sorted(glob.glob(os.path.join(out, "numa", "run-r*.json")))]
+    vm_zones = []
+    if reports:
+        last = reports[-1]
+        pins = {z["id"]: z for z in (last.get("pin") or {}).get("zones", [])}
+        for z in last["vm"]["zones"]:
+            rates = [zz["gibps"] for r in reports for zz in (r.get("pin") or {}).get("zones", [])
+                     if zz["id"] == z["id"]]
+            gibps = round(statistics.median(rates), 2) if rates else None
+            vm_zones.append({"id": z["id"], "host_numa_node": z["host_numa_node"],
+                             "threads": pins.get(z["id"], {}).get("threads"),
+                             "decided_by": pins.get(z["id"], {}).get("decided_by"),
+                             "median_gibps": gibps,
+                             "of_local": against(z["host_numa_node"], gibps),
+                             "placement_percent": pct(z["placement_on_node"], z["placement_sampled"])})
+    numa = {"nodes": host["numa_nodes"], "local": {str(k): v for k, v in sorted(local.items())},
+            "pin_bench_zones": zones, "vmm_run_zones": vm_zones, "vmm_runs": len(reports)}
+
 summary = {"host": host, "elapsed_s": elapsed, "curves": list(curves.values()),
-           "runs": runs, "steps_not_ok": not_ok}
+           "runs": runs, "numa": numa, "steps_not_ok": not_ok}
 with open(os.path.join(out, "summary.json"), "w") as f:
     json.dump(summary, f, indent=2)
     f.write("\n")
@@ -459,6 +671,32 @@ for r in runs:
     print(f"{name(r['memory_bytes'] >> 20):<6} {r['variant']:<13} {r['pin_threads']:>7} "
           f"{r['memory_shards']:>6} {n:>2} {fmt(r['ready_ms'])} {fmt(r['teardown_ms'])} "
           f"{r['pin_gibps_median'] if r['pin_gibps_median'] is not None else '-':>9}")
+if numa:
+    print(f"\nNUMA, nodes {numa['nodes']}: anon, populate, auto threads; a node alone on its own CPUs "
+          f"(local), then every zone at once")
+    print(f"{'node':>4} {'local GiB/s':>11} {'threads':>7} {'placement':>9}")
+    for node, l in numa["local"].items():
+        print(f"{node:>4} {l['median_gibps']:11.2f} {l['threads']:>7} "
+              f"{str(l['placement_percent']) + '%':>9}")
+    met = True
+    for title, rows in (("pin-bench --numa-nodes", numa["pin_bench_zones"]),
+                        (f"vmm run --memory-zone, {numa['vmm_runs']} run(s)", numa["vmm_run_zones"])):
+        print(f"{title}: each zone against its node's local rate")
+        print(f"  {'zone':<6} {'node':>4} {'GiB/s':>7} {'threads':>7} {'decided_by':<11} "
+              f"{'of local':>8} {'placement':>9}")
+        if not rows:
+            print("  (none: see steps.tsv and log.txt)")
+            met = False
+        for z in rows:
+            g = f"{z['median_gibps']:7.2f}" if z["median_gibps"] is not None else f"{'-':>7}"
+            o = f"{z['of_local']:8.2f}" if z["of_local"] is not None else f"{'-':>8}"
+            p = f"{z['placement_percent']}%" if z["placement_percent"] is not None else "-"
+            print(f"  {z['id']:<6} {z['host_numa_node']:>4} {g} {str(z['threads']):>7} "
+                  f"{str(z['decided_by']):<11} {o} {p:>9}")
+            if z["of_local"] is None or z["of_local"] < 0.8 or z["placement_percent"] != 100.0:
+                met = False
+    print("target (every zone >= 0.8 of its node's local rate, 100% placement): "
+          + ("met" if met else "NOT met"))
 for s in not_ok:
     print(f"not ok: {s['kind']} {s['mib']}M {s['variant']} t{s['threads']}: {s['status']}")
 PY

@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 use devices::exit::StopHandle;
 use devices::{ExitReason, GuestMarks};
 use pinning::pinner::PinZone;
-use pinning::topology::HostTopology;
 use pinning::{
     CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, SignalGuard,
     Undone,
@@ -310,28 +309,13 @@ fn zones(config: &VmConfig) -> Vec<Zone> {
 }
 
 /// The pin job's zones: with `--memory-zone`, each zone is filled by helpers on its host
-/// node's CPUs within this process's affinity (first touch places the page) and reported on
-/// its own; without, one job over all RAM as before.
+/// node's CPUs ([`placement::pin_zones`]) and reported on its own; without, one job over all
+/// RAM as before.
 fn pin_zones(config: &VmConfig, zones: &[Zone]) -> Vec<PinZone> {
     if config.zones.is_empty() {
         return Vec::new();
     }
-    let topology = HostTopology::detect();
-    let allowed = pinning::sys::affinity_cpus().unwrap_or_else(|e| {
-        tracing::warn!("this process's CPU affinity: {e}; zone helpers run on any CPU");
-        Vec::new()
-    });
-    zones
-        .iter()
-        .map(|z| PinZone {
-            id: z.id.clone(),
-            ranges: z.ranges.iter().map(|r| r.start.0..r.end()).collect(),
-            cpus: z
-                .host_numa_node
-                .map_or_else(Vec::new, |n| topology.cpus_within(n, &allowed)),
-            host_numa_node: z.host_numa_node,
-        })
-        .collect()
+    placement::pin_zones(zones)
 }
 
 /// Stage `placement`: where each zone's pages are after pinning (before the guest or the

@@ -2,8 +2,11 @@
 //! zone, sampled with `move_pages(2)` in query mode, against where they should be: a zone's
 //! host node when it has one, else the nodes the process's own memory policy names (or its
 //! cpuset allows, under the default policy). The report's `vm.zones[]` and summary line come
-//! from here, and a zone below 100% gets one warning.
+//! from here, and a zone below 100% gets one warning. Where the helpers that fill each zone run
+//! is decided here too ([`pin_zones`]), so the check and the fill agree on a zone's node.
 
+use pinning::pinner::PinZone;
+use pinning::topology::HostTopology;
 use serde::Serialize;
 
 use crate::memory::numa::{self, Policy};
@@ -42,6 +45,29 @@ impl Zone {
             guest_numa_id: None,
         }
     }
+}
+
+/// The pin job's zones for `zones`: each filled by helpers on its host node's CPUs within this
+/// process's affinity, because first touch places the page. A zone without a node, or on a
+/// node none of whose CPUs the process may use (a memory-only node), is filled from anywhere.
+/// `vmm run` with `--memory-zone` and `pin-bench --numa-nodes` both place their helpers here.
+pub fn pin_zones(zones: &[Zone]) -> Vec<PinZone> {
+    let topology = HostTopology::detect();
+    let allowed = pinning::sys::affinity_cpus().unwrap_or_else(|e| {
+        tracing::warn!("this process's CPU affinity: {e}; zone helpers run on any CPU");
+        Vec::new()
+    });
+    zones
+        .iter()
+        .map(|z| PinZone {
+            id: z.id.clone(),
+            ranges: z.ranges.iter().map(|r| r.start.0..r.end()).collect(),
+            cpus: z
+                .host_numa_node
+                .map_or_else(Vec::new, |n| topology.cpus_within(n, &allowed)),
+            host_numa_node: z.host_numa_node,
+        })
+        .collect()
 }
 
 /// A zone in the report (`vm.zones[]`).
@@ -248,6 +274,33 @@ mod tests {
         assert_eq!(r.percent_on_node(), None);
         assert!(r.describe().contains("no page present to sample"), "{r:?}");
         assert_eq!(r.warning(), None);
+    }
+
+    #[test]
+    fn a_zone_on_a_node_is_filled_from_that_nodes_cpus_and_one_without_from_anywhere() {
+        let layout = MemoryLayout::new(64 * MIB).unwrap();
+        let on0 = Zone {
+            id: "a".into(),
+            ..Zone::all_ram(&layout, Some(0))
+        };
+        let anywhere = Zone {
+            id: "b".into(),
+            ..Zone::all_ram(&layout, None)
+        };
+        let pz = pin_zones(&[on0, anywhere]);
+        let allowed = pinning::sys::affinity_cpus().unwrap();
+        let node0 = HostTopology::detect().node(0).unwrap().cpus.clone();
+        let want: Vec<usize> = node0.into_iter().filter(|c| allowed.contains(c)).collect();
+        assert!(!want.is_empty(), "this host runs on node 0's CPUs");
+        assert_eq!(
+            (pz[0].id.as_str(), &pz[0].cpus, pz[0].host_numa_node),
+            ("a", &want, Some(0))
+        );
+        assert_eq!(pz[0].ranges, vec![0..64 * MIB]);
+        assert_eq!(
+            (pz[1].id.as_str(), pz[1].cpus.len(), pz[1].host_numa_node),
+            ("b", 0, None)
+        );
     }
 
     /// The cost the timeline's `placement` phase adds: 8 GiB populated (4 KiB and THP pages,
