@@ -233,6 +233,44 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
                 "run",
                 "--memory-zone",
                 "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=1,cpus=[0],memory_zones=[a]",
+            ],
+            "no gap, and 0 is missing",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a]",
+                "--numa",
+                "guest_numa_id=1",
+            ],
+            "--numa guest_numa_id=1 has neither cpus nor memory_zones",
+        ),
+        (
+            vec![
+                "run",
+                "--cpus",
+                "2",
+                "--memory-zone",
+                "id=a,size=128M",
+                "--memory-zone",
+                "id=b,size=128M",
+                "--numa",
+                "guest_numa_id=0,cpus=[0],memory_zones=[a],distances=[1@20]",
+                "--numa",
+                "guest_numa_id=1,cpus=[1],memory_zones=[b],distances=[0@30]",
+            ],
+            "gives distance 20 to node 1, but guest_numa_id=1 gives 30 back",
+        ),
+        (
+            vec![
+                "run",
+                "--memory-zone",
+                "id=a,size=128M",
                 "--memory-zone",
                 "id=b,size=128M",
                 "--numa",
@@ -336,7 +374,19 @@ fn every_malformed_invocation_is_status_2_with_one_line_naming_the_input() {
         ),
     ];
     // Exactly, not at least: a case dropped by mistake (a merge, an edit) is a failure here.
-    assert_eq!(cases.len(), 71, "the table's cases");
+    // Nine guest nodes, one more than the built-in probe reads.
+    let mut nine: Vec<&'static str> = vec!["run"];
+    for n in 0..9 {
+        let cpus = if n == 0 { "cpus=[0]," } else { "" };
+        nine.extend([
+            "--memory-zone",
+            String::leak(format!("id=z{n},size=8M")),
+            "--numa",
+            String::leak(format!("guest_numa_id={n},{cpus}memory_zones=[z{n}]")),
+        ]);
+    }
+    cases.push((nine, "the built-in probe guest reads at most 8 guest nodes"));
+    assert_eq!(cases.len(), 75, "the table's cases");
     // hugetlb without reserved pages (skipped where a host has reserved enough).
     if free_huge_pages(2048) < 32 {
         cases.push((

@@ -137,3 +137,8 @@ pub const OPT_FLOOD: &str = "probe.flood";
 /// `,`-separated, `a-b` for a run; empty for none) and the memory RANGES (`BASE-END`, hex with `0x`, END
 /// exclusive, `,`-separated, in the SRAT's order). The VMM passes one per `--numa`.
 pub const OPT_EXPECT_NUMA: &str = "probe.expect_numa";
+/// The most guest NUMA nodes the probe keeps apart: `vmm run` refuses more when the probe is
+/// the guest.
+pub const MAX_NUMA_NODES: usize = 8;
+/// The most memory ranges of one guest NUMA node the probe keeps.
+pub const MAX_NUMA_RANGES: usize = 8;

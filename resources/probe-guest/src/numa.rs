@@ -25,8 +25,8 @@ const LAPIC_AFFINITY: u8 = 0;
 const MEMORY_AFFINITY: u8 = 1;
 const ENABLED: u32 = 1;
 /// Proximity domains the probe keeps apart, and memory ranges per domain.
-pub const MAX_NODES: usize = 8;
-const MAX_RANGES: usize = 8;
+pub const MAX_NODES: usize = guest_abi::probe::MAX_NUMA_NODES;
+const MAX_RANGES: usize = guest_abi::probe::MAX_NUMA_RANGES;
 /// Local APIC IDs are a byte: a set of them is 256 bits.
 type CpuSet = [u64; 4];
 

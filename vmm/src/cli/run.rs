@@ -162,6 +162,8 @@ pub enum ConfigError {
     Timeout(f64),
     #[error("--report {}: {reason}; give a file in a folder that exists and that you may write to", path.display())]
     Report { path: PathBuf, reason: String },
+    #[error("--numa: the built-in probe guest reads at most {} guest nodes of at most {} memory ranges each; give fewer nodes or zones per node, or boot a --kernel", guest_abi::probe::MAX_NUMA_NODES, guest_abi::probe::MAX_NUMA_RANGES)]
+    ProbeNuma,
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
@@ -433,6 +435,14 @@ pub fn config(args: &RunArgs) -> Result<VmConfig, ConfigError> {
     args.pin.check_devices(dma)?;
     // The guest NUMA topology, for the ACPI tables and the probe's expectations.
     let guest_numa = GuestNuma::from_nodes(&args.numa, &layout);
+    if let (None, Some(numa)) = (&args.kernel, &guest_numa) {
+        use guest_abi::probe::{MAX_NUMA_NODES, MAX_NUMA_RANGES};
+        if numa.nodes.len() > MAX_NUMA_NODES
+            || numa.nodes.iter().any(|n| n.memory.len() > MAX_NUMA_RANGES)
+        {
+            return Err(ConfigError::ProbeNuma);
+        }
+    }
     let (kernel, cmdline) = match &args.kernel {
         Some(p) => (ImageSource::Path(p.clone()), "console=ttyS0".to_string()),
         None => (

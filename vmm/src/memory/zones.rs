@@ -213,6 +213,12 @@ pub enum ZoneError {
         first: u32,
         second: u32,
     },
+    #[error("--numa guest_numa_id values must run 0, 1, 2, ... with no gap, and {0} is missing; number the guest nodes from 0")]
+    NodeIdGap(u32),
+    #[error("--numa guest_numa_id={0} has neither cpus nor memory_zones; give it one of them or leave the node out")]
+    EmptyNode(u32),
+    #[error("--numa guest_numa_id={a} gives distance {ab} to node {b}, but guest_numa_id={b} gives {ba} back; give both directions the same distance")]
+    AsymmetricDistance { a: u32, b: u32, ab: u8, ba: u8 },
     #[error("--numa guest_numa_id={node}: {what} is listed twice; list it once")]
     ListedTwice { node: u32, what: String },
     #[error("--memory-zone id={0} is in no --numa node; add it to one node's memory_zones")]
@@ -321,6 +327,20 @@ fn check_nodes(zones: &[ZoneConfig], numa: &[GuestNumaNode], cpus: u8) -> Result
             return Err(ZoneError::DuplicateNode(n.guest_numa_id));
         }
     }
+    // The SRAT's proximity domains and the SLIT's rows are the ids, in order.
+    if let Some(missing) = (0..)
+        .zip(&node_ids)
+        .find(|&(i, &id)| i != id)
+        .map(|(i, _)| i)
+    {
+        return Err(ZoneError::NodeIdGap(missing));
+    }
+    if let Some(n) = numa
+        .iter()
+        .find(|n| n.cpus.is_empty() && n.memory_zones.is_empty())
+    {
+        return Err(ZoneError::EmptyNode(n.guest_numa_id));
+    }
     let mut zone_node: Vec<Option<u32>> = vec![None; zones.len()];
     let mut cpu_node: Vec<Option<u32>> = vec![None; usize::from(cpus)];
     for n in numa {
@@ -370,6 +390,20 @@ fn check_nodes(zones: &[ZoneConfig], numa: &[GuestNumaNode], cpus: u8) -> Result
             }
             if (to == node) != (distance == LOCAL_DISTANCE) || distance < LOCAL_DISTANCE {
                 return Err(ZoneError::BadDistance { node, to, distance });
+            }
+            // The SLIT written here holds one distance per pair of nodes.
+            let back = numa
+                .iter()
+                .filter(|m| m.guest_numa_id == to)
+                .flat_map(|m| &m.distances)
+                .find(|&&(t, _)| t == node);
+            if let Some(&(_, ba)) = back.filter(|&&(_, ba)| ba != distance) {
+                return Err(ZoneError::AsymmetricDistance {
+                    a: node,
+                    b: to,
+                    ab: distance,
+                    ba,
+                });
             }
         }
     }

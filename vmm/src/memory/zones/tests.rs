@@ -173,6 +173,25 @@ fn every_inconsistency_is_refused_naming_it() {
         ),
         "a zone listed twice in one node"
     );
+    let mut gap = n.clone();
+    gap[1].guest_numa_id = 2;
+    gap[0].distances = vec![(2, 20)];
+    gap[1].distances = vec![(0, 20)];
+    assert_eq!(err(&z, &gap, None, 2), ZoneError::NodeIdGap(1));
+    let mut empty = n.clone();
+    empty.push(node("guest_numa_id=2"));
+    assert_eq!(err(&z, &empty, None, 2), ZoneError::EmptyNode(2));
+    let mut lopsided = n.clone();
+    lopsided[1].distances = vec![(0, 30)];
+    assert_eq!(
+        err(&z, &lopsided, None, 2),
+        ZoneError::AsymmetricDistance {
+            a: 0,
+            b: 1,
+            ab: 20,
+            ba: 30
+        }
+    );
     // A huge-page zone must start on a huge page: here 1 MiB in.
     let e = err(
         &[zone("id=a,size=65M"), zone("id=h,size=2M,hugepages=on")],
