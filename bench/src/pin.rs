@@ -166,10 +166,6 @@ impl Classify for PinBenchError {
     }
 }
 
-/// One placement sample per 2 MiB (a huge page), at most 64Ki of them (as `vmm run` samples).
-const PLACEMENT_STEP: u64 = 2 << 20;
-const PLACEMENT_SAMPLES: u64 = 1 << 16;
-
 pub fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
@@ -255,7 +251,11 @@ pub fn run(args: &PinBenchArgs, cancel: &CancelToken) -> Result<BenchReport, Pin
             if measured {
                 samples[i].push(s.gibps);
                 placement = mem
-                    .placement(&ranges, PLACEMENT_STEP, PLACEMENT_SAMPLES)
+                    .placement(
+                        &ranges,
+                        vmm::placement::SAMPLE_STEP,
+                        vmm::placement::MAX_SAMPLES,
+                    )
                     .unwrap_or_else(|e| {
                         tracing::warn!("sampling page placement: {e}");
                         Placement::default()
