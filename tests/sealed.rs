@@ -138,10 +138,17 @@ fn memfd(len: libc::off_t, seals: i32) -> OwnedFd {
     fd
 }
 
-#[test]
-fn a_server_that_truncates_what_it_receives_cannot_and_the_guest_exits_0() {
-    let dir = tempfile::tempdir().unwrap();
-    let (upstream, front) = (dir.path().join("epf.sock"), dir.path().join("proxy.sock"));
+/// A `vmm device epf` listening in `dir`, and the socket a proxy in front of it listens on:
+/// the server, its socket, the proxy's socket and listener.
+fn epf_server_and_proxy_socket(
+    dir: &std::path::Path,
+) -> (
+    std::process::Child,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    UnixListener,
+) {
+    let (upstream, front) = (dir.join("epf.sock"), dir.join("proxy.sock"));
     let server = vmm()
         .args(["device", "epf", "--socket"])
         .arg(&upstream)
@@ -150,6 +157,13 @@ fn a_server_that_truncates_what_it_receives_cannot_and_the_guest_exits_0() {
         .unwrap();
     common::wait_for_socket(&upstream, "the epf server");
     let listener = UnixListener::bind(&front).unwrap();
+    (server, upstream, front, listener)
+}
+
+#[test]
+fn a_server_that_truncates_what_it_receives_cannot_and_the_guest_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, upstream, front, listener) = epf_server_and_proxy_socket(dir.path());
     let proxy = std::thread::spawn(move || proxy(listener, upstream, truncate_files));
     let (out, _) = run_with_report(&["--user-device", front.to_str().unwrap(), "--memory", "512M"]);
     let serial = stdout(&out);
@@ -236,15 +250,7 @@ fn distinct_files(fds: Vec<OwnedFd>) -> Vec<std::fs::File> {
 fn a_server_that_keeps_the_files_it_received_finds_only_zeroes_after_the_run() {
     use std::os::unix::fs::FileExt;
     let dir = tempfile::tempdir().unwrap();
-    let (upstream, front) = (dir.path().join("epf.sock"), dir.path().join("proxy.sock"));
-    let server = vmm()
-        .args(["device", "epf", "--socket"])
-        .arg(&upstream)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    common::wait_for_socket(&upstream, "the epf server");
-    let listener = UnixListener::bind(&front).unwrap();
+    let (server, upstream, front, listener) = epf_server_and_proxy_socket(dir.path());
     // The hostile part: a copy of every file a DMA_MAP carries, kept after the run.
     let keep = |msg: &mut wire::Message| -> Vec<OwnedFd> {
         msg.fds.iter().map(|f| f.try_clone().unwrap()).collect()

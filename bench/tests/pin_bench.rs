@@ -333,11 +333,16 @@ fn host_numa_node_binds_every_run_and_the_report_says_where_pages_landed() {
     );
 }
 
+/// A host NUMA node number this host lacks.
+fn absent_node() -> u32 {
+    (1..64)
+        .find(|n| !std::path::Path::new(&format!("/sys/devices/system/node/node{n}")).exists())
+        .unwrap()
+}
+
 #[test]
 fn a_host_numa_node_that_does_not_exist_is_exit_status_2_naming_it() {
-    let absent = (1..64)
-        .find(|n| !std::path::Path::new(&format!("/sys/devices/system/node/node{n}")).exists())
-        .unwrap();
+    let absent = absent_node();
     let out = vmm_bench()
         .args(["pin-bench", "--memory", "64M", "--host-numa-node"])
         .arg(absent.to_string())
@@ -426,9 +431,7 @@ fn numa_nodes_fill_one_zone_per_node_on_its_cpus_and_report_rate_and_placement()
 
 #[test]
 fn numa_nodes_naming_a_node_the_host_lacks_is_exit_status_2_before_any_memory() {
-    let absent = (1..64)
-        .find(|n| !std::path::Path::new(&format!("/sys/devices/system/node/node{n}")).exists())
-        .unwrap();
+    let absent = absent_node();
     let t = Instant::now();
     // 1 TiB: refused for the node before the memory is even checked against the host's.
     let out = vmm_bench()
