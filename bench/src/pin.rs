@@ -324,11 +324,6 @@ fn placement_line(r: &BenchReport) -> String {
                 n => format!("{n} zones, each bound to its node"),
             },
         ),
-        (Some(n), _) => (vec![n], format!("bound to node {n}")),
-        (None, Some(n)) => (
-            n.clone(),
-            format!("process policy {}", r.process_policy.describe()),
-        ),
         (None, None) => {
             let shares = p.shares();
             return format!(
@@ -336,6 +331,8 @@ fn placement_line(r: &BenchReport) -> String {
                 p.sampled
             );
         }
+        // As `vmm run` says it: bound to a node, or the process's policy.
+        (node, _) => vmm::placement::expected(node, &r.process_policy, &[]),
     };
     let pct = if p.sampled > 0 {
         100.0 * p.on(&nodes) as f64 / p.sampled as f64

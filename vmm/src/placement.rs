@@ -150,7 +150,7 @@ pub fn check(
     zones
         .iter()
         .map(|z| {
-            let (nodes, rule) = expected(z, policy, allowed);
+            let (nodes, rule) = expected(z.host_numa_node, policy, allowed);
             let p = memory
                 .placement(&z.ranges, SAMPLE_STEP, MAX_SAMPLES)
                 .unwrap_or_else(|e| {
@@ -177,9 +177,14 @@ pub fn check(
         .collect()
 }
 
-/// The nodes a zone's pages belong on, and the rule that says so.
-fn expected(zone: &Zone, policy: &Policy, allowed: &[u32]) -> (Vec<u32>, String) {
-    match (zone.host_numa_node, &policy.nodes) {
+/// The nodes the pages of memory bound to `host_numa_node` (or not bound) belong on, and the
+/// rule that says so; `allowed` (the cpuset's nodes) rules under the default policy.
+pub fn expected(
+    host_numa_node: Option<u32>,
+    policy: &Policy,
+    allowed: &[u32],
+) -> (Vec<u32>, String) {
+    match (host_numa_node, &policy.nodes) {
         (Some(n), _) => (vec![n], format!("bound to node {n}")),
         (None, Some(nodes)) => (
             nodes.clone(),

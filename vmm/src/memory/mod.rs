@@ -232,10 +232,14 @@ fn nofile_limit() -> u64 {
 fn bind(h: &HostRange, node: u32) -> Result<(), MemoryError> {
     numa::bind(h.addr, h.len, node).map_err(|source| {
         if source.raw_os_error() == Some(libc::EINVAL) {
+            let host = pinning::topology::HostTopology::detect();
+            let online = host.nodes.iter().filter(|n| n.online).map(|n| n.id);
             return MemoryError::NoSuchNode {
                 node,
-                online: numa::online_nodes(),
-                allowed: numa::mems_allowed(),
+                online: pinning::topology::node_list(online),
+                allowed: host
+                    .mems_allowed
+                    .map_or_else(|| "unknown".into(), pinning::topology::node_list),
             };
         }
         MemoryError::Bind {

@@ -299,25 +299,6 @@ pub fn node_exists(node: u32) -> bool {
     std::path::Path::new(&format!("/sys/devices/system/node/node{node}")).exists()
 }
 
-/// The host's online nodes as sysfs lists them (`0-1`), for messages.
-pub fn online_nodes() -> String {
-    std::fs::read_to_string("/sys/devices/system/node/online")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
-/// The nodes this process may allocate on (`Mems_allowed_list`, its cpuset's), for messages.
-pub fn mems_allowed() -> String {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Mems_allowed_list:"))
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
