@@ -80,9 +80,10 @@ impl SeccompLevel {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct SeccompArgs {
     /// System-call filters, one allow-list per kind of thread (vCPU, main/event, pinning
-    /// helper; the epf server and the API thread get their own), installed before the guest runs. `on`: a
-    /// forbidden call stops the VM and vmm exits 1 naming the thread and the call; `log`:
-    /// the call is allowed and the kernel logs it (audit, or dmesg); `off`: no filters.
+    /// helper; the epf server and the API thread get their own), installed before the guest
+    /// runs. `on`: a forbidden call stops the VM and vmm exits 1 naming the thread and the
+    /// call; `log`: the call is allowed and the kernel logs it (audit, or dmesg); `off`: no
+    /// filters.
     #[arg(long, value_enum, default_value_t = SeccompLevel::On)]
     pub seccomp: SeccompLevel,
     /// Testing only: vCPU 0 makes a forbidden system call (getppid) once every filter is in
