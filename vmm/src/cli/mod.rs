@@ -161,7 +161,7 @@ hand to attach it with `vmm run --user-device PATH`.\n\nExample: vmm device epf 
 /// `vmm run`: builds and runs the VM, prints the timeline, writes the report.
 pub fn run(args: &RunArgs, start: Instant) -> Status {
     let config = run::config(args)?;
-    let outcome = builder::run(&config, start)?;
+    let outcome = builder::run(&config, start, None)?;
     if !args.quiet {
         eprint!("{}", outcome.report.summary());
     }
