@@ -253,6 +253,21 @@ fn the_probe_with_its_epf_device_shows_counters_and_vmm_shutdown_ends_it() {
         counters["pinning"]["threads"].as_u64() >= Some(1),
         "{counters}"
     );
+    // All guest RAM was DMA-mapped for the epf device, over vfio-user messages. Its server
+    // maps guest RAM through the memfds it was sent, so it needs no DMA_READ/DMA_WRITE.
+    let (name, epf) = counters
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(name, _)| *name != "pinning")
+        .expect("a device in vm.counters");
+    for key in ["messages_sent", "messages_received"] {
+        assert!(epf[key].as_u64() > Some(0), "{name}: {key}: {counters}");
+    }
+    for key in ["dma_read_bytes", "dma_write_bytes", "interrupts"] {
+        assert_eq!(epf[key], 0, "{name}: {key}: {counters}");
+    }
+    assert_eq!(epf["dma_map_bytes"], 256u64 << 20, "{counters}");
 
     assert_eq!(call(&mut client, Endpoint::VmmShutdown).0, 204);
     let out = child.wait_with_output();

@@ -455,6 +455,9 @@ fn build_and_run(
     let (platform, mut passthrough) = stage(&mut timeline, control, "devices", || {
         devices(&vm, config, &marks, &failure)
     })?;
+    if let Some(c) = control {
+        c.set_devices(passthrough.counters.clone());
+    }
     let zone_list = zones(config);
     let pinned = stage(&mut timeline, control, "pin", || {
         pin(

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use devices::counters::DeviceCounters;
 use devices::exit::StopHandle;
 use devices::ExitReason;
 use pinning::pinner::PinStats;
@@ -62,12 +63,6 @@ pub struct Finished {
     /// Why the VM could not be built or run, when it could not.
     pub error: Option<String>,
     pub report: Option<serde_json::Value>,
-}
-
-/// Counters of one passthrough device, added to by whoever moves its bytes or messages.
-#[derive(Debug, Default)]
-pub struct DeviceCounters {
-    pub dma_map_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Why a request to the VM was refused (the API answers 409).
@@ -143,9 +138,9 @@ impl VmControl {
         self.lock().pin = Some(stats);
     }
 
-    /// A passthrough device named `name` (as the report names it) counts into `counters`.
-    pub fn add_device(&self, name: String, counters: Arc<DeviceCounters>) {
-        self.lock().devices.push((name, counters));
+    /// The passthrough devices, by the names the report gives them, count into these.
+    pub fn set_devices(&self, devices: Vec<(String, Arc<DeviceCounters>)>) {
+        self.lock().devices = devices;
     }
 
     /// The run ended and the VM is torn down: state Shutdown from now on.
@@ -205,7 +200,6 @@ impl VmControl {
 
     /// `vm.counters`: the pinning figures and each device's counters, by name.
     pub fn counters(&self) -> BTreeMap<String, BTreeMap<&'static str, u64>> {
-        use std::sync::atomic::Ordering::Relaxed;
         let s = self.lock();
         let mut all = BTreeMap::new();
         if let Some(p) = &s.pin {
@@ -220,10 +214,7 @@ impl VmControl {
             );
         }
         for (name, c) in &s.devices {
-            all.insert(
-                name.clone(),
-                BTreeMap::from([("dma_map_bytes", c.dma_map_bytes.load(Relaxed))]),
-            );
+            all.insert(name.clone(), BTreeMap::from(c.snapshot()));
         }
         all
     }
