@@ -131,6 +131,14 @@ impl Handler for RunHandler {
     }
 }
 
+/// Installs the API thread's own system-call filter on the calling thread.
+fn filter_this_thread(level: crate::seccomp::SeccompLevel) -> Result<(), Failure> {
+    // Helper A's `crate::seccomp::filter_api_thread(level)?` (ThreadKind::Api) goes here once
+    // it lands; until then this thread gets the main thread's list when the guest starts.
+    let _ = level;
+    Ok(())
+}
+
 /// The running API thread; dropping it stops and joins the thread, and the socket file goes.
 pub struct ApiThread {
     control: Arc<VmControl>,
@@ -157,23 +165,38 @@ impl ApiThread {
         let mut handler = RunHandler::new(control.clone(), args, config);
         let stop_fd = std::os::fd::AsRawFd::as_raw_fd(stop.as_ref());
         let thread_stop = stop.clone();
+        let level = args.seccomp.seccomp;
+        let (filtered_tx, filtered_rx) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmm-api".into())
             .spawn(move || {
-                // Helper A's filter for this thread (ThreadKind::Api) is installed here once it
-                // lands, so the run stage finds this thread filtered and leaves it alone.
-                if let Err(e) = server.run(&mut handler, stop_fd) {
-                    tracing::warn!("the API socket stopped serving: {e}");
+                // Filtered before the VM is built, so the run stage finds this thread
+                // filtered and leaves it alone.
+                let filtered = filter_this_thread(level);
+                let ok = filtered.is_ok();
+                let _ = filtered_tx.send(filtered);
+                if ok {
+                    if let Err(e) = server.run(&mut handler, stop_fd) {
+                        tracing::warn!("the API socket stopped serving: {e}");
+                    }
                 }
                 // Kept alive until the loop ends: its fd is what the loop polls.
                 drop(thread_stop);
             })
             .map_err(|e| internal("starting the API thread", e))?;
-        Ok(ApiThread {
+        let api = ApiThread {
             control,
             stop,
             thread: Some(thread),
-        })
+        };
+        match filtered_rx.recv() {
+            Ok(Ok(())) => Ok(api),
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(Failure::new(
+                "--api-socket: the API thread ended before serving",
+                ErrorClass::Internal,
+            )),
+        }
     }
 
     /// What the builder publishes into.
