@@ -3,6 +3,7 @@
 
 pub mod forward;
 pub mod run;
+pub mod vm_config;
 
 use std::fmt;
 use std::time::Instant;
