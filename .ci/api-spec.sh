@@ -17,7 +17,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-SPEC=docs/api/openapi.yaml
+SPEC=$PWD/docs/api/openapi.yaml
 VENV=${VMM_CI_VENV:-$HOME/.cache/vmm-ci-venv}
 EXAMPLES=${VMM_API_SPEC_EXAMPLES:-200}
 
@@ -61,11 +61,12 @@ api() { curl -sS -o /dev/null -w '%{http_code}' --unix-socket "$sock" -X "$1" "h
 fuzz() {
     echo "schemathesis ($1): $EXAMPLES examples per operation"
     shift
-    timeout 200 "$VENV/bin/schemathesis" run "$SPEC" \
+    # From the temporary folder, where schemathesis leaves its cache.
+    (cd "$dir" && timeout 200 "$VENV/bin/schemathesis" run "$SPEC" \
         --url "http://127.0.0.1:$port/api/v1" \
         --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
         --phases examples,coverage,fuzzing --max-examples "$EXAMPLES" --workers 1 --seed 19 \
-        --request-timeout 40 --suppress-health-check all --no-color "$@" 2>&1
+        --request-timeout 40 --suppress-health-check all --no-color "$@" 2>&1)
 }
 # Every operation but those that start guests or end the server, in whatever state the
 # generated requests leave the VM (mostly none: most generated configs are refused).

@@ -443,3 +443,32 @@ fn check_accepts_what_vmm_run_accepts() {
     assert_eq!((run.cpus, run.memory), (2, Some(64 << 20)));
     assert_eq!(run.user_devices, ["none"]);
 }
+
+#[test]
+fn the_config_vm_info_shows_can_be_sent_back_to_vm_create() {
+    let lines: [&[&str]; 4] = [
+        &[],
+        &[
+            "--backing=anon",
+            "--user-device=none",
+            "--serial-log=/dev/null",
+            "--timeout=5",
+        ],
+        &[
+            "--backing=hugetlb-1g",
+            "--pin-threads=3",
+            "--cmdline=probe.hang",
+        ],
+        &[
+            "--memory-zone=id=a,size=1G,shared=on",
+            "--numa=guest_numa_id=0,cpus=[0],memory_zones=[a]",
+        ],
+    ];
+    for line in lines {
+        let line: Vec<String> = line.iter().map(|s| s.to_string()).collect();
+        let shown = VmConfigJson::from_run_args(&run_args(&line));
+        let body = serde_json::to_vec(&shown).expect("serialises");
+        let sent = parse(&body).unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        assert_eq!(sent, shown, "{line:?}");
+    }
+}
