@@ -85,6 +85,16 @@ fuzz "VM created" "${only[@]}"
 if [ -c /dev/kvm ]; then
     booted=$(api PUT vm.boot)
     [ "$booted" = 204 ] || { echo "vm.boot of a small probe guest answered $booted"; exit 1; }
+    # Fuzzed once the guest runs (while it is built, pause and resume answer 409).
+    for _ in $(seq 300); do
+        info=$(curl -sS --unix-socket "$sock" http://localhost/api/v1/vm.info)
+        case $info in *'"phase":"run"'*) break ;; esac
+        sleep 0.1
+    done
+    case $info in
+        *'"state":"Running"'*'"phase":"run"'* | *'"phase":"run"'*'"state":"Running"'*) ;;
+        *) echo "the probe guest did not reach its run phase in 30 s: $info"; exit 1 ;;
+    esac
     fuzz "VM running" "${only[@]}"
     api PUT vm.resume >/dev/null
 else
