@@ -4,6 +4,7 @@
 pub mod api_run;
 pub mod forward;
 pub mod run;
+pub mod vm_config;
 
 use std::fmt;
 use std::time::Instant;
