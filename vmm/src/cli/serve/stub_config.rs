@@ -48,13 +48,12 @@ impl VmConfigJson {
         if let Some(s) = v["payload"]["cmdline"].as_str() {
             push("--cmdline", s.to_string());
         }
-        if let Some(list) = v["user_devices"].as_array() {
-            if list.is_empty() {
-                push("--user-device", "none".into());
-            }
-            for d in list {
-                push("--user-device", d["socket"].as_str().unwrap_or("").into());
-            }
+        let list = v["user_devices"].as_array().cloned().unwrap_or_default();
+        if list.is_empty() {
+            push("--user-device", "none".into());
+        }
+        for d in list {
+            push("--user-device", d["socket"].as_str().unwrap_or("").into());
         }
         if let Some(f) = v["serial"]["file"].as_str() {
             push("--serial-log", f.to_string());
