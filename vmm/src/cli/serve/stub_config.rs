@@ -38,7 +38,7 @@ impl VmConfigJson {
             push("--cpus", n.to_string());
         }
         if let Some(n) = v["memory"]["size"].as_u64() {
-            push("--memory", format!("{n}B"));
+            push("--memory", format!("{}K", n >> 10));
         }
         for (key, flag) in [("kernel", "--kernel"), ("initramfs", "--initrd")] {
             if let Some(s) = v["payload"][key].as_str() {

@@ -361,17 +361,21 @@ fn spawn(
     Ok((child, rx))
 }
 
-/// Copies the child's stderr to ours, line by line; returns its last `vmm: ...` line.
+/// Copies the child's stderr to ours, line by line; returns why it failed: its last
+/// `vmm: ...` line, else the last `error: ...` of a command line it refused.
 fn copy_stderr(pipe: impl std::io::Read) -> Option<String> {
     let mut reader = BufReader::new(pipe);
-    let (mut line, mut last) = (Vec::new(), None);
+    let (mut line, mut failure, mut refused) = (Vec::new(), None, None);
     while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
         let _ = std::io::stderr().write_all(&line);
         let text = String::from_utf8_lossy(&line);
-        if let Some(rest) = text.trim_end().strip_prefix("vmm: ") {
-            last = Some(rest.to_string());
+        let text = text.trim_end();
+        if let Some(rest) = text.strip_prefix("vmm: ") {
+            failure = Some(rest.to_string());
+        } else if let Some(rest) = text.strip_prefix("error: ") {
+            refused = Some(rest.to_string());
         }
         line.clear();
     }
-    last
+    failure.or(refused)
 }
