@@ -108,10 +108,10 @@ fn a_hanging_vm_is_paused_resumed_and_shut_down() {
     serve.put("vm.pause", None);
     assert_eq!(serve.state(), "Paused");
     // Paused twice is the wrong state, and the VM stays paused.
-    assert_error(&serve.call("PUT", "vm.pause", None), 409, &["vm.pause"]);
+    assert_error(&serve.call("PUT", "vm.pause", None), 409, &["paused"]);
     serve.put("vm.resume", None);
     assert_eq!(serve.state(), "Running");
-    assert_error(&serve.call("PUT", "vm.resume", None), 409, &["vm.resume"]);
+    assert_error(&serve.call("PUT", "vm.resume", None), 409, &["paused"]);
     let counters = serve.get("vm.counters");
     assert!(counters["pinning"].is_object(), "{counters:#}");
     serve.put("vm.shutdown", None);
