@@ -133,10 +133,8 @@ impl Handler for RunHandler {
 
 /// Installs the API thread's own system-call filter on the calling thread.
 fn filter_this_thread(level: crate::seccomp::SeccompLevel) -> Result<(), Failure> {
-    // Helper A's `crate::seccomp::filter_api_thread(level)?` (ThreadKind::Api) goes here once
-    // it lands; until then this thread gets the main thread's list when the guest starts.
-    let _ = level;
-    Ok(())
+    crate::seccomp::filter_api_thread(level)
+        .map_err(|e| Failure::new(e.to_string(), ErrorClass::Internal))
 }
 
 /// The running API thread; dropping it stops and joins the thread, and the socket file goes.
