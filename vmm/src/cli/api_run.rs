@@ -13,6 +13,7 @@ use serde::Serialize;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::run::RunArgs;
+use super::vm_config::VmConfigJson;
 use super::Failure;
 use crate::builder::{Outcome, VmConfig};
 use crate::control::{ControlError, Finished, VmControl};
@@ -64,11 +65,10 @@ pub struct RunHandler {
 
 impl RunHandler {
     pub fn new(control: Arc<VmControl>, args: &RunArgs, config: &VmConfig) -> Self {
-        // Helper B's `VmConfigJson::from_run_args(args)` goes here once it lands.
-        let _ = args;
         RunHandler {
             control,
-            config: serde_json::Value::Null,
+            config: serde_json::to_value(VmConfigJson::from_run_args(args))
+                .unwrap_or(serde_json::Value::Null),
             memory_bytes: config.layout.ram().iter().map(|r| r.size).sum(),
             done: false,
         }

@@ -1,9 +1,12 @@
 //! The `vmm` command line: its parser, and one function per command that runs it and says
 //! how it ended, as a status or as a [`Failure`] that `main` turns into the exit status.
 
+pub mod api_common;
 pub mod api_run;
 pub mod forward;
 pub mod run;
+pub mod serve;
+pub mod vm_config;
 
 use std::fmt;
 use std::time::Instant;
@@ -122,6 +125,27 @@ vmm run --kernel vmlinuz --initrd initramfs.cpio --cmdline \"console=ttyS0\" --t
     /// `vmm-bench startup` (see `vmm bench startup --help`).
     #[command(disable_help_flag = true)]
     Bench(forward::Forwarded),
+    /// Serve the machine API (Cloud Hypervisor's REST paths) on a Unix socket: no VM until
+    /// vm.create, one VM at a time, each booted in its own `vmm run` process.
+    #[command(
+        long_about = "Serve the machine API: HTTP/1.1 on a Unix socket at Cloud Hypervisor's \
+paths (/api/v1/vm.create and the rest, see docs/api.md), so that a program can drive vmm.\n\n\
+Lifecycle: there is no VM until PUT vm.create (a Cloud Hypervisor VmConfig; what vmm run would \
+refuse is refused with 400). PUT vm.boot starts the VM in a child process, `vmm run` with the \
+config's options, and answers once that process's own API answers (state Running; vm.info's \
+vmm.phase and vmm.progress show the start-up, pinning included). vm.info, vm.counters, vm.pause, \
+vm.resume and vm.shutdown go to that process. When the guest exits (or after vm.shutdown) the VM \
+is Shutdown: vm.info has the exit status and the run report; vm.boot boots it again, vm.reboot \
+shuts a running VM down and boots a fresh one (its RAM is pinned again), vm.delete frees it and \
+vm.create may follow. PUT vmm.shutdown, SIGINT or SIGTERM shut the VM down, remove the socket \
+and end serve (status 0 after vmm.shutdown, 128+N after signal N). A child never outlives serve: \
+it gets SIGTERM when serve dies.\n\n\
+Example:\n  vmm serve --api-socket /run/user/1000/vmm.sock &\n  \
+curl --unix-socket /run/user/1000/vmm.sock -X PUT http://localhost/api/v1/vm.create \\\n    \
+-d '{\"cpus\":{\"boot_vcpus\":1},\"memory\":{\"size\":268435456}}'\n  \
+curl --unix-socket /run/user/1000/vmm.sock -X PUT http://localhost/api/v1/vm.boot"
+    )]
+    Serve(serve::ServeArgs),
     /// Serve a device model over vfio-user, for `vmm run --user-device SOCKET`.
     #[command(subcommand)]
     Device(DeviceCommand),

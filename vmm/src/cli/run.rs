@@ -264,7 +264,7 @@ fn parse_addr(s: &str) -> Result<u64, String> {
 
 /// The vfio-user devices asked for, with the default: the probe guest gets the built-in
 /// pci-epf-test device unless the other options rule it out.
-fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, ConfigError> {
+pub(crate) fn user_devices(args: &RunArgs) -> Result<Vec<UserDevice>, ConfigError> {
     if args.user_devices.iter().any(|d| d == "none") {
         return Ok(Vec::new());
     }
