@@ -109,9 +109,6 @@ fn spawn(args: &[&str], socket: &Path) -> Running {
     let child = vmm()
         .arg("run")
         .args(args)
-        // Until the API thread has its own filter (ThreadKind::Api), the run stage would give
-        // it the main thread's, which has no poll.
-        .args(["--seccomp", "off"])
         .arg("--api-socket")
         .arg(socket)
         .stdout(Stdio::null())
