@@ -139,8 +139,8 @@ pub struct ApiThread {
 }
 
 impl ApiThread {
-    /// Binds `path` (a bind error is the user's: exit status 2) and serves `handler` on a
-    /// thread of its own.
+    /// Binds `path` (a bind error is the user's: exit status 2) and serves this run's API on
+    /// a thread of its own, once that thread has its system-call filter.
     pub fn start(path: &Path, args: &RunArgs, config: &VmConfig) -> Result<ApiThread, Failure> {
         let mut server = Server::bind(path, Limits::default())
             .map_err(|e| Failure::new(e.to_string(), ErrorClass::User))?;
