@@ -38,6 +38,9 @@ pub enum ExitReason {
     Stop,
     /// A passthrough device (or the server behind it) failed; the VMM keeps the details.
     DeviceFailed,
+    /// Whoever drives the VMM asked it to shut the VM down (the API's vm.shutdown): a clean
+    /// end, unlike [`ExitReason::Stop`], which the VMM uses when something went wrong.
+    ShutdownRequested,
 }
 
 impl fmt::Display for ExitReason {
@@ -51,6 +54,7 @@ impl fmt::Display for ExitReason {
             ExitReason::Signal(n) => write!(f, "signal {n}"),
             ExitReason::Stop => write!(f, "stop requested"),
             ExitReason::DeviceFailed => write!(f, "passthrough device failed"),
+            ExitReason::ShutdownRequested => write!(f, "shutdown requested"),
         }
     }
 }
@@ -71,6 +75,7 @@ impl ExitReason {
             ExitReason::Signal(n) => (6, n as u32),
             ExitReason::Stop => (7, 0),
             ExitReason::DeviceFailed => (8, 0),
+            ExitReason::ShutdownRequested => (9, 0),
         };
         (tag << TAG_SHIFT) | u64::from(payload)
     }
@@ -86,6 +91,7 @@ impl ExitReason {
             6 => ExitReason::Signal(payload as i32),
             7 => ExitReason::Stop,
             8 => ExitReason::DeviceFailed,
+            9 => ExitReason::ShutdownRequested,
             _ => return None,
         })
     }
@@ -179,6 +185,8 @@ mod tests {
             ExitReason::VcpuFault { cpu: 1 },
             ExitReason::Signal(15),
             ExitReason::Stop,
+            ExitReason::DeviceFailed,
+            ExitReason::ShutdownRequested,
         ] {
             assert_eq!(ExitReason::decode(r.encode()), Some(r));
         }

@@ -179,7 +179,7 @@ impl Outcome {
     pub fn exit_status(&self) -> u8 {
         match &self.exit {
             VmExit::GuestExit(s) => *s,
-            VmExit::Reset | VmExit::Shutdown => 0,
+            VmExit::Reset | VmExit::Shutdown | VmExit::ShutdownRequested => 0,
             VmExit::Timeout => 124,
             VmExit::Signal(n) => (128 + n) as u8,
             VmExit::Halted { .. } | VmExit::Stopped | VmExit::Fault(_) | VmExit::DeviceFailed => 1,

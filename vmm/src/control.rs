@@ -123,7 +123,7 @@ impl VmControl {
         let mut s = self.lock();
         if s.stop_asked {
             cancel.cancel();
-            stop.request(ExitReason::Stop);
+            stop.request(ExitReason::ShutdownRequested);
         }
         s.stop = Some(stop);
         s.cancel = Some(cancel);
@@ -239,7 +239,7 @@ impl VmControl {
     }
 
     /// Asks the VM to stop, whatever stage it is in: its pinning is cancelled, and a guest
-    /// stops as `ExitReason::Stop`. Refused once it ended.
+    /// stops as `ExitReason::ShutdownRequested` (exit status 0). Refused once it ended.
     pub fn stop(&self) -> Result<(), ControlError> {
         let mut s = self.lock();
         if s.finished.is_some() {
@@ -250,7 +250,7 @@ impl VmControl {
             c.cancel();
         }
         if let Some(h) = &s.stop {
-            h.request(ExitReason::Stop);
+            h.request(ExitReason::ShutdownRequested);
         }
         Ok(())
     }

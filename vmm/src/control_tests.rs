@@ -42,7 +42,7 @@ fn a_stop_before_the_vm_exists_stops_it_once_it_does() {
     let cancel = CancelToken::new();
     c.set_stop(StopHandle::new(notifier.clone()), cancel.clone());
     assert!(cancel.is_cancelled());
-    assert_eq!(notifier.reason(), Some(ExitReason::Stop));
+    assert_eq!(notifier.reason(), Some(ExitReason::ShutdownRequested));
 }
 
 #[test]
@@ -116,7 +116,7 @@ fn a_paused_guest_prints_nothing_until_resumed_and_a_stop_while_paused_ends_it()
     control.pause().unwrap();
     control.stop().unwrap();
     let exit = runner.join().unwrap().unwrap();
-    assert!(matches!(exit, VmExit::Stopped), "{exit}");
+    assert!(matches!(exit, VmExit::ShutdownRequested), "{exit}");
     assert_eq!(control.info().phase, Some("exit"));
     assert_eq!(control.pause(), Err(PauseError::NotRunning.into()));
     // The builder does not say how the run ended: its caller does.

@@ -43,6 +43,8 @@ pub enum VmExit {
     Signal(i32),
     #[error("stopped")]
     Stopped,
+    #[error("shut down on request")]
+    ShutdownRequested,
     #[error(transparent)]
     Fault(VcpuFault),
     #[error("passthrough device failed")]
@@ -135,6 +137,7 @@ pub fn run_until_exit(
         Some(ExitReason::Halted { cpu }) => VmExit::Halted { cpu },
         Some(ExitReason::Signal(n)) => VmExit::Signal(n),
         Some(ExitReason::Stop) => VmExit::Stopped,
+        Some(ExitReason::ShutdownRequested) => VmExit::ShutdownRequested,
         Some(ExitReason::DeviceFailed) => VmExit::DeviceFailed,
         Some(ExitReason::VcpuFault { cpu }) => {
             let at = faults.iter().position(|(i, _)| *i == cpu);
