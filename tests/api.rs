@@ -216,6 +216,28 @@ fn sigterm_to_serve_shuts_the_vm_down_with_nothing_left() {
     assert_nothing_left(&serve, vm, epf);
 }
 
+/// serve killed outright cannot clean up: the VM's death signal (SIGTERM) makes it undo
+/// its own pinning and exit.
+#[test]
+fn a_killed_serve_leaves_no_vm_behind() {
+    let mut serve = Serve::start(&[]);
+    let epf_socket = serve.dir.path().join("epf.sock");
+    let epf = common::epf_server(&epf_socket);
+    let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(vm) {
+        assert!(
+            Instant::now() < deadline,
+            "the VM's process {vm} outlived serve"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, _, still_mapped) = common::server_counts(&common::server_end(epf));
+    assert_eq!(still_mapped, 0, "guest RAM left mapped for the device");
+}
+
 #[test]
 fn a_vm_is_created_again_after_delete_and_boots_again() {
     let serve = Serve::start(&[]);
