@@ -80,10 +80,24 @@ impl Running {
         s
     }
 
-    /// Stops the server through its stop fd; the loop must end.
+    /// Stops the server through its stop fd; the loop must end within a second.
     fn stop(mut self) {
         self.stop.write_all(&[1]).unwrap();
+        ended_within(&self.thread, Duration::from_secs(1));
         self.thread.join().unwrap().unwrap();
+    }
+}
+
+/// Fails unless `thread` ends within `limit` (a server loop that does not stop must fail the
+/// test, not hang it).
+fn ended_within<T>(thread: &JoinHandle<T>, limit: Duration) {
+    let t = Instant::now();
+    while !thread.is_finished() {
+        assert!(
+            t.elapsed() < limit,
+            "the server loop did not end within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -408,11 +422,7 @@ fn the_handler_being_done_ends_run_after_its_answer() {
         .request(Method::Put, "/api/v1/vmm.shutdown", None)
         .unwrap();
     assert_eq!(reply.status, 204);
-    let t = Instant::now();
-    while !run.thread.is_finished() {
-        assert!(t.elapsed() < Duration::from_secs(2), "run did not end");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    ended_within(&run.thread, Duration::from_secs(2));
     run.thread.join().unwrap().unwrap();
 }
 

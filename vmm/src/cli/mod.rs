@@ -2,9 +2,11 @@
 //! how it ended, as a status or as a [`Failure`] that `main` turns into the exit status.
 
 pub mod api_common;
+pub mod api_run;
 pub mod forward;
 pub mod run;
 pub mod serve;
+pub mod vm_config;
 
 use std::fmt;
 use std::time::Instant;
@@ -181,10 +183,33 @@ hand to attach it with `vmm run --user-device PATH`.\n\nExample: vmm device epf 
     },
 }
 
-/// `vmm run`: builds and runs the VM, prints the timeline, writes the report.
+/// `vmm run`: builds and runs the VM, prints the timeline, writes the report; with
+/// `--api-socket`, serves the machine API for it meanwhile.
 pub fn run(args: &RunArgs, start: Instant) -> Status {
     let config = run::config(args)?;
-    let outcome = builder::run(&config, start)?;
+    let api = match &args.api_socket {
+        Some(path) => Some(api_run::ApiThread::start(path, args, &config)?),
+        None => None,
+    };
+    let ran = builder::run(&config, start, api.as_ref().map(|a| a.control()));
+    let status = report(args, ran);
+    if let Some(api) = &api {
+        match &status {
+            Ok((outcome, Ok(s))) => api.finished(outcome, *s, None),
+            Ok((outcome, Err(f))) => api.finished(outcome, f.exit_status(), Some(f.to_string())),
+            Err(f) => api.failed(f),
+        }
+    }
+    status.and_then(|(_, s)| s)
+}
+
+/// Says how the run went (the timeline, the report file, why the guest stopped) and the exit
+/// status it calls for: the outcome and its status, or why there is no outcome.
+fn report(
+    args: &RunArgs,
+    ran: Result<builder::Outcome, builder::StartError>,
+) -> Result<(builder::Outcome, Status), Failure> {
+    let outcome = ran?;
     if !args.quiet {
         eprint!("{}", outcome.report.summary());
     }
@@ -207,10 +232,11 @@ pub fn run(args: &RunArgs, start: Instant) -> Status {
     if let Some(what) = &outcome.device_failure {
         eprintln!("vmm: guest stopped: passthrough device failed: {what}");
     }
-    if let Some(left) = outcome.left_behind {
-        return Err(left.into());
-    }
-    Ok(outcome.exit_status())
+    let status = match &outcome.left_behind {
+        Some(left) => Err(Failure::new(left.to_string(), left.class())),
+        None => Ok(outcome.exit_status()),
+    };
+    Ok((outcome, status))
 }
 
 /// `vmm device epf`: serves until the client disconnects or a signal.

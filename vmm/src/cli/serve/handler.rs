@@ -8,9 +8,9 @@ use api::client::{Client, Reply};
 use api::{Endpoint, Handler, Response};
 
 use super::supervisor::{Booted, Exited, Supervisor};
-use super::vm_config::{self, VmConfigJson};
 use crate::cli::api_common;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
+use crate::cli::vm_config::{self, VmConfigJson};
 
 /// How long one forwarded request may take: vm.shutdown answers once the VM is torn down,
 /// which the child bounds at [`super::SHUTDOWN_WITHIN`].

@@ -9,11 +9,7 @@
 //! `supervisor.rs`), and this one, which waits for the API thread and then tears down.
 
 mod handler;
-mod stub_config;
 mod supervisor;
-
-// Helper B's `crate::cli::vm_config` replaces the stand-in here.
-use stub_config as vm_config;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
