@@ -8,12 +8,12 @@ use api::client::{Client, Reply};
 use api::{Endpoint, Handler, Response};
 
 use super::supervisor::{Booted, Exited, Supervisor};
-use crate::cli::api_common;
+use crate::cli::api_run;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
 use crate::cli::vm_config::{self, VmConfigJson};
 
 /// How long one forwarded request may take: vm.shutdown answers once the VM is torn down,
-/// which the child bounds at [`super::SHUTDOWN_WITHIN`].
+/// which the child bounds at [`api_run::SHUTDOWN_WITHIN`].
 const FORWARD_WITHIN: Duration = Duration::from_secs(35);
 
 struct Vm {
@@ -73,7 +73,7 @@ impl ServeHandler {
             Ok(c) => c,
             Err(e) => return Response::error(400, format!("vm.create: {e}")),
         };
-        let args = match config.check() {
+        let args = match self.supervisor.check(&config) {
             Ok(a) => a,
             Err(e) => return Response::error(400, format!("vm.create: {e}")),
         };
@@ -93,7 +93,7 @@ impl ServeHandler {
         };
         let asked = forward(socket, client, Endpoint::VmShutdown, &[]).is_some();
         // A process that did not take the request gets SIGTERM, which it also obeys.
-        let exited = self.supervisor.stop(!asked, super::SHUTDOWN_WITHIN);
+        let exited = self.supervisor.stop(!asked, api_run::SHUTDOWN_WITHIN);
         vm.state = State::Shutdown(exited.unwrap_or_else(gone));
     }
 
@@ -200,7 +200,7 @@ impl Handler for ServeHandler {
     fn handle(&mut self, endpoint: Endpoint, body: &[u8]) -> Response {
         // A body where none belongs is the transport's to refuse.
         match endpoint {
-            Endpoint::VmmPing => api_common::ping(),
+            Endpoint::VmmPing => api_run::ping(),
             Endpoint::VmmShutdown => {
                 self.shutdown_vm();
                 self.supervisor.free();

@@ -13,16 +13,12 @@ mod supervisor;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use pinning::ErrorClass;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Failure, Status};
 use crate::seccomp::SeccompLevel;
-
-/// How long a VM may take to tear down once asked to stop, before it is killed.
-const SHUTDOWN_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -61,7 +57,8 @@ pub fn serve(args: &ServeArgs) -> Status {
     let api = std::thread::Builder::new()
         .name("vmm-api".into())
         .spawn(move || {
-            let served = filter_api_thread(level).and_then(|()| {
+            let filtered = crate::seccomp::filter_api_thread(level).map_err(Failure::from);
+            let served = filtered.and_then(|()| {
                 server
                     .run(&mut handler, stop_fd)
                     .map_err(|e| internal("serve the API", e))
@@ -80,9 +77,4 @@ pub fn serve(args: &ServeArgs) -> Status {
         Some(sig) => u8::try_from(128 + sig).unwrap_or(1),
         None => 0,
     })
-}
-
-/// HELPER A: the API thread installs its own list (`ThreadKind::Api`) here, on itself.
-fn filter_api_thread(_level: SeccompLevel) -> Result<(), Failure> {
-    Ok(())
 }
