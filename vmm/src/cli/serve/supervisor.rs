@@ -53,7 +53,7 @@ pub enum Booted {
 }
 
 enum Request {
-    Check(VmConfigJson, Sender<Result<RunArgs, String>>),
+    Check(Box<VmConfigJson>, Sender<Result<RunArgs, String>>),
     Boot(Vec<String>, Sender<Result<Booted, String>>),
     Poll(Sender<Option<Exited>>),
     Stop {
@@ -92,7 +92,7 @@ impl Supervisor {
 
     /// `config.check()`: what `vmm run` would refuse on this host, refused.
     pub fn check(&self, config: &VmConfigJson) -> Result<RunArgs, String> {
-        self.call(|reply| Request::Check(config.clone(), reply))
+        self.call(|reply| Request::Check(Box::new(config.clone()), reply))
             .unwrap_or_else(|| Err(GONE.into()))
     }
 
