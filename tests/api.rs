@@ -216,6 +216,24 @@ fn sigterm_to_serve_shuts_the_vm_down_with_nothing_left() {
     assert_nothing_left(&serve, vm, epf);
 }
 
+#[test]
+fn a_vm_that_cannot_start_is_shutdown_with_its_error() {
+    let serve = Serve::start(&[]);
+    let missing = serve.dir.path().join("no-server.sock");
+    let config = format!(
+        r#"{{"user_devices": [{{"socket": "{}"}}]}}"#,
+        missing.display()
+    );
+    serve.put("vm.create", Some(&config));
+    serve.put("vm.boot", None);
+    let info = serve.wait_for_state("Shutdown", GUEST_WITHIN);
+    assert_eq!(info["vmm"]["exit_status"], 2, "{info:#}");
+    let error = info["vmm"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(missing.to_str().unwrap()), "{info:#}");
+    assert!(serve.children().is_empty());
+    serve.assert_alive();
+}
+
 /// serve killed outright cannot clean up: the VM's death signal (SIGTERM) makes it undo
 /// its own pinning and exit.
 #[test]
