@@ -109,9 +109,6 @@ fn spawn(args: &[&str], socket: &Path) -> Running {
     let child = vmm()
         .arg("run")
         .args(args)
-        // Until the API thread has its own filter (ThreadKind::Api), the run stage would give
-        // it the main thread's, which has no poll.
-        .args(["--seccomp", "off"])
         .arg("--api-socket")
         .arg(socket)
         .stdout(Stdio::null())
@@ -225,6 +222,43 @@ fn vm_info_shows_the_pin_stage_and_its_bytes_growing() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output();
     assert_eq!(out.status.code(), Some(143), "{}", stderr(&out));
+    assert!(!socket.exists(), "the API socket outlived vmm");
+}
+
+#[test]
+fn vm_shutdown_while_pinning_cancels_it_undoes_it_and_answers_once_done() {
+    let (_dir, [socket, _, _]) = temp_paths(["api.sock", "unused", "unused2"]);
+    // One thread populating 4 GiB: long enough to be asked twice and stopped midway.
+    let mut child = spawn(
+        &[
+            "--user-device",
+            "none",
+            "--quiet",
+            "--memory",
+            "4G",
+            "--pin",
+            "populate",
+            "--pin-threads",
+            "1",
+        ],
+        &socket,
+    );
+    let mut client = connect(&socket, child.child());
+    let done = |i: &serde_json::Value| i["vmm"]["progress"]["bytes_done"].as_u64();
+    let first = info_until(&mut client, "pinning with progress", |i| done(i) > Some(0));
+    let second = info_until(&mut client, "pinning further", |i| done(i) > done(&first));
+    assert_eq!(second["vmm"]["phase"], "pin", "{second}");
+    assert!(
+        done(&second) < Some(4 << 30),
+        "pinning ended too soon to stop it: {second}"
+    );
+
+    assert_eq!(call(&mut client, Endpoint::VmShutdown).0, 204);
+    let out = child.wait_with_output();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("pinning cancelled by request"), "{err}");
+    assert!(err.contains("nothing is left pinned"), "{err}");
     assert!(!socket.exists(), "the API socket outlived vmm");
 }
 

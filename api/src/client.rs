@@ -38,6 +38,13 @@ impl Reply {
     }
 }
 
+/// Why an exchange failed: `Unanswered` when the server cannot have seen the request (the
+/// connection was closed before a byte of the answer came).
+enum Failure {
+    Unanswered(std::io::Error),
+    Other(std::io::Error),
+}
+
 fn bad(message: String) -> std::io::Error {
     std::io::Error::new(ErrorKind::InvalidData, message)
 }
@@ -78,24 +85,46 @@ impl Client {
         request.push_str("\r\n");
         let mut bytes = request.into_bytes();
         bytes.extend_from_slice(body.unwrap_or_default());
+        let reused = self.stream.is_some();
+        let result = match self.exchange(&bytes, deadline) {
+            // A kept connection the server closed while idle (before it saw this request,
+            // which is therefore safe to send again): once more on a new one.
+            Err(Failure::Unanswered(_)) if reused => {
+                self.stream = None;
+                self.exchange(&bytes, deadline)
+            }
+            other => other,
+        };
+        match result {
+            Ok((reply, close)) => {
+                if close {
+                    self.stream = None;
+                }
+                Ok(reply)
+            }
+            // Its answer may still come: the connection cannot be trusted for the next one.
+            Err(Failure::Unanswered(e) | Failure::Other(e)) => {
+                self.stream = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends `bytes` on the kept connection (or a new one) and reads the answer.
+    fn exchange(&mut self, bytes: &[u8], deadline: Instant) -> Result<(Reply, bool), Failure> {
         let stream = match self.stream.take() {
             Some(s) => self.stream.insert(s),
-            None => self.open()?,
+            None => self.open().map_err(Failure::Other)?,
         };
-        if let Err(e) = stream.write_all(&bytes) {
-            self.stream = None;
-            return Err(e);
-        }
-        let reply = self.read_reply(deadline);
-        if reply.is_err() {
-            // Its answer may still come: the connection cannot be trusted for the next one.
-            self.stream = None;
-        }
-        reply.map(|(reply, close)| {
-            if close {
-                self.stream = None;
+        stream.write_all(bytes).map_err(Failure::Unanswered)?;
+        self.read_reply(deadline).map_err(|e| {
+            let nothing_read = self.buf.is_empty();
+            match e.kind() {
+                ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset if nothing_read => {
+                    Failure::Unanswered(e)
+                }
+                _ => Failure::Other(e),
             }
-            reply
         })
     }
 

@@ -10,7 +10,8 @@ use super::{Handler, Limits};
 use crate::http::{self, Bounds, Parsed};
 use crate::{Method, Response};
 
-/// A keep-alive connection with no request under way is closed after this long.
+/// A keep-alive connection with no request under way is closed after this long (unless
+/// [`super::Server::set_idle_timeout`] says otherwise).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How much one receive takes.
@@ -33,6 +34,8 @@ pub(super) struct Conn {
     close_after: bool,
     /// The peer has sent all it will: answer the whole requests received, then close.
     eof: bool,
+    /// How long it may sit with no request under way.
+    idle: Duration,
     pub dead: bool,
 }
 
@@ -45,7 +48,7 @@ pub(super) enum Stepped {
 }
 
 impl Conn {
-    pub fn new(fd: OwnedFd, now: Instant) -> Conn {
+    pub fn new(fd: OwnedFd, now: Instant, idle: Duration) -> Conn {
         Conn {
             fd,
             buf: Vec::new(),
@@ -56,6 +59,7 @@ impl Conn {
             last: now,
             close_after: false,
             eof: false,
+            idle,
             dead: false,
         }
     }
@@ -236,7 +240,7 @@ impl Conn {
         } else if let Some(t) = self.started {
             t + limits.header_timeout
         } else {
-            self.last + IDLE_TIMEOUT
+            self.last + self.idle
         }
     }
 

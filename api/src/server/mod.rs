@@ -10,7 +10,7 @@
 //! - sizes: see [`crate::http`] (413 for headers or a body over the limits);
 //! - an answer the peer does not take for [`Limits::header_timeout`] (no byte sent) closes
 //!   the connection, so a peer that never reads holds one slot for that long and never the loop;
-//! - a keep-alive connection idle for [`conn::IDLE_TIMEOUT`] is closed.
+//! - a keep-alive connection idle for [`IDLE_TIMEOUT`] is closed.
 
 mod conn;
 mod socket;
@@ -76,6 +76,7 @@ pub struct Server {
     file: FileId,
     limits: Limits,
     euid: u32,
+    idle: Duration,
 }
 
 impl Server {
@@ -90,7 +91,14 @@ impl Server {
             file,
             limits,
             euid: sys::euid(),
+            idle: IDLE_TIMEOUT,
         })
+    }
+
+    /// How long a keep-alive connection may sit with no request under way before it is
+    /// closed ([`IDLE_TIMEOUT`] unless set).
+    pub fn set_idle_timeout(&mut self, idle: Duration) {
+        self.idle = idle;
     }
 
     /// Where the socket is.
@@ -200,7 +208,7 @@ impl Server {
                 let _ = sys::send(fd.as_raw_fd(), &out);
                 continue;
             }
-            conns.push(Conn::new(fd, now));
+            conns.push(Conn::new(fd, now, self.idle));
         }
     }
 }

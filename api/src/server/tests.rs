@@ -51,9 +51,14 @@ struct Running {
 }
 
 fn start(limits: Limits, big: usize) -> Running {
+    start_idle(limits, big, IDLE_TIMEOUT)
+}
+
+fn start_idle(limits: Limits, big: usize, idle: Duration) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("api.sock");
     let mut server = Server::bind(&path, limits).unwrap();
+    server.set_idle_timeout(idle);
     let (stop, stop_rx) = UnixStream::pair().unwrap();
     let thread = std::thread::spawn(move || {
         let mut handler = TestHandler { big, done: false };
@@ -136,7 +141,10 @@ fn answer(s: &mut UnixStream) -> (u16, String, String) {
 /// Whether the server closed `s` (end of stream, or reset).
 fn closed(s: &mut UnixStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0) | Err(_))
+    match s.read(&mut b) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    }
 }
 
 fn send_raw(run: &Running, request: &[u8]) -> (u16, String, String, UnixStream) {
@@ -554,6 +562,61 @@ fn another_users_connection_is_refused() {
     assert_eq!(
         run.client()
             .request(Method::Get, "/api/v1/vmm.ping", None)
+            .unwrap()
+            .status,
+        200
+    );
+    run.stop();
+}
+
+#[test]
+fn an_idle_connection_is_closed_and_the_client_makes_a_new_one() {
+    let idle = Duration::from_millis(200);
+    let run = start_idle(LIMITS, 0, idle);
+    let mut raw = run.raw();
+    let mut c = run.client();
+    assert_eq!(
+        c.request(Method::Get, "/api/v1/vmm.ping", None)
+            .unwrap()
+            .status,
+        200
+    );
+    let t = Instant::now();
+    assert!(closed(&mut raw));
+    assert!(
+        t.elapsed() >= idle / 2 && t.elapsed() < idle * 5,
+        "{:?}",
+        t.elapsed()
+    );
+    // The client's kept connection is gone too: it sends again on a new one.
+    std::thread::sleep(idle * 2);
+    assert_eq!(
+        c.request(Method::Get, "/api/v1/vmm.ping", None)
+            .unwrap()
+            .status,
+        200
+    );
+    run.stop();
+}
+
+#[test]
+fn the_client_follows_connection_close() {
+    let run = start(LIMITS, 0);
+    let mut c = run.client();
+    assert_eq!(
+        c.request(Method::Put, "/api/v1/vm.boot", None)
+            .unwrap()
+            .status,
+        204
+    );
+    // A body over the limit: 413 with Connection: close; the next request goes on a new one.
+    let big = vec![b' '; LIMITS.max_body_bytes + 1];
+    let reply = c
+        .request(Method::Put, "/api/v1/vm.create", Some(&big))
+        .unwrap();
+    assert_eq!(reply.status, 413);
+    assert_eq!(
+        c.request(Method::Get, "/api/v1/vmm.ping", None)
             .unwrap()
             .status,
         200

@@ -131,14 +131,6 @@ impl Handler for RunHandler {
     }
 }
 
-/// Installs the API thread's own system-call filter on the calling thread.
-fn filter_this_thread(level: crate::seccomp::SeccompLevel) -> Result<(), Failure> {
-    // Helper A's `crate::seccomp::filter_api_thread(level)?` (ThreadKind::Api) goes here once
-    // it lands; until then this thread gets the main thread's list when the guest starts.
-    let _ = level;
-    Ok(())
-}
-
 /// The running API thread; dropping it stops and joins the thread, and the socket file goes.
 pub struct ApiThread {
     control: Arc<VmControl>,
@@ -147,8 +139,8 @@ pub struct ApiThread {
 }
 
 impl ApiThread {
-    /// Binds `path` (a bind error is the user's: exit status 2) and serves `handler` on a
-    /// thread of its own.
+    /// Binds `path` (a bind error is the user's: exit status 2) and serves this run's API on
+    /// a thread of its own, once that thread has its system-call filter.
     pub fn start(path: &Path, args: &RunArgs, config: &VmConfig) -> Result<ApiThread, Failure> {
         let mut server = Server::bind(path, Limits::default())
             .map_err(|e| Failure::new(e.to_string(), ErrorClass::User))?;
@@ -172,7 +164,7 @@ impl ApiThread {
             .spawn(move || {
                 // Filtered before the VM is built, so the run stage finds this thread
                 // filtered and leaves it alone.
-                let filtered = filter_this_thread(level);
+                let filtered = crate::seccomp::filter_api_thread(level).map_err(Failure::from);
                 let ok = filtered.is_ok();
                 let _ = filtered_tx.send(filtered);
                 if ok {
