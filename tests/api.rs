@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::api::{alive, curl, read_response, Serve};
+use common::api::{alive, curl, read_response, EpfServer, Serve};
 
 /// How long a probe guest may take from vm.boot to its exit, on a busy host.
 const GUEST_WITHIN: Duration = Duration::from_secs(120);
@@ -45,7 +45,7 @@ fn assert_error(reply: &(u16, String), status: u16, words: &[&str]) {
 fn an_epf_vm_from_ch_json_boots_the_probe_to_shutdown_with_its_report() {
     let serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let config = format!(
         r#"{{"cpus": {{"boot_vcpus": 2, "max_vcpus": 2}}, "memory": {{"size": 536870912}},
             "user_devices": [{{"socket": "{}"}}], "serial": {{"mode": "Tty"}}}}"#,
@@ -89,7 +89,7 @@ fn an_epf_vm_from_ch_json_boots_the_probe_to_shutdown_with_its_report() {
         assert!(phases.contains(&want), "no {want} phase in {phases:?}");
     }
     // The server saw every mapping undone.
-    let (_, _, still_mapped) = common::server_counts(&common::server_end(epf));
+    let (_, _, still_mapped) = common::server_counts(&epf.end());
     assert_eq!(still_mapped, 0);
     // The config vm.info shows is serve's, the one the client sent.
     assert_eq!(
@@ -178,7 +178,7 @@ fn boot_hanging_epf_vm(serve: &mut Serve, epf_socket: &std::path::Path, epf: u32
 
 /// After serve ended: its socket, the VM's process and private folder are gone, and the
 /// device server had every mapping undone.
-fn assert_nothing_left(serve: &Serve, vm: u32, epf: std::process::Child) {
+fn assert_nothing_left(serve: &Serve, vm: u32, epf: EpfServer) {
     assert!(!serve.socket.exists(), "the API socket is left");
     assert!(!alive(vm), "the VM's process {vm} is left");
     let left: Vec<_> = std::fs::read_dir(serve.run_dir())
@@ -186,7 +186,7 @@ fn assert_nothing_left(serve: &Serve, vm: u32, epf: std::process::Child) {
         .flatten()
         .collect();
     assert!(left.is_empty(), "private folders left: {left:?}");
-    let (_, _, still_mapped) = common::server_counts(&common::server_end(epf));
+    let (_, _, still_mapped) = common::server_counts(&epf.end());
     assert_eq!(still_mapped, 0, "guest RAM left mapped for the device");
 }
 
@@ -194,7 +194,7 @@ fn assert_nothing_left(serve: &Serve, vm: u32, epf: std::process::Child) {
 fn vmm_shutdown_ends_serve_with_nothing_left() {
     let mut serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
     assert!(serve.run_dir().read_dir().unwrap().next().is_some());
     assert_eq!(curl(&serve.socket, "PUT", "vmm.shutdown", None).0, 204);
@@ -207,7 +207,7 @@ fn vmm_shutdown_ends_serve_with_nothing_left() {
 fn sigterm_to_serve_shuts_the_vm_down_with_nothing_left() {
     let mut serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
     // SAFETY: a pid we spawned and have not reaped.
     unsafe { libc::kill(serve.child.id() as i32, libc::SIGTERM) };
@@ -240,7 +240,7 @@ fn a_vm_that_cannot_start_is_shutdown_with_its_error() {
 fn a_killed_serve_leaves_no_vm_behind() {
     let mut serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
     serve.child.kill().unwrap();
     serve.child.wait().unwrap();
@@ -252,7 +252,7 @@ fn a_killed_serve_leaves_no_vm_behind() {
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-    let (_, _, still_mapped) = common::server_counts(&common::server_end(epf));
+    let (_, _, still_mapped) = common::server_counts(&epf.end());
     assert_eq!(still_mapped, 0, "guest RAM left mapped for the device");
 }
 
