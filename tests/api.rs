@@ -234,6 +234,24 @@ fn a_vm_that_cannot_start_is_shutdown_with_its_error() {
     serve.assert_alive();
 }
 
+#[test]
+fn a_vm_process_killed_from_outside_is_shutdown_with_128_plus_the_signal() {
+    let mut serve = Serve::start(&[]);
+    serve.put("vm.create", Some(&probe_config("probe.hang")));
+    serve.put("vm.boot", None);
+    wait_until_hanging(&mut serve);
+    let vm = serve.children();
+    assert_eq!(vm.len(), 1, "{vm:?}");
+    // SAFETY: kill(2) on a process of this test's; the worst a stale pid can get is SIGKILL.
+    unsafe { libc::kill(vm[0] as i32, libc::SIGKILL) };
+    // At once, or once serve has seen it go.
+    let info = serve.wait_for_state("Shutdown", Duration::from_secs(10));
+    assert_eq!(info["vmm"]["exit_status"], 128 + 9, "{info:#}");
+    assert_error(&serve.call("PUT", "vm.pause", None), 409, &["Shutdown"]);
+    serve.put("vm.delete", None);
+    serve.assert_alive();
+}
+
 /// serve killed outright cannot clean up: the VM's death signal (SIGTERM) makes it undo
 /// its own pinning and exit.
 #[test]

@@ -16,6 +16,10 @@ use crate::cli::vm_config::{self, VmConfigJson};
 /// which the child bounds at [`api_run::SHUTDOWN_WITHIN`].
 const FORWARD_WITHIN: Duration = Duration::from_secs(35);
 
+/// How long a VM's process that stopped answering is watched for its exit: 20 x 100 ms.
+const EXIT_CHECKS: u32 = 20;
+const EXIT_CHECK_EVERY: Duration = Duration::from_millis(100);
+
 struct Vm {
     config: VmConfigJson,
     /// Guest RAM in bytes, as `vmm run` will lay it out.
@@ -138,12 +142,16 @@ impl ServeHandler {
             unreachable!("only called when booted")
         };
         let Some(reply) = forward(socket, client, endpoint, body) else {
-            // Most likely it has just exited: answer as for a VM shut down.
-            if let Some(e) = self.supervisor.stop(false, Duration::from_secs(2)) {
-                if let Some(vm) = &mut self.vm {
-                    vm.state = State::Shutdown(e);
+            // Most likely it is exiting: give it a moment, then answer as for a VM shut down.
+            // One that still runs is left alone (vm.shutdown or vm.delete end it).
+            for _ in 0..EXIT_CHECKS {
+                if let Some(e) = self.supervisor.poll() {
+                    if let Some(vm) = &mut self.vm {
+                        vm.state = State::Shutdown(e);
+                    }
+                    return self.handle_vm(endpoint, body);
                 }
-                return self.handle_vm(endpoint, body);
+                std::thread::sleep(EXIT_CHECK_EVERY);
             }
             return Response::error(500, format!("{}: the VM's process does not answer on {}; shut it down with PUT /api/v1/vm.shutdown", endpoint.name(), socket.display()));
         };
