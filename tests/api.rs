@@ -104,7 +104,14 @@ fn a_hanging_vm_is_paused_resumed_and_shut_down() {
     serve.put("vm.create", Some(&probe_config("probe.hang")));
     serve.put("vm.boot", None);
     wait_until_hanging(&mut serve);
-    assert_eq!(serve.state(), "Running");
+    // The VM's process answers vm.info: its stage; the config is serve's.
+    let info = serve.get("vm.info");
+    assert_eq!(info["state"], "Running", "{info:#}");
+    assert_eq!(info["vmm"]["phase"], "run", "{info:#}");
+    assert_eq!(
+        info["config"]["payload"]["cmdline"], "probe.hang",
+        "{info:#}"
+    );
     serve.put("vm.pause", None);
     assert_eq!(serve.state(), "Paused");
     // Paused twice is the wrong state, and the VM stays paused.
