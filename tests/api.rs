@@ -166,6 +166,50 @@ fn a_paused_guest_writes_nothing_and_writes_again_after_resume() {
     assert_eq!(serve.state(), "Shutdown");
 }
 
+/// A multi-second start-up is visibly alive: while the VM's RAM is mapped for its device,
+/// vm.info (through serve) shows the pin stage and its progress.
+#[test]
+fn pinning_progress_shows_in_vm_info() {
+    let mut serve = Serve::start(&[]);
+    let epf_socket = serve.dir.path().join("epf.sock");
+    let _epf = EpfServer::start(&epf_socket);
+    let gib = 1u64 << 30;
+    let config = format!(
+        r#"{{"memory": {{"size": {gib}}}, "payload": {{"cmdline": "probe.hang"}},
+            "user_devices": [{{"socket": "{}"}}], "vmm": {{"pin_threads": 1}}}}"#,
+        epf_socket.display()
+    );
+    serve.put("vm.create", Some(&config));
+    serve.put("vm.boot", None);
+    let (mut phases, mut progress) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + GUEST_WITHIN;
+    loop {
+        let info = serve.get("vm.info");
+        let vmm = &info["vmm"];
+        let phase = vmm["phase"].as_str().unwrap_or("null").to_string();
+        if phase == "pin" && vmm["progress"].is_object() {
+            progress.push(vmm["progress"].clone());
+        }
+        if phases.last() != Some(&phase) {
+            phases.push(phase.clone());
+        }
+        if phase == "run" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ran: {phases:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(phases.contains(&"pin".to_string()), "{phases:?}");
+    let p = progress
+        .first()
+        .unwrap_or_else(|| panic!("no progress while pinning: {phases:?}"));
+    assert_eq!(p["bytes_total"], gib, "{p}");
+    assert!(p["bytes_done"].as_u64().unwrap() <= gib, "{p}");
+    wait_until_hanging(&mut serve);
+    serve.put("vmm.shutdown", None);
+    assert_eq!(serve.wait_exit().0.code(), Some(0));
+}
+
 /// Boots a VM with an external epf server whose guest hangs; returns the VM's pid.
 fn boot_hanging_epf_vm(serve: &mut Serve, epf_socket: &std::path::Path, epf: u32) -> u32 {
     let config = format!(
