@@ -303,6 +303,17 @@ fn a_vm_process_killed_from_outside_is_shutdown_with_128_plus_the_signal() {
     serve.assert_alive();
 }
 
+/// `vmm.seccomp` in the config is the VM's level, in place of serve's own.
+#[test]
+fn the_configs_seccomp_level_is_the_vms() {
+    let serve = Serve::start(&[]);
+    let config = r#"{"vmm": {"seccomp": "log"}}"#;
+    serve.put("vm.create", Some(config));
+    serve.put("vm.boot", None);
+    let info = serve.wait_for_state("Shutdown", GUEST_WITHIN);
+    assert_eq!(info["vmm"]["exit_status"], 0, "{info:#}");
+}
+
 /// serve killed outright cannot clean up: the VM's death signal (SIGTERM) makes it undo
 /// its own pinning and exit.
 #[test]

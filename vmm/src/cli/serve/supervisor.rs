@@ -326,7 +326,11 @@ fn spawn(
         .arg("--report")
         .arg(dir.join(REPORT))
         .arg("--quiet");
-    if !args.iter().any(|a| a == "--seccomp") {
+    // The config's own `vmm.seccomp`, if it has one, is the VM's level.
+    if !args
+        .iter()
+        .any(|a| a == "--seccomp" || a.starts_with("--seccomp="))
+    {
         use clap::ValueEnum;
         if let Some(v) = level.to_possible_value() {
             cmd.args(["--seccomp", v.get_name()]);
