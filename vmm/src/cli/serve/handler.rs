@@ -7,14 +7,14 @@ use std::time::Duration;
 use api::client::{Client, Reply};
 use api::{Endpoint, Handler, Response};
 
-use super::supervisor::{Booted, Exited, Supervisor};
+use super::supervisor::{Booted, Exited, Supervisor, GONE};
 use crate::cli::api_run;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
 use crate::cli::vm_config::{self, VmConfigJson};
 
 /// How long one forwarded request may take: vm.shutdown answers once the VM is torn down,
-/// which the child bounds at [`api_run::SHUTDOWN_WITHIN`].
-const FORWARD_WITHIN: Duration = Duration::from_secs(35);
+/// which the child bounds at [`api_run::SHUTDOWN_WITHIN`]; a little more for the answer.
+const FORWARD_WITHIN: Duration = Duration::from_secs(api_run::SHUTDOWN_WITHIN.as_secs() + 5);
 
 /// How long a VM's process that stopped answering is watched for its exit: 20 x 100 ms.
 const EXIT_CHECKS: u32 = 20;
@@ -251,7 +251,7 @@ fn forward(
 fn gone() -> Exited {
     Exited {
         status: 1,
-        error: Some("serve's supervisor thread has ended; restart vmm serve".into()),
+        error: Some(GONE.into()),
         report: None,
     }
 }

@@ -132,7 +132,8 @@ impl Drop for Supervisor {
     }
 }
 
-const GONE: &str = "serve's supervisor thread has ended; restart vmm serve";
+/// What a request answers once the supervisor thread is gone.
+pub const GONE: &str = "serve's supervisor thread has ended; restart vmm serve";
 
 /// One child and its folder.
 struct Current {
