@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
-use common::api::{alive, curl, read_response, Serve};
+use common::api::{alive, curl, read_response, EpfServer, Serve};
 
 /// How long a probe guest may take from vm.boot to its exit, on a busy host.
 const GUEST_WITHIN: Duration = Duration::from_secs(120);
@@ -45,7 +45,7 @@ fn assert_error(reply: &(u16, String), status: u16, words: &[&str]) {
 fn an_epf_vm_from_ch_json_boots_the_probe_to_shutdown_with_its_report() {
     let serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let config = format!(
         r#"{{"cpus": {{"boot_vcpus": 2, "max_vcpus": 2}}, "memory": {{"size": 536870912}},
             "user_devices": [{{"socket": "{}"}}], "serial": {{"mode": "Tty"}}}}"#,
@@ -89,7 +89,7 @@ fn an_epf_vm_from_ch_json_boots_the_probe_to_shutdown_with_its_report() {
         assert!(phases.contains(&want), "no {want} phase in {phases:?}");
     }
     // The server saw every mapping undone.
-    let (_, _, still_mapped) = common::server_counts(&common::server_end(epf));
+    let (_, _, still_mapped) = common::server_counts(&epf.end());
     assert_eq!(still_mapped, 0);
     // The config vm.info shows is serve's, the one the client sent.
     assert_eq!(
@@ -104,7 +104,14 @@ fn a_hanging_vm_is_paused_resumed_and_shut_down() {
     serve.put("vm.create", Some(&probe_config("probe.hang")));
     serve.put("vm.boot", None);
     wait_until_hanging(&mut serve);
-    assert_eq!(serve.state(), "Running");
+    // The VM's process answers vm.info: its stage; the config is serve's.
+    let info = serve.get("vm.info");
+    assert_eq!(info["state"], "Running", "{info:#}");
+    assert_eq!(info["vmm"]["phase"], "run", "{info:#}");
+    assert_eq!(
+        info["config"]["payload"]["cmdline"], "probe.hang",
+        "{info:#}"
+    );
     serve.put("vm.pause", None);
     assert_eq!(serve.state(), "Paused");
     // Paused twice is the wrong state, and the VM stays paused.
@@ -159,6 +166,50 @@ fn a_paused_guest_writes_nothing_and_writes_again_after_resume() {
     assert_eq!(serve.state(), "Shutdown");
 }
 
+/// A multi-second start-up is visibly alive: while the VM's RAM is mapped for its device,
+/// vm.info (through serve) shows the pin stage and its progress.
+#[test]
+fn pinning_progress_shows_in_vm_info() {
+    let mut serve = Serve::start(&[]);
+    let epf_socket = serve.dir.path().join("epf.sock");
+    let _epf = EpfServer::start(&epf_socket);
+    let gib = 1u64 << 30;
+    let config = format!(
+        r#"{{"memory": {{"size": {gib}}}, "payload": {{"cmdline": "probe.hang"}},
+            "user_devices": [{{"socket": "{}"}}], "vmm": {{"pin_threads": 1}}}}"#,
+        epf_socket.display()
+    );
+    serve.put("vm.create", Some(&config));
+    serve.put("vm.boot", None);
+    let (mut phases, mut progress) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + GUEST_WITHIN;
+    loop {
+        let info = serve.get("vm.info");
+        let vmm = &info["vmm"];
+        let phase = vmm["phase"].as_str().unwrap_or("null").to_string();
+        if phase == "pin" && vmm["progress"].is_object() {
+            progress.push(vmm["progress"].clone());
+        }
+        if phases.last() != Some(&phase) {
+            phases.push(phase.clone());
+        }
+        if phase == "run" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ran: {phases:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(phases.contains(&"pin".to_string()), "{phases:?}");
+    let p = progress
+        .first()
+        .unwrap_or_else(|| panic!("no progress while pinning: {phases:?}"));
+    assert_eq!(p["bytes_total"], gib, "{p}");
+    assert!(p["bytes_done"].as_u64().unwrap() <= gib, "{p}");
+    wait_until_hanging(&mut serve);
+    serve.put("vmm.shutdown", None);
+    assert_eq!(serve.wait_exit().0.code(), Some(0));
+}
+
 /// Boots a VM with an external epf server whose guest hangs; returns the VM's pid.
 fn boot_hanging_epf_vm(serve: &mut Serve, epf_socket: &std::path::Path, epf: u32) -> u32 {
     let config = format!(
@@ -178,7 +229,7 @@ fn boot_hanging_epf_vm(serve: &mut Serve, epf_socket: &std::path::Path, epf: u32
 
 /// After serve ended: its socket, the VM's process and private folder are gone, and the
 /// device server had every mapping undone.
-fn assert_nothing_left(serve: &Serve, vm: u32, epf: std::process::Child) {
+fn assert_nothing_left(serve: &Serve, vm: u32, epf: EpfServer) {
     assert!(!serve.socket.exists(), "the API socket is left");
     assert!(!alive(vm), "the VM's process {vm} is left");
     let left: Vec<_> = std::fs::read_dir(serve.run_dir())
@@ -186,7 +237,7 @@ fn assert_nothing_left(serve: &Serve, vm: u32, epf: std::process::Child) {
         .flatten()
         .collect();
     assert!(left.is_empty(), "private folders left: {left:?}");
-    let (_, _, still_mapped) = common::server_counts(&common::server_end(epf));
+    let (_, _, still_mapped) = common::server_counts(&epf.end());
     assert_eq!(still_mapped, 0, "guest RAM left mapped for the device");
 }
 
@@ -194,7 +245,7 @@ fn assert_nothing_left(serve: &Serve, vm: u32, epf: std::process::Child) {
 fn vmm_shutdown_ends_serve_with_nothing_left() {
     let mut serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
     assert!(serve.run_dir().read_dir().unwrap().next().is_some());
     assert_eq!(curl(&serve.socket, "PUT", "vmm.shutdown", None).0, 204);
@@ -207,13 +258,82 @@ fn vmm_shutdown_ends_serve_with_nothing_left() {
 fn sigterm_to_serve_shuts_the_vm_down_with_nothing_left() {
     let mut serve = Serve::start(&[]);
     let epf_socket = serve.dir.path().join("epf.sock");
-    let epf = common::epf_server(&epf_socket);
+    let epf = EpfServer::start(&epf_socket);
     let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
     // SAFETY: a pid we spawned and have not reaped.
     unsafe { libc::kill(serve.child.id() as i32, libc::SIGTERM) };
     let (status, err) = serve.wait_exit();
     assert_eq!(status.code(), Some(143), "{err}");
     assert_nothing_left(&serve, vm, epf);
+}
+
+#[test]
+fn a_vm_that_cannot_start_is_shutdown_with_its_error() {
+    let serve = Serve::start(&[]);
+    let missing = serve.dir.path().join("no-server.sock");
+    let config = format!(
+        r#"{{"user_devices": [{{"socket": "{}"}}]}}"#,
+        missing.display()
+    );
+    serve.put("vm.create", Some(&config));
+    serve.put("vm.boot", None);
+    let info = serve.wait_for_state("Shutdown", GUEST_WITHIN);
+    assert_eq!(info["vmm"]["exit_status"], 2, "{info:#}");
+    let error = info["vmm"]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(missing.to_str().unwrap()), "{info:#}");
+    assert!(serve.children().is_empty());
+    serve.assert_alive();
+}
+
+#[test]
+fn a_vm_process_killed_from_outside_is_shutdown_with_128_plus_the_signal() {
+    let mut serve = Serve::start(&[]);
+    serve.put("vm.create", Some(&probe_config("probe.hang")));
+    serve.put("vm.boot", None);
+    wait_until_hanging(&mut serve);
+    let vm = serve.children();
+    assert_eq!(vm.len(), 1, "{vm:?}");
+    // SAFETY: kill(2) on a process of this test's; the worst a stale pid can get is SIGKILL.
+    unsafe { libc::kill(vm[0] as i32, libc::SIGKILL) };
+    // At once, or once serve has seen it go.
+    let info = serve.wait_for_state("Shutdown", Duration::from_secs(10));
+    assert_eq!(info["vmm"]["exit_status"], 128 + 9, "{info:#}");
+    assert_error(&serve.call("PUT", "vm.pause", None), 409, &["Shutdown"]);
+    serve.put("vm.delete", None);
+    serve.assert_alive();
+}
+
+/// `vmm.seccomp` in the config is the VM's level, in place of serve's own.
+#[test]
+fn the_configs_seccomp_level_is_the_vms() {
+    let serve = Serve::start(&[]);
+    let config = r#"{"vmm": {"seccomp": "log"}}"#;
+    serve.put("vm.create", Some(config));
+    serve.put("vm.boot", None);
+    let info = serve.wait_for_state("Shutdown", GUEST_WITHIN);
+    assert_eq!(info["vmm"]["exit_status"], 0, "{info:#}");
+}
+
+/// serve killed outright cannot clean up: the VM's death signal (SIGTERM) makes it undo
+/// its own pinning and exit.
+#[test]
+fn a_killed_serve_leaves_no_vm_behind() {
+    let mut serve = Serve::start(&[]);
+    let epf_socket = serve.dir.path().join("epf.sock");
+    let epf = EpfServer::start(&epf_socket);
+    let vm = boot_hanging_epf_vm(&mut serve, &epf_socket, epf.id());
+    serve.child.kill().unwrap();
+    serve.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive(vm) {
+        assert!(
+            Instant::now() < deadline,
+            "the VM's process {vm} outlived serve"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, _, still_mapped) = common::server_counts(&epf.end());
+    assert_eq!(still_mapped, 0, "guest RAM left mapped for the device");
 }
 
 #[test]
@@ -360,23 +480,33 @@ fn malformed_json_is_refused() {
 }
 
 #[test]
-fn wrong_types_are_refused_naming_the_field() {
+fn wrong_types_are_refused_naming_the_section() {
     let serve = Serve::start(&[]);
     let body = r#"{"cpus": {"boot_vcpus": "two"}}"#;
-    assert_error(
-        &serve.call("PUT", "vm.create", Some(body)),
-        400,
-        &["boot_vcpus"],
-    );
+    // The section and the value: serde's error names the section, not the field in it.
+    let reply = serve.call("PUT", "vm.create", Some(body));
+    assert_error(&reply, 400, &["cpus", "two"]);
     serve.assert_alive();
 }
 
 #[test]
 fn negative_and_absurd_sizes_are_refused() {
     let serve = Serve::start(&[]);
-    for size in ["-1", "0", "18446744073709551615", "1e300"] {
+    // Not a u64, zero, past what a size can be, more than the host has.
+    for size in [
+        "-1",
+        "1e300",
+        "0",
+        "18446744073709551615",
+        "1099511627776000",
+    ] {
         let body = format!(r#"{{"memory": {{"size": {size}}}}}"#);
-        assert_error(&serve.call("PUT", "vm.create", Some(&body)), 400, &["size"]);
+        assert_error(
+            &serve.call("PUT", "vm.create", Some(&body)),
+            400,
+            &["memory"],
+        );
+        assert_error(&serve.call("GET", "vm.info", None), 404, &["vm.info"]);
     }
     serve.assert_alive();
 }

@@ -219,3 +219,32 @@ pub fn curl(socket: &Path, method: &str, name: &str, body: Option<&str>) -> (u16
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
+
+/// An external `vmm device epf` server that a failing test does not leave behind: killed
+/// when dropped unless [`EpfServer::end`] took its last words.
+pub struct EpfServer(Option<Child>);
+
+impl EpfServer {
+    /// Starts it on `socket`, once it listens.
+    pub fn start(socket: &Path) -> EpfServer {
+        EpfServer(Some(super::epf_server(socket)))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits for it to end (its client gone); returns its last line ([`super::server_end`]).
+    pub fn end(mut self) -> String {
+        super::server_end(self.0.take().expect("not ended yet"))
+    }
+}
+
+impl Drop for EpfServer {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

@@ -1,7 +1,6 @@
 //! The `vmm` command line: its parser, and one function per command that runs it and says
 //! how it ended, as a status or as a [`Failure`] that `main` turns into the exit status.
 
-pub mod api_common;
 pub mod api_run;
 pub mod forward;
 pub mod run;

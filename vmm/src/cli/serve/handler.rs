@@ -7,14 +7,18 @@ use std::time::Duration;
 use api::client::{Client, Reply};
 use api::{Endpoint, Handler, Response};
 
-use super::supervisor::{Booted, Exited, Supervisor};
-use crate::cli::api_common;
+use super::supervisor::{Booted, Exited, Supervisor, GONE};
+use crate::cli::api_run;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
 use crate::cli::vm_config::{self, VmConfigJson};
 
 /// How long one forwarded request may take: vm.shutdown answers once the VM is torn down,
-/// which the child bounds at [`super::SHUTDOWN_WITHIN`].
-const FORWARD_WITHIN: Duration = Duration::from_secs(35);
+/// which the child bounds at [`api_run::SHUTDOWN_WITHIN`]; a little more for the answer.
+const FORWARD_WITHIN: Duration = Duration::from_secs(api_run::SHUTDOWN_WITHIN.as_secs() + 5);
+
+/// How long a VM's process that stopped answering is watched for its exit: 20 x 100 ms.
+const EXIT_CHECKS: u32 = 20;
+const EXIT_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 struct Vm {
     config: VmConfigJson,
@@ -73,7 +77,7 @@ impl ServeHandler {
             Ok(c) => c,
             Err(e) => return Response::error(400, format!("vm.create: {e}")),
         };
-        let args = match config.check() {
+        let args = match self.supervisor.check(&config) {
             Ok(a) => a,
             Err(e) => return Response::error(400, format!("vm.create: {e}")),
         };
@@ -93,7 +97,7 @@ impl ServeHandler {
         };
         let asked = forward(socket, client, Endpoint::VmShutdown, &[]).is_some();
         // A process that did not take the request gets SIGTERM, which it also obeys.
-        let exited = self.supervisor.stop(!asked, super::SHUTDOWN_WITHIN);
+        let exited = self.supervisor.stop(!asked, api_run::SHUTDOWN_WITHIN);
         vm.state = State::Shutdown(exited.unwrap_or_else(gone));
     }
 
@@ -138,12 +142,16 @@ impl ServeHandler {
             unreachable!("only called when booted")
         };
         let Some(reply) = forward(socket, client, endpoint, body) else {
-            // Most likely it has just exited: answer as for a VM shut down.
-            if let Some(e) = self.supervisor.stop(false, Duration::from_secs(2)) {
-                if let Some(vm) = &mut self.vm {
-                    vm.state = State::Shutdown(e);
+            // Most likely it is exiting: give it a moment, then answer as for a VM shut down.
+            // One that still runs is left alone (vm.shutdown or vm.delete end it).
+            for _ in 0..EXIT_CHECKS {
+                if let Some(e) = self.supervisor.poll() {
+                    if let Some(vm) = &mut self.vm {
+                        vm.state = State::Shutdown(e);
+                    }
+                    return self.handle_vm(endpoint, body);
                 }
-                return self.handle_vm(endpoint, body);
+                std::thread::sleep(EXIT_CHECK_EVERY);
             }
             return Response::error(500, format!("{}: the VM's process does not answer on {}; shut it down with PUT /api/v1/vm.shutdown", endpoint.name(), socket.display()));
         };
@@ -200,7 +208,7 @@ impl Handler for ServeHandler {
     fn handle(&mut self, endpoint: Endpoint, body: &[u8]) -> Response {
         // A body where none belongs is the transport's to refuse.
         match endpoint {
-            Endpoint::VmmPing => api_common::ping(),
+            Endpoint::VmmPing => api_run::ping(),
             Endpoint::VmmShutdown => {
                 self.shutdown_vm();
                 self.supervisor.free();
@@ -243,7 +251,7 @@ fn forward(
 fn gone() -> Exited {
     Exited {
         status: 1,
-        error: Some("serve's supervisor thread has ended; restart vmm serve".into()),
+        error: Some(GONE.into()),
         report: None,
     }
 }

@@ -13,16 +13,12 @@ mod supervisor;
 
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use pinning::ErrorClass;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{Failure, Status};
 use crate::seccomp::SeccompLevel;
-
-/// How long a VM may take to tear down once asked to stop, before it is killed.
-const SHUTDOWN_WITHIN: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ServeArgs {
@@ -61,13 +57,12 @@ pub fn serve(args: &ServeArgs) -> Status {
     let api = std::thread::Builder::new()
         .name("vmm-api".into())
         .spawn(move || {
-            let served = crate::seccomp::filter_api_thread(level)
-                .map_err(Failure::from)
-                .and_then(|()| {
-                    server
-                        .run(&mut handler, stop_fd)
-                        .map_err(|e| internal("serve the API", e))
-                });
+            let filtered = crate::seccomp::filter_api_thread(level).map_err(Failure::from);
+            let served = filtered.and_then(|()| {
+                server
+                    .run(&mut handler, stop_fd)
+                    .map_err(|e| internal("serve the API", e))
+            });
             // The socket goes before the VM is torn down: nobody can ask anything more.
             drop(server);
             (handler, served)

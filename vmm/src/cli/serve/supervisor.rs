@@ -1,8 +1,11 @@
-//! serve's supervisor thread: it starts each booted VM's `vmm run` child, reaps it and frees
-//! its private folder, on the API thread's behalf (a channel). It stays unfiltered because it
-//! forks and execs, which the API thread's seccomp list does not allow; it parses no client
-//! input (the child, which does, is filtered). The children's death signal fires when the
-//! thread that forked them ends, so this one thread outlives every child it starts.
+//! serve's supervisor thread: it checks each config against the host as `vmm run` would, and
+//! starts each booted VM's `vmm run` child, reaps it and frees its private folder, on the API
+//! thread's behalf (a channel). It stays unfiltered because it forks and execs, and because
+//! the host checks read limits, sysfs and the files a config names, none of which the API
+//! thread's seccomp list allows. It parses no client bytes: the API thread parses the JSON and
+//! hands over the typed config (the child, which serves the VM's own API, is filtered). The
+//! children's death signal fires when the thread that forked them ends, so this one thread
+//! outlives every child it starts.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -16,6 +19,8 @@ use std::time::{Duration, Instant};
 use api::client::Client;
 use api::{Endpoint, Method};
 
+use crate::cli::run::RunArgs;
+use crate::cli::vm_config::VmConfigJson;
 use crate::seccomp::SeccompLevel;
 
 /// How long a child may take to answer vmm.ping on its socket after it starts.
@@ -48,6 +53,7 @@ pub enum Booted {
 }
 
 enum Request {
+    Check(Box<VmConfigJson>, Sender<Result<RunArgs, String>>),
     Boot(Vec<String>, Sender<Result<Booted, String>>),
     Poll(Sender<Option<Exited>>),
     Stop {
@@ -82,6 +88,12 @@ impl Supervisor {
         let (reply, answer) = mpsc::channel();
         self.tx.as_ref()?.send(request(reply)).ok()?;
         answer.recv().ok()
+    }
+
+    /// `config.check()`: what `vmm run` would refuse on this host, refused.
+    pub fn check(&self, config: &VmConfigJson) -> Result<RunArgs, String> {
+        self.call(|reply| Request::Check(Box::new(config.clone()), reply))
+            .unwrap_or_else(|| Err(GONE.into()))
     }
 
     /// Starts `vmm run ARGS` in a fresh private folder; returns once its API answers.
@@ -120,7 +132,8 @@ impl Drop for Supervisor {
     }
 }
 
-const GONE: &str = "serve's supervisor thread has ended; restart vmm serve";
+/// What a request answers once the supervisor thread is gone.
+pub const GONE: &str = "serve's supervisor thread has ended; restart vmm serve";
 
 /// One child and its folder.
 struct Current {
@@ -134,6 +147,9 @@ fn supervise(rx: &Receiver<Request>, level: SeccompLevel) {
     let mut cur: Option<Current> = None;
     loop {
         match rx.recv_timeout(REAP_EVERY) {
+            Ok(Request::Check(config, reply)) => {
+                let _ = reply.send(config.check());
+            }
             Ok(Request::Boot(args, reply)) => {
                 free(&mut cur);
                 let _ = reply.send(boot(&args, level, &mut cur));
@@ -164,7 +180,7 @@ fn supervise(rx: &Receiver<Request>, level: SeccompLevel) {
 /// Stops the child if it still runs, and removes its folder.
 fn free(cur: &mut Option<Current>) {
     if let Some(mut c) = cur.take() {
-        stop(&mut c, true, super::SHUTDOWN_WITHIN);
+        stop(&mut c, true, crate::cli::api_run::SHUTDOWN_WITHIN);
         if let Err(e) = std::fs::remove_dir_all(&c.dir) {
             eprintln!("vmm: cannot remove {}: {e}", c.dir.display());
         }
@@ -275,7 +291,7 @@ fn boot(args: &[String], level: SeccompLevel, cur: &mut Option<Current>) -> Resu
             return Ok(Booted::Running(socket));
         }
         if Instant::now() > deadline {
-            let e = stop(c, true, super::SHUTDOWN_WITHIN);
+            let e = stop(c, true, crate::cli::api_run::SHUTDOWN_WITHIN);
             return Ok(Booted::Exited(Exited {
                 error: Some(format!(
                     "the VM's process did not answer on its API socket within {} s, and was stopped",
@@ -311,7 +327,11 @@ fn spawn(
         .arg("--report")
         .arg(dir.join(REPORT))
         .arg("--quiet");
-    if !args.iter().any(|a| a == "--seccomp") {
+    // The config's own `vmm.seccomp`, if it has one, is the VM's level.
+    if !args
+        .iter()
+        .any(|a| a == "--seccomp" || a.starts_with("--seccomp="))
+    {
         use clap::ValueEnum;
         if let Some(v) = level.to_possible_value() {
             cmd.args(["--seccomp", v.get_name()]);
