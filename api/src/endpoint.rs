@@ -7,6 +7,23 @@ pub enum Method {
     Put,
 }
 
+impl Method {
+    /// As on the request line: `GET`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Put => "PUT",
+        }
+    }
+
+    /// The method named `name` on a request line, if the API uses it.
+    pub fn from_name(name: &str) -> Option<Method> {
+        [Method::Get, Method::Put]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+}
+
 /// Every path is under this prefix, as Cloud Hypervisor's.
 pub const PREFIX: &str = "/api/v1/";
 
@@ -70,6 +87,11 @@ impl Endpoint {
     /// Whether the request carries a JSON body.
     pub fn takes_body(self) -> bool {
         matches!(self, Endpoint::VmCreate)
+    }
+
+    /// The endpoint whose [`name`](Self::name) is `name`.
+    pub fn from_name(name: &str) -> Option<Endpoint> {
+        Endpoint::ALL.into_iter().find(|e| e.name() == name)
     }
 
     /// The full path: `/api/v1/vm.info`.

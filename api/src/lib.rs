@@ -8,9 +8,10 @@
 
 pub mod client;
 pub mod endpoint;
+pub mod http;
 pub mod response;
 pub mod server;
 
-pub use endpoint::{Endpoint, Method};
+pub use endpoint::{Endpoint, Method, PREFIX};
 pub use response::Response;
-pub use server::{Handler, Limits, Server};
+pub use server::{BindError, Handler, Limits, Server};

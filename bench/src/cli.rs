@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use pinning::{CancelToken, Classify, ErrorClass, SignalGuard};
 use vmm::cli::{Failure, Status};
 
+use crate::api_latency::{self, ApiLatencyArgs};
 use crate::pin::{self, PinBenchArgs};
 use crate::startup::{self, table, StartupArgs};
 
@@ -57,6 +58,17 @@ and startup.json, startup.svg and every run's report under --out.\n\n\
 Example: vmm-bench startup --memory 1G,4G --backing anon --pin-threads 1,2,auto --runs 3 \
 (or vmm bench startup ..., which runs this)")]
     Startup(StartupArgs),
+    /// Time the machine API of `vmm serve`: p50/p99 of vmm.ping and vm.info, idle and while a
+    /// VM pins its RAM.
+    #[command(long_about = "Time the machine API as an orchestrator sees it.\n\n\
+Starts `vmm serve` (the `vmm` beside this executable, or --vmm) on a socket in a temporary \
+directory and sends vmm.ping and vm.info alternately on one persistent connection, timing each \
+from the first byte sent to the last byte read: --requests of each with a VM created but not \
+booted (idle: vmm serve answers itself), then with a VM of --busy-memory booted, counting only \
+answers given while its RAM is being pinned (vm.info is then forwarded to the VM's own process). \
+Prints p50, p99 and max per endpoint and condition.\n\n\
+Example: vmm-bench api-latency --requests 2000 --busy-memory 8G")]
+    ApiLatency(ApiLatencyArgs),
 }
 
 fn signal_guard() -> Result<SignalGuard, Failure> {
@@ -84,6 +96,24 @@ pub fn pin_bench(args: &PinBenchArgs) -> Status {
         println!("{json}");
     } else {
         print!("{}", pin::table(&report));
+    }
+    Ok(0)
+}
+
+/// `vmm-bench api-latency`: prints a table or JSON.
+pub fn api_latency(args: &ApiLatencyArgs) -> Status {
+    let vmm = crate::startup::vmm_binary(args.vmm.as_deref())?;
+    let rows = api_latency::run(args, &vmm)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&rows).map_err(|e| {
+            Failure::new(
+                format!("cannot serialise the report: {e}"),
+                ErrorClass::Internal,
+            )
+        })?;
+        println!("{json}");
+    } else {
+        print!("{}", api_latency::table(&rows));
     }
     Ok(0)
 }

@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let status = match &cli.command {
         Command::PinBench(args) => cli::pin_bench(args),
         Command::Startup(args) => cli::startup(args),
+        Command::ApiLatency(args) => cli::api_latency(args),
     };
     vmm::cli::exit_code("vmm-bench", status)
 }

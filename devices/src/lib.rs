@@ -12,6 +12,7 @@
 
 pub mod boot_marks;
 pub mod bus;
+pub mod counters;
 pub mod debug_exit;
 pub mod epf;
 pub mod exit;

@@ -6,6 +6,7 @@
 //! operations and libFuzzer's mutations stay meaningful. Nothing here uses libfuzzer-sys, so
 //! the seed generator links without the fuzzer runtime.
 
+pub mod api_request;
 mod bus_model;
 pub mod cgroup;
 pub mod config_io;
@@ -49,6 +50,7 @@ pub const TARGETS: &[Target] = &[
     ("vfio_msix", vfio_msix::run, vfio_msix::seeds),
     ("loader", loader::run, loader::seeds),
     ("cgroup", cgroup::run, cgroup::seeds),
+    ("api_request", api_request::run, api_request::seeds),
 ];
 
 /// A forgiving little-endian reader over fuzz input.

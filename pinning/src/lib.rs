@@ -57,6 +57,7 @@ pub use class::{Classify, ErrorClass};
 pub use engine::{parallel_for, DecidedBy, JobSpec, JobStats, Undone};
 pub use limits::Limits;
 pub use pinner::{PinError, PinOptions, Pinned, Pinner, ThreadRequest};
+pub use progress::{ProgressReading, ProgressSink};
 pub use region::{GuestRam, Region};
 pub use thread_hook::set_helper_start_hook;
 

@@ -26,7 +26,7 @@ use crate::engine::stats::gibps;
 use crate::engine::{self, JobError, JobSpec, JobZone, Undone};
 use crate::limits::Limits;
 use crate::procfs::ProcStatus;
-use crate::progress::Progress;
+use crate::progress::{Progress, ProgressSink};
 use crate::region::GuestRam;
 use crate::GIB;
 
@@ -37,6 +37,7 @@ pub struct Pinner {
     info: BackendInfo,
     limits: Limits,
     options: PinOptions,
+    sink: Option<Arc<ProgressSink>>,
 }
 
 impl Pinner {
@@ -46,7 +47,14 @@ impl Pinner {
             backend,
             limits,
             options,
+            sink: None,
         }
+    }
+
+    /// Counts each job's progress into `sink` too, for a reader in another thread.
+    pub fn with_progress_sink(mut self, sink: Arc<ProgressSink>) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     fn requested(&self) -> Option<usize> {
@@ -160,7 +168,12 @@ impl Pinner {
         })?;
         let mut populate_stats = None;
         if let Some((spec, plan)) = populate_job {
-            let progress = Progress::start("populating guest RAM", size, self.options.progress);
+            let progress = Progress::start_with_sink(
+                "populating guest RAM",
+                size,
+                self.options.progress,
+                self.sink.clone(),
+            );
             let work = PopulateWork {
                 ram: &ram,
                 cancel,
@@ -171,7 +184,12 @@ impl Pinner {
                 Err(e) => return Err(self.job_error(e, &ram, Undone::default(), cancel)),
             }
         }
-        let progress = Progress::start("pinning guest RAM", size, self.options.progress);
+        let progress = Progress::start_with_sink(
+            "pinning guest RAM",
+            size,
+            self.options.progress,
+            self.sink.clone(),
+        );
         let populate = info.populates && !info.populate_first;
         let rollbacks = Mutex::new(Undone::default());
         let work = MapWork {

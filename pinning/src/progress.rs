@@ -6,9 +6,9 @@
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -21,11 +21,65 @@ pub struct Progress {
     done: Arc<AtomicU64>,
     finished: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    sink: Option<Arc<ProgressSink>>,
+}
+
+/// The running job's progress for a reader in another thread (the machine API's `vm.info`):
+/// the same bytes the bar counts, readable at any time without a terminal.
+#[derive(Debug, Default)]
+pub struct ProgressSink {
+    done: AtomicU64,
+    total: AtomicU64,
+    /// When the current job began; none before the first.
+    started: Mutex<Option<Instant>>,
+}
+
+/// What a [`ProgressSink`] read at one moment.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProgressReading {
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// Since the job began.
+    pub elapsed: Duration,
+}
+
+impl ProgressSink {
+    /// Starts counting a new job of `total` bytes from zero.
+    fn begin(&self, total: u64) {
+        let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
+        self.done.store(0, Ordering::Relaxed);
+        self.total.store(total, Ordering::Relaxed);
+        *started = Some(Instant::now());
+    }
+
+    /// The current job's progress; none before a job began.
+    pub fn read(&self) -> Option<ProgressReading> {
+        let started = *self.started.lock().unwrap_or_else(|e| e.into_inner());
+        let total = self.total.load(Ordering::Relaxed);
+        Some(ProgressReading {
+            bytes_done: self.done.load(Ordering::Relaxed).min(total),
+            bytes_total: total,
+            elapsed: started?.elapsed(),
+        })
+    }
 }
 
 impl Progress {
     /// Starts watching; `enabled` false (or stderr not a terminal) shows nothing.
     pub fn start(label: &'static str, total: u64, enabled: bool) -> Self {
+        Self::start_with_sink(label, total, enabled, None)
+    }
+
+    /// As [`Progress::start`], also counting into `sink` (restarted at zero for this job).
+    pub fn start_with_sink(
+        label: &'static str,
+        total: u64,
+        enabled: bool,
+        sink: Option<Arc<ProgressSink>>,
+    ) -> Self {
+        if let Some(s) = &sink {
+            s.begin(total);
+        }
         let done = Arc::new(AtomicU64::new(0));
         let finished = Arc::new(AtomicBool::new(false));
         let thread = (enabled && std::io::stderr().is_terminal()).then(|| {
@@ -45,12 +99,16 @@ impl Progress {
             done,
             finished,
             thread,
+            sink,
         }
     }
 
     /// Counts `bytes` just finished.
     pub fn add(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
+        if let Some(s) = &self.sink {
+            s.done.fetch_add(bytes, Ordering::Relaxed);
+        }
     }
 
     #[cfg(test)]
@@ -154,6 +212,25 @@ mod tests {
             rate / GIB as f64,
             job_rate / GIB as f64,
             started.elapsed()
+        );
+    }
+
+    #[test]
+    fn a_sink_counts_each_job_from_zero() {
+        let sink = Arc::new(ProgressSink::default());
+        assert_eq!(sink.read(), None);
+        let first = Progress::start_with_sink("test", 10, false, Some(sink.clone()));
+        first.add(4);
+        assert_eq!(
+            sink.read().map(|r| (r.bytes_done, r.bytes_total)),
+            Some((4, 10))
+        );
+        drop(first);
+        let second = Progress::start_with_sink("test", 20, false, Some(sink.clone()));
+        second.add(5);
+        assert_eq!(
+            sink.read().map(|r| (r.bytes_done, r.bytes_total)),
+            Some((5, 20))
         );
     }
 

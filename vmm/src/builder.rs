@@ -29,12 +29,13 @@ use devices::exit::StopHandle;
 use devices::{ExitReason, GuestMarks};
 use pinning::pinner::PinZone;
 use pinning::{
-    CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, SignalGuard,
-    Undone,
+    CancelToken, Classify, ErrorClass, Limits, PinError, PinOptions, Pinned, Pinner, ProgressSink,
+    SignalGuard, Undone,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::GuestNuma;
+use crate::control::VmControl;
 use crate::loader::{self, BootProtocol, ImageSource, LoadError, LoadRequest};
 use crate::memory::numa::Policy;
 use crate::memory::zones::{GuestNumaNode, ZoneConfig};
@@ -46,6 +47,7 @@ use crate::platform::{Platform, PlatformError, SerialIn, SerialOut};
 use crate::run::{self, RunError, VmExit};
 use crate::seccomp::{self, Filters, SeccompArgs, SeccompError};
 use crate::timeline::{ms, GuestTimes, Report, Teardown, Timeline, VmSummary};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{self, VcpuError};
 use crate::vstate::vm::{KvmError, Vm};
 
@@ -262,7 +264,9 @@ pub fn devices(
     Ok((platform, passthrough))
 }
 
-/// Stage `pin`: prepares all of guest RAM with the backend `choice` and the devices call for.
+/// Stage `pin`: prepares all of guest RAM with the backend `choice` and the devices call for,
+/// counting its progress into `sink` when given.
+#[allow(clippy::too_many_arguments)]
 pub fn pin(
     choice: PinChoice,
     options: PinOptions,
@@ -271,20 +275,24 @@ pub fn pin(
     passthrough: &mut Passthrough,
     memory: &GuestMemory,
     cancel: &CancelToken,
+    sink: Option<Arc<ProgressSink>>,
 ) -> Result<Pinned, StartError> {
     let backend = choice.backend(std::mem::take(&mut passthrough.dma))?;
     let backend = TestFault::wrap(faults, backend);
-    Pinner::new(backend, limits, options)
-        .pin(memory.ram.clone(), cancel)
-        .map_err(|e| match e {
-            // Before the guest runs, a device that cannot be mapped is the device's (or the
-            // user's) to fix: say which device.
-            e if e.cancel_reason().is_none() && !passthrough.names.is_empty() => StartError::Map {
-                devices: passthrough.names.join(", "),
-                source: e,
-            },
-            e => StartError::Pin(e),
-        })
+    let pinner = Pinner::new(backend, limits, options);
+    let pinner = match sink {
+        Some(sink) => pinner.with_progress_sink(sink),
+        None => pinner,
+    };
+    pinner.pin(memory.ram.clone(), cancel).map_err(|e| match e {
+        // Before the guest runs, a device that cannot be mapped is the device's (or the
+        // user's) to fix: say which device.
+        e if e.cancel_reason().is_none() && !passthrough.names.is_empty() => StartError::Map {
+            devices: passthrough.names.join(", "),
+            source: e,
+        },
+        e => StartError::Pin(e),
+    })
 }
 
 /// The layout's zones, each with its host node (`--memory-zone host_numa_node`) and the guest
@@ -385,21 +393,44 @@ impl Drop for SignalForwarder {
     }
 }
 
+/// Times stage `name` into the timeline and, with a control, says that it began.
+fn stage<T>(
+    timeline: &mut Timeline,
+    control: Option<&Arc<VmControl>>,
+    name: &'static str,
+    f: impl FnOnce() -> T,
+) -> T {
+    if let Some(c) = control {
+        c.set_phase(name);
+    }
+    timeline.phase(name, f)
+}
+
 /// Builds the VM stage by stage, runs it until it stops, tears it down and reports. `start`
-/// is when the process started (timeline zero).
+/// is when the process started (timeline zero). With `control`, another thread sees each
+/// stage, the pinning progress and figures, and may pause, resume or stop the guest (the
+/// caller tells it how the run ended: [`VmControl::finish`]).
 ///
 /// A forbidden system call (`--seccomp on`) is the error, whatever else went wrong after
 /// it: a call refused with EPERM may have made a stage fail for what looks like another
 /// reason.
-pub fn run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
-    let result = build_and_run(config, start);
+pub fn run(
+    config: &VmConfig,
+    start: Instant,
+    control: Option<&Arc<VmControl>>,
+) -> Result<Outcome, StartError> {
+    let result = build_and_run(config, start, control);
     match seccomp::violation() {
         Some(v) => Err(SeccompError::Violation(v).into()),
         None => result,
     }
 }
 
-fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartError> {
+fn build_and_run(
+    config: &VmConfig,
+    start: Instant,
+    control: Option<&Arc<VmControl>>,
+) -> Result<Outcome, StartError> {
     let wake = Arc::new(EventFd::new(libc::EFD_CLOEXEC).map_err(StartError::Signals)?);
     // Signals are caught from here on, so Ctrl-C during pinning undoes it, and during the
     // run stops the VM cleanly.
@@ -411,17 +442,24 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     let marks = Arc::new(GuestMarks::new(start));
     let failure = Failure::default();
 
-    let vm = timeline.phase("kvm", || Vm::new(config.cpus))?;
+    let vm = stage(&mut timeline, control, "kvm", || Vm::new(config.cpus))?;
+    if let Some(c) = control {
+        c.set_stop(vm.stop_handle(), cancel.clone());
+    }
     // From here on pinning helpers filter themselves as they start.
     let filters = Filters::new(&config.seccomp, vm.stop_handle())?;
     let huge_before = thp::huge_bytes_in_use();
-    let memory = timeline.phase("memory", || {
+    let memory = stage(&mut timeline, control, "memory", || {
         memory(&vm, &config.layout, &config.zone_memory)
     })?;
-    let (platform, mut passthrough) =
-        timeline.phase("devices", || devices(&vm, config, &marks, &failure))?;
+    let (platform, mut passthrough) = stage(&mut timeline, control, "devices", || {
+        devices(&vm, config, &marks, &failure)
+    })?;
+    if let Some(c) = control {
+        c.set_devices(passthrough.counters.clone());
+    }
     let zone_list = zones(config);
-    let pinned = timeline.phase("pin", || {
+    let pinned = stage(&mut timeline, control, "pin", || {
         pin(
             config.pin,
             PinOptions {
@@ -433,14 +471,24 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
             &mut passthrough,
             &memory,
             &cancel,
+            control.map(|c| c.progress_sink()),
         )
     })?;
+    if let Some(c) = control {
+        c.set_pin_stats(pinned.stats.clone());
+    }
     if let Some(f) = &filters {
         f.helper_failure()?;
     }
-    let zones = timeline.phase("placement", || placement(&memory, &zone_list));
-    let boot = timeline.phase("load", || load(config, &memory, &platform))?;
-    let vcpus = timeline.phase("vcpus", || vcpu::create_all(&vm, config.cpus, &boot))?;
+    let zones = stage(&mut timeline, control, "placement", || {
+        placement(&memory, &zone_list)
+    });
+    let boot = stage(&mut timeline, control, "load", || {
+        load(config, &memory, &platform)
+    })?;
+    let vcpus = stage(&mut timeline, control, "vcpus", || {
+        vcpu::create_all(&vm, config.cpus, &boot)
+    })?;
     let mut machine = Machine {
         platform,
         vm,
@@ -458,15 +506,23 @@ fn build_and_run(config: &VmConfig, start: Instant) -> Result<Outcome, StartErro
     if let Some(what) = failure.before_run() {
         return Err(PassthroughError::FailedEarly(what).into());
     }
-    let exit = timeline.phase("run", || {
+    let pause = Arc::new(PauseGate::default());
+    if let Some(c) = control {
+        c.set_pause(pause.clone());
+    }
+    let exit = stage(&mut timeline, control, "run", || {
         run::run_until_exit(
             vcpus,
             &mut machine.platform,
             machine.vm.exit(),
             deadline,
             filters.as_ref(),
+            &pause,
         )
     })?;
+    if let Some(c) = control {
+        c.set_phase("exit");
+    }
     let device_failure = failure.finish();
     drop(forwarder);
     let serial = machine.platform.finish_serial();

@@ -13,6 +13,7 @@ pub mod allocator;
 pub mod arch;
 pub mod builder;
 pub mod cli;
+pub mod control;
 pub mod loader;
 pub mod memory;
 pub mod passthrough;

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         Command::PinBench(args) => cli::forward::to_bench(Some("pin-bench"), args),
         Command::Bench(args) => cli::forward::to_bench(None, args),
         Command::Device(cmd) => cli::device(cmd),
+        Command::Serve(args) => cli::serve::serve(args),
     };
     cli::exit_code("vmm", status)
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::counters::DeviceCounters;
 use devices::exit::StopHandle;
 use devices::vfio::kernel::{IommuContext, IommuKind, KernelVfio, VfioDeviceFd};
 use devices::vfio::{VfioBackend, VfioPciDevice};
@@ -142,6 +143,8 @@ pub struct Passthrough {
     pub dma: Vec<Arc<dyn PinBackend>>,
     /// Names for the report.
     pub names: Vec<String>,
+    /// Each device's counters, by its name in `names` (kernel VFIO devices count nothing yet).
+    pub counters: Vec<(String, Arc<DeviceCounters>)>,
     kernel: Vec<Arc<KernelVfio>>,
     clients: Vec<Arc<Client>>,
     // After `clients`: a server is stopped only once our side has hung up.
@@ -219,7 +222,9 @@ pub fn attach_all(
         };
         context.get_or_insert_with(|| dev.context().clone());
         let dev = Arc::new(dev);
-        out.names.push(VfioBackend::name(dev.as_ref()).to_string());
+        let name = VfioBackend::name(dev.as_ref()).to_string();
+        out.counters.push((name.clone(), Arc::default()));
+        out.names.push(name);
         attach_model(vm, platform, dev.clone(), failure)?;
         out.kernel.push(dev);
     }
@@ -243,6 +248,8 @@ pub fn attach_all(
         client.set_on_broken(Box::new(move |why| f.fail(&stop, why.to_string())));
         out.clients.push(client.clone());
         out.names.push(client.name().to_string());
+        out.counters
+            .push((client.name().to_string(), client.counters()));
         let backend = Arc::new(UserBackend::new(client));
         attach_model(vm, platform, backend.clone(), failure)?;
         let mapper: Arc<dyn FdDmaMapper> = match req.dma_hole {

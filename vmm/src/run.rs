@@ -15,6 +15,7 @@ use pinning::{Classify, ErrorClass};
 
 use crate::platform::{Platform, Subscriber};
 use crate::seccomp::{Filters, SeccompError, VcpuGate};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{self, Rip, Vcpu, VcpuContext, VcpuFault, VcpuHandle};
 
 /// How often the boot vCPU is asked whether it sits in HLT with interrupts off. With the
@@ -66,7 +67,8 @@ impl Classify for RunError {
 }
 
 /// Runs the guest on `vcpus` until it exits, faults, is stopped through `exit`, or `deadline`
-/// passes; every vCPU thread has been joined when it returns.
+/// passes; every vCPU thread has been joined when it returns. `pause` can pause and resume
+/// the vCPUs from another thread while they run.
 ///
 /// With `seccomp` filters, each vCPU thread installs its own before its first KVM_RUN and
 /// waits until this thread has filtered every other thread and itself: from the guest's
@@ -77,6 +79,7 @@ pub fn run_until_exit(
     exit: &Arc<ExitNotifier>,
     deadline: Option<Instant>,
     seccomp: Option<&Arc<Filters>>,
+    pause: &Arc<PauseGate>,
 ) -> Result<VmExit, RunError> {
     let gate = seccomp.map(|f| Arc::new(VcpuGate::new(f.clone())));
     let ctx = VcpuContext {
@@ -84,7 +87,9 @@ pub fn run_until_exit(
         mmio: platform.mmio.clone(),
         exit: exit.clone(),
         seccomp: gate.clone(),
+        pause: pause.clone(),
     };
+    pause.open(vcpus.iter().map(Vcpu::index));
     let mut running = Vec::with_capacity(vcpus.len());
     for v in vcpus {
         let index = v.index();
@@ -94,14 +99,14 @@ pub fn run_until_exit(
                 if let Some(g) = &gate {
                     g.abandon();
                 }
-                stop_vcpus(running);
+                stop_vcpus(running, pause);
                 return Err(RunError::Spawn { index, source });
             }
         }
     }
     if let Some(g) = &gate {
         if let Err(e) = g.open(running.len()) {
-            stop_vcpus(running);
+            stop_vcpus(running, pause);
             return Err(e.into());
         }
     }
@@ -114,9 +119,9 @@ pub fn run_until_exit(
         None
     };
 
-    let waited = wait_for_exit(&mut platform.event_manager, exit, &running, deadline);
+    let waited = wait_for_exit(&mut platform.event_manager, exit, &running, deadline, pause);
     drop(raw_terminal);
-    let results = stop_vcpus(running);
+    let results = stop_vcpus(running, pause);
     let timed_out = waited?;
 
     let mut faults: Vec<(u32, VcpuFault)> = results
@@ -157,6 +162,7 @@ fn wait_for_exit(
     exit: &ExitNotifier,
     running: &[VcpuHandle],
     deadline: Option<Instant>,
+    pause: &PauseGate,
 ) -> Result<bool, RunError> {
     let mut next_probe = Instant::now() + HALT_PROBE_INTERVAL;
     loop {
@@ -168,7 +174,8 @@ fn wait_for_exit(
             return Ok(true);
         }
         if now >= next_probe {
-            if let Some(bsp) = running.first() {
+            // A parked vCPU is not the guest halting: ask again after the resume.
+            if let Some(bsp) = running.first().filter(|_| !pause.is_paused()) {
                 bsp.probe_halt();
             }
             next_probe = now + HALT_PROBE_INTERVAL;
@@ -182,7 +189,12 @@ fn wait_for_exit(
 }
 
 /// Stops and joins every running vCPU; returns each thread's result.
-fn stop_vcpus(mut running: Vec<VcpuHandle>) -> Vec<(u32, Result<(), VcpuFault>)> {
+fn stop_vcpus(
+    mut running: Vec<VcpuHandle>,
+    pause: &PauseGate,
+) -> Vec<(u32, Result<(), VcpuFault>)> {
+    // Before any join: from here a pause neither kicks nor waits.
+    pause.close();
     for h in &running {
         h.request_stop();
     }
@@ -215,4 +227,4 @@ fn stop_vcpus(mut running: Vec<VcpuHandle>) -> Vec<(u32, Result<(), VcpuFault>)>
 
 #[cfg(test)]
 #[path = "run_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -20,6 +20,7 @@ use crate::memory::{Backing, GuestMemory, MemoryLayout, MemorySpec};
 use crate::passthrough::Failure;
 use crate::pin::PinChoice;
 use crate::platform::{Platform, SerialIn, SerialOut};
+use crate::vstate::pause::PauseGate;
 use crate::vstate::vcpu::{self, Vcpu};
 use crate::vstate::vm::Vm;
 
@@ -63,7 +64,7 @@ const GUEST_BZ: &[u8] = &[
 ];
 
 const PVH_OFFSET: usize = 0x100;
-const LOAD_ADDR: u64 = 0x10_0000;
+pub(crate) const LOAD_ADDR: u64 = 0x10_0000;
 
 /// An ELF holding both guests, like the probe guest: 64-bit entry at 1 MiB, PVH entry 0x100
 /// bytes later.
@@ -78,7 +79,13 @@ fn dual_entry_elf() -> Vec<u8> {
     )
 }
 
-fn config(kernel: Vec<u8>, protocol: BootProtocol, cpus: u8, out: &SharedBuffer) -> VmConfig {
+/// A 64 MiB guest of `kernel` on `cpus` vCPUs, its serial output into `out`.
+pub(crate) fn config(
+    kernel: Vec<u8>,
+    protocol: BootProtocol,
+    cpus: u8,
+    out: &SharedBuffer,
+) -> VmConfig {
     VmConfig {
         layout: MemoryLayout::new(64 * MIB).unwrap(),
         cpus,
@@ -138,7 +145,15 @@ impl TestVm {
             vm,
             ..
         } = self;
-        run_until_exit(vcpus, &mut platform, vm.exit(), deadline, None).unwrap()
+        run_until_exit(
+            vcpus,
+            &mut platform,
+            vm.exit(),
+            deadline,
+            None,
+            &Arc::new(PauseGate::default()),
+        )
+        .unwrap()
     }
 }
 

@@ -174,7 +174,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BenchError {
 }
 
 /// The `vmm` binary to boot: `--vmm`, else the one beside this executable.
-fn vmm_binary(arg: Option<&Path>) -> Result<PathBuf, BenchError> {
+pub fn vmm_binary(arg: Option<&Path>) -> Result<PathBuf, BenchError> {
     let (path, given) = match arg {
         Some(p) => (p.to_path_buf(), true),
         None => {

@@ -1,8 +1,11 @@
 //! The `vmm` command line: its parser, and one function per command that runs it and says
 //! how it ended, as a status or as a [`Failure`] that `main` turns into the exit status.
 
+pub mod api_common;
+pub mod api_run;
 pub mod forward;
 pub mod run;
+pub mod serve;
 pub mod vm_config;
 
 use std::fmt;
@@ -122,6 +125,27 @@ vmm run --kernel vmlinuz --initrd initramfs.cpio --cmdline \"console=ttyS0\" --t
     /// `vmm-bench startup` (see `vmm bench startup --help`).
     #[command(disable_help_flag = true)]
     Bench(forward::Forwarded),
+    /// Serve the machine API (Cloud Hypervisor's REST paths) on a Unix socket: no VM until
+    /// vm.create, one VM at a time, each booted in its own `vmm run` process.
+    #[command(
+        long_about = "Serve the machine API: HTTP/1.1 on a Unix socket at Cloud Hypervisor's \
+paths (/api/v1/vm.create and the rest, see docs/api.md), so that a program can drive vmm.\n\n\
+Lifecycle: there is no VM until PUT vm.create (a Cloud Hypervisor VmConfig; what vmm run would \
+refuse is refused with 400). PUT vm.boot starts the VM in a child process, `vmm run` with the \
+config's options, and answers once that process's own API answers (state Running; vm.info's \
+vmm.phase and vmm.progress show the start-up, pinning included). vm.info, vm.counters, vm.pause, \
+vm.resume and vm.shutdown go to that process. When the guest exits (or after vm.shutdown) the VM \
+is Shutdown: vm.info has the exit status and the run report; vm.boot boots it again, vm.reboot \
+shuts a running VM down and boots a fresh one (its RAM is pinned again), vm.delete frees it and \
+vm.create may follow. PUT vmm.shutdown, SIGINT or SIGTERM shut the VM down, remove the socket \
+and end serve (status 0 after vmm.shutdown, 128+N after signal N). A child never outlives serve: \
+it gets SIGTERM when serve dies.\n\n\
+Example:\n  vmm serve --api-socket /run/user/1000/vmm.sock &\n  \
+curl --unix-socket /run/user/1000/vmm.sock -X PUT http://localhost/api/v1/vm.create \\\n    \
+-d '{\"cpus\":{\"boot_vcpus\":1},\"memory\":{\"size\":268435456}}'\n  \
+curl --unix-socket /run/user/1000/vmm.sock -X PUT http://localhost/api/v1/vm.boot"
+    )]
+    Serve(serve::ServeArgs),
     /// Serve a device model over vfio-user, for `vmm run --user-device SOCKET`.
     #[command(subcommand)]
     Device(DeviceCommand),
@@ -159,10 +183,33 @@ hand to attach it with `vmm run --user-device PATH`.\n\nExample: vmm device epf 
     },
 }
 
-/// `vmm run`: builds and runs the VM, prints the timeline, writes the report.
+/// `vmm run`: builds and runs the VM, prints the timeline, writes the report; with
+/// `--api-socket`, serves the machine API for it meanwhile.
 pub fn run(args: &RunArgs, start: Instant) -> Status {
     let config = run::config(args)?;
-    let outcome = builder::run(&config, start)?;
+    let api = match &args.api_socket {
+        Some(path) => Some(api_run::ApiThread::start(path, args, &config)?),
+        None => None,
+    };
+    let ran = builder::run(&config, start, api.as_ref().map(|a| a.control()));
+    let status = report(args, ran);
+    if let Some(api) = &api {
+        match &status {
+            Ok((outcome, Ok(s))) => api.finished(outcome, *s, None),
+            Ok((outcome, Err(f))) => api.finished(outcome, f.exit_status(), Some(f.to_string())),
+            Err(f) => api.failed(f),
+        }
+    }
+    status.and_then(|(_, s)| s)
+}
+
+/// Says how the run went (the timeline, the report file, why the guest stopped) and the exit
+/// status it calls for: the outcome and its status, or why there is no outcome.
+fn report(
+    args: &RunArgs,
+    ran: Result<builder::Outcome, builder::StartError>,
+) -> Result<(builder::Outcome, Status), Failure> {
+    let outcome = ran?;
     if !args.quiet {
         eprint!("{}", outcome.report.summary());
     }
@@ -185,10 +232,11 @@ pub fn run(args: &RunArgs, start: Instant) -> Status {
     if let Some(what) = &outcome.device_failure {
         eprintln!("vmm: guest stopped: passthrough device failed: {what}");
     }
-    if let Some(left) = outcome.left_behind {
-        return Err(left.into());
-    }
-    Ok(outcome.exit_status())
+    let status = match &outcome.left_behind {
+        Some(left) => Err(Failure::new(left.to_string(), left.class())),
+        None => Ok(outcome.exit_status()),
+    };
+    Ok((outcome, status))
 }
 
 /// `vmm device epf`: serves until the client disconnects or a signal.

@@ -151,6 +151,11 @@ pub struct RunArgs {
     pub timeout: Option<f64>,
     #[command(flatten)]
     pub seccomp: crate::seccomp::SeccompArgs,
+    /// Serve the machine API (Cloud Hypervisor's REST paths, HTTP/1.1) for this VM on a Unix
+    /// socket created here, owner-only: vm.info (stage, pinning progress, report), vm.counters,
+    /// vm.pause, vm.resume, vm.shutdown, vmm.shutdown. The process still ends with the guest.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Why a `vmm run` command line cannot be built.

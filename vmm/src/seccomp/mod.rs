@@ -7,6 +7,7 @@
 //! | main/event | `vmm.rs` | the main thread, for itself and for every other thread not yet filtered (the SIGINT/SIGTERM forwarder, the epf watcher, vfio-user reply readers, the serial output writer) | once every vCPU thread has its filter, before the guest runs |
 //! | pin helper | `helper.rs` | each pinning-engine helper, through the engine's start hook | as it starts: while pinning (before the guest) and in teardown |
 //! | epf server | `epf.rs` | `vmm device epf` | once it listens, before it accepts (with `--socket-fd`: once it has checked its descriptor, before it serves) |
+//! | API | `api.rs` | the API thread itself ([`filter_api_thread`]) | first thing, before it serves (`vmm run --api-socket`: before the VM is built; `vmm serve`: its supervisor thread, which starts and reaps the VM children, stays unfiltered) |
 //!
 //! A filter is per thread and inherited by the threads that thread creates, and it can only
 //! be narrowed. So the main thread's list covers teardown too (it runs on that thread after
@@ -23,6 +24,7 @@
 //! the kernel log it (an audit record, in dmesg without auditd): the way to find what a new
 //! host or device needs. `--seccomp off` installs nothing.
 
+mod api;
 mod epf;
 mod helper;
 mod names;
@@ -78,9 +80,10 @@ impl SeccompLevel {
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct SeccompArgs {
     /// System-call filters, one allow-list per kind of thread (vCPU, main/event, pinning
-    /// helper; the epf server gets its own), installed before the guest runs. `on`: a
-    /// forbidden call stops the VM and vmm exits 1 naming the thread and the call; `log`:
-    /// the call is allowed and the kernel logs it (audit, or dmesg); `off`: no filters.
+    /// helper; the epf server and the API thread get their own), installed before the guest
+    /// runs. `on`: a forbidden call stops the VM and vmm exits 1 naming the thread and the
+    /// call; `log`: the call is allowed and the kernel logs it (audit, or dmesg); `off`: no
+    /// filters.
     #[arg(long, value_enum, default_value_t = SeccompLevel::On)]
     pub seccomp: SeccompLevel,
     /// Testing only: vCPU 0 makes a forbidden system call (getppid) once every filter is in
@@ -99,14 +102,17 @@ pub enum ThreadKind {
     Helper,
     /// The `vmm device epf` server process.
     Epf,
+    /// The API thread (`--api-socket`).
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Vmm,
         ThreadKind::Helper,
         ThreadKind::Epf,
+        ThreadKind::Api,
     ];
 
     /// This kind's allow-list, for this process.
@@ -116,6 +122,7 @@ impl ThreadKind {
             ThreadKind::Vmm => vmm::allow_list(),
             ThreadKind::Helper => helper::allow_list(std::process::id()),
             ThreadKind::Epf => epf::allow_list(),
+            ThreadKind::Api => api::allow_list(),
         }
     }
 
@@ -125,6 +132,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "main/event",
             ThreadKind::Helper => "pin helper",
             ThreadKind::Epf => "epf server",
+            ThreadKind::Api => "api",
         }
     }
 
@@ -241,7 +249,7 @@ impl Filters {
         };
         let helper = ThreadKind::Helper.compile(args.seccomp)?;
         if args.seccomp == SeccompLevel::On {
-            trap::install_handler(Some(stop), false).map_err(SeccompError::Handler)?;
+            trap::install_handler(Some(stop), None).map_err(SeccompError::Handler)?;
         }
         *HELPER.write().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(helper));
         pinning::set_helper_start_hook(Some(helper_started));
@@ -389,11 +397,32 @@ pub fn prepare_epf_server(level: SeccompLevel) -> Result<(), SeccompError> {
     let program = ThreadKind::Epf.compile(level)?;
     filtered_panics();
     if level == SeccompLevel::On {
-        trap::install_handler(None, true).map_err(SeccompError::Handler)?;
+        trap::install_handler(None, Some(trap::ExitLine::Epf)).map_err(SeccompError::Handler)?;
     }
     *EPF.lock().unwrap_or_else(PoisonError::into_inner) = Some(program);
     devices::vfio_user::epf::on_listening(enter_epf_server);
     Ok(())
+}
+
+/// On the API thread, before it serves: installs the API list on the calling thread (nothing
+/// with `--seccomp off`). Under `on`, a forbidden call before the VM's own filters are in
+/// place (or in `vmm serve`, which has no VM) ends the process with the line and status 1;
+/// once `vmm run` has put its filters in place, it stops the VM as on any other thread.
+pub fn filter_api_thread(level: SeccompLevel) -> Result<(), SeccompError> {
+    if level == SeccompLevel::Off {
+        return Ok(());
+    }
+    let program = ThreadKind::Api.compile(level)?;
+    filtered_panics();
+    if level == SeccompLevel::On && !trap::handler_installed() {
+        trap::install_handler(None, Some(trap::ExitLine::Api)).map_err(SeccompError::Handler)?;
+    }
+    trap::set_thread_name("api");
+    seccompiler::apply_filter(&program).map_err(|e| SeccompError::Install {
+        kind: ThreadKind::Api,
+        thread: "api".into(),
+        reason: e.to_string(),
+    })
 }
 
 /// A panic message that a filtered thread can print: the thread, the place and the message,

@@ -2,15 +2,16 @@
 //! SIGSYS, whose handler records the call and the thread's name (the first violation wins),
 //! makes the call return EPERM, and stops the VM through the exit notifier (an atomic and an
 //! eventfd write, both safe in a signal handler). The main thread reports it once the VM has
-//! stopped and been torn down ([`violation`]). In the epf server process, which has no VM to
-//! stop, the handler writes the line to stderr and ends the process with status 1.
+//! stopped and been torn down ([`violation`]). Where there is no VM to stop (the epf server
+//! process, `vmm serve`, the API thread of a `vmm run` before its VM is built) the handler
+//! writes the line to stderr and ends the process with status 1.
 //!
 //! Everything the handler touches is static or a const-initialised thread-local, and the
 //! only system calls it makes (write, exit_group, rt_sigreturn) are in every allow-list.
 
 use std::cell::Cell;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU64, AtomicU8, Ordering};
 
 use devices::exit::StopHandle;
 use devices::ExitReason;
@@ -42,8 +43,30 @@ static NAME: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 static SYSCALL: AtomicI64 = AtomicI64::new(-1);
 /// Where the handler stops the VM (leaked: a handler may run until the process ends).
 static STOP: AtomicPtr<StopHandle> = AtomicPtr::new(std::ptr::null_mut());
-/// The epf server: print the line and exit instead.
-static EXIT_AT_ONCE: AtomicBool = AtomicBool::new(false);
+/// Where there is no VM to stop: print the line and exit instead ([`ExitLine`] as a number,
+/// 0: stop the VM).
+static EXIT_AT_ONCE: AtomicU8 = AtomicU8::new(0);
+/// Whether the handler is installed.
+static INSTALLED: AtomicBool = AtomicBool::new(false);
+
+/// How the line starts when the handler ends the process itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ExitLine {
+    /// `vmm device epf`.
+    Epf = 1,
+    /// The API thread, with no VM (yet) to stop.
+    Api = 2,
+}
+
+impl ExitLine {
+    fn prefix(code: u8) -> Option<&'static [u8]> {
+        match code {
+            1 => Some(b"vmm: device epf: seccomp: thread "),
+            2 => Some(b"vmm: seccomp: thread "),
+            _ => None,
+        }
+    }
+}
 
 /// A forbidden system call that was made.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -127,9 +150,9 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, context: *mu
         let uc = context.cast::<libc::ucontext_t>();
         (*uc).uc_mcontext.gregs[libc::REG_RAX as usize] = -i64::from(libc::EPERM);
     }
-    if EXIT_AT_ONCE.load(Ordering::Acquire) {
+    if let Some(prefix) = ExitLine::prefix(EXIT_AT_ONCE.load(Ordering::Acquire)) {
         let mut line = Line::default();
-        line.push(b"vmm: device epf: seccomp: thread ");
+        line.push(prefix);
         line.push_name(&name);
         line.push(b" made forbidden system call ");
         line.push_number(syscall);
@@ -200,15 +223,23 @@ impl Line {
     }
 }
 
-/// Installs the SIGSYS handler. It stops the VM through `stop`; with `exit_at_once` (a
-/// process without a VM) it prints the line and exits 1 instead.
-pub(super) fn install_handler(stop: Option<StopHandle>, exit_at_once: bool) -> std::io::Result<()> {
+/// Whether [`install_handler`] has run in this process.
+pub(super) fn handler_installed() -> bool {
+    INSTALLED.load(Ordering::Acquire)
+}
+
+/// Installs the SIGSYS handler. It stops the VM through `stop`; with `exit` (no VM to stop)
+/// it prints the line and exits 1 instead.
+pub(super) fn install_handler(
+    stop: Option<StopHandle>,
+    exit: Option<ExitLine>,
+) -> std::io::Result<()> {
     if let Some(stop) = stop {
         let old = STOP.swap(Box::into_raw(Box::new(stop)), Ordering::AcqRel);
         // The previous one stays leaked: a handler may still be reading it.
         let _ = old;
     }
-    EXIT_AT_ONCE.store(exit_at_once, Ordering::Release);
+    EXIT_AT_ONCE.store(exit.map_or(0, |e| e as u8), Ordering::Release);
     // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only does what
     // is safe in a signal handler.
     unsafe {
@@ -222,6 +253,7 @@ pub(super) fn install_handler(stop: Option<StopHandle>, exit_at_once: bool) -> s
             return Err(std::io::Error::last_os_error());
         }
     }
+    INSTALLED.store(true, Ordering::Release);
     Ok(())
 }
 

@@ -22,6 +22,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vmm_sys_util::signal::{register_signal_handler, unblock_signal, Killable, SIGRTMIN};
 
+use super::pause::PauseGate;
 use super::vm::Vm;
 use crate::arch::x86_64::{cpuid, msr, regs};
 use crate::loader::BootSetup;
@@ -285,6 +286,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitNotifier>,
     /// With seccomp filters: where the thread installs its own and waits for the others.
     pub seccomp: Option<Arc<crate::seccomp::VcpuGate>>,
+    /// Where the thread parks while the guest is paused.
+    pub pause: Arc<PauseGate>,
 }
 
 /// A running vCPU thread.
@@ -292,6 +295,7 @@ pub struct VcpuContext {
 pub struct VcpuHandle {
     index: u32,
     control: Arc<VcpuControl>,
+    pause: Arc<PauseGate>,
     thread: Option<JoinHandle<Result<(), VcpuFault>>>,
 }
 
@@ -308,9 +312,10 @@ impl VcpuHandle {
         }
     }
 
-    /// Asks the thread to stop and interrupts KVM_RUN.
+    /// Asks the thread to stop and interrupts KVM_RUN (or its parking, while paused).
     pub fn request_stop(&self) {
         self.control.stop.store(true, Ordering::Release);
+        self.pause.wake();
         self.kick();
     }
 
@@ -344,12 +349,14 @@ pub fn spawn(vcpu: Vcpu, ctx: VcpuContext) -> io::Result<VcpuHandle> {
     let index = vcpu.index;
     let control = Arc::new(VcpuControl::default());
     let thread_control = Arc::clone(&control);
+    let pause = ctx.pause.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vcpu{index}"))
         .spawn(move || run(vcpu, &ctx, &thread_control))?;
     Ok(VcpuHandle {
         index,
         control,
+        pause,
         thread: Some(thread),
     })
 }
@@ -366,7 +373,15 @@ enum Step {
     InternalError,
 }
 
-fn run(mut vcpu: Vcpu, ctx: &VcpuContext, control: &VcpuControl) -> Result<(), VcpuFault> {
+fn run(vcpu: Vcpu, ctx: &VcpuContext, control: &VcpuControl) -> Result<(), VcpuFault> {
+    let index = vcpu.index;
+    let result = run_vcpu(vcpu, ctx, control);
+    // Whichever way it ended, a pause must not wait for this thread.
+    ctx.pause.exited(index);
+    result
+}
+
+fn run_vcpu(mut vcpu: Vcpu, ctx: &VcpuContext, control: &VcpuControl) -> Result<(), VcpuFault> {
     // A spawning thread that blocks signals (a signalfd user) would otherwise make us unkickable.
     if let Err(e) = unblock_signal(SIGRTMIN()) {
         tracing::warn!("vCPU {}: cannot unblock SIGRTMIN: {e}", vcpu.index);
@@ -378,6 +393,7 @@ fn run(mut vcpu: Vcpu, ctx: &VcpuContext, control: &VcpuControl) -> Result<(), V
         }
     }
     KVM_RUN_PTR.with(|p| p.set(vcpu.fd.get_kvm_run()));
+    ctx.pause.register(vcpu.index);
     let result = run_loop(&mut vcpu, ctx, control);
     // Before the VcpuFd (and its kvm_run mapping) is dropped.
     KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
@@ -394,6 +410,10 @@ fn rip_of(fd: &VcpuFd) -> Rip {
 fn run_loop(vcpu: &mut Vcpu, ctx: &VcpuContext, control: &VcpuControl) -> Result<(), VcpuFault> {
     let cpu = vcpu.index;
     loop {
+        if control.stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        ctx.pause.park_if_paused(cpu, &control.stop);
         if control.stop.load(Ordering::Acquire) {
             return Ok(());
         }

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::dma::DmaWindows;
 use super::ClientError;
+use crate::counters::DeviceCounters;
 use crate::vfio_user::wire::{self, cmd, flags, Header, Message, RecvError};
 
 /// Why the connection can no longer be used.
@@ -73,6 +74,7 @@ struct Shared {
     /// Told once why the connection broke (not when it is closed on purpose), so the VMM
     /// can stop a guest whose device server went away even while nothing is in flight.
     on_broken: Mutex<Option<BrokenHandler>>,
+    counters: Arc<DeviceCounters>,
 }
 
 /// See [`super::Client::set_on_broken`].
@@ -112,7 +114,9 @@ impl Shared {
             .send_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        wire::send_message(&self.stream, header, payload, fds)
+        wire::send_message(&self.stream, header, payload, fds)?;
+        DeviceCounters::add(&self.counters.messages_sent, 1);
+        Ok(())
     }
 }
 
@@ -130,6 +134,7 @@ impl Connection {
         name: String,
         timeout: Duration,
         dma: Arc<DmaWindows>,
+        counters: Arc<DeviceCounters>,
     ) -> Result<Self, ClientError> {
         let io_err = |step: &'static str, source| ClientError::Setup {
             device: name.clone(),
@@ -156,6 +161,7 @@ impl Connection {
             }),
             replied: Condvar::new(),
             on_broken: Mutex::new(None),
+            counters,
         });
         let for_reader = shared.clone();
         let reader = std::thread::Builder::new()
@@ -409,6 +415,7 @@ fn reader_loop(sh: &Shared, stream: &UnixStream, dma: &DmaWindows) {
                 return;
             }
         };
+        DeviceCounters::add(&sh.counters.messages_received, 1);
         let h = msg.header;
         match h.kind() {
             flags::TYPE_REPLY => {
@@ -477,6 +484,15 @@ fn reader_loop(sh: &Shared, stream: &UnixStream, dma: &DmaWindows) {
 fn serve_command(sh: &Shared, dma: &DmaWindows, msg: &Message) -> bool {
     let h = msg.header;
     let result = dma.serve(h.command, &msg.payload);
+    if let Ok((_, bytes)) = &result {
+        let c = &sh.counters;
+        let counter = match h.command {
+            cmd::DMA_WRITE => &c.dma_write_bytes,
+            _ => &c.dma_read_bytes,
+        };
+        DeviceCounters::add(counter, *bytes);
+    }
+    let result = result.map(|(payload, _)| payload);
     if let Err(errno) = result {
         crate::debug_limited!(
             "vfio-user {}: refusing server command {} (message {}): errno {errno}",

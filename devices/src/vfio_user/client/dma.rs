@@ -159,7 +159,8 @@ impl DmaWindows {
 
     /// Serves one server-to-client command: the reply payload, or the errno of an error
     /// reply. Commands other than DMA_READ/DMA_WRITE are ENOTSUP.
-    pub(super) fn serve(&self, command: u16, payload: &[u8]) -> Result<Vec<u8>, i32> {
+    /// Serves a DMA_READ or DMA_WRITE: the reply's payload and the bytes moved.
+    pub(super) fn serve(&self, command: u16, payload: &[u8]) -> Result<(Vec<u8>, u64), i32> {
         let write = match command {
             cmd::DMA_READ => false,
             cmd::DMA_WRITE => true,
@@ -176,17 +177,17 @@ impl DmaWindows {
             return Err(libc::EINVAL);
         }
         if count == 0 {
-            return Ok(req.encode(&[]));
+            return Ok((req.encode(&[]), 0));
         }
         let errno = |e: io::Error| e.raw_os_error().unwrap_or(libc::EIO);
         self.with_window(req.address, req.count, write, |memory, offset| {
             if write {
                 memory.write_at(offset, data).map_err(errno)?;
-                Ok(req.encode(&[]))
+                Ok((req.encode(&[]), req.count))
             } else {
                 let mut buf = vec![0u8; count];
                 memory.read_at(offset, &mut buf).map_err(errno)?;
-                Ok(req.encode(&buf))
+                Ok((req.encode(&buf), req.count))
             }
         })
     }

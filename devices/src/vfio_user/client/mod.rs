@@ -16,6 +16,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::counters::DeviceCounters;
 pub use connection::BrokenHandler;
 use connection::Connection;
 pub use dma::DmaMemory;
@@ -180,6 +181,8 @@ pub struct Client {
     dma: Arc<DmaWindows>,
     /// `VFIO_DEVICE_FLAGS_*` from the last DEVICE_GET_INFO (`u32::MAX`: not asked yet).
     device_flags: AtomicU32,
+    /// What this connection has done, for `vm.counters`.
+    counters: Arc<DeviceCounters>,
     /// Region fds the server sent; kept open while the client lives so the `RawFd`s handed
     /// out in [`crate::vfio::types::RegionInfo::mmap_fd`] stay valid.
     region_fds: Mutex<Vec<OwnedFd>>,
@@ -233,10 +236,12 @@ impl Client {
         timeout: Duration,
     ) -> Result<Client, ClientError> {
         let dma = Arc::new(DmaWindows::default());
+        let counters = Arc::new(DeviceCounters::default());
         let mut client = Client {
-            conn: Connection::new(stream, name, timeout, dma.clone())?,
+            conn: Connection::new(stream, name, timeout, dma.clone(), counters.clone())?,
             peer: Capabilities::default(),
             dma,
+            counters,
             device_flags: AtomicU32::new(u32::MAX),
             region_fds: Mutex::new(Vec::new()),
         };
@@ -247,6 +252,11 @@ impl Client {
     /// The server's capabilities, as negotiated (the spec's defaults for what it left out).
     pub fn peer(&self) -> Capabilities {
         self.peer
+    }
+
+    /// What this connection has done: messages, DMA served, bytes mapped.
+    pub fn counters(&self) -> Arc<DeviceCounters> {
+        self.counters.clone()
     }
 
     /// The socket path (or the name given to [`Client::from_stream`]), for messages.

@@ -9,6 +9,7 @@ use std::sync::{Arc, PoisonError};
 
 use super::dma::FileMemory;
 use super::{Client, ClientError, DmaMemory};
+use crate::counters::DeviceCounters;
 use crate::vfio::types::{region, IrqInfo, MmapArea, RegionInfo};
 use crate::vfio_user::wire::{
     self, cmd, Capabilities, DeviceInfo, DmaMap, DmaUnmap, IrqInfoMsg, IrqSet, RegionAccess,
@@ -440,8 +441,9 @@ impl Client {
             });
         };
         let result = self.conn.request(op, cmd::DMA_MAP, &req.encode(), &fds);
-        if result.is_err() {
-            self.dma.remove_id(id);
+        match &result {
+            Ok(_) => DeviceCounters::add(&self.counters.dma_map_bytes, size),
+            Err(_) => self.dma.remove_id(id),
         }
         result.map(|_| ())
     }

@@ -264,6 +264,18 @@ fn the_client_serves_dma_read_and_write_from_its_windows_with_bounds_checks() {
         .dma_map_in_band(IN_BAND, 0x1000, in_band, true, false)
         .unwrap();
     done_rx.recv_timeout(LONG).expect("the fake's DMA requests");
+    // What vm.counters shows for the device: the bytes mapped, the DMA served, the messages.
+    let counted: std::collections::HashMap<_, _> =
+        client.counters().snapshot().into_iter().collect();
+    assert_eq!(counted["dma_map_bytes"], 0x3000, "{counted:?}");
+    for key in [
+        "dma_read_bytes",
+        "dma_write_bytes",
+        "messages_sent",
+        "messages_received",
+    ] {
+        assert!(counted[key] > 0, "{key}: {counted:?}");
+    }
     // The server's DMA_WRITE landed in the file, at the mapping's offset.
     let mut got = [0u8; 5];
     ram.read_exact_at(&mut got, 0x1000).unwrap();

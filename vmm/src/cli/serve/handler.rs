@@ -1,0 +1,314 @@
+//! serve's API handler: the one VM's state (none, Created, booted, Shutdown), what each
+//! endpoint does in each, and the forwarding of the booted VM's requests to its process.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use api::client::{Client, Reply};
+use api::{Endpoint, Handler, Response};
+
+use super::supervisor::{Booted, Exited, Supervisor};
+use crate::cli::api_common;
+use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
+use crate::cli::vm_config::{self, VmConfigJson};
+
+/// How long one forwarded request may take: vm.shutdown answers once the VM is torn down,
+/// which the child bounds at [`super::SHUTDOWN_WITHIN`].
+const FORWARD_WITHIN: Duration = Duration::from_secs(35);
+
+struct Vm {
+    config: VmConfigJson,
+    /// Guest RAM in bytes, as `vmm run` will lay it out.
+    memory: u64,
+    state: State,
+}
+
+enum State {
+    Created,
+    /// A child process runs the VM (running or paused: the child knows which).
+    Booted {
+        socket: PathBuf,
+        client: Option<Client>,
+    },
+    Shutdown(Exited),
+}
+
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
+            State::Created => "Created",
+            State::Booted { .. } => "Running",
+            State::Shutdown(_) => "Shutdown",
+        }
+    }
+}
+
+/// What `vmm serve` answers.
+pub struct ServeHandler {
+    supervisor: Supervisor,
+    vm: Option<Vm>,
+    done: bool,
+}
+
+impl ServeHandler {
+    pub fn new(supervisor: Supervisor) -> Self {
+        ServeHandler {
+            supervisor,
+            vm: None,
+            done: false,
+        }
+    }
+
+    /// At serve's exit: the VM shut down and freed, the supervisor ended.
+    pub fn finish(mut self) {
+        self.shutdown_vm();
+        self.supervisor.free();
+    }
+
+    fn create(&mut self, body: &[u8]) -> Response {
+        if let Some(vm) = &self.vm {
+            return Response::error(409, format!("vm.create: a VM already exists (state {}); delete it first with PUT /api/v1/vm.delete", vm.state.name()));
+        }
+        let config = match vm_config::parse(body) {
+            Ok(c) => c,
+            Err(e) => return Response::error(400, format!("vm.create: {e}")),
+        };
+        let args = match config.check() {
+            Ok(a) => a,
+            Err(e) => return Response::error(400, format!("vm.create: {e}")),
+        };
+        self.vm = Some(Vm {
+            memory: memory_bytes(&args),
+            config,
+            state: State::Created,
+        });
+        Response::no_content()
+    }
+
+    /// Shuts the booted VM down: vm.shutdown to its process, then its exit, bounded.
+    fn shutdown_vm(&mut self) {
+        let Some(vm) = &mut self.vm else { return };
+        let State::Booted { socket, client } = &mut vm.state else {
+            return;
+        };
+        let asked = forward(socket, client, Endpoint::VmShutdown, &[]).is_some();
+        // A process that did not take the request gets SIGTERM, which it also obeys.
+        let exited = self.supervisor.stop(!asked, super::SHUTDOWN_WITHIN);
+        vm.state = State::Shutdown(exited.unwrap_or_else(gone));
+    }
+
+    fn boot(&mut self) -> Response {
+        let Some(vm) = &mut self.vm else {
+            return no_vm(Endpoint::VmBoot);
+        };
+        match self.supervisor.boot(vm.config.to_run_args()) {
+            Ok(Booted::Running(socket)) => {
+                let client = Client::connect(&socket, FORWARD_WITHIN).ok();
+                vm.state = State::Booted { socket, client };
+                Response::no_content()
+            }
+            // Its start failed: the error is vm.info's, as for a VM that failed later.
+            Ok(Booted::Exited(e)) => {
+                vm.state = State::Shutdown(e);
+                Response::no_content()
+            }
+            Err(e) => Response::error(500, format!("vm.boot: {e}")),
+        }
+    }
+
+    /// The state the VM's process is in, its exit taken into account.
+    fn refresh(&mut self) {
+        if let Some(vm) = &mut self.vm {
+            if matches!(vm.state, State::Booted { .. }) {
+                if let Some(e) = self.supervisor.poll() {
+                    vm.state = State::Shutdown(e);
+                }
+            }
+        }
+    }
+
+    /// `endpoint` for the booted VM, answered by its process.
+    fn forwarded(&mut self, endpoint: Endpoint, body: &[u8]) -> Response {
+        let Some(Vm {
+            state: State::Booted { socket, client },
+            config,
+            ..
+        }) = &mut self.vm
+        else {
+            unreachable!("only called when booted")
+        };
+        let Some(reply) = forward(socket, client, endpoint, body) else {
+            // Most likely it has just exited: answer as for a VM shut down.
+            if let Some(e) = self.supervisor.stop(false, Duration::from_secs(2)) {
+                if let Some(vm) = &mut self.vm {
+                    vm.state = State::Shutdown(e);
+                }
+                return self.handle_vm(endpoint, body);
+            }
+            return Response::error(500, format!("{}: the VM's process does not answer on {}; shut it down with PUT /api/v1/vm.shutdown", endpoint.name(), socket.display()));
+        };
+        let mut response = Response {
+            status: reply.status,
+            body: (!reply.body.is_empty()).then_some(reply.body),
+        };
+        if endpoint == Endpoint::VmInfo && reply.status == 200 {
+            response = with_config(response, config);
+        }
+        response
+    }
+
+    /// Every endpoint that needs a VM.
+    fn handle_vm(&mut self, endpoint: Endpoint, body: &[u8]) -> Response {
+        self.refresh();
+        let Some(vm) = &self.vm else {
+            return no_vm(endpoint);
+        };
+        let booted = matches!(vm.state, State::Booted { .. });
+        match endpoint {
+            // As Cloud Hypervisor: a VM shut down boots again from its config.
+            Endpoint::VmBoot if !booted => self.boot(),
+            Endpoint::VmInfo if !booted => Response::json(200, &own_info(vm)),
+            Endpoint::VmInfo | Endpoint::VmCounters | Endpoint::VmPause | Endpoint::VmResume
+                if booted =>
+            {
+                self.forwarded(endpoint, body)
+            }
+            Endpoint::VmShutdown if booted => {
+                self.shutdown_vm();
+                Response::no_content()
+            }
+            Endpoint::VmReboot if booted => {
+                self.shutdown_vm();
+                self.supervisor.free();
+                if let Some(vm) = &mut self.vm {
+                    vm.state = State::Created;
+                }
+                self.boot()
+            }
+            Endpoint::VmDelete => {
+                self.shutdown_vm();
+                self.supervisor.free();
+                self.vm = None;
+                Response::no_content()
+            }
+            _ => wrong_state(endpoint, vm.state.name()),
+        }
+    }
+}
+
+impl Handler for ServeHandler {
+    fn handle(&mut self, endpoint: Endpoint, body: &[u8]) -> Response {
+        // A body where none belongs is the transport's to refuse.
+        match endpoint {
+            Endpoint::VmmPing => api_common::ping(),
+            Endpoint::VmmShutdown => {
+                self.shutdown_vm();
+                self.supervisor.free();
+                self.vm = None;
+                self.done = true;
+                Response::no_content()
+            }
+            Endpoint::VmCreate => self.create(body),
+            _ => self.handle_vm(endpoint, body),
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.done
+    }
+}
+
+/// Sends one request to the VM's process, reconnecting once if the connection failed.
+fn forward(
+    socket: &std::path::Path,
+    client: &mut Option<Client>,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Option<Reply> {
+    let body = endpoint.takes_body().then_some(body);
+    for _ in 0..2 {
+        if client.is_none() {
+            *client = Client::connect(socket, FORWARD_WITHIN).ok();
+        }
+        if let Some(c) = client {
+            match c.request(endpoint.method(), &endpoint.path(), body) {
+                Ok(reply) => return Some(reply),
+                Err(_) => *client = None,
+            }
+        }
+    }
+    None
+}
+
+fn gone() -> Exited {
+    Exited {
+        status: 1,
+        error: Some("serve's supervisor thread has ended; restart vmm serve".into()),
+        report: None,
+    }
+}
+
+fn no_vm(endpoint: Endpoint) -> Response {
+    Response::error(
+        404,
+        format!(
+            "{}: there is no VM; create one first with PUT /api/v1/vm.create",
+            endpoint.name()
+        ),
+    )
+}
+
+fn wrong_state(endpoint: Endpoint, state: &str) -> Response {
+    let fix = match state {
+        "Created" => "boot it first with PUT /api/v1/vm.boot",
+        "Shutdown" => "boot it again with PUT /api/v1/vm.boot",
+        _ => "restart it with PUT /api/v1/vm.reboot, or shut it down first",
+    };
+    Response::error(
+        409,
+        format!("{}: the VM is {state}; {fix}", endpoint.name()),
+    )
+}
+
+/// Guest RAM as `vmm run` lays it out: --memory, else the zones' sum, else the default.
+fn memory_bytes(args: &RunArgs) -> u64 {
+    let zones: u64 = args.memory_zones.iter().map(|z| z.size).sum();
+    args.memory
+        .unwrap_or(if zones > 0 { zones } else { DEFAULT_MEMORY })
+}
+
+/// vm.info in the states serve answers itself.
+fn own_info(vm: &Vm) -> serde_json::Value {
+    let exit = match &vm.state {
+        State::Shutdown(e) => Some(e),
+        _ => None,
+    };
+    serde_json::json!({
+        "config": vm.config,
+        "state": vm.state.name(),
+        "memory_actual_size": vm.memory,
+        "vmm": {
+            "phase": null,
+            "progress": null,
+            "exit_status": exit.map(|e| e.status),
+            "outcome": exit.and_then(|e| e.report.as_ref()).map(|r| r["outcome"].clone()),
+            "error": exit.and_then(|e| e.error.clone()),
+            "report": exit.and_then(|e| e.report.clone()),
+        },
+    })
+}
+
+/// The child's vm.info with serve's own config in it (the one the client sent, normalised).
+fn with_config(response: Response, config: &VmConfigJson) -> Response {
+    let parsed = response
+        .body
+        .as_deref()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(b).ok());
+    match (parsed, serde_json::to_value(config)) {
+        (Some(serde_json::Value::Object(mut info)), Ok(config)) => {
+            info.insert("config".into(), config);
+            Response::json(200, &info)
+        }
+        _ => response,
+    }
+}
