@@ -285,9 +285,12 @@ fn list<T: DeserializeOwned>(value: Value, path: &str) -> Result<Vec<T>, ConfigJ
     }
 }
 
-/// One object into its type; serde's unknown-field error becomes the field's own path.
+/// One object into its type; serde's unknown-field error becomes the field's own path, and
+/// a wrong value the path of the field that holds it.
 fn typed<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ConfigJsonError> {
-    serde_json::from_value(value).map_err(|e| {
+    // Read from pretty text, one field per line, so that the error's line says which field.
+    let text = serde_json::to_string_pretty(&value).unwrap_or_default();
+    serde_json::from_str(&text).map_err(|e| {
         let reason = reason_of(&e);
         match unknown_field(&reason) {
             Some((field, known)) => ConfigJsonError::UnknownField {
@@ -295,10 +298,28 @@ fn typed<T: DeserializeOwned>(value: Value, path: &str) -> Result<T, ConfigJsonE
                 known,
             },
             None => ConfigJsonError::Invalid {
-                path: path.to_string(),
+                path: match field_at(&text, e.line()) {
+                    Some(field) => format!("{path}.{field}"),
+                    None => path.to_string(),
+                },
                 reason,
             },
         }
+    })
+}
+
+/// The object's own field (indented one level) whose value holds line `line` (1-based) of
+/// its pretty text; `None` for the object's braces (a missing field, a wrong type of the
+/// whole).
+fn field_at(text: &str, line: usize) -> Option<&str> {
+    let mut lines: Vec<&str> = text.lines().take(line).collect();
+    if lines.last().is_none_or(|l| !l.starts_with(' ')) {
+        return None;
+    }
+    lines.reverse();
+    lines.iter().find_map(|l| {
+        let key = l.strip_prefix("  \"")?;
+        key.split_once("\":").map(|(k, _)| k)
     })
 }
 

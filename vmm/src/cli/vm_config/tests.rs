@@ -278,16 +278,28 @@ fn wrong_types_and_negative_sizes_name_the_field() {
     let cases = [
         (
             json!({"cpus": {"boot_vcpus": "two"}}),
-            "`cpus`: invalid type: string \"two\", expected u64",
+            "`cpus.boot_vcpus`: invalid type: string \"two\", expected u64",
         ),
         (json!({"cpus": {}}), "`cpus`: missing field `boot_vcpus`"),
         (
-            json!({"memory": {"size": -1}}),
-            "`memory`: invalid value: integer `-1`",
+            json!({"cpus": {"max_vcpus": 1}}),
+            "`cpus`: missing field `boot_vcpus`",
         ),
         (
-            json!({"memory": {"size": 1.5}}),
-            "`memory`: invalid type: floating point",
+            json!({"cpus": 2}),
+            "`cpus`: invalid type: integer `2`, expected struct CpusConfig",
+        ),
+        (
+            json!({"memory": {"size": -1}}),
+            "`memory.size`: invalid value: integer `-1`",
+        ),
+        (
+            json!({"memory": {"thp": true, "size": 1e300}}),
+            "`memory.size`: invalid type: floating point",
+        ),
+        (
+            json!({"memory": {"shared": "yes", "size": 1}}),
+            "`memory.shared`: invalid type: string",
         ),
         (
             json!({"memory": {"zones": {"id": "a"}}}),
@@ -295,23 +307,27 @@ fn wrong_types_and_negative_sizes_name_the_field() {
         ),
         (
             json!({"memory": {"zones": [{"id": "a", "size": -4096}]}}),
-            "`memory.zones[0]`: invalid value",
+            "`memory.zones[0].size`: invalid value",
         ),
         (
             json!({"devices": "/x"}),
             "`devices`: expected an array, got a string",
         ),
         (
-            json!({"numa": [{"guest_numa_id": 0, "cpus": [300]}]}),
-            "`numa[0]`: invalid value: integer `300`",
+            json!({"numa": [{"guest_numa_id": 0, "cpus": [0, 300]}]}),
+            "`numa[0].cpus`: invalid value: integer `300`",
+        ),
+        (
+            json!({"numa": [{"guest_numa_id": 0, "distances": [{"destination": 1}]}]}),
+            "`numa[0].distances`: missing field `distance`",
         ),
         (
             json!({"serial": {"mode": "Speaker"}}),
-            "`serial`: unknown variant `Speaker`",
+            "`serial.mode`: unknown variant `Speaker`",
         ),
         (
-            json!({"vmm": {"timeout": "soon"}}),
-            "`vmm`: invalid type: string \"soon\"",
+            json!({"vmm": {"epf": true, "timeout": "soon"}}),
+            "`vmm.timeout`: invalid type: string \"soon\"",
         ),
         (
             json!({"cpus": {"boot_vcpus": 1, "max_vcpus": 2}}),
