@@ -55,10 +55,6 @@ pub(super) fn allow_list() -> AllowList {
         )],
     );
     l.allow(&[SYS_statx, SYS_newfstatat, SYS_fstat, SYS_lseek, SYS_unlink]);
-    // vm.create checks the config as `vmm run` does (cli::vm_config's check): the host's
-    // limits (getrlimit only: no new limit), CPU affinity and sysfs folders.
-    l.allow_when(SYS_prlimit64, &[Check::eq(2, 0)]);
-    l.allow(&[SYS_sched_getaffinity, SYS_getdents64]);
     l
 }
 
