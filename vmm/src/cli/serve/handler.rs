@@ -81,9 +81,10 @@ impl ServeHandler {
             Ok(a) => a,
             Err(e) => return Response::error(400, format!("vm.create: {e}")),
         };
+        // vm.info shows it with vmm's defaults filled in (it round-trips to the same run).
         self.vm = Some(Vm {
             memory: memory_bytes(&args),
-            config,
+            config: VmConfigJson::from_run_args(&args),
             state: State::Created,
         });
         Response::no_content()
