@@ -314,6 +314,56 @@ fn the_configs_seccomp_level_is_the_vms() {
     assert_eq!(info["vmm"]["exit_status"], 0, "{info:#}");
 }
 
+/// The `Seccomp:` mode of process `pid`'s main thread.
+fn seccomp_mode(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("Seccomp:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().to_string()
+}
+
+/// A VM's process runs under serve's --seccomp unless its config's `vmm.seccomp` says
+/// otherwise: seen in /proc, once its guest runs (a config that always carried a level of its
+/// own, whatever the client sent, once made serve's --seccomp reach no VM).
+#[test]
+fn a_vm_runs_under_serves_seccomp_level_unless_its_config_names_one() {
+    let serve = Serve::start(&["--seccomp", "off"]);
+    let own = r#"{"payload": {"cmdline": "probe.hang"}, "vmm": {"seccomp": "on"}}"#;
+    for (config, mode) in [(probe_config("probe.hang"), "0"), (own.to_string(), "2")] {
+        serve.put("vm.create", Some(&config));
+        serve.put("vm.boot", None);
+        let deadline = Instant::now() + GUEST_WITHIN;
+        while serve.get("vm.info")["vmm"]["phase"] != "run" {
+            assert!(Instant::now() < deadline, "the guest never ran");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Every thread is filtered before the guest's first instruction; the probe takes
+        // longer than this to reach its hang (so a mode 0 here stays 0).
+        std::thread::sleep(Duration::from_secs(1));
+        let vms = serve.children();
+        assert_eq!(vms.len(), 1, "one VM process: {vms:?}");
+        assert_eq!(seccomp_mode(vms[0]), mode, "{config}");
+        serve.put("vm.delete", None);
+    }
+}
+
+/// A FIFO named as the kernel is refused at once (opening it for its headers would wait for a
+/// writer, and with it every request after this one).
+#[test]
+fn a_fifo_as_the_kernel_is_refused_without_waiting() {
+    let serve = Serve::start(&[]);
+    let fifo = serve.dir.path().join("kernel.fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let config = format!(r#"{{"payload": {{"kernel": "{}"}}}}"#, fifo.display());
+    let started = Instant::now();
+    let (status, body) = serve.call("PUT", "vm.create", Some(&config));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("not a regular file"), "{body}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    serve.assert_alive();
+}
+
 /// serve killed outright cannot clean up: the VM's death signal (SIGTERM) makes it undo
 /// its own pinning and exit.
 #[test]

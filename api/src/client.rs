@@ -15,6 +15,10 @@ const MAX_HEADERS: usize = 32;
 /// An answer's head longer than this is refused.
 const MAX_HEAD_BYTES: usize = 16 << 10;
 
+/// An answer's body longer than this is refused: the biggest `vmm` sends (vm.info with a
+/// report) is tens of KiB, and a peer must not make the client buffer without bound.
+const MAX_BODY_BYTES: usize = 16 << 20;
+
 /// One persistent connection.
 pub struct Client {
     path: PathBuf,
@@ -60,6 +64,14 @@ impl Client {
         };
         client.open()?;
         Ok(client)
+    }
+
+    /// How long each request after this may take.
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+        if let Some(stream) = &self.stream {
+            let _ = stream.set_write_timeout(Some(timeout));
+        }
     }
 
     fn open(&mut self) -> std::io::Result<&mut UnixStream> {
@@ -194,10 +206,22 @@ impl Client {
             }
             let body_len = match (status, length) {
                 (204 | 304, _) => 0,
+                (_, Some(n)) if n > MAX_BODY_BYTES => {
+                    return Err(bad(format!(
+                        "an answer's body of {n} bytes is over the client's {MAX_BODY_BYTES}"
+                    )))
+                }
                 (_, Some(n)) => n,
                 // No length: the body runs to the connection's end.
                 (_, None) => {
-                    while self.fill(deadline, self.buf.len() + 1)? {}
+                    while self.buf.len() - head_len <= MAX_BODY_BYTES
+                        && self.fill(deadline, self.buf.len() + 1)?
+                    {}
+                    if self.buf.len() - head_len > MAX_BODY_BYTES {
+                        return Err(bad(format!(
+                            "an answer's body is over the client's {MAX_BODY_BYTES} bytes"
+                        )));
+                    }
                     close = true;
                     self.buf.len() - head_len
                 }

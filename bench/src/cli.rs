@@ -86,8 +86,18 @@ fn signal_guard() -> Result<SignalGuard, Failure> {
 pub fn pin_bench(args: &PinBenchArgs) -> Status {
     let _signals = signal_guard()?;
     let report = pin::run(args, &CancelToken::with_signals())?;
-    if args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| {
+    print_report(args.json, &report, pin::table)?;
+    Ok(0)
+}
+
+/// Prints `report` as JSON when `json`, else as `table` lays it out.
+fn print_report<T: serde::Serialize + ?Sized>(
+    json: bool,
+    report: &T,
+    table: impl FnOnce(&T) -> String,
+) -> Result<(), Failure> {
+    if json {
+        let json = serde_json::to_string_pretty(report).map_err(|e| {
             Failure::new(
                 format!("cannot serialise the report: {e}"),
                 ErrorClass::Internal,
@@ -95,26 +105,16 @@ pub fn pin_bench(args: &PinBenchArgs) -> Status {
         })?;
         println!("{json}");
     } else {
-        print!("{}", pin::table(&report));
+        print!("{}", table(report));
     }
-    Ok(0)
+    Ok(())
 }
 
 /// `vmm-bench api-latency`: prints a table or JSON.
 pub fn api_latency(args: &ApiLatencyArgs) -> Status {
     let vmm = crate::startup::vmm_binary(args.vmm.as_deref())?;
     let rows = api_latency::run(args, &vmm)?;
-    if args.json {
-        let json = serde_json::to_string_pretty(&rows).map_err(|e| {
-            Failure::new(
-                format!("cannot serialise the report: {e}"),
-                ErrorClass::Internal,
-            )
-        })?;
-        println!("{json}");
-    } else {
-        print!("{}", api_latency::table(&rows));
-    }
+    print_report(args.json, rows.as_slice(), api_latency::table)?;
     Ok(0)
 }
 

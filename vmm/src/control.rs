@@ -70,8 +70,11 @@ pub struct Finished {
 pub enum ControlError {
     #[error("the VM has shut down; there is nothing to {0}")]
     Ended(&'static str),
-    #[error("the VM is still being built (stage {0}); pause it once it runs")]
-    NotYetRunning(&'static str),
+    #[error("the VM is still being built (stage {stage}); {what} it once it runs")]
+    NotYetRunning {
+        stage: &'static str,
+        what: &'static str,
+    },
     #[error(transparent)]
     Pause(#[from] PauseError),
 }
@@ -234,7 +237,10 @@ impl VmControl {
         match (&s.finished, &s.pause) {
             (Some(_), _) => Err(ControlError::Ended(what)),
             (None, Some(g)) => Ok(g.clone()),
-            (None, None) => Err(ControlError::NotYetRunning(s.phase.unwrap_or("start"))),
+            (None, None) => Err(ControlError::NotYetRunning {
+                stage: s.phase.unwrap_or("start"),
+                what,
+            }),
         }
     }
 

@@ -21,7 +21,13 @@ const FLOOD: &[u8] = &[
 fn pause_before_the_vcpus_run_and_after_the_end_is_refused() {
     let c = VmControl::new();
     c.set_phase("pin");
-    assert_eq!(c.pause(), Err(ControlError::NotYetRunning("pin")));
+    assert_eq!(
+        c.pause(),
+        Err(ControlError::NotYetRunning {
+            stage: "pin",
+            what: "pause"
+        })
+    );
     assert_eq!(c.state(), VmState::Running);
     c.finish(Finished {
         exit_status: 0,

@@ -196,11 +196,13 @@ fn stop_vcpus(
     mut running: Vec<VcpuHandle>,
     pause: &PauseGate,
 ) -> Vec<(u32, Result<(), VcpuFault>)> {
-    // Before any join: from here a pause neither kicks nor waits.
-    pause.close();
+    // Stop flags first: a parked vCPU woken by `close` must find its flag set, or it would
+    // run guest code again until its kick.
     for h in &running {
         h.request_stop();
     }
+    // Before any join: from here a pause neither kicks nor waits.
+    pause.close();
     let started = Instant::now();
     let mut warned = false;
     // A kick can land while a thread is outside KVM_RUN; immediate_exit covers that, but

@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Cursor, Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 
 use vm_memory::bitmap::BitmapSlice;
@@ -41,8 +42,15 @@ impl ImageSource {
                     image: self.name(),
                     source,
                 };
-                let file = File::open(p).map_err(open_error)?;
-                // A folder opens fine and reads as an error or a huge size; say what it is.
+                // Non-blocking, so that a FIFO named as the kernel does not hold the caller
+                // (vm.create's check) until a writer comes; no effect on a regular file.
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(p)
+                    .map_err(open_error)?;
+                // A folder or a FIFO opens fine and reads as an error, a huge size or nothing;
+                // say what it is.
                 match file.metadata() {
                     Ok(m) if !m.is_file() => Err(open_error(io::Error::new(
                         io::ErrorKind::InvalidInput,

@@ -7,8 +7,9 @@
 //! (pthread_kill, as the main thread does); the others take locks, wait on condition variables
 //! with a timeout and write the VM's stop eventfd, all in the base list. `vmm serve` forwards
 //! to a VM child's own API socket with `api::client` (a Unix socket, connected, with send and
-//! receive timeouts) and reads the child's report file; it starts and reaps children on
-//! another, unfiltered thread, so this list neither forks, nor execs, nor signals a process.
+//! receive timeouts); it starts and reaps children, checks configs against the host and reads
+//! a child's report on another, unfiltered thread, so this list opens no file, and neither
+//! forks, nor execs, nor signals a process.
 
 use super::rules::{base, AllowList, Check};
 
@@ -45,16 +46,8 @@ pub(super) fn allow_list() -> AllowList {
             &[Check::eq(1, SOL_SOCKET as u64), Check::eq(2, option as u64)],
         );
     }
-    // A file read (the child's report), never written or created: open read-only, its size
-    // looked up; and the socket file looked up and removed when the server drops.
-    l.allow_when(
-        SYS_openat,
-        &[Check::none_of(
-            2,
-            (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND) as u64,
-        )],
-    );
-    l.allow(&[SYS_statx, SYS_newfstatat, SYS_fstat, SYS_lseek, SYS_unlink]);
+    // The socket file looked up (still ours?) and removed when the server drops.
+    l.allow(&[SYS_statx, SYS_newfstatat, SYS_unlink]);
     l
 }
 
@@ -103,8 +96,11 @@ mod tests {
         assert!(l.allows(libc::SYS_tgkill, &args(&[1, 2, rtmin])));
         assert!(!l.allows(libc::SYS_tgkill, &args(&[1, 2, libc::SIGKILL as u64])));
         let at = libc::AT_FDCWD as u64;
-        assert!(l.allows(libc::SYS_openat, &args(&[at, 0, libc::O_CLOEXEC as u64])));
-        for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_CREAT | libc::O_RDONLY] {
+        for flags in [
+            libc::O_RDONLY,
+            libc::O_WRONLY,
+            libc::O_CREAT | libc::O_RDONLY,
+        ] {
             assert!(!l.allows(libc::SYS_openat, &args(&[at, 0, flags as u64])));
         }
         for call in [
@@ -127,8 +123,8 @@ mod tests {
         }
     }
 
-    /// Names the folder (upstream socket, report file) to the child test; unset, the child
-    /// test does nothing.
+    /// Names the folder (upstream socket) to the child test; unset, the child test does
+    /// nothing.
     const CHILD_ENV: &str = "VMM_TEST_API_FILTER_CHILD";
     /// The child test's name, for the test binary run again.
     const CHILD_TEST: &str = "seccomp::api::tests::filtered_api_server_child";
@@ -136,10 +132,9 @@ mod tests {
     const FORBIDDEN_CALL: i32 = 1;
 
     /// What `vmm serve`'s handler does on its API thread: ping with the pid, forward to a VM
-    /// child's socket, read the child's report file; done after vmm.shutdown.
+    /// child's socket; done after vmm.shutdown.
     struct Serving {
         upstream: PathBuf,
-        report: PathBuf,
         done: bool,
     }
 
@@ -160,13 +155,6 @@ mod tests {
                         Err(e) => Response::error(500, e.to_string()),
                     }
                 }
-                Endpoint::VmCounters => match std::fs::read(&self.report) {
-                    Ok(body) => Response {
-                        status: 200,
-                        body: Some(body),
-                    },
-                    Err(e) => Response::error(500, e.to_string()),
-                },
                 Endpoint::VmmShutdown => {
                     self.done = true;
                     Response::no_content()
@@ -200,7 +188,6 @@ mod tests {
         let mut server = Server::bind(&dir.join("api.sock"), Limits::default()).unwrap();
         let mut handler = Serving {
             upstream: dir.join("vm.sock"),
-            report: dir.join("report.json"),
             done: false,
         };
         filter_api_thread(SeccompLevel::On).unwrap();
@@ -221,8 +208,8 @@ mod tests {
 
     /// A real `api::Server` on a thread filtered with the API list (in a child process, so a
     /// missing call ends it with status 1 naming the call) serves a client in this process:
-    /// the server loop, bad requests, a forward to another API socket, a file read, and the
-    /// socket file removed as the server drops.
+    /// the server loop, bad requests, a forward to another API socket, and the socket file
+    /// removed as the server drops.
     #[test]
     fn an_api_server_serves_under_the_api_filter() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,7 +217,6 @@ mod tests {
         let (mut stop_upstream, stop_rx) = UnixStream::pair().unwrap();
         let upstream_thread =
             std::thread::spawn(move || upstream.run(&mut Upstream, stop_rx.as_raw_fd()));
-        std::fs::write(dir.path().join("report.json"), br#"{"exit_status": 0}"#).unwrap();
         let path = dir.path().join("api.sock");
         let child = std::process::Command::new(std::env::current_exe().unwrap())
             .args(["--exact", CHILD_TEST, "--nocapture", "--test-threads=1"])
@@ -255,8 +241,6 @@ mod tests {
         assert_eq!(ping.json().unwrap()["pid"], child.0.id());
         let info = c.request(Method::Get, "/api/v1/vm.info", None).unwrap();
         assert_eq!(info.json().unwrap()["upstream"], true, "{info:?}");
-        let counters = c.request(Method::Get, "/api/v1/vm.counters", None).unwrap();
-        assert_eq!(counters.json().unwrap()["exit_status"], 0, "{counters:?}");
         assert_eq!(
             c.request(Method::Get, "/api/v1/nope", None).unwrap().status,
             404

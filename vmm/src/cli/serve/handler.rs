@@ -12,16 +12,23 @@ use crate::cli::api_run;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
 use crate::cli::vm_config::{self, VmConfigJson};
 
-/// How long one forwarded request may take: vm.shutdown answers once the VM is torn down,
-/// which the child bounds at [`api_run::SHUTDOWN_WITHIN`]; a little more for the answer.
-const FORWARD_WITHIN: Duration = Duration::from_secs(api_run::SHUTDOWN_WITHIN.as_secs() + 5);
+/// How long a forwarded vm.shutdown may take: it answers once the VM is torn down, which the
+/// child bounds at [`api_run::SHUTDOWN_WITHIN`]; a little more for the answer.
+const SHUTDOWN_FORWARD_WITHIN: Duration =
+    Duration::from_secs(api_run::SHUTDOWN_WITHIN.as_secs() + 5);
+/// How long any other forwarded request may take (the VM's API thread answers at once; pause
+/// waits for the vCPUs, bounded at 5 s by the child): the API thread is blocked meanwhile.
+const FORWARD_WITHIN: Duration = Duration::from_secs(8);
 
 /// How long a VM's process that stopped answering is watched for its exit: 20 x 100 ms.
 const EXIT_CHECKS: u32 = 20;
 const EXIT_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 struct Vm {
+    /// As the client sent it: what boots (the VM's `--seccomp` is serve's unless it says).
     config: VmConfigJson,
+    /// As vm.info shows it: vmm's defaults filled in.
+    shown: VmConfigJson,
     /// Guest RAM in bytes, as `vmm run` will lay it out.
     memory: u64,
     state: State,
@@ -29,10 +36,12 @@ struct Vm {
 
 enum State {
     Created,
-    /// A child process runs the VM (running or paused: the child knows which).
+    /// A child process runs the VM; `paused` after its vm.pause answered 204, until its
+    /// vm.resume did.
     Booted {
         socket: PathBuf,
         client: Option<Client>,
+        paused: bool,
     },
     Shutdown(Exited),
 }
@@ -41,7 +50,8 @@ impl State {
     fn name(&self) -> &'static str {
         match self {
             State::Created => "Created",
-            State::Booted { .. } => "Running",
+            State::Booted { paused: false, .. } => "Running",
+            State::Booted { paused: true, .. } => "Paused",
             State::Shutdown(_) => "Shutdown",
         }
     }
@@ -79,12 +89,14 @@ impl ServeHandler {
         };
         let args = match self.supervisor.check(&config) {
             Ok(a) => a,
+            // The supervisor is gone (it panicked): ours, not the input's.
+            Err(e) if e == GONE => return Response::error(500, format!("vm.create: {e}")),
             Err(e) => return Response::error(400, format!("vm.create: {e}")),
         };
-        // vm.info shows it with vmm's defaults filled in (it round-trips to the same run).
         self.vm = Some(Vm {
             memory: memory_bytes(&args),
-            config: VmConfigJson::from_run_args(&args),
+            shown: VmConfigJson::from_run_args(&args),
+            config,
             state: State::Created,
         });
         Response::no_content()
@@ -93,10 +105,12 @@ impl ServeHandler {
     /// Shuts the booted VM down: vm.shutdown to its process, then its exit, bounded.
     fn shutdown_vm(&mut self) {
         let Some(vm) = &mut self.vm else { return };
-        let State::Booted { socket, client } = &mut vm.state else {
+        let State::Booted { socket, client, .. } = &mut vm.state else {
             return;
         };
-        let asked = forward(socket, client, Endpoint::VmShutdown, &[]).is_some();
+        // Only a 204 means the VM is on its way down; anything else gets SIGTERM at once.
+        let asked = forward(socket, client, Endpoint::VmShutdown, &[])
+            .is_some_and(|reply| reply.status == 204);
         // A process that did not take the request gets SIGTERM, which it also obeys.
         let exited = self.supervisor.stop(!asked, api_run::SHUTDOWN_WITHIN);
         vm.state = State::Shutdown(exited.unwrap_or_else(gone));
@@ -109,7 +123,11 @@ impl ServeHandler {
         match self.supervisor.boot(vm.config.to_run_args()) {
             Ok(Booted::Running(socket)) => {
                 let client = Client::connect(&socket, FORWARD_WITHIN).ok();
-                vm.state = State::Booted { socket, client };
+                vm.state = State::Booted {
+                    socket,
+                    client,
+                    paused: false,
+                };
                 Response::no_content()
             }
             // Its start failed: the error is vm.info's, as for a VM that failed later.
@@ -135,8 +153,13 @@ impl ServeHandler {
     /// `endpoint` for the booted VM, answered by its process.
     fn forwarded(&mut self, endpoint: Endpoint, body: &[u8]) -> Response {
         let Some(Vm {
-            state: State::Booted { socket, client },
-            config,
+            state:
+                State::Booted {
+                    socket,
+                    client,
+                    paused,
+                },
+            shown,
             ..
         }) = &mut self.vm
         else {
@@ -160,8 +183,11 @@ impl ServeHandler {
             status: reply.status,
             body: (!reply.body.is_empty()).then_some(reply.body),
         };
-        if endpoint == Endpoint::VmInfo && reply.status == 200 {
-            response = with_config(response, config);
+        match (endpoint, reply.status) {
+            (Endpoint::VmInfo, 200) => response = with_config(response, shown),
+            (Endpoint::VmPause, 204) => *paused = true,
+            (Endpoint::VmResume, 204) => *paused = false,
+            _ => {}
         }
         response
     }
@@ -200,7 +226,7 @@ impl ServeHandler {
                 self.vm = None;
                 Response::no_content()
             }
-            _ => wrong_state(endpoint, vm.state.name()),
+            _ => wrong_state(endpoint, &vm.state),
         }
     }
 }
@@ -227,7 +253,9 @@ impl Handler for ServeHandler {
     }
 }
 
-/// Sends one request to the VM's process, reconnecting once if the connection failed.
+/// Sends one request to the VM's process (connecting first if there is no connection). Not
+/// sent again after a failure: the process may have acted on it (a second vm.pause would
+/// answer 409); the client itself resends only what the process cannot have seen.
 fn forward(
     socket: &std::path::Path,
     client: &mut Option<Client>,
@@ -235,18 +263,20 @@ fn forward(
     body: &[u8],
 ) -> Option<Reply> {
     let body = endpoint.takes_body().then_some(body);
-    for _ in 0..2 {
-        if client.is_none() {
-            *client = Client::connect(socket, FORWARD_WITHIN).ok();
-        }
-        if let Some(c) = client {
-            match c.request(endpoint.method(), &endpoint.path(), body) {
-                Ok(reply) => return Some(reply),
-                Err(_) => *client = None,
-            }
-        }
+    let within = match endpoint {
+        Endpoint::VmShutdown => SHUTDOWN_FORWARD_WITHIN,
+        _ => FORWARD_WITHIN,
+    };
+    if client.is_none() {
+        *client = Client::connect(socket, within).ok();
     }
-    None
+    let c = client.as_mut()?;
+    c.set_timeout(within);
+    let reply = c.request(endpoint.method(), &endpoint.path(), body);
+    if reply.is_err() {
+        *client = None;
+    }
+    reply.ok()
 }
 
 fn gone() -> Exited {
@@ -267,15 +297,15 @@ fn no_vm(endpoint: Endpoint) -> Response {
     )
 }
 
-fn wrong_state(endpoint: Endpoint, state: &str) -> Response {
+fn wrong_state(endpoint: Endpoint, state: &State) -> Response {
     let fix = match state {
-        "Created" => "boot it first with PUT /api/v1/vm.boot",
-        "Shutdown" => "boot it again with PUT /api/v1/vm.boot",
-        _ => "restart it with PUT /api/v1/vm.reboot, or shut it down first",
+        State::Created => "boot it first with PUT /api/v1/vm.boot",
+        State::Shutdown(_) => "boot it again with PUT /api/v1/vm.boot",
+        State::Booted { .. } => "restart it with PUT /api/v1/vm.reboot, or shut it down first",
     };
     Response::error(
         409,
-        format!("{}: the VM is {state}; {fix}", endpoint.name()),
+        format!("{}: the VM is {}; {fix}", endpoint.name(), state.name()),
     )
 }
 
@@ -293,7 +323,7 @@ fn own_info(vm: &Vm) -> serde_json::Value {
         _ => None,
     };
     serde_json::json!({
-        "config": vm.config,
+        "config": vm.shown,
         "state": vm.state.name(),
         "memory_actual_size": vm.memory,
         "vmm": {

@@ -2,8 +2,10 @@
 //! starts each booted VM's `vmm run` child, reaps it and frees its private folder, on the API
 //! thread's behalf (a channel). It stays unfiltered because it forks and execs, and because
 //! the host checks read limits, sysfs and the files a config names, none of which the API
-//! thread's seccomp list allows. It parses no client bytes: the API thread parses the JSON and
-//! hands over the typed config (the child, which serves the VM's own API, is filtered). The
+//! thread's seccomp list allows. It reads no request bytes (the API thread parses the JSON and
+//! hands over the typed config), but its check does parse what the config names: the kernel's
+//! and initramfs' headers, as `vmm run` does before it builds (the child, which serves the
+//! VM's own API, is filtered). The
 //! children's death signal fires when the thread that forked them ends, so this one thread
 //! outlives every child it starts.
 
