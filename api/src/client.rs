@@ -8,10 +8,9 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::http::MAX_HEADERS;
 use crate::Method;
 
-/// At most this many headers in an answer.
-const MAX_HEADERS: usize = 32;
 /// An answer's head longer than this is refused.
 const MAX_HEAD_BYTES: usize = 16 << 10;
 

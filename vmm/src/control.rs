@@ -30,6 +30,18 @@ pub enum VmState {
     Shutdown,
 }
 
+impl VmState {
+    /// The name vm.info gives (Cloud Hypervisor's).
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::Created => "Created",
+            VmState::Running => "Running",
+            VmState::Paused => "Paused",
+            VmState::Shutdown => "Shutdown",
+        }
+    }
+}
+
 /// Pinning progress, for `vm.info`'s `vmm.progress`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PinProgress {

@@ -11,6 +11,7 @@ use super::supervisor::{Booted, Exited, Supervisor, GONE};
 use crate::cli::api_run;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
 use crate::cli::vm_config::{self, VmConfigJson};
+use crate::control::VmState;
 
 /// How long a forwarded vm.shutdown may take: it answers once the VM is torn down, which the
 /// child bounds at [`api_run::SHUTDOWN_WITHIN`]; a little more for the answer.
@@ -49,11 +50,12 @@ enum State {
 impl State {
     fn name(&self) -> &'static str {
         match self {
-            State::Created => "Created",
-            State::Booted { paused: false, .. } => "Running",
-            State::Booted { paused: true, .. } => "Paused",
-            State::Shutdown(_) => "Shutdown",
+            State::Created => VmState::Created,
+            State::Booted { paused: false, .. } => VmState::Running,
+            State::Booted { paused: true, .. } => VmState::Paused,
+            State::Shutdown(_) => VmState::Shutdown,
         }
+        .name()
     }
 }
 
