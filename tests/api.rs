@@ -241,6 +241,45 @@ fn assert_nothing_left(serve: &Serve, vm: u32, epf: EpfServer) {
     assert_eq!(still_mapped, 0, "guest RAM left mapped for the device");
 }
 
+/// What a SIGKILLed serve could not remove, the next one does: the private folder of a serve
+/// whose process is gone goes at start; one of a process that still runs stays.
+#[test]
+fn a_new_serve_removes_the_private_folders_a_killed_one_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let left = run.join(format!("vmm-serve-{dead}-0"));
+    let live = run.join(format!("vmm-serve-{}-0", std::process::id()));
+    for d in [&left, &live] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("report.json"), "{}").unwrap();
+    }
+    let socket = dir.path().join("api.sock");
+    let mut serve = common::vmm()
+        .args(["serve", "--api-socket"])
+        .arg(&socket)
+        .env("XDG_RUNTIME_DIR", &run)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while curl(&socket, "GET", "vmm.ping", None).0 != 200 {
+        assert!(Instant::now() < deadline, "vmm serve never answered");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!left.exists(), "{} was left", left.display());
+    assert!(
+        live.exists(),
+        "{} belongs to a live process",
+        live.display()
+    );
+    assert_eq!(curl(&socket, "PUT", "vmm.shutdown", None).0, 204);
+    assert!(serve.wait().unwrap().success());
+}
+
 #[test]
 fn vmm_shutdown_ends_serve_with_nothing_left() {
     let mut serve = Serve::start(&[]);

@@ -182,6 +182,32 @@ fn a_flooding_guest_paused_prints_nothing_resumed_goes_on_and_shut_down_ends_the
     assert_eq!(report["outcome"], "shut down on request");
 }
 
+/// Time paused is not the guest's: paused for longer than its --timeout, it is still there
+/// after resume and ends on vm.shutdown, not as timed out (exit 124 during the pause before).
+#[test]
+fn time_paused_does_not_count_against_the_timeout() {
+    let (_dir, [socket, _, _]) = temp_paths(["api.sock", "unused", "unused2"]);
+    let args = [
+        "--user-device",
+        "none",
+        "--quiet",
+        "--cmdline",
+        "probe.hang",
+    ];
+    let mut child = spawn(&[&args[..], &["--timeout", "3"]].concat(), &socket);
+    let mut client = connect(&socket, child.child());
+    info_until(&mut client, "running", |i| i["vmm"]["phase"] == "run");
+    assert_eq!(call(&mut client, Endpoint::VmPause).0, 204);
+    std::thread::sleep(Duration::from_secs(4));
+    let (status, err) = call(&mut client, Endpoint::VmResume);
+    assert_eq!(status, 204, "{err}");
+    let (_, info) = call(&mut client, Endpoint::VmInfo);
+    assert_eq!(info["state"], "Running", "{info}");
+    assert_eq!(call(&mut client, Endpoint::VmShutdown).0, 204);
+    let out = child.wait_with_output();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+}
+
 #[test]
 fn vm_info_shows_the_pin_stage_and_its_bytes_growing() {
     let (_dir, [socket, _, _]) = temp_paths(["api.sock", "unused", "unused2"]);

@@ -173,6 +173,8 @@ fn wait_for_exit(
             return Ok(false);
         }
         let now = Instant::now();
+        // Time paused is not the guest's: its deadline moves by it.
+        let deadline = deadline.map(|d| d + pause.paused_for());
         if deadline.is_some_and(|d| now >= d) {
             return Ok(true);
         }

@@ -146,7 +146,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub quiet: bool,
     /// Stop the guest after this many seconds (exit status 124): more than 0, at most
-    /// 31536000 (one year).
+    /// 31536000 (one year). Time the guest spends paused (`vm.pause`) does not count.
     #[arg(long)]
     pub timeout: Option<f64>,
     #[command(flatten)]

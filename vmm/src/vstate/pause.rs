@@ -48,6 +48,19 @@ struct GateState {
     threads: Vec<(u32, libc::pthread_t)>,
     parked: BTreeSet<u32>,
     exited: BTreeSet<u32>,
+    /// When the pause now in force was asked for.
+    paused_since: Option<Instant>,
+    /// How long the guest was paused before that.
+    paused_before: Duration,
+}
+
+impl GateState {
+    /// The pause in force, if any, ends now: its time goes to `paused_before`.
+    fn end_pause(&mut self) {
+        if let Some(since) = self.paused_since.take() {
+            self.paused_before += since.elapsed();
+        }
+    }
 }
 
 /// Where the vCPUs of one run park while the guest is paused.
@@ -77,6 +90,8 @@ impl Default for PauseGate {
                 threads: Vec::new(),
                 parked: BTreeSet::new(),
                 exited: BTreeSet::new(),
+                paused_since: None,
+                paused_before: Duration::ZERO,
             }),
             changed: Condvar::new(),
         }
@@ -112,9 +127,17 @@ impl PauseGate {
         let mut s = self.lock();
         s.phase = Phase::Ended;
         s.paused = false;
+        s.end_pause();
         s.threads.clear();
         self.requested.store(false, Ordering::Release);
         self.changed.notify_all();
+    }
+
+    /// How long the guest has been paused in all, the pause in force included: time that
+    /// does not count against its `--timeout`.
+    pub fn paused_for(&self) -> Duration {
+        let s = self.lock();
+        s.paused_before + s.paused_since.map_or(Duration::ZERO, |t| t.elapsed())
     }
 
     /// Whether the guest is paused (every vCPU parked or on its way to).
@@ -131,6 +154,7 @@ impl PauseGate {
             (Phase::Running, false) => {}
         }
         s.paused = true;
+        s.paused_since = Some(Instant::now());
         self.requested.store(true, Ordering::Release);
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         loop {
@@ -148,6 +172,7 @@ impl PauseGate {
             let now = Instant::now();
             if now >= deadline {
                 s.paused = false;
+                s.end_pause();
                 self.requested.store(false, Ordering::Release);
                 self.changed.notify_all();
                 return Err(PauseError::Timeout(index));
@@ -178,6 +203,7 @@ impl PauseGate {
             return Err(PauseError::NotPaused);
         }
         s.paused = false;
+        s.end_pause();
         self.requested.store(false, Ordering::Release);
         self.changed.notify_all();
         Ok(())

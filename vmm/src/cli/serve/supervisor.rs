@@ -76,6 +76,7 @@ pub struct Supervisor {
 impl Supervisor {
     /// Starts the thread; children get `--seccomp level` unless their arguments say.
     pub fn start(level: SeccompLevel) -> std::io::Result<Supervisor> {
+        sweep_dead_folders();
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmm-supervisor".into())
@@ -249,15 +250,60 @@ fn stop(c: &mut Current, terminate: bool, grace: Duration) -> Exited {
     e
 }
 
-/// A private folder (0700) for one child: under $XDG_RUNTIME_DIR, else the temp folder.
-fn private_dir() -> std::io::Result<PathBuf> {
-    let base = std::env::var_os("XDG_RUNTIME_DIR")
+/// Where the private folders go: $XDG_RUNTIME_DIR, else the temp folder.
+fn private_base() -> PathBuf {
+    std::env::var_os("XDG_RUNTIME_DIR")
         .map(PathBuf::from)
         .filter(|p| p.is_dir())
-        .unwrap_or_else(std::env::temp_dir);
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// The first part of every private folder's name; `vmm-serve-PID-N`.
+const PRIVATE_PREFIX: &str = "vmm-serve-";
+
+/// Removes the private folders a `vmm serve` that no longer runs left behind (it was killed
+/// with SIGKILL and could not): ours (same owner), named for a pid with no process. A pid
+/// reused since is left alone, which errs on the side of keeping.
+fn sweep_dead_folders() {
+    let base = private_base();
+    let Ok(entries) = std::fs::read_dir(&base) else {
+        return;
+    };
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(PRIVATE_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, n)| n.parse::<u32>().ok().and(pid.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        let ours = std::fs::symlink_metadata(entry.path())
+            .is_ok_and(|m| m.is_dir() && std::os::unix::fs::MetadataExt::uid(&m) == euid);
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            match std::fs::remove_dir_all(entry.path()) {
+                Ok(()) => tracing::info!(
+                    "removed {}, left by a vmm serve that was killed",
+                    entry.path().display()
+                ),
+                Err(e) => tracing::warn!(
+                    "cannot remove {}, left by a vmm serve that was killed: {e}",
+                    entry.path().display()
+                ),
+            }
+        }
+    }
+}
+
+/// A private folder (0700) for one child, under [`private_base`].
+fn private_dir() -> std::io::Result<PathBuf> {
+    let base = private_base();
     let mut n = 0u32;
     loop {
-        let dir = base.join(format!("vmm-serve-{}-{n}", std::process::id()));
+        let dir = base.join(format!("{PRIVATE_PREFIX}{}-{n}", std::process::id()));
         // mkdir fails on anything already there, so the folder is ours alone.
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && n < 1000 => n += 1,
