@@ -65,6 +65,30 @@ pub struct VmmInfo {
     pub report: Option<serde_json::Value>,
 }
 
+/// `vm.info`'s body: Cloud Hypervisor's VmInfo (`device_tree` aside), with vmm's own `vmm`
+/// object; `vmm run --api-socket` and `vmm serve` both answer with it.
+#[derive(Serialize)]
+pub struct VmInfo<'a, C: Serialize> {
+    pub config: &'a C,
+    pub state: VmState,
+    pub memory_actual_size: u64,
+    pub vmm: VmmInfo,
+}
+
+impl From<Finished> for VmmInfo {
+    /// A VM that ended: no stage, no progress, how it ended.
+    fn from(f: Finished) -> Self {
+        VmmInfo {
+            phase: None,
+            progress: None,
+            exit_status: Some(f.exit_status),
+            outcome: f.outcome,
+            error: f.error,
+            report: f.report,
+        }
+    }
+}
+
 /// How a run ended, as [`VmControl::finish`] is told.
 #[derive(Clone, Debug, Default)]
 pub struct Finished {
@@ -183,6 +207,9 @@ impl VmControl {
     /// `vm.info`'s `vmm` object now.
     pub fn info(&self) -> VmmInfo {
         let s = self.lock();
+        if let Some(f) = &s.finished {
+            return f.clone().into();
+        }
         let progress = (s.phase == Some("pin"))
             .then(|| self.progress.read())
             .flatten()
@@ -201,15 +228,10 @@ impl VmControl {
                         .then(|| r.bytes_total.saturating_sub(r.bytes_done) as f64 / rate),
                 }
             });
-        let f = s.finished.clone().unwrap_or_default();
-        let ended = s.finished.is_some();
         VmmInfo {
             phase: s.phase,
             progress,
-            exit_status: ended.then_some(f.exit_status),
-            outcome: f.outcome,
-            error: f.error,
-            report: f.report,
+            ..VmmInfo::default()
         }
     }
 

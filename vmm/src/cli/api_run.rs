@@ -16,7 +16,7 @@ use super::run::RunArgs;
 use super::vm_config::VmConfigJson;
 use super::Failure;
 use crate::builder::{Outcome, VmConfig};
-use crate::control::{ControlError, Finished, VmControl};
+use crate::control::{ControlError, Finished, VmControl, VmInfo};
 use crate::vstate::pause::PauseError;
 
 /// How long `vm.shutdown` and `vmm.shutdown` wait for the VM to be torn down.
@@ -103,12 +103,12 @@ impl Handler for RunHandler {
             Endpoint::VmmPing => ping(),
             Endpoint::VmInfo => Response::json(
                 200,
-                &serde_json::json!({
-                    "config": self.config,
-                    "state": self.control.state(),
-                    "memory_actual_size": self.memory_bytes,
-                    "vmm": self.control.info(),
-                }),
+                &VmInfo {
+                    config: &self.config,
+                    state: self.control.state(),
+                    memory_actual_size: self.memory_bytes,
+                    vmm: self.control.info(),
+                },
             ),
             Endpoint::VmCounters => Response::json(200, &self.control.counters()),
             Endpoint::VmPause => answer(self.control.pause()),

@@ -11,7 +11,7 @@ use super::supervisor::{Booted, Exited, Supervisor, GONE};
 use crate::cli::api_run;
 use crate::cli::run::{RunArgs, DEFAULT_MEMORY};
 use crate::cli::vm_config::{self, VmConfigJson};
-use crate::control::VmState;
+use crate::control::{Finished, VmInfo, VmState, VmmInfo};
 
 /// How long a forwarded vm.shutdown may take: it answers once the VM is torn down, which the
 /// child bounds at [`api_run::SHUTDOWN_WITHIN`]; a little more for the answer.
@@ -48,14 +48,17 @@ enum State {
 }
 
 impl State {
-    fn name(&self) -> &'static str {
+    fn vm_state(&self) -> VmState {
         match self {
             State::Created => VmState::Created,
             State::Booted { paused: false, .. } => VmState::Running,
             State::Booted { paused: true, .. } => VmState::Paused,
             State::Shutdown(_) => VmState::Shutdown,
         }
-        .name()
+    }
+
+    fn name(&self) -> &'static str {
+        self.vm_state().name()
     }
 }
 
@@ -77,8 +80,14 @@ impl ServeHandler {
 
     /// At serve's exit: the VM shut down and freed, the supervisor ended.
     pub fn finish(mut self) {
+        self.delete_vm();
+    }
+
+    /// The VM shut down if it runs, its private folder removed, and forgotten.
+    fn delete_vm(&mut self) {
         self.shutdown_vm();
         self.supervisor.free();
+        self.vm = None;
     }
 
     fn create(&mut self, body: &[u8]) -> Response {
@@ -204,7 +213,7 @@ impl ServeHandler {
         match endpoint {
             // As Cloud Hypervisor: a VM shut down boots again from its config.
             Endpoint::VmBoot if !booted => self.boot(),
-            Endpoint::VmInfo if !booted => Response::json(200, &own_info(vm)),
+            Endpoint::VmInfo if !booted => own_info(vm),
             Endpoint::VmInfo | Endpoint::VmCounters | Endpoint::VmPause | Endpoint::VmResume
                 if booted =>
             {
@@ -214,18 +223,16 @@ impl ServeHandler {
                 self.shutdown_vm();
                 Response::no_content()
             }
+            // The supervisor frees the old child's folder as it boots the new one.
             Endpoint::VmReboot if booted => {
                 self.shutdown_vm();
-                self.supervisor.free();
                 if let Some(vm) = &mut self.vm {
                     vm.state = State::Created;
                 }
                 self.boot()
             }
             Endpoint::VmDelete => {
-                self.shutdown_vm();
-                self.supervisor.free();
-                self.vm = None;
+                self.delete_vm();
                 Response::no_content()
             }
             _ => wrong_state(endpoint, &vm.state),
@@ -239,9 +246,7 @@ impl Handler for ServeHandler {
         match endpoint {
             Endpoint::VmmPing => api_run::ping(),
             Endpoint::VmmShutdown => {
-                self.shutdown_vm();
-                self.supervisor.free();
-                self.vm = None;
+                self.delete_vm();
                 self.done = true;
                 Response::no_content()
             }
@@ -319,24 +324,30 @@ fn memory_bytes(args: &RunArgs) -> u64 {
 }
 
 /// vm.info in the states serve answers itself.
-fn own_info(vm: &Vm) -> serde_json::Value {
-    let exit = match &vm.state {
-        State::Shutdown(e) => Some(e),
-        _ => None,
+fn own_info(vm: &Vm) -> Response {
+    let vmm = match &vm.state {
+        State::Shutdown(e) => Finished {
+            exit_status: e.status,
+            outcome: e
+                .report
+                .as_ref()
+                .and_then(|r| r["outcome"].as_str())
+                .map(str::to_owned),
+            error: e.error.clone(),
+            report: e.report.clone(),
+        }
+        .into(),
+        _ => VmmInfo::default(),
     };
-    serde_json::json!({
-        "config": vm.shown,
-        "state": vm.state.name(),
-        "memory_actual_size": vm.memory,
-        "vmm": {
-            "phase": null,
-            "progress": null,
-            "exit_status": exit.map(|e| e.status),
-            "outcome": exit.and_then(|e| e.report.as_ref()).map(|r| r["outcome"].clone()),
-            "error": exit.and_then(|e| e.error.clone()),
-            "report": exit.and_then(|e| e.report.clone()),
+    Response::json(
+        200,
+        &VmInfo {
+            config: &vm.shown,
+            state: vm.state.vm_state(),
+            memory_actual_size: vm.memory,
+            vmm,
         },
-    })
+    )
 }
 
 /// The child's vm.info with serve's own config in it (the one the client sent, normalised).
